@@ -1,0 +1,103 @@
+"""Attention over a flat token batch; hot path — keep minimal.
+
+Every batch is flat: tokens of all sequences laid end to end, `[num_tokens, heads, head_dim]`.
+`AttnMeta` says which tokens belong together and, when a paged KV cache is passed, where new keys
+and values are written and where each sequence's earlier ones live. Models pass it through
+untouched, so the serving engine's paged path needs no change to any model file.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (keys, values), each [num_blocks, block_size, kv_heads, head_dim]
+
+
+@dataclass(frozen=True, slots=True)
+class AttnMeta:
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32 offsets of each sequence's new tokens in the flat batch
+    seqlens_q: tuple[int, ...]  # new tokens per sequence (host copy: no device sync in the loop)
+    seqlens_k: tuple[int, ...]  # tokens each sequence attends to: cached context + new tokens
+    slot_mapping: torch.Tensor | None = None  # [num_tokens] flat cache slot (block * block_size + offset) per new token
+    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] physical blocks of each sequence, in order
+    logits_indices: torch.Tensor | None = None  # rows of the hidden states whose logits the caller wants
+
+    @classmethod
+    def for_training(cls, cu_seqlens: torch.Tensor) -> "AttnMeta":
+        """Packed documents without a cache: each attends causally within itself only."""
+        lens = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+        return cls(cu_seqlens.to(torch.int32), lens, lens)
+
+    @classmethod
+    def for_sequences(cls, seqlens: list[int], device: torch.device | str = "cpu") -> "AttnMeta":
+        cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
+        return cls(cu.to(device), tuple(seqlens), tuple(seqlens))
+
+    @classmethod
+    def for_paged(cls, seqlens_q: list[int], seqlens_k: list[int], slot_mapping: torch.Tensor,
+                  block_tables: torch.Tensor, logits_indices: torch.Tensor | None = None) -> "AttnMeta":
+        """New tokens of several sequences whose keys and values go into (and come from) a paged cache."""
+        device = slot_mapping.device
+        cu = torch.zeros(len(seqlens_q) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(seqlens_q, dtype=torch.int32).cumsum(0)
+        return cls(cu.to(device), tuple(seqlens_q), tuple(seqlens_k), slot_mapping, block_tables, logits_indices)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seqlens_q)
+
+
+def _mask(lq: int, lk: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [lq, lk] mask for queries that are the last lq of lk positions; None when plain causal will do."""
+    if window is None or lk <= window:
+        if lq == lk or lq == 1:
+            return None
+    q_pos = torch.arange(lk - lq, lk, device=device)[:, None]
+    k_pos = torch.arange(lk, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= q_pos - k_pos < window
+    return allowed
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """q [B, lq, H, D], k/v [B, lk, KVH, D] -> [B, lq, H, D], causal aligned to the last query."""
+    lq, lk = q.shape[1], k.shape[1]
+    mask = _mask(lq, lk, window, q.device)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=mask is None and lq == lk and lq > 1, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, kv: KVCache | None,
+              scale: float, window: int | None = None) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] for the new tokens -> [T, H, D]."""
+    if kv is not None:
+        return _paged_attention(q, k, v, meta, kv, scale, window)
+    lens = meta.seqlens_q
+    if len(set(lens)) == 1:  # equal lengths: one batched call
+        b = len(lens)
+        out = _sdpa(q.view(b, lens[0], *q.shape[1:]), k.view(b, lens[0], *k.shape[1:]),
+                    v.view(b, lens[0], *v.shape[1:]), scale, window)
+        return out.reshape(q.shape)
+    outs = [_sdpa(qi[None], ki[None], vi[None], scale, window)[0]
+            for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))]
+    return torch.cat(outs)
+
+
+def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, kv: KVCache,
+                     scale: float, window: int | None) -> torch.Tensor:
+    k_cache, v_cache = kv
+    block_size = k_cache.shape[1]
+    k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v.to(v_cache.dtype)
+    outs = []
+    for i, (qi, lk) in enumerate(zip(q.split(meta.seqlens_q), meta.seqlens_k)):
+        blocks = meta.block_tables[i, : (lk + block_size - 1) // block_size]
+        ki = k_cache[blocks].flatten(0, 1)[:lk]
+        vi = v_cache[blocks].flatten(0, 1)[:lk]
+        outs.append(_sdpa(qi[None], ki[None].to(q.dtype), vi[None].to(q.dtype), scale, window)[0])
+    return torch.cat(outs)

@@ -1,0 +1,18 @@
+import torch
+from torch import nn
+
+from lmforge.layers.activation import activation
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): the SwiGLU MLP of Llama, Mistral, Qwen and the MoE experts."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,70 @@
+"""Model families keyed by the HF `architectures` name; build_model turns a model directory into a module."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.models import llama
+from lmforge.models.config import MissingConfigKey, read_config
+from lmforge.weights.hf_dir import DTYPES, load_weights
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": llama.Model,
+    "MistralForCausalLM": llama.Model,
+    "Qwen2ForCausalLM": llama.Model,
+}
+
+
+def model_class(cfg: dict, where: str = "config.json") -> type[nn.Module]:
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    named = ", ".join(archs) if archs else "no 'architectures' entry"
+    raise LmforgeError(f"{where}: unsupported architecture ({named}); supported: {', '.join(ARCHITECTURES)}")
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: dict, device: torch.device | str = "cpu") -> torch.dtype:
+    """'auto' takes the checkpoint's dtype; float16 becomes bfloat16 on CPU, where fp16 matmuls are slow."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        if name == "float16" and torch.device(device).type == "cpu":
+            name = "bfloat16"
+        return DTYPES.get(name, torch.float32)
+    if dtype not in DTYPES:
+        raise LmforgeError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_args(cfg: dict, where: str = "config.json"):
+    cls = model_class(cfg, where)
+    try:
+        return cls, cls.Args.from_hf(cfg)
+    except MissingConfigKey as e:
+        raise LmforgeError(f"{where} lacks the required key {e.args[0]!r}") from None
+
+
+def build_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+                progress: bool = True) -> nn.Module:
+    """Builds the module on the meta device, allocates it once in the target dtype, streams weights in."""
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    cls, args = build_args(cfg, str(model_dir / "config.json"))
+    torch_dtype = resolve_dtype(dtype, cfg, device)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch_dtype)
+        with torch.device("meta"):
+            model = cls(args)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
+    if args.tie_word_embeddings:  # to_empty allocates shared parameters separately
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, model_dir, progress)
+    model.config = cfg
+    return model.eval()

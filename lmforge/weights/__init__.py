@@ -1,0 +1,1 @@
+"""Checkpoints in and out: HF safetensors directories, GGUF import, model name resolution."""
