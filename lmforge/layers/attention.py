@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (keys, values), each [num_blocks, block_size, kv_heads, head_dim]
+# One layer's paged cache: (keys, values), each [num_blocks, block_size, kv_heads, head_dim].
+KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
                     v.view(b, lens[0], *v.shape[1:]), scale, window)
         return out.reshape(q.shape)
     outs = [_sdpa(qi[None], ki[None], vi[None], scale, window)[0]
-            for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))]
+            for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens), strict=True)]
     return torch.cat(outs)
 
 
@@ -95,7 +96,7 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v.to(v_cache.dtype)
     outs = []
-    for i, (qi, lk) in enumerate(zip(q.split(meta.seqlens_q), meta.seqlens_k)):
+    for i, (qi, lk) in enumerate(zip(q.split(meta.seqlens_q), meta.seqlens_k, strict=True)):
         blocks = meta.block_tables[i, : (lk + block_size - 1) // block_size]
         ki = k_cache[blocks].flatten(0, 1)[:lk]
         vi = v_cache[blocks].flatten(0, 1)[:lk]

@@ -46,7 +46,8 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     for name in f.keys():
                         yield name, f.get_tensor(name)
             except SafetensorError as e:
-                raise LmforgeError(f"{file} is not a readable safetensors file ({e}); re-download or re-convert it") from None
+                raise LmforgeError(f"{file} is not a readable safetensors file ({e}); "
+                                   "re-download or re-convert it") from None
         else:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

