@@ -35,6 +35,9 @@ class RopeConfig:
         rope_type = {"su": "longrope", "mrope": "default"}.get(rope_type, rope_type)
         if rope_type not in ROPE_TYPES:
             raise LmforgeError(f"config.json: unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if rope_type in ("llama3", "yarn", "longrope") and cfg.get("original_max_position_embeddings"):
+            # Phi-3 configs keep the pretraining length beside rope_scaling; transformers gives it priority
+            params["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
         partial = cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
         return cls(rope_type, float(params["rope_theta"]), int(head_dim * partial),
                    int(cfg.get("max_position_embeddings", 2048)), params)
@@ -88,7 +91,7 @@ def _yarn(c: RopeConfig) -> tuple[torch.Tensor, float]:
 def _longrope(c: RopeConfig, seq_len: int) -> tuple[torch.Tensor, float]:
     p, dim = c.params, c.rotary_dim
     original = p.get("original_max_position_embeddings") or c.max_position
-    factor = c.max_position / original
+    factor = p.get("factor") or c.max_position / original
     attn = p.get("attention_factor")
     if attn is None:
         attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))

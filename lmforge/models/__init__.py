@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.models import llama
+from lmforge.models import llama, mixtral, phi3, qwen3, qwen_moe
 from lmforge.models.config import MissingConfigKey, read_config
 from lmforge.weights.hf_dir import DTYPES, load_weights
 
@@ -14,6 +14,11 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": llama.Model,
     "MistralForCausalLM": llama.Model,
     "Qwen2ForCausalLM": llama.Model,
+    "Qwen3ForCausalLM": qwen3.Model,
+    "Phi3ForCausalLM": phi3.Model,
+    "MixtralForCausalLM": mixtral.Model,
+    "Qwen2MoeForCausalLM": qwen_moe.Model,
+    "Qwen3MoeForCausalLM": qwen_moe.Model,
 }
 
 
