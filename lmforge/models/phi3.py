@@ -11,8 +11,9 @@ from torch import nn
 
 from lmforge.layers.activation import activation
 from lmforge.layers.attention import AttnMeta, KVCache, attention
+from lmforge.layers.decoder import Decoder
 from lmforge.layers.norm import RMSNorm
-from lmforge.layers.rope import RopeConfig, Rotary, apply_rope
+from lmforge.layers.rope import RopeConfig, apply_rope
 from lmforge.models.config import need, sliding_windows
 
 
@@ -96,22 +97,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Transformer(nn.Module):
-    def __init__(self, a: Args):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.rotary = Rotary(a.rope)
-
-    def forward(self, input_ids, positions, meta, kv):
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, meta, kv[i] if kv is not None else None)
-        return self.norm(x)
-
-
 class Model(nn.Module):
     """forward(input_ids [T], positions [T], meta, kv=None) -> hidden [T, hidden]; logits(hidden) -> fp32."""
 
@@ -120,7 +105,7 @@ class Model(nn.Module):
     def __init__(self, args: Args):
         super().__init__()
         self.args = args
-        self.model = Transformer(args)
+        self.model = Decoder(args, Block)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,30 @@
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lmforge.layers.attention import AttnMeta, KVCache
+from lmforge.layers.norm import RMSNorm
+from lmforge.layers.rope import Rotary
+
+
+class Decoder(nn.Module):
+    """The trunk every family shares (HF's `model.`): embeddings, the family's blocks, final norm, rotary.
+
+    `block(args, layer_index)` builds one decoder layer; it is called as `layer(x, rope, meta, kv)`.
+    """
+
+    def __init__(self, args, block: Callable[[object, int], nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary = Rotary(args.rope)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
+                kv: list[KVCache] | None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, meta, kv[i] if kv is not None else None)
+        return self.norm(x)
