@@ -51,11 +51,8 @@ def run(args: argparse.Namespace) -> int:
             del messages[len(opening): len(opening) + 2]  # forget the oldest exchange to stay in context
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         detok = IncrementalDetokenizer(tokenizer, prompt_ids=ids)
-        reply = []
         for token in generator.stream(ids, params, tokenizer.eos_token_ids):
-            piece = detok.add(token)
-            reply.append(piece)
-            sys.stdout.write(piece)
+            sys.stdout.write(detok.add(token))
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+        sys.stdout.write(detok.finish() + "\n")
+        messages.append({"role": "assistant", "content": detok.text.strip()})

@@ -12,20 +12,21 @@ def add_parser(sub) -> None:
                                    "Hugging Face directory (config.json, safetensors, tokenizer files).")
     p.add_argument("src", help="a .gguf file, an HF model directory, an alias, or a Hub id")
     p.add_argument("dst", help="output directory (must not exist or be empty)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype of the written weights (auto: float32 for GGUF, the source's dtype for HF)")
+    p.add_argument("--dtype", default="auto", help="dtype of the written weights: auto (float32 for GGUF, the "
+                   "source's dtype for HF), float32, bfloat16 or float16")
     p.add_argument("--max-shard-size", type=float, default=5.0, metavar="GIB",
                    help="split the weights into shards of at most this many GiB (default 5)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmforge.models import build_model
+    from lmforge.models import build_model, resolve_dtype
     from lmforge.models.config import read_config
     from lmforge.weights.gguf_import import convert_gguf
     from lmforge.weights.hf_dir import save_model
     from lmforge.weights.resolve import resolve_model
 
+    resolve_dtype(args.dtype, {})  # reject a bad --dtype before any slow work
     src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise LmforgeError(f"{dst} already exists and is not an empty directory; choose another output path")

@@ -50,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
     for token in SimpleGenerator(model, args.max_model_len).stream(ids, params, tokenizer.eos_token_ids):
         sys.stdout.write(detok.add(token))
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(detok.finish() + "\n")
     return 0

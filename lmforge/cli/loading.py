@@ -4,9 +4,7 @@ import argparse
 import logging
 import time
 
-from lmforge.models import build_model
-from lmforge.tokenizer import Tokenizer
-from lmforge.weights.resolve import DEFAULT_MODEL, resolve_model
+from lmforge.weights.resolve import DEFAULT_MODEL
 
 log = logging.getLogger("lmforge")
 
@@ -14,12 +12,17 @@ log = logging.getLogger("lmforge")
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"model directory, .gguf file, Hub id (org/name) or alias (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight and compute dtype (auto: the checkpoint's own)")
+    p.add_argument("--dtype", default="auto", help="weight and compute dtype: auto (the checkpoint's own), "
+                   "float32, bfloat16 or float16")
 
 
 def load(args: argparse.Namespace):
+    from lmforge.models import build_model, resolve_dtype
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.weights.resolve import resolve_model
+
     start = time.perf_counter()
+    resolve_dtype(args.dtype, {})  # reject a bad --dtype before any slow work
     model_dir = resolve_model(args.model)
     model = build_model(model_dir, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(model_dir)
