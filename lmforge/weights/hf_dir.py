@@ -62,7 +62,9 @@ def load_weights(model: nn.Module, model_dir: Path, progress: bool = True) -> No
     targets.update(model.named_buffers())
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(targets)  # tied weights
     seen = set()
-    bar = tqdm(desc=f"loading {model_dir.name}", unit=" tensors", total=len(targets), disable=not progress)
+    # disable=None: tqdm draws no bar when stderr is not a terminal
+    bar = tqdm(desc=f"loading {model_dir.name}", unit=" tensors", total=len(targets),
+               disable=None if progress else True)
     for name, tensor in iter_tensors(model_dir):
         if name in aliases or name.endswith("rotary_emb.inv_freq"):
             continue
@@ -95,10 +97,14 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
 
 
 def save_weights(model: nn.Module, out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index above max_shard_bytes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = {n: p.detach().contiguous() for n, p in model.named_parameters()}  # tied weights once, as HF does
     state.update({n: b.detach().contiguous() for n, b in model.named_buffers()})
+    save_state_dict(state, out_dir, max_shard_bytes)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index above max_shard_bytes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
