@@ -1,24 +1,56 @@
-from dataclasses import dataclass
+"""Per-request generation settings, with vLLM's names and defaults; invalid values fail before queueing."""
+
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token; temperature 0 is greedy (the OpenAI contract)."""
+    """How to pick each next token and when to stop. temperature 0 is greedy (the OpenAI contract)."""
 
+    n: int = 1  # completions per prompt; they share the prompt's KV blocks through prefix caching
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
+    top_k: int = 0  # 0 (or -1): no top-k cut
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (HF/vLLM semantics)
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from tokens already in the output
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
+    seed: int | None = None  # same seed, same output, whatever else is in the batch
     max_tokens: int = 16
-    seed: int | None = None
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are generated
+    stop: tuple[str, ...] = ()  # stop strings, never part of the returned text
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the top k
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    extra: dict = field(default_factory=dict, compare=False, repr=False)  # room for server-side metadata
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        checks = [
+            ("n", self.n >= 1, "must be >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 or -1 disables it)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must hold non-empty strings"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

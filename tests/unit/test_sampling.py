@@ -44,7 +44,7 @@ def test_stream_stops_on_eos_and_honours_ignore_eos():
     assert ignored == greedy
 
 
-@pytest.mark.parametrize("field, value", [("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+@pytest.mark.parametrize("field, value", [("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
                                           ("max_tokens", 0)])
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
