@@ -16,6 +16,16 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeBatch:
+    """The single-token sequences of a paged step, attended in one padded SDPA call instead of one each."""
+
+    rows: tuple[int, ...]  # their indices among the step's sequences
+    token_idx: torch.Tensor  # [B] position of each one's token in the flat batch
+    block_tables: torch.Tensor  # [B, blocks] covering the longest context
+    key_mask: torch.Tensor  # [B, 1, 1, blocks * block_size] True where a key exists
+
+
+@dataclass(frozen=True, slots=True)
 class AttnMeta:
     cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32 offsets of each sequence's new tokens in the flat batch
     seqlens_q: tuple[int, ...]  # new tokens per sequence (host copy: no device sync in the loop)
@@ -23,6 +33,7 @@ class AttnMeta:
     slot_mapping: torch.Tensor | None = None  # [num_tokens] flat cache slot (block * block_size + offset) per new token
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] physical blocks of each sequence, in order
     logits_indices: torch.Tensor | None = None  # rows of the hidden states whose logits the caller wants
+    decode: DecodeBatch | None = None  # single-token sequences batched together (paged steps only)
 
     @classmethod
     def for_training(cls, cu_seqlens: torch.Tensor) -> "AttnMeta":
@@ -38,12 +49,23 @@ class AttnMeta:
 
     @classmethod
     def for_paged(cls, seqlens_q: list[int], seqlens_k: list[int], slot_mapping: torch.Tensor,
-                  block_tables: torch.Tensor, logits_indices: torch.Tensor | None = None) -> "AttnMeta":
-        """New tokens of several sequences whose keys and values go into (and come from) a paged cache."""
+                  block_tables: torch.Tensor, logits_indices: torch.Tensor | None = None,
+                  block_size: int | None = None) -> "AttnMeta":
+        """New tokens of several sequences whose keys and values go into (and come from) a paged cache.
+        With block_size given, sequences with one new token are attended in one batched call."""
         device = slot_mapping.device
         cu = torch.zeros(len(seqlens_q) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seqlens_q, dtype=torch.int32).cumsum(0)
-        return cls(cu.to(device), tuple(seqlens_q), tuple(seqlens_k), slot_mapping, block_tables, logits_indices)
+        decode = None
+        rows = tuple(i for i, n in enumerate(seqlens_q) if n == 1)
+        if block_size is not None and len(rows) > 1:
+            lens = torch.tensor([seqlens_k[i] for i in rows])
+            blocks = -(-int(lens.max()) // block_size)
+            key_mask = torch.arange(blocks * block_size)[None, :] < lens[:, None]
+            decode = DecodeBatch(rows, cu[list(rows)].to(device), block_tables[list(rows), :blocks],
+                                 key_mask[:, None, None, :].to(device))
+        return cls(cu.to(device), tuple(seqlens_q), tuple(seqlens_k), slot_mapping, block_tables, logits_indices,
+                   decode)
 
     @property
     def num_tokens(self) -> int:
@@ -95,10 +117,22 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     block_size = k_cache.shape[1]
     k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v.to(v_cache.dtype)
-    outs = []
-    for i, (qi, lk) in enumerate(zip(q.split(meta.seqlens_q), meta.seqlens_k, strict=True)):
+    decode = meta.decode if window is None or max(meta.seqlens_k) <= window else None
+    out = torch.empty_like(q)
+    if decode is not None:
+        keys = k_cache[decode.block_tables].flatten(1, 2).to(q.dtype)  # [B, blocks * block_size, kv_heads, dim]
+        values = v_cache[decode.block_tables].flatten(1, 2).to(q.dtype)
+        out[decode.token_idx] = F.scaled_dot_product_attention(
+            q[decode.token_idx][:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=decode.key_mask,
+            scale=scale, enable_gqa=q.shape[1] != k.shape[1])[:, :, 0]
+    batched = set(decode.rows) if decode is not None else ()
+    starts = meta.cu_seqlens_q.tolist() if len(batched) < len(meta.seqlens_q) else ()
+    for i, (lq, lk) in enumerate(zip(meta.seqlens_q, meta.seqlens_k, strict=True)):
+        if i in batched:
+            continue
         blocks = meta.block_tables[i, : (lk + block_size - 1) // block_size]
         ki = k_cache[blocks].flatten(0, 1)[:lk]
         vi = v_cache[blocks].flatten(0, 1)[:lk]
-        outs.append(_sdpa(qi[None], ki[None].to(q.dtype), vi[None].to(q.dtype), scale, window)[0])
-    return torch.cat(outs)
+        qi = q[starts[i]: starts[i] + lq]
+        out[starts[i]: starts[i] + lq] = _sdpa(qi[None], ki[None].to(q.dtype), vi[None].to(q.dtype), scale, window)[0]
+    return out

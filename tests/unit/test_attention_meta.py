@@ -1,5 +1,6 @@
 """The flat layout and the paged KV path give the logits of a plain per-sequence forward."""
 
+import pytest
 import torch
 
 from lmforge.engine.simple_generator import SimpleGenerator
@@ -40,9 +41,10 @@ def test_paged_prefill_chunks_and_decode_match_full_forward():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("batched_decode", [False, True])
 @torch.no_grad()
-def test_two_sequences_share_one_paged_step():
-    """Different context lengths in one call, each reading its own blocks."""
+def test_two_sequences_share_one_paged_step(batched_decode):
+    """Different context lengths in one call, each reading its own blocks (one by one, or batched decode)."""
     model = tiny_model()
     a, b = torch.randint(0, 96, (20,)), torch.randint(0, 96, (7,))
     shape = (8, 16, TINY_LLAMA["num_key_value_heads"], 8)
@@ -57,7 +59,8 @@ def test_two_sequences_share_one_paged_step():
     model(torch.cat([a[:19], b[:6]]), torch.cat([pos_a, pos_b]), meta, kv)
     last = torch.tensor([19, 6])
     meta = AttnMeta.for_paged([1, 1], [20, 7], torch.stack([slots(tables[0], last[:1]), slots(tables[1], last[1:])])
-                              .flatten(), tables)
+                              .flatten(), tables, block_size=16 if batched_decode else None)
+    assert (meta.decode is not None) == batched_decode
     out = model.logits(model(torch.stack([a[19], b[6]]), last, meta, kv))
     torch.testing.assert_close(out[0], forward_alone(model, a)[-1], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], forward_alone(model, b)[-1], atol=1e-5, rtol=0)

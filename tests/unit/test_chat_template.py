@@ -8,7 +8,9 @@ import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer, render_chat_template
-from tests.unit.test_tokenizer import hf_tokenizer, llama_style_dir, smollm2_dir
+from tests.tokenizer_refs import hf_tokenizer, llama_style_dir
+
+pytest.importorskip("transformers")  # the reference for every comparison here
 
 # Hand-written in the style of Llama 3.1's template: system block with tools as indented JSON, header tokens.
 LLAMA3_TEMPLATE = """{{- bos_token }}
@@ -122,13 +124,12 @@ CHATS = {
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    path = smollm2_dir(tmp_path_factory)
-    return Tokenizer.from_dir(path), hf_tokenizer(path)
+def smollm2(smollm2_tokenizer_dir):
+    return Tokenizer.from_dir(smollm2_tokenizer_dir), hf_tokenizer(smollm2_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
-def handwritten(tmp_path_factory):
+def handwritten(tmp_path_factory, smollm2_tokenizer_dir):
     """Llama-3-style template on the Llama-style tokenizer (header tokens registered as special), ChatML on SmolLM2."""
     extra = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     llama = llama_style_dir(
@@ -136,7 +137,7 @@ def handwritten(tmp_path_factory):
     )
     chatml = tmp_path_factory.mktemp("chatml")
     for name in ("tokenizer.json", "tokenizer_config.json"):  # not chat_template.jinja, which would take priority
-        shutil.copy(smollm2_dir(tmp_path_factory) / name, chatml / name)
+        shutil.copy(smollm2_tokenizer_dir / name, chatml / name)
     config = json.loads((chatml / "tokenizer_config.json").read_text())
     (chatml / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML_TEMPLATE}))
     return {
@@ -150,7 +151,7 @@ def _hf_render(hf, chat, **kwargs):
     return text, ids
 
 
-def _assert_same(ours, hf, chat, **kwargs):
+def assert_same_render(ours, hf, chat, **kwargs):
     text, ids = _hf_render(hf, chat, **kwargs)
     assert ours.apply_chat_template(chat, **kwargs) == text
     assert ours.apply_chat_template(chat, tokenize=True, **kwargs) == ids
@@ -161,7 +162,7 @@ def _assert_same(ours, hf, chat, **kwargs):
 def test_smollm2_template_matches_transformers(smollm2, chat, add_generation_prompt):
     ours, hf = smollm2
     assert ours.chat_template == hf.chat_template
-    _assert_same(ours, hf, CHATS[chat], add_generation_prompt=add_generation_prompt)
+    assert_same_render(ours, hf, CHATS[chat], add_generation_prompt=add_generation_prompt)
 
 
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
@@ -169,21 +170,21 @@ def test_smollm2_template_matches_transformers(smollm2, chat, add_generation_pro
 @pytest.mark.parametrize("template", ["llama3", "chatml"])
 def test_handwritten_templates_match_transformers(handwritten, template, chat, add_generation_prompt):
     ours, hf = handwritten[template]
-    _assert_same(ours, hf, CHATS[chat], add_generation_prompt=add_generation_prompt)
+    assert_same_render(ours, hf, CHATS[chat], add_generation_prompt=add_generation_prompt)
 
 
 @pytest.mark.parametrize("template", ["llama3", "chatml"])
 def test_tools_match_transformers(handwritten, template):
     ours, hf = handwritten[template]
     for chat in ("tool_call", "multi_turn"):
-        _assert_same(ours, hf, CHATS[chat], tools=[WEATHER_TOOL], add_generation_prompt=True)
+        assert_same_render(ours, hf, CHATS[chat], tools=[WEATHER_TOOL], add_generation_prompt=True)
     text = ours.apply_chat_template(CHATS["tool_call"], tools=[WEATHER_TOOL])
     assert "Zürich or 東京" in text and "«quoted» & <escaped>" in text  # tojson keeps non-ASCII and HTML characters
 
 
 def test_template_kwargs_reach_the_template(handwritten):
     ours, hf = handwritten["chatml"]
-    _assert_same(ours, hf, CHATS["single_user"], add_generation_prompt=True, enable_thinking=False)
+    assert_same_render(ours, hf, CHATS["single_user"], add_generation_prompt=True, enable_thinking=False)
     assert ours.apply_chat_template(CHATS["single_user"], True, enable_thinking=False).endswith("</think>\n\n")
 
 

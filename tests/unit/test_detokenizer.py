@@ -5,13 +5,13 @@ import random
 import pytest
 
 from lmforge.tokenizer import IncrementalDetokenizer, Tokenizer
-from tests.unit.test_tokenizer import TEXTS, llama_style_dir, smollm2_dir
+from tests.tokenizer_refs import TEXTS, llama_style_dir
 
 
 @pytest.fixture(scope="module", params=["smollm2", "llama_style"])
 def tok(request, tmp_path_factory) -> Tokenizer:
     if request.param == "smollm2":
-        return Tokenizer.from_dir(smollm2_dir(tmp_path_factory))
+        return Tokenizer.from_dir(request.getfixturevalue("smollm2_tokenizer_dir"))
     return Tokenizer.from_dir(llama_style_dir(tmp_path_factory.mktemp("llama_style")))
 
 
@@ -62,8 +62,8 @@ def test_text_token_by_token(tok, skip_special_tokens):
     assert sum(1 for p in pieces[:-1] if p) >= 8 and pieces[-1] == ""
 
 
-def test_multibyte_character_waits_for_its_last_token(tmp_path_factory):
-    tok = Tokenizer.from_dir(smollm2_dir(tmp_path_factory))
+def test_multibyte_character_waits_for_its_last_token(smollm2_tokenizer_dir):
+    tok = Tokenizer.from_dir(smollm2_tokenizer_dir)
     ids = tok.encode("👨\u200d👩", add_special_tokens=False)
     pieces = stream(tok, ids)
     assert len(ids) > 3 and pieces[0] == "" and "".join(pieces) == "👨\u200d👩"
