@@ -1,0 +1,97 @@
+"""`LLM`: vLLM's offline API (generate / chat over many prompts at once) on LLMEngine."""
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from tqdm import tqdm
+
+from lmforge.engine.llm_engine import EngineConfig, LLMEngine
+from lmforge.engine.outputs import RequestOutput
+from lmforge.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+class LLM:
+    """LLM(model, dtype=..., max_model_len=..., kv_cache_memory=..., enable_prefix_caching=True, ...).
+
+    Keyword arguments are EngineConfig's fields: dtype, device, max_model_len, kv_cache_memory (GiB),
+    block_size, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, scheduling_policy, seed.
+    """
+
+    def __init__(self, model: str | None = None, **engine_args):
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None
+                 = None, use_tqdm: bool = True, priority: Seq[int] | None = None) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in the prompts' order.
+
+        A prompt is a string, a list of token ids, or {"prompt": str} / {"prompt_token_ids": [...]}.
+        """
+        prompts = self._as_list(prompts)
+        params = sampling_params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        priority = list(priority) if priority is not None else [0] * len(prompts)
+        ids = []
+        try:
+            for prompt, p, prio in zip(prompts, params, priority, strict=True):
+                ids.append(f"offline-{next(self._ids)}")
+                self.engine.add_request(ids[-1], self._unwrap(prompt), p, priority=prio)
+        except Exception:  # a bad prompt queues nothing: the engine stays clean for the next call
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
+             tools: list | None = None, **template_kwargs) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several; rendered with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                           tools=tools, chat_template=chat_template, **template_kwargs)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()
+
+    @staticmethod
+    def _as_list(prompts) -> list:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) for t in prompts):  # one prompt given as token ids
+            return [prompts]
+        return prompts
+
+    @staticmethod
+    def _unwrap(prompt: Prompt) -> str | list[int]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"]
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        return prompt
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending, done = set(ids), {}
+        bar = tqdm(total=len(ids), desc="generating", unit=" req", disable=None if use_tqdm else True)
+        while pending:
+            for out in self.engine.step():
+                if out.finished and out.request_id in pending:
+                    done[out.request_id] = out
+                    pending.discard(out.request_id)
+                    bar.update()
+            if pending and not self.engine.has_unfinished_requests():
+                raise RuntimeError(f"engine stopped with {len(pending)} requests unfinished")
+        bar.close()
+        return [done[i] for i in ids]

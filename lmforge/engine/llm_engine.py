@@ -1,0 +1,231 @@
+"""LLMEngine: requests in, one scheduled model step at a time, RequestOutputs out. LLM: vLLM's offline API."""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.model_runner import ModelRunner, plan_num_blocks
+from lmforge.engine.output_processor import CompletionState
+from lmforge.engine.outputs import RequestMetrics, RequestOutput
+from lmforge.engine.sampler import SamplingRow, sample
+from lmforge.engine.sampling_params import SamplingParams
+from lmforge.engine.scheduler import Scheduler
+from lmforge.engine.sequence import Sequence
+
+log = logging.getLogger("lmforge")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # directory, .gguf, Hub id or alias; None: the default model
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    kv_cache_memory: float | None = None  # GiB for the KV pool; None: 2 GiB on CPU, 90 % of free memory on CUDA
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    states: list[CompletionState]
+    metrics: RequestMetrics
+    generators: list[torch.Generator | None] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+def _kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_memory is not None:
+        return int(config.kv_cache_memory * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return 2 * 2**30
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from lmforge.models import build_model
+        from lmforge.tokenizer import Tokenizer
+        from lmforge.weights.resolve import resolve_model
+
+        self.config = config
+        torch.manual_seed(config.seed)
+        t0 = time.perf_counter()
+        model_dir = resolve_model(config.model)
+        self.model = build_model(model_dir, dtype=config.dtype, device=config.device)
+        self.tokenizer = Tokenizer.from_dir(Path(model_dir))
+        t1 = time.perf_counter()
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        log.info("weights: %.2f GiB (%s) loaded in %.1fs", weight_bytes / 2**30, next(self.model.parameters()).dtype,
+                 t1 - t0)
+        limit = self.model.config.get("max_position_embeddings") or 4096
+        self.max_model_len = config.max_model_len or limit
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        num_blocks = plan_num_blocks(self.model, config.block_size, dtype, _kv_budget_bytes(config, device),
+                                     self.max_model_len)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        log.info("KV cache allocated in %.1fs", time.perf_counter() - t1)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.scheduling_policy)
+        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self.requests: dict[str, Request] = {}
+        self._seq_index: dict[int, tuple[Request, int]] = {}
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0,
+                    arrival_time: float | None = None) -> None:
+        """Validates and queues a request (n sequences); raises ValueError naming the field before queueing."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        request = Request(request_id, text, ids, [], [], RequestMetrics(arrival))
+        for index in range(params.n):
+            seq = Sequence(request_id, list(ids), params, index=index, priority=priority, arrival_time=arrival)
+            request.seqs.append(seq)
+            request.states.append(CompletionState(self.tokenizer, ids, params, index))
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+            request.generators.append(generator)
+            self._seq_index[seq.seq_id] = (request, index)
+        self.requests[request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            ids, text = list(prompt), None
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model.args.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        return text, ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "abort")
+            self._seq_index.pop(seq.seq_id, None)
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedules and runs one model step; returns the requests that made progress (finished ones removed)."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits, rows = self.runner.execute(batch)
+        self.scheduler.advance(batch)
+        if not rows:
+            return []
+        seqs = [batch.seqs[r] for r in rows]
+        sampling_rows = []
+        for seq in seqs:
+            request, index = self._seq_index[seq.seq_id]
+            sampling_rows.append(SamplingRow(seq.params, request.generators[index], seq.prompt_token_ids,
+                                             seq.output_token_ids, self.eos_token_ids))
+        result = sample(logits, sampling_rows)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(seqs):
+            request, index = self._seq_index[seq.seq_id]
+            self._append(request, index, seq, result.token_ids[i],
+                         result.logprobs[i] if result.logprobs else None,
+                         result.top_logprobs[i] if result.top_logprobs else None, now)
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            outputs.append(self._output(request))
+            if request.finished:
+                self._retire(request)
+        return outputs
+
+    def _append(self, request: Request, index: int, seq: Sequence, token: int, logprob, top, now: float) -> None:
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+        state, params = request.states[index], seq.params
+        stop = state.add_token(token, logprob, top)
+        if token in params.stop_token_ids:
+            self._finish(seq, state, "stop", token)
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            self._finish(seq, state, "stop", None)
+        elif stop is not None:
+            self._finish(seq, state, "stop", stop, flush=False)
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, state, "length", None)
+
+    def _finish(self, seq: Sequence, state: CompletionState, reason: str, stop_reason, flush: bool = True) -> None:
+        if flush and (stop := state.flush()) is not None:
+            reason, stop_reason = "stop", stop
+        seq.stop_reason = stop_reason
+        seq.finished_time = time.monotonic()
+        self.scheduler.finish(seq, reason)
+
+    def _retire(self, request: Request) -> None:
+        self.requests.pop(request.request_id, None)
+        for seq in request.seqs:
+            self._seq_index.pop(seq.seq_id, None)
+
+    def _output(self, request: Request) -> RequestOutput:
+        m = request.metrics
+        first = request.seqs[0]
+        m.first_scheduled_time = first.first_scheduled_time
+        m.num_cached_tokens = first.num_cached_tokens
+        m.num_preemptions = sum(s.num_preemptions for s in request.seqs)
+        if request.finished:
+            m.finished_time = max((s.finished_time or time.monotonic()) for s in request.seqs)
+        outs = [state.output(seq.output_token_ids, seq.finish_reason, seq.stop_reason)
+                for seq, state in zip(request.seqs, request.states, strict=True)]
+        deltas = [state.delta(seq.is_finished) for seq, state in zip(request.seqs, request.states, strict=True)]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished, m,
+                             first.num_cached_tokens, deltas)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.block_manager.reset_prefix_cache()

@@ -1,0 +1,79 @@
+"""Turns a scheduled step into one flat forward over the paged KV pool; hot path — keep minimal."""
+
+import logging
+
+import torch
+from torch import nn
+
+from lmforge.engine.scheduler import ScheduledBatch
+from lmforge.errors import LmforgeError
+from lmforge.layers.attention import AttnMeta, KVCache
+
+log = logging.getLogger("lmforge")
+
+
+def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    a = model.args
+    return 2 * a.num_hidden_layers * block_size * a.num_key_value_heads * a.head_dim * dtype.itemsize
+
+
+def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budget_bytes: int,
+                    max_model_len: int) -> int:
+    """How many KV blocks the budget holds; fails with the numbers when not even one full-length sequence fits."""
+    per_block = kv_bytes_per_block(model, block_size, dtype)
+    num_blocks = budget_bytes // per_block
+    per_seq = -(-max_model_len // block_size)
+    if num_blocks < per_seq:
+        need = per_seq * per_block / 2**30
+        raise LmforgeError(f"the KV cache budget of {budget_bytes / 2**30:.3f} GiB holds {num_blocks} blocks of "
+                           f"{block_size} tokens ({per_block / 2**20:.2f} MiB each), fewer than the {per_seq} one "
+                           f"sequence of max_model_len={max_model_len} needs; raise kv_cache_memory to at least "
+                           f"{need:.3f} GiB or lower max_model_len")
+    log.info("KV cache: %d blocks x %d tokens, %.2f MiB per block, %.2f GiB in all; %d sequences of %d tokens fit "
+             "at once", num_blocks, block_size, per_block / 2**20, num_blocks * per_block / 2**30,
+             num_blocks // per_seq, max_model_len)
+    return num_blocks
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        a = model.args
+        shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
+        self.kv: list[KVCache] = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                   torch.zeros(shape, dtype=self.dtype, device=self.device))
+                                  for _ in range(a.num_hidden_layers)]
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
+        """Flat ids, positions and metadata for the step; the rows (sequence indices) that get logits."""
+        bs = self.block_size
+        ids, positions, slots, seqlens_k, logits_idx, sample_rows = [], [], [], [], [], []
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            table = seq.block_table
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            seqlens_k.append(end)
+            if end == seq.num_tokens:  # the step reaches the sequence's last token: its logits pick the next one
+                logits_idx.append(len(ids) - 1)
+                sample_rows.append(row)
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        device = self.device
+        meta = AttnMeta.for_paged(batch.num_new_tokens, seqlens_k, torch.tensor(slots, device=device),
+                                  torch.tensor(tables, device=device), torch.tensor(logits_idx, device=device),
+                                  block_size=bs)
+        return torch.tensor(ids, device=device), torch.tensor(positions, device=device), meta, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Runs the step; returns fp32 logits [len(rows), vocab] and the rows they belong to."""
+        ids, positions, meta, rows = self.prepare(batch)
+        hidden = self.model(ids, positions, meta, self.kv)
+        if not rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32), rows
+        return self.model.logits(hidden[meta.logits_indices]), rows
