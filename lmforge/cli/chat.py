@@ -1,10 +1,10 @@
-"""lmforge chat: an interactive conversation using the model's chat template, streamed."""
+"""lmforge chat: an interactive conversation using the model's chat template, streamed from the engine."""
 
 import argparse
+import itertools
 import sys
 
-from lmforge.cli.generate import add_sampling_args, sampling_params
-from lmforge.cli.loading import add_model_args, load
+from lmforge.cli.engine_args import add_engine_args, add_sampling_args, build_llm, sampling_params, stream
 
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 
@@ -12,28 +12,31 @@ HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal",
                        description=f"Interactive chat with streaming replies; {HELP}.")
-    add_model_args(p)
-    add_sampling_args(p, temperature=0.7)
     p.add_argument("--system", default=None, help="a system message that opens the conversation")
+    add_engine_args(p)
+    add_sampling_args(p, temperature=0.7)
     p.set_defaults(run=run)
 
 
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
 def run(args: argparse.Namespace) -> int:
-    from lmforge.engine.simple_generator import SimpleGenerator
     from lmforge.errors import LmforgeError
-    from lmforge.tokenizer import IncrementalDetokenizer
 
     params = sampling_params(args)
-    model, tokenizer = load(args)
-    if tokenizer.chat_template is None:
+    llm = build_llm(args)
+    tok = llm.get_tokenizer()
+    if tok.chat_template is None:
         raise LmforgeError("this model has no chat template; use `lmforge generate` instead")
-    generator = SimpleGenerator(model, args.max_model_len)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)
     interactive = sys.stdin.isatty()
     if interactive:
         print(HELP, file=sys.stderr)
-    while True:
+    for turn in itertools.count():
         try:
             line = input("> " if interactive else "")
         except EOFError:
@@ -46,13 +49,11 @@ def run(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        while len(ids) + params.max_tokens > args.max_model_len and len(messages) > len(opening) + 1:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        while len(ids) + params.max_tokens > llm.engine.max_model_len and len(messages) > len(opening) + 1:
             del messages[len(opening): len(opening) + 2]  # forget the oldest exchange to stay in context
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        detok = IncrementalDetokenizer(tokenizer, prompt_ids=ids)
-        for token in generator.stream(ids, params, tokenizer.eos_token_ids):
-            sys.stdout.write(detok.add(token))
-            sys.stdout.flush()
-        sys.stdout.write(detok.finish() + "\n")
-        messages.append({"role": "assistant", "content": detok.text.strip()})
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        reply = stream(llm, ids, params, f"chat-{turn}", _write)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0

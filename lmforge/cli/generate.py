@@ -1,54 +1,86 @@
-"""lmforge generate PROMPT: stream a continuation (greedy by default) from the command line."""
+"""lmforge generate: one prompt streamed to stdout, or a file of prompts run as one batch into JSONL."""
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from lmforge.cli.loading import add_model_args, load
-
-
-def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"0 is greedy; higher samples more freely (default {temperature})")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables (default)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    p.add_argument("--max-model-len", type=int, default=4096, help="KV cache capacity in tokens (default 4096)")
-
-
-def sampling_params(args: argparse.Namespace):
-    from lmforge.engine.sampling_params import SamplingParams
-
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.seed, ignore_eos=getattr(args, "ignore_eos", False))
+from lmforge.cli.engine_args import add_engine_args, add_sampling_args, build_llm, sampling_params, stream
+from lmforge.errors import LmforgeError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate a continuation of a prompt",
-                       description="Generate text from a prompt, streaming tokens to stdout as they come.")
-    p.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
-    add_model_args(p)
+    p = sub.add_parser("generate", help="generate text for a prompt or a file of prompts",
+                       description="Generate a continuation of PROMPT, streamed to stdout; or, with --prompts, run a "
+                                   "file of prompts (one per line, or JSONL with 'prompt' or 'messages') as one "
+                                   "batch and write JSONL results.")
+    p.add_argument("prompt", nargs="?", help="the prompt text ('-' reads it from stdin)")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="file of prompts: one per line, or JSONL objects "
+                   "with 'prompt' (text) or 'messages' (a chat)")
+    p.add_argument("--output", "-o", type=Path, metavar="FILE", help="JSONL results file (default: stdout)")
+    p.add_argument("--chat", action="store_true", help="wrap text prompts as a user message with the chat template")
+    add_engine_args(p)
     add_sampling_args(p, temperature=0.0)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from lmforge.engine.simple_generator import SimpleGenerator
-    from lmforge.tokenizer import IncrementalDetokenizer
+def read_prompts(path: Path) -> list[dict]:
+    """Each line: plain text, or a JSON object with 'prompt' or 'messages'. Errors name the line."""
+    if not path.is_file():
+        raise LmforgeError(f"prompts file {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LmforgeError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
+                raise LmforgeError(f"{path}:{number}: a JSON line needs a 'prompt' string or a 'messages' list")
+            rows.append(row)
+        else:
+            rows.append({"prompt": line})
+    if not rows:
+        raise LmforgeError(f"prompts file {path} holds no prompts")
+    return rows
 
+
+def to_ids(tokenizer, row: dict, chat: bool) -> list[int]:
+    if "messages" in row:
+        return tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
+    if not isinstance(row["prompt"], str):
+        raise LmforgeError("'prompt' must be a string")
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                             add_generation_prompt=True, tokenize=True)
+    return tokenizer.encode(row["prompt"])
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.prompts is None):
+        raise LmforgeError("give either a PROMPT or --prompts FILE")
     params = sampling_params(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args)
-    if args.chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-    else:
-        ids = tokenizer.encode(prompt)
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids=ids)
-    for token in SimpleGenerator(model, args.max_model_len).stream(ids, params, tokenizer.eos_token_ids):
-        sys.stdout.write(detok.add(token))
-        sys.stdout.flush()
-    sys.stdout.write(detok.finish() + "\n")
+    rows = read_prompts(args.prompts) if args.prompts else None
+    llm = build_llm(args)
+    tok = llm.get_tokenizer()
+    if rows is None:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        stream(llm, to_ids(tok, {"prompt": prompt}, args.chat), params, "cli", sys.stdout.write)
+        sys.stdout.write("\n")
+        return 0
+    prompts = [to_ids(tok, row, args.chat) for row in rows]
+    outputs = llm.generate(prompts, params)
+    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for row, result in zip(rows, outputs, strict=True):
+            completion = result.outputs[0]
+            record = {**row, "text": completion.text, "token_ids": completion.token_ids,
+                      "finish_reason": completion.finish_reason, "prompt_tokens": len(result.prompt_token_ids),
+                      "completion_tokens": len(completion.token_ids)}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
     return 0

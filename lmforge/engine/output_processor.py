@@ -50,7 +50,8 @@ class CompletionState:
 
     def delta(self, finished: bool) -> str:
         """New text that can no longer turn out to be the start of a stop string."""
-        visible = len(self.text) if finished or not self.max_stop else max(self.emitted, len(self.text) - self.max_stop + 1)
+        held = 0 if finished or not self.max_stop else self.max_stop - 1
+        visible = max(self.emitted, len(self.text) - held)
         piece = self.text[self.emitted: visible]
         self.emitted = visible
         return piece

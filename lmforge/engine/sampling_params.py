@@ -53,4 +53,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < 1e-5  # vLLM's epsilon: logits / T overflows for tinier ones, which mean greedy

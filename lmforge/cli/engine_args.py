@@ -1,0 +1,71 @@
+"""Flags shared by the commands that run the serving engine (generate, chat)."""
+
+import argparse
+
+from lmforge.weights.resolve import DEFAULT_MODEL
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"model directory, .gguf file, Hub id (org/name) or alias (default: {DEFAULT_MODEL})")
+    g.add_argument("--dtype", default="auto", help="weight and compute dtype: auto (the checkpoint's own), "
+                   "float32, bfloat16 or float16")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion in tokens (default: the model's context length)")
+    g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="memory for the paged KV cache in GiB (default 2 on CPU, 90%% of free memory on CUDA)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (default 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; longer prompts are prefilled in chunks (default 2048)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 is greedy; higher samples more freely (default {temperature})")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables (default)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def build_llm(args: argparse.Namespace):
+    from lmforge.engine.llm import LLM
+    from lmforge.models import resolve_dtype
+
+    resolve_dtype(args.dtype, {})  # reject a bad --dtype before any slow work
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
+
+
+def sampling_params(args: argparse.Namespace):
+    from lmforge.engine.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed,
+                          stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def stream(llm, prompt_ids: list[int], params, request_id: str, write) -> str:
+    """Runs one request on the engine, writing text as it is decided; returns the whole completion."""
+    engine = llm.engine
+    engine.add_request(request_id, prompt_ids, params)
+    text = []
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == request_id and out.new_text[0]:
+                    write(out.new_text[0])
+                    text.append(out.new_text[0])
+    except BaseException:
+        engine.abort(request_id)
+        raise
+    return "".join(text)

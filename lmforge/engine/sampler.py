@@ -1,0 +1,234 @@
+"""Hot path: keep minimal; optional features live in their own functions, called from `sample` only.
+
+One decode step's next tokens for a batch: logits [N, V] and one SamplingRow per row. Penalties and min_tokens
+(HF / OpenAI / vLLM semantics) apply first; greedy rows then take the argmax, the others go through temperature ->
+top-k -> top-p -> min-p (HF's order; vLLM v1 applies min-p before top-k/top-p) and an exponential race, which
+lets a seeded row draw its noise from its own generator. Cut-offs are found among each row's CANDIDATES largest
+logits, and rows whose kept tokens all lie there race there too; a full sort is for the rare row they cannot
+settle. Log-probs always come from the raw logits, so they match a training forward's log_softmax bit for bit.
+"""
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from lmforge.engine.sampling_params import SamplingParams
+
+CANDIDATES = 256  # top-k / top-p cut-offs are looked for among each row's largest logits before any full sort
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One row of the logits matrix: the sequence being sampled and what it has produced so far."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # set for seeded requests; None: the shared RNG
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int]
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None  # each sampled token under the raw distribution; None when no row asked
+    top_logprobs: list[list[tuple[int, float]]] | None  # per row its params.logprobs best (id, logprob), else []
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+    """logits [N, V] fp32, row i belonging to rows[i] -> one token per row (and raw log-probs where asked)."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"sample: logits of shape {tuple(logits.shape)} for {len(rows)} rows; expected [rows, vocab]")
+    if not rows:
+        return SampleResult([], None, None)
+    params = [r.params for r in rows]
+    greedy = [p.greedy for p in params]
+    penalised = [i for i, p in enumerate(params)
+                 if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty]
+    held = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens]
+    want_logprobs = any(p.logprobs is not None for p in params)
+    if all(greedy) and not penalised and not held and not want_logprobs:
+        return SampleResult(logits.argmax(-1).tolist(), None, None)
+
+    work = logits
+    if penalised or held:
+        work = logits.clone()  # the raw logits stay untouched for the log-probs
+        if penalised:
+            _apply_penalties(work, rows, penalised)
+        if held:
+            _mask_stop_tokens(work, rows, held)
+    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    greedy_idx = [i for i, g in enumerate(greedy) if g]
+    random_idx = [i for i, g in enumerate(greedy) if not g]
+    if greedy_idx:
+        tokens[greedy_idx] = (work if not random_idx else work[greedy_idx]).argmax(-1)
+    if random_idx:
+        tokens[random_idx] = _sample_random(work if not greedy_idx else work[random_idx],
+                                            [rows[i] for i in random_idx], owned=work is not logits or bool(greedy_idx))
+    token_ids = tokens.tolist()
+    if not want_logprobs:
+        return SampleResult(token_ids, None, None)
+    return _logprobs(logits, tokens, token_ids, params)
+
+
+def _sample_random(x: torch.Tensor, rows: list[SamplingRow], owned: bool) -> torch.Tensor:
+    """x [M, V] penalised logits of the non-greedy rows (modified in place when `owned`) -> token ids [M]."""
+    m, v = x.shape
+    dev = x.device
+    params = [r.params for r in rows]
+    gens = [r.generator for r in rows]
+    temps = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)[:, None]
+    x = x.div_(temps) if owned else x / temps
+    min_p = None
+    if any(p.min_p for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=x.dtype, device=dev)[:, None]
+    top_k = [p.top_k if 0 < p.top_k < v else v for p in params]  # v: no top-k cut
+    if all(k == v for k in top_k) and all(p.top_p >= 1 for p in params):
+        return _race(_probs(x, None, min_p), gens)
+    k = torch.tensor(top_k, device=dev)
+    vals, idx, cut = _cutoffs(x, k, torch.tensor([p.top_p for p in params], dtype=x.dtype, device=dev))
+    # Rows whose kept logits all lie among their candidates race there: a few hundred columns, not the vocabulary.
+    # Whether a row does depends on its own logits only, so seeded rows draw the same noise in any batch.
+    inside = ((vals[:, -1:] < cut)[:, 0] | (vals.shape[1] == v)).tolist()
+    tokens = torch.empty(m, dtype=torch.long, device=dev)
+    for space in (True, False):
+        group = [i for i, f in enumerate(inside) if f is space]
+        if not group:
+            continue
+        sel = slice(None) if len(group) == m else group
+        mp = None if min_p is None else min_p[sel]
+        if space:
+            pick = _race(_probs(vals[sel], cut[sel], mp), [gens[i] for i in group])
+            tokens[sel] = idx[sel].gather(1, pick[:, None])[:, 0]
+        else:
+            tokens[sel] = _race(_probs(x[sel], cut[sel], mp), [gens[i] for i in group])
+    return tokens
+
+
+def _probs(x: torch.Tensor, cut: torch.Tensor | None, min_p: torch.Tensor | None) -> torch.Tensor:
+    """exp(x - max): unnormalised probabilities (the race needs no normalising), zero below each row's cut-off
+    logit and, as HF's min-p, where prob < min_p * max prob (max prob is 1 here)."""
+    e = (x - x.amax(-1, keepdim=True)).exp_()
+    if cut is not None:
+        e.masked_fill_(x < cut, 0.0)
+    if min_p is not None:
+        e.masked_fill_(e < min_p, 0.0)
+    return e
+
+
+def _cutoffs(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's CANDIDATES largest logits (descending) with their ids, and its cut-off: the smallest logit kept
+    by top-k then top-p ([M, 1], -inf: no cut; logits equal to it are kept, as HF's top-k does). Only rows whose
+    cut-off the candidates cannot settle (a nucleus reaching past them, or a top-k tie running past them) are
+    fully sorted."""
+    v = x.shape[1]
+    vals, idx = x.topk(CANDIDATES, -1) if CANDIDATES < v else x.sort(-1, descending=True)
+    cut, settled = _cutoff_from_sorted(vals, x, k, p)
+    redo = (~settled).nonzero()[:, 0]
+    if len(redo):
+        xs = x[redo]
+        cut[redo] = _cutoff_from_sorted(xs.sort(-1, descending=True).values, xs, k[redo], p[redo])[0]
+    return vals, idx, cut
+
+
+def _cutoff_from_sorted(desc: torch.Tensor, x: torch.Tensor, k: torch.Tensor, p: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """desc: each row's largest logits sorted descending, all V or a prefix. -> the cut-off ([M, 1]) and whether
+    the prefix was long enough to settle it ([M])."""
+    m, w = desc.shape
+    v = x.shape[1]
+    has_k = k < v
+    kth = desc.gather(1, (k.clamp(max=w) - 1)[:, None]).masked_fill_(~has_k[:, None], float("-inf"))
+    settled = (desc[:, -1] < kth[:, 0]) | ~has_k | (w == v)
+    nucleus = p < 1
+    if not nucleus.any():
+        return kth, settled
+    # top-p renormalises over the top-k survivors: within the prefix for settled top-k rows, else the whole row
+    e = (desc - desc[:, :1]).exp_().masked_fill_(desc < kth, 0.0)
+    total = e.sum(-1)
+    whole = (~has_k & nucleus).nonzero()[:, 0] if w < v else []
+    if len(whole):
+        xs = x if len(whole) == m else x[whole]
+        ds = desc if len(whole) == m else desc[whole]
+        total[whole] = (xs - ds[:, :1]).exp_().sum(-1)
+    above = e.cumsum(-1).sub_(e)  # mass of the strictly larger logits: a logit is kept while that is < top_p
+    kept = (above < (p * total)[:, None]).sum(-1)
+    cut = desc.gather(1, (kept - 1)[:, None]).masked_fill_(~nucleus[:, None], float("-inf"))
+    settled &= ~(nucleus & ~has_k & (kept == w)) | (w == v)
+    return torch.maximum(kth, cut), settled
+
+
+def _race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """argmax(p / q) with q ~ Exp(1) per token picks token t with probability p_t / sum(p). Seeded rows draw q
+    from their own generator, so their pick depends on nothing else in the batch; the rest share one draw."""
+    u = torch.empty_like(probs)
+    if any(g is None for g in generators):
+        u.uniform_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i].uniform_(generator=g)
+    # -log(u) is Exp(1) and several times cheaper than exponential_() on CPU. The clamp keeps q finite: a row
+    # whose only surviving token drew u = 0 would otherwise score 0 everywhere and argmax a masked token.
+    return probs.div_(u.clamp_min_(torch.finfo(u.dtype).tiny).log_().neg_()).argmax(-1)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -> None:
+    """In place on rows idx: HF repetition penalty over prompt + output tokens (positive logits divided,
+    negative multiplied), then OpenAI presence / frequency over output tokens."""
+    sub = logits[idx]
+    n, v = sub.shape
+    dev = logits.device
+    params = [rows[i].params for i in idx]
+    rep = [j for j, p in enumerate(params) if p.repetition_penalty != 1]
+    if rep:
+        seen = torch.zeros(n, v, dtype=torch.bool, device=dev)
+        seqs = [rows[idx[j]].prompt_token_ids + rows[idx[j]].output_token_ids for j in rep]
+        seen[_flat_index(rep, seqs, dev)] = True
+        pen = torch.tensor([p.repetition_penalty for p in params], dtype=sub.dtype, device=dev)[:, None]
+        sub = torch.where(seen, torch.where(sub < 0, sub * pen, sub / pen), sub)
+    pf = [j for j, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+    if pf:
+        counts = torch.zeros(n, v, dtype=sub.dtype, device=dev)
+        seqs = [rows[idx[j]].output_token_ids for j in pf]
+        counts.index_put_(_flat_index(pf, seqs, dev), torch.ones((), dtype=sub.dtype, device=dev), accumulate=True)
+        freq = torch.tensor([p.frequency_penalty for p in params], dtype=sub.dtype, device=dev)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], dtype=sub.dtype, device=dev)[:, None]
+        sub = sub - freq * counts - pres * (counts > 0)
+    logits[idx] = sub
+
+
+def _flat_index(row_ids: list[int], seqs: list[list[int]], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) index tensors for every token of seqs[j], in row row_ids[j]; no per-token Python loop."""
+    lengths = torch.tensor([len(s) for s in seqs], device=dev)
+    rows = torch.repeat_interleave(torch.tensor(row_ids, device=dev), lengths)
+    return rows, torch.tensor(list(chain.from_iterable(seqs)), dtype=torch.long, device=dev)
+
+
+def _mask_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow], held: list[int]) -> None:
+    """In place: rows short of min_tokens cannot end yet; stop_token_ids always, EOS unless ignore_eos."""
+    v = logits.shape[1]
+    r, t = [], []
+    for i in held:
+        p = rows[i].params
+        stops = set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids) | rows[i].eos_token_ids
+        ids = [s for s in stops if 0 <= s < v]  # ids past the vocabulary can never be sampled anyway
+        r += [i] * len(ids)
+        t += ids
+    if t:
+        logits[r, t] = float("-inf")
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, token_ids: list[int],
+              params: list[SamplingParams]) -> SampleResult:
+    """Log-probs of the raw distribution: the sampled token's for every row, the top-k for rows that ask."""
+    lp = torch.log_softmax(logits, -1)
+    sampled = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    top: list[list[tuple[int, float]]] = [[] for _ in params]
+    ask = [i for i, p in enumerate(params) if p.logprobs]
+    if ask:
+        vals, ids = lp[ask].topk(max(params[i].logprobs for i in ask), -1)
+        for i, vs, ts in zip(ask, vals.tolist(), ids.tolist(), strict=True):
+            k = params[i].logprobs
+            top[i] = list(zip(ts[:k], vs[:k], strict=True))
+    return SampleResult(token_ids, sampled, top)

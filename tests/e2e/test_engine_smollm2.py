@@ -1,0 +1,174 @@
+"""The serving engine on the real SmolLM2-135M-Instruct (fp32): batching, prefix caching, preemption and
+chunked prefill never change a greedy output; seeds, stop strings, abort, logprobs; no block leaks."""
+
+import pytest
+import torch
+
+from lmforge import LLM, SamplingParams
+from lmforge.layers.attention import AttnMeta
+
+pytestmark = pytest.mark.e2e
+
+TOPICS = ["the moon", "bread", "volcanoes", "chess", "rivers", "jazz", "bees", "glass", "tides", "maps",
+          "rain", "clocks", "owls", "salt", "bridges", "paper", "comets", "tea", "sails", "deserts",
+          "lightning", "ants", "castles", "mirrors", "snow", "whales", "coffee", "engines", "gardens", "ink",
+          "caves", "violins"]
+
+
+def chat_prompts(llm: LLM, n: int = 32) -> list[list[int]]:
+    """n chat prompts of clearly different lengths, as token ids."""
+    tok = llm.get_tokenizer()
+    prompts = []
+    for i, topic in enumerate(TOPICS[:n]):
+        detail = " Please be specific and mention one surprising fact." * (i % 5)
+        messages = [{"role": "user", "content": f"Tell me about {topic}.{detail}"}]
+        prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return prompts
+
+
+def assert_no_leak(llm: LLM) -> None:
+    bm = llm.engine.block_manager
+    assert not llm.engine.has_unfinished_requests()
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    engine = LLM(str(smollm2_dir), dtype="float32", max_model_len=1024, kv_cache_memory=0.5)
+    yield engine
+    assert_no_leak(engine)
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def batched(llm):
+    prompts = chat_prompts(llm)
+    return prompts, [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def test_batch_equals_each_prompt_alone(llm, batched):
+    prompts, together = batched
+    assert len({len(p) for p in prompts}) >= 5 and all(len(t) == 64 for t in together)
+    for prompt, expected in zip(prompts, together, strict=True):
+        llm.reset_prefix_cache()
+        assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == expected
+    assert_no_leak(llm)
+
+
+def test_batch_equals_transformers_greedy(llm, batched, smollm2_dir):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None
+    prompts, together = batched
+    for prompt, ours in zip(prompts, together, strict=True):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, pad_token_id=0)
+        assert out[0, len(prompt):].tolist() == ours
+
+
+@pytest.mark.parametrize("engine_args", [
+    {"enable_prefix_caching": False},
+    {"kv_cache_memory": 0.02, "max_model_len": 256},  # ~27 blocks for 32 requests needing ~7 each: preemption
+    {"max_num_batched_tokens": 24},  # every prompt is prefilled in chunks, mixed with decodes
+], ids=["no-prefix-cache", "preemption", "chunked-prefill"])
+def test_engine_settings_do_not_change_greedy_outputs(smollm2_dir, batched, engine_args):
+    prompts, together = batched
+    llm = LLM(str(smollm2_dir), dtype="float32", **{"max_model_len": 1024, **engine_args})
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == together
+    if "kv_cache_memory" in engine_args:
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert_no_leak(llm)
+
+
+def test_prefix_cache_hits_on_shared_prompt(llm):
+    tok = llm.get_tokenizer()
+    system = "You are a meticulous assistant. " * 20
+    prompts = [tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                       add_generation_prompt=True, tokenize=True) for q in ("Hi", "Hello there")]
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+    out = llm.generate(prompts[1:], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0]
+    assert out.num_cached_tokens >= 160 and out.metrics.num_cached_tokens == out.num_cached_tokens
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(llm, batched):
+    prompts, _ = batched
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=1234)
+    alone = llm.generate([prompts[3]], params, use_tqdm=False)[0].outputs[0].token_ids
+    unseeded = SamplingParams(temperature=1.0, max_tokens=24)
+    mixed = llm.generate(prompts[:8], [unseeded] * 3 + [params] + [unseeded] * 4, use_tqdm=False)
+    assert mixed[3].outputs[0].token_ids == alone
+    other = llm.generate([prompts[3]], SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=99),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    assert other != alone
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_emitted(llm):
+    prompt = chat_prompts(llm, 1)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
+    ids = free.token_ids
+    tok = llm.get_tokenizer()
+    # a stop string made of the end of one token's text and the start of the next one's
+    pieces = [tok.decode(ids[: i + 1]) for i in range(len(ids))]
+    k = next(i for i in range(3, len(ids)) if len(pieces[i]) - len(pieces[i - 1]) >= 2
+             and len(pieces[i - 1]) - len(pieces[i - 2]) >= 2)
+    stop = pieces[k - 1][-2:] + pieces[k][len(pieces[k - 1]):][:2]
+    cut = free.text.find(stop)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, stop=[stop]), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    assert out.outputs[0].text == free.text[:cut] and stop not in out.outputs[0].text
+    streamed = "".join(d[0] for d in _stream_deltas(llm, prompt, SamplingParams(temperature=0, max_tokens=40,
+                                                                                  stop=[stop])))
+    assert streamed == free.text[:cut]
+
+
+def _stream_deltas(llm: LLM, prompt, params):
+    engine = llm.engine
+    engine.add_request("stream", prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            yield out.new_text
+
+
+def test_abort_frees_every_block(llm, batched):
+    prompts, _ = batched
+    engine = llm.engine
+    for i, p in enumerate(prompts[:6]):
+        engine.add_request(f"abort-{i}", p, SamplingParams(max_tokens=50))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    for i in range(6):
+        out = engine.abort(f"abort-{i}")
+        assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert_no_leak(llm)
+
+
+def test_engine_logprobs_equal_training_forward(llm, batched):
+    prompts, _ = batched
+    params = SamplingParams(temperature=1.0, max_tokens=12, logprobs=3, seed=5)
+    outs = llm.generate(prompts[:4], params, use_tqdm=False)
+    model = llm.engine.model
+    for prompt, out in zip(prompts[:4], outs, strict=True):
+        gen = out.outputs[0].token_ids
+        full = torch.tensor(prompt + gen)
+        with torch.no_grad():
+            logits = model.logits(model(full, torch.arange(len(full)), AttnMeta.for_sequences([len(full)])))
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1, len(full) - 1), torch.tensor(gen)]
+        got = torch.tensor([step[t].logprob for step, t in zip(out.outputs[0].logprobs, gen, strict=True)])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        assert all(len(step) >= 3 for step in out.outputs[0].logprobs)
+
+
+def test_invalid_requests_fail_before_queueing_and_engine_keeps_serving(llm):
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[5] * 1024], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 10**7]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate(["hi"], SamplingParams(max_tokens=0), use_tqdm=False)
+    assert_no_leak(llm)
+    assert llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0].finished
