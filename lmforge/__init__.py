@@ -6,11 +6,15 @@ from lmforge.errors import LmforgeError  # noqa: E402
 
 
 def __getattr__(name: str):
-    """LLM / SamplingParams import torch and the engine: load them only when asked for."""
+    """LLM / AsyncEngine / SamplingParams import torch and the engine: load them only when asked for."""
     if name == "LLM":
         from lmforge.engine.llm import LLM
 
         return LLM
+    if name == "AsyncEngine":
+        from lmforge.engine.async_engine import AsyncEngine
+
+        return AsyncEngine
     if name == "SamplingParams":
         from lmforge.engine.sampling_params import SamplingParams
 
@@ -18,4 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LmforgeError", "SamplingParams", "__version__"]
+__all__ = ["AsyncEngine", "LLM", "LmforgeError", "SamplingParams", "__version__"]

@@ -1,0 +1,111 @@
+"""AsyncEngine: LLMEngine for servers. The model steps on a thread of its own, so the event loop stays free.
+
+Everything that touches LLMEngine (adding, aborting, stepping) runs on that thread, between steps; callers
+hand it commands through a queue and get results back as futures, and each request's outputs flow back
+into an asyncio.Queue on the caller's loop.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from lmforge.engine.llm_engine import EngineConfig, LLMEngine
+from lmforge.engine.outputs import RequestOutput
+from lmforge.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("lmforge")
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, **engine_args):
+        self.engine = LLMEngine(config or EngineConfig(**engine_args))
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # ---- the engine thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            while not self._commands.empty():
+                fn, future = self._commands.get()
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # the caller gets the error (e.g. a ValueError naming a field)
+                    future.set_exception(e)
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # fail the requests in flight, keep the engine serving new ones
+                log.exception("engine step failed; aborting the requests in flight")
+                for request_id in list(self.engine.requests):
+                    self.engine.abort(request_id)
+                    self._deliver(request_id, e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _call(self, fn: Callable) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return future
+
+    # ---- the caller's side ---------------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Streams RequestOutputs (cumulative text plus `new_text` deltas) until the request finishes.
+        Invalid input raises ValueError before anything is queued; leaving the loop early aborts the request."""
+        if self._stopping:
+            raise RuntimeError("the engine is shut down")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        finished = False
+        try:
+            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request_id, prompt, params,
+                                                                                  priority)))
+            while not finished:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away (client disconnect, cancellation): free its blocks now
+                self._call(lambda: self.engine.abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        out = await asyncio.wrap_future(self._call(lambda: self.engine.abort(request_id)))
+        if out is not None:
+            self._deliver(request_id, out)
+
+    async def run(self, fn: Callable):
+        """Runs fn() on the engine thread between steps (for stats, cache resets, adapter changes)."""
+        return await asyncio.wrap_future(self._call(fn))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
