@@ -54,6 +54,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -293,6 +294,18 @@ def weight_count(model_dir: Path) -> int:
     return total
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU time used by the whole machine, by this process and its finished children) so far, in seconds."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        machine = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError):
+        machine = float("nan")
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return machine, own
+
+
 def cpu_name() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -427,7 +440,7 @@ def main() -> None:
     results: dict[str, SystemResult] = {}
     for system in systems:
         print(f"running {system} ...", flush=True)
-        start = time.perf_counter()
+        start, (machine0, own0) = time.perf_counter(), cpu_seconds()
         try:
             if system == "lmforge":
                 results[system] = run_lmforge(tasks, model_dir)
@@ -437,7 +450,12 @@ def main() -> None:
                 results[system] = run_vllm(tasks, model_dir, args.threads)
         except Exception as e:  # one broken system must not hide the others' numbers
             results[system] = SystemResult(ok=False, note=f"failed ({type(e).__name__}: {e})")
-        print(f"  {results[system].note} [{time.perf_counter() - start:.0f} s]", flush=True)
+        wall, (machine1, own1) = time.perf_counter() - start, cpu_seconds()
+        # The machine is shared: CPU time that neither this process nor its children used means the numbers of
+        # this system were measured with others competing for the same cores.
+        others = max(0.0, (machine1 - machine0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+        busy = f"; other processes used {others:.0%} of the CPUs" + (", numbers disturbed" if others > 0.05 else "")
+        print(f"  {results[system].note} [{wall:.0f} s{busy}]", flush=True)
 
     values = {}
     for name, result in results.items():

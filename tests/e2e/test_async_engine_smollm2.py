@@ -59,8 +59,8 @@ def test_leaving_a_stream_aborts_and_frees_blocks(engine):
         async for out in engine.generate(prompts(engine)[0], SamplingParams(max_tokens=200, ignore_eos=True), "gone"):
             if len(out.outputs[0].token_ids) >= 3:
                 break  # the client disconnects
+        bm = engine.engine.block_manager
         for _ in range(100):
-            bm = engine.engine.block_manager
             state = await engine.run(lambda: (bm.num_free_blocks, bm.num_blocks, engine.engine.requests.copy()))
             if state[0] == state[1]:
                 return state
