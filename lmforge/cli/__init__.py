@@ -6,10 +6,10 @@ import sys
 import traceback
 
 from lmforge import __version__
-from lmforge.cli import chat, convert, env, generate, info
+from lmforge.cli import chat, convert, env, generate, info, serve
 from lmforge.errors import LmforgeError
 
-COMMANDS = (convert, info, env, generate, chat)
+COMMANDS = (convert, info, env, generate, chat, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
-"""Flags shared by the commands that run the serving engine (generate, chat)."""
+"""Flags shared by the commands that run the serving engine (generate, chat, serve)."""
 
 import argparse
+import dataclasses
 
 from lmforge.weights.resolve import DEFAULT_MODEL
 
@@ -36,14 +37,21 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
-def build_llm(args: argparse.Namespace):
-    from lmforge.engine.llm import LLM
+def engine_config(args: argparse.Namespace):
+    from lmforge.engine.llm_engine import EngineConfig
     from lmforge.models import resolve_dtype
 
     resolve_dtype(args.dtype, {})  # reject a bad --dtype before any slow work
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        enable_prefix_caching=not args.no_prefix_caching)
+
+
+def build_llm(args: argparse.Namespace):
+    from lmforge.engine.llm import LLM
+
+    return LLM(**dataclasses.asdict(engine_config(args)))
 
 
 def sampling_params(args: argparse.Namespace):

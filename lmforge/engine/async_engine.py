@@ -70,31 +70,44 @@ class AsyncEngine:
         return future
 
     # ---- the caller's side ---------------------------------------------------------------------------------
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Streams RequestOutputs (cumulative text plus `new_text` deltas) until the request finishes.
-        Invalid input raises ValueError before anything is queued; leaving the loop early aborts the request."""
+    async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                          priority: int = 0, max_waiting: int | None = None) -> "RequestStream":
+        """Queues a request and returns its output stream once the engine has accepted it.
+
+        Raises ValueError for invalid input and QueueFullError when `max_waiting` sequences already wait for a
+        slot (checked on the engine thread, so concurrent callers cannot overshoot). The caller must iterate the
+        stream to its end or close() it; closing early aborts the request and frees its blocks."""
         if self._stopping:
             raise RuntimeError("the engine is shut down")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
-        finished = False
+
+        def admit() -> None:
+            waiting = len(self.engine.scheduler.waiting)
+            if max_waiting is not None and waiting >= max_waiting:
+                raise QueueFullError(waiting, max_waiting)
+            self.engine.add_request(request_id, prompt, params, priority)
+
         try:
-            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request_id, prompt, params,
-                                                                                  priority)))
-            while not finished:
-                item = await q.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
+            await asyncio.wrap_future(self._call(admit))
+        except BaseException:  # rejected, or the caller was cancelled while the add was queued
             self._streams.pop(request_id, None)
-            if not finished:  # the consumer went away (client disconnect, cancellation): free its blocks now
-                self._call(lambda: self.engine.abort(request_id))
+            self._call(lambda: self.engine.abort(request_id))
+            raise
+        return RequestStream(self, request_id, q)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Streams RequestOutputs (cumulative text plus `new_text` deltas) until the request finishes.
+        Invalid input raises ValueError before anything is queued; leaving the loop early aborts the request."""
+        stream = await self.add_request(prompt, params, request_id, priority)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
 
     async def abort(self, request_id: str) -> None:
         out = await asyncio.wrap_future(self._call(lambda: self.engine.abort(request_id)))
@@ -105,7 +118,59 @@ class AsyncEngine:
         """Runs fn() on the engine thread between steps (for stats, cache resets, adapter changes)."""
         return await asyncio.wrap_future(self._call(fn))
 
+    @property
+    def is_alive(self) -> bool:
+        """False once shut down or if the engine thread died: a server's health check reports it."""
+        return self._thread.is_alive() and not self._stopping
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+
+
+class QueueFullError(Exception):
+    """add_request(max_waiting=...) refused a request: too many sequences already wait for a slot."""
+
+    def __init__(self, waiting: int, limit: int):
+        super().__init__(f"{waiting} sequences are waiting for a slot (limit {limit})")
+        self.waiting = waiting
+        self.limit = limit
+
+
+class RequestStream:
+    """One request's outputs, in order, on the caller's event loop; close() aborts it if it has not finished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self.finished = False
+        self.last: RequestOutput | None = None
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled while waiting (a client went away): abort rather than leak the request
+            self.close()
+            raise
+        if isinstance(item, Exception):
+            self.close()
+            raise item
+        self.last = item
+        if item.finished:
+            self.finished = True
+            self.engine._streams.pop(self.request_id, None)
+        return item
+
+    def close(self) -> None:
+        """Idempotent; safe from any coroutine on the caller's loop, whether or not the stream was iterated."""
+        self.engine._streams.pop(self.request_id, None)
+        if not self.finished:
+            self.finished = True
+            self.engine._call(lambda: self.engine.engine.abort(self.request_id))

@@ -97,6 +97,7 @@ class LLMEngine:
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.requests: dict[str, Request] = {}
         self._seq_index: dict[int, tuple[Request, int]] = {}
+        self.num_steps = 0  # model steps run (a clock for "freed within one step" checks and metrics)
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0,
@@ -158,6 +159,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        self.num_steps += 1
         logits, rows = self.runner.execute(batch)
         self.scheduler.advance(batch)
         if not rows:

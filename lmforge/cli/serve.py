@@ -1,0 +1,110 @@
+"""lmforge serve: the OpenAI-compatible HTTP server (lmforge/serve/) on the engine, under uvicorn."""
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+
+from lmforge.cli.engine_args import add_engine_args, engine_config
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger("lmforge")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve MODEL over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, "
+                                   "/v1/models) with streaming, plus /health, /version, /metrics (Prometheus), "
+                                   "/tokenize and /detokenize. SIGTERM or Ctrl-C stops accepting requests and lets "
+                                   "those in flight finish (up to --shutdown-timeout).")
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model (same as --model)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    g.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="name(s) clients use in `model` (default: the MODEL argument as given)")
+    g.add_argument("--chat-template", metavar="FILE_OR_TEXT",
+                   help="a Jinja chat template file, Jinja text, or the name of one of the model's own templates; "
+                        "overrides the model's default")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $LMFORGE_API_KEY, else none)")
+    g.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="answer 503 + Retry-After when N sequences already wait for a slot (default: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests in flight may take to finish (default 30)")
+    g.add_argument("--cors", nargs="?", const="*", default=None, metavar="ORIGINS",
+                   help="allow cross-origin requests from these comma-separated origins (bare --cors: any origin)")
+    g.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
+    add_engine_args(p)
+    p.set_defaults(run=run)
+
+
+def _chat_template(value: str | None, tokenizer) -> str | None:
+    """--chat-template as a file, a template name of the model, or Jinja text; checked by rendering a greeting."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        template = path.read_text(encoding="utf-8")
+    elif value in tokenizer.chat_templates:
+        template = value
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        names = ", ".join(sorted(tokenizer.chat_templates)) or "none"
+        raise LmforgeError(f"--chat-template {value!r} is not a file, not one of the model's templates ({names}) "
+                           "and not Jinja text")
+    tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                  chat_template=template)
+    return template
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LmforgeError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lmforge.engine.async_engine import AsyncEngine
+    from lmforge.serve.openai_api import create_app
+
+    if args.model_arg is not None:
+        args.model = args.model_arg
+    for flag, value in (("--max-queue", args.max_queue), ("--port", args.port)):
+        if value is not None and value < 0:
+            raise LmforgeError(f"{flag} must be >= 0, got {value}")
+    if args.shutdown_timeout < 0:
+        raise LmforgeError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    config = engine_config(args)
+    engine = AsyncEngine(config)
+    try:
+        template = _chat_template(args.chat_template, engine.tokenizer)
+        names = args.served_model_name or [args.model]
+        app = create_app(engine, names, model_root=str(args.model), chat_template=template, api_key=api_key,
+                         max_queue=args.max_queue, cors_origins=args.cors.split(",") if args.cors else None)
+        sock = _listen(args.host, args.port)
+        host, port = sock.getsockname()[:2]
+        server = uvicorn.Server(uvicorn.Config(app, access_log=not args.no_access_log, lifespan="off",
+                                               timeout_graceful_shutdown=args.shutdown_timeout,
+                                               log_level=logging.getLogger().level))
+        shown = f"[{host}]" if ":" in host else host
+        log.info("serving %s as %s on http://%s:%d/v1 (max_model_len %d%s)", args.model, ", ".join(names), shown,
+                 port, engine.engine.max_model_len, ", API key required" if api_key else "")
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        engine.shutdown()
+    log.info("server stopped")
+    return 0

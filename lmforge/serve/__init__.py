@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `create_app(engine)` (openai_api), request/response models (protocol), metrics."""

@@ -1,0 +1,95 @@
+"""POST /v1/chat/completions: one conversation, n completions, whole or streamed as OpenAI streams them
+(a role delta per choice, content deltas, a finish chunk per choice, an optional usage chunk, `data: [DONE]`)."""
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from lmforge.engine.outputs import RequestOutput
+from lmforge.serve.errors import APIError, bad_request
+from lmforge.serve.inputs import chat_prompt, resolve_max_tokens, sampling_params
+from lmforge.serve.logprobs import chat_logprobs
+from lmforge.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Delta,
+)
+from lmforge.serve.state import ServerState, Submission
+from lmforge.serve.streams import DONE, EventStream, sse, unless_disconnected
+
+
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, http: Request,
+                                 arrival: float) -> Response:
+    route = state.models.resolve(req.model)
+    if (problem := req.combination_error()) is not None:
+        raise bad_request(problem[1], problem[0])
+    ids = chat_prompt(state.tokenizer, req.messages, state.chat_template, req.add_generation_prompt,
+                      req.chat_template_kwargs)
+    limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = resolve_max_tokens(req.max_completion_tokens or req.max_tokens, limit_param, len(ids),
+                                    state.max_model_len, None, "messages")
+    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    sub = await state.submit([ids], params, request_id, route, arrival, "messages")
+    if req.stream:
+        return EventStream(_events(sub, req, request_id, route.name), sub.close)
+    try:
+        finals = await unless_disconnected(http, sub.finals())
+    finally:
+        sub.close()
+    if finals is None:  # the client left; nobody reads this
+        return Response(status_code=499)
+    return JSONResponse(_response(finals[0], req, request_id, route.name, sub).model_dump(mode="json"))
+
+
+def _response(out: RequestOutput, req: ChatCompletionRequest, request_id: str, model: str,
+              sub: Submission) -> ChatCompletionResponse:
+    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                          stop_reason=c.stop_reason,
+                          logprobs=chat_logprobs(c.logprobs, req.top_logprobs or 0) if req.logprobs else None)
+               for c in out.outputs]
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=sub.usage([out]))
+
+
+async def _events(sub: Submission, req: ChatCompletionRequest, request_id: str, model: str) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
+        return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+    n, top = req.n, req.top_logprobs or 0
+    sent_logprobs, done = [0] * n, [False] * n
+    last: RequestOutput | None = None
+    try:
+        for i in range(n):
+            yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+        async for _, out in sub.outputs():
+            last = out
+            for i, c in enumerate(out.outputs):
+                if done[i]:
+                    continue
+                text, finished = out.new_text[i], c.finish_reason is not None
+                logprobs = None
+                if req.logprobs and (text or finished) and c.logprobs and len(c.logprobs) > sent_logprobs[i]:
+                    logprobs = chat_logprobs(c.logprobs[sent_logprobs[i]:], top)
+                    sent_logprobs[i] = len(c.logprobs)
+                if text or logprobs is not None:
+                    yield chunk([ChatChunkChoice(index=i, delta=Delta(content=text), logprobs=logprobs)])
+                if finished:
+                    done[i] = True
+                    yield chunk([ChatChunkChoice(index=i, delta=Delta(), finish_reason=c.finish_reason,
+                                                 stop_reason=c.stop_reason)])
+        if req.stream_options is not None and req.stream_options.include_usage and last is not None:
+            yield chunk([], sub.usage([last]))
+    except Exception as e:  # the engine failed mid-stream: tell the client in-band, as vLLM does
+        yield sse(APIError(500, f"Generation failed: {e}").body())
+    finally:
+        sub.close()
+    yield DONE

@@ -1,0 +1,81 @@
+"""From a validated API request to what the engine takes: prompt token ids and SamplingParams.
+
+Every refusal is a 400 naming the request field, raised before anything reaches the engine.
+"""
+
+from lmforge.engine.sampling_params import SamplingParams
+from lmforge.errors import LmforgeError
+from lmforge.serve.errors import bad_request
+from lmforge.serve.protocol import ChatMessage, SamplingFields
+from lmforge.tokenizer import Tokenizer
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+_TEMPLATE_OWN_ARGS = {"messages", "add_generation_prompt", "tools", "tokenize", "documents", "chat_template"}
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage], chat_template: str | None,
+                add_generation_prompt: bool, template_kwargs: dict | None) -> list[int]:
+    """The conversation rendered by the chat template (the server's --chat-template, else the model's)."""
+    kwargs = dict(template_kwargs or {})
+    clash = sorted(_TEMPLATE_OWN_ARGS & kwargs.keys())
+    if clash:
+        raise bad_request(f"chat_template_kwargs must not set {clash[0]!r}; it is a request field of its own.",
+                          "chat_template_kwargs")
+    try:
+        return tokenizer.apply_chat_template([m.template_dict() for m in messages], add_generation_prompt,
+                                             tokenize=True, chat_template=chat_template, **kwargs)
+    except LmforgeError as e:
+        raise bad_request(f"{e}.".replace("..", "."), "messages") from None
+
+
+def completion_prompt(tokenizer: Tokenizer, prompt: str | list[int], add_special_tokens: bool, vocab_size: int,
+                      param: str) -> tuple[str, list[int]]:
+    """(prompt text, token ids) for one prompt of /v1/completions; token-id prompts are decoded for echo."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if not ids:
+            raise bad_request("The prompt is empty; send at least one token.", param)
+        return prompt, ids
+    check_token_ids(prompt, vocab_size, param)
+    return tokenizer.decode(prompt, skip_special_tokens=False), list(prompt)
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"Token id {ids[bad]} at position {bad} is outside the vocabulary [0, {vocab_size}).", param)
+
+
+def resolve_max_tokens(requested: int | None, requested_param: str, prompt_len: int, max_model_len: int,
+                       default: int | None, prompt_param: str) -> int:
+    """How many tokens to generate, or a 400 when the prompt and the request do not fit in the context."""
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens, and the prompt alone "
+                          f"has {prompt_len} tokens. Please shorten the prompt.", prompt_param)
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                          f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
+                          f"completion). Please reduce the length of the prompt or completion.", requested_param)
+    return requested
+
+
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """SamplingParams for a request; fields the request left out keep the engine's (= vLLM's) defaults."""
+    if req.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({req.min_tokens}) must not exceed the tokens to generate ({max_tokens}).",
+                          "min_tokens")
+    optional = {name: getattr(req, name) for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                                                      "frequency_penalty", "repetition_penalty")}
+    try:
+        return SamplingParams(
+            n=req.n, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=tuple(req.stop),
+            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+            **{k: v for k, v in optional.items() if v is not None})
+    except ValueError as e:  # "SamplingParams.<field> must ..." : the field is the request's field
+        message = str(e)
+        field = message.split(" ", 1)[0].removeprefix("SamplingParams.")
+        raise bad_request(message.removeprefix("SamplingParams.") + ".", field) from None

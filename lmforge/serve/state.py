@@ -1,0 +1,106 @@
+"""What every endpoint shares: the engine, the served models, metrics and limits; and Submission, one HTTP
+request's engine requests (one per prompt) with their metrics, closed together however the request ends."""
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from lmforge.engine.async_engine import AsyncEngine, QueueFullError, RequestStream
+from lmforge.engine.outputs import RequestOutput
+from lmforge.engine.sampling_params import SamplingParams
+from lmforge.serve.errors import APIError, bad_request
+from lmforge.serve.metrics import RequestTracker, ServerMetrics
+from lmforge.serve.models import ModelRoute, ServedModels
+from lmforge.serve.protocol import PromptTokensDetails, Usage
+from lmforge.serve.streams import collect, merge
+
+log = logging.getLogger("lmforge")
+
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class Submission:
+    request_id: str
+    streams: list[RequestStream] = field(default_factory=list)
+    trackers: list[RequestTracker] = field(default_factory=list)
+    prompt_tokens: int = 0
+    closed: bool = False
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        async for i, out in merge(self.streams):
+            self.trackers[i].observe(out)
+            yield i, out
+
+    async def finals(self) -> list[RequestOutput]:
+        return await collect(self.streams, lambda i, out: self.trackers[i].observe(out))
+
+    def usage(self, finals: list[RequestOutput]) -> Usage:
+        prompt = self.prompt_tokens
+        completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        cached = sum(out.num_cached_tokens for out in finals)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    def close(self) -> None:
+        """Aborts whatever has not finished and records how each completion ended; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for stream in self.streams:
+            stream.close()
+        for tracker in self.trackers:
+            tracker.close()
+        if self.trackers:  # one structured line per request
+            t = self.trackers[0]
+            ttft = "-" if t.ttft is None else f"{t.ttft:.3f}"
+            log.info("request_id=%s prompt_tokens=%d completion_tokens=%d finish=%s ttft_s=%s e2e_s=%.3f",
+                     self.request_id, self.prompt_tokens, sum(sum(t.seen) for t in self.trackers),
+                     ",".join(r for t in self.trackers for r in t.finish_reasons), ttft,
+                     time.monotonic() - t.arrival)
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    models: ServedModels
+    metrics: ServerMetrics
+    chat_template: str | None = None  # --chat-template: overrides the model's own
+    max_queue: int | None = None  # --max-queue: most sequences waiting for a slot before a 503
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.engine.model.args.vocab_size
+
+    async def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str, route: ModelRoute,
+                     arrival: float, prompt_param: str) -> Submission:
+        """Hands every prompt to the engine (ids `request_id-i`); all or none: a refusal closes the ones queued."""
+        if route.adapter is not None:  # no route has one until LoRA serving lands; never serve the base instead
+            raise RuntimeError(f"model {route.name!r} needs adapter {route.adapter!r}, which the engine cannot apply")
+        sub = Submission(request_id, prompt_tokens=sum(len(p) for p in prompts))
+        try:
+            for i, ids in enumerate(prompts):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                sub.streams.append(await self.engine.add_request(ids, params, rid, max_waiting=self.max_queue))
+                sub.trackers.append(self.metrics.track(len(ids), params.n, arrival))
+        except QueueFullError as e:
+            sub.close()
+            self.metrics.rejected.inc()
+            raise APIError(503, f"The server is busy: {e}. Retry after {RETRY_AFTER_S}s.", code="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ValueError as e:  # the engine's own checks (they mirror ours; this is the backstop)
+            sub.close()
+            raise bad_request(f"{e}.", prompt_param) from None
+        except BaseException:
+            sub.close()
+            raise
+        return sub
