@@ -11,8 +11,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge.kernels import usable
+
 # One layer's paged cache: (keys, values), each [num_blocks, block_size, kv_heads, head_dim].
 KVCache = tuple[torch.Tensor, torch.Tensor]
+KERNEL_MAX_QUERIES = 4  # sequences with at most this many new tokens use the paged-attention kernel (CPU)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRows:
+    """The sequences of a paged step that the CPU paged-attention kernel handles, as the int64 tensors it reads."""
+
+    rows: tuple[int, ...]
+    rows_t: torch.Tensor  # [R] their indices among the step's sequences
+    cu_q: torch.Tensor  # [num_seqs + 1]
+    seqlens_k: torch.Tensor  # [num_seqs]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +46,8 @@ class AttnMeta:
     slot_mapping: torch.Tensor | None = None  # [num_tokens] flat cache slot (block * block_size + offset) per new token
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] physical blocks of each sequence, in order
     logits_indices: torch.Tensor | None = None  # rows of the hidden states whose logits the caller wants
-    decode: DecodeBatch | None = None  # single-token sequences batched together (paged steps only)
+    decode: DecodeBatch | None = None  # single-token sequences batched together (paged, pure-torch path)
+    kernel: KernelRows | None = None  # short-query sequences for the CPU kernel (paged, kernels available)
 
     @classmethod
     def for_training(cls, cu_seqlens: torch.Tensor) -> "AttnMeta":
@@ -56,16 +70,21 @@ class AttnMeta:
         device = slot_mapping.device
         cu = torch.zeros(len(seqlens_q) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seqlens_q, dtype=torch.int32).cumsum(0)
-        decode = None
-        rows = tuple(i for i, n in enumerate(seqlens_q) if n == 1)
-        if block_size is not None and len(rows) > 1:
-            lens = torch.tensor([seqlens_k[i] for i in rows])
-            blocks = -(-int(lens.max()) // block_size)
-            key_mask = torch.arange(blocks * block_size)[None, :] < lens[:, None]
-            decode = DecodeBatch(rows, cu[list(rows)].to(device), block_tables[list(rows), :blocks],
-                                 key_mask[:, None, None, :].to(device))
+        decode = kernel = None
+        if usable(block_tables.new_empty(0, dtype=torch.float32)) is not None:
+            rows = tuple(i for i, n in enumerate(seqlens_q) if n <= KERNEL_MAX_QUERIES)
+            if rows:
+                kernel = KernelRows(rows, torch.tensor(rows), cu.long(), torch.tensor(seqlens_k))
+        elif block_size is not None:
+            rows = tuple(i for i, n in enumerate(seqlens_q) if n == 1)
+            if len(rows) > 1:
+                lens = torch.tensor([seqlens_k[i] for i in rows])
+                blocks = -(-int(lens.max()) // block_size)
+                key_mask = torch.arange(blocks * block_size)[None, :] < lens[:, None]
+                decode = DecodeBatch(rows, cu[list(rows)].to(device), block_tables[list(rows), :blocks],
+                                     key_mask[:, None, None, :].to(device))
         return cls(cu.to(device), tuple(seqlens_q), tuple(seqlens_k), slot_mapping, block_tables, logits_indices,
-                   decode)
+                   decode, kernel)
 
     @property
     def num_tokens(self) -> int:
@@ -115,24 +134,39 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
                      scale: float, window: int | None) -> torch.Tensor:
     k_cache, v_cache = kv
     block_size = k_cache.shape[1]
-    k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v.to(v_cache.dtype)
-    decode = meta.decode if window is None or max(meta.seqlens_k) <= window else None
+    ops = usable(q) if meta.kernel is not None and k_cache.dtype == q.dtype else None
+    if ops is not None:
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k.to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v.to(v_cache.dtype)
+    q = q.contiguous()
     out = torch.empty_like(q)
-    if decode is not None:
+    done: tuple[int, ...] | set[int] = ()
+    if ops is not None:
+        kr = meta.kernel
+        ops.paged_attention(q, k_cache, v_cache, kr.cu_q, kr.seqlens_k, meta.block_tables, kr.rows_t, scale,
+                            window or 0, out)
+        done = set(kr.rows)
+    elif (decode := meta.decode if window is None or max(meta.seqlens_k) <= window else None) is not None:
         keys = k_cache[decode.block_tables].flatten(1, 2).to(q.dtype)  # [B, blocks * block_size, kv_heads, dim]
         values = v_cache[decode.block_tables].flatten(1, 2).to(q.dtype)
         out[decode.token_idx] = F.scaled_dot_product_attention(
             q[decode.token_idx][:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=decode.key_mask,
             scale=scale, enable_gqa=q.shape[1] != k.shape[1])[:, :, 0]
-    batched = set(decode.rows) if decode is not None else ()
-    starts = meta.cu_seqlens_q.tolist() if len(batched) < len(meta.seqlens_q) else ()
+        done = set(decode.rows)
+    if len(done) == len(meta.seqlens_q):
+        return out
+    starts = meta.cu_seqlens_q.tolist()
     for i, (lq, lk) in enumerate(zip(meta.seqlens_q, meta.seqlens_k, strict=True)):
-        if i in batched:
+        if i in done:
             continue
-        blocks = meta.block_tables[i, : (lk + block_size - 1) // block_size]
-        ki = k_cache[blocks].flatten(0, 1)[:lk]
-        vi = v_cache[blocks].flatten(0, 1)[:lk]
-        qi = q[starts[i]: starts[i] + lq]
-        out[starts[i]: starts[i] + lq] = _sdpa(qi[None], ki[None].to(q.dtype), vi[None].to(q.dtype), scale, window)[0]
+        s = starts[i]
+        if lk == lq:  # nothing cached before these tokens: attend to the new keys and values directly
+            ki, vi = k[s: s + lq], v[s: s + lq]
+        else:
+            blocks = meta.block_tables[i, : (lk + block_size - 1) // block_size]
+            ki = k_cache[blocks].flatten(0, 1)[:lk]
+            vi = v_cache[blocks].flatten(0, 1)[:lk]
+        out[s: s + lq] = _sdpa(q[s: s + lq][None], ki[None].to(q.dtype), vi[None].to(q.dtype), scale, window)[0]
     return out

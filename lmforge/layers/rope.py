@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.kernels import usable
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -140,7 +141,10 @@ class Rotary(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; rotates the first rotary_dim features (half-split layout, as HF stores them)."""
+    """x: [T, heads, head_dim]; rotates the first rotary_dim features (half-split layout, as HF stores them).
+    Inference tensors on CPU are rotated in place by one kernel; callers pass a fresh projection."""
+    if x.dtype == cos.dtype and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and (ops := usable(x)) is not None:
+        return ops.rope_(x, cos, sin)
     rot = cos.shape[-1]
     cos, sin = cos[:, None, :], sin[:, None, :]
     x_rot, x_pass = x[..., :rot], x[..., rot:]

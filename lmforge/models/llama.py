@@ -7,6 +7,7 @@ from torch import nn
 
 from lmforge.layers.attention import AttnMeta, KVCache, attention
 from lmforge.layers.decoder import Decoder
+from lmforge.layers.linear import Linear
 from lmforge.layers.mlp import GatedMLP
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import RopeConfig, apply_rope
@@ -62,10 +63,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         self.window = window
-        self.q_proj = nn.Linear(a.hidden_size, self.heads * a.head_dim, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(self.heads * a.head_dim, a.hidden_size, bias=a.o_bias)
+        self.q_proj = Linear(a.hidden_size, self.heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = Linear(self.heads * a.head_dim, a.hidden_size, bias=a.o_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 kv: KVCache | None) -> torch.Tensor:
@@ -99,7 +100,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args, Block)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

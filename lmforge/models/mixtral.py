@@ -12,6 +12,7 @@ from torch import nn
 from lmforge.layers.activation import activation
 from lmforge.layers.attention import AttnMeta, KVCache, attention
 from lmforge.layers.decoder import Decoder
+from lmforge.layers.linear import Linear
 from lmforge.layers.moe import dispatch, route
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import RopeConfig, apply_rope
@@ -64,10 +65,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         self.window = window
-        self.q_proj = nn.Linear(a.hidden_size, self.heads * a.head_dim, bias=False)
-        self.k_proj = nn.Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=False)
-        self.v_proj = nn.Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * a.head_dim, a.hidden_size, bias=False)
+        self.q_proj = Linear(a.hidden_size, self.heads * a.head_dim, bias=False)
+        self.k_proj = Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=False)
+        self.v_proj = Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=False)
+        self.o_proj = Linear(self.heads * a.head_dim, a.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 kv: KVCache | None) -> torch.Tensor:
@@ -84,9 +85,9 @@ class Expert(nn.Module):
 
     def __init__(self, a: Args):
         super().__init__()
-        self.w1 = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.w2 = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
-        self.w3 = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.w1 = Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.w2 = Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.w3 = Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.act = activation(a.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,7 @@ class SparseMoE(nn.Module):
     def __init__(self, a: Args):
         super().__init__()
         self.top_k = a.num_experts_per_tok
-        self.gate = nn.Linear(a.hidden_size, a.num_local_experts, bias=False)
+        self.gate = Linear(a.hidden_size, a.num_local_experts, bias=False)
         self.experts = nn.ModuleList(Expert(a) for _ in range(a.num_local_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args, Block)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

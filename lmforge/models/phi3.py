@@ -12,6 +12,7 @@ from torch import nn
 from lmforge.layers.activation import activation
 from lmforge.layers.attention import AttnMeta, KVCache, attention
 from lmforge.layers.decoder import Decoder
+from lmforge.layers.linear import Linear
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import RopeConfig, apply_rope
 from lmforge.models.config import need, sliding_windows
@@ -59,8 +60,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         self.window = window
-        self.qkv_proj = nn.Linear(a.hidden_size, (self.heads + 2 * self.kv_heads) * a.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * a.head_dim, a.hidden_size, bias=False)
+        self.qkv_proj = Linear(a.hidden_size, (self.heads + 2 * self.kv_heads) * a.head_dim, bias=False)
+        self.o_proj = Linear(self.heads * a.head_dim, a.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 kv: KVCache | None) -> torch.Tensor:
@@ -75,8 +76,8 @@ class MLP(nn.Module):
 
     def __init__(self, a: Args):
         super().__init__()
-        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_up_proj = Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
+        self.down_proj = Linear(a.intermediate_size, a.hidden_size, bias=False)
         self.act = activation(a.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args, Block)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

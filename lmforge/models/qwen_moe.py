@@ -13,6 +13,7 @@ from torch import nn
 
 from lmforge.layers.attention import AttnMeta, KVCache, attention
 from lmforge.layers.decoder import Decoder
+from lmforge.layers.linear import Linear
 from lmforge.layers.mlp import GatedMLP
 from lmforge.layers.moe import dispatch, route
 from lmforge.layers.norm import RMSNorm
@@ -95,10 +96,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         self.window = window
-        self.q_proj = nn.Linear(a.hidden_size, self.heads * a.head_dim, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(self.heads * a.head_dim, a.hidden_size, bias=a.o_bias)
+        self.q_proj = Linear(a.hidden_size, self.heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = Linear(a.hidden_size, self.kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = Linear(self.heads * a.head_dim, a.hidden_size, bias=a.o_bias)
         if a.qk_norm:
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
@@ -120,13 +121,13 @@ class SparseMoE(nn.Module):
     def __init__(self, a: Args):
         super().__init__()
         self.top_k, self.norm_topk_prob = a.num_experts_per_tok, a.norm_topk_prob
-        self.gate = nn.Linear(a.hidden_size, a.num_experts, bias=False)
+        self.gate = Linear(a.hidden_size, a.num_experts, bias=False)
         self.experts = nn.ModuleList(
             GatedMLP(a.hidden_size, a.moe_intermediate_size, a.hidden_act) for _ in range(a.num_experts))
         self.has_shared = a.shared_expert_intermediate_size > 0
         if self.has_shared:
             self.shared_expert = GatedMLP(a.hidden_size, a.shared_expert_intermediate_size, a.hidden_act)
-            self.shared_expert_gate = nn.Linear(a.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(a.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, indices = route(self.gate(x), self.top_k, self.norm_topk_prob)
@@ -158,7 +159,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args, Block)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

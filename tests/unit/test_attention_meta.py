@@ -1,8 +1,11 @@
 """The flat layout and the paged KV path give the logits of a plain per-sequence forward."""
 
+import contextlib
+
 import pytest
 import torch
 
+from lmforge import kernels
 from lmforge.layers.attention import AttnMeta
 from tests.tiny import TINY_LLAMA, tiny_model
 
@@ -46,10 +49,17 @@ def test_paged_prefill_chunks_and_decode_match_full_forward():
     torch.testing.assert_close(torch.stack(rows), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("batched_decode", [False, True])
+@pytest.mark.parametrize("path", ["one-by-one", "batched-decode", "kernel"])
 @torch.no_grad()
-def test_two_sequences_share_one_paged_step(batched_decode):
-    """Different context lengths in one call, each reading its own blocks (one by one, or batched decode)."""
+def test_two_sequences_share_one_paged_step(path):
+    """Different context lengths in one call, each reading its own blocks (one by one, batched decode, CPU kernel)."""
+    if path == "kernel" and kernels.cpu_ops() is None:
+        pytest.skip("CPU kernels unavailable")
+    with contextlib.nullcontext() if path == "kernel" else kernels.disabled():
+        _two_sequences(path)
+
+
+def _two_sequences(path):
     model = tiny_model()
     a, b = torch.randint(0, 96, (20,)), torch.randint(0, 96, (7,))
     shape = (8, 16, TINY_LLAMA["num_key_value_heads"], 8)
@@ -64,8 +74,9 @@ def test_two_sequences_share_one_paged_step(batched_decode):
     model(torch.cat([a[:19], b[:6]]), torch.cat([pos_a, pos_b]), meta, kv)
     last = torch.tensor([19, 6])
     meta = AttnMeta.for_paged([1, 1], [20, 7], torch.stack([slots(tables[0], last[:1]), slots(tables[1], last[1:])])
-                              .flatten(), tables, block_size=16 if batched_decode else None)
-    assert (meta.decode is not None) == batched_decode
+                              .flatten(), tables, block_size=16 if path == "batched-decode" else None)
+    assert (meta.decode is not None) == (path == "batched-decode")
+    assert (meta.kernel is not None) == (path == "kernel")
     out = model.logits(model(torch.stack([a[19], b[6]]), last, meta, kv))
     torch.testing.assert_close(out[0], forward_alone(model, a)[-1], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], forward_alone(model, b)[-1], atol=1e-5, rtol=0)

@@ -1,0 +1,96 @@
+"""lmforge's CPU inference kernels (cpu_ops.cpp), compiled once with the machine's C++ compiler at first use.
+
+`cpu_ops()` returns the compiled module, or None when kernels are off or cannot be built; callers then run the
+pure-torch code they replace (lmforge/layers), which stays the reference. Kernels never run under autograd: they
+are for inference tensors only (`usable(x)`).
+
+Off: `LMFORGE_KERNELS=0` (or `enforce_eager=True` on the engine). The build goes to `$LMFORGE_HOME/kernels/<key>`,
+where the key covers the source, torch's version and this CPU's instruction set (the code is built with
+-march=native), so a cached build is never loaded on a machine it was not made for.
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("lmforge")
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_dir() -> tuple[str, Path]:
+    from lmforge.weights.resolve import lmforge_home
+
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    name = f"lmforge_cpu_ops_{key}"
+    return name, lmforge_home() / "kernels" / name
+
+
+def enabled() -> bool:
+    return os.environ.get("LMFORGE_KERNELS", "1") not in ("0", "false", "no", "off")
+
+
+def cpu_ops():
+    """The compiled kernels, or None (disabled, or the build failed: logged once with the reason)."""
+    if "ops" in _state:
+        return _state["ops"]
+    ops = None
+    if enabled():
+        try:
+            ops = _load()
+        except Exception as e:  # no compiler, no headers, ...: the pure-torch path still works
+            log.warning("CPU kernels unavailable, running the pure-torch path (%s: %s)", type(e).__name__,
+                        str(e).strip().splitlines()[-1] if str(e).strip() else "")
+    _state["ops"] = ops
+    return ops
+
+
+def _load():
+    from torch.utils.cpp_extension import load
+
+    name, build_dir = _build_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fresh = not any(build_dir.glob("*.so"))
+    if fresh:
+        log.info("compiling lmforge CPU kernels into %s (once per machine, about a minute)", build_dir)
+    start = time.perf_counter()
+    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+    ops = load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir), extra_cflags=flags,
+               extra_ldflags=["-fopenmp"], verbose=False)
+    log.info("CPU kernels %s in %.1fs", "compiled" if fresh else "loaded", time.perf_counter() - start)
+    return ops
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside, every caller takes its pure-torch path (tests compare the two)."""
+    _state["off"] = True
+    try:
+        yield
+    finally:
+        _state.pop("off")
+
+
+def usable(x: torch.Tensor, *params: torch.Tensor):
+    """The kernels when they apply to x (CPU, float32/bfloat16) and autograd is not watching x or params."""
+    if "off" in _state or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return None
+    return cpu_ops()

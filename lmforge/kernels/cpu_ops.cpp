@@ -1,0 +1,399 @@
+// lmforge's CPU kernels for inference: each replaces a chain of small eager ops whose dispatch cost dominates
+// decode on a CPU. Every kernel takes float32 or bfloat16, computes in float32 and rounds where the eager
+// PyTorch code it replaces rounds, so results match the pure-torch path (lmforge/layers) to the last bit or
+// within one bfloat16 rounding. Compiled at first use by lmforge/kernels/__init__.py; hot path — keep minimal.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using bf16 = uint16_t;  // a bfloat16's bits: a plain integer type, so loops over it vectorize
+
+template <typename T> inline T* ptr(const torch::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+
+// Conversions written as bit operations so that the compiler vectorizes the loops that use them.
+inline float to_f(float x) { return x; }
+inline float to_f(bf16 x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+template <typename T> inline T from_f(float x);
+template <> inline float from_f<float>(float x) { return x; }
+template <> inline bf16 from_f<bf16>(float x) {  // round to nearest even, NaN kept NaN: what torch does
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<bf16>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+// The value a float takes once stored in T: what an eager op's rounded intermediate holds.
+template <typename T> inline float round_to(float x) { return to_f(from_f<T>(x)); }
+
+
+void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16");
+}
+
+// Calls f with a value of the tensor's scalar type (the generic lambda reads it as decltype).
+template <typename F>
+void dispatch(const torch::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kBFloat16) {
+    f(bf16{});
+  } else {
+    f(float{});
+  }
+}
+
+// ---- linear for a few rows: y[m, n] = x[m, :] . w[n, :] (+ b[n]); the weight matrix is streamed once -------------
+// Decode is memory-bound: each weight row is read once for all (at most 8) input rows, accumulating in float32.
+template <typename T>
+void linear_small_impl(const T* x, const T* w, const T* b, T* y, int64_t m, int64_t n, int64_t k) {
+  std::vector<float> xf(m * k);
+  for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(x[i]);
+  const float* xs = xf.data();
+  at::parallel_for(0, n, 16, [=](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const T* row = w + j * k;
+      for (int64_t r = 0; r < m; ++r) {
+        const float* xr = xs + r * k;
+        float a = 0;
+#pragma omp simd reduction(+ : a)
+        for (int64_t i = 0; i < k; ++i) a += to_f(row[i]) * xr[i];
+        y[r * n + j] = from_f<T>(a + (b ? to_f(b[j]) : 0.f));
+      }
+    }
+  });
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 x bfloat16 products are exact in float32, so the dot-product instruction changes only the summation order.
+// M (the row count) is a template parameter so that the accumulators stay in registers.
+template <int M>
+void linear_rows_bf16(const bf16* x, const bf16* w, const bf16* b, bf16* y, int64_t n, int64_t k) {
+  const int64_t full = k / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (k - full)) - 1);
+  at::parallel_for(0, n, 16, [=](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const bf16* row = w + j * k;
+      __m512 acc[M];
+      for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < full; i += 32) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + i);
+        for (int r = 0; r < M; ++r)
+          acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(x + r * k + i));
+      }
+      if (tail) {
+        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, row + full);
+        for (int r = 0; r < M; ++r)
+          acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail, x + r * k + full));
+      }
+      for (int r = 0; r < M; ++r) y[r * n + j] = from_f<bf16>(_mm512_reduce_add_ps(acc[r]) + (b ? to_f(b[j]) : 0.f));
+    }
+  });
+}
+
+template <>
+void linear_small_impl<bf16>(const bf16* x, const bf16* w, const bf16* b, bf16* y, int64_t m, int64_t n, int64_t k) {
+  switch (m) {
+    case 1: return linear_rows_bf16<1>(x, w, b, y, n, k);
+    case 2: return linear_rows_bf16<2>(x, w, b, y, n, k);
+    case 3: return linear_rows_bf16<3>(x, w, b, y, n, k);
+    case 4: return linear_rows_bf16<4>(x, w, b, y, n, k);
+    case 5: return linear_rows_bf16<5>(x, w, b, y, n, k);
+    case 6: return linear_rows_bf16<6>(x, w, b, y, n, k);
+    case 7: return linear_rows_bf16<7>(x, w, b, y, n, k);
+    default: return linear_rows_bf16<8>(x, w, b, y, n, k);
+  }
+}
+#endif
+
+torch::Tensor linear_small(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 8 && x.is_contiguous(), "linear_small: x must be [<=8, in], contiguous");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "linear_small: w must be [out, in], contiguous, x's dtype");
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  dispatch(x, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* b = bias ? ptr<scalar_t>(bias->contiguous()) : nullptr;
+    linear_small_impl<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(w), b, ptr<scalar_t>(y),
+                                x.size(0), w.size(0), x.size(1));
+  });
+  return y;
+}
+
+// ---- RMSNorm as Hugging Face computes it: in float32, rounded to the input dtype, then times the weight ----------
+template <typename T>
+void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t dim, float eps) {
+  at::parallel_for(0, rows, 8, [=](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const T* xr = x + r * dim;
+      float ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < dim; ++i) ss += to_f(xr[i]) * to_f(xr[i]);
+      float inv = 1.f / std::sqrt(ss / dim + eps);
+      T* yr = y + r * dim;
+#pragma omp simd
+      for (int64_t i = 0; i < dim; ++i) yr[i] = from_f<T>(to_f(w[i]) * round_to<T>(to_f(xr[i]) * inv));
+    }
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check(x, "x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(-1), "rms_norm: weight mismatch");
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  dispatch(x, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    rms_norm_impl<scalar_t>(ptr<scalar_t>(xc), ptr<scalar_t>(weight.contiguous()),
+                            ptr<scalar_t>(y), xc.numel() / x.size(-1), x.size(-1), static_cast<float>(eps));
+  });
+  return y;
+}
+
+// ---- rotary embedding in place, half-split layout: x = x * cos + rotate_half(x) * sin on the first rot dims ------
+torch::Tensor rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  check(x, "x");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "rope_: x must be [T, heads, dim] "
+              "with contiguous heads");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.size(0) == x.size(0), "rope_: cos/sin must be [T, rot] contiguous in x's dtype");
+  const int64_t t = x.size(0), heads = x.size(1), dim = x.size(2), rot = cos.size(1), half = rot / 2;
+  const int64_t ts = x.stride(0);
+  dispatch(x, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* xp = ptr<scalar_t>(x);
+    const scalar_t* cp = ptr<scalar_t>(cos);
+    const scalar_t* sp = ptr<scalar_t>(sin);
+    at::parallel_for(0, t, 16, [=](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const scalar_t* c = cp + i * rot;
+        const scalar_t* s = sp + i * rot;
+        for (int64_t h = 0; h < heads; ++h) {
+          scalar_t* v = xp + i * ts + h * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < half; ++d) {
+            float x1 = to_f(v[d]), x2 = to_f(v[d + half]);
+            // eager: x_rot * cos + cat(-x2, x1) * sin, each product rounded to the dtype before the sum
+            float lo_ = round_to<scalar_t>(x1 * to_f(c[d])) + round_to<scalar_t>(-x2 * to_f(s[d]));
+            float hi_ = round_to<scalar_t>(x2 * to_f(c[d + half])) + round_to<scalar_t>(x1 * to_f(s[d + half]));
+            v[d] = from_f<scalar_t>(lo_);
+            v[d + half] = from_f<scalar_t>(hi_);
+          }
+        }
+      }
+    });
+  });
+  return x;
+}
+
+// ---- new keys and values into their paged-cache slots -----------------------------------------------------------
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  check(k_cache, "k_cache");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "write_kv: new keys/values must have the cache's dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv: caches must be contiguous");
+  auto kc = k.contiguous(), vc = v.contiguous();
+  auto sl = slots.to(at::kLong).contiguous();
+  const int64_t t = kc.size(0), width = kc.numel() / std::max<int64_t>(t, 1);
+  const int64_t nslots = k_cache.numel() / width;
+  const int64_t* s = sl.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t; ++i) TORCH_CHECK(s[i] >= 0 && s[i] < nslots, "write_kv: slot out of range");
+  const int64_t bytes = width * kc.element_size();
+  auto* kd = static_cast<char*>(k_cache.data_ptr());
+  auto* vd = static_cast<char*>(v_cache.data_ptr());
+  const auto* ks = static_cast<const char*>(kc.data_ptr());
+  const auto* vs = static_cast<const char*>(vc.data_ptr());
+  for (int64_t i = 0; i < t; ++i) {
+    std::memcpy(kd + s[i] * bytes, ks + i * bytes, bytes);
+    std::memcpy(vd + s[i] * bytes, vs + i * bytes, bytes);
+  }
+}
+
+// ---- attention of a few query tokens per sequence over its paged cache ------------------------------------------
+// q [T, H, D] (sequence r's queries are rows cu_q[r]..cu_q[r+1], the last ones of its seqlens_k[r] positions,
+// causal, optional sliding window); k/v cache [blocks, block_size, KVH, D]; block_tables [S, W]. Each (sequence,
+// head) task walks the sequence's blocks in place: no gather, no padding, softmax in float32.
+#if defined(__AVX512BF16__)
+inline __m512 load_f32x16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// exp as 2^n * 2^f (|f| <= 1/2, Taylor series of 2^f to degree 6: relative error < 2e-7), 16 lanes.
+inline __m512 exp_f32x16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// One query token against keys first..pos of one kv head, for the `group` query heads sharing it (bf16, dim a
+// multiple of 32). Scores use the bf16 dot-product instruction (exact products, float32 sums).
+void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, const bf16* vc, const int64_t* table,
+                 int64_t block_size, int64_t kv_heads, int64_t g, int64_t first, int64_t pos, float scale,
+                 float* scores, int64_t stride, float* acc, bf16* out) {
+  const int64_t n = pos - first + 1;
+  for (int64_t p = first; p <= pos; ++p) {
+    const bf16* kp = kc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
+    for (int64_t h = 0; h < group; ++h) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < dim; c += 32)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kp + c), (__m512bh)_mm512_loadu_si512(q + h * dim + c));
+      scores[h * stride + p - first] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {  // softmax in place, 16 scores at a time
+    float* sh = scores + h * stride;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, sh + i));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 e = exp_f32x16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sh + i), top));
+      _mm512_mask_storeu_ps(sh + i, m, e);
+      sum = _mm512_mask_add_ps(sum, m, sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      _mm512_mask_storeu_ps(sh + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sh + i), inv));
+    }
+  }
+  std::fill(acc, acc + group * dim, 0.f);
+  for (int64_t p = first; p <= pos; ++p) {
+    const bf16* vp = vc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
+    for (int64_t c = 0; c < dim; c += 16) {
+      const __m512 v = load_f32x16(vp + c);
+      for (int64_t h = 0; h < group; ++h) {
+        float* a = acc + h * dim + c;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[h * stride + p - first]), v, _mm512_loadu_ps(a)));
+      }
+    }
+  }
+  for (int64_t i = 0; i < group * dim; ++i) out[i] = from_f<bf16>(acc[i]);
+}
+#endif
+
+template <typename T>
+void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* cu_q, const int64_t* lens_k,
+                          const int64_t* tables, const int64_t* seqs, int64_t nseq, int64_t width, int64_t heads,
+                          int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window, T* out) {
+  const int64_t group = heads / kv_heads;  // query heads sharing one kv head: each key is read once for all
+  at::parallel_for(0, nseq * kv_heads, 1, [=](int64_t lo, int64_t hi) {
+    std::vector<float> qf(group * dim), acc(group * dim), scores;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t r = seqs[task / kv_heads], g = task % kv_heads;
+      const int64_t q0 = cu_q[r], lq = cu_q[r + 1] - q0, lk = lens_k[r];
+      const int64_t* table = tables + r * width;
+      scores.resize(group * lk);
+      for (int64_t i = 0; i < lq; ++i) {
+        const int64_t pos = lk - lq + i;  // this query's position: it sees keys first..pos
+        const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, bf16>) {
+          if (dim % 32 == 0) {
+            attend_bf16(q + ((q0 + i) * heads + g * group) * dim, group, dim, kc, vc, table, block_size, kv_heads, g,
+                        first, pos, scale, scores.data(), lk, acc.data(), out + ((q0 + i) * heads + g * group) * dim);
+            continue;
+          }
+        }
+#endif
+        for (int64_t h = 0; h < group; ++h) {
+          const T* qp = q + ((q0 + i) * heads + g * group + h) * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = to_f(qp[d]) * scale;
+        }
+        for (int64_t p = first; p <= pos; ++p) {
+          const T* kp = kc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
+          for (int64_t h = 0; h < group; ++h) {
+            const float* qh = qf.data() + h * dim;
+            float s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < dim; ++d) s += qh[d] * to_f(kp[d]);
+            scores[h * lk + p] = s;
+          }
+        }
+        for (int64_t h = 0; h < group; ++h) {
+          float* sh = scores.data() + h * lk;
+          float mx = -INFINITY, sum = 0;
+          for (int64_t p = first; p <= pos; ++p) mx = std::max(mx, sh[p]);
+#pragma omp simd reduction(+ : sum)
+          for (int64_t p = first; p <= pos; ++p) sum += (sh[p] = std::exp(sh[p] - mx));
+          const float inv = 1.f / sum;
+#pragma omp simd
+          for (int64_t p = first; p <= pos; ++p) sh[p] *= inv;
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t p = first; p <= pos; ++p) {
+          const T* vp = vc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
+          for (int64_t h = 0; h < group; ++h) {
+            const float w = scores[h * lk + p];
+            float* ah = acc.data() + h * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) ah[d] += w * to_f(vp[d]);
+          }
+        }
+        for (int64_t h = 0; h < group; ++h) {
+          T* op = out + ((q0 + i) * heads + g * group + h) * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) op[d] = from_f<T>(acc[h * dim + d]);
+        }
+      }
+    }
+  });
+}
+
+void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor cu_q,
+                     torch::Tensor seqlens_k, torch::Tensor block_tables, torch::Tensor seqs, double scale,
+                     int64_t window, torch::Tensor out) {
+  check(q, "q");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes(), "paged_attention: q/out layout");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_attention: caches must be contiguous in q's dtype");
+  auto cu = cu_q.to(at::kLong).contiguous(), lk = seqlens_k.to(at::kLong).contiguous();
+  auto bt = block_tables.to(at::kLong).contiguous(), sq = seqs.to(at::kLong).contiguous();
+  dispatch(q, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    paged_attention_impl<scalar_t>(ptr<scalar_t>(q), ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache),
+                                   cu.data_ptr<int64_t>(), lk.data_ptr<int64_t>(), bt.data_ptr<int64_t>(),
+                                   sq.data_ptr<int64_t>(), sq.numel(), bt.size(1), q.size(1), k_cache.size(2),
+                                   q.size(2), k_cache.size(1), static_cast<float>(scale), window,
+                                   ptr<scalar_t>(out));
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_small", &linear_small, "x [<=8, in] @ w[out, in].T (+ b), streaming w once");
+  m.def("rms_norm", &rms_norm, "RMSNorm as Hugging Face computes it");
+  m.def("rope_", &rope_, "rotary embedding in place (half-split layout)");
+  m.def("write_kv", &write_kv, "new keys/values into paged-cache slots");
+  m.def("paged_attention", &paged_attention, "attention of few-token queries over a paged KV cache");
+}

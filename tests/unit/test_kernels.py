@@ -1,0 +1,115 @@
+"""The CPU kernels (lmforge/kernels) against the pure-torch code they replace, in float32 and bfloat16."""
+
+import pytest
+import torch
+
+from lmforge import kernels
+from lmforge.layers.attention import AttnMeta, attention
+from lmforge.layers.linear import Linear, _onednn_packing
+from lmforge.layers.norm import RMSNorm
+from lmforge.layers.rope import apply_rope
+
+pytestmark = pytest.mark.skipif(kernels.cpu_ops() is None, reason="CPU kernels unavailable (no C++ compiler?)")
+DTYPES = [torch.float32, torch.bfloat16]
+BF16_ULP = 2**-7  # relative spacing of bfloat16 values: kernels may round once differently from eager
+
+
+def close(actual, expected, dtype, atol=1e-5):
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-5)
+    else:
+        torch.testing.assert_close(actual.float(), expected.float(), atol=BF16_ULP, rtol=BF16_ULP)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_fast_paths_match_f_linear(rows, bias):
+    torch.manual_seed(0)
+    layer = Linear(80, 48, bias=bias).to(torch.bfloat16)  # 80: not a multiple of the kernel's 32-wide steps
+    x = torch.randn(rows, 80, dtype=torch.bfloat16)
+    expected = (x.float() @ layer.weight.float().T + (layer.bias.float() if bias else 0))
+    with torch.inference_mode():
+        close(layer(x), expected.to(torch.bfloat16), torch.bfloat16)
+    assert (layer._packed is not None) == (rows > 3 and _onednn_packing())
+
+
+def test_packed_weight_follows_in_place_updates():
+    layer = Linear(32, 16, bias=False).to(torch.bfloat16)
+    x = torch.randn(8, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        before = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # what an optimizer step or an RL weight sync does
+    with torch.inference_mode():
+        close(layer(x), before * 2, torch.bfloat16)
+
+
+def test_linear_under_autograd_takes_f_linear():
+    layer = Linear(16, 4).to(torch.bfloat16)
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None and layer._packed is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.inference_mode()
+def test_rms_norm_matches_eager(dtype):
+    norm = RMSNorm(72, 1e-6).to(dtype)
+    norm.weight.normal_()
+    x = torch.randn(5, 72, dtype=dtype) * 3
+    fast = norm(x)
+    with kernels.disabled():
+        close(fast, norm(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rot", [16, 8])  # full and partial rotary
+@torch.inference_mode()
+def test_rope_in_place_matches_eager(dtype, rot):
+    x = torch.randn(7, 3, 16, dtype=dtype)
+    angles = torch.randn(7, rot // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    with kernels.disabled():
+        expected = apply_rope(x.clone(), cos, sin)
+    close(apply_rope(x.clone(), cos, sin), expected, dtype)
+
+
+def reference_attention(q, keys, values, lq, lk, scale, window):
+    """q [lq, H, D] as the last lq of lk positions over keys/values [lk, KVH, D]: plain masked softmax in fp32."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys.float().repeat_interleave(group, 1).transpose(0, 1)
+    v = values.float().repeat_interleave(group, 1).transpose(0, 1)
+    scores = q.float().transpose(0, 1) @ k.transpose(1, 2) * scale
+    qpos, kpos = torch.arange(lk - lq, lk)[:, None], torch.arange(lk)[None]
+    allowed = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim,window", [(64, None), (64, 5), (24, None)])  # 24: the kernel's generic loop
+@torch.inference_mode()
+def test_paged_attention_kernel_matches_reference(dtype, dim, window):
+    """Mixed step: decodes, a 3-token chunk after a cache (kernel) and a 9-token prefill (SDPA); blocks shuffled."""
+    torch.manual_seed(0)
+    heads, kv_heads, bs = 6, 2, 4
+    seqlens_q, seqlens_k = [1, 3, 9, 1], [11, 7, 9, 1]
+    k_cache = torch.randn(40, bs, kv_heads, dim, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(40)[:4 * 4].view(4, 4)
+    q = torch.randn(sum(seqlens_q), heads, dim, dtype=dtype)
+    k_new = torch.randn(sum(seqlens_q), kv_heads, dim, dtype=dtype)
+    v_new = torch.randn_like(k_new)
+    new_positions = [torch.arange(lk - lq, lk) for lq, lk in zip(seqlens_q, seqlens_k, strict=True)]
+    slots = torch.cat([tables[i, p // bs] * bs + p % bs for i, p in enumerate(new_positions)])
+    meta = AttnMeta.for_paged(seqlens_q, seqlens_k, slots, tables, block_size=bs)
+    assert meta.kernel is not None and meta.kernel.rows == (0, 1, 3)
+    out = attention(q, k_new, v_new, meta, (k_cache, v_cache), dim**-0.5, window)
+    start = 0
+    for i, (lq, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True)):
+        pos = torch.arange(lk)
+        keys = k_cache.view(-1, kv_heads, dim)[tables[i, pos // bs] * bs + pos % bs]
+        values = v_cache.view(-1, kv_heads, dim)[tables[i, pos // bs] * bs + pos % bs]
+        assert torch.equal(keys[lk - lq:], k_new[start:start + lq])  # the new keys were written to their slots
+        expected = reference_attention(q[start:start + lq], keys, values, lq, lk, dim**-0.5, window)
+        close(out[start:start + lq], expected.to(dtype), dtype, atol=1e-5)
+        start += lq
