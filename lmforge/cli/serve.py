@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -103,7 +104,14 @@ def run(args: argparse.Namespace) -> int:
         shown = f"[{host}]" if ":" in host else host
         log.info("serving %s as %s on http://%s:%d/v1 (max_model_len %d%s)", args.model, ", ".join(names), shown,
                  port, engine.engine.max_model_len, ", API key required" if api_key else "")
-        asyncio.run(server.serve(sockets=[sock]))
+        # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal under the handlers it
+        # found; ignoring them here makes that re-raise a no-op, so a stopped server exits 0.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            asyncio.run(server.serve(sockets=[sock]))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         engine.shutdown()
     log.info("server stopped")

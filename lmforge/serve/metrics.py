@@ -8,7 +8,7 @@ engine thread between two steps when /metrics is scraped, so a scrape never sees
 import time
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lmforge.engine.async_engine import AsyncEngine
@@ -79,6 +79,7 @@ class _EngineCollector:
 
 class ServerMetrics:
     def __init__(self, model_name: str):
+        disable_created_metrics()  # process-wide, as vLLM does: the *_created series only add noise to scrapes
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         self.engine_state = _EngineCollector(model_name)
