@@ -77,4 +77,34 @@ def parse_json(body: bytes) -> dict:
             from None
     if not isinstance(data, dict):
         raise bad_request(f"The request body must be a JSON object, got a JSON {type(data).__name__}.")
+    if b"\\u" in body:  # only an escape can smuggle in an unpaired surrogate
+        try:
+            path = _lone_surrogate(data)
+        except RecursionError:
+            raise bad_request("The request body nests JSON too deeply.") from None
+        if path is not None:
+            raise bad_request(f"Invalid value for '{path}': it holds an unpaired UTF-16 surrogate escape, which is "
+                              "not text.", path)
     return data
+
+
+def _lone_surrogate(value, path: str = "") -> str | None:
+    """Where in the parsed JSON a string holds an unpaired surrogate (json accepts "\\ud800"; tokenizers cannot)."""
+    if isinstance(value, str):
+        return None if _is_text(value) else (path or "body")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and not _is_text(key):
+            return path or "body"  # a key cannot be named in the message without the surrogate itself
+        where = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+        if (found := _lone_surrogate(item, where)) is not None:
+            return found
+    return None
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -86,6 +86,9 @@ class ServerState:
         """Hands every prompt to the engine (ids `request_id-i`); all or none: a refusal closes the ones queued."""
         if route.adapter is not None:  # no route has one until LoRA serving lands; never serve the base instead
             raise RuntimeError(f"model {route.name!r} needs adapter {route.adapter!r}, which the engine cannot apply")
+        if not self.engine.is_alive:  # a dead engine thread would never answer: say so instead of hanging
+            raise APIError(503, "The engine is not running; the server is shutting down or failed.",
+                           code="engine_unavailable")
         sub = Submission(request_id, prompt_tokens=sum(len(p) for p in prompts))
         try:
             for i, ids in enumerate(prompts):

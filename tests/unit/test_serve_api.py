@@ -35,6 +35,8 @@ BAD = [
     (CHAT, b"[1, 2]", 400, None, "must be a JSON object"),
     (CHAT, b"{\"messages\": \"\xc3\x28\"}", 400, None, "not UTF-8"),
     (CHAT, b"[" * 2000 + b"]" * 2000, 400, None, "nests JSON too deeply"),
+    (COMPLETIONS, b'{"prompt": ["ok", "a\\ud800b"]}', 400, "prompt[1]", "unpaired UTF-16 surrogate"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x", "\\udfff": 1}]}', 400, "messages[0]", "surrogate"),
     (CHAT, {}, 400, "messages", "Missing required parameter"),
     (CHAT, {"messages": []}, 400, "messages", "must not be empty"),
     (CHAT, {"messages": "hi"}, 400, "messages", "valid list"),
