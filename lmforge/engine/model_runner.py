@@ -8,6 +8,7 @@ from torch import nn
 from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
+from lmforge.layers.linear import fuse_projections
 
 log = logging.getLogger("lmforge")
 
@@ -38,6 +39,7 @@ def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budge
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int):
         self.model = model
+        fuse_projections(model)  # q/k/v and gate/up as one product each (the engine owns this copy of the model)
         self.block_size = block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype

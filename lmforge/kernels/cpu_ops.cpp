@@ -80,6 +80,8 @@ void linear_small_impl(const T* x, const T* w, const T* b, T* y, int64_t m, int6
 #if defined(__AVX512BF16__)
 // bfloat16 x bfloat16 products are exact in float32, so the dot-product instruction changes only the summation order.
 // M (the row count) is a template parameter so that the accumulators stay in registers.
+constexpr int64_t PREFETCH_ROWS = 64;
+
 template <int M>
 void linear_rows_bf16(const bf16* x, const bf16* w, const bf16* b, bf16* y, int64_t n, int64_t k) {
   const int64_t full = k / 32 * 32;
@@ -87,6 +89,9 @@ void linear_rows_bf16(const bf16* x, const bf16* w, const bf16* b, bf16* y, int6
   at::parallel_for(0, n, 16, [=](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       const bf16* row = w + j * k;
+      if (j + PREFETCH_ROWS < hi)  // more reads in flight than the hardware prefetcher keeps (benchmarks/kernels.py)
+        for (int64_t i = 0; i < k; i += 32)
+          _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH_ROWS * k + i), _MM_HINT_T1);
       __m512 acc[M];
       for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t i = 0; i < full; i += 32) {

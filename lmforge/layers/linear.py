@@ -27,27 +27,91 @@ class Linear(nn.Module):
         self._packed: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if x.dim() == 2 and x.dtype == torch.bfloat16 == w.dtype and (ops := usable(x, w)) is not None:
-            if x.shape[0] <= SMALL_ROWS:
-                return ops.linear_small(x.contiguous(), w, self.bias)
-            if (packed := self._packed_weight()) is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-        return F.linear(x, w, self.bias)
-
-    def _packed_weight(self) -> torch.Tensor | None:
-        """oneDNN's blocked layout of the weight, so that its GEMM (AMX / AVX512-BF16) skips a reorder per call."""
-        if self.weight.is_inference():  # made under inference_mode: no version counter to notice updates by
-            return None
-        key = (self.weight.data_ptr(), self.weight._version)  # any in-place update (optimizer, weight sync) bumps it
-        if self._packed is None or self._packed[0] != key:
-            if not _onednn_packing():
-                return None
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
-        return self._packed[1]
+        return _linear(x, self.weight, self.bias, self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _Joint:
+    """Layers whose weights `fuse` laid end to end: the whole weight and bias, and each layer's share."""
+
+    def __init__(self, layers: tuple[Linear, ...], weight: torch.Tensor, bias: torch.Tensor | None):
+        self.layers, self.weight, self.bias = layers, weight, bias
+        self.sizes = [layer.out_features for layer in layers]
+        self._packed: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def intact(self, layers: tuple[Linear, ...]) -> bool:
+        """Still the same layers, each weight still a view of the joint one (loading with assign=True replaces)."""
+        offset = 0
+        for layer, mine in zip(layers, self.layers, strict=True):
+            if layer is not mine or layer.weight.data_ptr() != self.weight[offset].data_ptr():
+                return False
+            offset += layer.out_features
+        return True
+
+
+@torch.no_grad()
+def fuse(*layers: Linear) -> None:
+    """Lays the weights (and biases) of layers that read the same input (q/k/v, gate/up) end to end in one tensor,
+    each layer's parameter becoming a view of its rows: names, values and modules stay the same, and
+    `linears(x, *layers)` then runs one matrix product instead of one per layer."""
+    first = layers[0]
+    weight = torch.cat([layer.weight for layer in layers])
+    biased = first.bias is not None
+    bias = torch.cat([layer.bias for layer in layers]) if biased else None
+    offset = 0
+    for layer in layers:
+        rows = slice(offset, offset + layer.out_features)
+        layer.weight = nn.Parameter(weight[rows], requires_grad=layer.weight.requires_grad)
+        if biased:
+            layer.bias = nn.Parameter(bias[rows], requires_grad=layer.bias.requires_grad)
+        layer._packed = None
+        offset += layer.out_features
+    first._joint = _Joint(layers, weight, bias)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """`fuse` on every q/k/v and gate/up group of plain Linears in the model; returns how many groups."""
+    groups = 0
+    for module in model.modules():
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            layers = [getattr(module, name, None) for name in names]
+            if all(type(layer) is Linear for layer in layers) and \
+                    len({(layer.bias is None, layer.weight.dtype) for layer in layers}) == 1:
+                fuse(*layers)
+                groups += 1
+    return groups
+
+
+def linears(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for each layer), as one product when `fuse` laid their weights end to end."""
+    joint = getattr(layers[0], "_joint", None)
+    if joint is None or not joint.intact(layers):
+        return tuple(layer(x) for layer in layers)
+    return _linear(x, joint.weight, joint.bias, joint).split(joint.sizes, dim=-1)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) -> torch.Tensor:
+    if x.dim() == 2 and x.dtype == torch.bfloat16 == w.dtype and (ops := usable(x, w)) is not None:
+        if x.shape[0] <= SMALL_ROWS:
+            return ops.linear_small(x.contiguous(), w, bias)
+        if (packed := _packed(cache, w)) is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, w, bias)
+
+
+def _packed(cache, w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked layout of w, kept in cache._packed, so that its GEMM (AMX / AVX512-BF16) skips a reorder
+    per call; rebuilt when w changes."""
+    if w.is_inference():  # made under inference_mode: no version counter to notice updates by
+        return None
+    key = (w.data_ptr(), w._version)  # any in-place update (optimizer step, weight sync, load) bumps it
+    if cache._packed is None or cache._packed[0] != key:
+        if not _onednn_packing():
+            return None
+        cache._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+    return cache._packed[1]
 
 
 def _onednn_packing() -> bool:

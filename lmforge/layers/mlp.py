@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from lmforge.layers.activation import activation
-from lmforge.layers.linear import Linear
+from lmforge.layers.linear import Linear, linears
 
 
 class GatedMLP(nn.Module):
@@ -16,4 +16,5 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate) * up)

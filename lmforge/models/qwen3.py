@@ -7,7 +7,7 @@ from torch import nn
 
 from lmforge.layers.attention import AttnMeta, KVCache, attention
 from lmforge.layers.decoder import Decoder
-from lmforge.layers.linear import Linear
+from lmforge.layers.linear import Linear, linears
 from lmforge.layers.mlp import GatedMLP
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import RopeConfig, apply_rope
@@ -67,9 +67,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 kv: KVCache | None) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim)), *rope)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim)), *rope)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q = apply_rope(self.q_norm(q.view(t, self.heads, self.head_dim)), *rope)
+        k = apply_rope(self.k_norm(k.view(t, self.kv_heads, self.head_dim)), *rope)
+        v = v.view(t, self.kv_heads, self.head_dim)
         out = attention(q, k, v, meta, kv, self.head_dim**-0.5, self.window)
         return self.o_proj(out.reshape(t, -1))
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from lmforge.layers.attention import AttnMeta, KVCache, attention
 from lmforge.layers.decoder import Decoder
-from lmforge.layers.linear import Linear
+from lmforge.layers.linear import Linear, linears
 from lmforge.layers.mlp import GatedMLP
 from lmforge.layers.moe import dispatch, route
 from lmforge.layers.norm import RMSNorm
@@ -108,11 +108,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 kv: KVCache | None) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
+        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim), \
+            v.view(t, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
         out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v, meta, kv, self.head_dim**-0.5, self.window)
         return self.o_proj(out.reshape(t, -1))
 

@@ -113,3 +113,29 @@ def test_paged_attention_kernel_matches_reference(dtype, dim, window):
         expected = reference_attention(q[start:start + lq], keys, values, lq, lk, dim**-0.5, window)
         close(out[start:start + lq], expected.to(dtype), dtype, atol=1e-5)
         start += lq
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_projections_keep_names_values_and_outputs(dtype, tmp_path):
+    from lmforge.layers.linear import fuse_projections
+    from lmforge.weights.hf_dir import iter_tensors, save_weights
+    from tests.tiny import TINY_LLAMA, tiny_model
+
+    config = {**TINY_LLAMA, "attention_bias": True}  # Qwen2-style q/k/v biases are fused too
+    model, fused = tiny_model(config, dtype), tiny_model(config, dtype)
+    before = {n: p.clone() for n, p in fused.state_dict().items()}
+    assert fuse_projections(fused) == 2 * config["num_hidden_layers"]
+    after = fused.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    attn = fused.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight[-1].data_ptr() + attn.q_proj.weight.stride(0) * \
+        attn.q_proj.weight.element_size()  # k's rows follow q's in one tensor
+    ids = torch.randint(0, 96, (2, 6))
+    with torch.inference_mode():
+        for rows in (1, 12):  # the streaming kernel (bf16) and oneDNN / F.linear
+            meta = AttnMeta.for_sequences([rows] if rows == 1 else [6, 6])
+            x, pos = ids.flatten()[:rows], torch.arange(rows) % 6
+            close(fused.logits(fused(x, pos, meta)), model.logits(model(x, pos, meta)), dtype, atol=1e-4)
+    save_weights(fused, tmp_path)  # views of one tensor still save as separate, HF-named tensors
+    saved = dict(iter_tensors(tmp_path))
+    assert all(torch.equal(saved[n], before[n]) for n in before)
