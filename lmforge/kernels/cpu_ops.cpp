@@ -254,19 +254,65 @@ inline __m512 exp_f32x16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
+// The four horizontal sums of a, b, c, d.
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a b a b
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // per 128 bits: a b c d
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_castps512_ps128(x);
+}
+
+// acc[G][16 C] = sum over keys p of probability[h][p] * value[p], the accumulators held in registers.
+template <int G, int C>
+void weigh_values(const float* scores, int64_t stride, const bf16* vc, const int64_t* offs, int64_t first,
+                  int64_t pos, float* acc) {
+  constexpr int64_t dim = 16 * C;
+  __m512 a[G][C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) a[h][c] = _mm512_setzero_ps();
+  for (int64_t p = first; p <= pos; ++p) {
+    const bf16* vp = vc + offs[p];
+    __m512 w[G];
+    for (int h = 0; h < G; ++h) w[h] = _mm512_set1_ps(scores[h * stride + p - first]);
+    for (int c = 0; c < C; ++c) {
+      const __m512 v = load_f32x16(vp + 16 * c);
+      for (int h = 0; h < G; ++h) a[h][c] = _mm512_fmadd_ps(w[h], v, a[h][c]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + h * dim + 16 * c, a[h][c]);
+}
+
 // One query token against keys first..pos of one kv head, for the `group` query heads sharing it (bf16, dim a
 // multiple of 32). Scores use the bf16 dot-product instruction (exact products, float32 sums).
-void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, const bf16* vc, const int64_t* table,
-                 int64_t block_size, int64_t kv_heads, int64_t g, int64_t first, int64_t pos, float scale,
-                 float* scores, int64_t stride, float* acc, bf16* out) {
+void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, const bf16* vc, const int64_t* offs,
+                 int64_t first, int64_t pos, float scale, float* scores, int64_t stride, float* acc, bf16* out) {
   const int64_t n = pos - first + 1;
-  for (int64_t p = first; p <= pos; ++p) {
-    const bf16* kp = kc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
-    for (int64_t h = 0; h < group; ++h) {
+  for (int64_t h = 0; h < group; ++h) {
+    const bf16* qh = q + h * dim;
+    float* sh = scores + h * stride;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {  // four keys at a time: one shared horizontal reduction for their dot products
+      __m512 a[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t p = first + i + j;
+        const bf16* kp = kc + offs[p];
+        a[j] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < dim; c += 32)
+          a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)_mm512_loadu_si512(kp + c), (__m512bh)_mm512_loadu_si512(qh + c));
+      }
+      _mm_storeu_ps(sh + i, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), _mm_set1_ps(scale)));
+    }
+    for (; i < n; ++i) {
+      const int64_t p = first + i;
+      const bf16* kp = kc + offs[p];
       __m512 a = _mm512_setzero_ps();
       for (int64_t c = 0; c < dim; c += 32)
-        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kp + c), (__m512bh)_mm512_loadu_si512(q + h * dim + c));
-      scores[h * stride + p - first] = _mm512_reduce_add_ps(a) * scale;
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kp + c), (__m512bh)_mm512_loadu_si512(qh + c));
+      sh[i] = _mm512_reduce_add_ps(a) * scale;
     }
   }
   for (int64_t h = 0; h < group; ++h) {  // softmax in place, 16 scores at a time
@@ -290,16 +336,25 @@ void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, cons
       _mm512_mask_storeu_ps(sh + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sh + i), inv));
     }
   }
-  std::fill(acc, acc + group * dim, 0.f);
-  for (int64_t p = first; p <= pos; ++p) {
-    const bf16* vp = vc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
-    for (int64_t c = 0; c < dim; c += 16) {
-      const __m512 v = load_f32x16(vp + c);
-      for (int64_t h = 0; h < group; ++h) {
-        float* a = acc + h * dim + c;
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[h * stride + p - first]), v, _mm512_loadu_ps(a)));
+  switch (group * 100 + dim) {  // the common shapes keep their accumulators in registers
+    case 164: weigh_values<1, 4>(scores, stride, vc, offs, first, pos, acc); break;
+    case 264: weigh_values<2, 4>(scores, stride, vc, offs, first, pos, acc); break;
+    case 364: weigh_values<3, 4>(scores, stride, vc, offs, first, pos, acc); break;
+    case 464: weigh_values<4, 4>(scores, stride, vc, offs, first, pos, acc); break;
+    case 1128: weigh_values<1, 8>(scores, stride, vc, offs, first, pos, acc); break;
+    case 2128: weigh_values<2, 8>(scores, stride, vc, offs, first, pos, acc); break;
+    default:
+      std::fill(acc, acc + group * dim, 0.f);
+      for (int64_t p = first; p <= pos; ++p) {
+        const bf16* vp = vc + offs[p];
+        for (int64_t c = 0; c < dim; c += 16) {
+          const __m512 v = load_f32x16(vp + c);
+          for (int64_t h = 0; h < group; ++h) {
+            float* a = acc + h * dim + c;
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[h * stride + p - first]), v, _mm512_loadu_ps(a)));
+          }
+        }
       }
-    }
   }
   for (int64_t i = 0; i < group * dim; ++i) out[i] = from_f<bf16>(acc[i]);
 }
@@ -312,19 +367,23 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
   const int64_t group = heads / kv_heads;  // query heads sharing one kv head: each key is read once for all
   at::parallel_for(0, nseq * kv_heads, 1, [=](int64_t lo, int64_t hi) {
     std::vector<float> qf(group * dim), acc(group * dim), scores;
+    std::vector<int64_t> offs;  // where key/value p of this task's kv head starts in the caches (no division per key)
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t r = seqs[task / kv_heads], g = task % kv_heads;
       const int64_t q0 = cu_q[r], lq = cu_q[r + 1] - q0, lk = lens_k[r];
       const int64_t* table = tables + r * width;
       scores.resize(group * lk);
+      offs.resize(lk);
+      for (int64_t b = 0, p = 0; p < lk; ++b)
+        for (int64_t o = 0; o < block_size && p < lk; ++o, ++p) offs[p] = ((table[b] * block_size + o) * kv_heads + g) * dim;
       for (int64_t i = 0; i < lq; ++i) {
         const int64_t pos = lk - lq + i;  // this query's position: it sees keys first..pos
         const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, bf16>) {
           if (dim % 32 == 0) {
-            attend_bf16(q + ((q0 + i) * heads + g * group) * dim, group, dim, kc, vc, table, block_size, kv_heads, g,
-                        first, pos, scale, scores.data(), lk, acc.data(), out + ((q0 + i) * heads + g * group) * dim);
+            attend_bf16(q + ((q0 + i) * heads + g * group) * dim, group, dim, kc, vc, offs.data(), first, pos, scale,
+                        scores.data(), lk, acc.data(), out + ((q0 + i) * heads + g * group) * dim);
             continue;
           }
         }
@@ -335,7 +394,7 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
           for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = to_f(qp[d]) * scale;
         }
         for (int64_t p = first; p <= pos; ++p) {
-          const T* kp = kc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
+          const T* kp = kc + offs[p];
           for (int64_t h = 0; h < group; ++h) {
             const float* qh = qf.data() + h * dim;
             float s = 0;
@@ -356,7 +415,7 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
         }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t p = first; p <= pos; ++p) {
-          const T* vp = vc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + g) * dim;
+          const T* vp = vc + offs[p];
           for (int64_t h = 0; h < group; ++h) {
             const float w = scores[h * lk + p];
             float* ah = acc.data() + h * dim;
