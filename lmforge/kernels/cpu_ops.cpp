@@ -40,6 +40,38 @@ template <> inline bf16 from_f<bf16>(float x) {  // round to nearest even, NaN k
 template <typename T> inline float round_to(float x) { return to_f(from_f<T>(x)); }
 
 
+#if defined(__AVX512BF16__)
+inline __m512 load_f32x16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline __m512 load_f32x16_bits(__m256bh v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
+}
+
+// Rounds 16 floats to bfloat16 precision (nearest even), kept as floats: an eager op's rounded intermediate.
+inline __m512 round_bf16x16(__m512 x) {
+  return load_f32x16_bits(_mm512_cvtneps_pbh(x));
+}
+
+// exp as 2^n * 2^f (|f| <= 1/2, Taylor series of 2^f to degree 6: relative error < 2e-7), 16 lanes.
+inline __m512 exp_f32x16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+#endif
+
 void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
@@ -206,26 +238,73 @@ torch::Tensor rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 }
 
 // ---- new keys and values into their paged-cache slots -----------------------------------------------------------
+// k/v [T, KVH, D] may be row-strided views (slices of a fused q/k/v product): each token's row is dense.
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
   check(k_cache, "k_cache");
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
               "write_kv: new keys/values must have the cache's dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv: caches must be contiguous");
-  auto kc = k.contiguous(), vc = v.contiguous();
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "write_kv: k and v must be [T, kv_heads, dim]");
+  auto kc = k.stride(2) == 1 && k.stride(1) == k.size(2) ? k : k.contiguous();
+  auto vc = v.stride(2) == 1 && v.stride(1) == v.size(2) ? v : v.contiguous();
   auto sl = slots.to(at::kLong).contiguous();
-  const int64_t t = kc.size(0), width = kc.numel() / std::max<int64_t>(t, 1);
+  const int64_t t = kc.size(0), width = kc.size(1) * kc.size(2);
   const int64_t nslots = k_cache.numel() / width;
   const int64_t* s = sl.data_ptr<int64_t>();
   for (int64_t i = 0; i < t; ++i) TORCH_CHECK(s[i] >= 0 && s[i] < nslots, "write_kv: slot out of range");
-  const int64_t bytes = width * kc.element_size();
+  const int64_t size = kc.element_size(), bytes = width * size;
   auto* kd = static_cast<char*>(k_cache.data_ptr());
   auto* vd = static_cast<char*>(v_cache.data_ptr());
   const auto* ks = static_cast<const char*>(kc.data_ptr());
   const auto* vs = static_cast<const char*>(vc.data_ptr());
   for (int64_t i = 0; i < t; ++i) {
-    std::memcpy(kd + s[i] * bytes, ks + i * bytes, bytes);
-    std::memcpy(vd + s[i] * bytes, vs + i * bytes, bytes);
+    std::memcpy(kd + s[i] * bytes, ks + i * kc.stride(0) * size, bytes);
+    std::memcpy(vd + s[i] * bytes, vs + i * vc.stride(0) * size, bytes);
   }
+}
+
+// ---- silu(gate) * up, the SwiGLU activation, rounding silu to the dtype before the product as eager does ----------
+// gate and up may be row-strided views (the two halves of a fused gate/up product).
+template <typename T>
+void silu_mul_rows(const T* g, const T* u, T* y, int64_t rows, int64_t n, int64_t gs, int64_t us) {
+  at::parallel_for(0, rows, 1, [=](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const T* gr = g + r * gs;
+      const T* ur = u + r * us;
+      T* yr = y + r * n;
+      int64_t i = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, bf16>) {
+        for (; i + 16 <= n; i += 16) {
+          const __m512 a = load_f32x16(gr + i);
+          const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), a)));
+          __m512 r = _mm512_rcp14_ps(d);  // 1/d to 14 bits, then one Newton step: cheaper than a division
+          r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+          const __m512 silu = _mm512_mul_ps(a, r);
+          const __m512 prod = _mm512_mul_ps(round_bf16x16(silu), load_f32x16(ur + i));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + i), (__m256i)_mm512_cvtneps_pbh(prod));
+        }
+      }
+#endif
+      for (; i < n; ++i) {
+        const float a = to_f(gr[i]);
+        yr[i] = from_f<T>(round_to<T>(a / (1.f + std::exp(-a))) * to_f(ur[i]));
+      }
+    }
+  });
+}
+
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
+  check(gate, "gate");
+  TORCH_CHECK(gate.dim() == 2 && up.sizes() == gate.sizes() && up.scalar_type() == gate.scalar_type() &&
+              gate.stride(1) == 1 && up.stride(1) == 1, "silu_mul: gate and up must be [T, n] with unit inner stride");
+  auto y = torch::empty(gate.sizes(), gate.options());
+  dispatch(gate, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    silu_mul_rows<scalar_t>(ptr<scalar_t>(gate), ptr<scalar_t>(up), ptr<scalar_t>(y), gate.size(0), gate.size(1),
+                            gate.stride(0), up.stride(0));
+  });
+  return y;
 }
 
 // ---- attention of a few query tokens per sequence over its paged cache ------------------------------------------
@@ -233,27 +312,6 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 // causal, optional sliding window); k/v cache [blocks, block_size, KVH, D]; block_tables [S, W]. Each (sequence,
 // head) task walks the sequence's blocks in place: no gather, no padding, softmax in float32.
 #if defined(__AVX512BF16__)
-inline __m512 load_f32x16(const bf16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-// exp as 2^n * 2^f (|f| <= 1/2, Taylor series of 2^f to degree 6: relative error < 2e-7), 16 lanes.
-inline __m512 exp_f32x16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
 // The four horizontal sums of a, b, c, d.
 inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a b a b
@@ -363,7 +421,8 @@ void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, cons
 template <typename T>
 void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* cu_q, const int64_t* lens_k,
                           const int64_t* tables, const int64_t* seqs, int64_t nseq, int64_t width, int64_t heads,
-                          int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window, T* out) {
+                          int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window, int64_t qs,
+                          T* out) {
   const int64_t group = heads / kv_heads;  // query heads sharing one kv head: each key is read once for all
   at::parallel_for(0, nseq * kv_heads, 1, [=](int64_t lo, int64_t hi) {
     std::vector<float> qf(group * dim), acc(group * dim), scores;
@@ -382,14 +441,14 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, bf16>) {
           if (dim % 32 == 0) {
-            attend_bf16(q + ((q0 + i) * heads + g * group) * dim, group, dim, kc, vc, offs.data(), first, pos, scale,
+            attend_bf16(q + (q0 + i) * qs + g * group * dim, group, dim, kc, vc, offs.data(), first, pos, scale,
                         scores.data(), lk, acc.data(), out + ((q0 + i) * heads + g * group) * dim);
             continue;
           }
         }
 #endif
         for (int64_t h = 0; h < group; ++h) {
-          const T* qp = q + ((q0 + i) * heads + g * group + h) * dim;
+          const T* qp = q + (q0 + i) * qs + (g * group + h) * dim;
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = to_f(qp[d]) * scale;
         }
@@ -437,7 +496,8 @@ void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
                      torch::Tensor seqlens_k, torch::Tensor block_tables, torch::Tensor seqs, double scale,
                      int64_t window, torch::Tensor out) {
   check(q, "q");
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes(), "paged_attention: q/out layout");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() &&
+              out.sizes() == q.sizes(), "paged_attention: q must be [T, heads, dim] with dense rows, out contiguous");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "paged_attention: caches must be contiguous in q's dtype");
   auto cu = cu_q.to(at::kLong).contiguous(), lk = seqlens_k.to(at::kLong).contiguous();
@@ -447,7 +507,7 @@ void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
     paged_attention_impl<scalar_t>(ptr<scalar_t>(q), ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache),
                                    cu.data_ptr<int64_t>(), lk.data_ptr<int64_t>(), bt.data_ptr<int64_t>(),
                                    sq.data_ptr<int64_t>(), sq.numel(), bt.size(1), q.size(1), k_cache.size(2),
-                                   q.size(2), k_cache.size(1), static_cast<float>(scale), window,
+                                   q.size(2), k_cache.size(1), static_cast<float>(scale), window, q.stride(0),
                                    ptr<scalar_t>(out));
   });
 }
@@ -458,6 +518,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small", &linear_small, "x [<=8, in] @ w[out, in].T (+ b), streaming w once");
   m.def("rms_norm", &rms_norm, "RMSNorm as Hugging Face computes it");
   m.def("rope_", &rope_, "rotary embedding in place (half-split layout)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("write_kv", &write_kv, "new keys/values into paged-cache slots");
   m.def("paged_attention", &paged_attention, "attention of few-token queries over a paged KV cache");
 }

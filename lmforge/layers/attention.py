@@ -15,7 +15,10 @@ from lmforge.kernels import usable
 
 # One layer's paged cache: (keys, values), each [num_blocks, block_size, kv_heads, head_dim].
 KVCache = tuple[torch.Tensor, torch.Tensor]
-KERNEL_MAX_QUERIES = 4  # sequences with at most this many new tokens use the paged-attention kernel (CPU)
+# Which sequences of a paged step the CPU kernel attends: decodes and short chunks, and short prompts, where
+# a per-sequence SDPA call costs more in overhead than the kernel's plain loops (benchmarks/kernels.py).
+KERNEL_MAX_QUERIES = 4
+KERNEL_MAX_WORK = 4096  # query tokens x keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +75,8 @@ class AttnMeta:
         cu[1:] = torch.tensor(seqlens_q, dtype=torch.int32).cumsum(0)
         decode = kernel = None
         if usable(block_tables.new_empty(0, dtype=torch.float32)) is not None:
-            rows = tuple(i for i, n in enumerate(seqlens_q) if n <= KERNEL_MAX_QUERIES)
+            rows = tuple(i for i, (n, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True))
+                         if n <= KERNEL_MAX_QUERIES or n * lk <= KERNEL_MAX_WORK)
             if rows:
                 kernel = KernelRows(rows, torch.tensor(rows), cu.long(), torch.tensor(seqlens_k))
         elif block_size is not None:
@@ -140,8 +144,7 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     else:
         k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k.to(k_cache.dtype)
         v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v.to(v_cache.dtype)
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     done: tuple[int, ...] | set[int] = ()
     if ops is not None:
         kr = meta.kernel

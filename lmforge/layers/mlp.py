@@ -1,6 +1,8 @@
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from lmforge.kernels import usable
 from lmforge.layers.activation import activation
 from lmforge.layers.linear import Linear, linears
 
@@ -17,4 +19,6 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linears(x, self.gate_proj, self.up_proj)
+        if self.act is F.silu and gate.dim() == 2 and (ops := usable(gate, up)) is not None:
+            return self.down_proj(ops.silu_mul(gate, up))  # one pass over the fused gate/up output
         return self.down_proj(self.act(gate) * up)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.layers.attention import AttnMeta, attention
@@ -74,6 +75,14 @@ def test_rope_in_place_matches_eager(dtype, rot):
     close(apply_rope(x.clone(), cos, sin), expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.inference_mode()
+def test_silu_mul_on_fused_halves_matches_eager(dtype):
+    gate_up = torch.randn(5, 2 * 40, dtype=dtype) * 4  # 40: a 16-wide vector loop and a scalar tail
+    gate, up = gate_up.split(40, dim=-1)
+    close(kernels.cpu_ops().silu_mul(gate, up), F.silu(gate) * up, dtype)
+
+
 def reference_attention(q, keys, values, lq, lk, scale, window):
     """q [lq, H, D] as the last lq of lk positions over keys/values [lk, KVH, D]: plain masked softmax in fp32."""
     group = q.shape[1] // keys.shape[1]
@@ -89,20 +98,21 @@ def reference_attention(q, keys, values, lq, lk, scale, window):
 @pytest.mark.parametrize("dim,window", [(64, None), (64, 5), (24, None)])  # 24: the kernel's generic loop
 @torch.inference_mode()
 def test_paged_attention_kernel_matches_reference(dtype, dim, window):
-    """Mixed step: decodes, a 3-token chunk after a cache (kernel) and a 9-token prefill (SDPA); blocks shuffled."""
+    """Mixed step: decodes, a 3-token chunk after a cache, a short prompt (kernel), a long one (SDPA); blocks
+    shuffled."""
     torch.manual_seed(0)
     heads, kv_heads, bs = 6, 2, 4
-    seqlens_q, seqlens_k = [1, 3, 9, 1], [11, 7, 9, 1]
-    k_cache = torch.randn(40, bs, kv_heads, dim, dtype=dtype)
+    seqlens_q, seqlens_k = [1, 3, 90, 1, 9], [11, 7, 90, 1, 9]
+    k_cache = torch.randn(200, bs, kv_heads, dim, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(40)[:4 * 4].view(4, 4)
+    tables = torch.randperm(200)[:5 * 23].view(5, 23)
     q = torch.randn(sum(seqlens_q), heads, dim, dtype=dtype)
     k_new = torch.randn(sum(seqlens_q), kv_heads, dim, dtype=dtype)
     v_new = torch.randn_like(k_new)
     new_positions = [torch.arange(lk - lq, lk) for lq, lk in zip(seqlens_q, seqlens_k, strict=True)]
     slots = torch.cat([tables[i, p // bs] * bs + p % bs for i, p in enumerate(new_positions)])
     meta = AttnMeta.for_paged(seqlens_q, seqlens_k, slots, tables, block_size=bs)
-    assert meta.kernel is not None and meta.kernel.rows == (0, 1, 3)
+    assert meta.kernel is not None and meta.kernel.rows == (0, 1, 3, 4)
     out = attention(q, k_new, v_new, meta, (k_cache, v_cache), dim**-0.5, window)
     start = 0
     for i, (lq, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True)):
