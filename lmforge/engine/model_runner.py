@@ -73,9 +73,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Runs the step; returns fp32 logits [len(rows), vocab] and the rows they belong to."""
+        """Runs the step; returns logits [len(rows), vocab] in the model's dtype (the sampler widens them to fp32
+        when it needs more than an argmax) and the rows they belong to."""
         ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(ids, positions, meta, self.kv)
         if not rows:
-            return hidden.new_empty((0, 0), dtype=torch.float32), rows
-        return self.model.logits(hidden[meta.logits_indices]), rows
+            return hidden.new_empty((0, 0)), rows
+        return self.model.logits(hidden[meta.logits_indices], float32=False), rows

@@ -14,6 +14,7 @@ from itertools import chain
 import torch
 
 from lmforge.engine.sampling_params import SamplingParams
+from lmforge.kernels import usable
 
 CANDIDATES = 256  # top-k / top-p cut-offs are looked for among each row's largest logits before any full sort
 
@@ -37,7 +38,8 @@ class SampleResult:
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
-    """logits [N, V] fp32, row i belonging to rows[i] -> one token per row (and raw log-probs where asked)."""
+    """logits [N, V] (any float dtype; fp32 is used beyond greedy), row i belonging to rows[i] -> one token per row
+    (and raw log-probs where asked)."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"sample: logits of shape {tuple(logits.shape)} for {len(rows)} rows; expected [rows, vocab]")
     if not rows:
@@ -49,8 +51,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     held = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens]
     want_logprobs = any(p.logprobs is not None for p in params)
     if all(greedy) and not penalised and not held and not want_logprobs:
-        return SampleResult(logits.max(-1).indices.tolist(), None, None)  # max: 2.5x faster than argmax on CPU
+        return SampleResult(_argmax(logits).tolist(), None, None)
 
+    logits = logits.float()  # exact for bf16: the argmax and the log-probs are those of the widened values
     work = logits
     if penalised or held:
         work = logits.clone()  # the raw logits stay untouched for the log-probs
@@ -70,6 +73,14 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     if not want_logprobs:
         return SampleResult(token_ids, None, None)
     return _logprobs(logits, tokens, token_ids, params)
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (first of equal maxima): the CPU kernel reads bf16 logits directly; torch's max(-1) is 2.5x
+    faster than its argmax."""
+    if (ops := usable(x)) is not None and x.is_contiguous():
+        return ops.argmax_rows(x)
+    return x.max(-1).indices
 
 
 def _sample_random(x: torch.Tensor, rows: list[SamplingRow], owned: bool) -> torch.Tensor:

@@ -307,6 +307,40 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
   return y;
 }
 
+// ---- row-wise argmax (the first of equal maxima), for greedy sampling straight from bf16 logits --------------------
+template <typename T>
+void argmax_impl(const T* x, int64_t* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 1, [=](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const T* xr = x + r * n;
+      float best = -INFINITY;
+      int64_t i = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, bf16>) {
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, load_f32x16(xr + i));
+        best = _mm512_reduce_max_ps(mx);
+      }
+#endif
+      for (; i < n; ++i) best = std::max(best, to_f(xr[i]));
+      int64_t at = 0;
+      while (at < n - 1 && !(to_f(xr[at]) == best)) ++at;  // NaN-free rows always stop at the maximum
+      out[r] = at;
+    }
+  });
+}
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  check(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0, "argmax_rows: x must be [rows, n], contiguous");
+  auto out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+  dispatch(x, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    argmax_impl<scalar_t>(ptr<scalar_t>(x), out.data_ptr<int64_t>(), x.size(0), x.size(1));
+  });
+  return out;
+}
+
 // ---- attention of a few query tokens per sequence over its paged cache ------------------------------------------
 // q [T, H, D] (sequence r's queries are rows cu_q[r]..cu_q[r+1], the last ones of its seqlens_k[r] positions,
 // causal, optional sliding window); k/v cache [blocks, block_size, KVH, D]; block_tables [S, W]. Each (sequence,
@@ -519,6 +553,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm as Hugging Face computes it");
   m.def("rope_", &rope_, "rotary embedding in place (half-split layout)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("argmax_rows", &argmax_rows, "row-wise argmax, first of equal maxima");
   m.def("write_kv", &write_kv, "new keys/values into paged-cache slots");
   m.def("paged_attention", &paged_attention, "attention of few-token queries over a paged KV cache");
 }

@@ -137,5 +137,6 @@ class Model(nn.Module):
                 kv: list[KVCache] | None = None) -> torch.Tensor:
         return self.model(input_ids, positions, meta, kv)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        out = self.lm_head(hidden)
+        return out.float() if float32 else out

@@ -83,6 +83,14 @@ def test_silu_mul_on_fused_halves_matches_eager(dtype):
     close(kernels.cpu_ops().silu_mul(gate, up), F.silu(gate) * up, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_rows_takes_the_first_maximum(dtype):
+    x = torch.randn(6, 1000).to(dtype)
+    x[1, 7] = x[1, 900] = 50  # a tie: the first one wins, as torch's argmax
+    x[2, -1] = 60  # in the scalar tail
+    assert torch.equal(kernels.cpu_ops().argmax_rows(x), x.float().argmax(-1))
+
+
 def reference_attention(q, keys, values, lq, lk, scale, window):
     """q [lq, H, D] as the last lq of lk positions over keys/values [lk, KVH, D]: plain masked softmax in fp32."""
     group = q.shape[1] // keys.shape[1]
