@@ -21,6 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one step; longer prompts are prefilled in chunks (default 2048)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no optional fast paths (lmforge's CPU kernels): the plain PyTorch code only")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -45,7 +47,7 @@ def engine_config(args: argparse.Namespace):
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_caching=not args.no_prefix_caching)
+                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager)
 
 
 def build_llm(args: argparse.Namespace):

@@ -32,6 +32,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     seed: int = 0
+    enforce_eager: bool = False  # True: no optional fast paths (the CPU kernels), plain PyTorch only
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -89,8 +90,11 @@ class LLMEngine:
         dtype = next(self.model.parameters()).dtype
         num_blocks = plan_num_blocks(self.model, config.block_size, dtype, _kv_budget_bytes(config, device),
                                      self.max_model_len)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
-        log.info("KV cache allocated in %.1fs", time.perf_counter() - t1)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.enforce_eager)
+        t2 = time.perf_counter()
+        log.info("KV cache allocated in %.1fs", t2 - t1)
+        self.runner.warm_up()
+        log.info("warm-up (%s) in %.1fs", self.runner.fast_paths, time.perf_counter() - t2)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.scheduling_policy)

@@ -1,10 +1,12 @@
 """Turns a scheduled step into one flat forward over the paged KV pool; hot path — keep minimal."""
 
+import contextlib
 import logging
 
 import torch
 from torch import nn
 
+from lmforge import kernels
 from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
@@ -37,10 +39,11 @@ def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budge
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int):
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False):
         self.model = model
         fuse_projections(model)  # q/k/v and gate/up as one product each (the engine owns this copy of the model)
         self.block_size = block_size
+        self.enforce_eager = enforce_eager
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         a = model.args
@@ -71,12 +74,41 @@ class ModelRunner:
                                   block_size=bs)
         return torch.tensor(ids, device=device), torch.tensor(positions, device=device), meta, sample_rows
 
+    @property
+    def fast_paths(self) -> str:
+        if self.enforce_eager:
+            return "eager: fast paths off"
+        if self.device.type == "cpu":
+            return "CPU kernels" if kernels.cpu_ops() is not None else "eager: CPU kernels unavailable"
+        return "eager"
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One throw-away step over two short sequences: builds the CPU kernels (once per machine), packs the
+        weights for oneDNN, touches every code path of a step. Runs before any request exists and writes into block
+        0 only, which it zeroes again."""
+        n = min(self.block_size, 4)
+        ids = torch.zeros(2 * n, dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device).repeat(2)
+        slots = torch.arange(n, device=self.device).repeat(2)
+        meta = AttnMeta.for_paged([n, n], [n, n], slots, torch.zeros(2, 1, dtype=torch.long, device=self.device),
+                                  torch.tensor([n - 1, 2 * n - 1], device=self.device), block_size=self.block_size)
+        with self._mode():
+            self.model.logits(self.model(ids, positions, meta, self.kv)[meta.logits_indices], float32=False)
+        for k_cache, v_cache in self.kv:
+            k_cache[0].zero_()
+            v_cache[0].zero_()
+
+    def _mode(self):
+        return kernels.disabled() if self.enforce_eager else contextlib.nullcontext()
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Runs the step; returns logits [len(rows), vocab] in the model's dtype (the sampler widens them to fp32
         when it needs more than an argmax) and the rows they belong to."""
         ids, positions, meta, rows = self.prepare(batch)
-        hidden = self.model(ids, positions, meta, self.kv)
-        if not rows:
-            return hidden.new_empty((0, 0)), rows
-        return self.model.logits(hidden[meta.logits_indices], float32=False), rows
+        with self._mode():
+            hidden = self.model(ids, positions, meta, self.kv)
+            if not rows:
+                return hidden.new_empty((0, 0)), rows
+            return self.model.logits(hidden[meta.logits_indices], float32=False), rows

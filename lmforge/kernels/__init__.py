@@ -4,9 +4,10 @@
 pure-torch code they replace (lmforge/layers), which stays the reference. Kernels never run under autograd: they
 are for inference tensors only (`usable(x)`).
 
-Off: `LMFORGE_KERNELS=0` (or `enforce_eager=True` on the engine). The build goes to `$LMFORGE_HOME/kernels/<key>`,
-where the key covers the source, torch's version and this CPU's instruction set (the code is built with
--march=native), so a cached build is never loaded on a machine it was not made for.
+Off: `LMFORGE_KERNELS=0` (or `enforce_eager=True` on the engine, `--enforce-eager` on the CLI). The build goes to
+`$LMFORGE_KERNEL_CACHE/<key>` (default ~/.cache/lmforge/kernels, kept apart from LMFORGE_HOME so that a fresh model
+home does not rebuild them), where the key covers the source, torch's version and this CPU's instruction set (the
+code is built with -march=native), so a cached build is never loaded on a machine it was not made for.
 """
 
 import contextlib
@@ -35,11 +36,10 @@ def _cpu_flags() -> str:
 
 
 def _build_dir() -> tuple[str, Path]:
-    from lmforge.weights.resolve import lmforge_home
-
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
     name = f"lmforge_cpu_ops_{key}"
-    return name, lmforge_home() / "kernels" / name
+    root = Path(os.environ.get("LMFORGE_KERNEL_CACHE") or "~/.cache/lmforge/kernels").expanduser()
+    return name, root / name
 
 
 def enabled() -> bool:
@@ -79,17 +79,18 @@ def _load():
 
 @contextlib.contextmanager
 def disabled():
-    """Inside, every caller takes its pure-torch path (tests compare the two)."""
+    """Inside, every caller takes its pure-torch path (tests compare the two; enforce_eager)."""
+    outer = _state.get("off", False)
     _state["off"] = True
     try:
         yield
     finally:
-        _state.pop("off")
+        _state["off"] = outer
 
 
 def usable(x: torch.Tensor, *params: torch.Tensor):
     """The kernels when they apply to x (CPU, float32/bfloat16) and autograd is not watching x or params."""
-    if "off" in _state or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if _state.get("off") or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return None

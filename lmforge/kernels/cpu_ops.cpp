@@ -346,6 +346,13 @@ torch::Tensor argmax_rows(torch::Tensor x) {
 // causal, optional sliding window); k/v cache [blocks, block_size, KVH, D]; block_tables [S, W]. Each (sequence,
 // head) task walks the sequence's blocks in place: no gather, no padding, softmax in float32.
 #if defined(__AVX512BF16__)
+// Asks for the cache lines of one key or value row ahead of use: rows of a paged cache are scattered, which
+// the hardware prefetcher does not follow.
+inline void prefetch_row(const bf16* p, int64_t dim) {
+  for (int64_t i = 0; i < dim; i += 32) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+constexpr int64_t PREFETCH_KEYS = 8;
+
 // The four horizontal sums of a, b, c, d.
 inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a b a b
@@ -367,6 +374,7 @@ void weigh_values(const float* scores, int64_t stride, const bf16* vc, const int
     for (int c = 0; c < C; ++c) a[h][c] = _mm512_setzero_ps();
   for (int64_t p = first; p <= pos; ++p) {
     const bf16* vp = vc + offs[p];
+    if (p + PREFETCH_KEYS <= pos) prefetch_row(vc + offs[p + PREFETCH_KEYS], dim);
     __m512 w[G];
     for (int h = 0; h < G; ++h) w[h] = _mm512_set1_ps(scores[h * stride + p - first]);
     for (int c = 0; c < C; ++c) {
@@ -388,6 +396,8 @@ void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, cons
     float* sh = scores + h * stride;
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {  // four keys at a time: one shared horizontal reduction for their dot products
+      if (h == 0)
+        for (int64_t j = i + PREFETCH_KEYS; j < std::min(i + PREFETCH_KEYS + 4, n); ++j) prefetch_row(kc + offs[first + j], dim);
       __m512 a[4];
       for (int j = 0; j < 4; ++j) {
         const int64_t p = first + i + j;
