@@ -157,8 +157,8 @@ def test_engine_logprobs_equal_training_forward(llm, batched):
     for prompt, out in zip(prompts[:4], outs, strict=True):
         gen = out.outputs[0].token_ids
         full = torch.tensor(prompt + gen)
-        with torch.no_grad():
-            logits = model.logits(model(full, torch.arange(len(full)), AttnMeta.for_sequences([len(full)])))
+        with torch.enable_grad():  # the training forward: autograd on, so no inference fast path
+            logits = model.logits(model(full, torch.arange(len(full)), AttnMeta.for_sequences([len(full)]))).detach()
         expected = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1, len(full) - 1), torch.tensor(gen)]
         got = torch.tensor([step[t].logprob for step, t in zip(out.outputs[0].logprobs, gen, strict=True)])
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
@@ -174,3 +174,22 @@ def test_invalid_requests_fail_before_queueing_and_engine_keeps_serving(llm):
         llm.generate(["hi"], SamplingParams(max_tokens=0), use_tqdm=False)
     assert_no_leak(llm)
     assert llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0].finished
+
+
+def test_bf16_kernels_agree_with_eager_pytorch(smollm2_dir, batched):
+    """bf16 on CPU runs lmforge's kernels (GEMV, oneDNN-packed GEMMs, paged attention, fused norms); enforce_eager
+    runs plain PyTorch. Both round to bf16 at slightly different points, so long greedy runs may drift apart:
+    the first 8 tokens of every prompt must agree, and the kernels must really have been used."""
+    from lmforge import kernels
+
+    if kernels.cpu_ops() is None:
+        pytest.skip("CPU kernels unavailable")
+    prompts = batched[0][:8]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for eager in (False, True):
+        llm = LLM(str(smollm2_dir), dtype="bfloat16", max_model_len=512, kv_cache_memory=0.1, enforce_eager=eager)
+        assert llm.engine.runner.fast_paths == ("eager: fast paths off" if eager else "CPU kernels")
+        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert_no_leak(llm)
+    assert outs[False] == outs[True]
