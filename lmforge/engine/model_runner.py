@@ -1,7 +1,9 @@
 """Turns a scheduled step into one flat forward over the paged KV pool; hot path — keep minimal."""
 
 import contextlib
+import ctypes
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.linear import fuse_projections
 
 log = logging.getLogger("lmforge")
+MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -38,6 +41,19 @@ def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budge
     return num_blocks
 
 
+def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed KV pool. On Linux CPUs it asks for transparent huge pages first: decode reads scattered blocks
+    of it every step, and 2 MiB pages spare most TLB misses (about 10 % of attention time, benchmarks/kernels.py)."""
+    pool = torch.empty(shape, dtype=dtype, device=device)
+    if device.type == "cpu" and sys.platform == "linux":
+        size, start = pool.numel() * pool.element_size(), pool.data_ptr()
+        aligned = -(-start // 2**21) * 2**21
+        if size > aligned - start:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(size - (aligned - start)), MADV_HUGEPAGE)
+    return pool.zero_()
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False):
         self.model = model
@@ -48,8 +64,7 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         a = model.args
         shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
-        self.kv: list[KVCache] = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                   torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv: list[KVCache] = [(_pool(shape, self.dtype, self.device), _pool(shape, self.dtype, self.device))
                                   for _ in range(a.num_hidden_layers)]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
