@@ -346,12 +346,14 @@ torch::Tensor argmax_rows(torch::Tensor x) {
 // causal, optional sliding window); k/v cache [blocks, block_size, KVH, D]; block_tables [S, W]. Each (sequence,
 // head) task walks the sequence's blocks in place: no gather, no padding, softmax in float32.
 #if defined(__AVX512BF16__)
-// Asks for the cache lines of one key or value row ahead of use: rows of a paged cache are scattered, which
-// the hardware prefetcher does not follow.
+// Asks for the cache lines of a key or value row ahead of use: blocks of a paged cache are scattered, which the
+// hardware prefetcher does not follow. The task of a sequence's first kv head fetches the rows of all its kv heads
+// (`span` = kv_heads * dim, one contiguous run): the tasks of the other heads, which the same thread runs next,
+// then read them from its L2 instead of DRAM (span 0: no prefetch).
 inline void prefetch_row(const bf16* p, int64_t dim) {
   for (int64_t i = 0; i < dim; i += 32) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
 }
-constexpr int64_t PREFETCH_KEYS = 8;
+constexpr int64_t PREFETCH_KEYS = 24;
 
 // The four horizontal sums of a, b, c, d.
 inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -367,14 +369,16 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // acc[G][16 C] = sum over keys p of probability[h][p] * value[p], the accumulators held in registers.
 template <int G, int C>
 void weigh_values(const float* scores, int64_t stride, const bf16* vc, const int64_t* offs, int64_t first,
-                  int64_t pos, float* acc) {
+                  int64_t pos, int64_t span, float* acc) {
   constexpr int64_t dim = 16 * C;
   __m512 a[G][C];
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < C; ++c) a[h][c] = _mm512_setzero_ps();
+  if (span)
+    for (int64_t p = first; p < std::min(first + PREFETCH_KEYS, pos + 1); ++p) prefetch_row(vc + offs[p], span);
   for (int64_t p = first; p <= pos; ++p) {
     const bf16* vp = vc + offs[p];
-    if (p + PREFETCH_KEYS <= pos) prefetch_row(vc + offs[p + PREFETCH_KEYS], dim);
+    if (span && p + PREFETCH_KEYS <= pos) prefetch_row(vc + offs[p + PREFETCH_KEYS], span);
     __m512 w[G];
     for (int h = 0; h < G; ++h) w[h] = _mm512_set1_ps(scores[h * stride + p - first]);
     for (int c = 0; c < C; ++c) {
@@ -389,15 +393,19 @@ void weigh_values(const float* scores, int64_t stride, const bf16* vc, const int
 // One query token against keys first..pos of one kv head, for the `group` query heads sharing it (bf16, dim a
 // multiple of 32). Scores use the bf16 dot-product instruction (exact products, float32 sums).
 void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, const bf16* vc, const int64_t* offs,
-                 int64_t first, int64_t pos, float scale, float* scores, int64_t stride, float* acc, bf16* out) {
+                 int64_t first, int64_t pos, int64_t span, float scale, float* scores, int64_t stride, float* acc,
+                 bf16* out) {
   const int64_t n = pos - first + 1;
+  if (span)  // the first keys at once: they are needed before the running prefetch gets ahead
+    for (int64_t j = 0; j < std::min(PREFETCH_KEYS, n); ++j) prefetch_row(kc + offs[first + j], span);
   for (int64_t h = 0; h < group; ++h) {
     const bf16* qh = q + h * dim;
     float* sh = scores + h * stride;
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {  // four keys at a time: one shared horizontal reduction for their dot products
-      if (h == 0)
-        for (int64_t j = i + PREFETCH_KEYS; j < std::min(i + PREFETCH_KEYS + 4, n); ++j) prefetch_row(kc + offs[first + j], dim);
+      if (h == 0 && span)
+        for (int64_t j = i + PREFETCH_KEYS; j < std::min(i + PREFETCH_KEYS + 4, n); ++j)
+          prefetch_row(kc + offs[first + j], span);
       __m512 a[4];
       for (int j = 0; j < 4; ++j) {
         const int64_t p = first + i + j;
@@ -439,12 +447,12 @@ void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, cons
     }
   }
   switch (group * 100 + dim) {  // the common shapes keep their accumulators in registers
-    case 164: weigh_values<1, 4>(scores, stride, vc, offs, first, pos, acc); break;
-    case 264: weigh_values<2, 4>(scores, stride, vc, offs, first, pos, acc); break;
-    case 364: weigh_values<3, 4>(scores, stride, vc, offs, first, pos, acc); break;
-    case 464: weigh_values<4, 4>(scores, stride, vc, offs, first, pos, acc); break;
-    case 1128: weigh_values<1, 8>(scores, stride, vc, offs, first, pos, acc); break;
-    case 2128: weigh_values<2, 8>(scores, stride, vc, offs, first, pos, acc); break;
+    case 164: weigh_values<1, 4>(scores, stride, vc, offs, first, pos, span, acc); break;
+    case 264: weigh_values<2, 4>(scores, stride, vc, offs, first, pos, span, acc); break;
+    case 364: weigh_values<3, 4>(scores, stride, vc, offs, first, pos, span, acc); break;
+    case 464: weigh_values<4, 4>(scores, stride, vc, offs, first, pos, span, acc); break;
+    case 1128: weigh_values<1, 8>(scores, stride, vc, offs, first, pos, span, acc); break;
+    case 2128: weigh_values<2, 8>(scores, stride, vc, offs, first, pos, span, acc); break;
     default:
       std::fill(acc, acc + group * dim, 0.f);
       for (int64_t p = first; p <= pos; ++p) {
@@ -485,7 +493,8 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, bf16>) {
           if (dim % 32 == 0) {
-            attend_bf16(q + (q0 + i) * qs + g * group * dim, group, dim, kc, vc, offs.data(), first, pos, scale,
+            attend_bf16(q + (q0 + i) * qs + g * group * dim, group, dim, kc, vc, offs.data(), first, pos,
+                        g == 0 ? kv_heads * dim : 0, scale,
                         scores.data(), lk, acc.data(), out + ((q0 + i) * heads + g * group) * dim);
             continue;
           }
