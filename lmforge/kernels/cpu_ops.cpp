@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -170,6 +172,111 @@ torch::Tensor linear_small(torch::Tensor x, torch::Tensor w, c10::optional<torch
   });
   return y;
 }
+
+// ---- bf16 GEMM on AMX tiles for decode-sized batches: y[M, N] = x[M, K] . w[N, K]^T (+ b) -------------------------
+// At decode sizes (M <= 64) oneDNN streams the weights at well below the memory bandwidth; this kernel walks a copy
+// of w packed tile by tile (amx_pack) in one sequential pass. Needs K % 32 == 0 and N % 32 == 0.
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+bool amx_available() {
+  static const bool ok = [] {  // Linux hands out the AMX register state only on request
+    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// w [N, K] -> [N/16][K/32][16][32]: tile (n, k) row r holds k pair (2r, 2r+1) of its 16 outputs, interleaved (VNNI).
+torch::Tensor amx_pack(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(0) % 32 == 0 && w.size(1) % 32 == 0,
+              "amx_pack: w must be bf16 [N, K] with N and K multiples of 32");
+  auto wc = w.contiguous();
+  const int64_t n = wc.size(0), k = wc.size(1);
+  auto out = torch::empty({n / 16, k / 32, 16, 32}, wc.options());
+  const bf16* src = ptr<bf16>(wc);
+  bf16* dst = ptr<bf16>(out);
+  at::parallel_for(0, n / 16, 1, [=](int64_t lo, int64_t hi) {
+    for (int64_t nb = lo; nb < hi; ++nb)
+      for (int64_t kb = 0; kb < k / 32; ++kb)
+        for (int64_t r = 0; r < 16; ++r)
+          for (int64_t c = 0; c < 16; ++c)
+            for (int64_t i = 0; i < 2; ++i)
+              dst[((nb * (k / 32) + kb) * 16 + r) * 32 + 2 * c + i] = src[(nb * 16 + c) * k + kb * 32 + 2 * r + i];
+  });
+  return out;
+}
+
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(amx_available(), "amx_linear: AMX is not available");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
+              packed.size(1) * 32 == x.size(1) && packed.size(0) % 2 == 0, "amx_linear: shapes do not match");
+  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0) * 16, kb_count = k / 32;
+  const int64_t mp = (m + 31) / 32 * 32;  // whole pairs of 16-row tiles; padding rows are zeros
+  auto xp = torch::zeros({mp, k}, x.options());
+  xp.narrow(0, 0, m).copy_(x);
+  auto y = torch::empty({m, n}, x.options());
+  auto b = bias ? bias->contiguous() : torch::Tensor();
+  const bf16* xs = ptr<bf16>(xp);
+  const bf16* ws = ptr<bf16>(packed);
+  const bf16* bs = bias ? ptr<bf16>(b) : nullptr;
+  bf16* ys = ptr<bf16>(y);
+  at::parallel_for(0, n / 32, 1, [=](int64_t lo, int64_t hi) {
+    TileConfig cfg;  // 8 tiles of 16 rows x 64 bytes: C 0-3 (fp32), A 4-5 and B 6-7 (bf16)
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    alignas(64) float buf[32 * 32];
+    for (int64_t j = lo; j < hi; ++j) {  // 32 outputs at a time
+      const bf16* w0 = ws + (2 * j) * kb_count * 512;
+      const bf16* w1 = w0 + kb_count * 512;
+      for (int64_t m0 = 0; m0 < mp; m0 += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kb = 0; kb < kb_count; ++kb) {
+          _tile_loadd(4, xs + m0 * k + kb * 32, k * 2);
+          _tile_loadd(5, xs + (m0 + 16) * k + kb * 32, k * 2);
+          _tile_loadd(6, w0 + kb * 512, 64);
+          _tile_loadd(7, w1 + kb * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, buf, 128);
+        _tile_stored(1, buf + 16, 128);
+        _tile_stored(2, buf + 16 * 32, 128);
+        _tile_stored(3, buf + 16 * 32 + 16, 128);
+        const __m512 b0 = bs ? load_f32x16(bs + j * 32) : _mm512_setzero_ps();
+        const __m512 b1 = bs ? load_f32x16(bs + j * 32 + 16) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < 32 && m0 + r < m; ++r) {
+          bf16* yr = ys + (m0 + r) * n + j * 32;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(buf + r * 32), b0)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + 16),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(buf + r * 32 + 16), b1)));
+        }
+      }
+    }
+    _tile_release();
+  });
+  return y;
+}
+#else
+bool amx_available() { return false; }
+torch::Tensor amx_pack(torch::Tensor) { TORCH_CHECK(false, "amx_pack: built without AMX"); }
+torch::Tensor amx_linear(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>) {
+  TORCH_CHECK(false, "amx_linear: built without AMX");
+}
+#endif
 
 // ---- RMSNorm as Hugging Face computes it: in float32, rounded to the input dtype, then times the weight ----------
 template <typename T>
@@ -569,6 +676,9 @@ void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small", &linear_small, "x [<=8, in] @ w[out, in].T (+ b), streaming w once");
+  m.def("amx_available", &amx_available, "whether AMX tiles can be used here");
+  m.def("amx_pack", &amx_pack, "bf16 weight [N, K] -> AMX tile layout");
+  m.def("amx_linear", &amx_linear, "x [M, K] @ w.T on AMX tiles, w packed by amx_pack");
   m.def("rms_norm", &rms_norm, "RMSNorm as Hugging Face computes it");
   m.def("rope_", &rope_, "rotary embedding in place (half-split layout)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");

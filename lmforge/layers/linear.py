@@ -8,6 +8,7 @@ from lmforge.kernels import usable
 
 log = logging.getLogger("lmforge")
 SMALL_ROWS = 3  # up to this many bf16 rows, streaming the weight once beats oneDNN (benchmarks/kernels.py)
+AMX_MAX_ROWS = 128  # up to here lmforge's AMX kernel beats oneDNN; beyond (prefill) oneDNN's blocking wins
 _onednn: dict[str, bool] = {}
 
 
@@ -96,21 +97,28 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) 
     if x.dim() == 2 and x.dtype == torch.bfloat16 == w.dtype and (ops := usable(x, w)) is not None:
         if x.shape[0] <= SMALL_ROWS:
             return ops.linear_small(x.contiguous(), w, bias)
-        if (packed := _packed(cache, w)) is not None:
+        if (packed := _packed(cache, w, ops)) is not None:
+            if packed.dim() == 4:  # lmforge's AMX tile layout: decode-sized batches stream the weight once
+                if x.shape[0] <= AMX_MAX_ROWS:
+                    return ops.amx_linear(x.contiguous(), packed, bias)
+                return F.linear(x, w, bias)
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, w, bias)
 
 
-def _packed(cache, w: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked layout of w, kept in cache._packed, so that its GEMM (AMX / AVX512-BF16) skips a reorder
-    per call; rebuilt when w changes."""
+def _packed(cache, w: torch.Tensor, ops) -> torch.Tensor | None:
+    """A packed copy of w kept in cache._packed and rebuilt when w changes: the AMX tile layout where the CPU has
+    AMX and the shape allows, else oneDNN's blocked layout (its GEMM then skips a reorder per call)."""
     if w.is_inference():  # made under inference_mode: no version counter to notice updates by
         return None
     key = (w.data_ptr(), w._version)  # any in-place update (optimizer step, weight sync, load) bumps it
     if cache._packed is None or cache._packed[0] != key:
-        if not _onednn_packing():
+        if ops.amx_available() and w.shape[0] % 32 == 0 and w.shape[1] % 32 == 0:
+            cache._packed = (key, ops.amx_pack(w.detach()))
+        elif _onednn_packing():
+            cache._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+        else:
             return None
-        cache._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
     return cache._packed[1]
 
 

@@ -22,16 +22,17 @@ def close(actual, expected, dtype, atol=1e-5):
         torch.testing.assert_close(actual.float(), expected.float(), atol=BF16_ULP, rtol=BF16_ULP)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 33, 64, 130])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_fast_paths_match_f_linear(rows, bias):
+@pytest.mark.parametrize("shape", [(80, 48), (96, 64)])  # 80 x 48: no AMX tiling (oneDNN); 96 x 64: AMX if present
+def test_linear_fast_paths_match_f_linear(rows, bias, shape):
     torch.manual_seed(0)
-    layer = Linear(80, 48, bias=bias).to(torch.bfloat16)  # 80: not a multiple of the kernel's 32-wide steps
-    x = torch.randn(rows, 80, dtype=torch.bfloat16)
+    layer = Linear(*shape, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, shape[0], dtype=torch.bfloat16)
     expected = (x.float() @ layer.weight.float().T + (layer.bias.float() if bias else 0))
     with torch.inference_mode():
         close(layer(x), expected.to(torch.bfloat16), torch.bfloat16)
-    assert (layer._packed is not None) == (rows > 3 and _onednn_packing())
+    assert (layer._packed is not None) == (rows > 3 and (_onednn_packing() or kernels.cpu_ops().amx_available()))
 
 
 def test_packed_weight_follows_in_place_updates():
