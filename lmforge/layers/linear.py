@@ -40,16 +40,13 @@ class _Joint:
     def __init__(self, layers: tuple[Linear, ...], weight: torch.Tensor, bias: torch.Tensor | None):
         self.layers, self.weight, self.bias = layers, weight, bias
         self.sizes = [layer.out_features for layer in layers]
+        self.addresses = [layer.weight.data_ptr() for layer in layers]
         self._packed: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def intact(self, layers: tuple[Linear, ...]) -> bool:
         """Still the same layers, each weight still a view of the joint one (loading with assign=True replaces)."""
-        offset = 0
-        for layer, mine in zip(layers, self.layers, strict=True):
-            if layer is not mine or layer.weight.data_ptr() != self.weight[offset].data_ptr():
-                return False
-            offset += layer.out_features
-        return True
+        return all(layer is mine and layer.weight.data_ptr() == address
+                   for layer, mine, address in zip(layers, self.layers, self.addresses, strict=True))
 
 
 @torch.no_grad()

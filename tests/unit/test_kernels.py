@@ -158,3 +158,16 @@ def test_fused_projections_keep_names_values_and_outputs(dtype, tmp_path):
     save_weights(fused, tmp_path)  # views of one tensor still save as separate, HF-named tensors
     saved = dict(iter_tensors(tmp_path))
     assert all(torch.equal(saved[n], before[n]) for n in before)
+
+
+def test_fused_layers_fall_back_when_a_weight_is_replaced():
+    from lmforge.layers.linear import fuse, linears
+
+    q, k = Linear(32, 32, bias=False).to(torch.bfloat16), Linear(32, 32, bias=False).to(torch.bfloat16)
+    fuse(q, k)
+    q.weight = torch.nn.Parameter(q.weight.detach() * 2)  # e.g. load_state_dict(assign=True)
+    x = torch.randn(8, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out_q, out_k = linears(x, q, k)
+        close(out_q, torch.nn.functional.linear(x, q.weight), torch.bfloat16)
+        close(out_k, torch.nn.functional.linear(x, k.weight), torch.bfloat16)
