@@ -1,9 +1,7 @@
 """Turns a scheduled step into one flat forward over the paged KV pool; hot path — keep minimal."""
 
 import contextlib
-import ctypes
 import logging
-import sys
 
 import torch
 from torch import nn
@@ -15,7 +13,6 @@ from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.linear import fuse_projections
 
 log = logging.getLogger("lmforge")
-MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -41,19 +38,6 @@ def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budge
     return num_blocks
 
 
-def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed KV pool. On Linux CPUs it asks for transparent huge pages first: decode reads scattered blocks
-    of it every step, and 2 MiB pages spare most TLB misses (about 10 % of attention time, benchmarks/kernels.py)."""
-    pool = torch.empty(shape, dtype=dtype, device=device)
-    if device.type == "cpu" and sys.platform == "linux":
-        size, start = pool.numel() * pool.element_size(), pool.data_ptr()
-        aligned = -(-start // 2**21) * 2**21
-        if size > aligned - start:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(size - (aligned - start)), MADV_HUGEPAGE)
-    return pool.zero_()
-
-
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False):
         self.model = model
@@ -64,7 +48,8 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         a = model.args
         shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
-        self.kv: list[KVCache] = [(_pool(shape, self.dtype, self.device), _pool(shape, self.dtype, self.device))
+        self.kv: list[KVCache] = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                   torch.zeros(shape, dtype=self.dtype, device=self.device))
                                   for _ in range(a.num_hidden_layers)]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
@@ -99,15 +84,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """One throw-away step over two short sequences: builds the CPU kernels (once per machine), packs the
-        weights for oneDNN, touches every code path of a step. Runs before any request exists and writes into block
-        0 only, which it zeroes again."""
-        n = min(self.block_size, 4)
-        ids = torch.zeros(2 * n, dtype=torch.long, device=self.device)
-        positions = torch.arange(n, device=self.device).repeat(2)
-        slots = torch.arange(n, device=self.device).repeat(2)
-        meta = AttnMeta.for_paged([n, n], [n, n], slots, torch.zeros(2, 1, dtype=torch.long, device=self.device),
-                                  torch.tensor([n - 1, 2 * n - 1], device=self.device), block_size=self.block_size)
+        """One throw-away step over four short sequences: builds the CPU kernels (once per machine), packs the
+        weights (the LM head too: four rows reach it), touches every code path of a step. Runs before any request
+        exists and writes into block 0 only, which it zeroes again."""
+        seqs, n = 4, min(self.block_size, 4)
+        ids = torch.zeros(seqs * n, dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device).repeat(seqs)
+        tables = torch.zeros(seqs, 1, dtype=torch.long, device=self.device)
+        meta = AttnMeta.for_paged([n] * seqs, [n] * seqs, positions.clone(), tables,
+                                  torch.arange(n - 1, seqs * n, n, device=self.device), block_size=self.block_size)
         with self._mode():
             self.model.logits(self.model(ids, positions, meta, self.kv)[meta.logits_indices], float32=False)
         for k_cache, v_cache in self.kv:
