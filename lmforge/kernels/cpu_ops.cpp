@@ -123,7 +123,7 @@ void linear_rows_bf16(const bf16* x, const bf16* w, const bf16* b, bf16* y, int6
   at::parallel_for(0, n, 16, [=](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       const bf16* row = w + j * k;
-      if (j + PREFETCH_ROWS < hi)  // more reads in flight than the hardware prefetcher keeps (benchmarks/kernels.py)
+      if (j + PREFETCH_ROWS < hi)  // more reads in flight than the hardware prefetcher keeps (benchmarks/cpu_kernels.py)
         for (int64_t i = 0; i < k; i += 32)
           _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH_ROWS * k + i), _MM_HINT_T1);
       __m512 acc[M];

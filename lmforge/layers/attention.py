@@ -16,7 +16,7 @@ from lmforge.kernels import usable
 # One layer's paged cache: (keys, values), each [num_blocks, block_size, kv_heads, head_dim].
 KVCache = tuple[torch.Tensor, torch.Tensor]
 # Which sequences of a paged step the CPU kernel attends: decodes and short chunks, and short prompts, where
-# a per-sequence SDPA call costs more in overhead than the kernel's plain loops (benchmarks/kernels.py).
+# a per-sequence SDPA call costs more in overhead than the kernel's plain loops (benchmarks/cpu_kernels.py).
 KERNEL_MAX_QUERIES = 4
 KERNEL_MAX_WORK = 4096  # query tokens x keys
 

@@ -7,7 +7,7 @@ from torch import nn
 from lmforge.kernels import usable
 
 log = logging.getLogger("lmforge")
-SMALL_ROWS = 3  # up to this many bf16 rows, streaming the weight once beats oneDNN (benchmarks/kernels.py)
+SMALL_ROWS = 3  # up to this many bf16 rows, streaming the weight once beats oneDNN (benchmarks/cpu_kernels.py)
 AMX_MAX_ROWS = 128  # up to here lmforge's AMX kernel beats oneDNN; beyond (prefill) oneDNN's blocking wins
 _onednn: dict[str, bool] = {}
 

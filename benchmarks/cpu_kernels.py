@@ -1,0 +1,153 @@
+"""lmforge's CPU kernels (lmforge/kernels) vs the PyTorch code they replace, on SmolLM2-135M's shapes, one invocation.
+
+Usage: python benchmarks/cpu_kernels.py [--threads 2] [--repeats 5]
+
+Each row times one kernel and its peer on the same inputs in this process (best of --repeats, each a loop of
+calls after a warm-up) and prints the ratio peer / kernel (above 1: the kernel is faster). Shapes are those of a
+decode step of SmolLM2-135M-Instruct (hidden 576, 9 query / 3 kv heads of 64, MLP 1536, vocab 49152, 30 layers)
+in bfloat16:
+  linear, 1 row     the 30 layers' fused q/k/v, o, gate/up and down weights (distinct tensors, 226 MB: read from
+                    DRAM, as in decode), streaming GEMV kernel vs F.linear (oneDNN)
+  linear, 64 rows   the same weights, AMX tile kernel (or oneDNN with pre-packed weights where the CPU has no
+                    AMX) vs F.linear, and vs oneDNN with pre-packed weights
+  paged attention   64 sequences x 90 cached tokens, 30 KV pools (377 MB, DRAM-resident as in decode): the kernel vs
+                    the pure-torch path (gather the blocks, one batched SDPA call with a key mask)
+  rms_norm / rope / silu_mul   64 rows, vs the eager ops of lmforge/layers (kernels.disabled())
+These are the measurements behind the thresholds in lmforge/layers (SMALL_ROWS, AMX_MAX_ROWS, KERNEL_MAX_*).
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmforge import kernels
+from lmforge.layers.attention import AttnMeta, attention
+from lmforge.layers.norm import RMSNorm
+from lmforge.layers.rope import apply_rope
+
+LAYERS, HIDDEN, MLP, HEADS, KV_HEADS, DIM = 30, 576, 1536, 9, 3, 64
+SHAPES = [(HIDDEN, (HEADS + 2 * KV_HEADS) * DIM), (HEADS * DIM, HIDDEN), (HIDDEN, 2 * MLP), (MLP, HIDDEN)]
+
+
+def best_ms(fn, repeats: int, calls: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e3)
+    return min(times)
+
+
+def linear_rows(rows: int):
+    from lmforge.layers.linear import Linear
+
+    layers = []
+    for _ in range(LAYERS):
+        for fan_in, fan_out in SHAPES:
+            layers.append(Linear(fan_in, fan_out, bias=False).to(torch.bfloat16))
+    inputs = {fan_in: torch.randn(rows, fan_in, dtype=torch.bfloat16) for fan_in, _ in SHAPES}
+
+    @torch.inference_mode()
+    def fast():
+        for layer in layers:
+            layer(inputs[layer.in_features])
+
+    @torch.inference_mode()
+    def peer():
+        for layer in layers:
+            F.linear(inputs[layer.in_features], layer.weight)
+
+    packed = [torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None) for layer in layers]
+
+    @torch.inference_mode()
+    def onednn_packed():  # what lmforge runs where the CPU has no AMX
+        for layer, w in zip(layers, packed, strict=True):
+            torch.ops.mkldnn._linear_pointwise(inputs[layer.in_features], w, None, "none", [], "")
+
+    return fast, peer, onednn_packed
+
+
+def paged(rows: int = 64, context: int = 90, pools: int = LAYERS, block_size: int = 16):
+    blocks = 1024  # 30 layers x 2 x 6 MiB: beyond the caches, and the blocks of a step scattered, as in the engine
+    caches = [(torch.randn(blocks, block_size, KV_HEADS, DIM, dtype=torch.bfloat16),
+               torch.randn(blocks, block_size, KV_HEADS, DIM, dtype=torch.bfloat16)) for _ in range(pools)]
+    width = -(-context // block_size)
+    tables = torch.randperm(blocks)[:rows * width].view(rows, width)
+    lens = [context] * rows
+    slots = tables[:, (context - 1) // block_size] * block_size + (context - 1) % block_size
+    q = torch.randn(rows, HEADS, DIM, dtype=torch.bfloat16)
+    k = torch.randn(rows, KV_HEADS, DIM, dtype=torch.bfloat16)
+
+    def run(meta):
+        with torch.inference_mode():
+            for cache in caches:
+                attention(q, k, k, meta, cache, DIM**-0.5)
+
+    kernel_meta = AttnMeta.for_paged([1] * rows, lens, slots, tables, block_size=block_size)
+    with kernels.disabled():
+        torch_meta = AttnMeta.for_paged([1] * rows, lens, slots, tables, block_size=block_size)
+
+    def peer():
+        with kernels.disabled():
+            run(torch_meta)
+
+    return (lambda: run(kernel_meta)), peer
+
+
+def elementwise(rows: int = 64):
+    norm = RMSNorm(HIDDEN, 1e-5).to(torch.bfloat16)
+    x = torch.randn(rows, HIDDEN, dtype=torch.bfloat16)
+    qk = torch.randn(rows, HEADS, DIM, dtype=torch.bfloat16)
+    cos, sin = torch.randn(rows, DIM, dtype=torch.bfloat16), torch.randn(rows, DIM, dtype=torch.bfloat16)
+    gate, up = torch.randn(rows, 2 * MLP, dtype=torch.bfloat16).split(MLP, dim=-1)
+    ops = kernels.cpu_ops()
+
+    def pair(fn):
+        def peer():
+            with kernels.disabled(), torch.inference_mode():
+                fn()
+
+        def fast():
+            with torch.inference_mode():
+                fn()
+        return fast, peer
+
+    return {
+        "rms_norm, 64 x 576": pair(lambda: norm(x)),
+        "rope, 64 x 9 heads": pair(lambda: apply_rope(qk, cos, sin)),
+        "silu_mul, 64 x 1536": (lambda: ops.silu_mul(gate, up), lambda: F.silu(gate) * up),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ops = kernels.cpu_ops()
+    if ops is None:
+        raise SystemExit("lmforge's CPU kernels are unavailable here (see the log line above); nothing to compare")
+    torch.manual_seed(0)
+    big = "AMX tiles" if ops.amx_available() else "oneDNN, pre-packed"
+    gemv, gemv_peer, _ = linear_rows(1)
+    gemm, gemm_peer, gemm_packed = linear_rows(64)
+    rows = [("linear, 1 row, 30 layers", "streaming GEMV", "F.linear", gemv, gemv_peer),
+            ("linear, 64 rows, 30 layers", big, "F.linear", gemm, gemm_peer),
+            ("linear, 64 rows, 30 layers", big, "oneDNN pre-packed", gemm, gemm_packed),
+            ("paged attention, 64 x 90 keys, 30 layers", "kernel", "gather + SDPA", *paged())]
+    rows += [(name, "kernel", "eager", fast, peer) for name, (fast, peer) in elementwise().items()]
+    print(f"torch {torch.__version__}, {args.threads} threads, bfloat16; best of {args.repeats}; "
+          f"ratio = peer / lmforge")
+    print(f"{'what':42s} {'lmforge':>10s} {'peer':>10s} {'ratio':>7s}  lmforge path / peer")
+    for name, mine, theirs, fast, peer in rows:
+        t_fast, t_peer = best_ms(fast, args.repeats), best_ms(peer, args.repeats)
+        print(f"{name:42s} {t_fast:8.3f}ms {t_peer:8.3f}ms {t_peer / t_fast:7.2f}  {mine} / {theirs}")
+
+
+if __name__ == "__main__":
+    main()
