@@ -22,7 +22,7 @@ from lmforge.serve.protocol import (
     Delta,
 )
 from lmforge.serve.state import ServerState, Submission
-from lmforge.serve.streams import DONE, EventStream, sse, unless_disconnected
+from lmforge.serve.streams import DONE, EventStream, sse
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, http: Request,
@@ -40,10 +40,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     sub = await state.submit([ids], params, request_id, route, arrival, "messages")
     if req.stream:
         return EventStream(_events(sub, req, request_id, route.name), sub.close)
-    try:
-        finals = await unless_disconnected(http, sub.finals())
-    finally:
-        sub.close()
+    finals = await sub.finals_unless_disconnected(http)
     if finals is None:  # the client left; nobody reads this
         return Response(status_code=499)
     return JSONResponse(_response(finals[0], req, request_id, route.name, sub).model_dump(mode="json"))

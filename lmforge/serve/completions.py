@@ -14,7 +14,7 @@ from lmforge.serve.inputs import DEFAULT_COMPLETION_MAX_TOKENS, completion_promp
 from lmforge.serve.logprobs import completion_logprobs
 from lmforge.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from lmforge.serve.state import ServerState, Submission
-from lmforge.serve.streams import DONE, EventStream, sse, unless_disconnected
+from lmforge.serve.streams import DONE, EventStream, sse
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, http: Request, arrival: float) -> Response:
@@ -33,10 +33,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, http: Re
     echoes = [text if req.echo else "" for text, _ in prompts]
     if req.stream:
         return EventStream(_events(sub, req, request_id, route.name, echoes), sub.close)
-    try:
-        finals = await unless_disconnected(http, sub.finals())
-    finally:
-        sub.close()
+    finals = await sub.finals_unless_disconnected(http)
     if finals is None:  # the client left; nobody reads this
         return Response(status_code=499)
     choices = [_choice(p * req.n + c.index, echoes[p] + c.text, c, req, len(echoes[p]))

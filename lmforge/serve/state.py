@@ -13,7 +13,7 @@ from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.metrics import RequestTracker, ServerMetrics
 from lmforge.serve.models import ModelRoute, ServedModels
 from lmforge.serve.protocol import PromptTokensDetails, Usage
-from lmforge.serve.streams import collect, merge
+from lmforge.serve.streams import collect, merge, unless_disconnected
 
 log = logging.getLogger("lmforge")
 
@@ -35,6 +35,13 @@ class Submission:
 
     async def finals(self) -> list[RequestOutput]:
         return await collect(self.streams, lambda i, out: self.trackers[i].observe(out))
+
+    async def finals_unless_disconnected(self, http) -> list[RequestOutput] | None:
+        """The finished outputs, or None when the client left first; the submission is closed either way."""
+        try:
+            return await unless_disconnected(http, self.finals())
+        finally:
+            self.close()
 
     def usage(self, finals: list[RequestOutput]) -> Usage:
         prompt = self.prompt_tokens
