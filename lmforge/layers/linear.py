@@ -8,7 +8,9 @@ from lmforge.kernels import usable
 
 log = logging.getLogger("lmforge")
 SMALL_ROWS = 3  # up to this many bf16 rows, streaming the weight once beats oneDNN (benchmarks/cpu_kernels.py)
-AMX_MAX_ROWS = 128  # up to here lmforge's AMX kernel beats oneDNN; beyond (prefill) oneDNN's blocking wins
+# Up to here lmforge's AMX kernel matches or beats oneDNN with pre-packed weights (1.1x at 64 rows); beyond, rows go
+# to F.linear, 1.3-1.6x slower than pre-packed oneDNN for 129-1024 rows and equal from 2048 (prefill chunks).
+AMX_MAX_ROWS = 128
 _onednn: dict[str, bool] = {}
 
 
