@@ -102,16 +102,26 @@ class BlockManager:
             seq.block_table.append(block_id)
         return True
 
-    def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Publishes the hashes of seq's blocks that are now full and computed, so later requests can share them."""
+    def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Publishes the hashes of seq's blocks that its first num_tokens fill, so other requests can share them.
+        The scheduler calls it for the tokens of the step it hands out: every layer writes a step's keys and values
+        before it attends, so a request admitted later in the same step may already read them."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = num_tokens // self.block_size
         for i, h in enumerate(self._hashes(seq, num_full)):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and h not in self.cached:
                 block.hash = h
                 self.cached[h] = block.block_id
+
+    def uncache_uncomputed_blocks(self, seq: Sequence) -> None:
+        """Withdraws the hashes of seq's blocks beyond its computed tokens: a step that failed never filled them."""
+        for block_id in seq.block_table[seq.num_computed_tokens // self.block_size:]:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash = None
 
     def free(self, seq: Sequence) -> None:
         """Releases seq's blocks; unhashed ones are reused first, hashed ones stay findable until evicted."""

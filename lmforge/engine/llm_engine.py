@@ -164,7 +164,11 @@ class LLMEngine:
         if not batch.seqs:
             return []
         self.num_steps += 1
-        logits, rows = self.runner.execute(batch)
+        try:
+            logits, rows = self.runner.execute(batch)
+        except Exception:
+            self.scheduler.step_failed(batch)
+            raise
         self.scheduler.advance(batch)
         if not rows:
             return []

@@ -2,8 +2,10 @@
 
 Each step hands out at most `max_num_batched_tokens` tokens: running sequences first (a decode needs 1,
 an unfinished prefill takes what is left of the budget: chunked prefill), then waiting ones in policy order.
-When blocks run out, the lowest-priority running sequence is preempted: its blocks are freed and it
-waits to be recomputed (cheaply, when its blocks are still in the prefix cache).
+Full blocks are published to the prefix cache as their step is handed out, so the n sequences of one request
+and same-prefix requests admitted in one step share them. When blocks run out, the lowest-priority running
+sequence is preempted: its blocks are freed and it waits to be recomputed (cheaply, when its blocks are still
+in the prefix cache).
 """
 
 import time
@@ -57,6 +59,7 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self.block_manager.allocate_slots(seq, n):
+                self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + n)
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
                 budget -= n
@@ -77,6 +80,7 @@ class Scheduler:
                 self.block_manager.free(seq)  # do not sit on cached blocks while waiting
                 seq.num_computed_tokens = 0
                 break
+            self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + n)  # n > 1 siblings share them now
             self.waiting.pop(0)
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
@@ -98,10 +102,14 @@ class Scheduler:
         self.waiting.append(seq)
 
     def advance(self, batch: ScheduledBatch) -> None:
-        """After the model step: the scheduled tokens are computed; full blocks become shareable."""
+        """After the model step: the scheduled tokens are computed."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.block_manager.cache_computed_blocks(seq)
+
+    def step_failed(self, batch: ScheduledBatch) -> None:
+        """The model step raised: the blocks it was to fill must not be found by prefix caching."""
+        for seq in batch.seqs:
+            self.block_manager.uncache_uncomputed_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retires a sequence (stopped, length-capped or aborted) wherever it is, freeing its blocks."""

@@ -193,3 +193,18 @@ def test_bf16_kernels_agree_with_eager_pytorch(smollm2_dir, batched):
         outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert_no_leak(llm)
     assert outs[False] == outs[True]
+
+
+def test_n_sequences_share_the_prompt_blocks_in_their_first_step(llm, batched):
+    """n = 3 greedy completions of one prompt: the siblings read the first one's prompt blocks in the same
+    forward (published as the step is handed out), and all three equal the n = 1 completion."""
+    prompt = batched[0][5]
+    alone = batched[1][5][:16]
+    bm = llm.engine.block_manager
+    assert llm.engine.reset_prefix_cache()  # nothing cached from earlier tests: every hit is a sibling's block
+    hits = bm.prefix_hits
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, n=3),
+                       use_tqdm=False)[0]
+    assert [c.token_ids for c in out.outputs] == [alone] * 3
+    full_blocks = (len(prompt) - 1) // bm.block_size
+    assert bm.prefix_hits - hits >= 2 * full_blocks * bm.block_size  # both siblings hit every full prompt block

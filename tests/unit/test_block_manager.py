@@ -15,7 +15,7 @@ def compute(bm: BlockManager, s: Sequence) -> None:
     """What a scheduled step does to a sequence: blocks for all its tokens, then mark them computed."""
     assert bm.allocate_slots(s, s.num_tokens - s.num_computed_tokens)
     s.num_computed_tokens = s.num_tokens
-    bm.cache_computed_blocks(s)
+    bm.cache_full_blocks(s, s.num_tokens)
 
 
 def test_allocation_grows_by_blocks_and_frees_everything():

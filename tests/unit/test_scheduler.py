@@ -8,8 +8,10 @@ from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import Sequence, SequenceStatus
 
 
-def make(n_tokens: int, rid: str = "r", priority: int = 0, arrival: float = 0.0) -> Sequence:
-    return Sequence(rid, list(range(100, 100 + n_tokens)), SamplingParams(), priority=priority, arrival_time=arrival)
+def make(n_tokens: int, rid: str = "r", priority: int = 0, arrival: float = 0.0, first: int = 100) -> Sequence:
+    """A prompt of tokens first, first + 1, ...: sequences made with the same `first` share a prefix."""
+    return Sequence(rid, list(range(first, first + n_tokens)), SamplingParams(), priority=priority,
+                    arrival_time=arrival)
 
 
 def step(sched: Scheduler, next_token: int = 7):
@@ -31,7 +33,7 @@ def assert_no_leak(sched: Scheduler) -> None:
 
 def test_prefill_then_decode_one_token_each():
     sched = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=64)
-    a, b = make(10, "a"), make(5, "b")
+    a, b = make(10, "a"), make(5, "b", first=500)
     sched.add(a)
     sched.add(b)
     batch = step(sched)
@@ -125,6 +127,34 @@ def test_prefix_hit_counts_as_computed_and_is_recorded():
     sched.add(b)
     batch = step(sched)
     assert batch.num_new_tokens == [1, 2] and b.num_cached_tokens == 8
+    assert_no_leak(sched)
+
+
+def test_same_prefix_admitted_in_one_step_shares_blocks():
+    """The n sequences of one request (or any same-prefix requests) arriving together: the first's full blocks
+    are published as its step is handed out, so the others start with them computed, in that very step."""
+    sched = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    a, b, c = make(10, "a"), make(10, "a"), make(10, "a")
+    for s in (a, b, c):
+        sched.add(s)
+    batch = step(sched)
+    assert batch.num_new_tokens == [10, 2, 2] and b.num_cached_tokens == c.num_cached_tokens == 8
+    assert a.block_table[:2] == b.block_table[:2] == c.block_table[:2] and a.block_table[2] != b.block_table[2]
+    assert_no_leak(sched)
+
+
+def test_a_failed_step_leaves_no_cached_blocks_behind():
+    bm = BlockManager(32, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    a = make(10, "a")
+    sched.add(a)
+    batch = sched.schedule()  # hands out a's 10 tokens: its 2 full blocks are published ...
+    sched.step_failed(batch)  # ... and withdrawn when the model step raises
+    assert not bm.cached
+    sched.finish(a, "abort")  # what AsyncEngine does to the requests of a failed step
+    b = make(10, "b")
+    sched.add(b)
+    assert step(sched).num_new_tokens == [10] and b.num_cached_tokens == 0  # nothing stale to hit
     assert_no_leak(sched)
 
 
