@@ -88,10 +88,17 @@ def disabled():
         _state["off"] = outer
 
 
+def available(device: torch.device):
+    """The kernels when they serve tensors on this device (the CPU, kernels on and built), else None."""
+    if _state.get("off") or device.type != "cpu":
+        return None
+    return cpu_ops()
+
+
 def usable(x: torch.Tensor, *params: torch.Tensor):
     """The kernels when they apply to x (CPU, float32/bfloat16) and autograd is not watching x or params."""
-    if _state.get("off") or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if x.dtype not in (torch.float32, torch.bfloat16):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return None
-    return cpu_ops()
+    return available(x.device)

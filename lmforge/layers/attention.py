@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge import kernels
 from lmforge.kernels import usable
 
 # One layer's paged cache: (keys, values), each [num_blocks, block_size, kv_heads, head_dim].
@@ -74,7 +75,7 @@ class AttnMeta:
         cu = torch.zeros(len(seqlens_q) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seqlens_q, dtype=torch.int32).cumsum(0)
         decode = kernel = None
-        if usable(block_tables.new_empty(0, dtype=torch.float32)) is not None:
+        if kernels.available(device) is not None:
             rows = tuple(i for i, (n, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True))
                          if n <= KERNEL_MAX_QUERIES or n * lk <= KERNEL_MAX_WORK)
             if rows:
