@@ -2,6 +2,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.norm import RMSNorm
@@ -12,6 +13,7 @@ class Decoder(nn.Module):
     """The trunk every family shares (HF's `model.`): embeddings, the family's blocks, final norm, rotary.
 
     `block(args, layer_index)` builds one decoder layer; it is called as `layer(x, rope, meta, kv)`.
+    `checkpoint_every = k` (training) recomputes every k-th block's activations in backward instead of keeping them.
     """
 
     def __init__(self, args, block: Callable[[object, int], nn.Module]):
@@ -20,11 +22,16 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(block(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary = Rotary(args.rope)
+        self.checkpoint_every = 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
                 kv: list[KVCache] | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
+        every = self.checkpoint_every if torch.is_grad_enabled() and kv is None else 0
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, meta, kv[i] if kv is not None else None)
+            if every and i % every == 0:
+                x = checkpoint(layer, x, rope, meta, None, use_reentrant=False)
+            else:
+                x = layer(x, rope, meta, kv[i] if kv is not None else None)
         return self.norm(x)

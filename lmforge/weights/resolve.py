@@ -55,14 +55,14 @@ def converted_gguf(gguf: Path, progress: bool = True) -> Path:
     return out
 
 
-def hub_snapshot(repo_id: str) -> Path:
+def hub_snapshot(repo_id: str, patterns: tuple[str, ...] = ("*.json", "*.safetensors", "tokenizer*", "*.jinja",
+                                                              "*.txt")) -> Path:
     """Downloads (or finds in the local Hugging Face cache) the files a model directory needs."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except GatedRepoError:
         raise LmforgeError(f"{repo_id!r} is gated on the Hugging Face Hub; accept its licence, set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -89,3 +89,11 @@ def resolve_model(spec: str | None = None, progress: bool = True) -> Path:
         return hub_snapshot(spec)
     raise LmforgeError(f"model {spec!r} not found: not a directory, a .gguf file, an alias "
                        f"({', '.join(ALIASES)}) or a Hub id (org/name)")
+
+
+def resolve_config_dir(spec: str) -> Path:
+    """A directory holding the model's config.json; for a Hub id only that file is fetched (no weights)."""
+    parts = spec.split("/")
+    if not Path(spec).expanduser().exists() and spec not in ALIASES and len(parts) == 2 and all(parts):
+        return hub_snapshot(spec, ("config.json",))
+    return resolve_model(spec, progress=False)

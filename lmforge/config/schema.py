@@ -1,0 +1,141 @@
+"""The training configuration: pydantic models, frozen, unknown keys rejected. Every field says what it does
+(`lmforge config schema` prints them); recipes receive the validated object, never a dict."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(Section):
+    path: str = Field("smollm2-135m", description="HF model directory, .gguf file, Hub id or alias (smollm2-135m)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the weights are stored in during training; auto: float32 for trained weights "
+                            "(full fine-tuning), bfloat16 for frozen ones (LoRA/QLoRA base)")
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="linear layers to adapt, by name (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                    "down_proj), or all-linear (every linear layer except the LM head)")
+    rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r) instead of alpha / r")
+    dora: bool = Field(False, description="weight-decomposed LoRA (DoRA): a trained magnitude per output row")
+    modules_to_save: list[str] = Field([], description="modules trained in full beside the adapter (embed_tokens, "
+                                                       "lm_head), saved in the adapter as PEFT does")
+
+
+class DataSource(Section):
+    path: str = Field(description="local .jsonl/.json/.parquet/.csv file, or a Hugging Face dataset id")
+    format: Literal["alpaca", "messages", "sharegpt", "text", "preference"] = Field(
+        description="alpaca: instruction/input/output; messages: OpenAI-style role/content list; sharegpt: "
+                    "conversations with from/value; text: raw text (continued pre-training); preference: "
+                    "prompt/chosen/rejected")
+    split: str = Field("train", description="split of a Hugging Face dataset")
+    subset: str | None = Field(None, description="configuration name of a Hugging Face dataset")
+    field: str | None = Field(None, description="column holding the data when it is not the format's default "
+                                                "(text, messages, conversations)")
+    roles: dict[str, str] = Field({}, description="extra role names mapped to system/user/assistant "
+                                                  "(ShareGPT's human/gpt/system are built in)")
+
+
+class DataConfig(Section):
+    train: list[DataSource] = Field(min_length=1, description="training data; several sources are concatenated")
+    validation: list[DataSource] = Field([], description="validation data from its own files")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of the training rows held out for "
+                                                             "validation (when no validation files are given)")
+    template: Literal["model", "chatml", "llama3", "mistral", "alpaca"] = Field(
+        "model", description="prompt format: the model's own chat template, or a named one")
+    train_on_inputs: bool = Field(False, description="also train on prompt tokens (default: only responses)")
+    max_seq_len: int = Field(512, ge=8, description="tokens per sample (longer samples are truncated) and per "
+                                                    "packed row")
+    packing: bool = Field(True, description="pack samples into rows of max_seq_len; attention never crosses "
+                                            "samples and positions restart in each")
+    shuffle: bool = Field(True, description="shuffle the training samples (deterministically, from seed)")
+    strict: bool = Field(False, description="fail on the first malformed row instead of skipping and counting")
+    max_samples: int | None = Field(None, ge=1, description="use only the first N samples of the training data")
+    cache_dir: str | None = Field(None, description="where tokenised datasets are cached (default "
+                                                    "$LMFORGE_HOME/data)")
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = Field(
+        "auto", description="AdamW kernel: auto takes fused where the device supports it, else foreach")
+
+
+class SchedulerConfig(Section):
+    name: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from 0")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the decay, as a fraction of the peak lr")
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0, description="save every N optimizer steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1, description="periodic checkpoints kept; older ones are deleted")
+    resume: Literal["never", "auto"] | str = Field(
+        "auto", description="auto: continue from the run directory's latest checkpoint when there is one; "
+                            "never; or a checkpoint directory")
+
+
+class EvalConfig(Section):
+    every_steps: int = Field(0, ge=0, description="validation loss and perplexity every N steps (0: at the end "
+                                                  "only, when there is validation data)")
+    max_batches: int | None = Field(None, ge=1, description="validation micro-batches per evaluation (default all)")
+    early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement of "
+                                                              "val_loss (0: never)")
+
+
+class LoggingConfig(Section):
+    every_steps: int = Field(1, ge=1, description="write metrics every N optimizer steps")
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [], description="extra metric sinks beside metrics.jsonl (each needs its package installed)")
+    project: str = Field("lmforge", description="project / experiment name for wandb and mlflow")
+
+
+class TrainConfig(Section):
+    model: ModelConfig = ModelConfig()
+    method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained: every weight, a LoRA "
+                                                                         "adapter, or an adapter over NF4 weights")
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+    output_dir: str = Field("runs/sft", description="the run directory: checkpoints, metrics, resolved config")
+    seed: int = 42
+    micro_batch_size: int = Field(4, ge=1, description="rows per forward (packed rows of max_seq_len, or samples)")
+    batch_size: int = Field(8, ge=1, description="rows per optimizer step; gradient accumulation = batch_size / "
+                                                 "micro_batch_size")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides epochs)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: no clipping)")
+    precision: Literal["bf16-mixed", "fp16-mixed", "fp32"] = Field(
+        "bf16-mixed", description="compute dtype under autocast; weights and optimizer state stay float32 "
+                                  "(fp16-mixed adds loss scaling)")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's choice)")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                             f"({self.micro_batch_size})")
+        return self
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
