@@ -108,8 +108,9 @@ def _describe(err: dict, raw: dict) -> str:
     if err["type"] == "extra_forbidden":
         known = _known_keys(loc[:-1])
         close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
-        hint = f"; did you mean {'.'.join([*loc[:-1], close[0]])}?" if close else f"; valid keys here: {', '.join(known)}"
-        return f"unknown key {field}{hint}"
+        if close:
+            return f"unknown key {field}; did you mean {'.'.join([*loc[:-1], close[0]])}?"
+        return f"unknown key {field}; valid keys here: {', '.join(known)}"
     if err["type"] == "missing":
         return f"{field} is required"
     given = err.get("input")
