@@ -4,6 +4,7 @@ Encoding, decoding and special tokens match transformers' tokenizer loaded from 
 tokenizer.json's post-processor decides whether BOS/EOS are added).
 """
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -104,6 +105,13 @@ class Tokenizer:
         ids = ids.tolist() if hasattr(ids, "tolist") else ids  # the Rust side takes only lists of Python ints
         ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def fingerprint(self) -> str:
+        """A hash of everything encode() and the chat templates depend on (the tokenizer as loaded, special tokens,
+        chat templates, eos ids), not of where the files live; caches of tokenised data are keyed on it."""
+        state = {"backend": self._backend.to_str(), "special": self.special_tokens, "templates": self.chat_templates,
+                 "eos": sorted(self.eos_token_ids)}
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)

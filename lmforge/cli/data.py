@@ -1,0 +1,80 @@
+"""lmforge data preview CONFIG: the first samples as the model will be trained on them, and token statistics."""
+
+import argparse
+import os
+import sys
+
+from lmforge.errors import LmforgeError
+
+DIM, GREEN, RESET = "\x1b[2m", "\x1b[32m", "\x1b[0m"
+OPEN, CLOSE = "⟦", "⟧"  # plain-text marker around untrained text
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("data", help="inspect training data: formatted samples, loss masks, token statistics",
+                       description="Inspect the training data of a config.")
+    commands = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    preview = commands.add_parser(
+        "preview", help="print formatted samples with their trained spans, then token statistics",
+        description="Tokenise the config's data (only the model's tokenizer is loaded, no weights) and print the "
+                    "first N training samples with the trained text marked, then token statistics.")
+    preview.add_argument("config", help="training YAML file")
+    preview.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (data.max_seq_len=256)")
+    preview.add_argument("-n", type=int, default=3, metavar="N", help="samples to print (default 3)")
+    preview.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                         help="ANSI colours for trained/untrained text (default: when stdout is a terminal)")
+    preview.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmforge.config import load_config
+    from lmforge.data import PreferenceDataset, build_datasets
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.weights.resolve import resolve_model
+
+    if args.n < 0:
+        raise LmforgeError(f"-n must be 0 or more, got {args.n}")
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = Tokenizer.from_dir(resolve_model(cfg.model.path))
+    datasets = build_datasets(cfg.data, tokenizer, cfg.seed)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
+    train = datasets.train
+    print("legend: " + (f"{GREEN}trained{RESET} {DIM}not trained{RESET}" if color else
+                        f"trained text plain, {OPEN}not trained{CLOSE}"))
+    for i in range(min(args.n, len(train))):
+        if isinstance(train, PreferenceDataset):
+            print(_preference(tokenizer, train, i, color))
+        else:
+            s = train.samples
+            trained = int(s.trained[i].sum())
+            print(f"\n── sample {i + 1} ({s.origins[i]}) · {len(s.tokens[i])} tokens, {trained} trained"
+                  f"{' · truncated' if s.truncated[i] else ''} ──")
+            print(marked(tokenizer, s.tokens[i], s.trained[i], color))
+    print()
+    print(datasets.report)
+    return 0
+
+
+def _preference(tokenizer, data, i: int, color: bool) -> str:
+    prompt = data.prompt[i]
+    parts = [f"\n── pair {i + 1} ({data.origins[i]}) · prompt {len(prompt)} tokens ──",
+             marked(tokenizer, prompt, [False] * len(prompt), color)]
+    for name, ids, trained in (("chosen", data.chosen[i], data.chosen_trained[i]),
+                               ("rejected", data.rejected[i], data.rejected_trained[i])):
+        parts += [f"── {name}: {len(ids)} tokens, {int(sum(trained))} trained ──", marked(tokenizer, ids, trained,
+                                                                                            color)]
+    return "\n".join(parts)
+
+
+def marked(tokenizer, tokens, trained, color: bool) -> str:
+    """The sample's text, each run of trained / untrained tokens decoded on its own and marked."""
+    out, start = [], 0
+    for end in range(1, len(tokens) + 1):
+        if end == len(tokens) or bool(trained[end]) != bool(trained[start]):
+            text = tokenizer.decode(tokens[start:end], skip_special_tokens=False)
+            if color:
+                out.append(f"{GREEN if trained[start] else DIM}{text}{RESET}")
+            else:
+                out.append(text if trained[start] else f"{OPEN}{text}{CLOSE}")
+            start = end
+    return "".join(out)

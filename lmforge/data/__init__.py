@@ -1,0 +1,27 @@
+"""Training data: sources -> formats -> chat templates with loss masks -> tokens (cached) -> packed flat batches.
+
+    datasets = build_datasets(cfg.data, tokenizer, seed=cfg.seed)     # Datasets(train, validation, report)
+    print(datasets.report)
+    loader = Loader(datasets.train, cfg.micro_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                    rank=rank, world_size=world_size)
+    for batch in loader:                                              # one epoch (the rest of it, after a resume)
+        hidden = model(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+        ...                                                           # labels: the token to predict, or -100
+    state = loader.state_dict()                                       # -> loader.load_state_dict(state)
+
+Modules, in the order data flows through them: sources (files and Hugging Face datasets, rows with their origin),
+formats (alpaca, messages, sharegpt, text, preference rows), templates (chat templates and their assistant spans),
+encode (tokens and trained flags), dataset (flat arrays), cache, packing, loader (Batch, state, rank shards),
+report, build (build_datasets).
+"""
+
+from lmforge.data.build import Datasets, build_datasets
+from lmforge.data.dataset import IGNORE_INDEX, PreferenceDataset, Samples, SFTDataset
+from lmforge.data.loader import Batch, Loader, make_batch, micro_batches_per_epoch, steps_per_epoch
+from lmforge.data.report import DataReport, SplitReport
+from lmforge.data.sources import Origin
+
+__all__ = [
+    "IGNORE_INDEX", "Batch", "DataReport", "Datasets", "Loader", "Origin", "PreferenceDataset", "SFTDataset",
+    "Samples", "SplitReport", "build_datasets", "make_batch", "micro_batches_per_epoch", "steps_per_epoch",
+]

@@ -1,0 +1,133 @@
+"""Tokenised datasets as flat numpy arrays: what the cache stores and the loader reads.
+
+`Samples` (SFT): per sample its token ids and a `trained` flag per token (the token is a target of the loss).
+`PreferenceDataset`: per pair the prompt ids and the chosen and rejected reply ids with their trained flags, for
+DPO-style recipes (which lay prompt+chosen and prompt+rejected out as two documents of one flat batch).
+`SFTDataset`: Samples plus their layout into rows (packing.py), the loader's unit.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lmforge.data.packing import Rows, efficiency, one_per_row, pack
+from lmforge.data.sources import Origin
+
+IGNORE_INDEX = -100  # label of a position whose next token is not trained (cross_entropy's ignore_index)
+
+
+@dataclass(frozen=True, slots=True)
+class Ragged:
+    """Variable-length rows in one array: row i is values[offsets[i]:offsets[i + 1]]."""
+
+    values: np.ndarray
+    offsets: np.ndarray  # int64 [n + 1]
+
+    @classmethod
+    def from_lists(cls, lists: list[list], dtype: Any) -> "Ragged":
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(x) for x in lists])
+        values = np.fromiter((v for x in lists for v in x), dtype=dtype, count=int(offsets[-1]))
+        return cls(values, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, indices: np.ndarray) -> "Ragged":
+        return Ragged.from_arrays([self[i] for i in indices], self.values.dtype)
+
+    @classmethod
+    def from_arrays(cls, arrays: list[np.ndarray], dtype: Any) -> "Ragged":
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(a) for a in arrays])
+        values = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype=dtype)
+        return cls(values, offsets)
+
+
+@dataclass(frozen=True, slots=True)
+class Origins:
+    """Each sample's source (an index into `sources`) and 1-based row in it."""
+
+    sources: tuple[str, ...]
+    source_ids: np.ndarray  # int32 [n]
+    rows: np.ndarray  # int64 [n]
+
+    def __getitem__(self, i: int) -> Origin:
+        return Origin(self.sources[int(self.source_ids[i])], int(self.rows[i]))
+
+    def take(self, indices: np.ndarray) -> "Origins":
+        return Origins(self.sources, self.source_ids[indices], self.rows[indices])
+
+
+@dataclass(frozen=True, slots=True)
+class Samples:
+    tokens: Ragged  # int32
+    trained: Ragged  # bool, same offsets
+    truncated: np.ndarray  # bool [n]: the sample was longer than max_seq_len
+    origins: Origins
+
+    def __len__(self) -> int:
+        return len(self.truncated)
+
+    def labels(self, i: int) -> np.ndarray:
+        """int64 labels of sample i: labels[t] is the token to predict at position t, or IGNORE_INDEX."""
+        tokens, trained = self.tokens[i], self.trained[i]
+        labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)
+        labels[:-1] = np.where(trained[1:], tokens[1:], IGNORE_INDEX)
+        return labels
+
+    def num_trained(self) -> int:
+        # A sample's first token is never trained, so every trained flag is one label.
+        return int(self.trained.values.sum())
+
+
+@dataclass(frozen=True, slots=True)
+class PreferenceDataset:
+    prompt: Ragged  # int32
+    chosen: Ragged  # int32
+    chosen_trained: Ragged  # bool
+    rejected: Ragged  # int32
+    rejected_trained: Ragged  # bool
+    truncated: np.ndarray  # bool [n]
+    origins: Origins
+
+    def __len__(self) -> int:
+        return len(self.truncated)
+
+
+class SFTDataset:
+    """Tokenised SFT samples and their rows (packed into max_seq_len, or one sample per row)."""
+
+    def __init__(self, samples: Samples, max_seq_len: int, packing: bool):
+        self.samples = samples
+        self.max_seq_len = max_seq_len
+        self.packing = packing
+        self.lengths = samples.tokens.lengths()
+        self.rows: Rows = pack(self.lengths, max_seq_len) if packing else one_per_row(len(samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def packing_efficiency(self) -> float:
+        return efficiency(self.lengths, self.rows, self.max_seq_len)
+
+
+def take(data: Samples | PreferenceDataset, indices: np.ndarray) -> Samples | PreferenceDataset:
+    """The samples at `indices`, in that order (for the validation split)."""
+    values = {}
+    for field in dataclasses.fields(data):
+        value = getattr(data, field.name)
+        values[field.name] = value.take(indices) if isinstance(value, (Ragged, Origins)) else value[indices]
+    return type(data)(**values)

@@ -1,0 +1,132 @@
+"""Micro-batches for the training loop, with state for exact resumption and a disjoint shard per rank.
+
+An epoch's order is a permutation of the dataset's rows, drawn from (seed, epoch) (or the rows in order without
+shuffling). With several ranks the order is first extended by repeating its head until it divides evenly (as
+torch's DistributedSampler does), and rank r takes every world_size-th row from r on: the shards are disjoint within
+the epoch's order, cover all of it, and give every rank the same number of micro-batches (DDP needs that). A
+micro-batch is micro_batch_size consecutive rows of the shard (the last one of an epoch may hold fewer) laid end to
+end, each sample of each row its own document:
+
+    batch = next(iter(loader))
+    hidden = model(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+    loss_sum = cross_entropy(model.logits(hidden), batch.labels, ignore_index=-100, reduction="sum")
+
+and the loss is normalised by the sum of num_trained_tokens over the accumulation window (and ranks).
+`for batch in loader` runs the rest of the current epoch; the next loop starts the next epoch. state_dict() counts
+the micro-batches handed out so far, so a loader restored from it continues with exactly the next one.
+"""
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmforge.data.dataset import SFTDataset
+from lmforge.errors import LmforgeError
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One flat micro-batch: no padding; documents laid end to end."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T], from 0 in each document
+    cu_seqlens: torch.Tensor  # int32 [num_documents + 1], document boundaries
+    labels: torch.Tensor  # int64 [T]: the token to predict at each position, -100 where not trained
+    num_trained_tokens: int  # labels != -100
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.positions), move(self.cu_seqlens), move(self.labels),
+                     self.num_trained_tokens)
+
+
+def make_batch(dataset: SFTDataset, rows: np.ndarray) -> Batch:
+    """The flat batch of the given rows of `dataset`."""
+    samples = [int(s) for r in rows for s in dataset.rows[int(r)]]
+    data = dataset.samples
+    tokens = np.concatenate([data.tokens[s] for s in samples]).astype(np.int64)
+    labels = np.concatenate([data.labels(s) for s in samples])
+    lengths = dataset.lengths[samples]
+    cu_seqlens = np.zeros(len(samples) + 1, dtype=np.int32)
+    cu_seqlens[1:] = np.cumsum(lengths)
+    positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
+    return Batch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(cu_seqlens),
+                 torch.from_numpy(labels), int((labels != -100).sum()))
+
+
+def micro_batches_per_epoch(num_rows: int, micro_batch_size: int, world_size: int = 1) -> int:
+    """Micro-batches each rank runs per epoch."""
+    return math.ceil(math.ceil(num_rows / world_size) / micro_batch_size)
+
+
+def steps_per_epoch(num_rows: int, micro_batch_size: int, grad_accumulation: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch, counting a last step that accumulates fewer micro-batches."""
+    return math.ceil(micro_batches_per_epoch(num_rows, micro_batch_size, world_size) / grad_accumulation)
+
+
+class Loader:
+    """Iterates one rank's micro-batches of an SFTDataset, epoch after epoch, deterministically."""
+
+    def __init__(self, dataset: SFTDataset, micro_batch_size: int, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if not isinstance(dataset, SFTDataset):
+            raise LmforgeError(f"the loader batches SFT datasets; got {type(dataset).__name__} (preference data is "
+                               "batched by a preference recipe)")
+        if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need micro_batch_size >= 1 and 0 <= rank < world_size, got {micro_batch_size}, "
+                             f"rank {rank}, world_size {world_size}")
+        if dataset.num_rows == 0:
+            raise LmforgeError("the dataset has no samples to batch")
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.position = 0  # micro-batches of this epoch already handed out
+
+    def __len__(self) -> int:
+        return micro_batches_per_epoch(self.dataset.num_rows, self.micro_batch_size, self.world_size)
+
+    def steps_per_epoch(self, grad_accumulation: int) -> int:
+        return math.ceil(len(self) / grad_accumulation)
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """This rank's rows for `epoch`, in the order they are batched."""
+        n = self.dataset.num_rows
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        else:
+            order = np.arange(n)
+        padded = np.resize(order, math.ceil(n / self.world_size) * self.world_size)  # repeats the head
+        return padded[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.position >= len(self):  # the previous loop finished its epoch
+            self.epoch, self.position = self.epoch + 1, 0
+        shard = self.shard(self.epoch)
+        while self.position < len(self):
+            start = self.position * self.micro_batch_size
+            self.position += 1  # counted as handed out before the caller sees it: state_dict() names the next one
+            yield make_batch(self.dataset, shard[start : start + self.micro_batch_size])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                "num_rows": self.dataset.num_rows, "micro_batch_size": self.micro_batch_size,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "shuffle", "num_rows", "micro_batch_size", "world_size"):
+            if key in state and state[key] != mine[key]:
+                raise LmforgeError(f"cannot resume the data loader: the checkpoint's {key} is {state[key]!r}, this "
+                                   f"run's is {mine[key]!r}; resume with the same data and batch settings")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
