@@ -122,7 +122,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     for path, parts in modules.items():
         _check_module(file, path, parts, linears, cfg)
     saved = module_paths(model, list(cfg.modules_to_save), f"{Path(adapter_dir) / CONFIG_FILE}: modules_to_save")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head under its own name too
     for name, (key, tensor) in full.items():
         if not any(name.startswith(path + ".") for path in saved) or name not in params:
             raise LmforgeError(f"{file}: key {key!r} is neither a LoRA tensor nor a parameter of a module in "
