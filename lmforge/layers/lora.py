@@ -40,8 +40,8 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.rslora, self.dora = rank, alpha, rslora, dora
         self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = next(base_layer.buffers(), None) if isinstance(base_layer, NF4Linear) else base_layer.weight
-        device = device.device
+        nf4 = isinstance(base_layer, NF4Linear)
+        device = base_layer.weight_packed.device if nf4 else base_layer.weight.device
         # nn.Linear's default init is PEFT's for A (kaiming-uniform, a=sqrt(5)); B starts at zero: no change at step 0
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)

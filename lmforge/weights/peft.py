@@ -87,7 +87,8 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         rslora=field("use_rslora", (bool,), False),
         dora=field("use_dora", (bool,), False),
-        modules_to_save=tuple(field("modules_to_save", (list, type(None)), None) or ()),
+        modules_to_save=tuple(field("modules_to_save", (list, type(None)), None, lambda v: v is None or
+                                    all(isinstance(n, str) for n in v), ": expected a list of module names") or ()),
         base_model=raw.get("base_model_name_or_path"))
 
 
