@@ -187,15 +187,15 @@ def apply_lora(model: nn.Module, targets: list[str], saved: list[str], cfg: "Lor
     for path in targets:
         set_submodule(model, path, LoRALinear(model.get_submodule(path), cfg.rank, cfg.alpha, cfg.dropout,
                                               cfg.rslora, cfg.dora))
-    for path in saved:
-        _train_in_full(model, model.get_submodule(path))
+    for path in saved:  # a frozen copy (serving, merging) keeps the model's dtype
+        (_train_in_full if trainable else _untie)(model, model.get_submodule(path))
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
-    return LoraSummary(trainable, total, tuple(targets), tuple(saved), quantized)
+    return LoraSummary(trained, total, tuple(targets), tuple(saved), quantized)
 
 
 def _check_unadapted(model: nn.Module) -> None:
@@ -227,12 +227,19 @@ def module_paths(model: nn.Module, names: list[str], where: str = "lora.modules_
 
 
 def _train_in_full(model: nn.Module, module: nn.Module) -> None:
-    """Makes a module trainable; a parameter shared with another module (tied embeddings) gets its own copy
-    first, as PEFT's copy of a saved module does, so training it leaves the other module as it was."""
+    """Makes a module trainable, in float32 (bf16 updates of small learning rates round away; autocast casts
+    for the products); a parameter shared with another module (tied embeddings) gets its own copy first, as
+    PEFT's copy of a saved module does, so training it leaves the other module as it was."""
+    _untie(model, module)
+    module.to(torch.float32)
+    for p in module.parameters():
+        p.requires_grad_(True)
+
+
+def _untie(model: nn.Module, module: nn.Module) -> None:
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for name, p in list(module.named_parameters()):
         if uses[id(p)] > 1:
             owner, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(owner) if owner else module, attr, nn.Parameter(p.detach().clone()))
-    for p in module.parameters():
-        p.requires_grad_(True)
+            setattr(module.get_submodule(owner) if owner else module,
+                    attr, nn.Parameter(p.detach().clone(), requires_grad=False))

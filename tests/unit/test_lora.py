@@ -126,10 +126,11 @@ def test_tied_lm_head_trains_its_own_copy():
 
 def test_bf16_base_fp32_adapter_under_autocast():
     model = tiny_model(dtype=torch.bfloat16)
-    add_lora(model, LoraConfig(target_modules="all-linear", dora=True))
+    add_lora(model, LoraConfig(target_modules="all-linear", dora=True, modules_to_save=["lm_head"]))
     randomize_adapter(model)
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_A.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.float32  # trained in full: kept in fp32 like the LoRA factors
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = ours_logits(model, SEQS)
     torch.nn.functional.cross_entropy(logits, torch.randint(0, 96, (logits.shape[0],))).backward()
