@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from lmforge.errors import LmforgeError
 
@@ -30,12 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
     from lmforge.data import PreferenceDataset, build_datasets
     from lmforge.tokenizer import Tokenizer
-    from lmforge.weights.resolve import resolve_model
 
     if args.n < 0:
         raise LmforgeError(f"-n must be 0 or more, got {args.n}")
     cfg = load_config(args.config, args.overrides)
-    tokenizer = Tokenizer.from_dir(resolve_model(cfg.model.path))
+    tokenizer = Tokenizer.from_dir(tokenizer_dir(cfg.model.path))
     datasets = build_datasets(cfg.data, tokenizer, cfg.seed)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
     train = datasets.train
@@ -53,6 +53,16 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(datasets.report)
     return 0
+
+
+def tokenizer_dir(spec: str) -> Path:
+    """The model's directory, with only the tokenizer files fetched when it is a Hub id (no weights)."""
+    from lmforge.weights.resolve import ALIASES, hub_snapshot, resolve_model
+
+    parts = spec.split("/")
+    if not Path(spec).expanduser().exists() and spec not in ALIASES and len(parts) == 2 and all(parts):
+        return hub_snapshot(spec, ("*.json", "tokenizer*", "*.jinja"))
+    return resolve_model(spec)
 
 
 def _preference(tokenizer, data, i: int, color: bool) -> str:

@@ -1,0 +1,98 @@
+"""The loader: deterministic epochs, exact resumption from state_dict, disjoint rank shards."""
+
+import numpy as np
+import pytest
+
+from lmforge.data import Loader, build_datasets, micro_batches_per_epoch, steps_per_epoch
+from lmforge.errors import LmforgeError
+from tests.data_refs import chat, data_config, tiny_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("loader")
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    rows = [chat(f"Question {i}?", f"Answer {i}.") for i in range(23)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    return build_datasets(data_config(tmp_path, {"path": str(path), "format": "messages"}, packing=False), tokenizer)
+
+
+def first_tokens(batch) -> list[int]:
+    """The input ids of each document: identifies the samples (every sample's text differs)."""
+    cu = batch.cu_seqlens.tolist()
+    return [tuple(batch.input_ids[a:b].tolist()) for a, b in zip(cu[:-1], cu[1:], strict=True)]
+
+
+def run(loader, n) -> list:
+    out = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(first_tokens(batch))
+            if len(out) == n:
+                break
+    return out
+
+
+def test_resume_continues_with_exactly_the_next_micro_batch(datasets):
+    reference = run(Loader(datasets.train, 4, seed=3), 15)  # 6 micro-batches per epoch: crosses two epochs
+    for stop in (1, 5, 6, 7, 13):
+        loader = Loader(datasets.train, 4, seed=3)
+        assert run(loader, stop) == reference[:stop]
+        state = loader.state_dict()
+        resumed = Loader(datasets.train, 4, seed=3)
+        resumed.load_state_dict(state)
+        assert run(resumed, 15 - stop) == reference[stop:], stop
+
+
+def test_epochs_are_shuffled_by_seed_and_epoch(datasets):
+    def epoch_orders(seed, shuffle=True):
+        loader = Loader(datasets.train, 4, seed=seed, shuffle=shuffle)
+        return [loader.shard(e).tolist() for e in range(2)]
+
+    a = epoch_orders(0)
+    assert a == epoch_orders(0) and a[0] != a[1] and a != epoch_orders(1)
+    assert sorted(a[0]) == list(range(23))
+    assert epoch_orders(0, shuffle=False) == [list(range(23))] * 2
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_rank_shards_are_disjoint_cover_the_epoch_and_are_equally_long(datasets, world_size):
+    loaders = [Loader(datasets.train, 2, seed=1, rank=r, world_size=world_size) for r in range(world_size)]
+    shards = [loader.shard(0).tolist() for loader in loaders]
+    assert len({len(s) for s in shards}) == 1 and len({len(loader) for loader in loaders}) == 1
+    seen = [row for s in shards for row in s]
+    assert set(seen) == set(range(23))
+    padding = len(seen) - 23
+    assert 0 <= padding < world_size  # the only repeats are the few rows that even out the shards
+    batches = [[first_tokens(b) for b in loader] for loader in loaders]
+    docs = [d for rank in batches for batch in rank for d in batch]
+    assert len(docs) == len(seen) and len(set(docs)) == 23
+
+
+def test_steps_per_epoch(datasets):
+    assert micro_batches_per_epoch(23, 4) == 6 and steps_per_epoch(23, 4, 4) == 2
+    assert micro_batches_per_epoch(23, 4, world_size=2) == 3 and steps_per_epoch(23, 2, 3, world_size=2) == 2
+    loader = Loader(datasets.train, 4)
+    assert len(loader) == 6 == len(list(loader)) and loader.steps_per_epoch(4) == 2
+
+
+def test_a_state_from_other_settings_is_refused(datasets):
+    state = Loader(datasets.train, 4, seed=3).state_dict()
+    with pytest.raises(LmforgeError, match="checkpoint's micro_batch_size is 4, this run's is 2"):
+        Loader(datasets.train, 2, seed=3).load_state_dict(state)
+
+
+def test_the_last_micro_batch_of_an_epoch_may_be_short(datasets):
+    sizes = [len(b.cu_seqlens) - 1 for b in Loader(datasets.train, 4, shuffle=False)]
+    assert sizes == [4, 4, 4, 4, 4, 3]
+    assert np.array_equal(Loader(datasets.train, 4, shuffle=False).shard(0), np.arange(23))
+
+
+def test_bad_arguments(datasets, tmp_path):
+    with pytest.raises(ValueError, match="rank"):
+        Loader(datasets.train, 4, rank=2, world_size=2)
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "chosen": "Ahoy", "rejected": "Hello"}])
+    pairs = build_datasets(data_config(tmp_path, {"path": str(path), "format": "preference"}), tokenizer).train
+    with pytest.raises(LmforgeError, match="the loader batches SFT datasets"):
+        Loader(pairs, 4)
