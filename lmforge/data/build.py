@@ -1,7 +1,7 @@
 """DataConfig -> tokenised train and validation datasets (through the cache) and a report of what happened."""
 
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +9,7 @@ import numpy as np
 from lmforge.config.schema import DataConfig, DataSource
 from lmforge.data import cache
 from lmforge.data.dataset import Origins, PreferenceDataset, Ragged, Samples, SFTDataset, take
-from lmforge.data.encode import NOT_MALFORMED, Encoded, EncodedPair, SampleEncoder
+from lmforge.data.encode import NOT_MALFORMED, EncodedPair, SampleEncoder
 from lmforge.data.formats import RowFormat
 from lmforge.data.report import DataReport, split_report
 from lmforge.data.sources import MalformedRow, Origin, open_source
@@ -17,6 +17,8 @@ from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
 CHUNK = 512  # rows tokenised per encode_batch call
+SAMPLE_FIELDS = ("tokens", "trained")
+PAIR_FIELDS = ("prompt", "chosen", "chosen_trained", "rejected", "rejected_trained")
 log = logging.getLogger("lmforge")
 
 
@@ -129,11 +131,14 @@ def _encode_split(where: str, sources: list[DataSource], cfg: DataConfig, tokeni
 
 
 class _Collector:
-    """Gathers encoded samples in order and counts skipped rows (or, in strict mode, fails on the first)."""
+    """Gathers encoded samples in order, as compact arrays, and counts skipped rows (in strict mode: fails on the
+    first malformed one)."""
 
     def __init__(self, strict: bool):
         self.strict = strict
-        self.items: list[Encoded | EncodedPair] = []
+        self.arrays: dict[str, list[np.ndarray]] = defaultdict(list)  # field of Encoded / EncodedPair -> per sample
+        self.truncated: list[bool] = []
+        self.pairs = False
         self.source_ids: list[int] = []
         self.rows: list[int] = []
         self.skipped: Counter[str] = Counter()
@@ -141,7 +146,7 @@ class _Collector:
 
     @property
     def kept(self) -> int:
-        return len(self.items)
+        return len(self.truncated)
 
     def skip(self, origin: Origin, bad: MalformedRow) -> None:
         if self.strict and bad.reason not in NOT_MALFORMED:
@@ -154,24 +159,19 @@ class _Collector:
         for (origin, _), result in zip(pending, results, strict=True):
             if isinstance(result, MalformedRow):
                 self.skip(origin, result)
-            else:
-                self.items.append(result)
-                self.source_ids.append(source_id)
-                self.rows.append(origin.row)
+                continue
+            self.pairs = isinstance(result, EncodedPair)
+            for name in PAIR_FIELDS if self.pairs else SAMPLE_FIELDS:
+                values = getattr(result, name)
+                self.arrays[name].append(np.array(values, dtype=bool if name.endswith("trained") else np.int32))
+            self.truncated.append(result.truncated)
+            self.source_ids.append(source_id)
+            self.rows.append(origin.row)
 
     def result(self, names: list[str], limit: int | None) -> Samples | PreferenceDataset:
-        n = len(self.items) if limit is None else min(limit, len(self.items))
-        items = self.items[:n]
+        n = self.kept if limit is None else min(limit, self.kept)
         origins = Origins(tuple(names), np.array(self.source_ids[:n], dtype=np.int32),
                           np.array(self.rows[:n], dtype=np.int64))
-        truncated = np.array([item.truncated for item in items], dtype=bool)
-        if isinstance(items[0], EncodedPair):
-            return PreferenceDataset(
-                Ragged.from_lists([p.prompt for p in items], np.int32),
-                Ragged.from_lists([p.chosen for p in items], np.int32),
-                Ragged.from_lists([p.chosen_trained for p in items], bool),
-                Ragged.from_lists([p.rejected for p in items], np.int32),
-                Ragged.from_lists([p.rejected_trained for p in items], bool),
-                truncated, origins)
-        return Samples(Ragged.from_lists([s.tokens for s in items], np.int32),
-                       Ragged.from_lists([s.trained for s in items], bool), truncated, origins)
+        fields = {name: Ragged.from_arrays(arrays[:n], arrays[0].dtype) for name, arrays in self.arrays.items()}
+        cls = PreferenceDataset if self.pairs else Samples
+        return cls(**fields, truncated=np.array(self.truncated[:n], dtype=bool), origins=origins)

@@ -25,13 +25,6 @@ class Ragged:
     values: np.ndarray
     offsets: np.ndarray  # int64 [n + 1]
 
-    @classmethod
-    def from_lists(cls, lists: list[list], dtype: Any) -> "Ragged":
-        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(x) for x in lists])
-        values = np.fromiter((v for x in lists for v in x), dtype=dtype, count=int(offsets[-1]))
-        return cls(values, offsets)
-
     def __len__(self) -> int:
         return len(self.offsets) - 1
 

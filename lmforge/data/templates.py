@@ -88,7 +88,9 @@ class ChatRenderer:
         self.variables: dict[str, str] = {}
         if template == "model":
             self.jinja = None
-            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # no template: fail here, once
+            if not tokenizer.chat_templates:
+                raise LmforgeError(f"{tokenizer.name} has no chat template for data.template: model; set data.template "
+                                   "to chatml, llama3, mistral or alpaca, or add a chat_template.jinja to the model")
             # The template's end of turn is a token generation stops at (generation_config's eos ids).
             self.end_of_turn_ids = frozenset(tokenizer.eos_token_ids)
             self.end_of_turn_text = ", ".join(tokenizer.decode([i], False) for i in sorted(tokenizer.eos_token_ids))

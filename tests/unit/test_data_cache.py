@@ -104,3 +104,17 @@ def test_skip_counts_survive_the_cache(tmp_path):
     assert second.cache.startswith("hit ")
     assert second.skipped == first.skipped == {"empty conversation": 1}
     assert second.first_skipped == first.first_skipped
+
+
+def test_preference_pairs_round_trip_through_the_cache(tmp_path, monkeypatch):
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "chosen": "Ahoy", "rejected": "Hello"},
+                                                  {"prompt": "Bye", "chosen": "Fair winds", "rejected": "Ciao"}])
+    cfg = data_config(tmp_path, {"path": str(path), "format": "preference"})
+    first = build_datasets(cfg, tokenizer).train
+    no_encoding(monkeypatch)
+    second = build_datasets(cfg, tokenizer)
+    assert second.report.train.cache.startswith("hit ")
+    for name in ("prompt", "chosen", "chosen_trained", "rejected", "rejected_trained"):
+        a, b = getattr(first, name), getattr(second.train, name)
+        assert np.array_equal(a.values, b.values) and np.array_equal(a.offsets, b.offsets), name

@@ -156,3 +156,12 @@ def test_preference_with_message_lists(tmp_path):
     assert "Be brief." in tokenizer.decode(pairs.prompt[0], skip_special_tokens=False)
     assert trained_text(tokenizer, pairs.rejected[0], pairs.rejected_trained[0]) == ["Milan.<|im_end|>"]
     assert datasets.report.train.trained_tokens == int(pairs.chosen_trained[0].sum() + pairs.rejected_trained[0].sum())
+
+
+def test_chat_rows_without_a_chat_template_say_what_to_set(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path / "tok", chat_template=None)
+    with pytest.raises(LmforgeError, match="has no chat template for data.template: model; set data.template to "
+                                           "chatml"):
+        build(tmp_path, [chat("Hi?", "Arr!")], tokenizer=tokenizer)
+    # Text rows need no chat template at all.
+    assert len(build(tmp_path / "text", [{"text": "Arr!"}], tokenizer=tokenizer, format="text")[0].train) == 1
