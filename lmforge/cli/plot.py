@@ -1,0 +1,62 @@
+"""lmforge plot RUN_DIR: the loss and learning-rate curves of a run, from its metrics.jsonl, as a PNG."""
+
+import argparse
+import json
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plot", help="draw a run's loss / lr curves as a PNG",
+                       description="Read RUN_DIR/metrics.jsonl and write a PNG with the training loss (and "
+                                   "validation loss when evaluated) and the learning rate against the step.")
+    p.add_argument("run_dir", type=Path, help="a run directory written by `lmforge train`")
+    p.add_argument("--output", "-o", type=Path, help="PNG path (default RUN_DIR/curves.png)")
+    p.set_defaults(run=run)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise LmforgeError(f"{path} does not exist; is {run_dir} a run directory of `lmforge train`?")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise LmforgeError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LmforgeError("lmforge plot needs matplotlib: pip install 'lmforge[plot]'") from None
+    records = read_metrics(args.run_dir)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    if not train:
+        raise LmforgeError(f"{args.run_dir / 'metrics.jsonl'} holds no training steps yet")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    top.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if val:
+        top.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    top.set_ylabel("loss")
+    top.legend()
+    top.grid(alpha=0.3)
+    bottom.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange")
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("optimizer step")
+    bottom.grid(alpha=0.3)
+    fig.suptitle(str(args.run_dir))
+    fig.tight_layout()
+    out = args.output or args.run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    print(out)
+    return 0

@@ -1,0 +1,71 @@
+"""Next-token cross-entropy summed over trained tokens, computed chunk by chunk so the [tokens, vocab] logits of a
+whole micro-batch never exist at once (they would be the largest tensor of a step: 2048 x 49152 x 4 bytes).
+
+The caller divides the sum by the trained tokens of the whole accumulation window, so every token weighs the
+same however the window's micro-batches are sized."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.layers.linear import Linear
+
+IGNORE = -100
+CHUNK_ROWS = 1024
+
+
+def token_loss_sum(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum over rows with labels != -100 of -log p(label | row); hidden [T, H] from the model, labels [T]."""
+    rows = (labels != IGNORE).nonzero().squeeze(1)
+    hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+    head = model.lm_head
+    if torch.is_grad_enabled() and type(head) is Linear and head.bias is None:
+        return _LinearCrossEntropy.apply(hidden, head.weight, labels, _compute_dtype(hidden))
+    # evaluation, or an adapted / trained-copy head (LoRA, modules_to_save): its own forward, chunked by rows
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, y in zip(hidden.split(CHUNK_ROWS), labels.split(CHUNK_ROWS), strict=True):
+        total = total + F.cross_entropy(model.logits(h), y, reduction="sum")
+    return total
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Projection to the vocabulary fused with cross-entropy. The forward already computes the gradients for
+    hidden (and the head weight, when trained) chunk by chunk, since the loss is a sum and backward only scales
+    them: the same matrix products as unfused autograd, without keeping any chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            want_w = weight.requires_grad
+            grad_h = torch.empty_like(hidden)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], CHUNK_ROWS):
+                h = hidden[start:start + CHUNK_ROWS].to(dtype)
+                y = labels[start:start + CHUNK_ROWS]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(y), device=y.device), y] -= 1  # d(loss)/d(logits) = softmax - onehot
+                g = probs.to(dtype)
+                grad_h[start:start + CHUNK_ROWS] = (g @ w).to(hidden.dtype)
+                if want_w:
+                    grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
+        ctx.want_w, ctx.weight_dtype = want_w, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_out.to(grad_h.dtype)
+        dw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.want_w else None
+        return dh, dw, None, None

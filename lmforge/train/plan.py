@@ -1,0 +1,85 @@
+"""What a run will hold in memory, estimated from the model's config.json alone (no weights are loaded):
+`lmforge config check` prints it before anyone waits for a download."""
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.config import TrainConfig
+from lmforge.layers.linear import Linear
+from lmforge.models import build_args
+from lmforge.train.loss import CHUNK_ROWS
+from lmforge.train.model import weights_dtype
+
+NF4_BYTES = 0.5 + 4 / 64 / 4 + 4 / 256 / 64  # 4-bit codes, 8-bit scales per 64, fp32 scale per 256 scales
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    parameters: int
+    trainable: int
+    weight_bytes: float
+    grad_bytes: float
+    optimizer_bytes: float
+    activation_bytes: float
+    tokens_per_micro_batch: int
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def lines(self) -> list[str]:
+        gib = 2**30
+        return [
+            f"parameters: {self.parameters:,} ({self.trainable:,} trainable, "
+            f"{100 * self.trainable / max(self.parameters, 1):.2f}%)",
+            f"weights: {self.weight_bytes / gib:.2f} GiB",
+            f"gradients: {self.grad_bytes / gib:.2f} GiB (fp32, trainable parameters only)",
+            f"optimizer state: {self.optimizer_bytes / gib:.2f} GiB (AdamW: two fp32 moments)",
+            f"activations: {self.activation_bytes / gib:.2f} GiB at {self.tokens_per_micro_batch:,} tokens per "
+            f"micro-batch (estimate)",
+            f"total: {self.total_bytes / gib:.2f} GiB (estimate; the allocator and the framework add more)",
+        ]
+
+
+def memory_plan(cfg: TrainConfig, hf_config: dict) -> MemoryPlan:
+    cls, args = build_args(hf_config)
+    with torch.device("meta"):
+        model = cls(args)
+    total = sum(p.numel() for p in model.parameters())
+    frozen_bytes = torch.finfo(weights_dtype(cfg)).bits // 8
+    if cfg.method == "full":
+        trainable, weight_bytes = total, float(total * frozen_bytes)
+    else:
+        trainable, quantised = _adapter_parameters(model, cfg)
+        per_weight = NF4_BYTES if cfg.method == "qlora" else frozen_bytes
+        weight_bytes = quantised * per_weight + (total - quantised) * frozen_bytes + trainable * 4.0
+    tokens = cfg.micro_batch_size * cfg.data.max_seq_len
+    compute = 4 if cfg.precision == "fp32" else 2
+    h, kv = args.hidden_size, args.num_key_value_heads * args.head_dim
+    inter = getattr(args, "intermediate_size", 4 * h)
+    # saved for backward per token and layer: norms' inputs and outputs, q/k/v, attention output, residuals,
+    # the MLP's gate, up and product (a Llama-shaped count; MoE and other families are close enough for a plan)
+    per_token_layer = (8 * h + 2 * kv + 3 * inter) * compute + 2 * h * 4
+    layers = args.num_hidden_layers
+    kept_layers = 1 if cfg.activation_checkpointing else layers
+    activations = tokens * (per_token_layer * kept_layers + (layers * h * compute if kept_layers == 1 else 0))
+    activations += CHUNK_ROWS * args.vocab_size * 4 * 2 + tokens * h * 4  # one chunk of logits, hidden grads
+    return MemoryPlan(total, trainable, weight_bytes, trainable * 4.0, trainable * 8.0, activations, tokens)
+
+
+def _adapter_parameters(model: torch.nn.Module, cfg: TrainConfig) -> tuple[int, int]:
+    """(LoRA + modules_to_save parameters, weights of the linear layers inside the decoder blocks)."""
+    lora, targets = cfg.lora, cfg.lora.target_modules
+    trainable = quantised = 0
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, Linear):
+            if ".layers." in f".{name}":
+                quantised += module.weight.numel()
+            if leaf != "lm_head" and (targets == "all-linear" or leaf in targets):
+                trainable += lora.rank * (module.in_features + module.out_features)
+                trainable += module.out_features if lora.dora else 0
+        if leaf in lora.modules_to_save:
+            trainable += sum(p.numel() for p in module.parameters())
+    return trainable, quantised

@@ -1,0 +1,195 @@
+"""`lmforge train` end to end on a tiny random Llama with SmolLM2's real tokenizer and the bundled demo chats:
+outputs of a run, exact resume after a kill, atomic checkpoints, early stopping, QLoRA, plots."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lmforge.cli import main as cli_main
+from lmforge.config import load_config
+from lmforge.layers.attention import AttnMeta
+from lmforge.models import build_model
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.recipes import sft
+from lmforge.weights.peft import load_adapter
+from tests.tiny import TINY_LLAMA, write_tiny
+
+ROOT = Path(__file__).parents[2]
+DEMO = ROOT / "configs" / "data" / "pirate_demo.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """A tiny random Llama sized for SmolLM2's vocabulary, with SmolLM2's tokenizer files beside it."""
+    path = tmp_path_factory.mktemp("tiny_chat")
+    write_tiny(path, {**TINY_LLAMA, "vocab_size": 49152, "max_position_embeddings": 512})
+    for file in smollm2_tokenizer_dir.iterdir():
+        shutil.copy2(file, path / file.name)
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_chat_model):
+    lines = DEMO.read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:48]) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(lines[48:56]) + "\n")
+
+    def make(name: str = "run", **overrides) -> Path:
+        cfg = {"model": {"path": str(tiny_chat_model)}, "method": "lora",
+               "lora": {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
+               "data": {"train": [{"path": "train.jsonl", "format": "messages"}],
+                        "validation": [{"path": "val.jsonl", "format": "messages"}],
+                        "max_seq_len": 128, "cache_dir": str(tmp_path / "cache")},
+               "optimizer": {"lr": 3e-3}, "micro_batch_size": 2, "batch_size": 4, "max_steps": 6,
+               "precision": "fp32", "threads": 2, "output_dir": str(tmp_path / name),
+               "checkpoint": {"every_steps": 2, "keep_last": 2}, "eval": {"every_steps": 3}}
+        for key, value in overrides.items():
+            node = cfg
+            *parents, leaf = key.split("__")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return make
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def test_lora_run_writes_metrics_checkpoints_best_and_final(make_config, tiny_chat_model):
+    cfg = load_config(make_config())
+    final = sft.main(cfg)
+    run = Path(cfg.output_dir)
+    assert load_config(run / "config.yaml") == cfg
+    records = metrics(run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens"] > 0 and r["seconds"] > 0 and r["lr"] > 0 for r in steps)
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert [p.name for p in ckpt.checkpoints(run)] == ["step-000002", "step-000004"]
+    assert (run / "best" / "adapter_config.json").is_file() and final == run / "final"
+    # the final adapter, loaded into a fresh base model, reproduces the trained model's logits
+    model = build_model(tiny_chat_model, "float32")
+    load_adapter(model, final)
+    trained = build_model(tiny_chat_model, "float32")
+    load_adapter(trained, run / "checkpoints" / "step-000004")
+    ids = torch.arange(10)
+    meta = AttnMeta.for_sequences([10])
+    assert not torch.equal(model.logits(model(ids, ids, meta)), trained.logits(trained(ids, ids, meta)))
+
+
+def test_exact_resume_after_the_process_is_killed(make_config):
+    steps = 60
+    baseline = load_config(make_config("baseline", max_steps=steps, lora__dropout=0.1,
+                                       checkpoint__every_steps=10))
+    sft.main(baseline)
+    killed = make_config("killed", max_steps=steps, lora__dropout=0.1, checkpoint__every_steps=10)
+    run = Path(load_config(killed).output_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "-q", "train", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and any(s >= 25 for s in losses(run)):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+    proc.kill()
+    proc.wait()
+    done = max(losses(run))
+    assert 25 <= done < steps
+    assert max(int(p.name[5:]) for p in ckpt.checkpoints(run)) <= done
+    sft.main(load_config(killed))  # resume: checkpoint.resume is auto
+    ref, got = losses(Path(baseline.output_dir)), losses(run)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
+def test_a_save_that_dies_midway_leaves_the_last_good_checkpoint(make_config, monkeypatch):
+    path = make_config("crash", max_steps=6)
+    real_save = torch.save
+    calls = []
+
+    def dying_save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:  # the second checkpoint: model files written, trainer state not
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        sft.main(load_config(path))
+    run = Path(load_config(path).output_dir)
+    assert [p.name for p in ckpt.checkpoints(run)] == ["step-000002"]
+    assert any(p.name.startswith(".step-000004.tmp") for p in (run / "checkpoints").iterdir())
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    sft.main(load_config(path))
+    ref = make_config("clean", max_steps=6)
+    sft.main(load_config(ref))
+    assert losses(run) == pytest.approx(losses(Path(load_config(ref).output_dir)), abs=1e-6)
+
+
+def test_full_fine_tuning_saves_an_hf_directory_and_resumes_exactly(make_config, tiny_chat_model):
+    cfg = load_config(make_config("full", method="full", max_steps=4, optimizer__lr=1e-3))
+    final = sft.main(cfg)
+    assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+    resumed = load_config(make_config("full2", method="full", max_steps=4, optimizer__lr=1e-3,
+                                      checkpoint__resume=str(Path(cfg.output_dir) / "checkpoints" / "step-000002")))
+    sft.main(resumed)
+    ref, got = losses(Path(cfg.output_dir)), losses(Path(resumed.output_dir))
+    assert sorted(got) == [3, 4] and got == pytest.approx({3: ref[3], 4: ref[4]}, abs=1e-6)
+    a, b = build_model(final, "float32"), build_model(Path(resumed.output_dir) / "final", "float32")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(make_config, monkeypatch):
+    scores = iter([2.0, 1.5, 1.7, 1.8, 1.9])
+    monkeypatch.setattr(sft, "evaluate", lambda *a, **k: {"val_loss": next(scores), "val_ppl": 1.0, "val_tokens": 1})
+    cfg = load_config(make_config("early", max_steps=20, eval__every_steps=1, eval__early_stopping_patience=2))
+    sft.main(cfg)
+    run = Path(cfg.output_dir)
+    assert max(losses(run)) == 4  # evaluations at steps 3 and 4 did not beat step 2's
+    best = load_adapter(build_model(load_config(run / "config.yaml").model.path, "float32"), run / "best")
+    assert best.trainable == 0  # loaded frozen, i.e. a valid adapter
+    assert [r["val_loss"] for r in metrics(run) if "val_loss" in r] == [2.0, 1.5, 1.7, 1.8]
+
+
+def test_qlora_trains(make_config):
+    cfg = load_config(make_config("qlora", method="qlora", max_steps=8, precision="bf16-mixed",
+                                  optimizer__lr=5e-3, eval__every_steps=0))
+    sft.main(cfg)
+    got = losses(Path(cfg.output_dir))
+    assert got[8] < got[1]
+
+
+def test_cli_train_and_plot(make_config, capsys):
+    path = make_config("cli", max_steps=2)
+    assert cli_main(["train", str(path), "max_steps=3", "checkpoint.every_steps=0"]) == 0
+    out = capsys.readouterr().out
+    run = Path(load_config(path).output_dir).resolve()
+    assert f"run directory: {run}" in out and f"final adapter: {run / 'final'}" in out
+    assert max(losses(run)) == 3
+    assert cli_main(["plot", str(run)]) == 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli_main(["plot", str(run / "nope")]) == 2
+    assert cli_main(["train", str(path), "optimizer.lrr=1"]) == 2
+    assert "did you mean optimizer.lr?" in capsys.readouterr().err
