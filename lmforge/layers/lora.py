@@ -62,15 +62,17 @@ class LoRALinear(nn.Module):
         """scaling * B @ A in fp32 [out, in]: what LoRA adds to the base weight (before DoRA's rescaling)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """`lora` (a serving step's LoraBatch, which model files pass to every projection) is unused here."""
         out = self.base_layer(x)  # the base module's own path: inference fast paths stay in use
         if self.disabled or self.merged:
             return out
         dtype = x.dtype  # under autocast, F.linear casts again to the autocast dtype
         h = self.lora_dropout(x)
+        if not self.dora:  # the scaling on the rank-r activations: r numbers per token instead of out_features
+            down = F.linear(h, self.lora_A.weight.to(dtype)) * self.scaling
+            return out + F.linear(down, self.lora_B.weight.to(dtype))
         lora = F.linear(F.linear(h, self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))
-        if not self.dora:
-            return out + lora * self.scaling
         weight = self.base_weight(out.dtype)
         with torch.no_grad():  # the row norm is a constant for autograd
             delta = (self.lora_B.weight @ self.lora_A.weight).to(out.dtype)
