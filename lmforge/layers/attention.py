@@ -7,12 +7,17 @@ untouched, so the serving engine's paged path needs no change to any model file.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.kernels import usable
+from lmforge.layers.varlen import grouped_attention
+
+if TYPE_CHECKING:
+    from lmforge.layers.multi_lora import LoraBatch
 
 # One layer's paged cache: (keys, values), each [num_blocks, block_size, kv_heads, head_dim].
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -130,9 +135,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
         out = _sdpa(q.view(b, lens[0], *q.shape[1:]), k.view(b, lens[0], *k.shape[1:]),
                     v.view(b, lens[0], *v.shape[1:]), scale, window)
         return out.reshape(q.shape)
-    outs = [_sdpa(qi[None], ki[None], vi[None], scale, window)[0]
-            for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens), strict=True)]
-    return torch.cat(outs)
+    return grouped_attention(q, k, v, lens, lambda qb, kb, vb: _sdpa(qb, kb, vb, scale, window))
 
 
 def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, kv: KVCache,
