@@ -26,17 +26,21 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: t
     classes: dict[int, list[int]] = {}
     for i, n in enumerate(lens):
         classes.setdefault(length_class(n), []).append(i)
-    out = torch.empty_like(q)
+    out = None  # allocated at the first result: under autocast attention computes in the autocast dtype
     for length, docs in classes.items():
         if len(docs) == 1:  # alone in its class: no padding needed
             s, n = starts[docs[0]], lens[docs[0]]
-            out[s:s + n] = sdpa(q[None, s:s + n], k[None, s:s + n], v[None, s:s + n])[0]
-            continue
-        tokens = torch.cat([torch.arange(starts[i], starts[i] + lens[i]) for i in docs]).to(q.device)
-        slots = torch.cat([torch.arange(j * length, j * length + lens[i]) for j, i in enumerate(docs)]).to(q.device)
-        batch = [_padded(x, tokens, slots, len(docs), length) for x in (q, k, v)]
-        attended = sdpa(*batch).reshape(len(docs) * length, *q.shape[1:])
-        out.index_copy_(0, tokens, attended.index_select(0, slots))
+            tokens = torch.arange(s, s + n, device=q.device)
+            attended = sdpa(q[None, s:s + n], k[None, s:s + n], v[None, s:s + n])[0]
+        else:
+            tokens = torch.cat([torch.arange(starts[i], starts[i] + lens[i]) for i in docs]).to(q.device)
+            slots = torch.cat([torch.arange(j * length, j * length + lens[i]) for j, i in enumerate(docs)])
+            slots = slots.to(q.device)
+            batch = [_padded(x, tokens, slots, len(docs), length) for x in (q, k, v)]
+            attended = sdpa(*batch).reshape(len(docs) * length, *q.shape[1:]).index_select(0, slots)
+        if out is None:
+            out = torch.empty(q.shape, dtype=attended.dtype, device=q.device)
+        out.index_copy_(0, tokens, attended)
     return out
 
 

@@ -1,5 +1,6 @@
 """Metrics of a run: metrics.jsonl always, a live progress line, and optional TensorBoard / W&B / MLflow sinks."""
 
+import importlib.util
 import json
 import logging
 import sys
@@ -61,6 +62,22 @@ def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+BACKEND_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def require_backends(names: list[str]) -> None:
+    """Fails before any slow work when a configured metrics backend is not installed."""
+    for name in names:
+        module = BACKEND_MODULES[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ValueError:  # a module already imported without a spec (replaced in sys.modules)
+            found = sys.modules.get(module) is not None
+        if not found or (module in sys.modules and sys.modules[module] is None):
+            raise LmforgeError(f"logging.backends lists {name}, whose package is not installed; install it with: "
+                               f"pip install 'lmforge[{name}]'")
 
 
 def _open_backend(name: str, run_dir: Path, project: str, config: dict):

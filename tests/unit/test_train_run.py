@@ -193,3 +193,41 @@ def test_cli_train_and_plot(make_config, capsys):
     assert cli_main(["plot", str(run / "nope")]) == 2
     assert cli_main(["train", str(path), "optimizer.lrr=1"]) == 2
     assert "did you mean optimizer.lr?" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_gives_identical_losses(make_config):
+    plain = load_config(make_config("plain", max_steps=3, eval__every_steps=0, method="full"))
+    checkpointed = load_config(make_config("ac", max_steps=3, eval__every_steps=0, method="full",
+                                           activation_checkpointing=True))
+    sft.main(plain)
+    sft.main(checkpointed)
+    assert losses(Path(checkpointed.output_dir)) == pytest.approx(losses(Path(plain.output_dir)), abs=1e-6)
+
+
+def test_fp16_mixed_trains_with_loss_scaling_and_resumes_the_scaler(make_config):
+    cfg = load_config(make_config("fp16", max_steps=6, precision="fp16-mixed", optimizer__lr=5e-3,
+                                  eval__every_steps=0))
+    sft.main(cfg)
+    got = losses(Path(cfg.output_dir))
+    assert got[6] < got[1]
+    state = ckpt.load_trainer_state(Path(cfg.output_dir) / "checkpoints" / "step-000004")
+    assert state["scaler"]["scale"] > 0
+
+
+def test_metric_backends_receive_every_step(make_config, monkeypatch):
+    """The wiring to W&B (its package replaced by a recorder: the real one needs an account)."""
+    import types
+
+    seen = []
+    run = types.SimpleNamespace(log=lambda metrics, step: seen.append((step, metrics)))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
+    cfg = load_config(make_config("wandb", max_steps=3, logging__backends=["wandb"]))
+    sft.main(cfg)
+    assert [step for step, m in seen if "loss" in m] == [1, 2, 3]
+    assert [step for step, m in seen if "val_loss" in m] == [3]
+
+
+def test_a_missing_backend_package_is_one_sentence(make_config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(Exception, match=r"logging.backends lists mlflow, whose package is not installed"):
+        sft.main(load_config(make_config("mlflow", max_steps=1, logging__backends=["mlflow"])))

@@ -17,7 +17,7 @@ from lmforge.data import build_datasets
 from lmforge.layers.attention import AttnMeta
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.evaluate import evaluate
-from lmforge.train.log import MetricsLog
+from lmforge.train.log import MetricsLog, require_backends
 from lmforge.train.loss import token_loss_sum
 from lmforge.train.model import build_trainable, load_trainable, save_trainable
 from lmforge.train.optim import build_optimizer, build_scheduler
@@ -37,6 +37,7 @@ def main(cfg: TrainConfig) -> Path:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
 
+    require_backends(cfg.logging.backends)
     model, tokenizer, model_dir = build_trainable(cfg, device)
     data = build_datasets(cfg.data, tokenizer, cfg.seed)
     log.info("%s", data.report)
