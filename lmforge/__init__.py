@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from lmforge.engine.async_engine import AsyncEngine
 
         return AsyncEngine
+    if name == "LoRARequest":
+        from lmforge.engine.lora_manager import LoRARequest
+
+        return LoRARequest
     if name == "SamplingParams":
         from lmforge.engine.sampling_params import SamplingParams
 
@@ -22,4 +26,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
 
 
-__all__ = ["AsyncEngine", "LLM", "LmforgeError", "SamplingParams", "__version__"]
+__all__ = ["AsyncEngine", "LLM", "LmforgeError", "LoRARequest", "SamplingParams", "__version__"]

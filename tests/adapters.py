@@ -47,3 +47,21 @@ def ours_logits(model: torch.nn.Module, seqs: list[torch.Tensor]) -> torch.Tenso
 def hf_logits(model: torch.nn.Module, seqs: list[torch.Tensor]) -> torch.Tensor:
     """transformers (or PEFT) on each sequence alone, rows concatenated."""
     return torch.cat([model(s[None]).logits[0].float() for s in seqs])
+
+
+@torch.no_grad()
+def save_peft_adapter(base_dir, out_dir, model_cls: str = "LlamaForCausalLM", seed: int = 1, scale: float = 0.1,
+                      **lora_config):
+    """A PEFT adapter made by PEFT itself (get_peft_model on the transformers model of base_dir), its A and B
+    random (B nonzero, so it changes the outputs), saved to out_dir; returns the PEFT model (fp32, eval)."""
+    import peft
+    import transformers
+
+    model = getattr(transformers, model_cls).from_pretrained(base_dir, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora_config))
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out_dir)
+    return model.eval()

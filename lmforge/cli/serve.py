@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -18,7 +19,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve MODEL over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, "
                                    "/v1/models) with streaming, plus /health, /version, /metrics (Prometheus), "
-                                   "/tokenize and /detokenize. SIGTERM or Ctrl-C stops accepting requests and lets "
+                                   "/tokenize and /detokenize, and PEFT LoRA adapters as models of their own "
+                                   "(--lora). SIGTERM or Ctrl-C stops accepting requests and lets "
                                    "those in flight finish (up to --shutdown-timeout).")
     p.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model (same as --model)")
     g = p.add_argument_group("server")
@@ -38,6 +40,18 @@ def add_parser(sub) -> None:
     g.add_argument("--cors", nargs="?", const="*", default=None, metavar="ORIGINS",
                    help="allow cross-origin requests from these comma-separated origins (bare --cors: any origin)")
     g.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve the PEFT adapter directory PATH as model NAME, in the same batches as the base model "
+                        "(repeatable; implies --enable-lora)")
+    g.add_argument("--lora-modules", nargs="+", action="extend", dest="lora", metavar="NAME=PATH",
+                   help="vLLM's spelling of --lora: several NAME=PATH at once")
+    g.add_argument("--enable-lora", action="store_true",
+                   help="allow adapters to be loaded at run time (POST /v1/load_lora_adapter) without any at start")
+    g.add_argument("--max-loras", type=int, default=4, metavar="N",
+                   help="most adapters loaded at once; their memory is reserved at start (default 4)")
+    g.add_argument("--max-lora-rank", type=int, default=16, metavar="R",
+                   help="highest adapter rank accepted; lower ranks are zero-padded to it (default 16)")
     add_engine_args(p)
     p.set_defaults(run=run)
 
@@ -60,6 +74,31 @@ def _chat_template(value: str | None, tokenizer) -> str | None:
     tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                   chat_template=template)
     return template
+
+
+def _lora_requests(args: argparse.Namespace, served: list[str]):
+    """--lora NAME=PATH as LoRARequests, checked before the model loads as far as the files alone allow."""
+    from lmforge.engine.lora_manager import LoRARequest
+    from lmforge.weights.peft import read_adapter_config
+
+    requests, names = [], set(served)
+    for spec in args.lora:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LmforgeError(f"--lora expects NAME=PATH, got {spec!r}")
+        if name in names:
+            raise LmforgeError(f"--lora {spec}: the name {name!r} is already served; give each adapter its own name")
+        names.add(name)
+        read_adapter_config(path)  # a missing or malformed adapter directory fails now, not after the model loads
+        requests.append(LoRARequest(name, len(requests) + 1, path))
+    if len(requests) > args.max_loras:
+        raise LmforgeError(f"{len(requests)} --lora adapters exceed --max-loras {args.max_loras}; raise --max-loras")
+    return requests
+
+
+async def _load_adapters(engine, requests) -> None:
+    for request in requests:
+        await engine.add_lora(request)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -89,11 +128,14 @@ def run(args: argparse.Namespace) -> int:
     if args.shutdown_timeout < 0:
         raise LmforgeError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
-    config = engine_config(args)
+    names = args.served_model_name or [args.model]
+    loras = _lora_requests(args, names)
+    config = dataclasses.replace(engine_config(args), enable_lora=bool(loras) or args.enable_lora,
+                                 max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     engine = AsyncEngine(config)
     try:
+        asyncio.run(_load_adapters(engine, loras))  # an adapter that does not fit the model stops the start (exit 2)
         template = _chat_template(args.chat_template, engine.tokenizer)
-        names = args.served_model_name or [args.model]
         app = create_app(engine, names, model_root=str(args.model), chat_template=template, api_key=api_key,
                          max_queue=args.max_queue, cors_origins=args.cors.split(",") if args.cors else None)
         sock = _listen(args.host, args.port)
@@ -102,8 +144,9 @@ def run(args: argparse.Namespace) -> int:
                                                timeout_graceful_shutdown=args.shutdown_timeout,
                                                log_level=logging.getLogger().level))
         shown = f"[{host}]" if ":" in host else host
-        log.info("serving %s as %s on http://%s:%d/v1 (max_model_len %d%s)", args.model, ", ".join(names), shown,
-                 port, engine.engine.max_model_len, ", API key required" if api_key else "")
+        adapters = f", LoRA adapters: {', '.join(r.lora_name for r in loras)}" if loras else ""
+        log.info("serving %s as %s on http://%s:%d/v1 (max_model_len %d%s%s)", args.model, ", ".join(names), shown,
+                 port, engine.engine.max_model_len, ", API key required" if api_key else "", adapters)
         # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal under the handlers it
         # found; ignoring them here makes that re-raise a no-op, so a stopped server exits 0.
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import torch
 
 from lmforge.engine.llm_engine import EngineConfig, LLMEngine
+from lmforge.engine.lora_manager import LoadedAdapter, LoRARequest
 from lmforge.engine.outputs import RequestOutput
 from lmforge.engine.sampling_params import SamplingParams
 
@@ -90,8 +91,10 @@ class AsyncEngine:
 
     # ---- the caller's side ---------------------------------------------------------------------------------
     async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                          priority: int = 0, max_waiting: int | None = None) -> "RequestStream":
-        """Queues a request and returns its output stream once the engine has accepted it.
+                          priority: int = 0, max_waiting: int | None = None,
+                          lora_request: LoRARequest | None = None) -> "RequestStream":
+        """Queues a request (with a loaded LoRA adapter, when lora_request names one) and returns its output stream
+        once the engine has accepted it.
 
         Raises ValueError for invalid input and QueueFullError when `max_waiting` sequences already wait for a
         slot (checked on the engine thread, so concurrent callers cannot overshoot). The caller must iterate the
@@ -107,7 +110,7 @@ class AsyncEngine:
             waiting = len(self.engine.scheduler.waiting)
             if max_waiting is not None and waiting >= max_waiting:
                 raise QueueFullError(waiting, max_waiting)
-            self.engine.add_request(request_id, prompt, params, priority)
+            self.engine.add_request(request_id, prompt, params, priority, lora_request=lora_request)
 
         try:
             await asyncio.wrap_future(self._call(admit))
@@ -118,10 +121,10 @@ class AsyncEngine:
         return RequestStream(self, request_id, q)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutputs (cumulative text plus `new_text` deltas) until the request finishes.
         Invalid input raises ValueError before anything is queued; leaving the loop early aborts the request."""
-        stream = await self.add_request(prompt, params, request_id, priority)
+        stream = await self.add_request(prompt, params, request_id, priority, lora_request=lora_request)
         try:
             async for out in stream:
                 yield out
@@ -132,6 +135,14 @@ class AsyncEngine:
         out = await asyncio.wrap_future(self._call(lambda: self.engine.abort(request_id)))
         if out is not None:
             self._deliver(request_id, out)
+
+    async def add_lora(self, lora_request: LoRARequest) -> LoadedAdapter:
+        """Loads an adapter between two steps (LmforgeError, nothing loaded, when it does not fit the model)."""
+        return await self.run(lambda: self.engine.add_lora(lora_request))
+
+    async def remove_lora(self, name: str) -> LoadedAdapter:
+        """Unloads an adapter between two steps; AdapterInUseError while requests that use it are in flight."""
+        return await self.run(lambda: self.engine.remove_lora(name))
 
     async def run(self, fn: Callable):
         """Runs fn() on the engine thread between steps (for stats, cache resets, adapter changes)."""

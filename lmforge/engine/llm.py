@@ -6,6 +6,7 @@ from collections.abc import Sequence as Seq
 from tqdm import tqdm
 
 from lmforge.engine.llm_engine import EngineConfig, LLMEngine
+from lmforge.engine.lora_manager import LoadedAdapter, LoRARequest
 from lmforge.engine.outputs import RequestOutput
 from lmforge.engine.sampling_params import SamplingParams
 
@@ -16,7 +17,8 @@ class LLM:
     """LLM(model, dtype=..., max_model_len=..., kv_cache_memory=..., enable_prefix_caching=True, ...).
 
     Keyword arguments are EngineConfig's fields: dtype, device, max_model_len, kv_cache_memory (GiB),
-    block_size, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, scheduling_policy, seed.
+    block_size, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, scheduling_policy, seed,
+    enforce_eager, enable_lora, max_loras, max_lora_rank.
     """
 
     def __init__(self, model: str | None = None, **engine_args):
@@ -27,10 +29,13 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None
-                 = None, use_tqdm: bool = True, priority: Seq[int] | None = None) -> list[RequestOutput]:
+                 = None, use_tqdm: bool = True, priority: Seq[int] | None = None,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in the prompts' order.
 
         A prompt is a string, a list of token ids, or {"prompt": str} / {"prompt_token_ids": [...]}.
+        `lora_request`: one adapter for every prompt or one per prompt (None: the base model), as in vLLM; an
+        adapter not loaded yet is loaded first (enable_lora=True), and stays loaded.
         """
         prompts = self._as_list(prompts)
         params = sampling_params or SamplingParams()
@@ -38,11 +43,12 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         priority = list(priority) if priority is not None else [0] * len(prompts)
+        loras = self._loras(lora_request, len(prompts))
         ids = []
         try:
-            for prompt, p, prio in zip(prompts, params, priority, strict=True):
+            for prompt, p, prio, lora in zip(prompts, params, priority, loras, strict=True):
                 ids.append(f"offline-{next(self._ids)}")
-                self.engine.add_request(ids[-1], self._unwrap(prompt), p, priority=prio)
+                self.engine.add_request(ids[-1], self._unwrap(prompt), p, priority=prio, lora_request=lora)
         except Exception:  # a bad prompt queues nothing: the engine stays clean for the next call
             for request_id in ids:
                 self.engine.abort(request_id)
@@ -62,6 +68,26 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         return self.engine.reset_prefix_cache()
+
+    def add_lora(self, lora_request: LoRARequest) -> LoadedAdapter:
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, name: str) -> LoadedAdapter:
+        return self.engine.remove_lora(name)
+
+    def list_loras(self) -> list[LoadedAdapter]:
+        return self.engine.list_loras()
+
+    def _loras(self, lora_request, count: int) -> list[LoRARequest | None]:
+        """One LoRARequest (or None) per prompt, each adapter loaded."""
+        loras = [lora_request] * count if lora_request is None or isinstance(lora_request, LoRARequest) \
+            else list(lora_request)
+        if len(loras) != count:
+            raise ValueError(f"got {len(loras)} lora_requests for {count} prompts")
+        for lora in loras:
+            if lora is not None and self.engine.loras is not None and self.engine.loras.get(lora.lora_name) is None:
+                self.engine.add_lora(lora)
+        return loras
 
     @staticmethod
     def _as_list(prompts) -> list:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.lora_manager import AdapterInUseError, AdapterNotFoundError, LoadedAdapter, LoRAManager, LoRARequest
 from lmforge.engine.model_runner import ModelRunner, plan_num_blocks
 from lmforge.engine.output_processor import CompletionState
 from lmforge.engine.outputs import RequestMetrics, RequestOutput
@@ -33,9 +34,12 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     seed: int = 0
     enforce_eager: bool = False  # True: no optional fast paths (the CPU kernels), plain PyTorch only
+    enable_lora: bool = False  # serve LoRA adapters (add_lora / lora_request); False: no per-step LoRA work at all
+    max_loras: int = 4  # adapters loaded at once: their slots are allocated up front
+    max_lora_rank: int = 16  # adapters of lower rank are zero-padded to it
 
     def __post_init__(self):
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -53,6 +57,7 @@ class Request:
     states: list[CompletionState]
     metrics: RequestMetrics
     generators: list[torch.Generator | None] = field(default_factory=list)
+    lora_request: LoRARequest | None = None
 
     @property
     def finished(self) -> bool:
@@ -88,6 +93,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or limit
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
+        self.loras = self._lora_slots() if config.enable_lora else None
         num_blocks = plan_num_blocks(self.model, config.block_size, dtype, _kv_budget_bytes(config, device),
                                      self.max_model_len)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.enforce_eager)
@@ -103,20 +109,68 @@ class LLMEngine:
         self._seq_index: dict[int, tuple[Request, int]] = {}
         self.num_steps = 0  # model steps run (a clock for "freed within one step" checks and metrics)
 
+    def _lora_slots(self) -> LoRAManager:
+        from lmforge.layers.multi_lora import add_multi_lora
+
+        c = self.config
+        layers = add_multi_lora(self.model, c.max_loras, c.max_lora_rank)
+        size = sum(m.lora_a.numel() * m.lora_a.element_size() * 2 for m in layers.values())  # lora_b: same size
+        log.info("LoRA: %d adapter slots of rank <= %d over %d layers, %.1f MiB", c.max_loras, c.max_lora_rank,
+                 len(layers), size / 2**20)
+        return LoRAManager(self.model, layers, c.max_loras, c.max_lora_rank)
+
+    # ---- adapters ----------------------------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> LoadedAdapter:
+        """Loads a PEFT adapter directory into a free slot, checked against the model (LmforgeError if unfit)."""
+        return self._require_loras().add(lora_request)
+
+    def remove_lora(self, name: str) -> LoadedAdapter:
+        """Unloads an adapter; refused (AdapterInUseError) while requests that use it are queued or running."""
+        loras = self._require_loras()
+        adapter = loras.get(name)
+        busy = [r.request_id for r in self.requests.values() if adapter and r.seqs[0].adapter_id == adapter.uid]
+        if busy:
+            raise AdapterInUseError(f"LoRA adapter {name!r} has {len(busy)} requests in flight (e.g. {busy[0]}); "
+                                    "unload it when they have finished")
+        return loras.remove(name)
+
+    def list_loras(self) -> list[LoadedAdapter]:
+        return self.loras.loaded() if self.loras is not None else []
+
+    def _require_loras(self) -> LoRAManager:
+        if self.loras is None:
+            raise ValueError("this engine was built without LoRA support; build it with enable_lora=True")
+        return self.loras
+
+    def _adapter_id(self, lora_request: LoRARequest | None) -> int:
+        if lora_request is None:
+            return 0
+        adapter = self._require_loras().get(lora_request.lora_name)
+        if adapter is None:
+            raise AdapterNotFoundError(f"LoRA adapter {lora_request.lora_name!r} is not loaded; load it first "
+                                       "(add_lora)")
+        if adapter.request != lora_request:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} is loaded as {adapter.request}, not as "
+                             f"{lora_request}")
+        return adapter.uid
+
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0,
-                    arrival_time: float | None = None) -> None:
-        """Validates and queues a request (n sequences); raises ValueError naming the field before queueing."""
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
+        """Validates and queues a request (n sequences); raises ValueError naming the field before queueing.
+        With lora_request, the request is generated with that (loaded) adapter."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        adapter_id = self._adapter_id(lora_request)
         text, ids = self._tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        request = Request(request_id, text, ids, [], [], RequestMetrics(arrival))
+        request = Request(request_id, text, ids, [], [], RequestMetrics(arrival), lora_request=lora_request)
         for index in range(params.n):
-            seq = Sequence(request_id, list(ids), params, index=index, priority=priority, arrival_time=arrival)
+            seq = Sequence(request_id, list(ids), params, index=index, priority=priority, arrival_time=arrival,
+                           adapter_id=adapter_id)
             request.seqs.append(seq)
             request.states.append(CompletionState(self.tokenizer, ids, params, index))
             generator = None
@@ -164,8 +218,9 @@ class LLMEngine:
         if not batch.seqs:
             return []
         self.num_steps += 1
+        lora_slots = self.loras.slots([seq.adapter_id for seq in batch.seqs]) if self.loras is not None else None
         try:
-            logits, rows = self.runner.execute(batch)
+            logits, rows = self.runner.execute(batch, lora_slots)
         except Exception:
             self.scheduler.step_failed(batch)
             raise
@@ -235,7 +290,7 @@ class LLMEngine:
                 for seq, state in zip(request.seqs, request.states, strict=True)]
         deltas = [state.delta(seq.is_finished) for seq, state in zip(request.seqs, request.states, strict=True)]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished, m,
-                             first.num_cached_tokens, deltas)
+                             first.num_cached_tokens, deltas, request.lora_request)
 
     def reset_prefix_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()

@@ -11,6 +11,7 @@ from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.linear import fuse_projections
+from lmforge.layers.multi_lora import with_adapters
 
 log = logging.getLogger("lmforge")
 
@@ -103,10 +104,13 @@ class ModelRunner:
         return kernels.disabled() if self.enforce_eager else contextlib.nullcontext()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, batch: ScheduledBatch, lora_slots: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Runs the step; returns logits [len(rows), vocab] in the model's dtype (the sampler widens them to fp32
-        when it needs more than an argmax) and the rows they belong to."""
+        when it needs more than an argmax) and the rows they belong to. `lora_slots`: each sequence's adapter slot
+        (multi-LoRA serving), None when no sequence of the step uses an adapter."""
         ids, positions, meta, rows = self.prepare(batch)
+        if lora_slots is not None:
+            meta = with_adapters(meta, lora_slots)
         with self._mode():
             hidden = self.model(ids, positions, meta, self.kv)
             if not rows:

@@ -48,3 +48,4 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     new_text: list[str] = field(default_factory=list)  # per output: text added since the previous RequestOutput
+    lora_request: object | None = None  # the LoRARequest it was generated with (None: the base model)

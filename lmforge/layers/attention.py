@@ -57,6 +57,7 @@ class AttnMeta:
     logits_indices: torch.Tensor | None = None  # rows of the hidden states whose logits the caller wants
     decode: DecodeBatch | None = None  # single-token sequences batched together (paged, pure-torch path)
     kernel: KernelRows | None = None  # short-query sequences for the CPU kernel (paged, kernels available)
+    lora: "LoraBatch | None" = None  # the step's LoraBatch (multi-LoRA serving); None: no token uses an adapter
 
     @classmethod
     def for_training(cls, cu_seqlens: torch.Tensor) -> "AttnMeta":

@@ -29,7 +29,9 @@ class Linear(nn.Module):
             nn.init.uniform_(self.bias, -(in_features**-0.5), in_features**-0.5)
         self._packed: tuple[tuple[int, int], torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """`lora` (the step's LoraBatch, passed by model files to every projection) is for MultiLoRALinear; a plain
+        layer has no adapter and ignores it."""
         return _linear(x, self.weight, self.bias, self)
 
     def extra_repr(self) -> str:
@@ -72,11 +74,13 @@ def fuse(*layers: Linear) -> None:
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """`fuse` on every q/k/v and gate/up group of plain Linears in the model; returns how many groups."""
+    """`fuse` on every q/k/v and gate/up group of plain Linears in the model, or of the bases of multi-LoRA layers
+    (serving adapters: they share their bases' product and add their updates to it); returns how many groups.
+    Training's LoRALinear groups stay unfused."""
     groups = 0
     for module in model.modules():
         for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-            layers = [getattr(module, name, None) for name in names]
+            layers = [_multi_lora_base(getattr(module, name, None)) for name in names]
             if all(type(layer) is Linear for layer in layers) and \
                     len({(layer.bias is None, layer.weight.dtype) for layer in layers}) == 1:
                 fuse(*layers)
@@ -84,12 +88,19 @@ def fuse_projections(model: nn.Module) -> int:
     return groups
 
 
-def linears(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
-    """(layer(x) for each layer), as one product when `fuse` laid their weights end to end."""
+def linears(x: torch.Tensor, *layers: nn.Module, lora=None) -> tuple[torch.Tensor, ...]:
+    """(layer(x, lora) for each layer), as one product when `fuse` laid their weights end to end."""
+    if hasattr(layers[0], "add_adapters"):  # MultiLoRALinears: their bases' (joint) product, then each one's adapters
+        outs = linears(x, *(layer.base_layer for layer in layers))
+        return tuple(layer.add_adapters(x, out, lora) for layer, out in zip(layers, outs, strict=True))
     joint = getattr(layers[0], "_joint", None)
     if joint is None or not joint.intact(layers):
-        return tuple(layer(x) for layer in layers)
+        return tuple(layer(x, lora) for layer in layers)
     return _linear(x, joint.weight, joint.bias, joint).split(joint.sizes, dim=-1)
+
+
+def _multi_lora_base(layer: nn.Module | None) -> nn.Module | None:
+    return layer.base_layer if hasattr(layer, "add_adapters") else layer
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) -> torch.Tensor:

@@ -17,8 +17,9 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linears(x, self.gate_proj, self.up_proj)
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """`lora`: a serving step's LoraBatch (lmforge/layers/multi_lora.py), handed to each projection."""
+        gate, up = linears(x, self.gate_proj, self.up_proj, lora=lora)
         if self.act is F.silu and gate.dim() == 2 and (ops := usable(gate, up)) is not None:
-            return self.down_proj(ops.silu_mul(gate, up))  # one pass over the fused gate/up output
-        return self.down_proj(self.act(gate) * up)
+            return self.down_proj(ops.silu_mul(gate, up), lora)  # one pass over the fused gate/up output
+        return self.down_proj(self.act(gate) * up, lora)

@@ -112,7 +112,8 @@ class NF4Linear(nn.Module):
         absmax = dequantize_scales(self.scale_codes, self.scale_factor, self.scale_offset)
         return dequantize(self.weight_packed, absmax, self.weight_shape, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """`lora` (a serving step's LoraBatch, which model files pass to every projection) is unused here."""
         device = x.device.type
         if torch.is_autocast_enabled(device):  # dequantise straight to the autocast dtype, never to fp32 first
             x = x.to(torch.get_autocast_dtype(device))

@@ -71,12 +71,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 kv: KVCache | None) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj, lora=meta.lora)
         q = apply_rope(q.view(t, self.heads, self.head_dim), *rope)
         k = apply_rope(k.view(t, self.kv_heads, self.head_dim), *rope)
         v = v.view(t, self.kv_heads, self.head_dim)
         out = attention(q, k, v, meta, kv, self.head_dim**-0.5, self.window)
-        return self.o_proj(out.reshape(t, -1))
+        return self.o_proj(out.reshape(t, -1), meta.lora)
 
 
 class Block(nn.Module):
@@ -89,7 +89,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope, meta, kv):
         x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
 class Model(nn.Module):

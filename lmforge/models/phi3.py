@@ -66,9 +66,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 kv: KVCache | None) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).view(t, -1, self.head_dim).split([self.heads, self.kv_heads, self.kv_heads], 1)
+        qkv = self.qkv_proj(x, meta.lora).view(t, -1, self.head_dim)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], 1)
         out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v, meta, kv, self.head_dim**-0.5, self.window)
-        return self.o_proj(out.reshape(t, -1))
+        return self.o_proj(out.reshape(t, -1), meta.lora)
 
 
 class MLP(nn.Module):
@@ -80,9 +81,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(a.intermediate_size, a.hidden_size, bias=False)
         self.act = activation(a.hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up, lora)
 
 
 class Block(nn.Module):
@@ -95,7 +96,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope, meta, kv):
         x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
 class Model(nn.Module):

@@ -108,13 +108,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                 kv: KVCache | None) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj, lora=meta.lora)
         q, k, v = q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim), \
             v.view(t, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v, meta, kv, self.head_dim**-0.5, self.window)
-        return self.o_proj(out.reshape(t, -1))
+        return self.o_proj(out.reshape(t, -1), meta.lora)
 
 
 class SparseMoE(nn.Module):
@@ -129,11 +129,12 @@ class SparseMoE(nn.Module):
             self.shared_expert = GatedMLP(a.hidden_size, a.shared_expert_intermediate_size, a.hidden_act)
             self.shared_expert_gate = Linear(a.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """`lora`: the step's LoraBatch, for the shared expert (serving adapters never adapt routed experts)."""
         weights, indices = route(self.gate(x), self.top_k, self.norm_topk_prob)
         out = dispatch(x, weights.to(x.dtype), indices, self.experts)  # Qwen scales in the model dtype
         if self.has_shared:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, lora)
         return out
 
 
@@ -147,7 +148,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope, meta, kv):
         x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.lora)
 
 
 class Model(nn.Module):

@@ -92,6 +92,8 @@ class ServerMetrics:
         self.request_success = Counter("lmforge:request_success", "Finished completions by finish reason (each of "
                                        "a request's n completions counts, as in vLLM).",
                                        ["model_name", "finished_reason"], registry=r)
+        self.lora_requests = Counter("lmforge:lora_requests", "Engine requests admitted per LoRA adapter.",
+                                     ["model_name", "lora_name"], registry=r)
         self.rejected = Counter("lmforge:request_rejected", "Requests refused with 503 because the waiting queue "
                                 "was full (--max-queue).", labels, registry=r).labels(model_name)
         self.ttft = Histogram("lmforge:time_to_first_token_seconds", "From the request's arrival to its first "

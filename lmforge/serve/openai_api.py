@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge import __version__
 from lmforge.engine.async_engine import AsyncEngine
+from lmforge.serve.adapters import load_lora_adapter, unload_lora_adapter
 from lmforge.serve.chat import create_chat_completion
 from lmforge.serve.completions import create_completion
 from lmforge.serve.errors import APIError, bad_request, from_validation, parse_json
@@ -29,9 +30,11 @@ from lmforge.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoRAAdapterRequest,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from lmforge.serve.state import ServerState
 
@@ -45,8 +48,10 @@ def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None,
                chat_template: str | None = None, api_key: str | None = None, max_queue: int | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     names = served_model_names or [model_root or "default"]
-    state = ServerState(engine, ServedModels(names, model_root, engine.engine.max_model_len),
-                        ServerMetrics(names[0]), chat_template, max_queue)
+    models = ServedModels(names, model_root, engine.engine.max_model_len)
+    for adapter in engine.engine.list_loras():  # loaded before the app (lmforge serve --lora): routes from the start
+        models.add_adapter(adapter.request)
+    state = ServerState(engine, models, ServerMetrics(names[0]), chat_template, max_queue)
     app = FastAPI(title="lmforge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmforge = state
     _add_error_handlers(app)
@@ -86,6 +91,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         state.models.resolve(name)
         card = next(c for c in state.models.cards() if c.id == name)
         return JSONResponse(card.model_dump(mode="json"))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request) -> Response:
+        return await load_lora_adapter(state, await _parse(request, LoadLoRAAdapterRequest))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request) -> Response:
+        return await unload_lora_adapter(state, await _parse(request, UnloadLoRAAdapterRequest))
 
     @app.get("/health")
     async def health() -> Response:

@@ -196,6 +196,18 @@ class DetokenizeRequest(Strict):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(Strict):
+    """POST /v1/load_lora_adapter, as vLLM's: serve the PEFT adapter at lora_path under the model name lora_name."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(Strict):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's alternative key; accepted, the name decides
+
+
 # ---- responses ------------------------------------------------------------------------------------------------
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from lmforge.engine.async_engine import AsyncEngine, QueueFullError, RequestStream
+from lmforge.engine.lora_manager import AdapterNotFoundError
 from lmforge.engine.outputs import RequestOutput
 from lmforge.engine.sampling_params import SamplingParams
 from lmforge.serve.errors import APIError, bad_request
@@ -91,8 +92,6 @@ class ServerState:
     async def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str, route: ModelRoute,
                      arrival: float, prompt_param: str) -> Submission:
         """Hands every prompt to the engine (ids `request_id-i`); all or none: a refusal closes the ones queued."""
-        if route.adapter is not None:  # no route has one until LoRA serving lands; never serve the base instead
-            raise RuntimeError(f"model {route.name!r} needs adapter {route.adapter!r}, which the engine cannot apply")
         if not self.engine.is_alive:  # a dead engine thread would never answer: say so instead of hanging
             raise APIError(503, "The engine is not running; the server is shutting down or failed.",
                            code="engine_unavailable")
@@ -100,13 +99,20 @@ class ServerState:
         try:
             for i, ids in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                sub.streams.append(await self.engine.add_request(ids, params, rid, max_waiting=self.max_queue))
+                sub.streams.append(await self.engine.add_request(ids, params, rid, max_waiting=self.max_queue,
+                                                                 lora_request=route.adapter))
                 sub.trackers.append(self.metrics.track(len(ids), params.n, arrival))
+                if route.adapter is not None:
+                    self.metrics.lora_requests.labels(self.metrics.model_name, route.name).inc()
         except QueueFullError as e:
             sub.close()
             self.metrics.rejected.inc()
             raise APIError(503, f"The server is busy: {e}. Retry after {RETRY_AFTER_S}s.", code="server_busy",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except AdapterNotFoundError:  # unloaded after this request was routed to it
+            sub.close()
+            raise APIError(404, f"The model `{route.name}` does not exist anymore: its LoRA adapter was unloaded.",
+                           param="model", code="model_not_found") from None
         except ValueError as e:  # the engine's own checks (they mirror ours; this is the backstop)
             sub.close()
             raise bad_request(f"{e}.", prompt_param) from None

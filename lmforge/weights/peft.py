@@ -109,19 +109,36 @@ def read_adapter_tensors(adapter_dir: str | Path) -> tuple[Path, dict[str, torch
     raise LmforgeError(f"{adapter_dir} has no {WEIGHTS_FILE}; the adapter directory is incomplete")
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> LoraSummary:
-    """Wraps the modules a PEFT adapter names in LoRALinear and loads its weights (and modules_to_save) after
-    checking every tensor against the model; trainable=False freezes everything (serving, merging)."""
+@dataclass(frozen=True, slots=True)
+class AdapterFiles:
+    """An adapter directory read and checked against a model's linear layers."""
+
+    config: AdapterConfig
+    file: Path  # the weights file
+    modules: dict[str, dict[str, tuple[str, torch.Tensor]]]  # module path -> {"A"/"B"/"m": (key, tensor)}
+    full: dict[str, tuple[str, torch.Tensor]]  # modules_to_save: parameter name -> (key, tensor)
+
+
+def read_adapter(adapter_dir: str | Path, linears: dict[str, nn.Module]) -> AdapterFiles:
+    """adapter_config.json and the weights, every LoRA tensor checked against `linears` (module path -> a layer with
+    in_features and out_features): the module exists, target_modules names it, rank and sizes fit."""
     cfg = read_adapter_config(adapter_dir)
     file, tensors = read_adapter_tensors(adapter_dir)
     modules, full = _split_keys(file, tensors)
-    linears = linear_layers(model)
-    if lora_layers(model):
-        raise LmforgeError(f"cannot load {adapter_dir}: the model already has LoRA layers")
     if isinstance(cfg.target_modules, tuple):  # PEFT's regex form names no modules to check here
-        _check_names(model, linears, cfg, Path(adapter_dir) / CONFIG_FILE)
+        _check_names(linears, cfg, Path(adapter_dir) / CONFIG_FILE)
     for path, parts in modules.items():
         _check_module(file, path, parts, linears, cfg)
+    return AdapterFiles(cfg, file, modules, full)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> LoraSummary:
+    """Wraps the modules a PEFT adapter names in LoRALinear and loads its weights (and modules_to_save) after
+    checking every tensor against the model; trainable=False freezes everything (serving, merging)."""
+    if lora_layers(model):
+        raise LmforgeError(f"cannot load {adapter_dir}: the model already has LoRA layers")
+    adapter = read_adapter(adapter_dir, linear_layers(model))
+    cfg, file, modules, full = adapter.config, adapter.file, adapter.modules, adapter.full
     saved = module_paths(model, list(cfg.modules_to_save), f"{Path(adapter_dir) / CONFIG_FILE}: modules_to_save")
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head under its own name too
     for name, (key, tensor) in full.items():
@@ -189,7 +206,7 @@ def _split_keys(file: Path, tensors: dict[str, torch.Tensor]):
     return modules, full
 
 
-def _check_names(model: nn.Module, linears: dict, cfg: AdapterConfig, file: Path) -> None:
+def _check_names(linears: dict, cfg: AdapterConfig, file: Path) -> None:
     for name in cfg.target_modules:
         if not any(matches(path, [name]) for path in linears):
             have = ", ".join(sorted({path.rpartition(".")[2] for path in linears}))

@@ -1,10 +1,11 @@
-"""`lmforge serve` argument handling: what is not built is absent, bad flags are one-line errors (exit 2)."""
+"""`lmforge serve` argument handling: bad flags and unfit adapters are one-line errors (exit 2)."""
 
 import socket
 
 import pytest
 
 from lmforge.cli import main
+from tests.adapters import save_peft_adapter
 from tests.unit.tiny_server import tiny_chat_model
 
 
@@ -20,10 +21,26 @@ def one_line_error(capsys, argv: list[str]) -> str:
     return err
 
 
-def test_lora_is_not_offered_until_it_exists(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--lora", "a=/adapters/a"])
-    assert info.value.code == 2 and "unrecognized arguments: --lora" in capsys.readouterr().err
+def test_lora_flags_are_checked_before_the_model_loads(capsys, model_dir, tmp_path):
+    save_peft_adapter(model_dir, tmp_path / "a", r=4, target_modules=["q_proj"])
+    capsys.readouterr()  # transformers' loading bar
+    a = f"a={tmp_path / 'a'}"
+    assert "--lora expects NAME=PATH, got 'a'" in one_line_error(capsys, ["serve", "--lora", "a"])
+    assert f"adapter directory {tmp_path / 'none'} not found" in \
+        one_line_error(capsys, ["serve", "--lora", f"x={tmp_path / 'none'}"])
+    assert "the name 'a' is already served" in one_line_error(capsys, ["serve", "--lora-modules", a, a])
+    assert "the name 'm' is already served" in one_line_error(capsys, ["serve", "--served-model-name", "m",
+                                                                       "--lora", f"m={tmp_path / 'a'}"])
+    assert "2 --lora adapters exceed --max-loras 1" in \
+        one_line_error(capsys, ["serve", "--lora", a, "--lora", f"b={tmp_path / 'a'}", "--max-loras", "1"])
+
+
+def test_an_adapter_that_does_not_fit_the_model_stops_the_start(capsys, model_dir, tmp_path):
+    save_peft_adapter(model_dir, tmp_path / "big", r=16, target_modules=["q_proj"])
+    capsys.readouterr()
+    err = one_line_error(capsys, ["serve", str(model_dir), "--dtype", "float32", "--lora", f"big={tmp_path / 'big'}",
+                                  "--max-lora-rank", "8"])
+    assert "r = 16 exceeds the engine's max_lora_rank=8; raise --max-lora-rank" in err
 
 
 def test_bad_chat_template_is_named(capsys, model_dir):

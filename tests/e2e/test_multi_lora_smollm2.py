@@ -1,0 +1,64 @@
+"""Multi-LoRA serving on the real SmolLM2-135M-Instruct (fp32) with two PEFT adapters of different ranks: one mixed
+batch of base and adapter requests gives each request the greedy tokens of the engine running it alone and of PEFT's
+merge_and_unload reference in transformers; no adapter shares another's prefix-cache blocks."""
+
+import pytest
+
+from lmforge import LLM, SamplingParams
+from lmforge.engine.lora_manager import LoRARequest
+from tests.e2e.smollm2_adapters import NEW_TOKENS, QUESTIONS, chat_prompt, make_adapters, peft_references
+
+pytest.importorskip("peft")
+pytestmark = pytest.mark.e2e
+
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm2_dir, tmp_path_factory):
+    return make_adapters(smollm2_dir, tmp_path_factory.mktemp("smollm2_adapters"))
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir, adapters):
+    engine = LLM(str(smollm2_dir), dtype="float32", max_model_len=512, kv_cache_memory=0.3, enable_lora=True,
+                 max_loras=2, max_lora_rank=16)
+    for i, (name, path) in enumerate(adapters.items()):
+        engine.add_lora(LoRARequest(name, i + 1, str(path)))
+    return engine
+
+
+def test_mixed_batch_equals_each_alone_and_peft_merged(llm, adapters, smollm2_dir):
+    tok = llm.get_tokenizer()
+    loaded = {a.name: a.request for a in llm.list_loras()}
+    # every question under the base and both adapters, interleaved in one batch
+    cases = [(chat_prompt(tok, q), name) for q in QUESTIONS for name in (None, *adapters)]
+    prompts, names = [p for p, _ in cases], [n for _, n in cases]
+    requests = [loaded[n] if n else None for n in names]
+    mixed = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, lora_request=requests, use_tqdm=False)]
+    assert all(len(t) == NEW_TOKENS for t in mixed)
+    for prompt, request, got in zip(prompts, requests, mixed, strict=True):
+        llm.reset_prefix_cache()
+        assert llm.generate([prompt], GREEDY, lora_request=request, use_tqdm=False)[0].outputs[0].token_ids == got
+    unique = [chat_prompt(tok, q) for q in QUESTIONS]
+    refs = peft_references(smollm2_dir, adapters, unique)
+    for (prompt, name), got in zip(cases, mixed, strict=True):
+        assert got == refs[name][unique.index(prompt)], (name, tok.decode(prompt))
+    for i in range(len(QUESTIONS)):  # each adapter really changes what the model says
+        base, pirate, poet = mixed[3 * i: 3 * i + 3]
+        assert base != pirate and base != poet and pirate != poet
+
+
+def test_adapters_never_share_prefix_cache_blocks(llm):
+    tok = llm.get_tokenizer()
+    prompt = chat_prompt(tok, "Describe the sea in three sentences, please, with some detail about waves.")
+    assert len(prompt) >= 32  # two full blocks of 16
+    loaded = {a.name: a.request for a in llm.list_loras()}
+    llm.reset_prefix_cache()
+
+    def cached(name) -> int:
+        return llm.generate([prompt], GREEDY, lora_request=loaded.get(name), use_tqdm=False)[0].num_cached_tokens
+
+    full = (len(prompt) - 1) // 16 * 16
+    assert [cached("pirate"), cached("poet"), cached(None), cached("pirate"), cached("poet"), cached(None)] == \
+        [0, 0, 0, full, full, full]
