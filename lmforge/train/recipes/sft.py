@@ -16,6 +16,7 @@ from lmforge.config import TrainConfig, dump_config
 from lmforge.data import build_datasets
 from lmforge.layers.attention import AttnMeta
 from lmforge.train import checkpoint as ckpt
+from lmforge.train.allocator import fix_mmap_threshold
 from lmforge.train.evaluate import evaluate
 from lmforge.train.log import MetricsLog, require_backends
 from lmforge.train.loss import token_loss_sum
@@ -38,6 +39,7 @@ def main(cfg: TrainConfig) -> Path:
                           "cpu" if cfg.device == "auto" else cfg.device)
 
     require_backends(cfg.logging.backends)
+    fix_mmap_threshold()
     model, tokenizer, model_dir = build_trainable(cfg, device)
     data = build_datasets(cfg.data, tokenizer, cfg.seed)
     log.info("%s", data.report)
