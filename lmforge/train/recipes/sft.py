@@ -16,7 +16,7 @@ from lmforge.config import TrainConfig, dump_config
 from lmforge.data import build_datasets
 from lmforge.layers.attention import AttnMeta
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.allocator import fix_mmap_threshold
+from lmforge.train.allocator import release_free_memory
 from lmforge.train.evaluate import evaluate
 from lmforge.train.log import MetricsLog, require_backends
 from lmforge.train.loss import token_loss_sum
@@ -39,7 +39,6 @@ def main(cfg: TrainConfig) -> Path:
                           "cpu" if cfg.device == "auto" else cfg.device)
 
     require_backends(cfg.logging.backends)
-    fix_mmap_threshold()
     model, tokenizer, model_dir = build_trainable(cfg, device)
     data = build_datasets(cfg.data, tokenizer, cfg.seed)
     log.info("%s", data.report)
@@ -117,6 +116,7 @@ def train_step(model: torch.nn.Module, window: list, cfg: TrainConfig, optimizer
         loss = loss_sum / max(tokens, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.item()
+        release_free_memory()  # the activations just freed, before the next micro-batch allocates its own
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = None
