@@ -114,7 +114,7 @@ class LLMEngine:
 
         c = self.config
         layers = add_multi_lora(self.model, c.max_loras, c.max_lora_rank)
-        size = sum(m.lora_a.numel() * m.lora_a.element_size() * 2 for m in layers.values())  # lora_b: same size
+        size = sum((m.lora_a.numel() + m.lora_b.numel()) * m.lora_a.element_size() for m in layers.values())
         log.info("LoRA: %d adapter slots of rank <= %d over %d layers, %.1f MiB", c.max_loras, c.max_lora_rank,
                  len(layers), size / 2**20)
         return LoRAManager(self.model, layers, c.max_loras, c.max_lora_rank)
@@ -218,9 +218,9 @@ class LLMEngine:
         if not batch.seqs:
             return []
         self.num_steps += 1
-        lora_slots = self.loras.slots([seq.adapter_id for seq in batch.seqs]) if self.loras is not None else None
+        lora = self.loras.batch(batch.seqs, batch.num_new_tokens) if self.loras is not None else None
         try:
-            logits, rows = self.runner.execute(batch, lora_slots)
+            logits, rows = self.runner.execute(batch, lora)
         except Exception:
             self.scheduler.step_failed(batch)
             raise

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
+from lmforge.engine.sequence import Sequence
 from lmforge.errors import LmforgeError
 from lmforge.layers.lora import OUTPUT_LAYER, linear_layers
-from lmforge.layers.multi_lora import NO_ADAPTER, MultiLoRALinear
+from lmforge.layers.multi_lora import NO_ADAPTER, LoraBatch, MultiLoRALinear
 from lmforge.weights.peft import CONFIG_FILE, read_adapter, read_adapter_config
 
 log = logging.getLogger("lmforge")
@@ -70,6 +71,10 @@ class LoRAManager:
     def __init__(self, model: nn.Module, layers: dict[str, MultiLoRALinear], max_loras: int, max_rank: int):
         self.layers = layers
         self.max_loras, self.max_rank = max_loras, max_rank
+        if not layers:
+            raise LmforgeError("the model has no projection multi-LoRA serving can adapt")
+        first = next(iter(layers.values())).lora_a
+        self._device, self._dtype = first.device, first.dtype
         # Linear layers adapters may not touch (lm_head, MoE routers and experts): checked like the others, so an
         # adapter of one is refused for what it is rather than as a mismatch, and never adapted.
         self.unservable = {path: m for path, m in linear_layers(model).items() if not path.endswith(".base_layer")}
@@ -83,11 +88,12 @@ class LoRAManager:
     def loaded(self) -> list[LoadedAdapter]:
         return list(self.adapters.values())
 
-    def slots(self, adapter_ids: list[int]) -> list[int] | None:
-        """Each sequence's slot (NO_ADAPTER for the base); None when none of them uses an adapter."""
-        if not any(adapter_ids):
+    def batch(self, seqs: list[Sequence], num_new_tokens: list[int]) -> LoraBatch | None:
+        """The step's LoraBatch (which tokens use which slot); None when no sequence of the step uses an adapter."""
+        if not any(seq.adapter_id for seq in seqs):
             return None
-        return [self._by_uid[uid].slot if uid else NO_ADAPTER for uid in adapter_ids]
+        slots = [self._by_uid[seq.adapter_id].slot if seq.adapter_id else NO_ADAPTER for seq in seqs]
+        return LoraBatch.build(slots, num_new_tokens, self.max_loras, self.max_rank, self._device, self._dtype)
 
     def add(self, request: LoRARequest) -> LoadedAdapter:
         """Checks the adapter against the served model and loads it into a free slot; raises LmforgeError with

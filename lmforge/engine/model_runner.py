@@ -1,6 +1,7 @@
 """Turns a scheduled step into one flat forward over the paged KV pool; hot path — keep minimal."""
 
 import contextlib
+import dataclasses
 import logging
 
 import torch
@@ -11,7 +12,7 @@ from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.linear import fuse_projections
-from lmforge.layers.multi_lora import with_adapters
+from lmforge.layers.multi_lora import LoraBatch
 
 log = logging.getLogger("lmforge")
 
@@ -104,13 +105,13 @@ class ModelRunner:
         return kernels.disabled() if self.enforce_eager else contextlib.nullcontext()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, lora_slots: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, batch: ScheduledBatch, lora: LoraBatch | None = None) -> tuple[torch.Tensor, list[int]]:
         """Runs the step; returns logits [len(rows), vocab] in the model's dtype (the sampler widens them to fp32
-        when it needs more than an argmax) and the rows they belong to. `lora_slots`: each sequence's adapter slot
-        (multi-LoRA serving), None when no sequence of the step uses an adapter."""
+        when it needs more than an argmax) and the rows they belong to. `lora`: which tokens use which adapter
+        (multi-LoRA serving), None when no sequence of the step uses one."""
         ids, positions, meta, rows = self.prepare(batch)
-        if lora_slots is not None:
-            meta = with_adapters(meta, lora_slots)
+        if lora is not None:
+            meta = dataclasses.replace(meta, lora=lora)
         with self._mode():
             hidden = self.model(ids, positions, meta, self.kv)
             if not rows:

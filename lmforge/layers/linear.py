@@ -99,6 +99,12 @@ def linears(x: torch.Tensor, *layers: nn.Module, lora=None) -> tuple[torch.Tenso
     return _linear(x, joint.weight, joint.bias, joint).split(joint.sizes, dim=-1)
 
 
+def project(x: torch.Tensor, weight: torch.Tensor, cache) -> torch.Tensor:
+    """x @ weight^T, on Linear's fast paths, for a weight that is no Linear's: `cache` (any object with a `_packed`
+    attribute) keeps its packed copy, rebuilt when the weight changes."""
+    return _linear(x, weight, None, cache)
+
+
 def _multi_lora_base(layer: nn.Module | None) -> nn.Module | None:
     return layer.base_layer if hasattr(layer, "add_adapters") else layer
 

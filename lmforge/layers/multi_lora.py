@@ -6,14 +6,13 @@ it over as `AttnMeta.lora`, a forward argument like the rest of the step's metad
 projection (`self.o_proj(x, meta.lora)`); plain layers ignore it. Training uses `LoRALinear` (lmforge/layers/lora.py).
 """
 
-import dataclasses
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lmforge.layers.linear import Linear
+from lmforge.layers.linear import Linear, project
 
 # Projections whose call sites pass the step's LoraBatch (attention, dense and shared-expert MLPs of every family).
 SERVABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
@@ -22,57 +21,47 @@ NO_ADAPTER = -1  # slot of a token served by the base model
 
 @dataclass(frozen=True, slots=True)
 class LoraBatch:
-    """The adapter tokens of one step: (slot, rows) per adapter in use, rows a slice of the flat batch when that
-    adapter's tokens lie end to end, else their indices. Base-model tokens appear in no group."""
+    """Which adapter each token of one step uses: `mask` [num_tokens, max_loras * max_rank] is 1 on the columns of
+    the token's slot (all 0 for a base-model token), `slots` the slots some token uses."""
 
-    groups: tuple[tuple[int, slice | torch.Tensor], ...]
+    slots: frozenset[int]
+    mask: torch.Tensor
 
     @classmethod
-    def build(cls, slots: list[int], seqlens: list[int], device: torch.device) -> "LoraBatch | None":
+    def build(cls, slots: list[int], seqlens: list[int], max_loras: int, max_rank: int, device: torch.device,
+              dtype: torch.dtype) -> "LoraBatch | None":
         """slots[i]: the adapter slot of sequence i (NO_ADAPTER for the base); None when no token has an adapter."""
-        ranges: dict[int, list[list[int]]] = {}
-        start = 0
-        for slot, n in zip(slots, seqlens, strict=True):
-            if slot != NO_ADAPTER and n:
-                spans = ranges.setdefault(slot, [])
-                if spans and spans[-1][1] == start:  # neighbours of one adapter: one span
-                    spans[-1][1] += n
-                else:
-                    spans.append([start, start + n])
-            start += n
-        if not ranges:
+        used = frozenset(s for s, n in zip(slots, seqlens, strict=True) if s != NO_ADAPTER and n)
+        if not used:
             return None
-        groups = []
-        for slot, spans in ranges.items():
-            if len(spans) == 1:
-                groups.append((slot, slice(*spans[0])))
-            else:
-                rows = [i for a, b in spans for i in range(a, b)]
-                groups.append((slot, torch.tensor(rows, dtype=torch.long, device=device)))
-        return cls(tuple(groups))
-
-
-def with_adapters(meta, slots: list[int]):
-    """The step's AttnMeta with its LoraBatch (unchanged when no sequence of the step uses an adapter)."""
-    lora = LoraBatch.build(slots, list(meta.seqlens_q), meta.cu_seqlens_q.device)
-    return meta if lora is None else dataclasses.replace(meta, lora=lora)
+        per_token = torch.tensor(slots, device=device).repeat_interleave(torch.tensor(seqlens, device=device))
+        adapted = per_token != NO_ADAPTER
+        onehot = torch.zeros(len(per_token), max_loras, dtype=dtype, device=device)
+        onehot[adapted.nonzero()[:, 0], per_token[adapted]] = 1
+        return cls(used, onehot.repeat_interleave(max_rank, dim=1))
 
 
 class MultiLoRALinear(nn.Module):
     """base(x) plus, for each token, x @ A_s^T @ (scaling_s * B_s)^T of the adapter in its slot s.
 
-    Slots are preallocated (`max_loras` x `max_rank`, the model's dtype), so loading never allocates and memory is
-    bounded. `ranks[s]` is the rank of slot s's adapter in this layer, 0 when it does not adapt this layer (nothing is
-    computed for it). Tokens are grouped by adapter: two small products per adapter in use, none for base tokens."""
+    The slots lie side by side in two preallocated matrices (the model's dtype, each adapter zero-padded to
+    `max_rank`): `lora_a` [max_loras * max_rank, in] holds every A, `lora_b` [out, max_loras * max_rank] every scaled
+    B. A step with adapter tokens computes h = x @ lora_a^T for every slot at once, zeroes each token's columns of
+    other slots (`LoraBatch.mask`) and adds h @ lora_b^T: two products whatever the mix of adapters, through the same
+    CPU fast paths as the base (packed weights, AMX), at the cost of computing all max_loras * max_rank columns.
+    Loading never allocates, so memory is bounded. `ranks[s]` is slot s's rank in this layer, 0 when its adapter
+    does not adapt this layer: a step none of whose adapters adapts the layer computes the base only."""
 
     def __init__(self, base_layer: Linear, max_loras: int, max_rank: int):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.max_rank = max_rank
         w = base_layer.weight
         # Not parameters: they are serving state, outside state_dict (the model keeps its HF names and contents).
-        self.register_buffer("lora_a", w.new_zeros(max_loras, max_rank, self.in_features), persistent=False)
-        self.register_buffer("lora_b", w.new_zeros(max_loras, max_rank, self.out_features), persistent=False)
+        self.register_buffer("lora_a", w.new_zeros(max_loras * max_rank, self.in_features), persistent=False)
+        self.register_buffer("lora_b", w.new_zeros(self.out_features, max_loras * max_rank), persistent=False)
+        self._packed_a, self._packed_b = SimpleNamespace(_packed=None), SimpleNamespace(_packed=None)
         self.ranks = [0] * max_loras
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
@@ -82,36 +71,30 @@ class MultiLoRALinear(nn.Module):
 
     def add_adapters(self, x: torch.Tensor, out: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         """out (this layer's base output for x) plus each token's adapter update, added in place."""
-        if lora is None:
+        if lora is None or not any(self.ranks[s] for s in lora.slots):
             return out
-        for slot, rows in lora.groups:
-            rank = self.ranks[slot]
-            if rank == 0:
-                continue
-            delta = F.linear(x[rows], self.lora_a[slot, :rank]) @ self.lora_b[slot, :rank]
-            if isinstance(rows, slice):
-                out[rows] += delta
-            else:
-                out.index_add_(0, rows, delta)
-        return out
+        h = project(x, self.lora_a, self._packed_a).mul_(lora.mask)
+        return out.add_(project(h, self.lora_b, self._packed_b))
 
     @torch.no_grad()
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """Slot `slot` computes scaling * B A: a [r, in], b [out, r] as PEFT stores them (scaling folded in fp32)."""
         rank = a.shape[0]
         self.clear_slot(slot)
-        self.lora_a[slot, :rank].copy_(a)
-        self.lora_b[slot, :rank].copy_((b.float() * scaling).T)
+        start = slot * self.max_rank
+        self.lora_a[start:start + rank].copy_(a)
+        self.lora_b[:, start:start + rank].copy_(b.float() * scaling)
         self.ranks[slot] = rank
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        columns = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
+        self.lora_a[columns].zero_()
+        self.lora_b[:, columns].zero_()
         self.ranks[slot] = 0
 
     def extra_repr(self) -> str:
-        return f"slots={self.lora_a.shape[0]}, max_rank={self.lora_a.shape[1]}"
+        return f"slots={len(self.ranks)}, max_rank={self.max_rank}"
 
 
 def servable(path: str) -> bool:

@@ -2,10 +2,17 @@
 batch of base and adapter requests gives each request the greedy tokens of the engine running it alone and of PEFT's
 merge_and_unload reference in transformers; no adapter shares another's prefix-cache blocks."""
 
+import contextlib
+import dataclasses
+
 import pytest
+import torch
 
 from lmforge import LLM, SamplingParams
 from lmforge.engine.lora_manager import LoRARequest
+from lmforge.layers.attention import AttnMeta
+from lmforge.layers.linear import AMX_MAX_ROWS
+from lmforge.layers.multi_lora import NO_ADAPTER, LoraBatch
 from tests.e2e.smollm2_adapters import NEW_TOKENS, QUESTIONS, chat_prompt, make_adapters, peft_references
 
 pytest.importorskip("peft")
@@ -62,3 +69,45 @@ def test_adapters_never_share_prefix_cache_blocks(llm):
     full = (len(prompt) - 1) // 16 * 16
     assert [cached("pirate"), cached("poet"), cached(None), cached("pirate"), cached("poet"), cached(None)] == \
         [0, 0, 0, full, full, full]
+
+
+
+def test_bf16_fast_paths_are_as_accurate_as_plain_pytorch(llm, smollm2_dir, adapters):
+    """bf16 on CPU: the adapter products run on the packed-weight fast paths (AMX / oneDNN) beside the base ones.
+    On one flat batch of base, pirate and poet sequences, their logits must be as close to the fp32 engine's as
+    plain PyTorch bf16 (kernels off) is, and the adapters must still change them. (Greedy tokens are not compared:
+    random adapters make near-ties that either bf16 path may break its own way.)"""
+    from lmforge import kernels
+
+    if kernels.cpu_ops() is None:
+        pytest.skip("CPU kernels unavailable")
+    bf16 = LLM(str(smollm2_dir), dtype="bfloat16", max_model_len=512, kv_cache_memory=0.1, enable_lora=True,
+               max_loras=2, max_lora_rank=16)
+    for adapter in llm.list_loras():
+        bf16.add_lora(adapter.request)
+    tok = llm.get_tokenizer()
+    prompt = chat_prompt(tok, QUESTIONS[0])
+    seqs = [prompt + out.outputs[0].token_ids[:8] for out in llm.generate([prompt] * 3, GREEDY, lora_request=[
+        None, *[a.request for a in llm.list_loras()]], use_tqdm=False)]
+    lens = [len(s) for s in seqs]
+    assert sum(lens) <= AMX_MAX_ROWS  # one product per projection on the packed fast path
+
+    def logits(engine, eager=False):
+        slots = [NO_ADAPTER] + [a.slot for a in engine.list_loras()]
+        meta = AttnMeta.for_sequences(lens)
+        meta = dataclasses.replace(meta, lora=LoraBatch.build(slots, lens, 2, 16, torch.device("cpu"),
+                                                              engine.engine.runner.dtype))
+        model = engine.engine.model
+        with torch.inference_mode(), kernels.disabled() if eager else contextlib.nullcontext():
+            hidden = model(torch.tensor(sum(seqs, [])), torch.cat([torch.arange(n) for n in lens]), meta)
+            return model.logits(hidden).split(lens)
+
+    reference, fast, eager = logits(llm), logits(bf16), logits(bf16, eager=True)
+    assert any(m._packed_a._packed is not None for m in bf16.engine.loras.layers.values())  # the fast path ran
+    errors = []
+    for i in range(3):  # mean absolute logit error: max-abs is one outlier among 126 x 49152 logits
+        errors.append((fast[i] - reference[i]).abs().mean().item())
+        eager_error = (eager[i] - reference[i]).abs().mean().item()
+        assert errors[-1] <= 1.25 * eager_error, (i, errors[-1], eager_error)
+    n = len(prompt)  # the three sequences share the prompt: there, only the adapter differs
+    assert min((fast[i][:n] - fast[0][:n]).abs().mean().item() for i in (1, 2)) > 5 * max(errors)

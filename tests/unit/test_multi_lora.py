@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lmforge import LLM, SamplingParams
+from lmforge import LLM, SamplingParams, kernels
 from lmforge.engine.lora_manager import AdapterInUseError, AdapterLimitError, AdapterNotFoundError, LoRARequest
 from lmforge.errors import LmforgeError
 from lmforge.layers.linear import Linear, fuse, linears
@@ -60,12 +60,16 @@ def tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def test_lora_batch_groups_tokens_by_adapter():
-    assert LoraBatch.build([NO_ADAPTER, NO_ADAPTER], [3, 1], torch.device("cpu")) is None
-    batch = LoraBatch.build([0, 0, NO_ADAPTER, 1, 0], [2, 3, 1, 2, 1], torch.device("cpu"))
-    (slot0, rows0), (slot1, rows1) = batch.groups
-    assert slot0 == 0 and rows0.tolist() == [0, 1, 2, 3, 4, 8]  # two sequences end to end, one apart
-    assert slot1 == 1 and rows1 == slice(6, 8)
+def batch(slots, seqlens, max_loras=3, max_rank=2):
+    return LoraBatch.build(slots, seqlens, max_loras, max_rank, torch.device("cpu"), torch.float32)
+
+
+def test_lora_batch_masks_each_tokens_slot():
+    assert batch([NO_ADAPTER, NO_ADAPTER], [3, 1]) is None
+    lora = batch([0, 0, NO_ADAPTER, 2, 0], [2, 3, 1, 2, 1])
+    assert lora.slots == {0, 2}
+    one, base, two = [1, 1, 0, 0, 0, 0], [0] * 6, [0, 0, 0, 0, 1, 1]
+    assert lora.mask.tolist() == [one] * 5 + [base] + [two] * 2 + [one]
 
 
 def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
@@ -80,8 +84,7 @@ def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
             layer.set_slot(slot, a, b, scaling=0.5)
             factors[i, slot] = (a, b)
     x = torch.randn(7, 16)
-    slots = [2, 0, NO_ADAPTER, 2]
-    lora = LoraBatch.build(slots, [1, 2, 3, 1], x.device)
+    lora = batch([2, 0, NO_ADAPTER, 2], [1, 2, 3, 1], max_rank=4)
     per_token = [2, 0, 0, NO_ADAPTER, NO_ADAPTER, NO_ADAPTER, 2]
     for i, out in enumerate(linears(x, *wrapped, lora=lora)):
         expected = layers[i](x)
@@ -93,6 +96,32 @@ def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
         torch.testing.assert_close(wrapped[i](x, lora), expected)
     with pytest.raises(TypeError):  # no default: a model file that forgets to pass the batch fails loudly
         wrapped[0](x)
+
+
+@pytest.mark.skipif(kernels.cpu_ops() is None, reason="CPU kernels unavailable (no C++ compiler?)")
+@pytest.mark.parametrize("rows", [2, 9, 130])  # the streaming kernel, packed weights (AMX / oneDNN), F.linear
+def test_bf16_fast_paths_follow_slot_changes(rows):
+    """In bf16 the adapter products take Linear's fast paths over packed copies of the slot matrices: a slot loaded
+    or cleared after a step has packed them must be what the next step computes."""
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(Linear(64, 96).to(torch.bfloat16), max_loras=2, max_rank=16)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    factors = {0: (0.3 * torch.randn(8, 64), 0.3 * torch.randn(96, 8)),
+               1: (0.3 * torch.randn(4, 64), 0.3 * torch.randn(96, 4))}  # two ranks below max_rank
+    lora = batch([0, NO_ADAPTER, 1], [rows // 2, 1, rows - rows // 2 - 1], max_loras=2, max_rank=16)
+    rows_of = {0: slice(0, rows // 2), 1: slice(rows // 2 + 1, rows)}
+    base = layer.base_layer(x).float()
+    for slot, load, loaded in ((0, True, (0,)), (1, True, (0, 1)), (0, False, (1,))):  # each after a packed step
+        if load:
+            layer.set_slot(slot, *factors[slot], scaling=0.5)
+        else:
+            layer.clear_slot(slot)
+        expected = base.clone()
+        for s in loaded:
+            a, b = factors[s]
+            expected[rows_of[s]] += 0.5 * x[rows_of[s]].float() @ a.T @ b.T
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x, lora).float(), expected, atol=0.1, rtol=0.02)
 
 
 def test_mixed_batch_equals_each_alone_and_peft_merged(llm, adapters):
@@ -183,7 +212,9 @@ def test_unfit_adapter_fails_loudly_at_load(case, spare, base, tmp_path):
         spare.add_lora(LoRARequest("bad", 9, str(tmp_path / "bad")))
     assert "\n" not in str(error.value) and [a.name for a in spare.list_loras()] == ["a"]
     free = 1 - spare.engine.loras.get("a").slot
-    assert all(m.ranks[free] == 0 and not m.lora_b[free].any() for m in spare.engine.loras.layers.values())
+    columns = slice(free * 8, (free + 1) * 8)
+    assert all(m.ranks[free] == 0 and not m.lora_b[:, columns].any() and not m.lora_a[columns].any()
+               for m in spare.engine.loras.layers.values())
 
 
 def test_adapter_of_another_base_model_names_the_mismatch(spare, tmp_path):
