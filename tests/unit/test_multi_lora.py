@@ -143,6 +143,18 @@ def test_mixed_batch_equals_each_alone_and_peft_merged(llm, adapters):
     assert len({tuple(mixed[0]), tuple(mixed[2]), tuple(mixed[4])}) == 3
 
 
+def test_chunked_prefill_and_preemption_keep_each_requests_adapter(llm, base, adapters):
+    """A 5-token budget splits prompts over steps that mix chunks and decodes of different adapters, and a tiny KV
+    pool forces preemption: every request still gets what it gets alone."""
+    requests = [None, adapters["a"][0], adapters["b"][0], adapters["a"][0], adapters["b"][0]]
+    expected = tokens(llm.generate(PROMPTS, GREEDY, lora_request=requests, use_tqdm=False))
+    block = 2 * 2 * 4 * 2 * 8 * 4  # k and v, 2 layers, 4 tokens, 2 kv heads of 8, fp32
+    tight = LLM(str(base), dtype="float32", kv_cache_memory=10 * block / 2**30, block_size=4, max_model_len=16,
+                max_num_batched_tokens=5, enable_lora=True, max_loras=2, max_lora_rank=8)  # 10 blocks, 5 x 4 needed
+    assert tokens(tight.generate(PROMPTS, GREEDY, lora_request=requests, use_tqdm=False)) == expected
+    assert tight.engine.scheduler.num_preemptions > 0
+
+
 def test_prefix_cache_is_never_shared_across_adapters(llm, adapters):
     prompt = [2, 4, 6, 8, 10, 12, 14, 16, 18]  # two full blocks of 4
     ra, rb = adapters["a"][0], adapters["b"][0]
