@@ -66,7 +66,8 @@ class IdsTokenizer:
 
 class StepLogger:
     """A torchtune metric logger writing the benchmark's per-step JSONL (torchtune's own tokens/s, which counts
-    the unshifted labels, is kept as recipe_tokens_per_second)."""
+    the unshifted labels, is kept as recipe_tokens_per_second). The benchmark reads only the per-step dicts, so
+    the protocol's other calls (single scalars, the config, close) have nothing to record."""
 
     def __init__(self, path: str) -> None:
         self.path = path

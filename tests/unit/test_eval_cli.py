@@ -2,7 +2,6 @@
 hand computation, QA exact match counts against answers built from the engine's own greedy replies, bad input."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from lmforge.train.eval_data import infer_format, read_rows
 from lmforge.train.qa import contains_answer, exact_match, normalize_answer, parse_qa_row
 from lmforge.train.recipes import sft
 from lmforge.weights.peft import save_adapter
-from tests.tiny import TINY_LLAMA, tiny_model, write_tiny
+from tests.tiny import TINY_LLAMA, tiny_model
 
 ROOT = Path(__file__).parents[2]
 DEMO = ROOT / "configs" / "data" / "pirate_demo.jsonl"
@@ -33,15 +32,6 @@ QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "How ma
              "What is the opposite of hot?", "Where is the Eiffel Tower?", "What is frozen water called?"]
 ENGINE = {"dtype": "float32", "kv_cache_memory": 0.01}
 
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
-    """A tiny random Llama sized for SmolLM2's vocabulary, with SmolLM2's tokenizer files beside it."""
-    path = tmp_path_factory.mktemp("tiny_chat")
-    write_tiny(path, {**TINY_LLAMA, "vocab_size": 49152, "max_position_embeddings": 512})
-    for file in smollm2_tokenizer_dir.iterdir():
-        shutil.copy2(file, path / file.name)
-    return path
 
 
 @pytest.fixture(scope="module")

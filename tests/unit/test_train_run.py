@@ -3,7 +3,6 @@ outputs of a run, exact resume after a kill, atomic checkpoints, early stopping,
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,20 +19,10 @@ from lmforge.models import build_model
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.recipes import sft
 from lmforge.weights.peft import load_adapter
-from tests.tiny import TINY_LLAMA, write_tiny
 
 ROOT = Path(__file__).parents[2]
 DEMO = ROOT / "configs" / "data" / "pirate_demo.jsonl"
 
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
-    """A tiny random Llama sized for SmolLM2's vocabulary, with SmolLM2's tokenizer files beside it."""
-    path = tmp_path_factory.mktemp("tiny_chat")
-    write_tiny(path, {**TINY_LLAMA, "vocab_size": 49152, "max_position_embeddings": 512})
-    for file in smollm2_tokenizer_dir.iterdir():
-        shutil.copy2(file, path / file.name)
-    return path
 
 
 @pytest.fixture
