@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     except (LmforgeError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         if args.debug:
             traceback.print_exc()
-        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"lmforge {args.command}{rank}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     check = actions.add_parser("check", help="validate a config and print the plan")
     check.add_argument("config", type=Path)
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    check.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="plan for N training processes (torchrun's world size; default 1)")
     check.set_defaults(run=run_check)
     schema = actions.add_parser("schema", help="print the documented schema")
     schema.set_defaults(run=run_schema)
@@ -31,15 +33,22 @@ def run_check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(f"{args.config}: valid")
+    if args.nproc < 1:
+        raise LmforgeError(f"--nproc must be at least 1, got {args.nproc}")
+    try:
+        accumulation = cfg.grad_accumulation(args.nproc)
+    except ValueError as e:
+        raise LmforgeError(str(e)) from None
     print(f"method: {cfg.method}; precision: {cfg.precision}; effective batch: {cfg.batch_size} rows of at most "
           f"{cfg.data.max_seq_len} tokens = micro-batch {cfg.micro_batch_size} x gradient accumulation "
-          f"{cfg.grad_accumulation}")
+          f"{accumulation}" + (f" x {args.nproc} processes ({cfg.distributed.strategy}; per-process plan below)"
+                               if args.nproc > 1 else ""))
     try:
         hf_config = read_config(resolve_config_dir(cfg.model.path))
     except LmforgeError as e:  # a Hub model not on this machine: the config is still valid, the plan needs its shape
         print(f"memory plan unavailable: {e}")
         return 0
-    for line in memory_plan(cfg, hf_config).lines():
+    for line in memory_plan(cfg, hf_config, args.nproc).lines():
         print(line)
     return 0
 

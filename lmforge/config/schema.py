@@ -103,6 +103,21 @@ class LoggingConfig(Section):
     project: str = Field("lmforge", description="project / experiment name for wandb and mlflow")
 
 
+class DistributedConfig(Section):
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="how several processes (torchrun, or lmforge train --nproc N) train together: ddp "
+                            "replicates the model and averages gradients; fsdp shards it per decoder block "
+                            "(FSDP2); auto: ddp when weights, gradients and optimizer state take at most half a "
+                            "device, fsdp otherwise. Unused by a single process")
+    shard: Literal["full", "grad_op"] = Field(
+        "full", description="fsdp: full shards parameters, gradients and optimizer state, re-gathering a "
+                            "block's weights for backward (ZeRO-3); grad_op keeps them gathered from forward to "
+                            "backward (ZeRO-2: less communication, more memory)")
+    cpu_offload: bool = Field(False, description="fsdp: sharded parameters, gradients and optimizer state live in "
+                                                 "CPU memory and the optimizer steps there (FSDP2's "
+                                                 "CPUOffloadPolicy)")
+
+
 class TrainConfig(Section):
     model: ModelConfig = ModelConfig()
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained: every weight, a LoRA "
@@ -116,16 +131,21 @@ class TrainConfig(Section):
     logging: LoggingConfig = LoggingConfig()
     output_dir: str = Field("runs/sft", description="the run directory: checkpoints, metrics, resolved config")
     seed: int = 42
-    micro_batch_size: int = Field(4, ge=1, description="rows per forward (packed rows of max_seq_len, or samples)")
-    batch_size: int = Field(8, ge=1, description="rows per optimizer step; gradient accumulation = batch_size / "
-                                                 "micro_batch_size")
+    micro_batch_size: int = Field(4, ge=1, description="rows per forward (packed rows of max_seq_len, or "
+                                                       "samples), in each process")
+    batch_size: int = Field(8, ge=1, description="rows per optimizer step over all processes; gradient "
+                                                 "accumulation = batch_size / (micro_batch_size x processes)")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides epochs)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: no clipping)")
     precision: Literal["bf16-mixed", "fp16-mixed", "fp32"] = Field(
         "bf16-mixed", description="compute dtype under autocast; weights and optimizer state stay float32 "
                                   "(fp16-mixed adds loss scaling)")
-    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    activation_checkpointing: bool = Field(False, description="recompute blocks' activations in backward instead "
+                                                              "of keeping them")
+    activation_checkpointing_every: int = Field(1, ge=1, description="with activation_checkpointing: recompute "
+                                                                     "every k-th block (1: all)")
+    distributed: DistributedConfig = DistributedConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's choice)")
 
@@ -136,6 +156,10 @@ class TrainConfig(Section):
                              f"({self.micro_batch_size})")
         return self
 
-    @property
-    def grad_accumulation(self) -> int:
-        return self.batch_size // self.micro_batch_size
+    def grad_accumulation(self, world_size: int = 1) -> int:
+        """Micro-batches per process and optimizer step, so that every step sees batch_size rows in all."""
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size x processes "
+                             f"({self.micro_batch_size} x {world_size})")
+        return self.batch_size // per_step

@@ -13,7 +13,8 @@ end, each sample of each row its own document:
 
 and the loss is normalised by the sum of num_trained_tokens over the accumulation window (and ranks).
 `for batch in loader` runs the rest of the current epoch; the next loop starts the next epoch. state_dict() counts
-the micro-batches handed out so far, so a loader restored from it continues with exactly the next one.
+the rows of the epoch's order handed out so far on all ranks together, so a loader restored from it — with the same
+or another number of ranks — continues with exactly the next rows.
 """
 
 import math
@@ -119,14 +120,27 @@ class Loader:
             yield make_batch(self.dataset, shard[start : start + self.micro_batch_size])
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "num_rows": self.dataset.num_rows, "micro_batch_size": self.micro_batch_size,
-                "world_size": self.world_size}
+        """Where the run is, independent of how many ranks share it: the epoch and how many rows of the epoch's
+        order all ranks have consumed together (a resume with another world size continues from that row)."""
+        done = self.position >= len(self)
+        rows = min(self.position * self.micro_batch_size, len(self.shard(self.epoch))) * self.world_size
+        return {"epoch": self.epoch, "rows_done": rows, "epoch_done": done, "seed": self.seed,
+                "shuffle": self.shuffle, "num_rows": self.dataset.num_rows}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "shuffle", "num_rows", "micro_batch_size", "world_size"):
+        for key in ("seed", "shuffle", "num_rows"):
             if key in state and state[key] != mine[key]:
                 raise LmforgeError(f"cannot resume the data loader: the checkpoint's {key} is {state[key]!r}, this "
                                    f"run's is {mine[key]!r}; resume with the same data and batch settings")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch = int(state["epoch"])
+        if state["epoch_done"]:
+            self.position = len(self)
+            return
+        per_batch = self.micro_batch_size * self.world_size
+        if state["rows_done"] % per_batch:
+            raise LmforgeError(f"cannot resume the data loader: {state['rows_done']} rows of epoch {self.epoch} were "
+                               f"consumed, not a whole number of micro-batches of {self.micro_batch_size} rows on "
+                               f"each of {self.world_size} processes; resume with a micro-batch size and process "
+                               "count that divide it")
+        self.position = state["rows_done"] // per_batch

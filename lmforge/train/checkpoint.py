@@ -1,8 +1,13 @@
 """Checkpoints of a run directory, written atomically: everything goes into a temporary directory that is renamed
 into place once complete, so a crash or kill mid-save leaves the previous checkpoint as the latest good one.
 
-    RUN/checkpoints/step-000010/   model files (PEFT adapter or HF directory) + trainer_state.pt
+    RUN/checkpoints/step-000010/   model files (PEFT adapter or HF directory; not for sharded full fine-tuning)
+                                   + state/ (trained weights and optimizer state, torch.distributed.checkpoint)
+                                   + trainer_state.pt (schedule, data position, RNG, progress)
     RUN/best/, RUN/final/          model files only
+
+state/ is written by every rank in parallel, each its own shards, and read back into any number of ranks: DCP
+stores each tensor's global shape, so a run saved by 2 processes resumes in 1 and the other way round.
 """
 
 import os
@@ -13,10 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lmforge.errors import LmforgeError
 
 STATE_FILE = "trainer_state.pt"
+STATE_DIR = "state"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -27,7 +36,7 @@ def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     fill(tmp)
-    for path in tmp.iterdir():  # data on disk before the rename makes it visible
+    for path in (p for p in tmp.rglob("*") if p.is_file()):  # data on disk before the rename makes it visible
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -52,18 +61,58 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, save_model: Callable[[Path], None], trainer_state: dict,
-                    keep_last: int) -> Path:
-    """checkpoints/step-N with the model files and the trainer state; prunes all but the newest keep_last."""
-
-    def fill(tmp: Path) -> None:
-        save_model(tmp)
+def save_checkpoint(run_dir: Path, step: int, save_model: Callable[[Path], None] | None, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, trainer_state: dict, keep_last: int, is_main: bool = True,
+                    barrier: Callable[[], None] = lambda: None) -> Path:
+    """checkpoints/step-N with the model files (unless save_model is None), the sharded training state and the
+    trainer state; prunes all but the newest keep_last. Every rank calls it: all write state/ into the main rank's
+    temporary directory, which the main rank then completes and renames."""
+    target = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+    tmp = target.with_name(f".{target.name}.tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(_training_state(model, optimizer), checkpoint_id=tmp / STATE_DIR, no_dist=_single())
+    if save_model is not None:
+        save_model(tmp)  # a collective under FSDP (gathers the weights); only the main rank writes
+    barrier()
+    if is_main:
         torch.save(trainer_state, tmp / STATE_FILE)
+        write_atomically(target, lambda out: tmp.rename(out))
+        for old in checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return target
 
-    path = write_atomically(Path(run_dir) / "checkpoints" / f"step-{step:06d}", fill)
-    for old in checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+
+def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restores state/ into this rank's model and optimizer (their shards, whatever world size wrote it)."""
+    folder = Path(checkpoint) / STATE_DIR
+    if not folder.is_dir():
+        raise LmforgeError(f"{checkpoint} is not a training checkpoint: {STATE_DIR}/ is missing")
+    state = _training_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=folder, no_dist=_single())
+    except Exception as e:  # a truncated or foreign checkpoint, or one of another model / method
+        raise LmforgeError(f"{folder} cannot be restored into this run ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); resume from another checkpoint "
+                           "(checkpoint.resume=PATH) or start over (checkpoint.resume=never)") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_LOAD)
+
+
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # the frozen base is the model's own files, not the run's
+_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # dcp.load has already matched every saved key
+
+
+def _single() -> bool:
+    return not torch.distributed.is_initialized()
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

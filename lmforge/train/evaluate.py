@@ -10,22 +10,29 @@ from lmforge.train.loss import token_loss_sum
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device,
-             autocast: Callable, max_batches: int | None = None) -> dict:
-    """{"val_loss", "val_ppl", "val_tokens"} over the batches (each with input_ids, positions, cu_seqlens, labels)."""
-    was_training = model.training
-    model.eval()
+def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, autocast: Callable,
+             max_batches: int | None = None, runner: torch.nn.Module | None = None,
+             reduce: Callable[[list[float]], list[float]] | None = None) -> dict:
+    """{"val_loss", "val_ppl", "val_tokens"} over the batches (each with input_ids, positions, cu_seqlens, labels).
+    In a distributed run each rank passes its share, `runner` (DDP's wrapper, or the FSDP-sharded model) and
+    `reduce`, the sum over ranks of the loss and token totals."""
+    runner = model if runner is None else runner
+    was_training = runner.training
+    runner.eval()
     total, tokens = 0.0, 0
     try:
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             with autocast():
-                hidden = model(batch.input_ids.to(device), batch.positions.to(device),
+                hidden = runner(batch.input_ids.to(device), batch.positions.to(device),
                                AttnMeta.for_training(batch.cu_seqlens.to(device)))
                 total += token_loss_sum(model, hidden, batch.labels.to(device)).item()
             tokens += batch.num_trained_tokens
     finally:
-        model.train(was_training)
+        runner.train(was_training)
+    if reduce is not None:
+        total, tokens = reduce([total, tokens])
+        tokens = int(tokens)
     loss = total / max(tokens, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}

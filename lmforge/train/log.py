@@ -113,3 +113,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+class NoMetrics:
+    """What ranks other than 0 log: nothing (rank 0 writes the metrics, averaged over ranks first)."""
+
+    def write(self, step: int, metrics: dict) -> None:
+        pass
+
+    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,18 +1,20 @@
 """The model a recipe trains: built from the configured checkpoint in the right dtype, adapted (LoRA / QLoRA)
-or not, and saved / restored in the ecosystem's formats (HF directory for full runs, PEFT adapter otherwise)."""
+or not, and saved in the ecosystem's formats (HF directory for full runs, PEFT adapter otherwise)."""
 
 import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from lmforge.config import TrainConfig
 from lmforge.layers.lora import add_lora
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
-from lmforge.weights.hf_dir import load_weights, save_model
-from lmforge.weights.peft import load_adapter_weights, save_adapter
+from lmforge.weights.hf_dir import save_state_dict, write_side_files
+from lmforge.weights.peft import write_adapter
 from lmforge.weights.resolve import resolve_model
 
 log = logging.getLogger("lmforge")
@@ -39,21 +41,28 @@ def build_trainable(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, 
         summary = add_lora(model, cfg.lora, quantize=cfg.method == "qlora")
         log.info("%s: %s", cfg.method, summary)
     if cfg.activation_checkpointing:
-        model.model.checkpoint_every = 1
+        model.model.checkpoint_every = cfg.activation_checkpointing_every
     return model.train(), tokenizer, model_dir
 
 
-def save_trainable(model: nn.Module, cfg: TrainConfig, model_dir: Path, out: Path) -> None:
+def gathered_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """What the model files of a checkpoint hold, whole and on the CPU: every weight of a full run (tied ones
+    once), the trained ones (adapter, modules_to_save) of a LoRA run. Under FSDP this gathers the shards, so every
+    rank calls it; only rank 0 receives the tensors (the others get {})."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        named = model.named_parameters()
+        return {n: p.detach().cpu() for n, p in named if cfg.method == "full" or p.requires_grad}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.method != "full")
+    state = get_model_state_dict(model, options=options)
+    keep = {n for n, _ in model.named_parameters()}  # without the aliases of tied weights
+    return {n: t for n, t in state.items() if n in keep}
+
+
+def save_trainable(weights: dict[str, torch.Tensor], cfg: TrainConfig, model_dir: Path, hf_config: dict,
+                   out: Path) -> None:
     """A full run saves an HF directory with the tokenizer; LoRA / QLoRA a PEFT adapter directory."""
     if cfg.method == "full":
-        save_model(model, model.config, out, source_dir=model_dir)
+        save_state_dict(weights, Path(out))
+        write_side_files(hf_config, Path(out), next(iter(weights.values())).dtype, source_dir=model_dir)
     else:
-        save_adapter(model, out, cfg.lora, base_model=str(cfg.model.path))
-
-
-def load_trainable(model: nn.Module, cfg: TrainConfig, checkpoint: Path) -> None:
-    """Restores the trained weights of a checkpoint written by save_trainable into the same model."""
-    if cfg.method == "full":
-        load_weights(model, checkpoint, progress=False)
-        return
-    load_adapter_weights(model, checkpoint)
+        write_adapter(weights, out, cfg.lora, base_model=str(cfg.model.path))

@@ -42,7 +42,9 @@ class MemoryPlan:
         ]
 
 
-def memory_plan(cfg: TrainConfig, hf_config: dict) -> MemoryPlan:
+def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1) -> MemoryPlan:
+    """Per process; with several processes and distributed.strategy fsdp, weights, gradients and optimizer state
+    are split between them (auto decides at start-up, from the device's memory: the plan assumes DDP)."""
     cls, args = build_args(hf_config)
     with torch.device("meta"):
         model = cls(args)
@@ -62,10 +64,14 @@ def memory_plan(cfg: TrainConfig, hf_config: dict) -> MemoryPlan:
     # the MLP's gate, up and product (a Llama-shaped count; MoE and other families are close enough for a plan)
     per_token_layer = (8 * h + 2 * kv + 3 * inter) * compute + 2 * h * 4
     layers = args.num_hidden_layers
-    kept_layers = 1 if cfg.activation_checkpointing else layers
-    activations = tokens * (per_token_layer * kept_layers + (layers * h * compute if kept_layers == 1 else 0))
+    # a recomputed block keeps only its input, until backward rebuilds the rest (one block at a time)
+    recomputed = -(-layers // cfg.activation_checkpointing_every) if cfg.activation_checkpointing else 0
+    kept_layers = layers - recomputed + (1 if recomputed else 0)
+    activations = tokens * (per_token_layer * kept_layers + recomputed * h * compute)
     activations += CHUNK_ROWS * args.vocab_size * 4 * 2 + tokens * h * 4  # one chunk of logits, hidden grads
-    return MemoryPlan(total, trainable, weight_bytes, trainable * 4.0, trainable * 8.0, activations, tokens)
+    split = processes if processes > 1 and cfg.distributed.strategy == "fsdp" else 1
+    return MemoryPlan(total, trainable, weight_bytes / split, trainable * 4.0 / split, trainable * 8.0 / split,
+                      activations, tokens)
 
 
 def _adapter_parameters(model: torch.nn.Module, cfg: TrainConfig) -> tuple[int, int]:

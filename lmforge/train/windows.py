@@ -1,9 +1,14 @@
 """Accumulation windows: the micro-batches of one optimizer step, drawn from the data loader epoch after epoch."""
 
+import math
+
+import numpy as np
 import torch
 
 from lmforge.config import TrainConfig
 from lmforge.data import Batch, Loader, SFTDataset
+from lmforge.data.loader import make_batch
+from lmforge.train.loss import IGNORE
 
 
 class Windows:
@@ -15,7 +20,7 @@ class Windows:
                  world_size: int = 1):
         self.loader = Loader(dataset, cfg.micro_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rank=rank,
                              world_size=world_size)
-        self.size, self.device = cfg.grad_accumulation, device
+        self.size, self.device = cfg.grad_accumulation(world_size), device
         self._batches = None
 
     @property
@@ -48,6 +53,13 @@ class Windows:
         self._batches = None
 
 
-def validation_batches(dataset: SFTDataset, micro_batch_size: int) -> Loader:
-    """The validation set in order, one pass per iteration."""
-    return Loader(dataset, micro_batch_size, shuffle=False)
+def validation_batches(dataset: SFTDataset, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> list[Batch]:
+    """This rank's share of the validation set, in order: a contiguous slice of its rows, every row exactly once
+    over all ranks. Every rank gets the same number of micro-batches (FSDP's forward is a collective), so a rank
+    whose slice is shorter runs a few repeats of its first row with nothing trained in them."""
+    per_rank = math.ceil(dataset.num_rows / world_size)
+    rows = np.arange(rank * per_rank, min((rank + 1) * per_rank, dataset.num_rows))
+    batches = [make_batch(dataset, rows[i:i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
+    filler = make_batch(dataset, np.zeros(1, dtype=np.int64))
+    filler = Batch(filler.input_ids, filler.positions, filler.cu_seqlens, torch.full_like(filler.labels, IGNORE), 0)
+    return batches + [filler] * (math.ceil(per_rank / micro_batch_size) - len(batches))

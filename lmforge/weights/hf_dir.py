@@ -124,7 +124,11 @@ def save_model(model: nn.Module, config: dict, out_dir: Path, source_dir: Path |
     """A complete HF directory: weights, config.json (dtype updated) and the source's tokenizer files."""
     out_dir = Path(out_dir)
     save_weights(model, out_dir, max_shard_bytes)
-    dtype = next(model.parameters()).dtype
+    write_side_files(config, out_dir, next(model.parameters()).dtype, source_dir)
+
+
+def write_side_files(config: dict, out_dir: Path, dtype: torch.dtype, source_dir: Path | None = None) -> None:
+    """config.json (with the weights' dtype) and the source directory's tokenizer files, beside saved weights."""
     config = {**config, "torch_dtype": str(dtype).removeprefix("torch.")}
     config.pop("dtype", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

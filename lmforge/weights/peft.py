@@ -259,16 +259,26 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoraConfig, base_mo
     for path, layer in layers.items():
         if layer.merged:
             raise LmforgeError(f"{path} is merged into its base weight; save the adapter before merging")
-        state[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
+        state[f"{path}.lora_A.weight"] = layer.lora_A.weight
+        state[f"{path}.lora_B.weight"] = layer.lora_B.weight
         if layer.dora:
-            state[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+            state[f"{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     for path in module_paths(model, cfg.modules_to_save):
         for name, p in model.get_submodule(path).named_parameters():
-            state[f"{PREFIX}{path}.{name}"] = p
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            state[f"{path}.{name}"] = p
+    return write_adapter(state, out_dir, cfg, base_model)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], out_dir: str | Path, cfg: LoraConfig,
+                  base_model: str | Path) -> Path:
+    """The adapter directory of `tensors`, named as in the model (`model.layers.0.self_attn.q_proj.lora_A.weight`,
+    modules_to_save's weights): what save_adapter collects, or the trained weights a distributed run gathers."""
+    state = {f"{PREFIX}{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
+    adapted = sorted({k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")})
+    if not adapted:
+        raise LmforgeError("no LoRA weights to save: the adapter would be empty")
     targets = cfg.target_modules if cfg.target_modules != "all-linear" else \
-        sorted({path.rpartition(".")[2] for path in layers})
+        sorted({path.rpartition(".")[2] for path in adapted})
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
               "revision": None, "inference_mode": True, "r": cfg.rank, "lora_alpha": alpha,

@@ -76,10 +76,31 @@ def test_steps_per_epoch(datasets):
     assert len(loader) == 6 == len(list(loader)) and loader.steps_per_epoch(4) == 2
 
 
-def test_a_state_from_other_settings_is_refused(datasets):
-    state = Loader(datasets.train, 4, seed=3).state_dict()
-    with pytest.raises(LmforgeError, match="checkpoint's micro_batch_size is 4, this run's is 2"):
-        Loader(datasets.train, 2, seed=3).load_state_dict(state)
+def test_a_state_from_other_data_or_an_uneven_split_is_refused(datasets):
+    loader = Loader(datasets.train, 4, seed=3)
+    run(loader, 1)  # 4 rows done
+    with pytest.raises(LmforgeError, match="checkpoint's seed is 3, this run's is 4"):
+        Loader(datasets.train, 4, seed=4).load_state_dict(loader.state_dict())
+    with pytest.raises(LmforgeError, match="4 rows of epoch 0 were consumed, not a whole number of micro-batches "
+                                           "of 4 rows on each of 2 processes"):
+        Loader(datasets.train, 4, seed=3, rank=0, world_size=2).load_state_dict(loader.state_dict())
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 2), (2, 1), (2, 4)])
+def test_resume_with_another_world_size_continues_with_the_next_rows(datasets, before, after):
+    """Rows of the epoch's order consumed by all ranks together, whatever the number of ranks: a run stopped
+    after 2 rounds of micro-batches of 2 rows on `before` ranks continues at row 4 x before on `after` ranks."""
+    order = Loader(datasets.train, 2, seed=5).shard(0).tolist()
+    first = [Loader(datasets.train, 2, seed=5, rank=r, world_size=before) for r in range(before)]
+    for loader in first:
+        run(loader, 2)
+    resumed = [Loader(datasets.train, 2, seed=5, rank=r, world_size=after) for r in range(after)]
+    for loader in resumed:
+        loader.load_state_dict(first[0].state_dict())
+    rows = [loader.shard(0)[loader.position * 2:(loader.position + 1) * 2].tolist() for loader in resumed]
+    done = 4 * before
+    assert sorted(r for rank in rows for r in rank) == sorted(order[done:done + 2 * after])
+    assert all(loader.state_dict() == first[0].state_dict() for loader in first)  # ranks agree on the position
 
 
 def test_the_last_micro_batch_of_an_epoch_may_be_short(datasets):

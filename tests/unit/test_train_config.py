@@ -24,7 +24,8 @@ def test_defaults_and_overrides(tmp_path):
                                                  "lora.target_modules=[q_proj, v_proj]", "max_grad_norm=null"])
     assert cfg.optimizer.lr == 1e-4 and cfg.lora.rank == 4 and cfg.method == "full"
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.max_grad_norm is None
-    assert cfg.grad_accumulation == cfg.batch_size // cfg.micro_batch_size
+    assert cfg.grad_accumulation() == cfg.batch_size // cfg.micro_batch_size
+    assert cfg.grad_accumulation(2) == cfg.batch_size // (2 * cfg.micro_batch_size)
     assert load_config(write(tmp_path, yaml.safe_load(dump_config(cfg)), "again.yaml")) == cfg  # round trip
 
 

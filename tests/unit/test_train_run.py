@@ -118,8 +118,8 @@ def test_a_save_that_dies_midway_leaves_the_last_good_checkpoint(make_config, mo
     calls = []
 
     def dying_save(obj, f, *args, **kwargs):
-        calls.append(f)
-        if len(calls) == 2:  # the second checkpoint: model files written, trainer state not
+        calls.extend([f] if str(f).endswith(ckpt.STATE_FILE) else [])
+        if len(calls) == 2:  # the second checkpoint: model files and state/ written, trainer state not
             raise OSError("disk full")
         return real_save(obj, f, *args, **kwargs)
 

@@ -1,11 +1,15 @@
-"""Supervised fine-tuning: full, LoRA or QLoRA. A readable script — `main(cfg)` is the whole run, top to bottom.
+"""Supervised fine-tuning: full, LoRA or QLoRA, in one process or many. A readable script — `main(cfg)` is the whole
+run, top to bottom.
 
-Each optimizer step takes `grad_accumulation` micro-batches (flat, packed: see lmforge/data), sums the token
-cross-entropy of every trained token and divides by the trained tokens of the whole window, so the update is the
-same as one big batch however the window's documents are split.
+Each optimizer step takes `grad_accumulation` micro-batches (flat, packed: see lmforge/data) on every rank, sums the
+token cross-entropy of every trained token and divides by the trained tokens of the whole window on all ranks, so
+the update is the same as one big batch however the window's documents are split between micro-batches and ranks.
+Under torchrun (or `lmforge train --nproc N`) the model is wrapped by DDP or sharded by FSDP2 (lmforge/train/dist.py)
+and each rank reads its own shard of the data; only rank 0 logs and writes metrics and model files.
 """
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,11 +20,12 @@ from lmforge.config import TrainConfig, dump_config
 from lmforge.data import build_datasets
 from lmforge.layers.attention import AttnMeta
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import dist
 from lmforge.train.allocator import release_free_memory
 from lmforge.train.evaluate import evaluate
-from lmforge.train.log import MetricsLog, require_backends
+from lmforge.train.log import MetricsLog, NoMetrics, require_backends
 from lmforge.train.loss import token_loss_sum
-from lmforge.train.model import build_trainable, load_trainable, save_trainable
+from lmforge.train.model import build_trainable, gathered_weights, save_trainable
 from lmforge.train.optim import build_optimizer, build_scheduler
 from lmforge.train.windows import Windows, validation_batches
 
@@ -29,24 +34,37 @@ log = logging.getLogger("lmforge")
 
 def main(cfg: TrainConfig) -> Path:
     """Trains as configured; returns the directory of the final model (HF directory or PEFT adapter)."""
+    world = dist.world_from_env()
+    device = dist.device_for(cfg, world)
+    dist.join(world, device)
+    if not world.is_main:
+        log.setLevel(logging.WARNING)
+    try:
+        return _train(cfg, world, device)
+    finally:
+        dist.leave()
+
+
+def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    accumulation = cfg.grad_accumulation(world.size)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
 
-    require_backends(cfg.logging.backends)
+    require_backends(cfg.logging.backends if world.is_main else [])
     model, tokenizer, model_dir = build_trainable(cfg, device)
-    data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    data = _datasets(cfg, tokenizer, world)
     log.info("%s", data.report)
-    windows = Windows(data.train, cfg, device)
+    runner, strategy = dist.wrap(model, cfg, world, device)
+    windows = Windows(data.train, cfg, device, world.rank, world.size)
     total_steps = cfg.max_steps or cfg.epochs * windows.steps_per_epoch
-    log.info("effective batch: %d rows = micro-batch %d x gradient accumulation %d (%d rows of at most %d tokens per "
-             "optimizer step); %d optimizer steps", cfg.batch_size, cfg.micro_batch_size, cfg.grad_accumulation,
-             cfg.batch_size, cfg.data.max_seq_len, total_steps)
+    log.info("effective batch: %d rows = micro-batch %d x gradient accumulation %d x %d process%s (%s; rows of at "
+             "most %d tokens); %d optimizer steps", cfg.batch_size, cfg.micro_batch_size, accumulation, world.size,
+             "es" if world.size > 1 else "", strategy, cfg.data.max_seq_len, total_steps)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16-mixed" else None
@@ -54,8 +72,7 @@ def main(cfg: TrainConfig) -> Path:
 
     if (resume := _resume_from(cfg, run_dir)) is not None:
         saved = ckpt.load_trainer_state(resume)
-        load_trainable(model, cfg, resume)
-        optimizer.load_state_dict(saved["optimizer"])
+        ckpt.load_training_state(resume, model, optimizer)
         scheduler.load_state_dict(saved["scheduler"])
         windows.load_state_dict(saved["data"])
         if scaler is not None and "scaler" in saved:
@@ -64,25 +81,32 @@ def main(cfg: TrainConfig) -> Path:
         state = saved["progress"]
         log.info("resumed from %s at step %d", resume, state["step"])
 
-    def save_model(out: Path) -> None:
-        save_trainable(model, cfg, model_dir, out)
+    def save_model(out: Path) -> None:  # every rank calls it (FSDP gathers the weights); rank 0 writes
+        weights = gathered_weights(model, cfg)
+        if world.is_main:
+            save_trainable(weights, cfg, model_dir, model.config, out)
 
     def trainer_state() -> dict:
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "data": windows.state_dict(), "rng": ckpt.rng_state(), "progress": dict(state),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {})}
+        return {"scheduler": scheduler.state_dict(), "data": windows.state_dict(), "rng": ckpt.rng_state(),
+                "progress": dict(state), **({"scaler": scaler.state_dict()} if scaler is not None else {})}
 
-    metrics = MetricsLog(run_dir, cfg.logging.backends, cfg.logging.project, cfg.model_dump(mode="json"),
-                         total_steps, state["step"])
-    model.train()
+    # sharded full weights are gathered only for best/ and final/: periodic checkpoints keep them in state/
+    periodic_model = None if strategy == "fsdp" and cfg.method == "full" else save_model
+    sync = lambda: dist.barrier(world)  # noqa: E731
+    metrics = (MetricsLog(run_dir, cfg.logging.backends, cfg.logging.project, cfg.model_dump(mode="json"),
+                          total_steps, state["step"]) if world.is_main else NoMetrics())
+    runner.train()
     try:
         while state["step"] < total_steps:
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            loss, tokens, grad_norm = train_step(model, windows.next(), cfg, optimizer, scaler)
+            loss, tokens, grad_norm = train_step(model, windows.next(), cfg, optimizer, scaler, world, strategy,
+                                                 runner)
             scheduler.step()
             state["step"] += 1
             step, seconds = state["step"], time.perf_counter() - started
+            if step == 1:
+                _record_state_memory(model, optimizer, world, device, strategy, run_dir)
             record = {"loss": loss, "lr": lr, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                       "epoch": windows.epoch, **({"grad_norm": grad_norm} if grad_norm is not None else {})}
             if step % cfg.logging.every_steps == 0 or step == total_steps:
@@ -90,31 +114,39 @@ def main(cfg: TrainConfig) -> Path:
             metrics.progress(step, loss, lr, tokens / seconds)
             stop = False
             if data.validation is not None and (_due(step, cfg.eval.every_steps) or step == total_steps):
-                stop = _evaluate_and_track(model, data.validation, cfg, device, state, metrics, save_model, run_dir)
+                stop = _evaluate_and_track(runner, model, data.validation, cfg, device, state, metrics, save_model,
+                                           run_dir, world)
             if _due(step, cfg.checkpoint.every_steps) and step < total_steps:
-                ckpt.save_checkpoint(run_dir, step, save_model, trainer_state(), cfg.checkpoint.keep_last)
+                ckpt.save_checkpoint(run_dir, step, periodic_model, model, optimizer, trainer_state(),
+                                     cfg.checkpoint.keep_last, world.is_main, sync)
             if stop:
                 log.info("early stopping at step %d: val_loss did not improve for %d evaluations", step,
                          cfg.eval.early_stopping_patience)
                 break
     finally:
         metrics.close()
-    final = ckpt.write_atomically(run_dir / "final", save_model)
+    final = _save_model_dir(run_dir / "final", save_model, world)
     log.info("run directory: %s; final %s: %s", run_dir, "model" if cfg.method == "full" else "adapter", final)
     return final
 
 
 def train_step(model: torch.nn.Module, window: list, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler | None) -> tuple[float, int, float | None]:
-    """One optimizer step over a window of micro-batches; returns (mean token loss, trained tokens, grad norm)."""
-    tokens = sum(batch.num_trained_tokens for batch in window)
+               scaler: torch.amp.GradScaler | None, world: dist.World = dist.SINGLE, strategy: str = "single",
+               runner: torch.nn.Module | None = None) -> tuple[float, int, float | None]:
+    """One optimizer step over a window of micro-batches on every rank; returns (mean token loss, trained tokens,
+    grad norm), all over every rank. `runner` is what the forward goes through (DDP's wrapper; default the model)."""
+    runner = model if runner is None else runner
+    device = window[0].input_ids.device
+    tokens = int(dist.all_sum([sum(batch.num_trained_tokens for batch in window)], world, device)[0])
+    scale = world.size / max(tokens, 1)  # DDP and FSDP average gradients over ranks: undo it, divide by all tokens
     total = 0.0
-    for batch in window:
-        with autocast(cfg, batch.input_ids.device):
-            hidden = model(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
-            loss_sum = token_loss_sum(model, hidden, batch.labels)
-        loss = loss_sum / max(tokens, 1)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for i, batch in enumerate(window):
+        with dist.syncing(runner, strategy, sync=i == len(window) - 1):
+            with autocast(cfg, device):
+                hidden = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+                loss_sum = token_loss_sum(model, hidden, batch.labels)
+            loss = loss_sum * scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.item()
         release_free_memory()  # the activations just freed, before the next micro-batch allocates its own
     if scaler is not None:
@@ -122,13 +154,15 @@ def train_step(model: torch.nn.Module, window: list, cfg: TrainConfig, optimizer
     grad_norm = None
     if cfg.max_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    total = dist.all_sum([total], world, device)[0]
     return total / max(tokens, 1), tokens, grad_norm
 
 
@@ -143,20 +177,59 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _evaluate_and_track(model, validation, cfg: TrainConfig, device, state: dict, metrics: MetricsLog,
-                        save_model, run_dir: Path) -> bool:
-    """Validation loss and perplexity; keeps `best/`; True when early stopping's patience has run out."""
-    result = evaluate(model, validation_batches(validation, cfg.micro_batch_size), device,
-                      lambda: autocast(cfg, device), cfg.eval.max_batches)
+def _evaluate_and_track(runner, model, validation, cfg: TrainConfig, device, state: dict, metrics, save_model,
+                        run_dir: Path, world: dist.World) -> bool:
+    """Validation loss and perplexity over every rank's share; keeps `best/`; True when early stopping's patience
+    has run out (the same answer on every rank: they all see the same summed loss)."""
+    batches = validation_batches(validation, cfg.micro_batch_size, world.rank, world.size)
+    result = evaluate(model, batches, device, lambda: autocast(cfg, device), cfg.eval.max_batches, runner,
+                      lambda values: dist.all_sum(values, world, device))
     metrics.write(state["step"], result)
     log.info("step %d: val_loss %.4f, val_ppl %.2f", state["step"], result["val_loss"], result["val_ppl"])
     if state["best"] is None or result["val_loss"] < state["best"]:
         state["best"], state["stale_evals"] = result["val_loss"], 0
-        ckpt.write_atomically(run_dir / "best", save_model)
+        _save_model_dir(run_dir / "best", save_model, world)
         return False
     state["stale_evals"] += 1
     patience = cfg.eval.early_stopping_patience
     return patience > 0 and state["stale_evals"] >= patience
+
+
+def _save_model_dir(target: Path, save_model, world: dist.World) -> Path:
+    """best/ or final/, atomically: every rank takes part in gathering the weights, rank 0 writes."""
+    if world.is_main:
+        ckpt.write_atomically(target, save_model)
+    else:
+        save_model(target)
+    dist.barrier(world)
+    return target
+
+
+def _datasets(cfg: TrainConfig, tokenizer, world: dist.World):
+    """Rank 0 tokenises (and fills the cache) first; the others then read the cache instead of racing to write it."""
+    if not world.is_main:
+        dist.barrier(world)
+    data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    if world.is_main:
+        dist.barrier(world)
+    return data
+
+
+def _record_state_memory(model, optimizer, world: dist.World, device, strategy: str, run_dir: Path) -> None:
+    """Each rank's parameter and optimizer-state bytes (its shards under FSDP), after the first step has created
+    the optimizer state: logged and written to RUN/memory.json by rank 0."""
+    gib = 2**30
+    mine = [dist.state_bytes(model), dist.optimizer_bytes(optimizer)]
+    everyone = [0.0] * (2 * world.size)
+    everyone[2 * world.rank:2 * world.rank + 2] = mine
+    everyone = dist.all_sum(everyone, world, device)
+    for rank in range(world.size):
+        log.info("rank %d (%s): parameters %.3f GiB, optimizer state %.3f GiB", rank, strategy,
+                 everyone[2 * rank] / gib, everyone[2 * rank + 1] / gib)
+    if world.is_main:
+        ranks = [{"parameter_bytes": int(everyone[2 * r]), "optimizer_bytes": int(everyone[2 * r + 1])}
+                 for r in range(world.size)]
+        (run_dir / "memory.json").write_text(json.dumps({"strategy": strategy, "ranks": ranks}, indent=2) + "\n")
 
 
 def _resume_from(cfg: TrainConfig, run_dir: Path) -> Path | None:

@@ -1,0 +1,208 @@
+"""Distributed training on CPU: 2 processes with gloo under torchrun (the real launcher, through `lmforge train
+--nproc 2`), on a tiny random Llama with SmolLM2's tokenizer and the bundled demo chats.
+
+The reference for every multi-process run is a single-process run with the same global batch: each optimizer step
+sees the same rows, so the losses agree to float32 rounding (the sums are only grouped differently)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lmforge.config import load_config
+from lmforge.errors import LmforgeError
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.dist import SINGLE, World, world_from_env
+from lmforge.train.recipes import sft
+
+ROOT = Path(__file__).parents[2]
+DEMO = ROOT / "configs" / "data" / "pirate_demo.jsonl"
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def make_config(tmp_path_factory, tiny_chat_model):
+    folder = tmp_path_factory.mktemp("dist")
+    lines = DEMO.read_text().splitlines()  # one sample per row (no packing): 64 rows, 16 steps of 4 per epoch
+    (folder / "train.jsonl").write_text("\n".join(lines[:64]) + "\n")
+    (folder / "val.jsonl").write_text("\n".join(lines[64:71]) + "\n")  # 7 rows: uneven over 2 ranks
+
+    def make(name: str, **overrides) -> Path:
+        cfg = {"model": {"path": str(tiny_chat_model)}, "method": "lora",
+               "lora": {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
+               "data": {"train": [{"path": "train.jsonl", "format": "messages"}],
+                        "validation": [{"path": "val.jsonl", "format": "messages"}],
+                        "max_seq_len": 128, "packing": False, "cache_dir": str(folder / "cache")},
+               "optimizer": {"lr": 3e-3}, "micro_batch_size": 1, "batch_size": 4, "max_steps": STEPS,
+               "precision": "fp32", "threads": 1, "output_dir": str(folder / name),
+               "checkpoint": {"every_steps": 5, "keep_last": 2}, "eval": {"every_steps": 5}}
+        for key, value in overrides.items():
+            node = cfg
+            *parents, leaf = key.split("__")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return make
+
+
+def run_procs(config: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *(env or {}).pop("PYTHONPATH", [])]),
+           **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lmforge", "train", str(config), *overrides, "--nproc",
+                           str(nproc)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_procs(config: Path, *overrides: str, nproc: int = 2) -> Path:
+    done = run_procs(config, *overrides, nproc=nproc)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return Path(load_config(config, list(overrides)).output_dir)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in records(run_dir) if "val_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def single(make_config):
+    """The single-process references, full fine-tuning and LoRA."""
+    runs = {}
+    for method in ("full", "lora"):
+        cfg = load_config(make_config(f"single-{method}", method=method))
+        sft.main(cfg)
+        runs[method] = Path(cfg.output_dir)
+    return runs
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize(("strategy", "shard"), [("ddp", "full"), ("fsdp", "full"), ("fsdp", "grad_op")])
+def test_two_processes_reach_the_single_process_losses(make_config, single, method, strategy, shard):
+    run = train_procs(make_config(f"{strategy}-{shard}-{method}", method=method, distributed__strategy=strategy,
+                                  distributed__shard=shard))
+    ref, got = losses(single[method]), losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == pytest.approx(ref, abs=1e-5)
+    assert val_losses(run) == pytest.approx(val_losses(single[method]), abs=1e-5)  # every row once, over 2 ranks
+    assert json.loads((run / "memory.json").read_text())["strategy"] == strategy
+    reference = single[method] / "final"
+    for name in ("model.safetensors",) if method == "full" else ("adapter_model.safetensors",):
+        from safetensors.torch import load_file
+
+        want, have = load_file(reference / name), load_file(run / "final" / name)
+        assert sorted(have) == sorted(want)
+        for key in want:
+            torch.testing.assert_close(have[key], want[key], atol=1e-4, rtol=0, msg=key)
+    if method == "lora":  # PEFT reads the consolidated adapter
+        config = json.loads((run / "final" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 4
+
+
+def test_fsdp_full_shard_halves_parameter_and_optimizer_memory_per_rank(make_config, single):
+    run = train_procs(make_config("fsdp-memory", method="full", max_steps=1, eval__every_steps=0,
+                                  distributed__strategy="fsdp"))
+    alone = json.loads((single["full"] / "memory.json").read_text())["ranks"]
+    ranks = json.loads((run / "memory.json").read_text())["ranks"]
+    assert len(alone) == 1 and len(ranks) == 2
+    for key in ("parameter_bytes", "optimizer_bytes"):
+        for rank in ranks:
+            assert rank[key] / alone[0][key] == pytest.approx(0.5, abs=0.02), (key, rank, alone)
+
+
+def test_auto_picks_ddp_when_the_model_fits_and_says_why(make_config):
+    done = run_procs(make_config("auto", max_steps=2, eval__every_steps=0, checkpoint__every_steps=0))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "distributed.strategy auto chose ddp" in done.stderr
+    assert "micro-batch 1 x gradient accumulation 2 x 2 processes (ddp" in done.stderr
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_checkpoint_of_two_processes_resumes_in_one_and_the_other_way(make_config, single, method):
+    ref = losses(single[method])
+    two = train_procs(make_config(f"two-to-one-{method}", method=method, distributed__strategy="fsdp"))
+    checkpoint = ckpt.checkpoints(two)[-1]
+    assert checkpoint.name == "step-000005" and (checkpoint / ckpt.STATE_DIR).is_dir()
+    one = load_config(make_config(f"one-from-two-{method}", method=method, checkpoint__resume=str(checkpoint)))
+    sft.main(one)
+    got = losses(Path(one.output_dir))
+    assert sorted(got) == list(range(6, STEPS + 1)) and got == pytest.approx({s: ref[s] for s in got}, abs=1e-5)
+    start = single[method] / "checkpoints" / "step-000005"
+    back = train_procs(make_config(f"two-from-one-{method}", method=method, distributed__strategy="fsdp",
+                                   checkpoint__resume=str(start)))
+    got = losses(back)
+    assert sorted(got) == list(range(6, STEPS + 1)) and got == pytest.approx({s: ref[s] for s in got}, abs=1e-5)
+
+
+def test_activation_checkpointing_under_fsdp_gives_the_same_losses(make_config, single):
+    run = train_procs(make_config("fsdp-ac", method="full", distributed__strategy="fsdp",
+                                  activation_checkpointing=True, activation_checkpointing_every=2))
+    assert losses(run) == pytest.approx(losses(single["full"]), abs=1e-5)
+
+
+FAULT = '''
+import os
+from lmforge.train.recipes import sft
+
+step = sft.train_step
+calls = []
+
+def failing_step(*args, **kwargs):
+    calls.append(1)
+    if os.environ.get("RANK") == "1" and len(calls) == 3:
+        raise RuntimeError("injected failure in rank 1 at step 3")
+    return step(*args, **kwargs)
+
+sft.train_step = failing_step
+'''
+
+
+def test_an_exception_in_one_rank_stops_the_job_with_its_message(make_config, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(FAULT)  # imported by every Python process started below
+    path = make_config("fault", max_steps=50, checkpoint__every_steps=2)
+    started = time.monotonic()
+    done = run_procs(path, env={"PYTHONPATH": [str(tmp_path)]}, timeout=120)
+    assert done.returncode != 0
+    assert "injected failure in rank 1 at step 3" in done.stdout + done.stderr
+    assert time.monotonic() - started < 60
+    run = Path(load_config(path).output_dir)
+    assert [p.name for p in ckpt.checkpoints(run)] == ["step-000002"]  # the last complete checkpoint stays valid
+    sft.main(load_config(path, ["max_steps=4"]))  # and resumes
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def test_the_world_comes_from_torchrun_or_slurm():
+    assert world_from_env({}) == SINGLE
+    assert world_from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == \
+        World(1, 4, 1, 2)
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x2)",
+             "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+    assert world_from_env(slurm) == World(3, 4, 1, 2)
+    assert world_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == SINGLE  # a plain sbatch job
+    with pytest.raises(LmforgeError, match="MASTER_ADDR and MASTER_PORT is not set"):
+        world_from_env({k: v for k, v in slurm.items() if not k.startswith("MASTER")})
+    with pytest.raises(LmforgeError, match="RANK=4 is not within WORLD_SIZE=4"):
+        world_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_a_batch_that_does_not_split_over_the_processes_fails_before_they_start(make_config, capsys):
+    from lmforge.cli import main as cli_main
+
+    assert cli_main(["train", str(make_config("uneven", batch_size=6, micro_batch_size=2)), "--nproc", "2"]) == 2
+    assert "batch_size (6) must be a multiple of micro_batch_size x processes (2 x 2)" in capsys.readouterr().err
