@@ -83,9 +83,9 @@ def val_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def single(make_config):
-    """The single-process references, full fine-tuning and LoRA."""
+    """The single-process references: full fine-tuning, LoRA and QLoRA."""
     runs = {}
-    for method in ("full", "lora"):
+    for method in ("full", "lora", "qlora"):
         cfg = load_config(make_config(f"single-{method}", method=method))
         sft.main(cfg)
         runs[method] = Path(cfg.output_dir)
@@ -113,6 +113,14 @@ def test_two_processes_reach_the_single_process_losses(make_config, single, meth
     if method == "lora":  # PEFT reads the consolidated adapter
         config = json.loads((run / "final" / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and config["r"] == 4
+
+
+@pytest.mark.parametrize(("method", "strategy", "offload"), [("qlora", "ddp", False), ("qlora", "fsdp", False),
+                                                          ("lora", "fsdp", True), ("full", "fsdp", True)])
+def test_qlora_and_cpu_offload_reach_the_single_process_losses(make_config, single, method, strategy, offload):
+    run = train_procs(make_config(f"{strategy}-{method}-offload{offload}", method=method, eval__every_steps=0,
+                                  distributed__strategy=strategy, distributed__cpu_offload=offload))
+    assert losses(run) == pytest.approx(losses(single[method]), abs=1e-5)
 
 
 def test_fsdp_full_shard_halves_parameter_and_optimizer_memory_per_rank(make_config, single):

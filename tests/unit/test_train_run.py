@@ -193,6 +193,35 @@ def test_activation_checkpointing_gives_identical_losses(make_config):
     assert losses(Path(checkpointed.output_dir)) == pytest.approx(losses(Path(plain.output_dir)), abs=1e-6)
 
 
+def test_activation_checkpointing_lowers_peak_memory(make_config, tmp_path, smollm2_tokenizer_dir):
+    """Peak RSS of a training process (the kernel's count, ru_maxrss) on a model wide enough for activations to
+    dominate: 8 blocks of width 256, micro-batches of 4 x 512 tokens; every block and every 2nd block recomputed."""
+    import shutil
+
+    from tests.tiny import TINY_LLAMA, write_tiny
+
+    model = tmp_path / "wide"
+    write_tiny(model, {**TINY_LLAMA, "vocab_size": 49152, "hidden_size": 256, "intermediate_size": 1024,
+                       "num_hidden_layers": 8, "max_position_embeddings": 512})
+    for file in smollm2_tokenizer_dir.iterdir():
+        shutil.copy2(file, model / file.name)
+    peaks, runs = {}, {}
+    for every in (0, 2, 1):
+        path = make_config(f"peak{every}", model__path=str(model), max_steps=2, micro_batch_size=4, batch_size=4,
+                           data__max_seq_len=512, eval__every_steps=0, checkpoint__every_steps=0,
+                           activation_checkpointing=every > 0, activation_checkpointing_every=max(every, 1))
+        code = ("import resource, sys; from lmforge.cli import main; code = main(['-q', 'train', sys.argv[1]]); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        peaks[every], runs[every] = int(done.stdout.split()[-1]) * 1024, losses(Path(load_config(path).output_dir))
+    assert runs[1] == pytest.approx(runs[0], abs=1e-5) and runs[2] == pytest.approx(runs[0], abs=1e-5)
+    saved = {every: peaks[0] - peaks[every] for every in (1, 2)}
+    print({k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()})
+    assert saved[1] > saved[2] > 50 * 2**20, {k: v / 2**20 for k, v in peaks.items()}
+
+
 def test_fp16_mixed_trains_with_loss_scaling_and_resumes_the_scaler(make_config):
     cfg = load_config(make_config("fp16", max_steps=6, precision="fp16-mixed", optimizer__lr=5e-3,
                                   eval__every_steps=0))
