@@ -214,3 +214,31 @@ def test_a_batch_that_does_not_split_over_the_processes_fails_before_they_start(
 
     assert cli_main(["train", str(make_config("uneven", batch_size=6, micro_batch_size=2)), "--nproc", "2"]) == 2
     assert "batch_size (6) must be a multiple of micro_batch_size x processes (2 x 2)" in capsys.readouterr().err
+
+
+def test_config_check_plans_per_process(make_config, capsys, tmp_path):
+    """The plan of a Llama-3.1-8B-shaped model (its config.json alone: the plan loads no weights)."""
+    from lmforge.cli import main as cli_main
+
+    shape = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+             "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+             "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+
+    def plan(*args: str) -> dict[str, str]:
+        config = make_config("plan", method="full")
+        assert cli_main(["config", "check", str(config), f"model.path={tmp_path}", *args]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return {line.split(":")[0]: line for line in lines if ":" in line}
+
+    alone, ddp, fsdp = plan(), plan("distributed.strategy=ddp", "--nproc", "2"), plan(
+        "distributed.strategy=fsdp", "--nproc", "2")
+    assert "gradient accumulation 2 x 2 processes (fsdp; per-process plan below)" in fsdp["method"]
+    assert ddp["weights"] == alone["weights"]
+
+    def gib(line: str) -> float:
+        return float(line.split(": ")[1].split()[0])
+
+    for key in ("weights", "gradients", "optimizer state"):
+        assert gib(alone[key]) > 10 and gib(fsdp[key]) == pytest.approx(gib(alone[key]) / 2, abs=0.006), key
