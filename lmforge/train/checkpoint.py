@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lmforge.errors import LmforgeError
@@ -94,9 +95,13 @@ def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.opt
     state = _training_state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=folder, no_dist=_single())
-    except Exception as e:  # a truncated or foreign checkpoint, or one of another model / method
-        raise LmforgeError(f"{folder} cannot be restored into this run ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); resume from another checkpoint "
+    except (Exception, CheckpointException) as e:  # truncated, foreign, or of another model / method (DCP's
+        # CheckpointException is a BaseException, wrapping each failed rank's own exception)
+        if isinstance(e, CheckpointException) and e.failures:
+            e = next(iter(e.failures.values()))
+            e = e[0] if isinstance(e, tuple) else e
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise LmforgeError(f"{folder} cannot be restored into this run ({why}); resume from another checkpoint "
                            "(checkpoint.resume=PATH) or start over (checkpoint.resume=never)") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_LOAD)

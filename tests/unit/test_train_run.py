@@ -3,6 +3,7 @@ outputs of a run, exact resume after a kill, atomic checkpoints, early stopping,
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -194,10 +195,8 @@ def test_activation_checkpointing_gives_identical_losses(make_config):
 
 
 def test_activation_checkpointing_lowers_peak_memory(make_config, tmp_path, smollm2_tokenizer_dir):
-    """Peak RSS of a training process (the kernel's count, ru_maxrss) on a model wide enough for activations to
+    """Peak RSS of a training process (the kernel's count, VmHWM) on a model wide enough for activations to
     dominate: 8 blocks of width 256, micro-batches of 4 x 512 tokens; every block and every 2nd block recomputed."""
-    import shutil
-
     from tests.tiny import TINY_LLAMA, write_tiny
 
     model = tmp_path / "wide"
@@ -210,8 +209,10 @@ def test_activation_checkpointing_lowers_peak_memory(make_config, tmp_path, smol
         path = make_config(f"peak{every}", model__path=str(model), max_steps=2, micro_batch_size=4, batch_size=4,
                            data__max_seq_len=512, eval__every_steps=0, checkpoint__every_steps=0,
                            activation_checkpointing=every > 0, activation_checkpointing_every=max(every, 1))
-        code = ("import resource, sys; from lmforge.cli import main; code = main(['-q', 'train', sys.argv[1]]); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+        # VmHWM, not ru_maxrss: a child's ru_maxrss starts from the (large) pytest process it was forked from
+        code = ("import sys; from lmforge.cli import main; code = main(['-q', 'train', sys.argv[1]]); "
+                "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))); "
+                "sys.exit(code)")
         done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -249,3 +250,24 @@ def test_a_missing_backend_package_is_one_sentence(make_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(Exception, match=r"logging.backends lists mlflow, whose package is not installed"):
         sft.main(load_config(make_config("mlflow", max_steps=1, logging__backends=["mlflow"])))
+
+
+def test_a_corrupt_or_incomplete_checkpoint_fails_with_one_sentence(make_config):
+    from lmforge.errors import LmforgeError
+
+    cfg = load_config(make_config("corrupt", max_steps=3, eval__every_steps=0))
+    sft.main(cfg)
+    checkpoint = Path(cfg.output_dir) / "checkpoints" / "step-000002"
+    shards = sorted((checkpoint / ckpt.STATE_DIR).glob("*.distcp"))
+    assert shards
+    shards[0].write_bytes(shards[0].read_bytes()[:100])  # truncated
+    resume = load_config(make_config("corrupt2", max_steps=4, eval__every_steps=0,
+                                     checkpoint__resume=str(checkpoint)))
+    with pytest.raises(LmforgeError, match=r"state cannot be restored into this run .*resume from another checkpoint") \
+            as err:
+        sft.main(resume)
+    print(err.value)
+    assert "(EOFError" in str(err.value)  # the reading rank's own error, not DCP's wrapper
+    shutil.rmtree(checkpoint / ckpt.STATE_DIR)
+    with pytest.raises(LmforgeError, match="is not a training checkpoint: state/ is missing"):
+        sft.main(resume)
