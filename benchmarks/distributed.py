@@ -12,10 +12,10 @@ plain `lmforge train CONFIG` for N = 1. One process uses 2 threads; two processe
 micro-batch 4 x accumulation 1; alone, micro-batch 4 x accumulation 2: the same 8 rows per step.
 
 Measured, per run: tokens/s = trained tokens (all ranks) over the wall time of the steps after the first 2
-(warm-up), from rank 0's metrics.jsonl; parameters and optimizer state per rank from RUN/memory.json (written after
-the first step: the bytes of the rank's own tensors, its shards under FSDP); peak RSS = ru_maxrss of the largest
-process of the run (the launcher's RUSAGE_CHILDREN covers torchrun and both ranks; the ranks are alike, so this is
-one rank's peak). Ratios are against the 1 process x 2 threads run of the same method.
+(warm-up), from rank 0's metrics.jsonl; weights (parameters and buffers) and optimizer state per rank from
+RUN/memory.json (after the first step: the bytes of the rank's own tensors, its shards under FSDP); peak RSS =
+ru_maxrss of the largest process of the run (the launcher's RUSAGE_CHILDREN covers torchrun and both ranks; the
+ranks are alike, so this is one rank's peak). Ratios are against the 1 process x 2 threads run of the same method.
 """
 
 import argparse
@@ -87,7 +87,7 @@ def main() -> None:
             result = {"method": method, "layout": name, "processes": processes, "threads": threads,
                       "strategy": memory.get("strategy"), "note": run.note, "peak_rss_bytes": run.peak_rss,
                       "tokens_per_second": run.tokens_per_second() if run.ok else None,
-                      "parameter_bytes": rank0.get("parameter_bytes"), "optimizer_bytes": rank0.get("optimizer_bytes"),
+                      "weight_bytes": rank0.get("weight_bytes"), "optimizer_bytes": rank0.get("optimizer_bytes"),
                       "losses": run.losses() if run.ok else [], "others_cpu_share": run.others}
             results.append(result)
             status = run.note or f"{result['tokens_per_second']:.1f} tokens/s, peak RSS {run.peak_rss / 2**30:.2f} GiB"
@@ -97,14 +97,14 @@ def main() -> None:
     for method in args.methods.split(","):
         rows = [r for r in results if r["method"] == method]
         base = rows[0]["tokens_per_second"] or float("nan")
-        print(f"\n{method}\n| layout | strategy | tokens/s | vs 1x2 | params / rank GiB | optimizer / rank GiB "
+        print(f"\n{method}\n| layout | strategy | tokens/s | vs 1x2 | weights / rank GiB | optimizer / rank GiB "
               "| peak RSS / process GiB |\n|---|---|---:|---:|---:|---:|---:|")
         for r in rows:
             if r["note"]:
                 print(f"| {r['layout']} | – | {r['note']} | | | | |")
                 continue
             print(f"| {r['layout']} | {r['strategy']} | {r['tokens_per_second']:.1f} | "
-                  f"{r['tokens_per_second'] / base:.2f} | {r['parameter_bytes'] / gib:.3f} | "
+                  f"{r['tokens_per_second'] / base:.2f} | {r['weight_bytes'] / gib:.3f} | "
                   f"{r['optimizer_bytes'] / gib:.3f} | {r['peak_rss_bytes'] / gib:.2f} |")
         first = rows[0]["losses"]
         for r in rows[1:]:

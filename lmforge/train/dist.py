@@ -20,6 +20,7 @@ from torch import nn
 
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
+from lmforge.layers.nf4 import NF4Linear
 
 log = logging.getLogger("lmforge")
 
@@ -110,9 +111,10 @@ def all_sum(values: list[float], world: World, device: torch.device) -> list[flo
     return t.tolist()
 
 
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of this rank's parameters (its shards under FSDP)."""
-    return sum(_local(p).numel() * p.element_size() for p in model.parameters())
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of this rank's parameters and buffers (QLoRA's NF4 codes), its shards under FSDP."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(_local(t).numel() * t.element_size() for t in tensors)
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -182,9 +184,20 @@ def _shard(model: nn.Module, cfg: TrainConfig, world: World, device: torch.devic
                "offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.distributed.cpu_offload
                else OffloadPolicy()}
     for layer in model.model.layers:
+        for module in layer.modules():
+            if isinstance(module, NF4Linear):  # QLoRA's base: integer codes, gathered as they are (no cast)
+                _buffers_to_frozen_parameters(module, ("weight_packed", "scale_codes", "scale_factor"))
+                fully_shard(module, **{**options, "mp_policy": MixedPrecisionPolicy()})
         fully_shard(layer, **options)
     # the root stays gathered from forward to backward: the loss uses the LM head after the model's forward
     fully_shard(model, **{**options, "reshard_after_forward": False})
+
+
+def _buffers_to_frozen_parameters(module: nn.Module, names: tuple[str, ...]) -> None:
+    """FSDP2 shards parameters, not buffers: NF4 codes and scales become frozen parameters (same names, same
+    state-dict keys) so that each rank keeps only its share of the quantised base."""
+    for name in names:
+        module.register_parameter(name, nn.Parameter(module._buffers.pop(name), requires_grad=False))
 
 
 def syncing(runner: nn.Module, strategy: str, sync: bool):

@@ -121,6 +121,10 @@ def test_qlora_and_cpu_offload_reach_the_single_process_losses(make_config, sing
     run = train_procs(make_config(f"{strategy}-{method}-offload{offload}", method=method, eval__every_steps=0,
                                   distributed__strategy=strategy, distributed__cpu_offload=offload))
     assert losses(run) == pytest.approx(losses(single[method]), abs=1e-5)
+    if strategy == "fsdp":  # the NF4 codes and scales of QLoRA's base are sharded too
+        alone = json.loads((single[method] / "memory.json").read_text())["ranks"][0]
+        for rank in json.loads((run / "memory.json").read_text())["ranks"]:
+            assert rank["weight_bytes"] / alone["weight_bytes"] == pytest.approx(0.5, abs=0.02), (rank, alone)
 
 
 def test_fsdp_full_shard_halves_parameter_and_optimizer_memory_per_rank(make_config, single):
@@ -129,7 +133,7 @@ def test_fsdp_full_shard_halves_parameter_and_optimizer_memory_per_rank(make_con
     alone = json.loads((single["full"] / "memory.json").read_text())["ranks"]
     ranks = json.loads((run / "memory.json").read_text())["ranks"]
     assert len(alone) == 1 and len(ranks) == 2
-    for key in ("parameter_bytes", "optimizer_bytes"):
+    for key in ("weight_bytes", "optimizer_bytes"):
         for rank in ranks:
             assert rank[key] / alone[0][key] == pytest.approx(0.5, abs=0.02), (key, rank, alone)
 

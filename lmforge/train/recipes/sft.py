@@ -216,18 +216,18 @@ def _datasets(cfg: TrainConfig, tokenizer, world: dist.World):
 
 
 def _record_state_memory(model, optimizer, world: dist.World, device, strategy: str, run_dir: Path) -> None:
-    """Each rank's parameter and optimizer-state bytes (its shards under FSDP), after the first step has created
-    the optimizer state: logged and written to RUN/memory.json by rank 0."""
+    """Each rank's weight (parameters and buffers) and optimizer-state bytes (its shards under FSDP), after the
+    first step has created the optimizer state: logged and written to RUN/memory.json by rank 0."""
     gib = 2**30
-    mine = [dist.state_bytes(model), dist.optimizer_bytes(optimizer)]
+    mine = [dist.weight_bytes(model), dist.optimizer_bytes(optimizer)]
     everyone = [0.0] * (2 * world.size)
     everyone[2 * world.rank:2 * world.rank + 2] = mine
     everyone = dist.all_sum(everyone, world, device)
     for rank in range(world.size):
-        log.info("rank %d (%s): parameters %.3f GiB, optimizer state %.3f GiB", rank, strategy,
+        log.info("rank %d (%s): weights %.3f GiB, optimizer state %.3f GiB", rank, strategy,
                  everyone[2 * rank] / gib, everyone[2 * rank + 1] / gib)
     if world.is_main:
-        ranks = [{"parameter_bytes": int(everyone[2 * r]), "optimizer_bytes": int(everyone[2 * r + 1])}
+        ranks = [{"weight_bytes": int(everyone[2 * r]), "optimizer_bytes": int(everyone[2 * r + 1])}
                  for r in range(world.size)]
         (run_dir / "memory.json").write_text(json.dumps({"strategy": strategy, "ranks": ranks}, indent=2) + "\n")
 
