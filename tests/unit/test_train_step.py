@@ -112,11 +112,15 @@ def test_packed_loss_equals_token_weighted_unpacked_loss():
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_loss_matches_autograd_cross_entropy(monkeypatch, tied, autocast):
+@pytest.mark.parametrize("spread", [1.0, 60.0])
+def test_fused_loss_matches_autograd_cross_entropy(monkeypatch, tied, autocast, spread):
+    """spread 60: logits hundreds apart, below the fused softmax's clamp at max - 80."""
     monkeypatch.setattr(loss_module, "CHUNK_ROWS", 7)  # several chunks, the last one partial
     model = tiny_model({**TINY_LLAMA, "tie_word_embeddings": tied})
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.lm_head.weight.mul_(spread)
     batch = flat(documents([12, 20], seed=5))
     results = []
     for fused in (True, False):
