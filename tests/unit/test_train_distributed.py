@@ -13,46 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.dist import SINGLE, World, world_from_env
 from lmforge.train.recipes import sft
+from tests.train_refs import ROOT, config_maker, losses, metrics
 
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "configs" / "data" / "pirate_demo.jsonl"
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
 def make_config(tmp_path_factory, tiny_chat_model):
-    folder = tmp_path_factory.mktemp("dist")
-    lines = DEMO.read_text().splitlines()  # one sample per row (no packing): 64 rows, 16 steps of 4 per epoch
-    (folder / "train.jsonl").write_text("\n".join(lines[:64]) + "\n")
-    (folder / "val.jsonl").write_text("\n".join(lines[64:71]) + "\n")  # 7 rows: uneven over 2 ranks
-
-    def make(name: str, **overrides) -> Path:
-        cfg = {"model": {"path": str(tiny_chat_model)}, "method": "lora",
-               "lora": {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
-               "data": {"train": [{"path": "train.jsonl", "format": "messages"}],
-                        "validation": [{"path": "val.jsonl", "format": "messages"}],
-                        "max_seq_len": 128, "packing": False, "cache_dir": str(folder / "cache")},
-               "optimizer": {"lr": 3e-3}, "micro_batch_size": 1, "batch_size": 4, "max_steps": STEPS,
-               "precision": "fp32", "threads": 1, "output_dir": str(folder / name),
-               "checkpoint": {"every_steps": 5, "keep_last": 2}, "eval": {"every_steps": 5}}
-        for key, value in overrides.items():
-            node = cfg
-            *parents, leaf = key.split("__")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        path = folder / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    return make
+    """One sample per row (no packing): 64 rows, 16 steps of 4 per epoch; 7 validation rows, uneven over 2 ranks."""
+    return config_maker(tmp_path_factory.mktemp("dist"), tiny_chat_model, slice(0, 64), slice(64, 71),
+                        data__packing=False, micro_batch_size=1, batch_size=4, max_steps=STEPS, threads=1,
+                        checkpoint__every_steps=5, checkpoint__keep_last=2, eval__every_steps=5)
 
 
 def run_procs(config: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
@@ -69,16 +46,8 @@ def train_procs(config: Path, *overrides: str, nproc: int = 2) -> Path:
     return Path(load_config(config, list(overrides)).output_dir)
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
-
-
 def val_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["val_loss"] for r in records(run_dir) if "val_loss" in r}
+    return {r["step"]: r["val_loss"] for r in metrics(run_dir) if "val_loss" in r}
 
 
 @pytest.fixture(scope="module")

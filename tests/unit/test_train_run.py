@@ -1,7 +1,6 @@
 """`lmforge train` end to end on a tiny random Llama with SmolLM2's real tokenizer and the bundled demo chats:
 outputs of a run, exact resume after a kill, atomic checkpoints, early stopping, QLoRA, plots."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lmforge.cli import main as cli_main
 from lmforge.config import load_config
@@ -20,46 +18,14 @@ from lmforge.models import build_model
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.recipes import sft
 from lmforge.weights.peft import load_adapter
-
-ROOT = Path(__file__).parents[2]
-DEMO = ROOT / "configs" / "data" / "pirate_demo.jsonl"
-
+from tests.train_refs import ROOT, config_maker, losses, metrics
 
 
 @pytest.fixture
 def make_config(tmp_path, tiny_chat_model):
-    lines = DEMO.read_text().splitlines()
-    (tmp_path / "train.jsonl").write_text("\n".join(lines[:48]) + "\n")
-    (tmp_path / "val.jsonl").write_text("\n".join(lines[48:56]) + "\n")
-
-    def make(name: str = "run", **overrides) -> Path:
-        cfg = {"model": {"path": str(tiny_chat_model)}, "method": "lora",
-               "lora": {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
-               "data": {"train": [{"path": "train.jsonl", "format": "messages"}],
-                        "validation": [{"path": "val.jsonl", "format": "messages"}],
-                        "max_seq_len": 128, "cache_dir": str(tmp_path / "cache")},
-               "optimizer": {"lr": 3e-3}, "micro_batch_size": 2, "batch_size": 4, "max_steps": 6,
-               "precision": "fp32", "threads": 2, "output_dir": str(tmp_path / name),
-               "checkpoint": {"every_steps": 2, "keep_last": 2}, "eval": {"every_steps": 3}}
-        for key, value in overrides.items():
-            node = cfg
-            *parents, leaf = key.split("__")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    return make
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+    return config_maker(tmp_path, tiny_chat_model, slice(0, 48), slice(48, 56), micro_batch_size=2, batch_size=4,
+                        max_steps=6, threads=2, checkpoint__every_steps=2, checkpoint__keep_last=2,
+                        eval__every_steps=3)
 
 
 def test_lora_run_writes_metrics_checkpoints_best_and_final(make_config, tiny_chat_model):
