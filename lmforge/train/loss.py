@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import kernels
 from lmforge.layers.linear import Linear
 
 IGNORE = -100
@@ -47,21 +48,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(hidden)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            ops = kernels.available(hidden.device) if dtype in (torch.float32, torch.bfloat16) else None
             for start in range(0, hidden.shape[0], CHUNK_ROWS):
                 h = hidden[start:start + CHUNK_ROWS].to(dtype)
                 y = labels[start:start + CHUNK_ROWS]
-                logits = (h @ w.t()).float()
-                target = logits.gather(1, y[:, None]).squeeze(1)
-                top = logits.amax(dim=1, keepdim=True)
-                # the softmax in place of the logits with one exp per logit (torch.logsumexp and a second exp made
-                # the loss 18 % slower on CPU); logits far below the max are clamped first, where exp leaves its
-                # fast path, since e^-80 is nothing beside the max's e^0
-                probs = logits.sub_(top).clamp_min_(-80.0).exp_()
-                sums = probs.sum(dim=1, keepdim=True)
-                total += (top + sums.log()).squeeze(1).sub_(target).sum()
-                probs.div_(sums)
-                probs[torch.arange(len(y), device=y.device), y] -= 1  # d(loss)/d(logits) = softmax - onehot
-                g = probs.to(dtype)
+                logits = h @ w.t()
+                if ops is not None:  # row by row in cache, the gradient over the logits (benchmarks/cpu_kernels.py)
+                    total += ops.cross_entropy_(logits, y).sum()
+                    g = logits
+                else:
+                    loss, g = _cross_entropy(logits, y)
+                    total += loss
+                    g = g.to(dtype)
                 grad_h[start:start + CHUNK_ROWS] = (g @ w).to(hidden.dtype)
                 if want_w:
                     grad_w += (g.t() @ h).float()
@@ -75,3 +73,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = grad_h * grad_out.to(grad_h.dtype)
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.want_w else None
         return dh, dw, None, None
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of logit rows and d(it)/d(logits) = softmax - onehot, in float32 (what the kernel
+    cross_entropy_ computes in one sweep per row); a float32 `logits` is overwritten."""
+    logits = logits.float()
+    target = logits.gather(1, labels[:, None]).squeeze(1)
+    top = logits.amax(dim=1, keepdim=True)
+    # one exp per logit (torch.logsumexp and a second exp made the loss 18 % slower on CPU); logits far below the max
+    # are clamped first, where exp leaves its fast path, since e^-80 is nothing beside the max's e^0
+    probs = logits.sub_(top).clamp_min_(-80.0).exp_()
+    sums = probs.sum(dim=1, keepdim=True)
+    total = (top + sums.log()).squeeze(1).sub_(target).sum()
+    probs.div_(sums)
+    probs[torch.arange(len(labels), device=labels.device), labels] -= 1
+    return total, probs

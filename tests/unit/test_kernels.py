@@ -171,3 +171,59 @@ def test_fused_layers_fall_back_when_a_weight_is_replaced():
         out_q, out_k = linears(x, q, k)
         close(out_q, torch.nn.functional.linear(x, q.weight), torch.bfloat16)
         close(out_k, torch.nn.functional.linear(x, k.weight), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_kernel_matches_eager(dtype):
+    from lmforge.train.loss import _cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 1000) * 6).to(dtype)  # 1000: a vocabulary that is not a multiple of 16
+    labels = torch.randint(0, 1000, (37,))
+    loss, grad = _cross_entropy(logits.clone(), labels)
+    expected = F.cross_entropy(logits.double(), labels, reduction="none")
+    inplace = logits.clone()
+    rows = kernels.cpu_ops().cross_entropy_(inplace, labels)
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.sum(), loss, rtol=1e-5, atol=1e-4)
+    close(inplace, grad.to(dtype), dtype)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        kernels.cpu_ops().cross_entropy_(logits.clone(), torch.full((37,), 1000))
+
+
+@pytest.mark.skipif(kernels.cpu_ops() is None or not kernels.cpu_ops().amx_available(), reason="needs AMX tiles")
+@pytest.mark.parametrize("shape", [(2, 40, 3, 1, 64), (3, 96, 8, 2, 64), (1, 100, 4, 4, 32), (2, 33, 4, 2, 128)])
+def test_attention_backward_kernel_is_as_accurate_as_torch(shape):
+    """bf16 gradients of causal attention (GQA, lengths that are not multiples of the kernel's 32-row blocks): the
+    kernel's error against float64 stays within torch's own bf16 backward's, plus a rounding step."""
+    from lmforge.layers.train_attention import trained_causal_attention
+
+    b, length, heads, kv_heads, dim = shape
+    torch.manual_seed(0)
+    base = [torch.randn(b, length, n, dim) for n in (heads, kv_heads, kv_heads)]
+    grad_out = torch.randn(b, length, heads, dim)
+
+    def sdpa(q, k, v, scale):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                              scale=scale, enable_gqa=True).transpose(1, 2)
+
+    results = {}
+    for name, fn, dtype in [("ref", sdpa, torch.float64), ("torch", sdpa, torch.bfloat16),
+                            ("kernel", trained_causal_attention, torch.bfloat16)]:
+        q, k, v = (x.to(dtype).requires_grad_() for x in base)
+        out = fn(q, k, v, dim**-0.5)
+        assert out is not None
+        out.backward(grad_out.to(dtype))
+        results[name] = [t.double() for t in (out, q.grad, k.grad, v.grad)]
+    assert isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)  # the kernel's, not SDPA's
+    for got, own, ref in zip(results["kernel"], results["torch"], results["ref"], strict=True):
+        err, own_err = (got - ref).abs().max(), (own - ref).abs().max()
+        assert err <= 1.75 * own_err + BF16_ULP * ref.abs().max() * 0.1, (err, own_err)
+
+
+def test_attention_backward_falls_back_without_autograd_or_bf16():
+    from lmforge.layers.train_attention import trained_causal_attention
+
+    q, k, v = torch.randn(1, 8, 2, 32), torch.randn(1, 8, 2, 32), torch.randn(1, 8, 2, 32)
+    assert trained_causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.1) is None  # nothing needs grad
+    assert trained_causal_attention(q.requires_grad_(), k, v, 0.1) is None  # float32: SDPA's own backward
