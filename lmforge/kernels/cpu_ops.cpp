@@ -414,6 +414,192 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
   return y;
 }
 
+// ---- training: RMSNorm, rotary embedding and SwiGLU with their backward passes -----------------------------------
+// Each replaces the chain of eager ops that autograd would record (and the tensors it would keep) by one sweep forward
+// and one backward; float32 inside, one rounding per output. Inputs and outputs may differ in dtype (float32 weights
+// and residual stream under bf16 autocast): dispatch2 instantiates each pair.
+template <typename F>
+void dispatch2(const torch::Tensor& a, at::ScalarType b, F&& f) {
+  dispatch(a, [&](auto ta) {
+    if (b == at::kBFloat16) f(ta, bf16{}); else f(ta, float{});
+  });
+}
+
+// y = w * round(x / rms(x)) in y's dtype (w already in it), as eager RMSNorm under autocast; also returns 1/rms per row.
+std::vector<torch::Tensor> rms_norm_train(torch::Tensor x, torch::Tensor w, double eps) {
+  check(x, "x");
+  check(w, "w");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.numel() == x.size(1) && w.is_contiguous(),
+              "rms_norm_train: x must be [rows, dim] contiguous, w [dim]");
+  const int64_t rows = x.size(0), dim = x.size(1);
+  auto y = torch::empty({rows, dim}, x.options().dtype(w.scalar_type()));
+  auto inv = torch::empty({rows}, x.options().dtype(at::kFloat));
+  dispatch2(x, w.scalar_type(), [&](auto tx, auto to) {
+    using TX = decltype(tx);
+    using TO = decltype(to);
+    const TX* xs = ptr<TX>(x);
+    const TO* ws = ptr<TO>(w);
+    TO* ys = ptr<TO>(y);
+    float* is = inv.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [=](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const TX* row = xs + r * dim;
+        float ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < dim; ++i) ss += to_f(row[i]) * to_f(row[i]);
+        const float k = 1.f / std::sqrt(ss / dim + static_cast<float>(eps));
+        is[r] = k;
+        TO* yr = ys + r * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) yr[i] = from_f<TO>(to_f(ws[i]) * round_to<TO>(to_f(row[i]) * k));
+      }
+    });
+  });
+  return {y, inv};
+}
+
+// dx = inv (g - xh mean(g xh)) with g = dy w and xh = x inv; dw = sum over rows of dy round(xh) (float32; empty
+// unless asked for).
+std::vector<torch::Tensor> rms_norm_train_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor w,
+                                                   torch::Tensor inv, bool want_dw) {
+  check(dy, "dy");
+  check(x, "x");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && x.is_contiguous() && dy.dim() == 2 &&
+              w.scalar_type() == dy.scalar_type(), "rms_norm_train_backward: shapes or dtypes do not match");
+  const int64_t rows = x.size(0), dim = x.size(1);
+  auto dx = torch::empty_like(x);
+  const int64_t threads = at::get_num_threads();
+  auto partial = torch::zeros({want_dw ? threads : 0, dim}, x.options().dtype(at::kFloat));
+  dispatch2(x, dy.scalar_type(), [&](auto tx, auto to) {
+    using TX = decltype(tx);
+    using TO = decltype(to);
+    const TX* xs = ptr<TX>(x);
+    const TO* gs = ptr<TO>(dy);
+    const TO* ws = ptr<TO>(w);
+    const float* is = inv.data_ptr<float>();
+    TX* dxs = ptr<TX>(dx);
+    float* parts = want_dw ? partial.data_ptr<float>() : nullptr;
+    at::parallel_for(0, rows, 16, [=](int64_t lo, int64_t hi) {
+      float* dw = parts ? parts + at::get_thread_num() * dim : nullptr;
+      for (int64_t r = lo; r < hi; ++r) {
+        const TX* xr = xs + r * dim;
+        const TO* gr = gs + r * dim;
+        const float k = is[r];
+        float dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < dim; ++i) dot += to_f(gr[i]) * to_f(ws[i]) * to_f(xr[i]) * k;
+        dot /= dim;
+        TX* out = dxs + r * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) {
+          const float xh = to_f(xr[i]) * k;
+          out[i] = from_f<TX>(k * (to_f(gr[i]) * to_f(ws[i]) - xh * dot));
+        }
+        if (dw)
+#pragma omp simd
+          for (int64_t i = 0; i < dim; ++i) dw[i] += to_f(gr[i]) * round_to<TO>(to_f(xr[i]) * k);
+      }
+    });
+  });
+  return {dx, want_dw ? partial.sum(0) : partial};
+}
+
+// Rotary embedding out of place, half-split layout, float32 cos/sin [T, rot]: y = x cos + rotate_half(x) sin on the
+// first rot dims (the rest copied), in out_dtype. inverse: the transposed rotation, which is the backward pass.
+torch::Tensor rope_train(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, bool inverse, at::ScalarType out_dtype) {
+  check(x, "x");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+              cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) <= x.size(2),
+              "rope_train: x must be [T, heads, dim] (last dimension contiguous), cos/sin float32 [T, rot]");
+  const int64_t t = x.size(0), heads = x.size(1), dim = x.size(2), rot = cos.size(1), half = rot / 2;
+  auto y = torch::empty({t, heads, dim}, x.options().dtype(out_dtype));
+  dispatch2(x, out_dtype, [&](auto ti, auto to) {
+    using TI = decltype(ti);
+    using TO = decltype(to);
+    const TI* xs = ptr<TI>(x);
+    TO* ys = ptr<TO>(y);
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    const int64_t ts = x.stride(0), hs = x.stride(1);
+    const float sign = inverse ? -1.f : 1.f;
+    at::parallel_for(0, t, 16, [=](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const float* c = cp + i * rot;
+        const float* s = sp + i * rot;
+        for (int64_t h = 0; h < heads; ++h) {
+          const TI* v = xs + i * ts + h * hs;
+          TO* o = ys + (i * heads + h) * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < half; ++d) {
+            const float x1 = to_f(v[d]), x2 = to_f(v[d + half]);
+            // forward: (x1 c - x2 s, x2 c' + x1 s'); inverse: (x1 c + x2 s', x2 c' - x1 s), c' s' of the upper half
+            const float s_lo = inverse ? s[d + half] : s[d], s_hi = inverse ? s[d] : s[d + half];
+            o[d] = from_f<TO>(x1 * c[d] - sign * x2 * s_lo);
+            o[d + half] = from_f<TO>(x2 * c[d + half] + sign * x1 * s_hi);
+          }
+          for (int64_t d = rot; d < dim; ++d) o[d] = from_f<TO>(to_f(v[d]));
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// d/d(gate, up) of silu(gate) * up: dup = dy round(silu(gate)); dgate = round(dy up) sigmoid (1 + gate (1 - sigmoid)),
+// rounded where eager autograd rounds.
+std::vector<torch::Tensor> silu_mul_backward(torch::Tensor gate, torch::Tensor up, torch::Tensor dy) {
+  check(gate, "gate");
+  TORCH_CHECK(gate.dim() == 2 && up.sizes() == gate.sizes() && dy.sizes() == gate.sizes() &&
+              up.scalar_type() == gate.scalar_type() && dy.scalar_type() == gate.scalar_type() &&
+              gate.stride(1) == 1 && up.stride(1) == 1 && dy.stride(1) == 1,
+              "silu_mul_backward: gate, up, dy must be [T, n] of one dtype with unit inner stride");
+  const int64_t rows = gate.size(0), n = gate.size(1);
+  auto dgate = torch::empty({rows, n}, gate.options());
+  auto dup = torch::empty({rows, n}, gate.options());
+  dispatch(gate, [&](auto tag) {
+    using T = decltype(tag);
+    const T* g = ptr<T>(gate);
+    const T* u = ptr<T>(up);
+    const T* d = ptr<T>(dy);
+    T* dg = ptr<T>(dgate);
+    T* du = ptr<T>(dup);
+    const int64_t gs = gate.stride(0), us = up.stride(0), ds = dy.stride(0);
+    at::parallel_for(0, rows, 1, [=](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const T* gr = g + r * gs;
+        const T* ur = u + r * us;
+        const T* dr = d + r * ds;
+        T* dgr = dg + r * n;
+        T* dur = du + r * n;
+        int64_t i = 0;
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, bf16>) {
+          const __m512 one = _mm512_set1_ps(1.f);
+          for (; i + 16 <= n; i += 16) {
+            const __m512 a = load_f32x16(gr + i), dyv = load_f32x16(dr + i);
+            const __m512 den = _mm512_add_ps(one, exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), a)));
+            __m512 sig = _mm512_rcp14_ps(den);
+            sig = _mm512_mul_ps(sig, _mm512_fnmadd_ps(den, sig, _mm512_set1_ps(2.f)));
+            const __m512 silu = round_bf16x16(_mm512_mul_ps(a, sig));
+            const __m512 dsilu = round_bf16x16(_mm512_mul_ps(dyv, load_f32x16(ur + i)));
+            const __m512 grad = _mm512_mul_ps(dsilu, _mm512_mul_ps(sig, _mm512_fmadd_ps(a, _mm512_sub_ps(one, sig), one)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dur + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(dyv, silu)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dgr + i), (__m256i)_mm512_cvtneps_pbh(grad));
+          }
+        }
+#endif
+        for (; i < n; ++i) {
+          const float a = to_f(gr[i]), dyv = to_f(dr[i]);
+          const float sig = 1.f / (1.f + std::exp(-a));
+          dur[i] = from_f<T>(dyv * round_to<T>(a * sig));
+          dgr[i] = from_f<T>(round_to<T>(dyv * to_f(ur[i])) * sig * (1.f + a * (1.f - sig)));
+        }
+      }
+    });
+  });
+  return {dgate, dup};
+}
+
 // ---- row-wise argmax (the first of equal maxima), for greedy sampling straight from bf16 logits --------------------
 template <typename T>
 void argmax_impl(const T* x, int64_t* out, int64_t rows, int64_t n) {
@@ -674,6 +860,22 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor, torch::Tensor, torc
   TORCH_CHECK(false, "attention_backward: built without AMX");
 }
 #endif
+
+// ---- dst (float32) += src (bfloat16 or float32), in place: torch's mixed-dtype add_ first copies src to float32 ----
+void accumulate_(torch::Tensor dst, torch::Tensor src) {
+  check(src, "src");
+  TORCH_CHECK(dst.scalar_type() == at::kFloat && dst.is_contiguous() && src.is_contiguous() &&
+              dst.numel() == src.numel(), "accumulate_: dst must be float32, both contiguous and of one size");
+  dispatch(src, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = ptr<T>(src);
+    float* y = dst.data_ptr<float>();
+    at::parallel_for(0, dst.numel(), 1 << 16, [=](int64_t lo, int64_t hi) {
+#pragma omp simd
+      for (int64_t i = lo; i < hi; ++i) y[i] += to_f(x[i]);
+    });
+  });
+}
 
 // ---- cross-entropy against labels, with its gradient written over the logits (training's fused loss) -------------
 // logits [R, V], labels [R]: returns each row's -log softmax(row)[label] in float32 and replaces the row by
@@ -974,5 +1176,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "new keys/values into paged-cache slots");
   m.def("paged_attention", &paged_attention, "attention of few-token queries over a paged KV cache");
   m.def("attention_backward", &attention_backward, "causal attention backward on AMX tiles (dq, dk, dv)");
+  m.def("rms_norm_train", &rms_norm_train, "RMSNorm for training: (y, 1/rms per row)");
+  m.def("rms_norm_train_backward", &rms_norm_train_backward, "RMSNorm backward: (dx, dw or empty)");
+  m.def("rope_train", &rope_train, "rotary embedding out of place (inverse: its backward)");
+  m.def("silu_mul_backward", &silu_mul_backward, "d/d(gate, up) of silu(gate) * up");
+  m.def("accumulate_", &accumulate_, "float32 dst += src in place");
   m.def("cross_entropy_", &cross_entropy_, "per-row cross-entropy; the logits become its gradient in place");
 }

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.kernels import usable
-from lmforge.layers.train_attention import trained_causal_attention
+from lmforge.layers.train_kernels import causal_attention
 from lmforge.layers.varlen import grouped_attention
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, windo
     """q [B, lq, H, D], k/v [B, lk, KVH, D] -> [B, lq, H, D], causal aligned to the last query."""
     lq, lk = q.shape[1], k.shape[1]
     mask = _mask(lq, lk, window, q.device)
-    if mask is None and lq == lk and (out := trained_causal_attention(q, k, v, scale)) is not None:
+    if mask is None and lq == lk and (out := causal_attention(q, k, v, scale)) is not None:
         return out
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,

@@ -3,6 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.kernels import usable
+from lmforge.layers import train_kernels
 from lmforge.layers.activation import activation
 from lmforge.layers.linear import Linear, linears
 
@@ -20,6 +21,14 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         """`lora`: a serving step's LoraBatch (lmforge/layers/multi_lora.py), handed to each projection."""
         gate, up = linears(x, self.gate_proj, self.up_proj, lora=lora)
-        if self.act is F.silu and gate.dim() == 2 and (ops := usable(gate, up)) is not None:
-            return self.down_proj(ops.silu_mul(gate, up), lora)  # one pass over the fused gate/up output
-        return self.down_proj(self.act(gate) * up, lora)
+        return self.down_proj(swiglu(gate, up) if self.act is F.silu else self.act(gate) * up, lora)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: one kernel pass over inference tensors (the halves of the fused gate/up output), a fused
+    autograd Function in training on CPU, else eager."""
+    if gate.dim() == 2 and (ops := usable(gate, up)) is not None:
+        return ops.silu_mul(gate, up)
+    if (out := train_kernels.silu_mul(gate, up)) is not None:
+        return out
+    return F.silu(gate) * up

@@ -13,6 +13,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.kernels import usable
+from lmforge.layers import train_kernels
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -142,7 +143,10 @@ class Rotary(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; rotates the first rotary_dim features (half-split layout, as HF stores them).
-    Inference tensors on CPU are rotated in place by one kernel; callers pass a fresh projection."""
+    Inference tensors on CPU are rotated in place by one kernel; callers pass a fresh projection. In training on CPU
+    a kernel rotates out of place (its backward rotates back)."""
+    if (out := train_kernels.rope(x, cos, sin)) is not None:
+        return out
     if x.dtype == cos.dtype and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and (ops := usable(x)) is not None:
         return ops.rope_(x, cos, sin)
     rot = cos.shape[-1]

@@ -47,6 +47,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             want_w = weight.requires_grad
             grad_h = torch.empty_like(hidden)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+            # one buffer for every chunk's product: a fresh [vocab, hidden] tensor per chunk costs its page faults
+            product = torch.empty(weight.shape, dtype=dtype, device=weight.device) if want_w else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             ops = kernels.available(hidden.device) if dtype in (torch.float32, torch.bfloat16) else None
             for start in range(0, hidden.shape[0], CHUNK_ROWS):
@@ -62,16 +64,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     g = g.to(dtype)
                 grad_h[start:start + CHUNK_ROWS] = (g @ w).to(hidden.dtype)
                 if want_w:
-                    grad_w += (g.t() @ h).float()
+                    torch.mm(g.t(), h, out=product)
+                    if ops is not None:  # torch's mixed-dtype add_ would first copy the product to float32
+                        ops.accumulate_(grad_w, product)
+                    else:
+                        grad_w.add_(product)
         ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
-        ctx.want_w, ctx.weight_dtype = want_w, weight.dtype
+        ctx.want_w, ctx.weight_dtype, ctx.used = want_w, weight.dtype, False
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        dh = grad_h * grad_out.to(grad_h.dtype)
-        dw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.want_w else None
+        if ctx.used:  # the products below are scaled in place
+            raise RuntimeError("the fused cross-entropy supports one backward pass per forward (no retain_graph)")
+        ctx.used = True
+        dh = grad_h.mul_(grad_out.to(grad_h.dtype))
+        dw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if ctx.want_w else None
         return dh, dw, None, None
 
 

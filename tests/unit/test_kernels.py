@@ -1,5 +1,7 @@
 """The CPU kernels (lmforge/kernels) against the pure-torch code they replace, in float32 and bfloat16."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 from lmforge import kernels
 from lmforge.layers.attention import AttnMeta, attention
 from lmforge.layers.linear import Linear, _onednn_packing
+from lmforge.layers.mlp import swiglu
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import apply_rope
 
@@ -196,7 +199,7 @@ def test_cross_entropy_kernel_matches_eager(dtype):
 def test_attention_backward_kernel_is_as_accurate_as_torch(shape):
     """bf16 gradients of causal attention (GQA, lengths that are not multiples of the kernel's 32-row blocks): the
     kernel's error against float64 stays within torch's own bf16 backward's, plus a rounding step."""
-    from lmforge.layers.train_attention import trained_causal_attention
+    from lmforge.layers.train_kernels import causal_attention as trained_causal_attention
 
     b, length, heads, kv_heads, dim = shape
     torch.manual_seed(0)
@@ -222,8 +225,79 @@ def test_attention_backward_kernel_is_as_accurate_as_torch(shape):
 
 
 def test_attention_backward_falls_back_without_autograd_or_bf16():
-    from lmforge.layers.train_attention import trained_causal_attention
+    from lmforge.layers.train_kernels import causal_attention as trained_causal_attention
 
     q, k, v = torch.randn(1, 8, 2, 32), torch.randn(1, 8, 2, 32), torch.randn(1, 8, 2, 32)
     assert trained_causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.1) is None  # nothing needs grad
     assert trained_causal_attention(q.requires_grad_(), k, v, 0.1) is None  # float32: SDPA's own backward
+
+
+def _grads(fn, inputs, grad_out):
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [x.grad for x in leaves if x.requires_grad]
+
+
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_rms_norm_autograd_kernel_matches_eager(x_dtype, out_dtype, train_weight):
+    """The RMSNorm Function (forward and backward) against the layer's eager code, with and without autocast."""
+    torch.manual_seed(0)
+    norm = RMSNorm(72, 1e-6).to(x_dtype)
+    norm.weight.data.normal_()
+    norm.weight.requires_grad_(train_weight)
+    x = torch.randn(5, 7, 72, dtype=x_dtype)
+    grad_out = torch.randn(5, 7, 72)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=out_dtype != x_dtype)
+    results = []
+    for use_kernels in (True, False):
+        with autocast, (contextlib.nullcontext() if use_kernels else kernels.disabled()):
+            norm.weight.grad = None
+            got = _grads(norm, [x], grad_out)
+            results.append(got + ([norm.weight.grad] if train_weight else []))
+    kernel, eager = results
+    assert kernel[0].dtype == eager[0].dtype == out_dtype
+    for a, b in zip(kernel, eager, strict=True):
+        tol = 1e-5 if out_dtype == torch.float32 else 2 * BF16_ULP
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("x_dtype,cos_dtype,autocast", [(torch.float32, torch.float32, False),
+                                                        (torch.bfloat16, torch.bfloat16, False),
+                                                        (torch.bfloat16, torch.float32, True)])
+@pytest.mark.parametrize("rot", [16, 8])  # 8: partial rotary, the last dims pass through
+def test_rope_autograd_kernel_matches_eager(x_dtype, cos_dtype, autocast, rot):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 16, dtype=x_dtype)
+    angles = torch.randn(6, rot // 2)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(cos_dtype) for f in (torch.cos, torch.sin))
+    grad_out = torch.randn(6, 3, 16)
+    results = []
+    for use_kernels in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                (contextlib.nullcontext() if use_kernels else kernels.disabled()):
+            results.append(_grads(lambda t: apply_rope(t, cos, sin), [x], grad_out))
+    (out_k, dx_k), (out_e, dx_e) = results
+    assert dx_k.dtype == dx_e.dtype == x_dtype
+    tol = 1e-5 if x_dtype == torch.float32 else 2 * BF16_ULP
+    torch.testing.assert_close(out_k.float(), out_e.float(), rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(dx_k.float(), dx_e.float(), rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_autograd_kernel_matches_eager(dtype):
+    torch.manual_seed(0)
+    gate_up = torch.randn(9, 2 * 40, dtype=dtype) * 3  # 40: a row that is not a multiple of 16
+    grad_out = torch.randn(9, 40)
+
+    def halves(t):
+        gate, up = t.split(40, dim=-1)  # the halves of one product: row-strided views
+        return swiglu(gate, up)
+
+    with kernels.disabled():
+        eager = _grads(halves, [gate_up], grad_out)
+    kernel = _grads(halves, [gate_up], grad_out)
+    for a, b in zip(kernel, eager, strict=True):
+        close(a, b, dtype)

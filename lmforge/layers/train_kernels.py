@@ -1,0 +1,148 @@
+"""Autograd Functions whose forward and backward run lmforge's CPU kernels (lmforge/kernels/cpu_ops.cpp): causal
+attention, RMSNorm, rotary embedding and SwiGLU, the ops of a training step that eager autograd runs as chains of
+small element-wise passes (or, for attention, through torch's non-AMX backward). Each returns None where it does not
+apply (autograd not recording, another device or dtype, kernels off): the layer then runs its eager code, which
+stays the reference the tests compare against (tests/unit/test_kernels.py).
+"""
+
+import torch
+
+from lmforge import kernels
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _ops(*tensors: torch.Tensor):
+    """The kernels when autograd records an op on these tensors (CPU, float32/bfloat16), else None."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return None
+    if any(t.dtype not in _KERNEL_DTYPES for t in tensors):
+        return None
+    return kernels.available(tensors[0].device)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+# ---------------------------------------------------------------- attention
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """q [B, L, H, D], k/v [B, L, KVH, D] -> [B, L, H, D] attended causally: torch's flash-attention forward and the
+    AMX kernel `attention_backward` (torch's own CPU backward takes about six times its forward: its block products
+    do not use the tiles). None without AMX or for head sizes that are not multiples of 32."""
+    if (ops := _ops(q, k, v)) is None or not ops.amx_available() or q.shape[-1] % 32 or q.shape[1] < 2:
+        return None
+    dtype = _autocast_dtype(q.device) or q.dtype  # what SDPA would compute in
+    if dtype != torch.bfloat16:
+        return None
+    return _CausalAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), scale)
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out, lse = _flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, True, attn_mask=None,
+                          scale=scale)
+        out = out.transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad = grad.to(q.dtype)
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        dq, dk, dv = kernels.cpu_ops().attention_backward(q, k, v, out, grad, lse, ctx.scale)
+        return dq, dk, dv, None
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm as lmforge/layers/norm.py computes it (float32 inside; under autocast the output in the autocast dtype,
+    else in x's), for x [..., dim]."""
+    if (ops := _ops(x, weight)) is None:
+        return None
+    out_dtype = _autocast_dtype(x.device) or x.dtype
+    if out_dtype not in _KERNEL_DTYPES or (out_dtype == x.dtype and weight.dtype != x.dtype):
+        return None
+    return _RMSNorm.apply(x, weight, eps, out_dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        w = weight.to(out_dtype).contiguous()
+        y, inv = kernels.cpu_ops().rms_norm_train(rows, w, eps)
+        ctx.save_for_backward(rows, w, inv)
+        ctx.shape, ctx.weight_dtype = x.shape, weight.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, w, inv = ctx.saved_tensors
+        dy = grad.reshape(rows.shape).to(w.dtype).contiguous()
+        dx, dw = kernels.cpu_ops().rms_norm_train_backward(dy, rows, w, inv, ctx.needs_input_grad[1])
+        return dx.view(ctx.shape), dw.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None, None, None
+
+
+# ---------------------------------------------------------------- rotary embedding
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x [T, heads, head_dim] rotated on its first cos.shape[-1] features (half-split layout), in float32 with one
+    rounding. The output takes the autocast dtype under autocast (attention, its only reader, computes in it), else
+    the promoted dtype of x and cos, as eager's products would."""
+    if x.dim() != 3 or x.stride(-1) != 1 or _ops(x, cos) is None:
+        return None
+    out_dtype = _autocast_dtype(x.device) or torch.promote_types(x.dtype, cos.dtype)
+    if out_dtype not in _KERNEL_DTYPES:
+        return None
+    return _Rope.apply(x, cos.float().contiguous(), sin.float().contiguous(), out_dtype)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.in_dtype = x.dtype
+        return kernels.cpu_ops().rope_train(x, cos, sin, False, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        return kernels.cpu_ops().rope_train(grad, cos, sin, True, ctx.in_dtype), None, None, None
+
+
+# ---------------------------------------------------------------- SwiGLU
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for [T, n] halves of one dtype; keeps gate and up for backward (eager also keeps silu(gate))."""
+    if gate.dim() != 2 or gate.dtype != up.dtype or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        return None
+    if _ops(gate, up) is None:
+        return None
+    return _SiluMul.apply(gate, up)
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return kernels.cpu_ops().silu_mul(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad = grad.to(gate.dtype)
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        dgate, dup = kernels.cpu_ops().silu_mul_backward(gate, up, grad)
+        return dgate, dup
