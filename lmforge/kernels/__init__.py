@@ -1,8 +1,9 @@
 """lmforge's CPU inference kernels (cpu_ops.cpp), compiled once with the machine's C++ compiler at first use.
 
 `cpu_ops()` returns the compiled module, or None when kernels are off or cannot be built; callers then run the
-pure-torch code they replace (lmforge/layers), which stays the reference. Kernels never run under autograd: they
-are for inference tensors only (`usable(x)`).
+pure-torch code they replace (lmforge/layers), which stays the reference. Under autograd a kernel runs only inside
+an autograd Function that supplies its gradient (lmforge/layers/train_kernels.py, the fused loss); elsewhere they
+serve inference tensors only (`usable(x)`).
 
 Off: `LMFORGE_KERNELS=0` (or `enforce_eager=True` on the engine, `--enforce-eager` on the CLI). The build goes to
 `$LMFORGE_KERNEL_CACHE/<key>` (default ~/.cache/lmforge/kernels, kept apart from LMFORGE_HOME so that a fresh model

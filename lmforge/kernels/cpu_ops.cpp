@@ -1,7 +1,9 @@
-// lmforge's CPU kernels for inference: each replaces a chain of small eager ops whose dispatch cost dominates
-// decode on a CPU. Every kernel takes float32 or bfloat16, computes in float32 and rounds where the eager
-// PyTorch code it replaces rounds, so results match the pure-torch path (lmforge/layers) to the last bit or
-// within one bfloat16 rounding. Compiled at first use by lmforge/kernels/__init__.py; hot path — keep minimal.
+// lmforge's CPU kernels. For inference, each replaces a chain of small eager ops whose dispatch cost dominates
+// decode on a CPU: every kernel takes float32 or bfloat16, computes in float32 and rounds where the eager PyTorch
+// code it replaces rounds, so results match the pure-torch path (lmforge/layers) to the last bit or within one
+// bfloat16 rounding. For training (the autograd Functions of lmforge/layers/train_kernels.py and the fused loss),
+// forward and backward passes of element-wise chains, attention's backward on AMX tiles and the loss's softmax.
+// Compiled at first use by lmforge/kernels/__init__.py; hot path — keep minimal.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
