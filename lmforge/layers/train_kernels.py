@@ -35,6 +35,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     do not use the tiles). None without AMX or for head sizes that are not multiples of 32."""
     if (ops := _ops(q, k, v)) is None or not ops.amx_available() or q.shape[-1] % 32 or q.shape[1] < 2:
         return None
+    if q.shape[0] * k.shape[2] * 4 < torch.get_num_threads():  # one task per (sequence, kv head): on many cores
+        return None  # with few tasks, torch's backward (parallel over query blocks too) finishes first
     dtype = _autocast_dtype(q.device) or q.dtype  # what SDPA would compute in
     if dtype != torch.bfloat16:
         return None
