@@ -14,6 +14,10 @@ in bfloat16:
                     the pure-torch path (gather the blocks, one batched SDPA call with a key mask)
   rms_norm / rope / silu_mul   64 rows, vs the eager ops of lmforge/layers (kernels.disabled())
 These are the measurements behind the thresholds in lmforge/layers (SMALL_ROWS, AMX_MAX_ROWS, KERNEL_MAX_*).
+Training rows (forward + backward under autograd, bf16, one micro-batch of 4 x 512 tokens, the shapes of
+benchmarks/train.py): causal attention (torch's flash forward + the AMX backward vs SDPA's own backward), RMSNorm,
+rope and SwiGLU (the autograd Functions of lmforge/layers/train_kernels.py vs the layers' eager code), and the
+loss's softmax over one 512-row chunk of logits (cross_entropy_ vs its eager reference).
 """
 
 import argparse
@@ -123,6 +127,52 @@ def elementwise(rows: int = 64):
     }
 
 
+def training(batch: int = 4, length: int = 512):
+    from lmforge.layers.mlp import swiglu
+    from lmforge.train.loss import _cross_entropy
+
+    tokens = batch * length
+    q = torch.randn(batch, length, HEADS, DIM, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch, length, KV_HEADS, DIM, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    lens = AttnMeta.for_sequences([length] * batch)
+    norm = RMSNorm(HIDDEN, 1e-5).to(torch.bfloat16)
+    x = torch.randn(tokens, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+    qk = torch.randn(tokens, HEADS, DIM, dtype=torch.bfloat16, requires_grad=True)
+    angles = torch.randn(tokens, DIM // 2)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    gate, up = (torch.randn(tokens, MLP, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    logits = torch.randn(512, 49152, dtype=torch.bfloat16) * 4
+    labels = torch.randint(0, 49152, (512,))
+    ops = kernels.cpu_ops()
+
+    def flat(t):
+        return t.view(-1, *t.shape[2:])
+
+    grads = {}
+
+    def step(fn):  # forward, then backward from a fixed gradient of the output's shape and dtype
+        out = fn()
+        if (out.shape, out.dtype) not in grads:
+            grads[out.shape, out.dtype] = torch.randn(out.shape, dtype=out.dtype)
+        out.backward(grads[out.shape, out.dtype])
+
+    def pair(fn):
+        def peer():
+            with kernels.disabled():
+                step(fn)
+        return (lambda: step(fn)), peer
+
+    return {
+        f"train: attention fwd+bwd, {batch} x {length}": pair(
+            lambda: attention(flat(q), flat(k), flat(v), lens, None, DIM**-0.5)),
+        f"train: rms_norm fwd+bwd, {tokens} x {HIDDEN}": pair(lambda: norm(x)),
+        f"train: rope fwd+bwd, {tokens} x {HEADS} heads": pair(lambda: apply_rope(qk, cos, sin)),
+        f"train: silu_mul fwd+bwd, {tokens} x {MLP}": pair(lambda: swiglu(gate, up)),
+        "train: loss softmax, 512 x 49152": (lambda: ops.cross_entropy_(logits.clone(), labels),
+                                             lambda: _cross_entropy(logits.clone(), labels)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -141,6 +191,8 @@ def main() -> None:
             ("linear, 64 rows, 30 layers", big, "oneDNN pre-packed", gemm, gemm_packed),
             ("paged attention, 64 x 90 keys, 30 layers", "kernel", "gather + SDPA", *paged())]
     rows += [(name, "kernel", "eager", fast, peer) for name, (fast, peer) in elementwise().items()]
+    if ops.amx_available():
+        rows += [(name, "kernel", "eager autograd", fast, peer) for name, (fast, peer) in training().items()]
     print(f"torch {torch.__version__}, {args.threads} threads, bfloat16; best of {args.repeats}; "
           f"ratio = peer / lmforge")
     print(f"{'what':42s} {'lmforge':>10s} {'peer':>10s} {'ratio':>7s}  lmforge path / peer")

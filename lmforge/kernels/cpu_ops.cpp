@@ -527,17 +527,17 @@ torch::Tensor rope_train(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, 
     at::parallel_for(0, t, 16, [=](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const float* c = cp + i * rot;
-        const float* s = sp + i * rot;
+        // forward: (x1 c - x2 s, x2 c' + x1 s'); inverse: (x1 c + x2 s', x2 c' - x1 s), c' s' of the upper half
+        const float* s_lo = sp + i * rot + (inverse ? half : 0);
+        const float* s_hi = sp + i * rot + (inverse ? 0 : half);
         for (int64_t h = 0; h < heads; ++h) {
           const TI* v = xs + i * ts + h * hs;
           TO* o = ys + (i * heads + h) * dim;
 #pragma omp simd
           for (int64_t d = 0; d < half; ++d) {
             const float x1 = to_f(v[d]), x2 = to_f(v[d + half]);
-            // forward: (x1 c - x2 s, x2 c' + x1 s'); inverse: (x1 c + x2 s', x2 c' - x1 s), c' s' of the upper half
-            const float s_lo = inverse ? s[d + half] : s[d], s_hi = inverse ? s[d] : s[d + half];
-            o[d] = from_f<TO>(x1 * c[d] - sign * x2 * s_lo);
-            o[d + half] = from_f<TO>(x2 * c[d + half] + sign * x1 * s_hi);
+            o[d] = from_f<TO>(x1 * c[d] - sign * x2 * s_lo[d]);
+            o[d + half] = from_f<TO>(x2 * c[d + half] + sign * x1 * s_hi[d]);
           }
           for (int64_t d = rot; d < dim; ++d) o[d] = from_f<TO>(to_f(v[d]));
         }

@@ -55,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[start:start + CHUNK_ROWS].to(dtype)
                 y = labels[start:start + CHUNK_ROWS]
                 logits = h @ w.t()
-                if ops is not None:  # row by row in cache, the gradient over the logits (benchmarks/cpu_kernels.py)
+                if ops is not None:  # one sweep per row in cache; the logits become their gradient
                     total += ops.cross_entropy_(logits, y).sum()
                     g = logits
                 else:
