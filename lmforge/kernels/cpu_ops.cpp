@@ -281,18 +281,21 @@ torch::Tensor amx_linear(torch::Tensor, torch::Tensor, c10::optional<torch::Tens
 #endif
 
 // ---- RMSNorm as Hugging Face computes it: in float32, rounded to the input dtype, then times the weight ----------
-template <typename T>
-void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t dim, float eps) {
+// x in TX, w and y in TO (training: float32 residual stream, bf16 output under autocast); inv, when given, gets
+// each row's 1 / rms for the backward pass.
+template <typename TX, typename TO>
+void rms_norm_impl(const TX* x, const TO* w, TO* y, float* inv, int64_t rows, int64_t dim, float eps) {
   at::parallel_for(0, rows, 8, [=](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      const T* xr = x + r * dim;
+      const TX* xr = x + r * dim;
       float ss = 0;
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < dim; ++i) ss += to_f(xr[i]) * to_f(xr[i]);
-      float inv = 1.f / std::sqrt(ss / dim + eps);
-      T* yr = y + r * dim;
+      const float k = 1.f / std::sqrt(ss / dim + eps);
+      if (inv) inv[r] = k;
+      TO* yr = y + r * dim;
 #pragma omp simd
-      for (int64_t i = 0; i < dim; ++i) yr[i] = from_f<T>(to_f(w[i]) * round_to<T>(to_f(xr[i]) * inv));
+      for (int64_t i = 0; i < dim; ++i) yr[i] = from_f<TO>(to_f(w[i]) * round_to<TO>(to_f(xr[i]) * k));
     }
   });
 }
@@ -304,8 +307,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   auto y = torch::empty_like(xc);
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
-    rms_norm_impl<scalar_t>(ptr<scalar_t>(xc), ptr<scalar_t>(weight.contiguous()),
-                            ptr<scalar_t>(y), xc.numel() / x.size(-1), x.size(-1), static_cast<float>(eps));
+    rms_norm_impl<scalar_t, scalar_t>(ptr<scalar_t>(xc), ptr<scalar_t>(weight.contiguous()), ptr<scalar_t>(y),
+                                      nullptr, xc.numel() / x.size(-1), x.size(-1), static_cast<float>(eps));
   });
   return y;
 }
@@ -439,23 +442,7 @@ std::vector<torch::Tensor> rms_norm_train(torch::Tensor x, torch::Tensor w, doub
   dispatch2(x, w.scalar_type(), [&](auto tx, auto to) {
     using TX = decltype(tx);
     using TO = decltype(to);
-    const TX* xs = ptr<TX>(x);
-    const TO* ws = ptr<TO>(w);
-    TO* ys = ptr<TO>(y);
-    float* is = inv.data_ptr<float>();
-    at::parallel_for(0, rows, 16, [=](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const TX* row = xs + r * dim;
-        float ss = 0;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < dim; ++i) ss += to_f(row[i]) * to_f(row[i]);
-        const float k = 1.f / std::sqrt(ss / dim + static_cast<float>(eps));
-        is[r] = k;
-        TO* yr = ys + r * dim;
-#pragma omp simd
-        for (int64_t i = 0; i < dim; ++i) yr[i] = from_f<TO>(to_f(ws[i]) * round_to<TO>(to_f(row[i]) * k));
-      }
-    });
+    rms_norm_impl<TX, TO>(ptr<TX>(x), ptr<TO>(w), ptr<TO>(y), inv.data_ptr<float>(), rows, dim, static_cast<float>(eps));
   });
   return {y, inv};
 }
