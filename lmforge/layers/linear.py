@@ -9,14 +9,16 @@ from lmforge.kernels import usable
 log = logging.getLogger("lmforge")
 SMALL_ROWS = 3  # up to this many bf16 rows, streaming the weight once beats oneDNN (benchmarks/cpu_kernels.py)
 # Up to here lmforge's AMX kernel matches or beats oneDNN with pre-packed weights (1.1x at 64 rows); beyond, rows go
-# to F.linear, 1.3-1.6x slower than pre-packed oneDNN for 129-1024 rows and equal from 2048 (prefill chunks).
+# to F.linear, 1.3-1.6x slower than pre-packed oneDNN for 129-1024 rows and equal from 2048 (prefill chunks). The
+# AVX512-BF16 kernel (CPUs without AMX) takes every row count: 1.2-1.5x oneDNN pre-packed at 1-128 rows, level with
+# it and with F.linear beyond.
 AMX_MAX_ROWS = 128
 _onednn: dict[str, bool] = {}
 
 
 class Linear(nn.Module):
     """nn.Linear's parameters (`weight` [out, in], `bias`) and math. Inference on CPU in bf16 takes a fast path:
-    decode-sized inputs the streaming kernel of lmforge/kernels, larger ones oneDNN with a pre-packed copy of the
+    decode-sized inputs lmforge/kernels' GEMV and GEMM kernels, larger ones oneDNN, on a pre-packed copy of the
     weight (rebuilt whenever the weight changes; it doubles this layer's weight memory). Training: F.linear."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
@@ -27,7 +29,7 @@ class Linear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default, for models built without weights
         if self.bias is not None:
             nn.init.uniform_(self.bias, -(in_features**-0.5), in_features**-0.5)
-        self._packed: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._packed: tuple[tuple[int, int], str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         """`lora` (the step's LoraBatch, passed by model files to every projection) is for MultiLoRALinear; a plain
@@ -45,7 +47,7 @@ class _Joint:
         self.layers, self.weight, self.bias = layers, weight, bias
         self.sizes = [layer.out_features for layer in layers]
         self.addresses = [layer.weight.data_ptr() for layer in layers]
-        self._packed: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._packed: tuple[tuple[int, int], str, torch.Tensor] | None = None
 
     def intact(self, layers: tuple[Linear, ...]) -> bool:
         """Still the same layers, each weight still a view of the joint one (loading with assign=True replaces)."""
@@ -111,31 +113,37 @@ def _multi_lora_base(layer: nn.Module | None) -> nn.Module | None:
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) -> torch.Tensor:
     if x.dim() == 2 and x.dtype == torch.bfloat16 == w.dtype and (ops := usable(x, w)) is not None:
-        if x.shape[0] <= SMALL_ROWS:
+        kind, packed = _packed(cache, w, ops)
+        rows = x.shape[0]
+        if kind == "vnni":
+            return ops.vnni_linear(x.contiguous(), packed, bias)
+        if rows <= SMALL_ROWS:
             return ops.linear_small(x.contiguous(), w, bias)
-        if (packed := _packed(cache, w, ops)) is not None:
-            if packed.dim() == 4:  # lmforge's AMX tile layout: decode-sized batches stream the weight once
-                if x.shape[0] <= AMX_MAX_ROWS:
-                    return ops.amx_linear(x.contiguous(), packed, bias)
-                return F.linear(x, w, bias)
+        if kind == "amx" and rows <= AMX_MAX_ROWS:
+            return ops.amx_linear(x.contiguous(), packed, bias)
+        if kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, w, bias)
 
 
-def _packed(cache, w: torch.Tensor, ops) -> torch.Tensor | None:
-    """A packed copy of w kept in cache._packed and rebuilt when w changes: the AMX tile layout where the CPU has
-    AMX and the shape allows, else oneDNN's blocked layout (its GEMM then skips a reorder per call)."""
+def _packed(cache, w: torch.Tensor, ops) -> tuple[str | None, torch.Tensor | None]:
+    """(layout, packed copy of w), kept in cache._packed and rebuilt when w changes: "amx" (lmforge's tile layout)
+    where the CPU has AMX and the shape allows, else "vnni" (the AVX512-BF16 kernel's panels), else "onednn" (its
+    blocked layout: its GEMM then skips a reorder per call); (None, None) when w cannot be packed."""
     if w.is_inference():  # made under inference_mode: no version counter to notice updates by
-        return None
+        return None, None
     key = (w.data_ptr(), w._version)  # any in-place update (optimizer step, weight sync, load) bumps it
     if cache._packed is None or cache._packed[0] != key:
-        if ops.amx_available() and w.shape[0] % 32 == 0 and w.shape[1] % 32 == 0:
-            cache._packed = (key, ops.amx_pack(w.detach()))
+        n, k = w.shape
+        if ops.amx_available() and n % 32 == 0 and k % 32 == 0:
+            cache._packed = (key, "amx", ops.amx_pack(w.detach()))
+        elif not ops.amx_available() and ops.vnni_available() and n % 16 == 0 and k % 2 == 0:
+            cache._packed = (key, "vnni", ops.vnni_pack(w.detach()))
         elif _onednn_packing():
-            cache._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+            cache._packed = (key, "onednn", torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
         else:
-            return None
-    return cache._packed[1]
+            return None, None
+    return cache._packed[1], cache._packed[2]
 
 
 def _onednn_packing() -> bool:

@@ -176,10 +176,12 @@ def test_invalid_requests_fail_before_queueing_and_engine_keeps_serving(llm):
     assert llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0].finished
 
 
-def test_bf16_kernels_agree_with_eager_pytorch(smollm2_dir, batched):
-    """bf16 on CPU runs lmforge's kernels (GEMV, oneDNN-packed GEMMs, paged attention, fused norms); enforce_eager
-    runs plain PyTorch. Both round to bf16 at slightly different points, so long greedy runs may drift apart:
-    the first 8 tokens of every prompt must agree, and the kernels must really have been used."""
+def test_bf16_kernels_agree_with_eager_pytorch(llm, smollm2_dir, batched):
+    """bf16 on CPU runs lmforge's kernels (GEMV and GEMM kernels, paged attention, fused norms); enforce_eager runs
+    plain PyTorch. Both round to bf16 at slightly different points, so greedy runs may part where two tokens are
+    nearly tied: over the first 8 tokens of every prompt the two agree, or part only where the float32 model's
+    log-probabilities of the two choices, on the prefix they share, are within bf16's rounding of each other.
+    The kernels must really have been used."""
     from lmforge import kernels
 
     if kernels.cpu_ops() is None:
@@ -188,11 +190,21 @@ def test_bf16_kernels_agree_with_eager_pytorch(smollm2_dir, batched):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outs = {}
     for eager in (False, True):
-        llm = LLM(str(smollm2_dir), dtype="bfloat16", max_model_len=512, kv_cache_memory=0.1, enforce_eager=eager)
-        assert llm.engine.runner.fast_paths == ("eager: fast paths off" if eager else "CPU kernels")
-        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        assert_no_leak(llm)
-    assert outs[False] == outs[True]
+        engine = LLM(str(smollm2_dir), dtype="bfloat16", max_model_len=512, kv_cache_memory=0.1, enforce_eager=eager)
+        assert engine.engine.runner.fast_paths == ("eager: fast paths off" if eager else "CPU kernels")
+        outs[eager] = [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+        assert_no_leak(engine)
+    parted = 0
+    for prompt, fast, eager in zip(prompts, outs[False], outs[True], strict=True):
+        i = next((i for i, (a, b) in enumerate(zip(fast, eager, strict=True)) if a != b), None)
+        if i is None:
+            continue
+        parted += 1
+        top = llm.generate([prompt + list(fast[:i])], SamplingParams(temperature=0, max_tokens=1, logprobs=20),
+                           use_tqdm=False)[0].outputs[0].logprobs[0]
+        assert fast[i] in top and eager[i] in top, (i, fast[i], eager[i])
+        assert abs(top[fast[i]].logprob - top[eager[i]].logprob) < 0.05, (i, top[fast[i]], top[eager[i]])
+    assert parted <= 2, outs  # parting is the exception: a near-tie within the first 8 tokens is rare
 
 
 def test_n_sequences_share_the_prompt_blocks_in_their_first_step(llm, batched):

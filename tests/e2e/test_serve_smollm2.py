@@ -238,8 +238,8 @@ def test_64_concurrent_streams(server, client):
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits_cleanly(smollm2_dir):
-    live = LiveServer(smollm2_dir, "--shutdown-timeout", "1.5")
-    short = {"model": NAME, "prompt": "Hello", "max_tokens": 24, "ignore_eos": True, "stream": True}
+    live = LiveServer(smollm2_dir, "--shutdown-timeout", "3")
+    short = {"model": NAME, "prompt": "Hello", "max_tokens": 8, "ignore_eos": True, "stream": True}
     long = {**short, "max_tokens": 480}
     results: dict[str, list[str]] = {"short": [], "long": []}
     started = threading.Barrier(3)

@@ -27,7 +27,8 @@ def close(actual, expected, dtype, atol=1e-5):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 33, 64, 130])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(80, 48), (96, 64)])  # 80 x 48: no AMX tiling (oneDNN); 96 x 64: AMX if present
+# 80 x 48: no AMX tiling (the AVX512-BF16 GEMM, or oneDNN); 96 x 64: AMX if present; 81 x 40: packed by oneDNN only
+@pytest.mark.parametrize("shape", [(80, 48), (96, 64), (81, 40)])
 def test_linear_fast_paths_match_f_linear(rows, bias, shape):
     torch.manual_seed(0)
     layer = Linear(*shape, bias=bias).to(torch.bfloat16)
@@ -35,7 +36,31 @@ def test_linear_fast_paths_match_f_linear(rows, bias, shape):
     expected = (x.float() @ layer.weight.float().T + (layer.bias.float() if bias else 0))
     with torch.inference_mode():
         close(layer(x), expected.to(torch.bfloat16), torch.bfloat16)
-    assert (layer._packed is not None) == (rows > 3 and (_onednn_packing() or kernels.cpu_ops().amx_available()))
+    ops = kernels.cpu_ops()
+    layouts = {"amx"} if ops.amx_available() and shape == (96, 64) else \
+        {"vnni"} if not ops.amx_available() and ops.vnni_available() and shape != (81, 40) else \
+        {"onednn"} if _onednn_packing() else {None}
+    assert (layer._packed[1] if layer._packed else None) in layouts
+
+
+@pytest.mark.skipif(kernels.cpu_ops() is None or not kernels.cpu_ops().vnni_available(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("rows", [1, 7, 8, 13, 64, 300])  # 300: three blocks of rows
+@pytest.mark.parametrize("outputs", [48, 64, 80, 96, 208])  # whole 48-output panels and 16 / 32-output tails
+def test_vnni_gemm_is_as_accurate_as_f_linear(rows, outputs):
+    """The AVX512-BF16 GEMM against float64: its error is F.linear's own bf16 error (one rounding of the output,
+    float32 sums in another order), whatever the rows' tile remainder and the last panel's width."""
+    torch.manual_seed(rows * outputs)
+    ops = kernels.cpu_ops()
+    x, w, b = (torch.randn(*shape, dtype=torch.bfloat16) for shape in ((rows, 70), (outputs, 70), (outputs,)))
+    reference = x.double() @ w.double().T + b.double()
+    packed = ops.vnni_pack(w)
+    for bias in (b, None):
+        got = ops.vnni_linear(x, packed, bias).double()
+        expected = reference if bias is not None else reference - b.double()
+        own = (F.linear(x, w, bias).double() - expected).abs().max()
+        assert (got - expected).abs().max() <= own + BF16_ULP * expected.abs().max() * 0.01
+    with pytest.raises(RuntimeError, match="vnni_linear"):
+        ops.vnni_linear(x[:, :64].contiguous(), packed, None)  # a K the packed weight was not made for
 
 
 def test_packed_weight_follows_in_place_updates():
