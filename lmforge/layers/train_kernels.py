@@ -68,7 +68,7 @@ class _CausalAttention(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm as lmforge/layers/norm.py computes it (float32 inside; under autocast the output in the autocast dtype,
     else in x's), for x [..., dim]."""
-    if (ops := _ops(x, weight)) is None:
+    if _ops(x, weight) is None:
         return None
     out_dtype = _autocast_dtype(x.device) or x.dtype
     if out_dtype not in _KERNEL_DTYPES or (out_dtype == x.dtype and weight.dtype != x.dtype):
