@@ -7,9 +7,10 @@ calls after a warm-up) and prints the ratio peer / kernel (above 1: the kernel i
 decode step of SmolLM2-135M-Instruct (hidden 576, 9 query / 3 kv heads of 64, MLP 1536, vocab 49152, 30 layers)
 in bfloat16:
   linear, 1 row     the 30 layers' fused q/k/v, o, gate/up and down weights (distinct tensors, 226 MB: read from
-                    DRAM, as in decode), streaming GEMV kernel vs F.linear (oneDNN)
-  linear, 64 rows   the same weights, AMX tile kernel (or oneDNN with pre-packed weights where the CPU has no
-                    AMX) vs F.linear, and vs oneDNN with pre-packed weights
+                    DRAM, as in decode), streaming GEMV kernel (the AVX512-BF16 GEMM where the CPU has no AMX)
+                    vs F.linear (oneDNN)
+  linear, 64 rows   the same weights, AMX tile kernel (the AVX512-BF16 GEMM where the CPU has no AMX, oneDNN with
+                    pre-packed weights where it has neither) vs F.linear, and vs oneDNN with pre-packed weights
   paged attention   64 sequences x 90 cached tokens, 30 KV pools (377 MB, DRAM-resident as in decode): the kernel vs
                     the pure-torch path (gather the blocks, one batched SDPA call with a key mask)
   rms_norm / rope / silu_mul   64 rows, vs the eager ops of lmforge/layers (kernels.disabled())
@@ -183,10 +184,12 @@ def main() -> None:
     if ops is None:
         raise SystemExit("lmforge's CPU kernels are unavailable here (see the log line above); nothing to compare")
     torch.manual_seed(0)
-    big = "AMX tiles" if ops.amx_available() else "oneDNN, pre-packed"
+    vnni = not ops.amx_available() and ops.vnni_available()  # lmforge/layers/linear.py's choice of kernel
+    big = "AMX tiles" if ops.amx_available() else "AVX512-BF16 GEMM" if vnni else "oneDNN, pre-packed"
     gemv, gemv_peer, _ = linear_rows(1)
     gemm, gemm_peer, gemm_packed = linear_rows(64)
-    rows = [("linear, 1 row, 30 layers", "streaming GEMV", "F.linear", gemv, gemv_peer),
+    rows = [("linear, 1 row, 30 layers", "AVX512-BF16 GEMM" if vnni else "streaming GEMV", "F.linear", gemv,
+             gemv_peer),
             ("linear, 64 rows, 30 layers", big, "F.linear", gemm, gemm_peer),
             ("linear, 64 rows, 30 layers", big, "oneDNN pre-packed", gemm, gemm_packed),
             ("paged attention, 64 x 90 keys, 30 layers", "kernel", "gather + SDPA", *paged())]
