@@ -137,7 +137,7 @@ def _packed(cache, w: torch.Tensor, ops) -> tuple[str | None, torch.Tensor | Non
         n, k = w.shape
         if ops.amx_available() and n % 32 == 0 and k % 32 == 0:
             cache._packed = (key, "amx", ops.amx_pack(w.detach()))
-        elif not ops.amx_available() and ops.vnni_available() and n % 16 == 0 and k % 2 == 0:
+        elif not ops.amx_available() and ops.vnni_available() and n % 16 == 0 and k % 2 == 0:  # measured only there
             cache._packed = (key, "vnni", ops.vnni_pack(w.detach()))
         elif _onednn_packing():
             cache._packed = (key, "onednn", torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
