@@ -158,6 +158,8 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
         kr = meta.kernel
         ops.paged_attention(q, k_cache, v_cache, kr.cu_q, kr.seqlens_k, meta.block_tables, kr.rows_t, scale,
                             window or 0, out)
+        if len(kr.rows) == len(meta.seqlens_q):  # every sequence (a decode step): nothing left for SDPA
+            return out
         done = set(kr.rows)
     elif (decode := meta.decode if window is None or max(meta.seqlens_k) <= window else None) is not None:
         keys = k_cache[decode.block_tables].flatten(1, 2).to(q.dtype)  # [B, blocks * block_size, kv_heads, dim]

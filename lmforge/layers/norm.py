@@ -17,12 +17,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (out := train_kernels.rms_norm(x, self.weight, self.eps)) is not None:
+        weight = self.weight  # once: each read goes through Module.__getattr__
+        if (out := train_kernels.rms_norm(x, weight, self.eps)) is not None:
             return out  # training on CPU: one kernel forward, one backward
-        if x.dtype == self.weight.dtype and (ops := usable(x, self.weight)) is not None:
-            return ops.rms_norm(x, self.weight, self.eps)  # the same math in one pass
+        if x.dtype == weight.dtype and (ops := usable(x, weight)) is not None:
+            return ops.rms_norm(x, weight, self.eps)  # the same math in one pass
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-            return self.weight.to(dtype) * normed.to(dtype)
-        return self.weight * normed.to(x.dtype)
+            return weight.to(dtype) * normed.to(dtype)
+        return weight * normed.to(x.dtype)
