@@ -96,7 +96,8 @@ class LLMEngine:
         self.loras = self._lora_slots() if config.enable_lora else None
         num_blocks = plan_num_blocks(self.model, config.block_size, dtype, _kv_budget_bytes(config, device),
                                      self.max_model_len)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.enforce_eager)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.enforce_eager,
+                                  self.max_model_len)
         t2 = time.perf_counter()
         log.info("KV cache allocated in %.1fs", t2 - t1)
         self.runner.warm_up()

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from lmforge import kernels
+from lmforge.engine.cpu_graph import StepGraphs
 from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
+from lmforge.layers.decoder import Decoder
 from lmforge.layers.linear import fuse_projections
 from lmforge.layers.multi_lora import LoraBatch
 
@@ -41,9 +43,14 @@ def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budge
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False):
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False,
+                 max_model_len: int | None = None):
         self.model = model
         fuse_projections(model)  # q/k/v and gate/up as one product each (the engine owns this copy of the model)
+        decoder = getattr(model, "model", None)
+        self.graphs = None
+        if isinstance(decoder, Decoder) and not enforce_eager:  # decode steps replayed without Python (CPU kernels)
+            self.graphs = decoder.step_graphs = StepGraphs(decoder, -(-(max_model_len or 0) // block_size))
         self.block_size = block_size
         self.enforce_eager = enforce_eager
         p = next(model.parameters())
@@ -81,7 +88,9 @@ class ModelRunner:
         if self.enforce_eager:
             return "eager: fast paths off"
         if self.device.type == "cpu":
-            return "CPU kernels" if kernels.cpu_ops() is not None else "eager: CPU kernels unavailable"
+            if kernels.cpu_ops() is None:
+                return "eager: CPU kernels unavailable"
+            return "CPU kernels, step graphs" if self.graphs is not None else "CPU kernels"
         return "eager"
 
     @torch.inference_mode()

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -160,18 +161,23 @@ void linear_small_impl<bf16>(const bf16* x, const bf16* w, const bf16* b, bf16* 
 }
 #endif
 
-torch::Tensor linear_small(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+// Each kernel that returns a new tensor has an `_into` twin writing into a given one, which the step graphs replay.
+void linear_small_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor y) {
   check(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= 8 && x.is_contiguous(), "linear_small: x must be [<=8, in], contiguous");
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
               "linear_small: w must be [out, in], contiguous, x's dtype");
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* b = bias ? ptr<scalar_t>(bias->contiguous()) : nullptr;
     linear_small_impl<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(w), b, ptr<scalar_t>(y),
                                 x.size(0), w.size(0), x.size(1));
   });
+}
+
+torch::Tensor linear_small(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  linear_small_into(x, w, bias, y);
   return y;
 }
 
@@ -252,12 +258,11 @@ void vnni_panel(const bf16* x, int64_t m, int64_t k, const bf16* w, const bf16* 
   }
 }
 
-torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+void vnni_linear_into(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, torch::Tensor y) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.size(1) % 2 == 0 &&
               packed.dim() == 2 && packed.size(1) == x.size(1) && packed.size(0) % 16 == 0,
               "vnni_linear: x must be contiguous bf16 [M, K] and packed a vnni_pack of a [N, K] weight");
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
-  auto y = torch::empty({m, n}, x.options());
   auto bc = bias ? bias->contiguous() : torch::Tensor();
   const bf16* xs = ptr<bf16>(x);
   const bf16* ws = ptr<bf16>(packed);
@@ -281,11 +286,19 @@ torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, c10::optional<t
       }
     });
   }
+}
+
+torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+  auto y = torch::empty({x.size(0), packed.size(0)}, x.options());
+  vnni_linear_into(x, packed, bias, y);
   return y;
 }
 #else
 torch::Tensor vnni_pack(torch::Tensor) { TORCH_CHECK(false, "vnni_pack: built without AVX512-BF16"); }
 torch::Tensor vnni_linear(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>) {
+  TORCH_CHECK(false, "vnni_linear: built without AVX512-BF16");
+}
+void vnni_linear_into(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor) {
   TORCH_CHECK(false, "vnni_linear: built without AVX512-BF16");
 }
 #endif
@@ -336,7 +349,7 @@ torch::Tensor amx_pack(torch::Tensor w) {
   return out;
 }
 
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+void amx_linear_into(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, torch::Tensor y) {
   TORCH_CHECK(amx_available(), "amx_linear: AMX is not available");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
               packed.size(1) * 32 == x.size(1) && packed.size(0) % 2 == 0, "amx_linear: shapes do not match");
@@ -344,7 +357,6 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
   const int64_t mp = (m + 31) / 32 * 32;  // whole pairs of 16-row tiles; padding rows are zeros
   auto xp = torch::zeros({mp, k}, x.options());
   xp.narrow(0, 0, m).copy_(x);
-  auto y = torch::empty({m, n}, x.options());
   auto b = bias ? bias->contiguous() : torch::Tensor();
   const bf16* xs = ptr<bf16>(xp);
   const bf16* ws = ptr<bf16>(packed);
@@ -393,12 +405,20 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
     }
     _tile_release();
   });
+}
+
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+  auto y = torch::empty({x.size(0), packed.size(0) * 16}, x.options());
+  amx_linear_into(x, packed, bias, y);
   return y;
 }
 #else
 bool amx_available() { return false; }
 torch::Tensor amx_pack(torch::Tensor) { TORCH_CHECK(false, "amx_pack: built without AMX"); }
 torch::Tensor amx_linear(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>) {
+  TORCH_CHECK(false, "amx_linear: built without AMX");
+}
+void amx_linear_into(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor) {
   TORCH_CHECK(false, "amx_linear: built without AMX");
 }
 #endif
@@ -423,16 +443,21 @@ void rms_norm_impl(const TX* x, const TO* w, TO* y, float* inv, int64_t rows, in
   });
 }
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+void rms_norm_into(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor y) {
   check(x, "x");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(-1), "rms_norm: weight mismatch");
+  TORCH_CHECK(y.is_contiguous() && y.numel() == x.numel(), "rms_norm: out must be contiguous, x's size");
   auto xc = x.contiguous();
-  auto y = torch::empty_like(xc);
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
     rms_norm_impl<scalar_t, scalar_t>(ptr<scalar_t>(xc), ptr<scalar_t>(weight.contiguous()), ptr<scalar_t>(y),
                                       nullptr, xc.numel() / x.size(-1), x.size(-1), static_cast<float>(eps));
   });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  auto y = torch::empty(x.sizes(), x.options());
+  rms_norm_into(x, weight, eps, y);
   return y;
 }
 
@@ -529,16 +554,20 @@ void silu_mul_rows(const T* g, const T* u, T* y, int64_t rows, int64_t n, int64_
   });
 }
 
-torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
+void silu_mul_into(torch::Tensor gate, torch::Tensor up, torch::Tensor y) {
   check(gate, "gate");
   TORCH_CHECK(gate.dim() == 2 && up.sizes() == gate.sizes() && up.scalar_type() == gate.scalar_type() &&
               gate.stride(1) == 1 && up.stride(1) == 1, "silu_mul: gate and up must be [T, n] with unit inner stride");
-  auto y = torch::empty(gate.sizes(), gate.options());
   dispatch(gate, [&](auto tag) {
     using scalar_t = decltype(tag);
     silu_mul_rows<scalar_t>(ptr<scalar_t>(gate), ptr<scalar_t>(up), ptr<scalar_t>(y), gate.size(0), gate.size(1),
                             gate.stride(0), up.stride(0));
   });
+}
+
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
+  auto y = torch::empty(gate.sizes(), gate.options());
+  silu_mul_into(gate, up, y);
   return y;
 }
 
@@ -1313,9 +1342,79 @@ void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
   });
 }
 
+// ---- a recorded decode step, replayed without Python: the CPU counterpart of a CUDA graph -----------------------
+// lmforge/engine/cpu_graph.py runs a decode step's layers once while each kernel call (and each residual add) is
+// recorded here with the very tensors it read and wrote; run() copies a new step's inputs into the recorded input
+// tensors and calls the same kernels on the same tensors again, so none of the Python between them runs. It declines
+// (returns false, nothing computed) when a guarded tensor was changed in place since recording (a weight update) or
+// an input does not fit its recorded tensor.
+class StepGraph {
+ public:
+  using T = torch::Tensor;
+  using B = c10::optional<torch::Tensor>;
+  void linear_small(T x, T w, B b, T y) { add([=] { linear_small_into(x, w, b, y); }); }
+  void vnni_linear(T x, T w, B b, T y) { add([=] { vnni_linear_into(x, w, b, y); }); }
+  void amx_linear(T x, T w, B b, T y) { add([=] { amx_linear_into(x, w, b, y); }); }
+  void rms_norm(T x, T w, double eps, T y) { add([=] { rms_norm_into(x, w, eps, y); }); }
+  void rope_(T x, T cos, T sin) { add([=] { ::rope_(x, cos, sin); }); }
+  void silu_mul(T gate, T up, T y) { add([=] { silu_mul_into(gate, up, y); }); }
+  void write_kv(T k, T v, T kc, T vc, T slots) { add([=] { ::write_kv(k, v, kc, vc, slots); }); }
+  void paged_attention(T q, T kc, T vc, T cu_q, T lk, T tables, T seqs, double scale, int64_t window, T out) {
+    add([=] { ::paged_attention(q, kc, vc, cu_q, lk, tables, seqs, scale, window, out); });
+  }
+  void add_tensors(T a, T b, T out) { add([=]() mutable { at::add_out(out, a, b); }); }
+  void set_inputs(std::vector<T> inputs) { inputs_ = std::move(inputs); }
+  void guard(std::vector<T> tensors) {
+    for (auto& t : tensors) guards_.emplace_back(t, t._version());
+  }
+  int64_t size() const { return static_cast<int64_t>(steps_.size()); }
+
+  // Each fresh input goes into its recorded tensor, or into the leading part of it when smaller (a block table
+  // narrower than the recorded one).
+  bool run(std::vector<T> fresh) {
+    for (auto& [t, version] : guards_)
+      if (t._version() != version) return false;
+    if (fresh.size() != inputs_.size()) return false;
+    for (size_t i = 0; i < fresh.size(); ++i) {
+      const T& src = fresh[i];
+      T dst = inputs_[i];
+      if (src.dim() != dst.dim() || src.scalar_type() != dst.scalar_type()) return false;
+      for (int64_t d = 0; d < src.dim(); ++d) {
+        if (src.size(d) > dst.size(d) || (d == 0 && src.size(0) != dst.size(0))) return false;
+        if (src.size(d) < dst.size(d)) dst = dst.narrow(d, 0, src.size(d));
+      }
+      dst.copy_(src);
+    }
+    for (auto& step : steps_) step();
+    return true;
+  }
+
+ private:
+  void add(std::function<void()> step) { steps_.push_back(std::move(step)); }
+  std::vector<std::function<void()>> steps_;
+  std::vector<T> inputs_;
+  std::vector<std::pair<T, int64_t>> guards_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<StepGraph>(m, "StepGraph")
+      .def(py::init<>())
+      .def("linear_small", &StepGraph::linear_small)
+      .def("vnni_linear", &StepGraph::vnni_linear)
+      .def("amx_linear", &StepGraph::amx_linear)
+      .def("rms_norm", &StepGraph::rms_norm)
+      .def("rope_", &StepGraph::rope_)
+      .def("silu_mul", &StepGraph::silu_mul)
+      .def("write_kv", &StepGraph::write_kv)
+      .def("paged_attention", &StepGraph::paged_attention)
+      .def("add_tensors", &StepGraph::add_tensors)
+      .def("set_inputs", &StepGraph::set_inputs)
+      .def("guard", &StepGraph::guard)
+      .def("size", &StepGraph::size)
+      .def("run", &StepGraph::run, py::call_guard<py::gil_scoped_release>(),
+           "copies the inputs in and replays the recorded kernels; false (nothing run) when a guard or input fails");
   m.def("linear_small", &linear_small, "x [<=8, in] @ w[out, in].T (+ b), streaming w once");
   m.def("vnni_available", &vnni_available, "whether the AVX512-BF16 GEMM (vnni_pack / vnni_linear) is built");
   m.def("vnni_pack", &vnni_pack, "bf16 weight [N, K] -> 48-output panels of k pairs");

@@ -191,7 +191,7 @@ def test_bf16_kernels_agree_with_eager_pytorch(llm, smollm2_dir, batched):
     outs = {}
     for eager in (False, True):
         engine = LLM(str(smollm2_dir), dtype="bfloat16", max_model_len=512, kv_cache_memory=0.1, enforce_eager=eager)
-        assert engine.engine.runner.fast_paths == ("eager: fast paths off" if eager else "CPU kernels")
+        assert engine.engine.runner.fast_paths == ("eager: fast paths off" if eager else "CPU kernels, step graphs")
         outs[eager] = [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
         assert_no_leak(engine)
     parted = 0
@@ -205,6 +205,32 @@ def test_bf16_kernels_agree_with_eager_pytorch(llm, smollm2_dir, batched):
         assert fast[i] in top and eager[i] in top, (i, fast[i], eager[i])
         assert abs(top[fast[i]].logprob - top[eager[i]].logprob) < 0.05, (i, top[fast[i]], top[eager[i]])
     assert parted <= 2, outs  # parting is the exception: a near-tie within the first 8 tokens is rare
+
+
+def test_step_graphs_replay_the_eager_kernels_exactly(smollm2_dir, batched):
+    """bf16 decode steps replayed from step graphs (engine/cpu_graph.py) give the tokens and log-probabilities of
+    the same engine running its layers eagerly, for a single stream (GEMV) and a batch of 8 (GEMM)."""
+    from lmforge import kernels
+
+    if kernels.cpu_ops() is None:
+        pytest.skip("CPU kernels unavailable")
+    # no prefix caching: the second run's prefill must not start from the first run's cached blocks
+    engine = LLM(str(smollm2_dir), dtype="bfloat16", max_model_len=512, kv_cache_memory=0.1,
+                 enable_prefix_caching=False)
+    decoder, graphs = engine.engine.model.model, engine.engine.runner.graphs
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)
+
+    def run(prompts, on: bool):
+        decoder.step_graphs = graphs if on else None
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs])
+                for o in outs]
+
+    for prompts in (batched[0][:1], batched[0][:8]):
+        eager = run(prompts, False)
+        assert run(prompts, True) == eager
+    assert {1, 8} <= set(graphs.graphs) and graphs.replays >= 60 and not graphs.eager
+    assert_no_leak(engine)
 
 
 def test_n_sequences_share_the_prompt_blocks_in_their_first_step(llm, batched):

@@ -1,0 +1,207 @@
+"""Step graphs: a decode step's decoder layers recorded once per batch size and replayed from C++ (CPU).
+
+The CPU counterpart of vLLM's CUDA graphs. A decode step on CPU spends about a quarter of its time in the Python
+between the kernels (module calls, attribute reads, the checks each layer makes before it takes a kernel). The first
+decode step of each batch size runs the model's own layers eagerly while every kernel call and residual add is
+recorded, with the tensors it reads and writes, into a `StepGraph` (lmforge/kernels/cpu_ops.cpp); later steps of
+that size copy their inputs (hidden states, rotary tables, slot mapping, block tables, context lengths) into the
+recorded input tensors and replay the kernels in one call. The model definition stays the one in lmforge/models:
+nothing here knows a layer's structure.
+
+A recording is kept only if it is closed: each tensor a kernel reads is an input, a parameter, a packed weight, the
+KV cache, or an output of an earlier recorded step; and nothing but kernels, residual adds, views and allocations
+ran. Anything else (an op without a kernel, a tensor built during the step) leaves that batch size eager, logged.
+Graphs decline when a parameter was changed in place since recording (its version moved); they are then recorded
+again. `enforce_eager` turns them off.
+"""
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lmforge import kernels
+from lmforge.layers.attention import AttnMeta
+
+log = logging.getLogger("lmforge")
+aten = torch.ops.aten
+MAX_GRAPHS = 8  # batch sizes kept (least recently used dropped): each holds its step's intermediates
+# Kernels that return a new tensor: the graph records them with that tensor as their output.
+_RETURNING = ("linear_small", "vnni_linear", "amx_linear", "rms_norm", "silu_mul")
+_IN_PLACE = ("rope_", "write_kv", "paged_attention")  # recorded with their arguments as they are
+_QUERIES = ("amx_available", "vnni_available", "amx_pack", "vnni_pack")  # no step work: passed through
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.split_with_sizes.default, aten.alias.default,
+          aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.t.default,
+          aten.transpose.int, aten.expand.default, aten.as_strided.default}
+_ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default}
+
+
+class StepGraphs:
+    """Called by `Decoder.forward` as `graphs(x, rope, meta, kv)`: the layers' output for a decode step it can
+    replay or record, else None (the decoder then runs its layers itself)."""
+
+    def __init__(self, decoder: torch.nn.Module, max_blocks_per_seq: int | None = None):
+        self.decoder = decoder
+        self.max_blocks = max_blocks_per_seq or 0
+        self.graphs: OrderedDict[int, tuple[object, torch.Tensor]] = OrderedDict()
+        self.eager: set[int] = set()  # batch sizes whose recording was rejected
+        self.seen: set[int] = set()  # batch sizes recorded at least once (the first recording is logged)
+        self.replays = self.recordings = 0
+
+    def __call__(self, x: torch.Tensor, rope, meta: AttnMeta, kv) -> torch.Tensor | None:
+        kr = meta.kernel
+        b = x.shape[0]
+        if kr is None or kv is None or meta.lora is not None or b != len(meta.seqlens_q) or len(kr.rows) != b \
+                or b in self.eager or torch.is_grad_enabled() or kernels._state.get("off"):
+            return None  # not a decode step whose every sequence the paged kernel attends, or kernels switched off
+        entry = self.graphs.get(b)
+        if entry is not None:
+            graph, out = entry
+            if graph.run([x, rope[0], rope[1], meta.slot_mapping, meta.block_tables, kr.cu_q, kr.seqlens_k,
+                          kr.rows_t]):
+                self.graphs.move_to_end(b)
+                self.replays += 1
+                return out
+            del self.graphs[b]  # a weight changed in place, or a wider block table: record again
+        return self._record(x, rope, meta, kv)
+
+    def _record(self, x: torch.Tensor, rope, meta: AttnMeta, kv) -> torch.Tensor:
+        start = time.perf_counter()
+        ops = kernels.cpu_ops()
+        b, width = meta.block_tables.shape
+        tables = meta.block_tables.new_zeros((b, max(width, self.max_blocks)))  # room for the longest context
+        tables[:, :width] = meta.block_tables
+        kr = meta.kernel
+        inputs = [x.clone(), rope[0].clone(), rope[1].clone(), meta.slot_mapping.clone(), tables, kr.cu_q.clone(),
+                  kr.seqlens_k.clone(), kr.rows_t.clone()]
+        recorded_meta = dataclasses.replace(
+            meta, slot_mapping=inputs[3], block_tables=tables,
+            kernel=dataclasses.replace(kr, cu_q=inputs[5], seqlens_k=inputs[6], rows_t=inputs[7]))
+        graph = ops.StepGraph()
+        recorder = _Recorder(ops, graph)
+        with recorder, _recording_ops(recorder):
+            out = self.decoder.run_layers(inputs[0], (inputs[1], inputs[2]), recorded_meta, kv)
+        problem = recorder.problem or self._unknown_tensor(recorder, inputs, kv, out)
+        if problem is not None:
+            self.eager.add(b)
+            log.info("step graphs: decode steps of %d sequences stay eager (%s)", b, problem)
+            return out
+        graph.set_inputs(inputs)
+        graph.guard([p for p in self.decoder.parameters() if not p.is_inference()])
+        self.graphs[b] = (graph, out)
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        self.recordings += 1
+        (log.debug if b in self.seen else log.info)("step graph for %d sequences recorded: %d kernel calls in %.0f ms",
+                                                    b, graph.size(), 1000 * (time.perf_counter() - start))
+        self.seen.add(b)
+        return out
+
+    def _unknown_tensor(self, recorder: "_Recorder", inputs, kv, out: torch.Tensor) -> str | None:
+        """Why the recording is not closed (a tensor read that the replay would not refresh), or None."""
+        known = recorder.produced | {_storage(t) for t in inputs}
+        known |= {_storage(t) for layer in kv for t in layer}
+        known |= {_storage(t) for t in self.decoder.parameters()} | {_storage(t) for t in self.decoder.buffers()}
+        for module in self.decoder.modules():
+            for cache in (module.__dict__.get("_packed"), getattr(module.__dict__.get("_joint"), "_packed", None)):
+                if cache is not None:
+                    known.add(_storage(cache[2]))
+        for name, tensors in recorder.reads:
+            for t in tensors:
+                if _storage(t) not in known:
+                    return f"{name} reads a tensor made outside the recorded layers, shape {tuple(t.shape)}"
+        if _storage(out) not in recorder.produced:
+            return "the layers' output is not a recorded tensor"
+        return None
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _Recorder(TorchDispatchMode):
+    """Sees every aten op the layers run while recording: residual adds become graph steps, views and allocations
+    are let through, anything else marks the recording unusable."""
+
+    def __init__(self, ops, graph):
+        super().__init__()
+        self.ops, self.graph = ops, graph
+        self.in_kernel = False
+        self.problem: str | None = None
+        self.produced: set[int] = set()  # storages written by recorded steps or allocated during the recording
+        self.reads: list[tuple[str, list[torch.Tensor]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.in_kernel or func in _VIEWS:
+            return out
+        if func is aten.reshape.default and _storage(out) == _storage(args[0]):  # reshape that is a view
+            return out
+        if func in _ALLOCATIONS:
+            self.produced.add(_storage(out))
+        elif func is aten.add.Tensor and not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            self.graph.add_tensors(args[0], args[1], out)
+            self.note("add", args, out)
+        elif self.problem is None:
+            self.problem = f"{func} has no recorded kernel"
+        return out
+
+    def note(self, name: str, args, out: torch.Tensor | None) -> None:
+        self.reads.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
+        if out is not None:
+            self.produced.add(_storage(out))
+
+    def kernel(self, name: str):
+        real = getattr(self.ops, name)
+        if name in _QUERIES:
+            return real
+        if name not in _RETURNING and name not in _IN_PLACE:
+            def refuse(*args):
+                self.problem = self.problem or f"kernel {name} is not recorded"
+                return real(*args)
+            return refuse
+
+        def call(*args):
+            self.in_kernel = True
+            try:
+                out = real(*args)
+            finally:
+                self.in_kernel = False
+            if name in _RETURNING:
+                getattr(self.graph, name)(*args, out)
+                self.note(name, args, out)
+            else:
+                getattr(self.graph, name)(*args)
+                self.note(name, args, args[-1] if name == "paged_attention" else None)
+            return out
+        return call
+
+
+class _RecordingOps:
+    """The kernels as the recording thread sees them: wrapped by the recorder. Other threads get the kernels."""
+
+    def __init__(self, recorder: _Recorder, real):
+        self._recorder, self._real, self._thread = recorder, real, threading.get_ident()
+
+    def __getattr__(self, name: str):
+        if threading.get_ident() != self._thread:
+            return getattr(self._real, name)
+        return self._recorder.kernel(name)
+
+
+class _recording_ops:
+    """While recording, `kernels.cpu_ops()` hands out the recorder's wrappers instead of the kernels."""
+
+    def __init__(self, recorder: _Recorder):
+        self.recorder = recorder
+
+    def __enter__(self):
+        self.real = kernels._state["ops"]
+        kernels._state["ops"] = _RecordingOps(self.recorder, self.real)
+
+    def __exit__(self, *exc):
+        kernels._state["ops"] = self.real

@@ -1,0 +1,100 @@
+"""Step graphs (lmforge/engine/cpu_graph.py): decode steps replayed from a recording equal the eager steps exactly,
+are recorded again after an in-place weight update, and stay eager where the layers run anything unrecorded."""
+
+import pytest
+import torch
+
+from lmforge import LLM, SamplingParams, kernels
+from tests.unit.tiny_server import tiny_chat_model
+
+pytestmark = pytest.mark.skipif(kernels.cpu_ops() is None, reason="CPU kernels unavailable")
+
+PROMPTS = [[1 + (i * 7 + j) % 90 for j in range(3 + 5 * i)] for i in range(6)]  # 3 to 28 tokens
+PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny"))
+
+
+def engine(path, dtype="bfloat16") -> LLM:
+    # block_size 4: block tables grow every 4 tokens, past the width of the step that recorded the graph; no prefix
+    # caching, so that a second run's prefill is the first one's
+    return LLM(str(path), dtype=dtype, kv_cache_memory=0.002, block_size=4, max_model_len=64,
+               enable_prefix_caching=False)
+
+
+def generate(llm: LLM, prompts, graphs_on: bool):
+    decoder = llm.engine.model.model
+    graphs = llm.engine.runner.graphs
+    decoder.step_graphs = graphs if graphs_on else None
+    try:
+        outs = llm.generate(prompts, PARAMS, use_tqdm=False)
+    finally:
+        decoder.step_graphs = graphs
+    return [(list(o.outputs[0].token_ids), [sorted(d.items()) for d in o.outputs[0].logprobs]) for o in outs]
+
+
+def logprob_values(result):
+    return [[[(t, lp.logprob) for t, lp in step] for step in steps] for _, steps in result]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 6], ids=["gemv", "gemv-3-rows", "gemm"])
+def test_replayed_decode_steps_equal_eager_ones(tiny_dir, batch):
+    llm = engine(tiny_dir)
+    graphs = llm.engine.runner.graphs
+    assert llm.engine.runner.fast_paths == "CPU kernels, step graphs"
+    eager = generate(llm, PROMPTS[:batch], graphs_on=False)
+    assert graphs.replays == graphs.recordings == 0
+    replayed = generate(llm, PROMPTS[:batch], graphs_on=True)
+    assert [t for t, _ in replayed] == [t for t, _ in eager]
+    assert logprob_values(replayed) == logprob_values(eager)  # the same kernels on the same data: bit for bit
+    assert batch in graphs.graphs and not graphs.eager
+    assert graphs.replays >= 20  # most of the 24 decode steps replayed, not recorded
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_in_place_weight_update_records_again(tiny_dir):
+    llm = engine(tiny_dir)
+    graphs = llm.engine.runner.graphs
+    generate(llm, PROMPTS[:2], graphs_on=True)
+    recorded = graphs.recordings
+    with torch.no_grad():
+        llm.engine.model.model.layers[1].mlp.down_proj.weight.mul_(-1.5)  # an RL weight sync does this in place
+    replayed = generate(llm, PROMPTS[:2], graphs_on=True)
+    assert graphs.recordings == recorded + 1
+    assert replayed == generate(llm, PROMPTS[:2], graphs_on=False)
+
+
+def test_float32_layers_stay_eager(tiny_dir, caplog):
+    """float32 products run through F.linear, which has no recorded kernel: each batch size stays eager, once
+    logged, and outputs are the eager ones."""
+    llm = engine(tiny_dir, dtype="float32")
+    graphs = llm.engine.runner.graphs
+    with caplog.at_level("INFO", logger="lmforge"):
+        outs = generate(llm, PROMPTS[:2], graphs_on=True)
+    assert graphs.eager == {2} and not graphs.graphs and graphs.replays == 0
+    assert "decode steps of 2 sequences stay eager (aten." in caplog.text
+    assert outs == generate(llm, PROMPTS[:2], graphs_on=False)
+
+
+def test_a_tensor_from_outside_the_layers_keeps_the_step_eager(tiny_dir, caplog):
+    """A layer reading a tensor that the replay would not refresh (made outside the recorded layers, not a weight
+    or the cache) must not be replayed: the recording is dropped and the step stays eager."""
+    llm = engine(tiny_dir)
+    graphs = llm.engine.runner.graphs
+    layer = llm.engine.model.model.layers[0]
+    outside = torch.zeros(1, 32, dtype=torch.bfloat16)
+    forward = layer.forward
+    layer.forward = lambda x, rope, meta, kv: forward(x, rope, meta, kv) + outside
+    with caplog.at_level("INFO", logger="lmforge"):
+        generate(llm, PROMPTS[:1], graphs_on=True)
+    assert graphs.eager == {1} and graphs.replays == 0
+    assert "reads a tensor made outside the recorded layers" in caplog.text
+
+
+def test_enforce_eager_has_no_graphs(tiny_dir):
+    llm = LLM(str(tiny_dir), dtype="bfloat16", kv_cache_memory=0.002, block_size=4, enforce_eager=True)
+    assert llm.engine.runner.graphs is None and llm.engine.model.model.step_graphs is None
