@@ -1148,6 +1148,58 @@ void weigh_values(const float* scores, int64_t stride, const bf16* vc, const int
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + h * dim + 16 * c, a[h][c]);
 }
 
+// scores[h][i] = scale * q[h] . key[first + i] for the G query heads sharing one kv head (dim = 32 C), each key row
+// loaded once for all of them, four keys sharing one horizontal reduction: 5-9 % off a throughput step's attention
+// against a loop per head. Kept out of line: inlined, attend_bf16's other loops ran slower than before.
+template <int G, int C>
+__attribute__((noinline)) void scores_bf16(const bf16* q, const bf16* kc, const int64_t* offs, int64_t first, int64_t n, int64_t span,
+                 float scale, float* scores, int64_t stride, BlockStream& ahead) {
+  __m512bh qv[G][C];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) qv[h][c] = (__m512bh)_mm512_loadu_si512(q + (h * C + c) * 32);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    if (span)
+      for (int64_t j = i + PREFETCH_KEYS; j < std::min(i + PREFETCH_KEYS + 4, n); ++j)
+        prefetch_row(kc + offs[first + j], span);
+    for (int h = 0; h < G; ++h) ahead.step();  // the rate the stream was planned for: one step per head and 4 keys
+    __m512 a[G][4];
+    for (int j = 0; j < 4; ++j) {
+      const bf16* kp = kc + offs[first + i + j];
+      __m512bh kv[C];
+      for (int c = 0; c < C; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kp + 32 * c);
+      for (int h = 0; h < G; ++h) {
+        a[h][j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), kv[0], qv[h][0]);
+        for (int c = 1; c < C; ++c) a[h][j] = _mm512_dpbf16_ps(a[h][j], kv[c], qv[h][c]);
+      }
+    }
+    for (int h = 0; h < G; ++h)
+      _mm_storeu_ps(scores + h * stride + i, _mm_mul_ps(sum4(a[h][0], a[h][1], a[h][2], a[h][3]), _mm_set1_ps(scale)));
+  }
+  for (; i < n; ++i) {
+    const bf16* kp = kc + offs[first + i];
+    for (int h = 0; h < G; ++h) {
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kp + 32 * c), qv[h][c]);
+      scores[h * stride + i] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+}
+
+// scores_bf16 for the common shapes (false for others: the caller's loop per head computes them).
+bool grouped_scores(const bf16* q, int64_t group, int64_t dim, const bf16* kc, const int64_t* offs, int64_t first,
+                    int64_t n, int64_t span, float scale, float* scores, int64_t stride, BlockStream& ahead) {
+  switch (group * 100 + dim) {
+    case 164: scores_bf16<1, 2>(q, kc, offs, first, n, span, scale, scores, stride, ahead); return true;
+    case 264: scores_bf16<2, 2>(q, kc, offs, first, n, span, scale, scores, stride, ahead); return true;
+    case 364: scores_bf16<3, 2>(q, kc, offs, first, n, span, scale, scores, stride, ahead); return true;
+    case 464: scores_bf16<4, 2>(q, kc, offs, first, n, span, scale, scores, stride, ahead); return true;
+    case 1128: scores_bf16<1, 4>(q, kc, offs, first, n, span, scale, scores, stride, ahead); return true;
+    case 2128: scores_bf16<2, 4>(q, kc, offs, first, n, span, scale, scores, stride, ahead); return true;
+    default: return false;
+  }
+}
+
 // One query token against keys first..pos of one kv head, for the `group` query heads sharing it (bf16, dim a
 // multiple of 32). Scores use the bf16 dot-product instruction (exact products, float32 sums).
 void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, const bf16* vc, const int64_t* offs,
@@ -1156,32 +1208,34 @@ void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, cons
   const int64_t n = pos - first + 1;
   if (span)  // the first keys at once: they are needed before the running prefetch gets ahead
     for (int64_t j = 0; j < std::min(PREFETCH_KEYS, n); ++j) prefetch_row(kc + offs[first + j], span);
-  for (int64_t h = 0; h < group; ++h) {
-    const bf16* qh = q + h * dim;
-    float* sh = scores + h * stride;
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {  // four keys at a time: one shared horizontal reduction for their dot products
-      if (h == 0 && span)
-        for (int64_t j = i + PREFETCH_KEYS; j < std::min(i + PREFETCH_KEYS + 4, n); ++j)
-          prefetch_row(kc + offs[first + j], span);
-      ahead.step();
-      __m512 a[4];
-      for (int j = 0; j < 4; ++j) {
-        const int64_t p = first + i + j;
-        const bf16* kp = kc + offs[p];
-        a[j] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < dim; c += 32)
-          a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)_mm512_loadu_si512(kp + c), (__m512bh)_mm512_loadu_si512(qh + c));
+  if (!grouped_scores(q, group, dim, kc, offs, first, n, span, scale, scores, stride, ahead)) {  // other shapes
+    for (int64_t h = 0; h < group; ++h) {
+      const bf16* qh = q + h * dim;
+      float* sh = scores + h * stride;
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) {  // four keys at a time: one shared horizontal reduction for their dot products
+        if (h == 0 && span)
+          for (int64_t j = i + PREFETCH_KEYS; j < std::min(i + PREFETCH_KEYS + 4, n); ++j)
+            prefetch_row(kc + offs[first + j], span);
+        ahead.step();
+        __m512 a[4];
+        for (int j = 0; j < 4; ++j) {
+          const int64_t p = first + i + j;
+          const bf16* kp = kc + offs[p];
+          a[j] = _mm512_setzero_ps();
+          for (int64_t c = 0; c < dim; c += 32)
+            a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)_mm512_loadu_si512(kp + c), (__m512bh)_mm512_loadu_si512(qh + c));
+        }
+        _mm_storeu_ps(sh + i, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), _mm_set1_ps(scale)));
       }
-      _mm_storeu_ps(sh + i, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), _mm_set1_ps(scale)));
-    }
-    for (; i < n; ++i) {
-      const int64_t p = first + i;
-      const bf16* kp = kc + offs[p];
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t c = 0; c < dim; c += 32)
-        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kp + c), (__m512bh)_mm512_loadu_si512(qh + c));
-      sh[i] = _mm512_reduce_add_ps(a) * scale;
+      for (; i < n; ++i) {
+        const int64_t p = first + i;
+        const bf16* kp = kc + offs[p];
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t c = 0; c < dim; c += 32)
+          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kp + c), (__m512bh)_mm512_loadu_si512(qh + c));
+        sh[i] = _mm512_reduce_add_ps(a) * scale;
+      }
     }
   }
   for (int64_t h = 0; h < group; ++h) {  // softmax in place, 16 scores at a time

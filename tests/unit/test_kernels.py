@@ -132,13 +132,14 @@ def reference_attention(q, keys, values, lq, lk, scale, window):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim,window", [(64, None), (64, 5), (24, None)])  # 24: the kernel's generic loop
+@pytest.mark.parametrize("dim,window,heads", [(64, None, 6), (64, 5, 6), (24, None, 6), (128, None, 4), (64, None, 8),
+                                              (64, None, 10)])  # 24: generic loop; group 5: scores per head
 @torch.inference_mode()
-def test_paged_attention_kernel_matches_reference(dtype, dim, window):
+def test_paged_attention_kernel_matches_reference(dtype, dim, window, heads):
     """Mixed step: decodes, a 3-token chunk after a cache, a short prompt (kernel), a long one (SDPA); blocks
-    shuffled."""
+    shuffled. Two kv heads, groups of 2 to 5 query heads."""
     torch.manual_seed(0)
-    heads, kv_heads, bs = 6, 2, 4
+    kv_heads, bs = 2, 4
     seqlens_q, seqlens_k = [1, 3, 90, 1, 9], [11, 7, 90, 1, 9]
     k_cache = torch.randn(200, bs, kv_heads, dim, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
