@@ -115,7 +115,7 @@ class LLM:
         pending, done = set(ids), {}
         bar = tqdm(total=len(ids), desc="generating", unit=" req", disable=None if use_tqdm else True)
         while pending:
-            for out in self.engine.step():
+            for out in self.engine.step(final_only=True):
                 if out.finished and out.request_id in pending:
                     done[out.request_id] = out
                     pending.discard(out.request_id)

@@ -213,8 +213,10 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- one step ----------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Schedules and runs one model step; returns the requests that made progress (finished ones removed)."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Schedules and runs one model step; returns the requests that made progress (finished ones removed), or
+        with final_only only those that finished (vLLM's FINAL_ONLY output kind: offline generation reads nothing
+        else, and building an output copies a request's tokens so far)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -245,8 +247,10 @@ class LLMEngine:
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():
-            outputs.append(self._output(request))
-            if request.finished:
+            finished = request.finished
+            if finished or not final_only:
+                outputs.append(self._output(request))
+            if finished:
                 self._retire(request)
         return outputs
 
