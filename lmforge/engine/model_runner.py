@@ -47,14 +47,15 @@ class ModelRunner:
                  max_model_len: int | None = None):
         self.model = model
         fuse_projections(model)  # q/k/v and gate/up as one product each (the engine owns this copy of the model)
-        decoder = getattr(model, "model", None)
-        self.graphs = None
-        if isinstance(decoder, Decoder) and not enforce_eager:  # decode steps replayed without Python (CPU kernels)
-            self.graphs = decoder.step_graphs = StepGraphs(decoder, -(-(max_model_len or 0) // block_size))
         self.block_size = block_size
         self.enforce_eager = enforce_eager
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        decoder = getattr(model, "model", None)
+        self.graphs = None
+        if isinstance(decoder, Decoder) and self.device.type == "cpu" and not enforce_eager:
+            # decode steps replayed from C++ without the Python between the kernels (engine/cpu_graph.py)
+            self.graphs = decoder.step_graphs = StepGraphs(decoder, -(-(max_model_len or 0) // block_size))
         a = model.args
         shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
         self.kv: list[KVCache] = [(torch.zeros(shape, dtype=self.dtype, device=self.device),

@@ -14,6 +14,8 @@ class Decoder(nn.Module):
 
     `block(args, layer_index)` builds one decoder layer; it is called as `layer(x, rope, meta, kv)`.
     `checkpoint_every = k` (training) recomputes every k-th block's activations in backward instead of keeping them.
+    `step_graphs` (set by the serving engine on CPU) may run a decode step's layers from a recording of
+    `run_layers` instead (lmforge/engine/cpu_graph.py).
     """
 
     def __init__(self, args, block: Callable[[object, int], nn.Module]):

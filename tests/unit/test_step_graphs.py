@@ -98,3 +98,31 @@ def test_a_tensor_from_outside_the_layers_keeps_the_step_eager(tiny_dir, caplog)
 def test_enforce_eager_has_no_graphs(tiny_dir):
     llm = LLM(str(tiny_dir), dtype="bfloat16", kv_cache_memory=0.002, block_size=4, enforce_eager=True)
     assert llm.engine.runner.graphs is None and llm.engine.model.model.step_graphs is None
+
+
+def test_async_engine_replays_on_its_own_thread(tiny_dir):
+    """The server's engine steps on a thread of its own: graphs record and replay there (the replay releases the
+    GIL), and two concurrent streams get what each prompt gets alone, eagerly."""
+    import asyncio
+
+    from lmforge import AsyncEngine
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    server = AsyncEngine(model=str(tiny_dir), dtype="bfloat16", kv_cache_memory=0.002, block_size=4,
+                          max_model_len=64, enable_prefix_caching=False)
+    try:
+        async def stream(i: int) -> list[int]:
+            async for out in server.generate(PROMPTS[i], params, f"r{i}"):
+                last = out
+            return list(last.outputs[0].token_ids)
+
+        async def both():
+            return await asyncio.gather(stream(1), stream(4))
+
+        streamed = asyncio.run(both())
+        assert server.engine.runner.graphs.replays >= 20
+    finally:
+        server.shutdown()
+    llm = engine(tiny_dir)
+    alone = [generate(llm, [PROMPTS[i]], graphs_on=False)[0][0] for i in (1, 4)]
+    assert streamed == alone
