@@ -13,6 +13,11 @@ KV cache, or an output of an earlier recorded step; and nothing but kernels, res
 ran. Anything else (an op without a kernel, a tensor built during the step) leaves that batch size eager, logged.
 Graphs decline when a parameter was changed in place since recording (its version moved); they are then recorded
 again. `enforce_eager` turns them off.
+
+Like a CUDA graph, a recording holds one path through the layers' Python: layer code must not choose between
+kernels on a decode step's values other than its batch size (context lengths, positions), or a replay would repeat
+the recorded choice. No model file does; the branches in lmforge/layers depend on shapes, dtypes and the kernel rows,
+which are the same for every decode step of a batch size.
 """
 
 import dataclasses
