@@ -126,3 +126,27 @@ def test_async_engine_replays_on_its_own_thread(tiny_dir):
     llm = engine(tiny_dir)
     alone = [generate(llm, [PROMPTS[i]], graphs_on=False)[0][0] for i in (1, 4)]
     assert streamed == alone
+
+
+class _WithoutAMX:
+    """The kernels as a CPU without AMX sees them (AMD Zen 4/5): linears take the AVX512-BF16 GEMM."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def amx_available(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._ops, name)
+
+
+@pytest.mark.skipif(kernels.cpu_ops() is None or not kernels.cpu_ops().vnni_available(),
+                    reason="needs AVX512-BF16")
+def test_graphs_replay_the_avx512_gemm_of_cpus_without_amx(tiny_dir, monkeypatch):
+    monkeypatch.setitem(kernels._state, "ops", _WithoutAMX(kernels.cpu_ops()))
+    llm = engine(tiny_dir)  # weights packed for the AVX512-BF16 GEMM at warm-up
+    eager = generate(llm, PROMPTS[:5], graphs_on=False)
+    assert generate(llm, PROMPTS[:5], graphs_on=True) == eager
+    assert 5 in llm.engine.runner.graphs.graphs
+    assert llm.engine.model.model.layers[0].mlp.down_proj._packed[1] == "vnni"
