@@ -34,7 +34,10 @@ from lmforge.layers.attention import AttnMeta
 
 log = logging.getLogger("lmforge")
 aten = torch.ops.aten
-MAX_GRAPHS = 8  # batch sizes kept (least recently used dropped): each holds its step's intermediates
+# Batch sizes kept, least recently used dropped first: each graph holds its step's intermediates (about 0.6 MB per
+# sequence for SmolLM2-135M, some 2.5 MB for an 8B Llama).
+MAX_GRAPHS = 8
+MAX_GRAPH_BYTES = 1 << 30
 # Kernels that return a new tensor: the graph records them with that tensor as their output.
 _RETURNING = ("linear_small", "vnni_linear", "amx_linear", "rms_norm", "silu_mul")
 _IN_PLACE = ("rope_", "write_kv", "paged_attention")  # recorded with their arguments as they are
@@ -52,7 +55,7 @@ class StepGraphs:
     def __init__(self, decoder: torch.nn.Module, max_blocks_per_seq: int | None = None):
         self.decoder = decoder
         self.max_blocks = max_blocks_per_seq or 0
-        self.graphs: OrderedDict[int, tuple[object, torch.Tensor]] = OrderedDict()
+        self.graphs: OrderedDict[int, tuple[object, torch.Tensor, int]] = OrderedDict()  # b -> (graph, out, bytes)
         self.eager: set[int] = set()  # batch sizes whose recording was rejected
         self.seen: set[int] = set()  # batch sizes recorded at least once (the first recording is logged)
         self.replays = self.recordings = 0
@@ -65,7 +68,7 @@ class StepGraphs:
             return None  # not a decode step whose every sequence the paged kernel attends, or kernels switched off
         entry = self.graphs.get(b)
         if entry is not None:
-            graph, out = entry
+            graph, out, _ = entry
             if graph.run([x, rope[0], rope[1], meta.slot_mapping, meta.block_tables, kr.cu_q, kr.seqlens_k,
                           kr.rows_t]):
                 self.graphs.move_to_end(b)
@@ -97,18 +100,25 @@ class StepGraphs:
             return out
         graph.set_inputs(inputs)
         graph.guard([p for p in self.decoder.parameters() if not p.is_inference()])
-        self.graphs[b] = (graph, out)
-        while len(self.graphs) > MAX_GRAPHS:
+        size = sum(recorder.produced.values())
+        self.graphs[b] = (graph, out, size)
+        while len(self.graphs) > 1 and (len(self.graphs) > MAX_GRAPHS or self.nbytes > MAX_GRAPH_BYTES):
             self.graphs.popitem(last=False)
         self.recordings += 1
-        (log.debug if b in self.seen else log.info)("step graph for %d sequences recorded: %d kernel calls in %.0f ms",
-                                                    b, graph.size(), 1000 * (time.perf_counter() - start))
+        (log.debug if b in self.seen else log.info)(
+            "step graph for %d sequences recorded: %d kernel calls, %.1f MiB, in %.0f ms", b, graph.size(),
+            size / 2**20, 1000 * (time.perf_counter() - start))
         self.seen.add(b)
         return out
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the kept graphs hold (their intermediates)."""
+        return sum(size for _, _, size in self.graphs.values())
+
     def _unknown_tensor(self, recorder: "_Recorder", inputs, kv, out: torch.Tensor) -> str | None:
         """Why the recording is not closed (a tensor read that the replay would not refresh), or None."""
-        known = recorder.produced | {_storage(t) for t in inputs}
+        known = set(recorder.produced) | {_storage(t) for t in inputs}
         known |= {_storage(t) for layer in kv for t in layer}
         known |= {_storage(t) for t in self.decoder.parameters()} | {_storage(t) for t in self.decoder.buffers()}
         for module in self.decoder.modules():
@@ -137,7 +147,7 @@ class _Recorder(TorchDispatchMode):
         self.ops, self.graph = ops, graph
         self.in_kernel = False
         self.problem: str | None = None
-        self.produced: set[int] = set()  # storages written by recorded steps or allocated during the recording
+        self.produced: dict[int, int] = {}  # storages written by recorded steps or allocated while recording: bytes
         self.reads: list[tuple[str, list[torch.Tensor]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -147,7 +157,7 @@ class _Recorder(TorchDispatchMode):
         if func is aten.reshape.default and _storage(out) == _storage(args[0]):  # reshape that is a view
             return out
         if func in _ALLOCATIONS:
-            self.produced.add(_storage(out))
+            self.produce(out)
         elif func is aten.add.Tensor and not kwargs and all(isinstance(a, torch.Tensor) for a in args):
             self.graph.add_tensors(args[0], args[1], out)
             self.note("add", args, out)
@@ -158,7 +168,10 @@ class _Recorder(TorchDispatchMode):
     def note(self, name: str, args, out: torch.Tensor | None) -> None:
         self.reads.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
         if out is not None:
-            self.produced.add(_storage(out))
+            self.produce(out)
+
+    def produce(self, t: torch.Tensor) -> None:
+        self.produced[_storage(t)] = t.untyped_storage().nbytes()
 
     def kernel(self, name: str):
         real = getattr(self.ops, name)

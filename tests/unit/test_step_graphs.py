@@ -68,6 +68,18 @@ def test_in_place_weight_update_records_again(tiny_dir):
     assert replayed == generate(llm, PROMPTS[:2], graphs_on=False)
 
 
+def test_graphs_beyond_the_memory_cap_are_dropped_oldest_first(tiny_dir, monkeypatch):
+    from lmforge.engine import cpu_graph
+
+    monkeypatch.setattr(cpu_graph, "MAX_GRAPH_BYTES", 1)
+    llm = engine(tiny_dir)
+    graphs = llm.engine.runner.graphs
+    generate(llm, PROMPTS[:1], graphs_on=True)
+    assert list(graphs.graphs) == [1] and graphs.nbytes > 1  # the newest is always kept
+    generate(llm, PROMPTS[:2], graphs_on=True)
+    assert list(graphs.graphs) == [2]
+
+
 def test_float32_layers_stay_eager(tiny_dir, caplog):
     """float32 products run through F.linear, which has no recorded kernel: each batch size stays eager, once
     logged, and outputs are the eager ones."""
