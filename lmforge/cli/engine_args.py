@@ -22,7 +22,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     g.add_argument("--enforce-eager", action="store_true",
-                   help="no optional fast paths (lmforge's CPU kernels): the plain PyTorch code only")
+                   help="no optional fast paths (lmforge's CPU kernels, step graphs): the plain PyTorch code only")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:

@@ -33,7 +33,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     seed: int = 0
-    enforce_eager: bool = False  # True: no optional fast paths (the CPU kernels), plain PyTorch only
+    enforce_eager: bool = False  # True: no optional fast paths (CPU kernels, step graphs), plain PyTorch only
     enable_lora: bool = False  # serve LoRA adapters (add_lora / lora_request); False: no per-step LoRA work at all
     max_loras: int = 4  # adapters loaded at once: their slots are allocated up front
     max_lora_rank: int = 16  # adapters of lower rank are zero-padded to it
