@@ -20,6 +20,7 @@ the recorded choice. No model file does; the branches in lmforge/layers depend o
 which are the same for every decode step of a batch size.
 """
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -211,15 +212,12 @@ class _RecordingOps:
         return self._recorder.kernel(name)
 
 
-class _recording_ops:
+@contextlib.contextmanager
+def _recording_ops(recorder: _Recorder):
     """While recording, `kernels.cpu_ops()` hands out the recorder's wrappers instead of the kernels."""
-
-    def __init__(self, recorder: _Recorder):
-        self.recorder = recorder
-
-    def __enter__(self):
-        self.real = kernels._state["ops"]
-        kernels._state["ops"] = _RecordingOps(self.recorder, self.real)
-
-    def __exit__(self, *exc):
-        kernels._state["ops"] = self.real
+    real = kernels._state["ops"]
+    kernels._state["ops"] = _RecordingOps(recorder, real)
+    try:
+        yield
+    finally:
+        kernels._state["ops"] = real
