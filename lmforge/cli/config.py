@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    import torch
+
     from lmforge.config import load_config
     from lmforge.errors import LmforgeError
     from lmforge.models.config import read_config
@@ -33,6 +35,8 @@ def run_check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(f"{args.config}: valid")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    cfg = cfg.on_device(torch.device("cuda" if cuda else "cpu"))  # the plan needs precision: auto resolved
     if args.nproc < 1:
         raise LmforgeError(f"--nproc must be at least 1, got {args.nproc}")
     try:

@@ -10,8 +10,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"model directory, .gguf file, Hub id (org/name) or alias (default: {DEFAULT_MODEL})")
-    g.add_argument("--dtype", default="auto", help="weight and compute dtype: auto (the checkpoint's own), "
-                   "float32, bfloat16 or float16")
+    g.add_argument("--dtype", default="auto", help="weight and compute dtype: auto (bfloat16 where the device "
+                   "computes it natively, else float32; `lmforge env` says which), float32, bfloat16 or float16")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's context length)")
     g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",

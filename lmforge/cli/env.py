@@ -22,17 +22,6 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def attention_backend() -> str:
     if torch.cuda.is_available():
         return "torch scaled_dot_product_attention (CUDA: flash / memory-efficient kernels)"
@@ -41,9 +30,11 @@ def attention_backend() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from lmforge import __version__
+    from lmforge.hardware import cpu_flags, describe_auto
 
     flags = cpu_flags()
-    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    features = [f for f in ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+                            "amx_tile", "asimddp", "bf16") if f in flags]
     rows = {
         "lmforge": __version__,
         "python": sys.version.split()[0],
@@ -53,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
         "cpu": platform.processor() or platform.machine(),
         "cpu cores": os.cpu_count(),
         "torch threads": torch.get_num_threads(),
-        "cpu features": ", ".join(features) or "none of avx2/avx512/amx",
-        "bf16 matmul on cpu": "fast (AVX512-BF16/AMX)" if {"avx512_bf16", "amx_bf16"} & flags else "slow (emulated)",
+        "cpu features": ", ".join(features) or "none of avx2/avx512/amx/neon dot products",
+        "dtype auto (cpu)": describe_auto("cpu"),
+        **({"dtype auto (cuda)": describe_auto("cuda")} if torch.cuda.is_available() else {}),
         "attention backend": attention_backend(),
     }
     for package in ("safetensors", "tokenizers", "gguf", "transformers", "flash-attn", "triton", "torchao"):

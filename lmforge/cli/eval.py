@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
                         "run's data.max_seq_len to reproduce its val_loss)")
     p.add_argument("--train-on-inputs", action="store_true", help="score prompt tokens too (as data.train_on_inputs)")
     p.add_argument("--batch-size", type=int, default=4, help="packed rows of --max-seq-len tokens per forward")
-    p.add_argument("--dtype", default="auto", help="weight and compute dtype: auto (the checkpoint's), float32, "
-                   "bfloat16 or float16")
+    p.add_argument("--dtype", default="auto", help="weight and compute dtype: auto (bfloat16 where the device "
+                   "computes it natively, else float32), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--max-tokens", type=int, default=32, help="most tokens of a QA answer (default 32)")
@@ -47,6 +47,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lmforge.data import Loader
+    from lmforge.hardware import compute_dtype
     from lmforge.models import build_model, resolve_dtype
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.eval_data import encode_rows, read_rows
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_dir(model_dir)
     encoded = encode_rows(data, tokenizer, args.template, args.max_seq_len, args.train_on_inputs)
     log.info("loading %s%s", model_dir, f" with adapter {args.adapter}" if args.adapter else "")
-    model = build_model(model_dir, args.dtype, device)
+    model = build_model(model_dir, compute_dtype(args.dtype, device), device)
     if args.adapter:
         load_adapter(model, args.adapter)
     batches = Loader(encoded.dataset, args.batch_size, shuffle=False)

@@ -138,9 +138,10 @@ class TrainConfig(Section):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides epochs)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: no clipping)")
-    precision: Literal["bf16-mixed", "fp16-mixed", "fp32"] = Field(
-        "bf16-mixed", description="compute dtype under autocast; weights and optimizer state stay float32 "
-                                  "(fp16-mixed adds loss scaling)")
+    precision: Literal["auto", "bf16-mixed", "fp16-mixed", "fp32"] = Field(
+        "auto", description="compute dtype under autocast; weights and optimizer state stay float32 "
+                            "(fp16-mixed adds loss scaling); auto: bf16-mixed where the device computes bf16 "
+                            "natively, else fp32")
     activation_checkpointing: bool = Field(False, description="recompute blocks' activations in backward instead "
                                                               "of keeping them")
     activation_checkpointing_every: int = Field(1, ge=1, description="with activation_checkpointing: recompute "
@@ -155,6 +156,19 @@ class TrainConfig(Section):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size})")
         return self
+
+    def on_device(self, device) -> "TrainConfig":
+        """This config with `precision: auto` resolved for the device (a torch.device) the run uses
+        (lmforge/hardware.py); bf16-mixed forced on a CPU that emulates bf16 is warned about once."""
+        import torch
+
+        from lmforge.hardware import auto_precision, warn_if_emulated
+
+        if self.precision != "auto":
+            if self.precision == "bf16-mixed":
+                warn_if_emulated(torch.bfloat16, device.type)
+            return self
+        return self.model_copy(update={"precision": auto_precision(device)})
 
     def grad_accumulation(self, world_size: int = 1) -> int:
         """Micro-batches per process and optimizer step, so that every step sees batch_size rows in all."""

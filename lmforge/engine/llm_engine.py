@@ -23,7 +23,7 @@ log = logging.getLogger("lmforge")
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # directory, .gguf, Hub id or alias; None: the default model
-    dtype: str = "auto"
+    dtype: str = "auto"  # bfloat16 where the device computes it natively, else float32 (lmforge/hardware.py)
     device: str = "cpu"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_cache_memory: float | None = None  # GiB for the KV pool; None: 2 GiB on CPU, 90 % of free memory on CUDA
@@ -75,6 +75,7 @@ def _kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        from lmforge.hardware import compute_dtype
         from lmforge.models import build_model
         from lmforge.tokenizer import Tokenizer
         from lmforge.weights.resolve import resolve_model
@@ -83,7 +84,7 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
         model_dir = resolve_model(config.model)
-        self.model = build_model(model_dir, dtype=config.dtype, device=config.device)
+        self.model = build_model(model_dir, dtype=compute_dtype(config.dtype, config.device), device=config.device)
         self.tokenizer = Tokenizer.from_dir(Path(model_dir))
         t1 = time.perf_counter()
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -36,6 +36,7 @@ def main(cfg: TrainConfig) -> Path:
     """Trains as configured; returns the directory of the final model (HF directory or PEFT adapter)."""
     world = dist.world_from_env()
     device = dist.device_for(cfg, world)
+    cfg = cfg.on_device(device)
     dist.join(world, device)
     if not world.is_main:
         log.setLevel(logging.WARNING)
