@@ -7,8 +7,14 @@ serve inference tensors only (`usable(x)`).
 
 Off: `LMFORGE_KERNELS=0` (or `enforce_eager=True` on the engine, `--enforce-eager` on the CLI). The build goes to
 `$LMFORGE_KERNEL_CACHE/<key>` (default ~/.cache/lmforge/kernels, kept apart from LMFORGE_HOME so that a fresh model
-home does not rebuild them), where the key covers the source, torch's version and this CPU's instruction set (the
-code is built with -march=native), so a cached build is never loaded on a machine it was not made for.
+home does not rebuild them), where the key covers the source, torch's version, the level's compiler flags and, for the
+native build, this CPU's instruction set, so a cached build is never loaded on a machine it was not made for.
+
+Builds for several instruction-set levels come from the one source: `native` (-march=native: AVX512-BF16 and AMX
+loops where this CPU has them), `avx2` (x86-64-v3: AVX2 + FMA, what most x86 machines of the last decade run) and
+`portable` (the compiler's baseline, the path of ARM and other CPUs: plain loops it vectorises). The best level this
+CPU runs is used; `LMFORGE_KERNEL_LEVEL=avx2|portable` (or `with kernels.level("avx2")`, which tests use to run every
+path this host can execute) picks a lower one. `levels()` lists the distinct builds this CPU can run.
 """
 
 import contextlib
@@ -21,25 +27,32 @@ from pathlib import Path
 
 import torch
 
+from lmforge.hardware import cpu_flags
+
 log = logging.getLogger("lmforge")
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _state: dict[str, object] = {}
+_builds: dict[str, object] = {}  # level -> compiled module, or None when its build failed
 _DTYPES = (torch.float32, torch.bfloat16)
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+# Compiler flags per level. -mprefer-vector-width=512: gcc otherwise keeps auto-vectorised loops at 256 bits.
+LEVEL_FLAGS = {"native": ["-march=native", "-mprefer-vector-width=512"], "avx2": ["-march=x86-64-v3"], "portable": []}
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+def levels() -> list[str]:
+    """The distinct builds this CPU runs, best first: `native` only where it adds to AVX2 (AVX512), `avx2` where the
+    CPU has AVX2 and FMA, `portable` everywhere."""
+    flags = cpu_flags()
+    avx2 = _X86 and {"avx2", "fma"} <= flags
+    found = ["native"] if not avx2 or "avx512f" in flags else []
+    return found + (["avx2"] if avx2 else []) + ["portable"]
 
 
-def _build_dir() -> tuple[str, Path]:
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    name = f"lmforge_cpu_ops_{key}"
+def _build_dir(level: str) -> tuple[str, Path]:
+    machine = " ".join(sorted(cpu_flags())) if level == "native" else platform.machine()
+    source = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(LEVEL_FLAGS[level]).encode()
+    key = hashlib.sha256(source + machine.encode()).hexdigest()[:16]
+    name = f"lmforge_cpu_ops_{level}_{key}"
     root = Path(os.environ.get("LMFORGE_KERNEL_CACHE") or "~/.cache/lmforge/kernels").expanduser()
     return name, root / name
 
@@ -49,34 +62,69 @@ def enabled() -> bool:
 
 
 def cpu_ops():
-    """The compiled kernels, or None (disabled, or the build failed: logged once with the reason)."""
-    if "ops" in _state:
-        return _state["ops"]
-    ops = None
-    if enabled():
+    """The compiled kernels of the current level, or None (disabled, or the build failed: logged once with the
+    reason)."""
+    if "ops" not in _state:
+        _state["ops"] = build(default_level()) if enabled() else None
+    return _state["ops"]
+
+
+def default_level() -> str:
+    """The best level this CPU runs, or the one LMFORGE_KERNEL_LEVEL names (an unknown or unrunnable one is an error:
+    a typo must not silently test the wrong path)."""
+    found = levels()
+    wanted = os.environ.get("LMFORGE_KERNEL_LEVEL", "").strip()
+    if not wanted:
+        return found[0]
+    if wanted == "native" or wanted in found:
+        return wanted if wanted in found else found[0]
+    from lmforge.errors import LmforgeError
+
+    raise LmforgeError(f"LMFORGE_KERNEL_LEVEL={wanted!r}: this CPU runs the kernel levels {', '.join(found)}")
+
+
+def build(level: str):
+    """The kernels compiled for `level` (cached per level and machine), or None when the build fails (logged)."""
+    if level not in _builds:
         try:
-            ops = _load()
+            _builds[level] = _load(level)
         except Exception as e:  # no compiler, no headers, ...: the pure-torch path still works
-            log.warning("CPU kernels unavailable, running the pure-torch path (%s: %s)", type(e).__name__,
-                        str(e).strip().splitlines()[-1] if str(e).strip() else "")
-    _state["ops"] = ops
-    return ops
+            log.warning("CPU kernels (%s) unavailable, running the pure-torch path (%s: %s)", level,
+                        type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+            _builds[level] = None
+    return _builds[level]
 
 
-def _load():
+def _load(level: str):
     from torch.utils.cpp_extension import load
 
-    name, build_dir = _build_dir()
+    name, build_dir = _build_dir(level)
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not any(build_dir.glob("*.so"))
     if fresh:
-        log.info("compiling lmforge CPU kernels into %s (once per machine, about a minute)", build_dir)
+        log.info("compiling lmforge CPU kernels (%s) into %s (once per machine, about a minute)", level, build_dir)
     start = time.perf_counter()
-    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
-    ops = load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir), extra_cflags=flags,
-               extra_ldflags=["-fopenmp"], verbose=False)
-    log.info("CPU kernels %s in %.1fs", "compiled" if fresh else "loaded", time.perf_counter() - start)
+    ops = load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+               extra_cflags=["-O3", "-fopenmp", *LEVEL_FLAGS[level]], extra_ldflags=["-fopenmp"], verbose=False)
+    log.info("CPU kernels (%s) %s in %.1fs", level, "compiled" if fresh else "loaded", time.perf_counter() - start)
     return ops
+
+
+@contextlib.contextmanager
+def level(name: str):
+    """Inside, the kernels of another level (tests run every level this CPU can execute; benchmarks compare them)."""
+    if name not in levels():
+        raise ValueError(f"kernel level {name!r} does not run on this CPU (it runs {', '.join(levels())})")
+    outer = _state.get("ops", None)
+    had = "ops" in _state
+    _state["ops"] = build(name)
+    try:
+        yield _state["ops"]
+    finally:
+        if had:
+            _state["ops"] = outer
+        else:
+            _state.pop("ops")
 
 
 @contextlib.contextmanager

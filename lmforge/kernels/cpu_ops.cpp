@@ -8,9 +8,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -178,6 +180,24 @@ void linear_small_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Te
 torch::Tensor linear_small(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   linear_small_into(x, w, bias, y);
+  return y;
+}
+
+// ATen's own product (oneDNN / MKL), called from here so that step graphs record and replay it: the row counts and
+// dtypes no kernel above serves (float32 batches, bf16 beyond the GEMMs' reach). Rounds exactly as F.linear does:
+// at::linear of a 2-d input is addmm with a bias and mm without.
+void linear_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor y) {
+  if (bias) {
+    at::addmm_out(y, *bias, x, w.t());
+  } else {
+    at::mm_out(y, x, w.t());
+  }
+}
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), "linear: x must be [m, in], w [out, in]");
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  linear_into(x, w, bias, y);
   return y;
 }
 
@@ -1093,7 +1113,7 @@ struct BlockStream {
   int64_t bytes = 0, next = 0, offset = 0, per_step = 0;
   inline void step() {
     for (int64_t i = 0; i < per_step && next < static_cast<int64_t>(blocks.size()); ++i) {
-      _mm_prefetch(blocks[next] + offset, _MM_HINT_T1);
+      __builtin_prefetch(blocks[next] + offset, 0, 2);  // _MM_HINT_T1, on any CPU
       if ((offset += 64) >= bytes) {
         offset = 0;
         ++next;
@@ -1407,6 +1427,7 @@ class StepGraph {
   using T = torch::Tensor;
   using B = c10::optional<torch::Tensor>;
   void linear_small(T x, T w, B b, T y) { add([=] { linear_small_into(x, w, b, y); }); }
+  void linear(T x, T w, B b, T y) { add([=] { linear_into(x, w, b, y); }); }
   void vnni_linear(T x, T w, B b, T y) { add([=] { vnni_linear_into(x, w, b, y); }); }
   void amx_linear(T x, T w, B b, T y) { add([=] { amx_linear_into(x, w, b, y); }); }
   void rms_norm(T x, T w, double eps, T y) { add([=] { rms_norm_into(x, w, eps, y); }); }
@@ -1456,6 +1477,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<StepGraph>(m, "StepGraph")
       .def(py::init<>())
       .def("linear_small", &StepGraph::linear_small)
+      .def("linear", &StepGraph::linear)
       .def("vnni_linear", &StepGraph::vnni_linear)
       .def("amx_linear", &StepGraph::amx_linear)
       .def("rms_norm", &StepGraph::rms_norm)
@@ -1470,6 +1492,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &StepGraph::run, py::call_guard<py::gil_scoped_release>(),
            "copies the inputs in and replays the recorded kernels; false (nothing run) when a guard or input fails");
   m.def("linear_small", &linear_small, "x [<=8, in] @ w[out, in].T (+ b), streaming w once");
+  m.def("linear", &linear, "F.linear of a 2-d x through ATen, callable from step graphs");
   m.def("vnni_available", &vnni_available, "whether the AVX512-BF16 GEMM (vnni_pack / vnni_linear) is built");
   m.def("vnni_pack", &vnni_pack, "bf16 weight [N, K] -> 48-output panels of k pairs");
   m.def("vnni_linear", &vnni_linear, "x [M, K] @ w.T on AVX512-BF16 dot products, w packed by vnni_pack");

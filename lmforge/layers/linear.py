@@ -116,17 +116,19 @@ def _multi_lora_base(layer: nn.Module | None) -> nn.Module | None:
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) -> torch.Tensor:
-    if x.dim() == 2 and x.dtype == torch.bfloat16 == w.dtype and (ops := usable(x, w)) is not None:
-        kind, packed = _packed(cache, w, ops)
-        rows = x.shape[0]
-        if kind == "vnni":
-            return ops.vnni_linear(x.contiguous(), packed, bias)
-        if rows <= SMALL_ROWS:
-            return ops.linear_small(x.contiguous(), w, bias)
-        if kind == "amx" and rows <= AMX_MAX_ROWS:
-            return ops.amx_linear(x.contiguous(), packed, bias)
-        if kind == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if x.dim() == 2 and x.dtype == w.dtype and (ops := usable(x, w)) is not None:
+        if x.dtype == torch.bfloat16:
+            kind, packed = _packed(cache, w, ops)
+            rows = x.shape[0]
+            if kind == "vnni":
+                return ops.vnni_linear(x.contiguous(), packed, bias)
+            if rows <= SMALL_ROWS:
+                return ops.linear_small(x.contiguous(), w, bias)
+            if kind == "amx" and rows <= AMX_MAX_ROWS:
+                return ops.amx_linear(x.contiguous(), packed, bias)
+            if kind == "onednn":
+                return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return ops.linear(x, w, bias)  # F.linear's own product, called from C++ so that step graphs record it
     return F.linear(x, w, bias)
 
 

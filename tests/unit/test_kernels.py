@@ -18,6 +18,13 @@ DTYPES = [torch.float32, torch.bfloat16]
 BF16_ULP = 2**-7  # relative spacing of bfloat16 values: kernels may round once differently from eager
 
 
+@pytest.fixture(autouse=True, params=kernels.levels())
+def level(request):
+    """Every test runs on each build this CPU executes (native, avx2, portable): an AVX512 host tests the AVX2 path."""
+    with kernels.level(request.param):
+        yield request.param
+
+
 def close(actual, expected, dtype, atol=1e-5):
     if dtype == torch.float32:
         torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-5)
@@ -41,6 +48,17 @@ def test_linear_fast_paths_match_f_linear(rows, bias, shape):
         {"vnni"} if not ops.amx_available() and ops.vnni_available() and shape != (81, 40) else \
         {"onednn"} if _onednn_packing() else {None}
     assert (layer._packed[1] if layer._packed else None) in layouts
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_linear_is_f_linear_bit_for_bit(rows, bias):
+    """float32 products run ATen's own (the `linear` kernel, which step graphs can replay): the same bits."""
+    torch.manual_seed(0)
+    layer = Linear(80, 48, bias=bias)
+    x = torch.randn(rows, 80)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 @pytest.mark.skipif(kernels.cpu_ops() is None or not kernels.cpu_ops().vnni_available(), reason="needs AVX512-BF16")

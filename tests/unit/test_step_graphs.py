@@ -40,14 +40,19 @@ def logprob_values(result):
     return [[[(t, lp.logprob) for t, lp in step] for step in steps] for _, steps in result]
 
 
+@pytest.mark.parametrize("level", kernels.levels())
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("batch", [1, 3, 6], ids=["gemv", "gemv-3-rows", "gemm"])
-def test_replayed_decode_steps_equal_eager_ones(tiny_dir, batch):
-    llm = engine(tiny_dir)
-    graphs = llm.engine.runner.graphs
-    assert llm.engine.runner.fast_paths == "CPU kernels, step graphs"
-    eager = generate(llm, PROMPTS[:batch], graphs_on=False)
-    assert graphs.replays == graphs.recordings == 0
-    replayed = generate(llm, PROMPTS[:batch], graphs_on=True)
+def test_replayed_decode_steps_equal_eager_ones(tiny_dir, batch, dtype, level):
+    """Every kernel level this CPU runs and both dtypes: float32 products and bf16 ones that no GEMM of this CPU
+    serves are recorded as ATen's own product (the `linear` kernel)."""
+    with kernels.level(level):
+        llm = engine(tiny_dir, dtype)
+        graphs = llm.engine.runner.graphs
+        assert llm.engine.runner.fast_paths == "CPU kernels, step graphs"
+        eager = generate(llm, PROMPTS[:batch], graphs_on=False)
+        assert graphs.replays == graphs.recordings == 0
+        replayed = generate(llm, PROMPTS[:batch], graphs_on=True)
     assert [t for t, _ in replayed] == [t for t, _ in eager]
     assert logprob_values(replayed) == logprob_values(eager)  # the same kernels on the same data: bit for bit
     assert batch in graphs.graphs and not graphs.eager
@@ -80,15 +85,18 @@ def test_graphs_beyond_the_memory_cap_are_dropped_oldest_first(tiny_dir, monkeyp
     assert list(graphs.graphs) == [2]
 
 
-def test_float32_layers_stay_eager(tiny_dir, caplog):
-    """float32 products run through F.linear, which has no recorded kernel: each batch size stays eager, once
-    logged, and outputs are the eager ones."""
+def test_an_op_without_a_kernel_keeps_the_step_eager(tiny_dir, caplog):
+    """A layer running an aten op that no kernel records: each batch size stays eager, once logged, and outputs
+    are the eager ones."""
     llm = engine(tiny_dir, dtype="float32")
     graphs = llm.engine.runner.graphs
+    layer = llm.engine.model.model.layers[0]
+    forward = layer.forward
+    layer.forward = lambda x, rope, meta, kv: torch.tanh(forward(x, rope, meta, kv))
     with caplog.at_level("INFO", logger="lmforge"):
         outs = generate(llm, PROMPTS[:2], graphs_on=True)
     assert graphs.eager == {2} and not graphs.graphs and graphs.replays == 0
-    assert "decode steps of 2 sequences stay eager (aten." in caplog.text
+    assert "decode steps of 2 sequences stay eager (aten.tanh" in caplog.text
     assert outs == generate(llm, PROMPTS[:2], graphs_on=False)
 
 
