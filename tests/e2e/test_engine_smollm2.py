@@ -208,14 +208,15 @@ def test_bf16_kernels_agree_with_eager_pytorch(llm, smollm2_dir, batched):
 
 
 def test_step_graphs_replay_the_eager_kernels_exactly(smollm2_dir, batched):
-    """bf16 decode steps replayed from step graphs (engine/cpu_graph.py) give the tokens and log-probabilities of
-    the same engine running its layers eagerly, for a single stream (GEMV) and a batch of 8 (GEMM)."""
+    """Decode steps replayed from step graphs (engine/cpu_graph.py) give the tokens and log-probabilities of the
+    same engine running its layers eagerly, for a single stream (GEMV) and a batch of 8 (GEMM), in the dtype `auto`
+    picks here (bf16 where the CPU computes it, float32 elsewhere)."""
     from lmforge import kernels
 
     if kernels.cpu_ops() is None:
         pytest.skip("CPU kernels unavailable")
     # no prefix caching: the second run's prefill must not start from the first run's cached blocks
-    engine = LLM(str(smollm2_dir), dtype="bfloat16", max_model_len=512, kv_cache_memory=0.1,
+    engine = LLM(str(smollm2_dir), dtype="auto", max_model_len=512, kv_cache_memory=0.1,
                  enable_prefix_caching=False)
     decoder, graphs = engine.engine.model.model, engine.engine.runner.graphs
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)

@@ -77,10 +77,12 @@ def test_bf16_fast_paths_are_as_accurate_as_plain_pytorch(llm, smollm2_dir, adap
     On one flat batch of base, pirate and poet sequences, their logits must be as close to the fp32 engine's as
     plain PyTorch bf16 (kernels off) is, and the adapters must still change them. (Greedy tokens are not compared:
     random adapters make near-ties that either bf16 path may break its own way.)"""
-    from lmforge import kernels
+    from lmforge import hardware, kernels
 
     if kernels.cpu_ops() is None:
         pytest.skip("CPU kernels unavailable")
+    if not hardware.bf16_support("cpu")[0]:
+        pytest.skip("no packed bf16 fast path on a CPU without AVX512-BF16 or AMX (dtype auto runs float32 there)")
     bf16 = LLM(str(smollm2_dir), dtype="bfloat16", max_model_len=512, kv_cache_memory=0.1, enable_lora=True,
                max_loras=2, max_lora_rank=16)
     for adapter in llm.list_loras():
