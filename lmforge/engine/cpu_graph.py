@@ -40,9 +40,10 @@ aten = torch.ops.aten
 MAX_GRAPHS = 8
 MAX_GRAPH_BYTES = 1 << 30
 # Kernels that return a new tensor: the graph records them with that tensor as their output.
-_RETURNING = ("linear_small", "linear", "vnni_linear", "amx_linear", "rms_norm", "silu_mul")
+_RETURNING = ("linear_small", "linear", "linear_f32", "vnni_linear", "amx_linear", "rms_norm", "silu_mul")
 _IN_PLACE = ("rope_", "write_kv", "paged_attention")  # recorded with their arguments as they are
-_QUERIES = ("amx_available", "vnni_available", "amx_pack", "vnni_pack")  # no step work: passed through
+# no step work: passed through
+_QUERIES = ("amx_available", "vnni_available", "linear_f32_available", "amx_pack", "vnni_pack")
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.split_with_sizes.default, aten.alias.default,
           aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.t.default,
           aten.transpose.int, aten.expand.default, aten.as_strided.default}

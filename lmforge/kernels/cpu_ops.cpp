@@ -14,6 +14,7 @@
 #include <unistd.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -198,6 +199,112 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), "linear: x must be [m, in], w [out, in]");
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   linear_into(x, w, bias, y);
+  return y;
+}
+
+// ---- float32 linear on AVX2 + FMA: y[m, n] = x[m, :] . w[n, :] (+ b[n]), on the weight as it is ([out, in]) --------
+// Each output is a dot product along k in 8 lanes and one horizontal sum at the end. A tile of R rows x C outputs
+// keeps R * C accumulators in registers and loads R + C vectors per R * C FMAs (4 x 3: 7 loads per 12 FMAs, all 16
+// registers). Every (row, output) pair is summed in the same order whatever the tile, the row count or the thread, so
+// results do not depend on the batch: a sequence's tokens are the same alone and batched, which MKL's sgemm does not
+// promise. Rows are taken in blocks that stay in L2 while the weight streams past them.
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t F32_ROW_BLOCK = 64, F32_COLS = 3;
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int R, int C>
+void f32_tile(const float* x, const float* w, const float* b, float* y, int64_t n, int64_t k, __m256i tail) {
+  const int64_t full = k / 8 * 8;
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < full; i += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * k + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * k + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  if (full < k) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_maskload_ps(w + c * k + full, tail);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_maskload_ps(x + r * k + full, tail);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * n + c] = hsum8(acc[r][c]) + (b ? b[c] : 0.f);
+}
+
+template <int R>
+void f32_tile_cols(int cols, const float* x, const float* w, const float* b, float* y, int64_t n, int64_t k,
+                   __m256i tail) {
+  switch (cols) {
+    case 3: return f32_tile<R, 3>(x, w, b, y, n, k, tail);
+    case 2: return f32_tile<R, 2>(x, w, b, y, n, k, tail);
+    default: return f32_tile<R, 1>(x, w, b, y, n, k, tail);
+  }
+}
+
+void linear_f32_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor y) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "linear_f32: x must be float32 "
+              "[m, in], contiguous");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.scalar_type() == at::kFloat && w.is_contiguous(),
+              "linear_f32: w must be float32 [out, in], contiguous");
+  const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
+  const float* xs = ptr<float>(x);
+  const float* ws = ptr<float>(w);
+  auto bc = bias ? bias->contiguous() : torch::Tensor();
+  const float* bs = bias ? ptr<float>(bc) : nullptr;
+  float* ys = ptr<float>(y);
+  alignas(32) int32_t lanes[8];
+  for (int i = 0; i < 8; ++i) lanes[i] = i < k % 8 ? -1 : 0;
+  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+  const int64_t groups = (n + F32_COLS - 1) / F32_COLS;
+  for (int64_t r0 = 0; r0 < m; r0 += F32_ROW_BLOCK) {
+    const int64_t rows = std::min(F32_ROW_BLOCK, m - r0);
+    at::parallel_for(0, groups, 8, [&](int64_t lo, int64_t hi) {
+      for (int64_t g = lo; g < hi; ++g) {
+        const int64_t n0 = g * F32_COLS;
+        const int cols = static_cast<int>(std::min(F32_COLS, n - n0));
+        const float* wg = ws + n0 * k;
+        const float* bg = bs ? bs + n0 : nullptr;
+        int64_t r = r0;
+        for (; r + 4 <= r0 + rows; r += 4) f32_tile_cols<4>(cols, xs + r * k, wg, bg, ys + r * n + n0, n, k, tail);
+        switch (r0 + rows - r) {
+          case 3: f32_tile_cols<3>(cols, xs + r * k, wg, bg, ys + r * n + n0, n, k, tail); break;
+          case 2: f32_tile_cols<2>(cols, xs + r * k, wg, bg, ys + r * n + n0, n, k, tail); break;
+          case 1: f32_tile_cols<1>(cols, xs + r * k, wg, bg, ys + r * n + n0, n, k, tail); break;
+          default: break;
+        }
+      }
+    });
+  }
+}
+#else
+void linear_f32_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor y) {
+  linear_into(x, w, bias, y);  // built without AVX2 and FMA: ATen's product
+}
+#endif
+
+bool linear_f32_available() {
+#if defined(__AVX2__) && defined(__FMA__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  linear_f32_into(x, w, bias, y);
   return y;
 }
 
@@ -1428,6 +1535,7 @@ class StepGraph {
   using B = c10::optional<torch::Tensor>;
   void linear_small(T x, T w, B b, T y) { add([=] { linear_small_into(x, w, b, y); }); }
   void linear(T x, T w, B b, T y) { add([=] { linear_into(x, w, b, y); }); }
+  void linear_f32(T x, T w, B b, T y) { add([=] { linear_f32_into(x, w, b, y); }); }
   void vnni_linear(T x, T w, B b, T y) { add([=] { vnni_linear_into(x, w, b, y); }); }
   void amx_linear(T x, T w, B b, T y) { add([=] { amx_linear_into(x, w, b, y); }); }
   void rms_norm(T x, T w, double eps, T y) { add([=] { rms_norm_into(x, w, eps, y); }); }
@@ -1478,6 +1586,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<>())
       .def("linear_small", &StepGraph::linear_small)
       .def("linear", &StepGraph::linear)
+      .def("linear_f32", &StepGraph::linear_f32)
       .def("vnni_linear", &StepGraph::vnni_linear)
       .def("amx_linear", &StepGraph::amx_linear)
       .def("rms_norm", &StepGraph::rms_norm)
@@ -1493,6 +1602,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "copies the inputs in and replays the recorded kernels; false (nothing run) when a guard or input fails");
   m.def("linear_small", &linear_small, "x [<=8, in] @ w[out, in].T (+ b), streaming w once");
   m.def("linear", &linear, "F.linear of a 2-d x through ATen, callable from step graphs");
+  m.def("linear_f32_available", &linear_f32_available, "whether the AVX2 float32 linear is built");
+  m.def("linear_f32", &linear_f32, "float32 x [m, in] @ w[out, in].T (+ b) on AVX2 FMAs, batch-invariant");
   m.def("vnni_available", &vnni_available, "whether the AVX512-BF16 GEMM (vnni_pack / vnni_linear) is built");
   m.def("vnni_pack", &vnni_pack, "bf16 weight [N, K] -> 48-output panels of k pairs");
   m.def("vnni_linear", &vnni_linear, "x [M, K] @ w.T on AVX512-BF16 dot products, w packed by vnni_pack");

@@ -128,6 +128,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) 
                 return ops.amx_linear(x.contiguous(), packed, bias)
             if kind == "onednn":
                 return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        elif w.is_contiguous():  # float32: AVX2 FMAs, the same sums whatever the batch (ATen's product elsewhere)
+            return ops.linear_f32(x.contiguous(), w, bias)
         return ops.linear(x, w, bias)  # F.linear's own product, called from C++ so that step graphs record it
     return F.linear(x, w, bias)
 

@@ -50,15 +50,25 @@ def test_linear_fast_paths_match_f_linear(rows, bias, shape):
     assert (layer._packed[1] if layer._packed else None) in layouts
 
 
-@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 64, 67, 130])
 @pytest.mark.parametrize("bias", [False, True])
-def test_float32_linear_is_f_linear_bit_for_bit(rows, bias):
-    """float32 products run ATen's own (the `linear` kernel, which step graphs can replay): the same bits."""
+@pytest.mark.parametrize("shape", [(80, 48), (77, 50), (8, 3), (1536, 65)])  # k not a multiple of 8, n of 3
+def test_float32_linear_matches_f_linear_whatever_the_batch(rows, bias, shape):
+    """float32 products: the AVX2 kernel sums each output in an order that does not depend on the row count (a row
+    alone equals the same row in any batch, bit for bit) and agrees with F.linear to float32 rounding; builds
+    without AVX2 run ATen's own product (the `linear` kernel), F.linear's bits."""
     torch.manual_seed(0)
-    layer = Linear(80, 48, bias=bias)
-    x = torch.randn(rows, 80)
+    layer = Linear(*shape, bias=bias)
+    x = torch.randn(rows, shape[0])
     with torch.inference_mode():
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        out, expected = layer(x), F.linear(x, layer.weight, layer.bias)
+        if not kernels.cpu_ops().linear_f32_available():
+            assert torch.equal(out, expected)
+            return
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        for i in {0, rows // 2, rows - 1}:
+            assert torch.equal(layer(x[i:i + 1]), out[i:i + 1])
+            assert torch.equal(layer(x[i:]), out[i:])
 
 
 @pytest.mark.skipif(kernels.cpu_ops() is None or not kernels.cpu_ops().vnni_available(), reason="needs AVX512-BF16")
