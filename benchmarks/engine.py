@@ -5,7 +5,8 @@ Usage: python benchmarks/engine.py [--only {lmforge,transformers,vllm}] [--workl
 All three systems and all workloads take about 20 minutes on the 2-core CI machine (vLLM loads twice, ~75 s each).
 
 Setup. SmolLM2-135M-Instruct as a Hugging Face directory (`resolve_model("smollm2-135m")`: the embedded GGUF
-converted once into ~/.cache/lmforge, float32 safetensors), loaded by every system in bfloat16, on `--threads` CPU
+converted once into ~/.cache/lmforge, float32 safetensors), loaded by every system in `--dtype` (default auto: what
+lmforge's `auto` picks on this CPU, bfloat16 where the CPU computes it natively, float32 elsewhere), on `--threads` CPU
 threads (torch.set_num_threads in this process; VLLM_CPU_OMP_THREADS_BIND=0-<threads-1> for vLLM, with
 VLLM_CPU_KVCACHE_SPACE=4, i.e. a 4 GiB KV cache, and lmforge gets kv_cache_memory=4 GiB to match).
 Prompts are built once here (chat template applied by lmforge's tokenizer) and every system receives the same token
@@ -179,7 +180,7 @@ def build_tasks(args, tokenizer) -> tuple[list[Task], dict]:
 # ---------------------------------------------------------------- systems
 
 
-def run_lmforge(tasks: list[Task], model_dir: Path) -> SystemResult:
+def run_lmforge(tasks: list[Task], model_dir: Path, dtype: str = "bfloat16") -> SystemResult:
     try:
         from lmforge import LLM, SamplingParams
     except ImportError as e:  # no engine yet, or one of its modules is still missing
@@ -193,7 +194,7 @@ def run_lmforge(tasks: list[Task], model_dir: Path) -> SystemResult:
         mine = [t for t in tasks if t.prefix_caching == caching]
         if not mine:
             continue
-        llm = LLM(str(model_dir), dtype="bfloat16", enable_prefix_caching=caching, max_model_len=MAX_MODEL_LEN,
+        llm = LLM(str(model_dir), dtype=dtype, enable_prefix_caching=caching, max_model_len=MAX_MODEL_LEN,
                   kv_cache_memory=KV_CACHE_GIB)
         for task in mine:
             params = SamplingParams(temperature=0, max_tokens=task.max_tokens, ignore_eos=True)
@@ -210,14 +211,14 @@ def run_lmforge(tasks: list[Task], model_dir: Path) -> SystemResult:
     return result
 
 
-def run_transformers(tasks: list[Task], model_dir: Path, pad_id: int) -> SystemResult:
+def run_transformers(tasks: list[Task], model_dir: Path, pad_id: int, dtype: str = "bfloat16") -> SystemResult:
     try:
         import transformers
     except ImportError:
         return SystemResult(ok=False, note="not installed (pip install -e '.[test]')")
 
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     result = SystemResult(note=f"transformers {transformers.__version__}")
 
     @torch.inference_mode()
@@ -241,10 +242,10 @@ def run_transformers(tasks: list[Task], model_dir: Path, pad_id: int) -> SystemR
     return result
 
 
-def run_vllm(tasks: list[Task], model_dir: Path, threads: int) -> SystemResult:
+def run_vllm(tasks: list[Task], model_dir: Path, threads: int, dtype: str = "bfloat16") -> SystemResult:
     if not VLLM_PYTHON.exists():
         return SystemResult(ok=False, note=f"not installed ({VLLM_PYTHON} is missing; see this file's docstring)")
-    job = {"model": str(model_dir), "dtype": "bfloat16", "max_model_len": MAX_MODEL_LEN,
+    job = {"model": str(model_dir), "dtype": dtype, "max_model_len": MAX_MODEL_LEN,
            "tasks": [vars(t) for t in tasks]}
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
     env.pop("OMP_NUM_THREADS", None)  # vLLM sizes its OpenMP pool from the binding above
@@ -402,8 +403,13 @@ def main() -> None:
     parser.add_argument("--prefix-tokens", type=int, default=64, help="prefix: new tokens per prompt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after one warm-up")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="every system's dtype; auto: lmforge's choice for this CPU (bf16 where native)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from lmforge.hardware import auto_dtype
+
+    dtype = str(auto_dtype("cpu")).removeprefix("torch.") if args.dtype == "auto" else args.dtype
 
     import lmforge
     from lmforge.tokenizer import Tokenizer
@@ -420,7 +426,7 @@ def main() -> None:
         hf_version = transformers.__version__
     except ImportError:
         hf_version = "not installed"
-    print(f"CPU: {cpu_name()}; {args.threads} threads; bfloat16; torch {torch.__version__}")
+    print(f"CPU: {cpu_name()}; {args.threads} threads; {dtype}; torch {torch.__version__}")
     print(f"lmforge {lmforge.__version__}; transformers {hf_version}; vllm-cpu {vllm_version()} ({VLLM_PYTHON})")
     print(f"model: SmolLM2-135M-Instruct, {model_dir}")
     print(f"greedy, EOS ignored, same token ids for every system; best of {args.repeats} after 1 warm-up call")
@@ -433,11 +439,12 @@ def main() -> None:
     bound = None
     if "single" in info:
         read, copy = measure_bandwidth()
-        weight_bytes = 2 * weight_count(model_dir)
+        weight_bytes = (2 if dtype == "bfloat16" else 4) * weight_count(model_dir)
         bound = read / weight_bytes
         print(f"memory bandwidth ({args.threads} threads, 1 GiB float32): read (sum) {read / 1e9:.1f} GB/s, "
               f"copy {copy / 1e9:.1f} GB/s")
-        print(f"single-stream decode bound: {weight_bytes / 1e6:.0f} MB of bf16 weights per token / read bandwidth = "
+        print(f"single-stream decode bound: {weight_bytes / 1e6:.0f} MB of {dtype} weights per token / read bandwidth "
+              "= "
               f"{bound:.0f} tokens/s")
     print(flush=True)
 
@@ -447,11 +454,12 @@ def main() -> None:
         start, (machine0, own0) = time.perf_counter(), cpu_seconds()
         try:
             if system == "lmforge":
-                results[system] = run_lmforge(tasks, model_dir)
+                results[system] = run_lmforge(tasks, model_dir, dtype)
             elif system == "transformers":
-                results[system] = run_transformers(tasks, model_dir, tokenizer.pad_token_id or tokenizer.eos_token_id)
+                results[system] = run_transformers(tasks, model_dir, tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                                   dtype)
             else:
-                results[system] = run_vllm(tasks, model_dir, args.threads)
+                results[system] = run_vllm(tasks, model_dir, args.threads, dtype)
         except Exception as e:  # one broken system must not hide the others' numbers
             results[system] = SystemResult(ok=False, note=f"failed ({type(e).__name__}: {e})")
         wall, (machine1, own1) = time.perf_counter() - start, cpu_seconds()
