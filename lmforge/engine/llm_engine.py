@@ -42,7 +42,7 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self):
-        if isinstance(self.speculative_config, dict):
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
