@@ -211,31 +211,35 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat.double() / 2))
 
 
-TOP_K, TEMPERATURE, SAMPLES = 4, 0.7, 3000
+TOP_K, TEMPERATURE, PENALTY, TOKENS, SAMPLES = 4, 0.4, 1.1, 4, 4000
 
 
-def exact_distribution(model_dir, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """p(t1, t2, t3) over top-k candidates, from Hugging Face's forward of the same checkpoint (temperature,
-    then HF's top-k: logits below the k-th largest dropped)."""
+def exact_distribution(model_dir, prompt: list[int]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """p(t1, .., t4) over the top-k candidates, from Hugging Face's forward of the same checkpoint and its logits
+    processors: the repetition penalty over prompt and output so far, temperature, top-k."""
     from transformers import AutoModelForCausalLM
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
 
     @torch.no_grad()
     def dist(context):
-        logits = hf(torch.tensor([context])).logits[0, -1] / TEMPERATURE
-        kth = logits.topk(TOP_K).values[-1]
-        return torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+        ids = torch.tensor([context])
+        logits = RepetitionPenaltyLogitsProcessor(PENALTY)(ids, hf(ids).logits[:, -1])
+        return torch.softmax(TopKLogitsWarper(TOP_K)(ids, logits / TEMPERATURE)[0], -1)
 
     joint, cells = [], []
-    p1 = dist(prompt)
-    for t1 in p1.nonzero()[:, 0].tolist():
-        p2 = dist(prompt + [t1])
-        for t2 in p2.nonzero()[:, 0].tolist():
-            p3 = dist(prompt + [t1, t2])
-            for t3 in p3.nonzero()[:, 0].tolist():
-                joint.append(float(p1[t1] * p2[t2] * p3[t3]))
-                cells.append((t1, t2, t3))
+
+    def walk(prefix: tuple[int, ...], prob: float) -> None:
+        if len(prefix) == TOKENS:
+            joint.append(prob)
+            cells.append(prefix)
+            return
+        p = dist(prompt + list(prefix))
+        for t in p.nonzero()[:, 0].tolist():
+            walk((*prefix, t), prob * float(p[t]))
+
+    walk((), 1.0)
     return torch.tensor([*joint, 0.0], dtype=torch.float64), cells  # 0: the cell of impossible outputs
 
 
@@ -246,7 +250,8 @@ def sampled_counts(model_dir, prompt, cells, wrong_verifier: bool = False) -> tu
     if wrong_verifier:  # accepts every draft token: the output leans towards the draft
         llm_engine.verify, right = (lambda draft, sampled: [*draft, sampled[-1]]), llm_engine.verify
     try:
-        params = [SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_tokens=3, ignore_eos=True, seed=s)
+        params = [SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, repetition_penalty=PENALTY, max_tokens=TOKENS,
+                                 ignore_eos=True, seed=s)
                   for s in range(SAMPLES)]
         outs = llm.generate([prompt] * SAMPLES, params, use_tqdm=False)
     finally:
@@ -261,8 +266,11 @@ def sampled_counts(model_dir, prompt, cells, wrong_verifier: bool = False) -> tu
 
 @pytest.fixture(scope="module")
 def target(model_dir):
-    # the prompt repeats a motif: when the sampled tokens occurred in it, the next steps score drafts
-    prompt = repetitive(2, 16)
+    # the prompt is the model's own greedy continuation of a few tokens, so a sampled token has often occurred in
+    # it, followed by tokens the model likes: the second step scores a draft of two tokens, often accepted
+    start = random_prompt(2, 6)
+    greedy = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    prompt = start + engine(model_dir, None).generate([start], greedy, use_tqdm=False)[0].outputs[0].token_ids
     with torch.no_grad():
         joint, cells = exact_distribution(model_dir, prompt)
     return prompt, joint, cells
@@ -271,7 +279,7 @@ def target(model_dir):
 def test_sampled_tokens_follow_the_target_distribution(model_dir, target):
     prompt, joint, cells = target
     counts, acceptance = sampled_counts(model_dir, prompt, cells)
-    assert 0.1 < acceptance < 0.9  # both accepting and rejecting paths carry weight
+    assert 0.1 < acceptance < 0.9  # both the accepting and the rejecting path carry weight
     assert chi_square_p_value(counts, joint) > 1e-4
 
 
