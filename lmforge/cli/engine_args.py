@@ -2,7 +2,9 @@
 
 import argparse
 import dataclasses
+import json
 
+from lmforge.errors import LmforgeError
 from lmforge.weights.resolve import DEFAULT_MODEL
 
 
@@ -23,6 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no optional fast paths (lmforge's CPU kernels, step graphs): the plain PyTorch code only")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                   '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (n-gram prompt lookup; default off)')
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -44,10 +49,17 @@ def engine_config(args: argparse.Namespace):
     from lmforge.models import resolve_dtype
 
     resolve_dtype(args.dtype, {})  # reject a bad --dtype before any slow work
+    spec = None
+    if args.speculative_config is not None:
+        try:
+            spec = json.loads(args.speculative_config)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"--speculative-config is not valid JSON ({e.msg} at character {e.pos})") from None
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager)
+                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+                        speculative_config=spec)
 
 
 def build_llm(args: argparse.Namespace):

@@ -123,6 +123,18 @@ class BlockManager:
                 del self.cached[block.hash]
             block.hash = None
 
+    def free_tail(self, seq: Sequence, num_tokens: int) -> None:
+        """Releases seq's blocks beyond those its first num_tokens need (they held rejected draft tokens only,
+        so no hash names them and no other sequence shares them)."""
+        keep = self.blocks_needed(num_tokens)
+        for block_id in seq.block_table[keep:]:
+            block = self.blocks[block_id]
+            assert block.ref_count == 1 and block.hash is None, "a draft-only block is shared or hashed"
+            block.ref_count = 0
+            self.free_blocks[block_id] = None
+            self.free_blocks.move_to_end(block_id, last=False)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Releases seq's blocks; unhashed ones are reused first, hashed ones stay findable until evicted."""
         for block_id in reversed(seq.block_table):  # tail blocks are the least likely to be shared: evict them first

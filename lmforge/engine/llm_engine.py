@@ -16,6 +16,7 @@ from lmforge.engine.sampler import SamplingRow, sample
 from lmforge.engine.sampling_params import SamplingParams
 from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import Sequence
+from lmforge.engine.speculative import NgramProposer, SpecDecodeStats, SpeculativeConfig, verify
 
 log = logging.getLogger("lmforge")
 
@@ -37,8 +38,12 @@ class EngineConfig:
     enable_lora: bool = False  # serve LoRA adapters (add_lora / lora_request); False: no per-step LoRA work at all
     max_loras: int = 4  # adapters loaded at once: their slots are allocated up front
     max_lora_rank: int = 16  # adapters of lower rank are zero-padded to it
+    # vLLM's speculative_config, e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self):
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,6 +115,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_index: dict[int, tuple[Request, int]] = {}
         self.num_steps = 0  # model steps run (a clock for "freed within one step" checks and metrics)
+        spec = config.speculative_config
+        self.proposer = NgramProposer(spec, self.max_model_len) if spec is not None else None
+        self.spec_stats = SpecDecodeStats(accepted_per_pos=[0] * spec.num_speculative_tokens) if spec else None
 
     def _lora_slots(self) -> LoRAManager:
         from lmforge.layers.multi_lora import add_multi_lora
@@ -218,6 +226,8 @@ class LLMEngine:
         """Schedules and runs one model step; returns the requests that made progress (finished ones removed), or
         with final_only only those that finished (vLLM's FINAL_ONLY output kind: offline generation reads nothing
         else, and building an output copies a request's tokens so far)."""
+        if self.proposer is not None:
+            self.proposer.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -235,16 +245,29 @@ class LLMEngine:
         sampling_rows = []
         for seq in seqs:
             request, index = self._seq_index[seq.seq_id]
-            sampling_rows.append(SamplingRow(seq.params, request.generators[index], seq.prompt_token_ids,
-                                             seq.output_token_ids, self.eos_token_ids))
+            output, spec = seq.output_token_ids, seq.spec_token_ids
+            # one row per scored position; the draft tokens before a position are its context (penalties,
+            # min_tokens), so each row's distribution is the one plain decoding would sample from there
+            for j in range(len(spec) + 1):
+                sampling_rows.append(SamplingRow(seq.params, request.generators[index], seq.prompt_token_ids,
+                                                 output + spec[:j] if j else output, self.eos_token_ids))
         result = sample(logits, sampling_rows)
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for i, seq in enumerate(seqs):
+        i = 0
+        for seq in seqs:
             request, index = self._seq_index[seq.seq_id]
-            self._append(request, index, seq, result.token_ids[i],
-                         result.logprobs[i] if result.logprobs else None,
-                         result.top_logprobs[i] if result.top_logprobs else None, now)
+            spec = seq.spec_token_ids
+            emitted = verify(spec, result.token_ids[i:i + len(spec) + 1]) if spec else result.token_ids[i:i + 1]
+            for j, token in enumerate(emitted):  # a stop, EOS or length limit ends the run: nothing after it
+                self._append(request, index, seq, token, result.logprobs[i + j] if result.logprobs else None,
+                             result.top_logprobs[i + j] if result.top_logprobs else None, now)
+                if seq.is_finished:
+                    break
+            if spec:
+                self.spec_stats.record(len(spec), len(emitted) - 1)
+                self.scheduler.discard_rejected(seq)
+            i += len(spec) + 1
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():

@@ -63,18 +63,20 @@ class ModelRunner:
                                   for _ in range(a.num_hidden_layers)]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
-        """Flat ids, positions and metadata for the step; the rows (sequence indices) that get logits."""
+        """Flat ids, positions and metadata for the step; the rows (sequence indices) that get logits. A row
+        with k draft tokens gets k + 1 logits: at its last token and at each draft token."""
         bs = self.block_size
         ids, positions, slots, seqlens_k, logits_idx, sample_rows = [], [], [], [], [], []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             table = seq.block_table
-            ids.extend(seq.token_ids[start:end])
+            spec = seq.spec_token_ids
+            ids.extend((seq.token_ids + spec if spec else seq.token_ids)[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             seqlens_k.append(end)
-            if end == seq.num_tokens:  # the step reaches the sequence's last token: its logits pick the next one
-                logits_idx.append(len(ids) - 1)
+            if end == seq.num_tokens + len(spec):  # the step reaches the last token: its logits pick the next one
+                logits_idx.extend(range(len(ids) - 1 - len(spec), len(ids)))
                 sample_rows.append(row)
         width = max(len(seq.block_table) for seq in batch.seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
@@ -116,9 +118,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, lora: LoraBatch | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Runs the step; returns logits [len(rows), vocab] in the model's dtype (the sampler widens them to fp32
-        when it needs more than an argmax) and the rows they belong to. `lora`: which tokens use which adapter
-        (multi-LoRA serving), None when no sequence of the step uses one."""
+        """Runs the step; returns logits [sum over rows of 1 + draft length, vocab] in the model's dtype (the
+        sampler widens them to fp32 when it needs more than an argmax) and the rows they belong to. `lora`: which
+        tokens use which adapter (multi-LoRA serving), None when no sequence of the step uses one."""
         ids, positions, meta, rows = self.prepare(batch)
         if lora is not None:
             meta = dataclasses.replace(meta, lora=lora)

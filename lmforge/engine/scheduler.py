@@ -2,6 +2,7 @@
 
 Each step hands out at most `max_num_batched_tokens` tokens: running sequences first (a decode needs 1,
 an unfinished prefill takes what is left of the budget: chunked prefill), then waiting ones in policy order.
+A decoding sequence with draft tokens (speculative decoding) takes 1 + its draft's length, the draft cut to fit.
 Full blocks are published to the prefix cache as their step is handed out, so the n sequences of one request
 and same-prefix requests admitted in one step share them. When blocks run out, the lowest-priority running
 sequence is preempted: its blocks are freed and it waits to be recomputed (cheaply, when its blocks are still
@@ -57,13 +58,19 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            spec = seq.spec_token_ids  # draft tokens, scored after the last token: cut to fit the budget
+            n = min(seq.num_tokens + len(spec) - seq.num_computed_tokens, budget)
+            del spec[max(0, n - 1):]
             if self.block_manager.allocate_slots(seq, n):
-                self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + n)
+                # only verified tokens are hashed: draft tokens may yet be rejected
+                self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens + n, seq.num_tokens))
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
                 budget -= n
                 i += 1
+                continue
+            if spec:  # no room for the draft: try the plain decode before preempting anyone
+                spec.clear()
                 continue
             victim = max(self.running[i:], key=self._key)  # never one already in this step's batch
             self._preempt(victim)
@@ -96,6 +103,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.set_status(SequenceStatus.WAITING)
@@ -106,9 +114,19 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
 
+    def discard_rejected(self, seq: Sequence) -> None:
+        """After verifying seq's draft (its accepted tokens appended): the rejected tokens' KV is not computed,
+        and blocks that held only them are freed. Their slots are simply overwritten later."""
+        seq.spec_token_ids = []
+        if seq.is_finished:
+            return
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+        self.block_manager.free_tail(seq, seq.num_tokens)
+
     def step_failed(self, batch: ScheduledBatch) -> None:
         """The model step raised: the blocks it was to fill must not be found by prefix caching."""
         for seq in batch.seqs:
+            seq.spec_token_ids = []
             self.block_manager.uncache_uncomputed_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:

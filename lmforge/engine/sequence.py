@@ -43,6 +43,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at the first schedule
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of this sequence's full blocks
+    spec_token_ids: list[int] = field(default_factory=list)  # this step's draft tokens (speculative decoding)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0

@@ -1,10 +1,12 @@
 """Prometheus metrics in text format, `lmforge:` prefix, names as vLLM's where vLLM has one.
 
 Request metrics are recorded by the server as outputs reach it (so latencies are what a client sees, tokenizing
-and queueing included). Engine state (running/waiting, KV usage, prefix cache, preemptions, steps) is read on the
-engine thread between two steps when /metrics is scraped, so a scrape never sees a half-done step.
+and queueing included). Engine state (running/waiting, KV usage, prefix cache, preemptions, steps, speculative
+decoding) is read on the engine thread between two steps when /metrics is scraped, so a scrape never sees a
+half-done step.
 """
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -14,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from lmforge.engine.async_engine import AsyncEngine
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.outputs import RequestOutput
+from lmforge.engine.speculative import SpecDecodeStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160)
@@ -32,13 +35,15 @@ class EngineSnapshot:
     prefix_hits: int
     preemptions: int
     steps: int
+    spec: SpecDecodeStats | None = None  # speculative decoding counters; None when speculation is off
 
     @classmethod
     def take(cls, engine: LLMEngine) -> "EngineSnapshot":
         """Call on the engine thread (AsyncEngine.run), where nothing changes underneath."""
         bm, sched = engine.block_manager, engine.scheduler
         return cls(len(sched.running), len(sched.waiting), bm.usage, bm.num_blocks, bm.prefix_queries,
-                   bm.prefix_hits, sched.num_preemptions, engine.num_steps)
+                   bm.prefix_hits, sched.num_preemptions, engine.num_steps,
+                   None if engine.spec_stats is None else copy.deepcopy(engine.spec_stats))
 
 
 class _EngineCollector:
@@ -75,6 +80,23 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric(value, v)
             yield c
+        if s.spec is not None:
+            yield from _spec_counters(s.spec, labels, value)
+
+
+def _spec_counters(spec: SpecDecodeStats, labels: list[str], value: list[str]):
+    """vLLM's spec_decode_* counters (under lmforge:)."""
+    for name, doc, v in (("num_drafts", "Draft proposals scored by the target model.", spec.num_drafts),
+                         ("num_draft_tokens", "Draft tokens scored by the target model.", spec.num_draft_tokens),
+                         ("num_accepted_tokens", "Draft tokens accepted by verification.", spec.num_accepted_tokens)):
+        c = CounterMetricFamily(f"lmforge:spec_decode_{name}", doc, labels=labels)
+        c.add_metric(value, v)
+        yield c
+    c = CounterMetricFamily("lmforge:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted at each "
+                            "position of the draft (0: the first draft token).", labels=[*labels, "position"])
+    for pos, v in enumerate(spec.accepted_per_pos):
+        c.add_metric([*value, str(pos)], v)
+    yield c
 
 
 class ServerMetrics:

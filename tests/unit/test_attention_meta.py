@@ -80,3 +80,36 @@ def _two_sequences(path):
     out = model.logits(model(torch.stack([a[19], b[6]]), last, meta, kv))
     torch.testing.assert_close(out[0], forward_alone(model, a)[-1], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], forward_alone(model, b)[-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+@pytest.mark.parametrize("queries", [4, 6])
+@torch.no_grad()
+def test_several_queries_of_a_decode_over_its_paged_context(path, queries):
+    """Speculative decoding scores 1 + k tokens of a decoding sequence at once: each query sees its cached
+    context and the new tokens before it, next to a plain single-token decode (kernel: 4 queries take the short-
+    query rule, 6 the work rule)."""
+    if path == "kernel" and kernels.cpu_ops() is None:
+        pytest.skip("CPU kernels unavailable")
+    model = tiny_model()
+    a, b = torch.randint(0, 96, (30,)), torch.randint(0, 96, (9,))
+    shape = (8, 16, TINY_LLAMA["num_key_value_heads"], 8)
+    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
+    tables = torch.tensor([[6, 2], [1, 4]])
+
+    def slots(table, positions):
+        return table[positions // 16] * 16 + positions % 16
+
+    done_a = 30 - queries
+    with contextlib.nullcontext() if path == "kernel" else kernels.disabled():
+        pos_a, pos_b = torch.arange(done_a), torch.arange(8)
+        meta = AttnMeta.for_paged([done_a, 8], [done_a, 8], torch.cat([slots(tables[0], pos_a),
+                                                                      slots(tables[1], pos_b)]), tables)
+        model(torch.cat([a[:done_a], b[:8]]), torch.cat([pos_a, pos_b]), meta, kv)
+        new_a, new_b = torch.arange(done_a, 30), torch.tensor([8])
+        meta = AttnMeta.for_paged([queries, 1], [30, 9], torch.cat([slots(tables[0], new_a), slots(tables[1], new_b)]),
+                                  tables, block_size=16)
+        assert (meta.kernel is not None) == (path == "kernel")
+        out = model.logits(model(torch.cat([a[done_a:], b[8:]]), torch.cat([new_a, new_b]), meta, kv))
+    torch.testing.assert_close(out[:queries], forward_alone(model, a)[done_a:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[queries], forward_alone(model, b)[-1], atol=1e-5, rtol=0)
