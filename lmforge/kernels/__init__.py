@@ -23,6 +23,7 @@ import torch
 
 log = logging.getLogger("lmforge")
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+QUANT_SOURCE = Path(__file__).with_name("quant_ops.cpp")  # weight-only quantised linears (lmforge/layers/quant_linear.py)
 _state: dict[str, object] = {}
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -37,9 +38,9 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build_dir() -> tuple[str, Path]:
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    name = f"lmforge_cpu_ops_{key}"
+def _build_dir(source: Path = SOURCE) -> tuple[str, Path]:
+    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    name = f"lmforge_{source.stem}_{key}"
     root = Path(os.environ.get("LMFORGE_KERNEL_CACHE") or "~/.cache/lmforge/kernels").expanduser()
     return name, root / name
 
@@ -63,19 +64,34 @@ def cpu_ops():
     return ops
 
 
-def _load():
+def quant_ops():
+    """The compiled quantised-linear kernels (quant_ops.cpp), or None, as cpu_ops(); built on first use."""
+    if "quant" in _state:
+        return _state["quant"]
+    ops = None
+    if enabled():
+        try:
+            ops = _load(QUANT_SOURCE)
+        except Exception as e:
+            log.warning("quantised kernels unavailable, running the pure-torch path (%s: %s)", type(e).__name__,
+                        str(e).strip().splitlines()[-1] if str(e).strip() else "")
+    _state["quant"] = ops
+    return ops
+
+
+def _load(source: Path = SOURCE):
     from torch.utils.cpp_extension import load
 
-    name, build_dir = _build_dir()
+    name, build_dir = _build_dir(source)
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not any(build_dir.glob("*.so"))
     if fresh:
-        log.info("compiling lmforge CPU kernels into %s (once per machine, about a minute)", build_dir)
+        log.info("compiling lmforge CPU kernels (%s) into %s (once per machine, about a minute)", source.name, build_dir)
     start = time.perf_counter()
     flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
-    ops = load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir), extra_cflags=flags,
+    ops = load(name=name, sources=[str(source)], build_directory=str(build_dir), extra_cflags=flags,
                extra_ldflags=["-fopenmp"], verbose=False)
-    log.info("CPU kernels %s in %.1fs", "compiled" if fresh else "loaded", time.perf_counter() - start)
+    log.info("CPU kernels (%s) %s in %.1fs", source.name, "compiled" if fresh else "loaded", time.perf_counter() - start)
     return ops
 
 
