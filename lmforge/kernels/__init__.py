@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger("lmforge")
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-QUANT_SOURCE = Path(__file__).with_name("quant_ops.cpp")  # weight-only quantised linears (lmforge/layers/quant_linear.py)
+QUANT_SOURCE = Path(__file__).with_name("quant_ops.cpp")  # weight-only quantised linears (layers/quant_linear.py)
 _state: dict[str, object] = {}
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -86,12 +86,14 @@ def _load(source: Path = SOURCE):
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not any(build_dir.glob("*.so"))
     if fresh:
-        log.info("compiling lmforge CPU kernels (%s) into %s (once per machine, about a minute)", source.name, build_dir)
+        log.info("compiling lmforge CPU kernels (%s) into %s (once per machine, about a minute)", source.name,
+                 build_dir)
     start = time.perf_counter()
     flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
     ops = load(name=name, sources=[str(source)], build_directory=str(build_dir), extra_cflags=flags,
                extra_ldflags=["-fopenmp"], verbose=False)
-    log.info("CPU kernels (%s) %s in %.1fs", source.name, "compiled" if fresh else "loaded", time.perf_counter() - start)
+    log.info("CPU kernels (%s) %s in %.1fs", source.name, "compiled" if fresh else "loaded",
+             time.perf_counter() - start)
     return ops
 
 

@@ -32,7 +32,8 @@ def packed_blocks(data: np.ndarray, qtype: Q) -> tuple[torch.Tensor, torch.Tenso
     rows = data.shape[0]
     if qtype == Q.Q8_0:
         b = data.reshape(rows, -1, 34)
-        return torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, -1)), _f16(b[..., :2]), None
+        q = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, -1))
+        return q, _f16(b[..., :2]), None
     if qtype in (Q.Q4_0, Q.Q4_1):
         size = 18 if qtype == Q.Q4_0 else 20
         b = data.reshape(rows, -1, size)
