@@ -34,8 +34,15 @@ class QuantLinear(nn.Module):
         self.dtype = dtype  # the float dtype of the layer it replaced: outputs (and LoRA slots over it) use it
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.float().contiguous())
-        self.register_buffer("mins", mins.float().contiguous() if q4 else _EMPTY.clone())
-        self.register_buffer("bias", bias.float().contiguous() if bias is not None else _EMPTY.clone())
+        # Absent ones are the shared empty tensor (the kernels' "none"), not buffers: checkpoints hold no empty tensors.
+        if q4:
+            self.register_buffer("mins", mins.float().contiguous())
+        else:
+            self.mins = _EMPTY
+        if bias is not None:
+            self.register_buffer("bias", bias.float().contiguous())
+        else:
+            self.bias = _EMPTY
 
     @classmethod
     def quantize(cls, linear: nn.Module, method: str) -> "QuantLinear":
