@@ -1,8 +1,8 @@
 """Weight-only quantised linear layers for serving: weights in 8 or 4 bits, activations float.
 
 A `QuantLinear` holds its weight packed in one of two layouts (the kernels' layouts, lmforge/kernels/quant_ops.cpp):
-  "q8": int8 `qweight` [out, in] and float32 `scales`, one per 32-element block [out, in/32] (GGUF Q8_0) or one per
-        output channel [out] (`quantization="int8"`); value = scale * q.
+  "q8": int8 `qweight` [out, in] and float32 `scales`, one per 32-element block [out, in/32] (GGUF Q8_0 and
+        `quantization="int8"`) or one per output channel [out]; value = scale * q.
   "q4": uint8 `qweight` [out, in/2], each 32-block's 16 bytes holding element i in the low nibble of byte i and
         element i + 16 in the high one; float32 `scales` and `mins` [out, in/32]; value = scale * q + min. GGUF Q4_0
         (min = -8 scale), Q4_1, Q4_K (its 32-element sub-blocks' scale and min, multiplied out exactly in float32)
@@ -46,12 +46,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def quantize(cls, linear: nn.Module, method: str) -> "QuantLinear":
-        """From a float layer with `weight` [out, in] (and `bias`): "int8" per-channel absmax, "int4" per-32 groups
-        with scale and min."""
+        """From a float layer with `weight` [out, in] (and `bias`): "int8" symmetric per 32-block (absmax), "int4"
+        asymmetric per 32-group (scale and min). Per-channel int8 (`quantize_int8`, which the kernels also take) is
+        not offered: on SmolLM2-135M it tripled the KL divergence from the float model (docs/status.md)."""
         w = linear.weight.detach().float()
         bias = linear.bias.detach() if linear.bias is not None else None
         if method == "int8":
-            return cls(*quantize_int8(w), bias=bias, dtype=linear.weight.dtype)
+            return cls(*quantize_q8(w), bias=bias, dtype=linear.weight.dtype)
         if method == "int4":
             return cls(*quantize_int4(w), bias=bias, dtype=linear.weight.dtype)
         raise LmforgeError(f"unknown weight quantization {method!r}; choose int8 or int4")
@@ -190,3 +191,12 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     inv = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
     q = (blocks * inv.unsqueeze(-1)).round()
     return q.to(torch.int8).view(m, k), scale, scale * q.sum(dim=-1)
+
+
+def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per 32-element block along in_features (GGUF Q8_0's scheme, float32 scales)."""
+    n, k = w.shape
+    blocks = w.view(n, k // BLOCK, BLOCK)
+    scale = blocks.abs().amax(dim=-1) / 127
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (blocks * inv.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8).view(n, k), scale

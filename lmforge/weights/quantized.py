@@ -1,9 +1,10 @@
 """Quantised serving weights: a float model's linears replaced by QuantLinears (lmforge/layers/quant_linear.py).
 
 Three sources, one result (`quantization=` on the engine, vLLM's spelling):
-  "int8"  every decoder linear quantised at load, int8 per output channel (symmetric absmax);
+  "int8"  every decoder linear quantised at load, int8 per 32-element block (symmetric absmax, float32 scale: the
+          Q8_0 scheme; per output channel was measured 3x further from the float model);
   "int4"  every decoder linear in 4-bit groups of 32 along the input (scale and min per group, the Q4_1 idea);
-          with both, lm_head becomes int8 per channel (it is read every decode step: as float it alone would stream
+          with both, lm_head becomes int8 too (it is read every decode step: as float it alone would stream
           as many bytes as the whole int8 decoder); the embedding table stays float (one row read per token);
   "gguf"  the GGUF file's own blocks served as they are: Q8_0, Q4_0, Q4_1 and Q4_K linears (lm_head too, from
           `output` or the tied `token_embd`); tensors of other types stay float (logged), as do norms/embeddings.
@@ -12,7 +13,7 @@ A linear whose in_features is not a multiple of 32 stays float (logged).
 A quantised checkpoint (`lmforge convert SRC OUT --quantize int8|int4`) is an HF directory whose config.json carries
   "quantization_config": {"quant_method": "lmforge", "method": "int8"|"int4", "modules": [module paths]}
 and whose safetensors hold, for each listed module, `<path>.qweight` (int8 [out, in] or uint8 [out, in/2]),
-`<path>.scales` (float32 [out] per channel, or [out, in/32]), `<path>.mins` (4-bit only, float32 [out, in/32]) and
+`<path>.scales` (float32 [out, in/32]), `<path>.mins` (4-bit only, float32 [out, in/32]) and
 `<path>.bias` if any (float32); every other tensor is as in a float checkpoint.
 """
 
@@ -145,10 +146,9 @@ def build_quantized_model(model_dir: Path, cfg: dict, dtype: str | torch.dtype, 
 def _empty_quant(layer: Linear, method: str, dtype: torch.dtype) -> QuantLinear:
     n, k = layer.out_features, layer.in_features
     bias = torch.empty(n, device="meta") if layer.bias is not None else None
-    if method == "int8":
-        return QuantLinear(torch.empty(n, k, dtype=torch.int8, device="meta"), torch.empty(n, device="meta"),
-                           bias=bias, dtype=dtype)
     groups = torch.empty(n, k // BLOCK, device="meta")
+    if method == "int8":
+        return QuantLinear(torch.empty(n, k, dtype=torch.int8, device="meta"), groups, bias=bias, dtype=dtype)
     return QuantLinear(torch.empty(n, k // 2, dtype=torch.uint8, device="meta"), groups, groups.clone(), bias,
                        dtype=dtype)
 
