@@ -27,6 +27,7 @@
 namespace {
 
 constexpr int64_t QK = 32;  // elements per block
+constexpr int64_t ROW_TILE = 4;  // activation rows sharing each unpacked weight block
 
 inline float to_f(float x) { return x; }
 inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
@@ -120,62 +121,97 @@ inline __m256i unpack_q4(const uint8_t* p) {  // 16 bytes -> 32 nibbles in eleme
 }
 #endif
 
-// out[r] = sum over blocks of wscale_b * dx[r]_b * <w_b, qx[r]_b> (+ min_b * sx[r]_b for q4). ROW: wscale is one
-// number for the whole weight row (then multiplied at the end).
-template <int R, bool Q4, bool ROW>
-inline void dot_rows(const void* wrow, const float* ws, const float* wm, const int8_t* const* qx,
-                     const float* const* dx, const float* const* sx, int64_t nb, float* out) {
+// One weight row's share of a tile: its packed blocks, block scales (or its one scale: ROW) and mins (q4).
+struct WRow {
+  const uint8_t* w;
+  const float* scale;
+  const float* min;
+};
+
+// sum_b a[b] * b[b] over n floats: the q4 min term (min_b * scale_b * sum(qx_b)), eight blocks at a time.
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
 #if defined(__AVX2__)
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i w, wabs;
-    if constexpr (Q4) {
-      w = unpack_q4(static_cast<const uint8_t*>(wrow) + b * QK / 2);
-      wabs = w;
-    } else {
-      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(wrow) + b * QK));
-      wabs = _mm256_sign_epi8(w, w);  // |w| as u8; the sign moves onto x below
-    }
-    const float wsb = ROW ? 1.f : ws[b];
-    for (int r = 0; r < R; ++r) {
-      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[r] + b * QK));
-      if constexpr (!Q4) x = _mm256_sign_epi8(x, w);
-      const __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wabs, x));
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wsb * dx[r][b]), isum, acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
-#else
-  for (int r = 0; r < R; ++r) out[r] = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const float wsb = ROW ? 1.f : ws[b];
-    for (int r = 0; r < R; ++r) {
-      int isum = 0;
-      const int8_t* xb = qx[r] + b * QK;
-      if constexpr (Q4) {
-        const uint8_t* p = static_cast<const uint8_t*>(wrow) + b * QK / 2;
-        for (int i = 0; i < QK / 2; ++i) isum += (p[i] & 0x0F) * xb[i] + (p[i] >> 4) * xb[i + QK / 2];
-      } else {
-        const int8_t* p = static_cast<const int8_t*>(wrow) + b * QK;
-        for (int i = 0; i < QK; ++i) isum += p[i] * xb[i];
-      }
-      out[r] += wsb * dx[r][b] * static_cast<float>(isum);
-    }
-  }
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  sum = hsum(acc);
 #endif
-  for (int r = 0; r < R; ++r) {
-    if constexpr (ROW) out[r] *= ws[0];
-    if constexpr (Q4) {
-      float m = 0.f;
-      for (int64_t b = 0; b < nb; ++b) m += wm[b] * sx[r][b];
-      out[r] += m;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out[c][r] = sum over blocks of wscale_b * dx[r]_b * <w_b, qx[r]_b> (+ sum_b min_b * sx[r]_b for q4), for C weight
+// rows and R activation rows: each unpacked weight block serves R rows, each activation block C weight rows, and
+// the C x R accumulators are independent chains. ROW: one scale per weight row, applied at the end.
+template <int R, int C, bool Q4, bool ROW>
+inline void dot_tile(const WRow* w, const int8_t* const* qx, const float* const* dx, const float* const* sx,
+                     int64_t nb, float (*out)[ROW_TILE]) {
+#if defined(__AVX2__)
+  __m256 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i wv[C], wabs[C];
+    for (int c = 0; c < C; ++c) {
+      if constexpr (Q4) {
+        wv[c] = wabs[c] = unpack_q4(w[c].w + b * QK / 2);
+      } else {
+        wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[c].w + b * QK));
+        wabs[c] = _mm256_sign_epi8(wv[c], wv[c]);  // |w| as u8; the sign moves onto x below
+      }
     }
+    for (int r = 0; r < R; ++r) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[r] + b * QK));
+      const float d = dx[r][b];
+      for (int c = 0; c < C; ++c) {
+        const __m256i xs = Q4 ? x : _mm256_sign_epi8(x, wv[c]);
+        const __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wabs[c], xs));
+        acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(ROW ? d : w[c].scale[b] * d), isum, acc[c][r]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) out[c][r] = hsum(acc[c][r]);
+#else
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int isum = 0;
+        const int8_t* xb = qx[r] + b * QK;
+        if constexpr (Q4) {
+          const uint8_t* p = w[c].w + b * QK / 2;
+          for (int i = 0; i < QK / 2; ++i) isum += (p[i] & 0x0F) * xb[i] + (p[i] >> 4) * xb[i + QK / 2];
+        } else {
+          const int8_t* p = reinterpret_cast<const int8_t*>(w[c].w) + b * QK;
+          for (int i = 0; i < QK; ++i) isum += p[i] * xb[i];
+        }
+        sum += (ROW ? 1.f : w[c].scale[b]) * dx[r][b] * static_cast<float>(isum);
+      }
+      out[c][r] = sum;
+    }
+#endif
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      if constexpr (ROW) out[c][r] *= w[c].scale[0];
+      if constexpr (Q4) out[c][r] += dot_f32(w[c].min, sx[r], nb);
+    }
+}
+
+template <int C, bool Q4, bool ROW>
+inline void dot_rows(int64_t rows, const WRow* w, const int8_t* const* qx, const float* const* dx,
+                     const float* const* sx, int64_t nb, float (*out)[ROW_TILE]) {
+  switch (rows) {
+    case 4: dot_tile<4, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
+    case 3: dot_tile<3, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
+    case 2: dot_tile<2, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
+    default: dot_tile<1, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
   }
 }
 
-constexpr int64_t ROW_TILE = 4;   // activation rows sharing each unpacked weight block
-constexpr int64_t OUT_CHUNK = 16;  // output channels per cache-resident chunk of the weight
+constexpr int64_t OUT_TILE = 2;    // weight rows per register tile
+constexpr int64_t OUT_CHUNK = 16;  // output channels per cache-resident chunk of the weight (a multiple of OUT_TILE)
 
 template <bool Q4, bool ROW, typename scalar_t>
 void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scale,
@@ -189,7 +225,8 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& 
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
     const int8_t* qx[ROW_TILE];
     const float *dx[ROW_TILE], *sx[ROW_TILE];
-    float out[ROW_TILE];
+    float out[OUT_TILE][ROW_TILE];
+    WRow wr[OUT_TILE];
     for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
       const int64_t rows = std::min(ROW_TILE, M - m0);
       for (int64_t r = 0; r < rows; ++r) {
@@ -197,18 +234,17 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& 
         dx[r] = a.d.data() + (m0 + r) * nb;
         sx[r] = a.s.data() + (m0 + r) * nb;
       }
-      for (int64_t n = lo * OUT_CHUNK; n < std::min(N, hi * OUT_CHUNK); ++n) {
-        const void* wrow = pw + n * wld;
-        const float* ws = ROW ? ps + n : ps + n * nb;
-        const float* wm = Q4 ? wmin + n * nb : nullptr;
-        switch (rows) {
-          case 4: dot_rows<4, Q4, ROW>(wrow, ws, wm, qx, dx, sx, nb, out); break;
-          case 3: dot_rows<3, Q4, ROW>(wrow, ws, wm, qx, dx, sx, nb, out); break;
-          case 2: dot_rows<2, Q4, ROW>(wrow, ws, wm, qx, dx, sx, nb, out); break;
-          default: dot_rows<1, Q4, ROW>(wrow, ws, wm, qx, dx, sx, nb, out); break;
+      const int64_t end = std::min(N, hi * OUT_CHUNK);
+      for (int64_t n = lo * OUT_CHUNK; n < end; n += OUT_TILE) {
+        const int64_t cols = std::min(OUT_TILE, end - n);
+        for (int64_t c = 0; c < cols; ++c)
+          wr[c] = {pw + (n + c) * wld, ROW ? ps + n + c : ps + (n + c) * nb, Q4 ? wmin + (n + c) * nb : nullptr};
+        if (cols == OUT_TILE) dot_rows<OUT_TILE, Q4, ROW>(rows, wr, qx, dx, sx, nb, out);
+        else dot_rows<1, Q4, ROW>(rows, wr, qx, dx, sx, nb, out);
+        for (int64_t c = 0; c < cols; ++c) {
+          const float b = bias ? bias[n + c] : 0.f;
+          for (int64_t r = 0; r < rows; ++r) py[(m0 + r) * yld + n + c] = static_cast<scalar_t>(out[c][r] + b);
         }
-        const float b = bias ? bias[n] : 0.f;
-        for (int64_t r = 0; r < rows; ++r) py[(m0 + r) * yld + n] = static_cast<scalar_t>(out[r] + b);
       }
     }
   });
