@@ -15,6 +15,8 @@ in bfloat16:
                     the pure-torch path (gather the blocks, one batched SDPA call with a key mask)
   rms_norm / rope / silu_mul   64 rows, vs the eager ops of lmforge/layers (kernels.disabled())
 These are the measurements behind the thresholds in lmforge/layers (SMALL_ROWS, AMX_MAX_ROWS, KERNEL_MAX_*).
+Quantised rows (first): the same 30 layers' linears as QuantLinear int8 / int4 on 1, 4 and 64 float32 rows vs
+float32 F.linear, with the GB/s of quantised weight bytes and the GFLOP/s they reach.
 Training rows (forward + backward under autograd, bf16, one micro-batch of 4 x 512 tokens, the shapes of
 benchmarks/train.py): causal attention (torch's flash forward + the AMX backward vs SDPA's own backward), RMSNorm,
 rope and SwiGLU (the autograd Functions of lmforge/layers/train_kernels.py vs the layers' eager code), and the
@@ -74,6 +76,32 @@ def linear_rows(rows: int):
             torch.ops.mkldnn._linear_pointwise(inputs[layer.in_features], w, None, "none", [], "")
 
     return fast, peer, onednn_packed
+
+
+def quant_linear_rows(rows: int, method: str):
+    """The 30 layers' linears quantised (lmforge/layers/quant_linear.py) vs float32 F.linear on the same shapes;
+    returns (fast, peer, weight bytes of the quantised layers, float32 weight bytes)."""
+    from lmforge.layers.quant_linear import QuantLinear
+
+    floats, layers = [], []
+    for _ in range(LAYERS):
+        for fan_in, fan_out in SHAPES:
+            w = torch.nn.Linear(fan_in, fan_out, bias=False)
+            floats.append(w.weight.detach())
+            layers.append(QuantLinear.quantize(w, method))
+    inputs = {fan_in: torch.randn(rows, fan_in) for fan_in, _ in SHAPES}
+
+    @torch.inference_mode()
+    def fast():
+        for layer in layers:
+            layer(inputs[layer.in_features])
+
+    @torch.inference_mode()
+    def peer():
+        for w in floats:
+            F.linear(inputs[w.shape[1]], w)
+
+    return fast, peer, sum(layer.nbytes for layer in layers), sum(w.numel() * 4 for w in floats)
 
 
 def paged(rows: int = 64, context: int = 90, pools: int = LAYERS, block_size: int = 16):
@@ -196,12 +224,29 @@ def main() -> None:
     rows += [(name, "kernel", "eager", fast, peer) for name, (fast, peer) in elementwise().items()]
     if ops.amx_available():
         rows += [(name, "kernel", "eager autograd", fast, peer) for name, (fast, peer) in training().items()]
+    if kernels.quant_ops() is not None:
+        quant_rows(args)
     print(f"torch {torch.__version__}, {args.threads} threads, bfloat16; best of {args.repeats}; "
           f"ratio = peer / lmforge")
     print(f"{'what':42s} {'lmforge':>10s} {'peer':>10s} {'ratio':>7s}  lmforge path / peer")
     for name, mine, theirs, fast, peer in rows:
         t_fast, t_peer = best_ms(fast, args.repeats), best_ms(peer, args.repeats)
         print(f"{name:42s} {t_fast:8.3f}ms {t_peer:8.3f}ms {t_peer / t_fast:7.2f}  {mine} / {theirs}")
+
+
+def quant_rows(args) -> None:
+    """Quantised linears (int8: 32-block scales, int4: 32-groups with scale and min) vs float32 F.linear: time,
+    GB/s of weight bytes streamed and GFLOP/s."""
+    flops = 2 * LAYERS * sum(a * b for a, b in SHAPES)
+    print(f"quantised linears, 30 layers of SmolLM2-135M's shapes, float32 activations; best of {args.repeats}")
+    print(f"{'what':34s} {'lmforge':>10s} {'GB/s':>6s} {'GFLOP/s':>8s} {'fp32 F.linear':>14s} {'ratio':>6s}")
+    for method in ("int8", "int4"):
+        for rows in (1, 4, 64):
+            fast, peer, nbytes, fbytes = quant_linear_rows(rows, method)
+            t_fast, t_peer = best_ms(fast, args.repeats), best_ms(peer, args.repeats)
+            print(f"{method + f', {rows} rows':34s} {t_fast:8.3f}ms {nbytes / t_fast / 1e6:6.1f} "
+                  f"{rows * flops / t_fast / 1e6:8.1f} {t_peer:12.3f}ms {t_peer / t_fast:6.2f}")
+    print()
 
 
 if __name__ == "__main__":

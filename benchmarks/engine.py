@@ -180,7 +180,8 @@ def build_tasks(args, tokenizer) -> tuple[list[Task], dict]:
 # ---------------------------------------------------------------- systems
 
 
-def run_lmforge(tasks: list[Task], model_dir: Path, dtype: str = "bfloat16") -> SystemResult:
+def run_lmforge(tasks: list[Task], model_dir: Path, dtype: str = "bfloat16", quantization: str | None = None
+                ) -> SystemResult:
     try:
         from lmforge import LLM, SamplingParams
     except ImportError as e:  # no engine yet, or one of its modules is still missing
@@ -189,13 +190,19 @@ def run_lmforge(tasks: list[Task], model_dir: Path, dtype: str = "bfloat16") -> 
         return SystemResult(ok=False, note=f"engine failed to import ({type(e).__name__}: {e})")
     import lmforge
 
-    result = SystemResult(note=f"lmforge {lmforge.__version__}")
+    result = SystemResult(note=f"lmforge {lmforge.__version__}, {dtype}" +
+                          (f", {quantization} linears" if quantization else ""))
+    model = str(model_dir)
+    if quantization == "gguf":  # the GGUF's own blocks: the model is the file itself
+        from lmforge.weights.resolve import embedded_gguf
+
+        model = str(embedded_gguf("smollm2-135m"))
     for caching in (False, True):
         mine = [t for t in tasks if t.prefix_caching == caching]
         if not mine:
             continue
-        llm = LLM(str(model_dir), dtype=dtype, enable_prefix_caching=caching, max_model_len=MAX_MODEL_LEN,
-                  kv_cache_memory=KV_CACHE_GIB)
+        llm = LLM(model, dtype=dtype, quantization=quantization, enable_prefix_caching=caching,
+                  max_model_len=MAX_MODEL_LEN, kv_cache_memory=KV_CACHE_GIB)
         for task in mine:
             params = SamplingParams(temperature=0, max_tokens=task.max_tokens, ignore_eos=True)
             runs = []
@@ -405,6 +412,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after one warm-up")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="every system's dtype; auto: lmforge's choice for this CPU (bf16 where native)")
+    parser.add_argument("--quantization", choices=["int8", "int4", "gguf"], default=None,
+                        help="lmforge's weight-only quantised linears (gguf: the SmolLM2 GGUF's own Q4_1 blocks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from lmforge.hardware import auto_dtype
@@ -454,7 +463,7 @@ def main() -> None:
         start, (machine0, own0) = time.perf_counter(), cpu_seconds()
         try:
             if system == "lmforge":
-                results[system] = run_lmforge(tasks, model_dir, dtype)
+                results[system] = run_lmforge(tasks, model_dir, dtype, args.quantization)
             elif system == "transformers":
                 results[system] = run_transformers(tasks, model_dir, tokenizer.pad_token_id or tokenizer.eos_token_id,
                                                    dtype)

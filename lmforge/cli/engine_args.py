@@ -23,6 +23,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one step; longer prompts are prefilled in chunks (default 2048)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    g.add_argument("--quantization", choices=("int8", "int4", "gguf"), default=None,
+                   help="weight-only quantised linears served by CPU integer kernels: int8 (per channel), int4 "
+                   "(groups of 32), gguf (the .gguf model's own Q8_0/Q4_0/Q4_1/Q4_K blocks; the default for a .gguf "
+                   "path). Default: float, or as a quantised checkpoint was saved")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no optional fast paths (lmforge's CPU kernels, step graphs): the plain PyTorch code only")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
@@ -59,7 +63,7 @@ def engine_config(args: argparse.Namespace):
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-                        speculative_config=spec)
+                        speculative_config=spec, quantization=args.quantization)
 
 
 def build_llm(args: argparse.Namespace):

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", help="weight and compute dtype: auto (bfloat16 where the device "
                    "computes it natively, else float32), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
+    p.add_argument("--quantization", choices=("int8", "int4", "gguf"), default=None,
+                   help="score the model with weight-only quantised linears, as the engine serves them (gguf: the "
+                   ".gguf model's own blocks, the default for a .gguf path)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--max-tokens", type=int, default=32, help="most tokens of a QA answer (default 32)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
@@ -48,11 +51,12 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmforge.data import Loader
     from lmforge.hardware import compute_dtype
-    from lmforge.models import build_model, resolve_dtype
+    from lmforge.models import resolve_dtype
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.eval_data import encode_rows, read_rows
     from lmforge.train.evaluate import evaluate
     from lmforge.weights.peft import load_adapter, read_adapter_config
+    from lmforge.weights.quantized import load_for_serving
     from lmforge.weights.resolve import resolve_model
 
     _check_arguments(args)
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_dir(model_dir)
     encoded = encode_rows(data, tokenizer, args.template, args.max_seq_len, args.train_on_inputs)
     log.info("loading %s%s", model_dir, f" with adapter {args.adapter}" if args.adapter else "")
-    model = build_model(model_dir, compute_dtype(args.dtype, device), device)
+    model, _ = load_for_serving(args.model, model_dir, args.quantization, compute_dtype(args.dtype, device),
+                                str(device))
     if args.adapter:
         load_adapter(model, args.adapter)
     batches = Loader(encoded.dataset, args.batch_size, shuffle=False)

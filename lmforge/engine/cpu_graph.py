@@ -44,6 +44,8 @@ _RETURNING = ("linear_small", "linear", "linear_f32", "vnni_linear", "amx_linear
 _IN_PLACE = ("rope_", "write_kv", "paged_attention")  # recorded with their arguments as they are
 # no step work: passed through
 _QUERIES = ("amx_available", "vnni_available", "linear_f32_available", "amx_pack", "vnni_pack")
+# quant_ops.cpp's kernels returning a new tensor, recorded as StepGraph.external steps of (*args, out)
+_QUANT_RETURNING = ("quant_linear",)
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.split_with_sizes.default, aten.alias.default,
           aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.t.default,
           aten.transpose.int, aten.expand.default, aten.as_strided.default}
@@ -92,7 +94,7 @@ class StepGraphs:
             meta, slot_mapping=inputs[3], block_tables=tables,
             kernel=dataclasses.replace(kr, cu_q=inputs[5], seqlens_k=inputs[6], rows_t=inputs[7]))
         graph = ops.StepGraph()
-        recorder = _Recorder(ops, graph)
+        recorder = _Recorder(ops, graph, kernels._state.get("quant"))
         with recorder, _recording_ops(recorder):
             out = self.decoder.run_layers(inputs[0], (inputs[1], inputs[2]), recorded_meta, kv)
         problem = recorder.problem or self._unknown_tensor(recorder, inputs, kv, out)
@@ -129,7 +131,7 @@ class StepGraphs:
                     known.add(_storage(cache[2]))
         for name, tensors in recorder.reads:
             for t in tensors:
-                if _storage(t) not in known:
+                if _storage(t) not in known and t.numel():  # an empty tensor (a kernel's "none") holds no data
                     return f"{name} reads a tensor made outside the recorded layers, shape {tuple(t.shape)}"
         if _storage(out) not in recorder.produced:
             return "the layers' output is not a recorded tensor"
@@ -144,9 +146,9 @@ class _Recorder(TorchDispatchMode):
     """Sees every aten op the layers run while recording: residual adds become graph steps, views and allocations
     are let through, anything else marks the recording unusable."""
 
-    def __init__(self, ops, graph):
+    def __init__(self, ops, graph, quant=None):
         super().__init__()
-        self.ops, self.graph = ops, graph
+        self.ops, self.graph, self.quant = ops, graph, quant
         self.in_kernel = False
         self.problem: str | None = None
         self.produced: dict[int, int] = {}  # storages written by recorded steps or allocated while recording: bytes
@@ -175,22 +177,42 @@ class _Recorder(TorchDispatchMode):
     def produce(self, t: torch.Tensor) -> None:
         self.produced[_storage(t)] = t.untyped_storage().nbytes()
 
+    def quant_kernel(self, name: str):
+        """quant_ops.cpp's kernel `name` as the recording sees it (the quantised linears of lmforge/layers)."""
+        real = getattr(self.quant, name)
+        if name not in _QUANT_RETURNING:
+            return self._refuse(name, real)
+        address = self.quant.quant_linear_step_address()
+
+        def call(*args):
+            out = self._run(real, args)
+            self.graph.external(address, [*args, out])
+            self.note(name, args, out)
+            return out
+        return call
+
+    def _run(self, real, args):
+        self.in_kernel = True
+        try:
+            return real(*args)
+        finally:
+            self.in_kernel = False
+
+    def _refuse(self, name: str, real):
+        def refuse(*args):
+            self.problem = self.problem or f"kernel {name} is not recorded"
+            return real(*args)
+        return refuse
+
     def kernel(self, name: str):
         real = getattr(self.ops, name)
         if name in _QUERIES:
             return real
         if name not in _RETURNING and name not in _IN_PLACE:
-            def refuse(*args):
-                self.problem = self.problem or f"kernel {name} is not recorded"
-                return real(*args)
-            return refuse
+            return self._refuse(name, real)
 
         def call(*args):
-            self.in_kernel = True
-            try:
-                out = real(*args)
-            finally:
-                self.in_kernel = False
+            out = self._run(real, args)
             if name in _RETURNING:
                 getattr(self.graph, name)(*args, out)
                 self.note(name, args, out)
@@ -204,21 +226,28 @@ class _Recorder(TorchDispatchMode):
 class _RecordingOps:
     """The kernels as the recording thread sees them: wrapped by the recorder. Other threads get the kernels."""
 
-    def __init__(self, recorder: _Recorder, real):
-        self._recorder, self._real, self._thread = recorder, real, threading.get_ident()
+    def __init__(self, wrap, real):
+        self._wrap, self._real, self._thread = wrap, real, threading.get_ident()
 
     def __getattr__(self, name: str):
         if threading.get_ident() != self._thread:
             return getattr(self._real, name)
-        return self._recorder.kernel(name)
+        return self._wrap(name)
 
 
 @contextlib.contextmanager
 def _recording_ops(recorder: _Recorder):
-    """While recording, `kernels.cpu_ops()` hands out the recorder's wrappers instead of the kernels."""
-    real = kernels._state["ops"]
-    kernels._state["ops"] = _RecordingOps(recorder, real)
+    """While recording, `kernels.cpu_ops()` (and `kernels.quant_ops()`, once built) hand out the recorder's
+    wrappers instead of the kernels."""
+    real, built, quant = kernels._state["ops"], "quant" in kernels._state, kernels._state.get("quant")
+    kernels._state["ops"] = _RecordingOps(recorder.kernel, real)
+    # not built yet: quantised layers take their pure-torch path, which the recorder refuses (never an unseen call)
+    kernels._state["quant"] = _RecordingOps(recorder.quant_kernel, quant) if quant is not None else None
     try:
         yield
     finally:
         kernels._state["ops"] = real
+        if built:
+            kernels._state["quant"] = quant
+        else:
+            del kernels._state["quant"]

@@ -40,6 +40,9 @@ class EngineConfig:
     max_lora_rank: int = 16  # adapters of lower rank are zero-padded to it
     # vLLM's speculative_config, e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
     speculative_config: SpeculativeConfig | dict | None = None
+    # weight-only quantised linears (lmforge/weights/quantized.py): "int8", "int4", "gguf" (the .gguf file's own
+    # blocks); None: float, except that a .gguf model path means "gguf" and a quantised checkpoint loads as saved
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
@@ -49,6 +52,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.quantization not in (None, "int8", "int4", "gguf"):
+            raise ValueError(f"quantization must be int8, int4, gguf or None, got {self.quantization!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
 
@@ -81,19 +86,22 @@ def _kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from lmforge.hardware import compute_dtype
-        from lmforge.models import build_model
         from lmforge.tokenizer import Tokenizer
+        from lmforge.weights.quantized import load_for_serving, weight_bytes
         from lmforge.weights.resolve import resolve_model
 
         self.config = config
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
         model_dir = resolve_model(config.model)
-        self.model = build_model(model_dir, dtype=compute_dtype(config.dtype, config.device), device=config.device)
+        self.model, self.quantization = load_for_serving(config.model, model_dir, config.quantization,
+                                                         compute_dtype(config.dtype, config.device),
+                                                         config.device)
         self.tokenizer = Tokenizer.from_dir(Path(model_dir))
         t1 = time.perf_counter()
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        log.info("weights: %.2f GiB (%s) loaded in %.1fs", weight_bytes / 2**30, next(self.model.parameters()).dtype,
+        self.weight_bytes = weight_bytes(self.model)
+        log.info("weights: %.2f GiB (%s%s) loaded in %.1fs", self.weight_bytes / 2**30,
+                 next(self.model.parameters()).dtype, f", {self.quantization} linears" if self.quantization else "",
                  t1 - t0)
         limit = self.model.config.get("max_position_embeddings") or 4096
         self.max_model_len = config.max_model_len or limit

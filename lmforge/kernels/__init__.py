@@ -31,8 +31,9 @@ from lmforge.hardware import cpu_flags
 
 log = logging.getLogger("lmforge")
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-_state: dict[str, object] = {}
-_builds: dict[str, object] = {}  # level -> compiled module, or None when its build failed
+QUANT_SOURCE = Path(__file__).with_name("quant_ops.cpp")  # weight-only quantised linears (layers/quant_linear.py)
+_state: dict[str, object] = {}  # "ops", "quant": the current level's modules; "level": one `level()` chose
+_builds: dict[tuple[str, str], object] = {}  # (source, level) -> compiled module, or None when its build failed
 _DTYPES = (torch.float32, torch.bfloat16)
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Compiler flags per level. -mprefer-vector-width=512: gcc otherwise keeps auto-vectorised loops at 256 bits.
@@ -48,11 +49,11 @@ def levels() -> list[str]:
     return found + (["avx2"] if avx2 else []) + ["portable"]
 
 
-def _build_dir(level: str) -> tuple[str, Path]:
+def _build_dir(source: Path, level: str) -> tuple[str, Path]:
     machine = " ".join(sorted(cpu_flags())) if level == "native" else platform.machine()
-    source = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(LEVEL_FLAGS[level]).encode()
-    key = hashlib.sha256(source + machine.encode()).hexdigest()[:16]
-    name = f"lmforge_cpu_ops_{level}_{key}"
+    text = source.read_bytes() + torch.__version__.encode() + " ".join(LEVEL_FLAGS[level]).encode()
+    key = hashlib.sha256(text + machine.encode()).hexdigest()[:16]
+    name = f"lmforge_{source.stem}_{level}_{key}"
     root = Path(os.environ.get("LMFORGE_KERNEL_CACHE") or "~/.cache/lmforge/kernels").expanduser()
     return name, root / name
 
@@ -65,8 +66,15 @@ def cpu_ops():
     """The compiled kernels of the current level, or None (disabled, or the build failed: logged once with the
     reason)."""
     if "ops" not in _state:
-        _state["ops"] = build(default_level()) if enabled() else None
+        _state["ops"] = build(_state.get("level") or default_level()) if enabled() else None
     return _state["ops"]
+
+
+def quant_ops():
+    """The compiled quantised-linear kernels (quant_ops.cpp) of the current level, or None, as cpu_ops()."""
+    if "quant" not in _state:
+        _state["quant"] = build(_state.get("level") or default_level(), QUANT_SOURCE) if enabled() else None
+    return _state["quant"]
 
 
 def default_level() -> str:
@@ -83,48 +91,50 @@ def default_level() -> str:
     raise LmforgeError(f"LMFORGE_KERNEL_LEVEL={wanted!r}: this CPU runs the kernel levels {', '.join(found)}")
 
 
-def build(level: str):
-    """The kernels compiled for `level` (cached per level and machine), or None when the build fails (logged)."""
-    if level not in _builds:
+def build(level: str, source: Path = SOURCE):
+    """`source` compiled for `level` (cached per level and machine), or None when the build fails (logged)."""
+    if (source.name, level) not in _builds:
         try:
-            _builds[level] = _load(level)
+            module = _load(source, level)
         except Exception as e:  # no compiler, no headers, ...: the pure-torch path still works
-            log.warning("CPU kernels (%s) unavailable, running the pure-torch path (%s: %s)", level,
+            log.warning("CPU kernels (%s, %s) unavailable, running the pure-torch path (%s: %s)", source.name, level,
                         type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
-            _builds[level] = None
-    return _builds[level]
+            module = None
+        _builds[source.name, level] = module
+    return _builds[source.name, level]
 
 
-def _load(level: str):
+def _load(source: Path, level: str):
     from torch.utils.cpp_extension import load
 
-    name, build_dir = _build_dir(level)
+    name, build_dir = _build_dir(source, level)
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not any(build_dir.glob("*.so"))
     if fresh:
-        log.info("compiling lmforge CPU kernels (%s) into %s (once per machine, about a minute)", level, build_dir)
+        log.info("compiling lmforge CPU kernels (%s, %s) into %s (once per machine, about a minute)", source.name,
+                 level, build_dir)
     start = time.perf_counter()
-    ops = load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+    ops = load(name=name, sources=[str(source)], build_directory=str(build_dir),
                extra_cflags=["-O3", "-fopenmp", *LEVEL_FLAGS[level]], extra_ldflags=["-fopenmp"], verbose=False)
-    log.info("CPU kernels (%s) %s in %.1fs", level, "compiled" if fresh else "loaded", time.perf_counter() - start)
+    log.info("CPU kernels (%s, %s) %s in %.1fs", source.name, level, "compiled" if fresh else "loaded",
+             time.perf_counter() - start)
     return ops
 
 
 @contextlib.contextmanager
 def level(name: str):
-    """Inside, the kernels of another level (tests run every level this CPU can execute; benchmarks compare them)."""
+    """Inside, the kernels of another level, built when first asked for (tests run every level this CPU can
+    execute; benchmarks compare them)."""
     if name not in levels():
         raise ValueError(f"kernel level {name!r} does not run on this CPU (it runs {', '.join(levels())})")
-    outer = _state.get("ops", None)
-    had = "ops" in _state
-    _state["ops"] = build(name)
+    saved = {key: _state.pop(key) for key in ("level", "ops", "quant") if key in _state}
+    _state["level"] = name
     try:
-        yield _state["ops"]
+        yield cpu_ops()
     finally:
-        if had:
-            _state["ops"] = outer
-        else:
-            _state.pop("ops")
+        for key in ("level", "ops", "quant"):
+            _state.pop(key, None)
+        _state.update(saved)
 
 
 @contextlib.contextmanager

@@ -1546,6 +1546,11 @@ class StepGraph {
     add([=] { ::paged_attention(q, kc, vc, cu_q, lk, tables, seqs, scale, window, out); });
   }
   void add_tensors(T a, T b, T out) { add([=]() mutable { at::add_out(out, a, b); }); }
+  // A kernel of another lmforge extension (quant_ops.cpp), given as the address of a function of the step's tensors.
+  void external(int64_t fn, std::vector<T> tensors) {
+    const auto step = reinterpret_cast<void (*)(const std::vector<T>&)>(fn);
+    add([=] { step(tensors); });
+  }
   void set_inputs(std::vector<T> inputs) { inputs_ = std::move(inputs); }
   void guard(std::vector<T> tensors) {
     for (auto& t : tensors) guards_.emplace_back(t, t._version());
@@ -1595,6 +1600,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("write_kv", &StepGraph::write_kv)
       .def("paged_attention", &StepGraph::paged_attention)
       .def("add_tensors", &StepGraph::add_tensors)
+      .def("external", &StepGraph::external)
       .def("set_inputs", &StepGraph::set_inputs)
       .def("guard", &StepGraph::guard)
       .def("size", &StepGraph::size)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.kernels import usable
+from lmforge.layers import quant_linear
 
 log = logging.getLogger("lmforge")
 SMALL_ROWS = 3  # up to this many bf16 rows, streaming the weight once beats oneDNN (benchmarks/cpu_kernels.py)
@@ -90,6 +91,9 @@ def fuse_projections(model: nn.Module) -> int:
                     len({(layer.bias is None, layer.weight.dtype) for layer in layers}) == 1:
                 fuse(*layers)
                 groups += 1
+            elif None not in layers and quant_linear.fusable(layers):
+                quant_linear.QuantJoint(tuple(layers))
+                groups += 1
     return groups
 
 
@@ -102,6 +106,8 @@ def linears(x: torch.Tensor, *layers: nn.Module, lora=None) -> tuple[torch.Tenso
     joint = first.__dict__.get("_joint")  # not getattr: a miss would go through Module.__getattr__ (1 us)
     if joint is None or not joint.intact(layers):
         return tuple(layer(x, lora) for layer in layers)
+    if type(joint) is not _Joint:  # QuantLinears' (lmforge/layers/quant_linear.py)
+        return joint(x)
     return _linear(x, joint.weight, joint.bias, joint).split_with_sizes(joint.sizes, dim=-1)
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lmforge.layers.linear import Linear, project
+from lmforge.layers.quant_linear import QuantLinear
 
 # Projections whose call sites pass the step's LoraBatch (attention, dense and shared-expert MLPs of every family).
 SERVABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
@@ -52,12 +53,13 @@ class MultiLoRALinear(nn.Module):
     Loading never allocates, so memory is bounded. `ranks[s]` is slot s's rank in this layer, 0 when its adapter
     does not adapt this layer: a step none of whose adapters adapts the layer computes the base only."""
 
-    def __init__(self, base_layer: Linear, max_loras: int, max_rank: int):
+    def __init__(self, base_layer: Linear | QuantLinear, max_loras: int, max_rank: int):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.max_rank = max_rank
-        w = base_layer.weight
+        # over a quantised base the adapters stay floating point, in the dtype of the layer it replaced
+        w = base_layer.weight if type(base_layer) is Linear else base_layer.scales.to(base_layer.dtype)
         # Not parameters: they are serving state, outside state_dict (the model keeps its HF names and contents).
         self.register_buffer("lora_a", w.new_zeros(max_loras * max_rank, self.in_features), persistent=False)
         self.register_buffer("lora_b", w.new_zeros(self.out_features, max_loras * max_rank), persistent=False)
@@ -103,11 +105,11 @@ def servable(path: str) -> bool:
 
 
 def add_multi_lora(model: nn.Module, max_loras: int, max_rank: int) -> dict[str, MultiLoRALinear]:
-    """Wraps every servable plain Linear of the model in a MultiLoRALinear (empty slots: the base model's outputs);
-    returns them by module path, which is the path PEFT's keys name."""
+    """Wraps every servable plain Linear or QuantLinear of the model in a MultiLoRALinear (empty slots: the base
+    model's outputs); returns them by module path, which is the path PEFT's keys name."""
     layers = {}
     for path, module in list(model.named_modules()):
-        if type(module) is Linear and servable(path):
+        if type(module) in (Linear, QuantLinear) and servable(path):
             parent, _, name = path.rpartition(".")
             layers[path] = MultiLoRALinear(module, max_loras, max_rank)
             setattr(model.get_submodule(parent), name, layers[path])

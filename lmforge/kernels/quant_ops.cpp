@@ -1,0 +1,338 @@
+// lmforge's weight-only quantised linear kernels (CPU): x [M, K] float32/bfloat16 @ W^T with W stored in 8 or 4 bits.
+//
+// Each call first quantises every activation row per 32-element block to int8 (scale = block absmax / 127, round to
+// nearest even), once, and reuses it for every output channel; each weight block then meets it in an integer dot
+// product (AVX2: u8 x s8 -> s16 pairs with maddubs, -> s32 with madd), scaled by the two blocks' float scales.
+// The weight layouts (lmforge/layers/quant_linear.py makes them; K % 32 == 0):
+//   q8: int8 w [N, K] and float32 scale [N, K/32] (a scale per block: Q8_0) or [N] (one per output channel: int8);
+//       value = scale * q.
+//   q4: uint8 w [N, K/2], per 32-block 16 bytes: byte i holds element i (low nibble) and element i + 16 (high);
+//       float32 scale and min [N, K/32]; value = scale * q + min (Q4_1; Q4_0 has min = -8 scale; Q4_K's sub-blocks).
+// A q4 dot product is sum_b scale_b dx_b isum_b + sum_b min_b dx_b sum(qx_b): the second sum uses the activation
+// blocks' sums, computed with the quantisation. Built with -march=native: the AVX2 path where the CPU has it, a plain
+// C++ path elsewhere (same results up to float summation order). AVX512-VNNI / AMX-INT8 paths are not written: no
+// machine here to test them on.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QK = 32;  // elements per block
+constexpr int64_t ROW_TILE = 4;  // activation rows sharing each unpacked weight block
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// Activations of one call, quantised: q [M, K] int8, d (block scale) and s (d * sum of the block's q) [M, K/32].
+struct QuantRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+template <typename scalar_t>
+void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s) {
+  float amax = 0.f;
+  for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(to_f(x[i])));
+  const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
+  int sum = 0;
+  for (int i = 0; i < QK; ++i) {
+    const int v = static_cast<int>(std::nearbyint(to_f(x[i]) * inv));  // nearest even, as torch.round
+    q[i] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  *d = scale;
+  *s = scale * static_cast<float>(sum);
+}
+
+#if defined(__AVX2__)
+// The same quantisation for float32 rows, eight lanes at a time (bit-identical to quantize_block).
+inline void quantize_block(const float* x, int8_t* q, float* d, float* s) {
+  __m256 v[4];
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float scale = _mm_cvtss_f32(h) / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  __m256i i32[4];
+  for (int j = 0; j < 4; ++j)
+    i32[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s4 = _mm_hadd_epi32(s4, s4);
+  s4 = _mm_hadd_epi32(s4, s4);
+  const __m256i packed16a = _mm256_packs_epi32(i32[0], i32[1]), packed16b = _mm256_packs_epi32(i32[2], i32[3]);
+  __m256i packed8 = _mm256_packs_epi16(packed16a, packed16b);
+  // packs work within 128-bit lanes: restore element order
+  packed8 = _mm256_permutevar8x32_epi32(packed8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed8);
+  *d = scale;
+  *s = scale * static_cast<float>(_mm_cvtsi128_si32(s4));
+}
+#endif
+
+template <typename scalar_t>
+QuantRows quantize_rows(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), nb = K / QK, ld = x.stride(0);
+  QuantRows r;
+  r.q.resize(M * K);
+  r.d.resize(M * nb);
+  r.s.resize(M * nb);
+  const scalar_t* px = x.data_ptr<scalar_t>();
+  at::parallel_for(0, M * nb, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t m = i / nb, b = i % nb;
+      quantize_block(px + m * ld + b * QK, r.q.data() + m * K + b * QK, r.d.data() + i, r.s.data() + i);
+    }
+  });
+  return r;
+}
+
+// ---- block dot products: R activation rows against one weight row, accumulated per block scale --------------------
+#if defined(__AVX2__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// Eight s32 partial sums of u8 w x s8 x over 32 elements.
+inline __m256i dot_u8s8(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+inline __m256i unpack_q4(const uint8_t* p) {  // 16 bytes -> 32 nibbles in element order, as u8
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+#endif
+
+// One weight row's share of a tile: its packed blocks, block scales (or its one scale: ROW) and mins (q4).
+struct WRow {
+  const uint8_t* w;
+  const float* scale;
+  const float* min;
+};
+
+// sum_b a[b] * b[b] over n floats: the q4 min term (min_b * scale_b * sum(qx_b)), eight blocks at a time.
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
+#if defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  sum = hsum(acc);
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out[c][r] = sum over blocks of wscale_b * dx[r]_b * <w_b, qx[r]_b> (+ sum_b min_b * sx[r]_b for q4), for C weight
+// rows and R activation rows: each unpacked weight block serves R rows, each activation block C weight rows, and
+// the C x R accumulators are independent chains. ROW: one scale per weight row, applied at the end.
+template <int R, int C, bool Q4, bool ROW>
+inline void dot_tile(const WRow* w, const int8_t* const* qx, const float* const* dx, const float* const* sx,
+                     int64_t nb, float (*out)[ROW_TILE]) {
+#if defined(__AVX2__)
+  __m256 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i wv[C], wabs[C];
+    for (int c = 0; c < C; ++c) {
+      if constexpr (Q4) {
+        wv[c] = wabs[c] = unpack_q4(w[c].w + b * QK / 2);
+      } else {
+        wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[c].w + b * QK));
+        wabs[c] = _mm256_sign_epi8(wv[c], wv[c]);  // |w| as u8; the sign moves onto x below
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[r] + b * QK));
+      const float d = dx[r][b];
+      for (int c = 0; c < C; ++c) {
+        const __m256i xs = Q4 ? x : _mm256_sign_epi8(x, wv[c]);
+        const __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wabs[c], xs));
+        acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(ROW ? d : w[c].scale[b] * d), isum, acc[c][r]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) out[c][r] = hsum(acc[c][r]);
+#else
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int isum = 0;
+        const int8_t* xb = qx[r] + b * QK;
+        if constexpr (Q4) {
+          const uint8_t* p = w[c].w + b * QK / 2;
+          for (int i = 0; i < QK / 2; ++i) isum += (p[i] & 0x0F) * xb[i] + (p[i] >> 4) * xb[i + QK / 2];
+        } else {
+          const int8_t* p = reinterpret_cast<const int8_t*>(w[c].w) + b * QK;
+          for (int i = 0; i < QK; ++i) isum += p[i] * xb[i];
+        }
+        sum += (ROW ? 1.f : w[c].scale[b]) * dx[r][b] * static_cast<float>(isum);
+      }
+      out[c][r] = sum;
+    }
+#endif
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      if constexpr (ROW) out[c][r] *= w[c].scale[0];
+      if constexpr (Q4) out[c][r] += dot_f32(w[c].min, sx[r], nb);
+    }
+}
+
+template <int C, bool Q4, bool ROW>
+inline void dot_rows(int64_t rows, const WRow* w, const int8_t* const* qx, const float* const* dx,
+                     const float* const* sx, int64_t nb, float (*out)[ROW_TILE]) {
+  switch (rows) {
+    case 4: dot_tile<4, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
+    case 3: dot_tile<3, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
+    case 2: dot_tile<2, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
+    default: dot_tile<1, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
+  }
+}
+
+constexpr int64_t OUT_TILE = 2;    // weight rows per register tile
+constexpr int64_t OUT_CHUNK = 16;  // output channels per cache-resident chunk of the weight (a multiple of OUT_TILE)
+
+template <bool Q4, bool ROW, typename scalar_t>
+void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scale,
+                 const float* wmin, const float* bias, torch::Tensor& y) {
+  const int64_t N = w.size(0), nb = K / QK, wld = Q4 ? K / 2 : K;
+  const uint8_t* pw = static_cast<const uint8_t*>(w.data_ptr());
+  const float* ps = scale.data_ptr<float>();
+  scalar_t* py = y.data_ptr<scalar_t>();
+  const int64_t yld = y.stride(0);
+  const int64_t chunks = (N + OUT_CHUNK - 1) / OUT_CHUNK;
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    const int8_t* qx[ROW_TILE];
+    const float *dx[ROW_TILE], *sx[ROW_TILE];
+    float out[OUT_TILE][ROW_TILE];
+    WRow wr[OUT_TILE];
+    for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
+      const int64_t rows = std::min(ROW_TILE, M - m0);
+      for (int64_t r = 0; r < rows; ++r) {
+        qx[r] = a.q.data() + (m0 + r) * K;
+        dx[r] = a.d.data() + (m0 + r) * nb;
+        sx[r] = a.s.data() + (m0 + r) * nb;
+      }
+      const int64_t end = std::min(N, hi * OUT_CHUNK);
+      for (int64_t n = lo * OUT_CHUNK; n < end; n += OUT_TILE) {
+        const int64_t cols = std::min(OUT_TILE, end - n);
+        for (int64_t c = 0; c < cols; ++c)
+          wr[c] = {pw + (n + c) * wld, ROW ? ps + n + c : ps + (n + c) * nb, Q4 ? wmin + (n + c) * nb : nullptr};
+        if (cols == OUT_TILE) dot_rows<OUT_TILE, Q4, ROW>(rows, wr, qx, dx, sx, nb, out);
+        else dot_rows<1, Q4, ROW>(rows, wr, qx, dx, sx, nb, out);
+        for (int64_t c = 0; c < cols; ++c) {
+          const float b = bias ? bias[n + c] : 0.f;
+          for (int64_t r = 0; r < rows; ++r) py[(m0 + r) * yld + n + c] = static_cast<scalar_t>(out[c][r] + b);
+        }
+      }
+    }
+  });
+}
+
+void check_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                const torch::Tensor& wmin, const torch::Tensor& bias, const torch::Tensor& y) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.device().is_cpu(), "quant_linear: x must be a CPU [M, K] matrix "
+              "with dense rows");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "quant_linear: x must be float32 or "
+              "bfloat16");
+  const int64_t K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % QK == 0, "quant_linear: in_features must be a multiple of 32, got ", K);
+  const bool q4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK(q4 || w.scalar_type() == at::kChar, "quant_linear: weight must be int8 (q8) or uint8 (q4 nibbles)");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == (q4 ? K / 2 : K), "quant_linear: weight shape ",
+              w.sizes(), " does not fit in_features ", K);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == N &&
+              (scale.dim() == 1 ? !q4 : scale.dim() == 2 && scale.size(1) == K / QK), "quant_linear: scale must be "
+              "float32 [N, K/32] (or [N] for per-channel int8)");
+  if (q4)
+    TORCH_CHECK(wmin.scalar_type() == at::kFloat && wmin.is_contiguous() && wmin.sizes() == scale.sizes(),
+                "quant_linear: a 4-bit weight needs a float32 min of scale's shape");
+  if (bias.numel())
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N,
+                "quant_linear: bias must be float32 [N]");
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == N && y.stride(1) == 1 &&
+              y.scalar_type() == x.scalar_type(), "quant_linear: out must be [M, N] in x's dtype");
+}
+
+// bias and min may be empty tensors (none): one signature that a recorded step graph can replay from a tensor list.
+void quant_linear_into(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor wmin, torch::Tensor bias,
+                       torch::Tensor y) {
+  check_args(x, w, scale, wmin, bias, y);
+  const int64_t M = x.size(0), K = x.size(1);
+  if (M == 0) return;
+  const bool q4 = w.scalar_type() == at::kByte, row = scale.dim() == 1;
+  const float* pb = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  const float* pm = q4 ? wmin.data_ptr<float>() : nullptr;
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const QuantRows a = quantize_rows<scalar_t>(x);
+    if (q4) linear_impl<true, false, scalar_t>(a, M, K, w, scale, pm, pb, y);
+    else if (row) linear_impl<false, true, scalar_t>(a, M, K, w, scale, nullptr, pb, y);
+    else linear_impl<false, false, scalar_t>(a, M, K, w, scale, nullptr, pb, y);
+  };
+  if (x.scalar_type() == at::kFloat) run(float{});
+  else run(c10::BFloat16{});
+}
+
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor wmin,
+                           torch::Tensor bias) {
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  quant_linear_into(x, w, scale, wmin, bias, y);
+  return y;
+}
+
+// The activation quantisation alone, for tests: (q int8 [M, K], d [M, K/32], s [M, K/32]).
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % QK == 0 && x.scalar_type() == at::kFloat,
+              "quantize_activations: x must be contiguous float32 [M, K], K a multiple of 32");
+  const QuantRows a = quantize_rows<float>(x);
+  const int64_t M = x.size(0), nb = x.size(1) / QK;
+  auto q = torch::from_blob(const_cast<int8_t*>(a.q.data()), {M, x.size(1)}, torch::kInt8).clone();
+  auto d = torch::from_blob(const_cast<float*>(a.d.data()), {M, nb}, torch::kFloat).clone();
+  auto s = torch::from_blob(const_cast<float*>(a.s.data()), {M, nb}, torch::kFloat).clone();
+  return {q, d, s};
+}
+
+// For StepGraph.external (cpu_ops.cpp): a replayable step taking [x, w, scale, min, bias, out].
+void quant_linear_step(const std::vector<torch::Tensor>& t) { quant_linear_into(t[0], t[1], t[2], t[3], t[4], t[5]); }
+
+int64_t quant_linear_step_address() { return reinterpret_cast<int64_t>(&quant_linear_step); }
+
+bool avx2() {
+#if defined(__AVX2__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_linear", &quant_linear, "x [M, K] @ W^T, W in q8 or q4 blocks (bias, min: empty when none)");
+  m.def("quant_linear_into", &quant_linear_into, "quant_linear into a preallocated out [M, N]");
+  m.def("quantize_activations", &quantize_activations, "per-32-block int8 activations (q, scale, scale * sum q)");
+  m.def("quant_linear_step_address", &quant_linear_step_address, "address of the StepGraph step for quant_linear_into");
+  m.def("avx2", &avx2, "whether the AVX2 path was built");
+}
