@@ -12,8 +12,14 @@ from lmforge import kernels
 from lmforge.layers.quant_linear import QuantLinear, dequantize, quantize_activations, quantize_int4, quantize_int8
 from lmforge.weights.gguf_blocks import packed_blocks
 
-ops = kernels.quant_ops()
-needs_kernels = pytest.mark.skipif(ops is None, reason="quantised kernels not built here")
+needs_kernels = pytest.mark.skipif(kernels.quant_ops() is None, reason="quantised kernels not built here")
+
+
+@pytest.fixture(autouse=True, params=kernels.levels())
+def level(request):
+    """Every test runs on each build this CPU executes (native, avx2, portable): an AVX512 host tests the AVX2 path."""
+    with kernels.level(request.param):
+        yield request.param
 
 
 def _weights(layout: str, n: int, k: int, seed: int = 0):
@@ -53,7 +59,7 @@ def test_activation_quantisation_is_the_reference_bit_for_bit():
     x = torch.randn(9, 320) * torch.logspace(-3, 3, 320)
     x[2, :32] = 0  # an all-zero block: scale 0
     x[3, 5] = 0.5 * x[3, :32].abs().max() / 127 * 3  # exact .5 ties somewhere are likely with random data anyway
-    q, d, s = ops.quantize_activations(x)
+    q, d, s = kernels.quant_ops().quantize_activations(x)
     rq, rd, rs = quantize_activations(x)
     assert torch.equal(q, rq) and torch.equal(d, rd) and torch.equal(s, rs)
 
@@ -66,12 +72,12 @@ def test_kernel_equals_the_reference_on_the_same_quantised_activations(layout, r
         q, s, m = _weights(layout, n, k, seed=rows)
         bias = torch.randn(n) if biased else None
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + n))
-        y = ops.quant_linear(x, q, s, m, bias if bias is not None else torch.empty(0))
+        y = kernels.quant_ops().quant_linear(x, q, s, m, bias if bias is not None else torch.empty(0))
         ref = _exact_reference(x, q, s, m, bias)
         scale = ref.abs().max().item() + 1
         assert (y.double() - ref).abs().max().item() <= 2e-6 * scale, (layout, rows, n, k)
         out = torch.full((rows, n), float("nan"))
-        ops.quant_linear_into(x, q, s, m, bias if bias is not None else torch.empty(0), out)
+        kernels.quant_ops().quant_linear_into(x, q, s, m, bias if bias is not None else torch.empty(0), out)
         assert torch.equal(out, y)
 
 
@@ -81,7 +87,7 @@ def test_kernel_against_float_activations_within_the_stated_bound(layout):
     """int8 activations (per-32 absmax) cost a relative error of about 0.5 %: bound 2 % of the output norm."""
     q, s, m = _weights(layout, 77, 576, seed=3)
     x = torch.randn(6, 576)
-    y = ops.quant_linear(x, q, s, m, torch.empty(0))
+    y = kernels.quant_ops().quant_linear(x, q, s, m, torch.empty(0))
     ref = F.linear(x, dequantize(q, s, m))
     assert ((y - ref).norm() / ref.norm()).item() < 2e-2
 
@@ -91,9 +97,9 @@ def test_bfloat16_activations_and_strided_rows():
     q, s, m = _weights("int4", 24, 64)
     big = torch.randn(5, 128)
     x = big[:, :64]  # rows 128 apart
-    y = ops.quant_linear(x, q, s, m, torch.empty(0))
-    assert torch.allclose(y, ops.quant_linear(x.contiguous(), q, s, m, torch.empty(0)))
-    yb = ops.quant_linear(x.bfloat16(), q, s, m, torch.empty(0))
+    y = kernels.quant_ops().quant_linear(x, q, s, m, torch.empty(0))
+    assert torch.allclose(y, kernels.quant_ops().quant_linear(x.contiguous(), q, s, m, torch.empty(0)))
+    yb = kernels.quant_ops().quant_linear(x.bfloat16(), q, s, m, torch.empty(0))
     assert yb.dtype == torch.bfloat16
     assert ((yb.float() - y).norm() / y.norm()).item() < 2e-2
 
@@ -102,9 +108,9 @@ def test_bfloat16_activations_and_strided_rows():
 def test_bad_shapes_fail_with_a_message():
     q, s, m = _weights("int8", 8, 64)
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        ops.quant_linear(torch.randn(2, 48), q[:, :48].contiguous(), s, m, torch.empty(0))
+        kernels.quant_ops().quant_linear(torch.randn(2, 48), q[:, :48].contiguous(), s, m, torch.empty(0))
     with pytest.raises(RuntimeError, match="does not fit"):
-        ops.quant_linear(torch.randn(2, 96), q, s, m, torch.empty(0))
+        kernels.quant_ops().quant_linear(torch.randn(2, 96), q, s, m, torch.empty(0))
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -118,7 +124,7 @@ def test_quant_linear_layer_kernel_and_reference_paths(method):
     assert torch.allclose(ref, F.linear(x, layer.dequantize(), lin.bias.detach()))
     err = ((layer.dequantize() - w).norm() / w.norm()).item()
     assert err < (0.01 if method == "int8" else 0.1)
-    if ops is not None:
+    if kernels.quant_ops() is not None:
         y = layer(x)
         assert y.shape == (3, 4, 50)
         assert ((y - ref).norm() / ref.norm()).item() < 2e-2
@@ -157,5 +163,5 @@ def test_kernel_on_gguf_blocks_equals_the_reference(qtype):
     m = m if m is not None else torch.empty(0)
     x = torch.randn(5, q.shape[1] * (2 if q.dtype == torch.uint8 else 1))
     ref = _exact_reference(x, q, s, m, None)
-    y = ops.quant_linear(x, q, s, m, torch.empty(0))
+    y = kernels.quant_ops().quant_linear(x, q, s, m, torch.empty(0))
     assert (y.double() - ref).abs().max().item() <= 2e-6 * (ref.abs().max().item() + 1)
