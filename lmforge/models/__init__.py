@@ -53,20 +53,24 @@ def build_args(cfg: dict, where: str = "config.json"):
         raise LmforgeError(f"{where} lacks the required key {e.args[0]!r}") from None
 
 
+def build_on_meta(cfg: dict, where: str, torch_dtype: torch.dtype):
+    """(the module for `cfg` on the meta device with parameters in torch_dtype, its Args): nothing allocated yet."""
+    cls, args = build_args(cfg, where)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch_dtype)
+        with torch.device("meta"):
+            return cls(args), args
+    finally:
+        torch.set_default_dtype(default)
+
+
 def build_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                 progress: bool = True) -> nn.Module:
     """Builds the module on the meta device, allocates it once in the target dtype, streams weights in."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    cls, args = build_args(cfg, str(model_dir / "config.json"))
-    torch_dtype = resolve_dtype(dtype, cfg, device)
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(torch_dtype)
-        with torch.device("meta"):
-            model = cls(args)
-    finally:
-        torch.set_default_dtype(default)
+    model, args = build_on_meta(cfg, str(model_dir / "config.json"), resolve_dtype(dtype, cfg, device))
     model = model.to_empty(device=device)
     if args.tie_word_embeddings:  # to_empty allocates shared parameters separately
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -115,22 +115,15 @@ def weight_bytes(model: nn.Module) -> int:
 
 def build_quantized_model(model_dir: Path, cfg: dict, dtype: str | torch.dtype, device: str) -> nn.Module:
     """A model from a quantised checkpoint (see the module docstring): QuantLinears where config.json lists them."""
-    from lmforge.models import build_args, resolve_dtype
+    from lmforge.models import build_on_meta, resolve_dtype
     from lmforge.weights.hf_dir import load_weights
 
     spec = cfg[CONFIG_KEY]
     if spec.get("quant_method") != "lmforge" or spec.get("method") not in ("int8", "int4"):
         raise LmforgeError(f"{model_dir}/config.json: quantization_config {spec} is not one lmforge can load "
                            "(quant_method 'lmforge', method int8 or int4)")
-    cls, args = build_args(cfg, str(model_dir / "config.json"))
     torch_dtype = resolve_dtype(dtype, cfg, device)
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(torch_dtype)
-        with torch.device("meta"):
-            model = cls(args)
-    finally:
-        torch.set_default_dtype(default)
+    model, args = build_on_meta(cfg, str(model_dir / "config.json"), torch_dtype)
     for path in spec["modules"]:
         layer = model.get_submodule(path)
         method = "int8" if path == "lm_head" else spec["method"]
