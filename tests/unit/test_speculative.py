@@ -302,3 +302,27 @@ def test_the_distribution_test_catches_a_wrong_verifier(model_dir, target):
     prompt, joint, cells = target
     counts, _ = sampled_counts(model_dir, prompt, cells, wrong_verifier=True)
     assert chi_square_p_value(counts, joint) < 1e-6
+
+
+def test_server_metrics_count_drafts(model_dir):
+    """/metrics exports vLLM's spec_decode counters, equal to the engine's own statistics."""
+    from lmforge.engine.async_engine import AsyncEngine
+    from lmforge.serve.openai_api import create_app
+    from tests.unit.test_serve_metrics import scrape
+    from tests.unit.tiny_server import request, run
+
+    eng = AsyncEngine(model=model_dir, dtype="float32", kv_cache_memory=0.004, block_size=4, speculative_config=NGRAM)
+    try:
+        app = create_app(eng, ["tiny"])
+        body = {"prompt": repetitive(3, 30), "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        assert run(request(app, "POST", "/v1/completions", body)).status_code == 200
+        samples = scrape(app)
+        stats = eng.engine.spec_stats
+        assert stats.num_accepted_tokens > 0
+        assert samples["lmforge:spec_decode_num_drafts_total"] == stats.num_drafts
+        assert samples["lmforge:spec_decode_num_draft_tokens_total"] == stats.num_draft_tokens
+        assert samples["lmforge:spec_decode_num_accepted_tokens_total"] == stats.num_accepted_tokens
+        per_pos = [samples[f"lmforge:spec_decode_num_accepted_tokens_per_pos_total{{position={i}}}"] for i in range(3)]
+        assert per_pos == stats.accepted_per_pos and sum(per_pos) == stats.num_accepted_tokens
+    finally:
+        eng.shutdown()
