@@ -13,6 +13,9 @@ SMALL_ROWS = 3  # up to this many bf16 rows, streaming the weight once beats one
 # AVX512-BF16 kernel (CPUs without AMX) takes every row count: 1.2-1.5x oneDNN pre-packed at 1-128 rows, level with
 # it and with F.linear beyond.
 AMX_MAX_ROWS = 128
+# float32: MKL's GEMV (1 row) streams the weight at memory speed, but its GEMM for 2-8 rows (a speculative step's
+# 1 + k tokens, small decode batches) costs 2-4x that; the AVX2 kernel reads the weight once for all of them.
+F32_SMALL_ROWS = 8
 _onednn: dict[str, bool] = {}
 
 
@@ -127,6 +130,9 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) 
             return ops.amx_linear(x.contiguous(), packed, bias)
         if kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    elif x.dtype == torch.float32 == w.dtype and x.dim() == 2 and 1 < x.shape[0] <= F32_SMALL_ROWS \
+            and w.is_contiguous() and (ops := usable(x, w)) is not None:
+        return ops.linear_small(x.contiguous(), w, bias)
     return F.linear(x, w, bias)
 
 

@@ -43,6 +43,23 @@ def test_linear_fast_paths_match_f_linear(rows, bias, shape):
     assert (layer._packed[1] if layer._packed else None) in layouts
 
 
+@pytest.mark.parametrize("rows", range(1, 10))
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(576, 96), (83, 40)])  # 83: a tail after the last 8 inputs
+def test_float32_small_rows_kernel_matches_f_linear(rows, bias, shape):
+    """float32 linears of 2-8 rows (speculative decoding's 1 + k tokens) take the kernel; 1 and 9 rows F.linear."""
+    torch.manual_seed(0)
+    layer = Linear(*shape, bias=bias)
+    x = torch.randn(rows, shape[0])
+    with torch.inference_mode():
+        expected = F.linear(x, layer.weight, layer.bias)
+        if rows <= 8:
+            close(kernels.cpu_ops().linear_small(x, layer.weight, layer.bias), expected, torch.float32)
+        close(layer(x), expected, torch.float32)
+        with kernels.disabled():
+            assert torch.equal(layer(x), expected)
+
+
 @pytest.mark.skipif(kernels.cpu_ops() is None or not kernels.cpu_ops().vnni_available(), reason="needs AVX512-BF16")
 @pytest.mark.parametrize("rows", [1, 7, 8, 13, 64, 300])  # 300: three blocks of rows
 @pytest.mark.parametrize("outputs", [48, 64, 80, 96, 208])  # whole 48-output panels and 16 / 32-output tails

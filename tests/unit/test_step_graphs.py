@@ -80,16 +80,20 @@ def test_graphs_beyond_the_memory_cap_are_dropped_oldest_first(tiny_dir, monkeyp
     assert list(graphs.graphs) == [2]
 
 
-def test_float32_layers_stay_eager(tiny_dir, caplog):
-    """float32 products run through F.linear, which has no recorded kernel: each batch size stays eager, once
-    logged, and outputs are the eager ones."""
+def test_float32_single_sequence_stays_eager_small_batches_replay(tiny_dir, caplog):
+    """float32 products of one row run through F.linear (MKL's GEMV), which has no recorded kernel: that batch size
+    stays eager, once logged. Two to eight rows take the float32 small-rows kernel, so those steps are recorded,
+    and replayed bit for bit."""
     llm = engine(tiny_dir, dtype="float32")
     graphs = llm.engine.runner.graphs
     with caplog.at_level("INFO", logger="lmforge"):
-        outs = generate(llm, PROMPTS[:2], graphs_on=True)
-    assert graphs.eager == {2} and not graphs.graphs and graphs.replays == 0
-    assert "decode steps of 2 sequences stay eager (aten." in caplog.text
-    assert outs == generate(llm, PROMPTS[:2], graphs_on=False)
+        one = generate(llm, PROMPTS[:1], graphs_on=True)
+    assert graphs.eager == {1} and not graphs.graphs and graphs.replays == 0
+    assert "decode steps of 1 sequences stay eager (aten." in caplog.text
+    assert one == generate(llm, PROMPTS[:1], graphs_on=False)
+    two = generate(llm, PROMPTS[:2], graphs_on=True)
+    assert list(graphs.graphs) == [2] and graphs.replays >= 20
+    assert two == generate(llm, PROMPTS[:2], graphs_on=False)
 
 
 def test_a_tensor_from_outside_the_layers_keeps_the_step_eager(tiny_dir, caplog):
