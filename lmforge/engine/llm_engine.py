@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.draft import SelfDraftProposer
 from lmforge.engine.lora_manager import AdapterInUseError, AdapterNotFoundError, LoadedAdapter, LoRAManager, LoRARequest
 from lmforge.engine.model_runner import ModelRunner, plan_num_blocks
 from lmforge.engine.output_processor import CompletionState
@@ -124,7 +125,10 @@ class LLMEngine:
         self._seq_index: dict[int, tuple[Request, int]] = {}
         self.num_steps = 0  # model steps run (a clock for "freed within one step" checks and metrics)
         spec = config.speculative_config
-        self.proposer = NgramProposer(spec, self.max_model_len) if spec is not None else None
+        self.proposer = None
+        if spec is not None:
+            self.proposer = NgramProposer(spec, self.max_model_len) if spec.method == "ngram" else \
+                SelfDraftProposer(spec, self.runner, self.max_model_len)
         self.spec_stats = SpecDecodeStats(accepted_per_pos=[0] * spec.num_speculative_tokens) if spec else None
 
     def _lora_slots(self) -> LoRAManager:
@@ -242,6 +246,8 @@ class LLMEngine:
         self.num_steps += 1
         lora = self.loras.batch(batch.seqs, batch.num_new_tokens) if self.loras is not None else None
         try:
+            if self.proposer is not None:
+                self.proposer.draft(batch)
             logits, rows = self.runner.execute(batch, lora)
         except Exception:
             self.scheduler.step_failed(batch)

@@ -19,44 +19,58 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from lmforge.engine.sequence import Sequence
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
-    "prompt_lookup_min": 1}. Lookup lengths default as in vLLM: 5 and 5, or the one given for both."""
+    "prompt_lookup_min": 1} (lookup lengths default as in vLLM: 5 and 5, or the one given for both), or a draft
+    model {"model": "self", "num_speculative_tokens": k, "num_draft_layers": n}: the target's first n layers
+    (default: half of them), the only draft model so far."""
 
     num_speculative_tokens: int
     method: str = "ngram"
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
+    model: str | None = None
+    num_draft_layers: int | None = None
 
     def __post_init__(self):
-        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
-        if lo is None and hi is None:
-            lo = hi = 5
-        lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
-        object.__setattr__(self, "prompt_lookup_min", lo)
-        object.__setattr__(self, "prompt_lookup_max", hi)
         if self.method not in METHODS:
-            raise ValueError(f"speculative_config.method must be one of {list(METHODS)}, got {self.method!r} "
-                             "(draft models are not supported yet)")
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            raise ValueError(f"speculative_config.method must be one of {list(METHODS)}, got {self.method!r}")
+        ngram = self.method == "ngram"
+        given = [n for n in (("prompt_lookup_max", "prompt_lookup_min") if not ngram else ("model", "num_draft_layers"))
+                 if getattr(self, n) is not None]
+        if given:
+            raise ValueError(f"speculative_config.{given[0]} does not apply to method {self.method!r}")
+        if not ngram and self.model != "self":
+            raise ValueError(f"speculative_config.model {self.model!r}: only 'self' (the target's first layers as "
+                             "the draft) is supported; separate draft models are not yet")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if ngram:
+            if lo is None and hi is None:
+                lo = hi = 5
+            lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
+            object.__setattr__(self, "prompt_lookup_min", lo)
+            object.__setattr__(self, "prompt_lookup_max", hi)
+        names = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min") if ngram else \
+            ("num_speculative_tokens",) + (("num_draft_layers",) if self.num_draft_layers is not None else ())
+        for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"speculative_config.{name} must be an integer >= 1, got {value!r}")
-        if lo > hi:
+        if ngram and lo > hi:
             raise ValueError(f"speculative_config.prompt_lookup_min ({lo}) must not exceed prompt_lookup_max ({hi})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpeculativeConfig":
         if not isinstance(d, dict):
             raise ValueError(f"speculative_config must be a JSON object (a dict), got {type(d).__name__}")
-        if "model" in d:
-            raise ValueError(f"speculative_config.model {d['model']!r}: draft models are not supported yet; use "
-                             '{"method": "ngram", "num_speculative_tokens": k}')
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        if "model" in d and "method" not in d:
+            d = {**d, "method": "draft_model"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model",
+                 "num_draft_layers"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"speculative_config has unknown field {unknown[0]!r}; known fields: {sorted(known)}")
@@ -119,6 +133,9 @@ class NgramProposer:
     def __init__(self, config: SpeculativeConfig, max_model_len: int):
         self.config = config
         self.max_model_len = max_model_len
+
+    def draft(self, batch) -> None:
+        """Nothing to do once the step is scheduled: the n-gram drafts are known before."""
 
     def propose(self, running: list[Sequence]) -> None:
         """Sets spec_token_ids of each running sequence that is decoding (all but its last token computed).

@@ -14,6 +14,7 @@ from lmforge.engine.speculative import SpeculativeConfig, propose_ngram, verify
 from tests.unit.tiny_server import tiny_chat_model
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+SELF_DRAFT = {"model": "self", "num_speculative_tokens": 3, "num_draft_layers": 1}  # 1 of the tiny model's 2
 
 
 # ---- config ------------------------------------------------------------------------------------------------
@@ -29,8 +30,11 @@ def test_config_defaults_as_vllm():
     ({"method": "ngram"}, "needs num_speculative_tokens"),
     ({"num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1, got 0"),
     ({"num_speculative_tokens": "3"}, "num_speculative_tokens must be an integer >= 1, got '3'"),
-    ({"num_speculative_tokens": 2, "method": "eagle"}, "method must be one of ['ngram'], got 'eagle'"),
-    ({"num_speculative_tokens": 2, "model": "x"}, "draft models are not supported yet"),
+    ({"num_speculative_tokens": 2, "method": "eagle"}, "method must be one of ['ngram', 'draft_model'], got 'eagle'"),
+    ({"num_speculative_tokens": 2, "model": "x"}, "model 'x': only 'self'"),
+    ({"num_speculative_tokens": 2, "model": "self", "prompt_lookup_max": 2}, "prompt_lookup_max does not apply"),
+    ({"num_speculative_tokens": 2, "num_draft_layers": 2}, "num_draft_layers does not apply to method 'ngram'"),
+    ({"num_speculative_tokens": 2, "model": "self", "num_draft_layers": 0}, "num_draft_layers must be an integer"),
     ({"num_speculative_tokens": 2, "prompt_lookup_min": 0, "prompt_lookup_max": 3}, "prompt_lookup_min must be"),
     ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 3}, "(4) must not exceed"),
     ({"num_speculative_tokens": 2, "lookahead": 3}, "unknown field 'lookahead'"),
@@ -118,22 +122,25 @@ def assert_clean(llm: LLM) -> None:
     assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
 
 
-@pytest.mark.parametrize("eager", [False, True])
-def test_greedy_mixed_batch_equals_plain_decoding(model_dir, eager):
+@pytest.mark.parametrize("eager, spec", [(False, NGRAM), (True, NGRAM), (False, SELF_DRAFT)],
+                         ids=["ngram-kernels", "ngram-eager", "self-draft"])
+def test_greedy_mixed_batch_equals_plain_decoding(model_dir, eager, spec):
     """Speculating, non-speculating and prefilling sequences share steps (a small token budget chunks the long
     prompts, which arrive while the short ones decode); the tokens are those of plain decoding."""
     prompts = [repetitive(i, 12 + 3 * i) for i in range(6)] + [random_prompt(i, 70) for i in range(3)]
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     plain = engine(model_dir, None, enforce_eager=eager)
     expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
-    llm = engine(model_dir, NGRAM, enforce_eager=eager, max_num_batched_tokens=40)
+    llm = engine(model_dir, spec, enforce_eager=eager, max_num_batched_tokens=40)
     steps = record_steps(llm)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == expected
     stats = llm.engine.spec_stats
     assert stats.num_drafts > 20 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert stats.accepted_per_pos[2] > 0  # whole drafts accepted: 4 tokens in a step
-    assert any(all(kinds) for kinds in steps), "no step mixed drafts, prefill chunks and plain decodes"
+    # the self-draft drafts for every decoding sequence: no plain decodes beside it
+    assert any(kinds[:2] == (True, True) and (kinds[2] or spec is SELF_DRAFT) for kinds in steps), \
+        "no step mixed drafts, prefill chunks and plain decodes"
     assert_clean(llm)
 
 
@@ -196,6 +203,11 @@ def test_preemption_and_abort_with_drafts(model_dir):
     assert_clean(llm)
 
 
+def test_self_draft_depth_is_checked_against_the_model(model_dir):
+    with pytest.raises(ValueError, match=r"num_draft_layers must be in \[1, 1\] for this 2-layer model, got 2"):
+        engine(model_dir, {**SELF_DRAFT, "num_draft_layers": 2})
+
+
 # ---- the sampled distribution ------------------------------------------------------------------------------
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson's test of counts against probs; cells expected below 5 are pooled into one."""
@@ -243,10 +255,12 @@ def exact_distribution(model_dir, prompt: list[int]) -> tuple[torch.Tensor, list
     return torch.tensor([*joint, 0.0], dtype=torch.float64), cells  # 0: the cell of impossible outputs
 
 
-def sampled_counts(model_dir, prompt, cells, wrong_verifier: bool = False) -> tuple[torch.Tensor, float]:
+def sampled_counts(model_dir, prompt, cells, wrong_verifier: bool = False, spec: dict | None = None
+                   ) -> tuple[torch.Tensor, float]:
     import lmforge.engine.llm_engine as llm_engine
 
-    llm = engine(model_dir, {**NGRAM, "num_speculative_tokens": 2, "prompt_lookup_min": 1}, max_num_seqs=512)
+    spec = spec or {**NGRAM, "num_speculative_tokens": 2, "prompt_lookup_min": 1}
+    llm = engine(model_dir, spec, max_num_seqs=512)
     if wrong_verifier:  # accepts every draft token: the output leans towards the draft
         llm_engine.verify, right = (lambda draft, sampled: [*draft, sampled[-1]]), llm_engine.verify
     try:
@@ -276,9 +290,10 @@ def target(model_dir):
     return prompt, joint, cells
 
 
-def test_sampled_tokens_follow_the_target_distribution(model_dir, target):
+@pytest.mark.parametrize("spec", [None, {**SELF_DRAFT, "num_speculative_tokens": 2}], ids=["ngram", "self-draft"])
+def test_sampled_tokens_follow_the_target_distribution(model_dir, target, spec):
     prompt, joint, cells = target
-    counts, acceptance = sampled_counts(model_dir, prompt, cells)
+    counts, acceptance = sampled_counts(model_dir, prompt, cells, spec=spec)
     assert 0.1 < acceptance < 0.9  # both the accepting and the rejecting path carry weight
     assert chi_square_p_value(counts, joint) > 1e-4
 
@@ -287,3 +302,27 @@ def test_the_distribution_test_catches_a_wrong_verifier(model_dir, target):
     prompt, joint, cells = target
     counts, _ = sampled_counts(model_dir, prompt, cells, wrong_verifier=True)
     assert chi_square_p_value(counts, joint) < 1e-6
+
+
+def test_server_metrics_count_drafts(model_dir):
+    """/metrics exports vLLM's spec_decode counters, equal to the engine's own statistics."""
+    from lmforge.engine.async_engine import AsyncEngine
+    from lmforge.serve.openai_api import create_app
+    from tests.unit.test_serve_metrics import scrape
+    from tests.unit.tiny_server import request, run
+
+    eng = AsyncEngine(model=model_dir, dtype="float32", kv_cache_memory=0.004, block_size=4, speculative_config=NGRAM)
+    try:
+        app = create_app(eng, ["tiny"])
+        body = {"prompt": repetitive(3, 30), "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        assert run(request(app, "POST", "/v1/completions", body)).status_code == 200
+        samples = scrape(app)
+        stats = eng.engine.spec_stats
+        assert stats.num_accepted_tokens > 0
+        assert samples["lmforge:spec_decode_num_drafts_total"] == stats.num_drafts
+        assert samples["lmforge:spec_decode_num_draft_tokens_total"] == stats.num_draft_tokens
+        assert samples["lmforge:spec_decode_num_accepted_tokens_total"] == stats.num_accepted_tokens
+        per_pos = [samples[f"lmforge:spec_decode_num_accepted_tokens_per_pos_total{{position={i}}}"] for i in range(3)]
+        assert per_pos == stats.accepted_per_pos and sum(per_pos) == stats.num_accepted_tokens
+    finally:
+        eng.shutdown()
