@@ -13,6 +13,7 @@ from lmforge.engine.model_runner import kv_bytes_per_block, plan_num_blocks
 from lmforge.layers.attention import AttnMeta, attention
 from lmforge.layers.kv_quant import dequantize_int8, quantize_int8
 from tests.unit.test_kernels import BF16_ULP, reference_attention
+from tests.unit.tiny_server import run as tiny_run
 from tests.unit.tiny_server import tiny_chat_model
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -239,3 +240,40 @@ def test_engine_pool_grows_with_int8(tiny_dir):
 def test_unknown_kv_cache_dtype_is_one_clear_error():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8, got 'fp8'"):
         EngineConfig(kv_cache_dtype="fp8")
+
+
+def test_cli_flag(capsys):
+    import argparse
+
+    from lmforge.cli import main
+    from lmforge.cli.engine_args import add_engine_args, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_config(parser.parse_args(["--kv-cache-dtype", "int8"])).kv_cache_dtype == "int8"
+    assert engine_config(parser.parse_args([])).kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--kv-cache-dtype", "fp8", "hi"])
+    assert exit_info.value.code == 2
+    assert "argument --kv-cache-dtype: invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_server_serves_over_an_int8_cache(tiny_dir):
+    """The OpenAI server over an int8 cache: a greedy chat answer, whole and streamed, the same text."""
+    from lmforge.engine.async_engine import AsyncEngine
+    from lmforge.serve.openai_api import create_app
+    from tests.unit.tiny_server import chat, events, request
+
+    engine = AsyncEngine(model=str(tiny_dir), dtype="float32", kv_cache_memory=0.002, block_size=4,
+                         kv_cache_dtype="int8")
+    try:
+        assert engine.engine.runner.kv[0][0].dtype == torch.int8
+        app = create_app(engine, ["tiny"], model_root=str(tiny_dir))
+        body = chat(max_tokens=6, ignore_eos=True, temperature=0)
+        whole = tiny_run(request(app, "POST", "/v1/chat/completions", body)).json()
+        streamed = events(tiny_run(request(app, "POST", "/v1/chat/completions", {**body, "stream": True})))
+    finally:
+        engine.shutdown()
+    assert whole["usage"]["completion_tokens"] == 6
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed[:-1])
+    assert text == whole["choices"][0]["message"]["content"] and text
