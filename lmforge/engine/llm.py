@@ -17,7 +17,7 @@ OFFLINE_MAX_NUM_BATCHED_TOKENS = 4096  # vLLM's default for its LLM class on CPU
 class LLM:
     """LLM(model, dtype=..., max_model_len=..., kv_cache_memory=..., enable_prefix_caching=True, ...).
 
-    Keyword arguments are EngineConfig's fields: dtype, device, max_model_len, kv_cache_memory (GiB),
+    Keyword arguments are EngineConfig's fields: dtype, device, max_model_len, kv_cache_memory (GiB), kv_cache_dtype,
     block_size, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, scheduling_policy, seed,
     enforce_eager, enable_lora, max_loras, max_lora_rank. max_num_batched_tokens defaults to 4096 here, twice the
     server's 2048, as in vLLM on CPU: offline work is all throughput, a server also keeps its streams moving.

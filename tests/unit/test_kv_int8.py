@@ -98,12 +98,16 @@ def test_paged_attention_over_int8_cache_matches_reference(path, dtype, dim, win
     the dequantised cache: equal to plain float32 attention over the dequantised rows, within the tolerances of the
     float cache's kernel test. Rows that attend a prompt with nothing cached before it through SDPA use the new keys
     and values as computed (as vLLM does); every other row reads them back from the int8 cache."""
-    q, k_new, v_new, meta, kv = mixed_step(dtype, dim, heads)
+    with kernels.disabled() if path == "torch" else kernels.level(path):
+        q, k_new, v_new, meta, kv = mixed_step(dtype, dim, heads)
     cache_before = [t.clone() for t in kv]
     if path == "torch":
+        assert meta.decode.rows == (0, 3)  # the two decodes: one padded SDPA call over the dequantised blocks
         with kernels.disabled():
             out = attention(q, k_new, v_new, meta, kv, dim**-0.5, window)
         from_cache = {i for i, (lq, lk) in enumerate(zip(meta.seqlens_q, meta.seqlens_k, strict=True)) if lk > lq}
+        if window is None:  # the batched decodes read the cache, a one-token prompt's own row too
+            from_cache |= set(meta.decode.rows)
     else:
         with kernels.level(path):
             out = attention(q, k_new, v_new, meta, kv, dim**-0.5, window)
