@@ -49,7 +49,7 @@ def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budge
     return num_blocks
 
 
-def _layer_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> KVCache:
+def layer_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> KVCache:
     """(keys, values); int8 ones with their float32 scales per (token, kv head) (lmforge/layers/kv_quant.py)."""
     caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
     if dtype == torch.int8:
@@ -73,7 +73,7 @@ class ModelRunner:
             self.graphs = decoder.step_graphs = StepGraphs(decoder, -(-(max_model_len or 0) // block_size))
         a = model.args
         shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
-        self.kv: list[KVCache] = [_layer_cache(shape, kv_dtype or self.dtype, self.device)
+        self.kv: list[KVCache] = [layer_kv_cache(shape, kv_dtype or self.dtype, self.device)
                                   for _ in range(a.num_hidden_layers)]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge import LLM, SamplingParams
-from lmforge.engine.model_runner import _layer_cache
+from lmforge.engine.model_runner import layer_kv_cache
 from lmforge.layers.attention import AttnMeta
 
 pytestmark = pytest.mark.e2e
@@ -38,7 +38,7 @@ def read(llm: LLM, ids: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
     runner = llm.engine.runner
     model, bs, a = runner.model, runner.block_size, runner.model.args
     blocks = -(-len(ids) // bs)
-    kv = [_layer_cache((blocks, bs, a.num_key_value_heads, a.head_dim), kv_dtype, runner.device)
+    kv = [layer_kv_cache((blocks, bs, a.num_key_value_heads, a.head_dim), kv_dtype, runner.device)
           for _ in range(a.num_hidden_layers)]
     table = torch.arange(blocks)[None]
     tokens = torch.tensor(ids)
