@@ -9,8 +9,9 @@ recorded input tensors and replay the kernels in one call. The model definition 
 nothing here knows a layer's structure.
 
 A recording is kept only if it is closed: each tensor a kernel reads is an input, a parameter, a packed weight, the
-KV cache, or an output of an earlier recorded step; and nothing but kernels, residual adds, views and allocations
-ran. Anything else (an op without a kernel, a tensor built during the step) leaves that batch size eager, logged.
+KV cache (an int8 cache's scales included), or an output of an earlier recorded step; and nothing but kernels,
+residual adds, views and allocations ran. Anything else (an op without a kernel, a tensor built during the step)
+leaves that batch size eager, logged.
 Graphs decline when a parameter was changed in place since recording (its version moved); they are then recorded
 again. `enforce_eager` turns them off.
 
@@ -218,7 +219,7 @@ class _Recorder(TorchDispatchMode):
                 self.note(name, args, out)
             else:
                 getattr(self.graph, name)(*args)
-                self.note(name, args, args[-1] if name == "paged_attention" else None)
+                self.note(name, args, args[9] if name == "paged_attention" else None)  # args[9]: its output
             return out
         return call
 

@@ -17,7 +17,7 @@ OFFLINE_MAX_NUM_BATCHED_TOKENS = 4096  # vLLM's default for its LLM class on CPU
 class LLM:
     """LLM(model, dtype=..., max_model_len=..., kv_cache_memory=..., enable_prefix_caching=True, ...).
 
-    Keyword arguments are EngineConfig's fields: dtype, device, max_model_len, kv_cache_memory (GiB),
+    Keyword arguments are EngineConfig's fields: dtype, device, max_model_len, kv_cache_memory (GiB), kv_cache_dtype,
     block_size, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, scheduling_policy, seed,
     enforce_eager, enable_lora, max_loras, max_lora_rank, speculative_config (vLLM's dict: {"method": "ngram",
     "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}). max_num_batched_tokens

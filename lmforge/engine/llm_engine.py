@@ -18,6 +18,7 @@ from lmforge.engine.sampling_params import SamplingParams
 from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import Sequence
 from lmforge.engine.speculative import NgramProposer, SpecDecodeStats, SpeculativeConfig, verify
+from lmforge.layers.kv_quant import KV_CACHE_DTYPES, kv_storage_dtype
 
 log = logging.getLogger("lmforge")
 
@@ -29,6 +30,7 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_cache_memory: float | None = None  # GiB for the KV pool; None: 2 GiB on CPU, 90 % of free memory on CUDA
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": int8 rows + float32 scales (layers/kv_quant.py)
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -57,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be int8, int4, gguf or None, got {self.quantization!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass
@@ -109,10 +113,11 @@ class LLMEngine:
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         self.loras = self._lora_slots() if config.enable_lora else None
-        num_blocks = plan_num_blocks(self.model, config.block_size, dtype, _kv_budget_bytes(config, device),
-                                     self.max_model_len)
+        kv_dtype = kv_storage_dtype(config.kv_cache_dtype, dtype)
+        num_blocks = plan_num_blocks(self.model, config.block_size, kv_dtype, _kv_budget_bytes(config, device),
+                                     self.max_model_len, model_dtype=dtype)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.enforce_eager,
-                                  self.max_model_len)
+                                  self.max_model_len, kv_dtype)
         t2 = time.perf_counter()
         log.info("KV cache allocated in %.1fs", t2 - t1)
         self.runner.warm_up()

@@ -13,6 +13,7 @@ from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.decoder import Decoder
+from lmforge.layers.kv_quant import kv_row_bytes
 from lmforge.layers.linear import fuse_projections
 from lmforge.layers.multi_lora import LoraBatch
 
@@ -20,13 +21,15 @@ log = logging.getLogger("lmforge")
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    """dtype: what the pool stores keys and values in (torch.int8: with a float32 scale per row)."""
     a = model.args
-    return 2 * a.num_hidden_layers * block_size * a.num_key_value_heads * a.head_dim * dtype.itemsize
+    return 2 * a.num_hidden_layers * block_size * a.num_key_value_heads * kv_row_bytes(a.head_dim, dtype)
 
 
 def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budget_bytes: int,
-                    max_model_len: int) -> int:
-    """How many KV blocks the budget holds; fails with the numbers when not even one full-length sequence fits."""
+                    max_model_len: int, model_dtype: torch.dtype | None = None) -> int:
+    """How many KV blocks the budget holds; fails with the numbers when not even one full-length sequence fits.
+    dtype: the pool's (torch.int8 for an int8 cache); model_dtype, when it differs: the log says the gain over it."""
     per_block = kv_bytes_per_block(model, block_size, dtype)
     num_blocks = budget_bytes // per_block
     per_seq = -(-max_model_len // block_size)
@@ -36,15 +39,27 @@ def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budge
                            f"{block_size} tokens ({per_block / 2**20:.2f} MiB each), fewer than the {per_seq} one "
                            f"sequence of max_model_len={max_model_len} needs; raise kv_cache_memory to at least "
                            f"{need:.3f} GiB or lower max_model_len")
-    log.info("KV cache: %d blocks x %d tokens, %.2f MiB per block, %.2f GiB in all; %d sequences of %d tokens fit "
-             "at once", num_blocks, block_size, per_block / 2**20, num_blocks * per_block / 2**30,
-             num_blocks // per_seq, max_model_len)
+    gain = ""
+    if model_dtype is not None and model_dtype != dtype:
+        ratio = kv_bytes_per_block(model, block_size, model_dtype) / per_block
+        gain = f", {ratio:.2f}x the tokens of a {str(model_dtype).removeprefix('torch.')} cache"
+    log.info("KV cache (%s): %d blocks x %d tokens, %.2f MiB per block, %.2f GiB in all; %d sequences of %d tokens "
+             "fit at once%s", str(dtype).removeprefix("torch."), num_blocks, block_size, per_block / 2**20,
+             num_blocks * per_block / 2**30, num_blocks // per_seq, max_model_len, gain)
     return num_blocks
+
+
+def layer_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> KVCache:
+    """(keys, values); int8 ones with their float32 scales per (token, kv head) (lmforge/layers/kv_quant.py)."""
+    caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
+    if dtype == torch.int8:
+        caches += [torch.zeros(shape[:-1], dtype=torch.float32, device=device) for _ in range(2)]
+    return tuple(caches)
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, kv_dtype: torch.dtype | None = None):
         self.model = model
         fuse_projections(model)  # q/k/v and gate/up as one product each (the engine owns this copy of the model)
         self.block_size = block_size
@@ -58,8 +73,7 @@ class ModelRunner:
             self.graphs = decoder.step_graphs = StepGraphs(decoder, -(-(max_model_len or 0) // block_size))
         a = model.args
         shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
-        self.kv: list[KVCache] = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                   torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv: list[KVCache] = [layer_kv_cache(shape, kv_dtype or self.dtype, self.device)
                                   for _ in range(a.num_hidden_layers)]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
@@ -109,9 +123,9 @@ class ModelRunner:
                                   torch.arange(n - 1, seqs * n, n, device=self.device), block_size=self.block_size)
         with self._mode():
             self.model.logits(self.model(ids, positions, meta, self.kv)[meta.logits_indices], float32=False)
-        for k_cache, v_cache in self.kv:
-            k_cache[0].zero_()
-            v_cache[0].zero_()
+        for layer in self.kv:
+            for cache in layer:
+                cache[0].zero_()
 
     def _mode(self):
         return kernels.disabled() if self.enforce_eager else contextlib.nullcontext()

@@ -30,6 +30,7 @@ template <typename T> inline T* ptr(const torch::Tensor& t) { return static_cast
 
 // Conversions written as bit operations so that the compiler vectorizes the loops that use them.
 inline float to_f(float x) { return x; }
+inline float to_f(int8_t x) { return x; }  // an int8 KV cache's rows, before their scale
 inline float to_f(bf16 x) {
   uint32_t bits = static_cast<uint32_t>(x) << 16;
   float f;
@@ -626,10 +627,39 @@ torch::Tensor rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 // ---- new keys and values into their paged-cache slots -----------------------------------------------------------
 // k/v [T, KVH, D] may be row-strided views (slices of a fused q/k/v product): each token's row is dense.
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
-  check(k_cache, "k_cache");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
-              "write_kv: new keys/values must have the cache's dtype");
+// An int8 cache (k_scale/v_scale given, float32 [blocks, block_size, KVH]) stores each row quantised as
+// lmforge/layers/kv_quant.py does: scale = absmax / 127, round(x / scale) to nearest even.
+template <typename T>
+void quantize_rows(const T* x, int64_t rows, int64_t dim, int8_t* q, float* scales) {
+  for (int64_t r = 0; r < rows; ++r, x += dim, q += dim) {
+    float amax = 0.f;
+    for (int64_t d = 0; d < dim; ++d) amax = std::max(amax, std::abs(to_f(x[d])));
+    const float s = amax / 127.f;
+    scales[r] = s;
+    if (s > 0.f) {
+      for (int64_t d = 0; d < dim; ++d)
+        q[d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(to_f(x[d]) / s))));
+    } else {
+      std::fill(q, q + dim, int8_t{0});
+    }
+  }
+}
+
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale) {
+  const bool int8 = k_cache.scalar_type() == at::kChar;
+  if (int8) {
+    check(k, "k");
+    TORCH_CHECK(v_cache.scalar_type() == at::kChar && v.scalar_type() == k.scalar_type() && k_scale && v_scale &&
+                k_scale->scalar_type() == at::kFloat && v_scale->scalar_type() == at::kFloat &&
+                k_scale->is_contiguous() && v_scale->is_contiguous() &&
+                k_scale->numel() * k.size(2) == k_cache.numel() && v_scale->numel() * k.size(2) == v_cache.numel(),
+                "write_kv: an int8 cache needs float32 scales [blocks, block_size, kv_heads] for both caches");
+  } else {
+    check(k_cache, "k_cache");
+    TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+                "write_kv: new keys/values must have the cache's dtype");
+  }
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv: caches must be contiguous");
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "write_kv: k and v must be [T, kv_heads, dim]");
   auto kc = k.stride(2) == 1 && k.stride(1) == k.size(2) ? k : k.contiguous();
@@ -639,6 +669,19 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   const int64_t nslots = k_cache.numel() / width;
   const int64_t* s = sl.data_ptr<int64_t>();
   for (int64_t i = 0; i < t; ++i) TORCH_CHECK(s[i] >= 0 && s[i] < nslots, "write_kv: slot out of range");
+  if (int8) {
+    const int64_t heads = kc.size(1), dim = kc.size(2);
+    dispatch(kc, [&](auto tag) {
+      using T = decltype(tag);
+      for (int64_t i = 0; i < t; ++i) {
+        quantize_rows(ptr<T>(kc) + i * kc.stride(0), heads, dim, ptr<int8_t>(k_cache) + s[i] * width,
+                      ptr<float>(*k_scale) + s[i] * heads);
+        quantize_rows(ptr<T>(vc) + i * vc.stride(0), heads, dim, ptr<int8_t>(v_cache) + s[i] * width,
+                      ptr<float>(*v_scale) + s[i] * heads);
+      }
+    });
+    return;
+  }
   const int64_t size = kc.element_size(), bytes = width * size;
   auto* kd = static_cast<char*>(k_cache.data_ptr());
   auto* vd = static_cast<char*>(v_cache.data_ptr());
@@ -1410,14 +1453,18 @@ void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, cons
 }
 #endif
 
-template <typename T>
-void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* cu_q, const int64_t* lens_k,
+// C, the cache's type: T, or int8_t with a float32 scale per row (ksc/vsc, [blocks, block_size, KVH]) that each
+// score and each probability is multiplied by: rows are dequantised in registers, the cache is never copied.
+template <typename T, typename C>
+void paged_attention_impl(const T* q, const C* kc, const C* vc, const float* ksc, const float* vsc,
+                          const int64_t* cu_q, const int64_t* lens_k,
                           const int64_t* tables, const int64_t* seqs, int64_t nseq, int64_t width, int64_t heads,
                           int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window, int64_t qs,
                           T* out) {
+  constexpr bool int8 = std::is_same_v<C, int8_t>;
   const int64_t group = heads / kv_heads;  // query heads sharing one kv head: each key is read once for all
   at::parallel_for(0, nseq * kv_heads, 1, [=](int64_t lo, int64_t hi) {
-    std::vector<float> qf(group * dim), acc(group * dim), scores;
+    std::vector<float> qf(group * dim), acc(group * dim), scores, k_scales, v_scales;
     std::vector<int64_t> offs;  // where key/value p of this task's kv head starts in the caches (no division per key)
     [[maybe_unused]] BlockStream ahead;
     for (int64_t task = lo; task < hi; ++task) {
@@ -1429,7 +1476,7 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
         ahead.next = ahead.offset = 0;
         if (task + kv_heads < hi) {
           const int64_t after = seqs[task / kv_heads + 1], count = (lens_k[after] + block_size - 1) / block_size;
-          ahead.bytes = block_size * kv_heads * dim * static_cast<int64_t>(sizeof(T));
+          ahead.bytes = block_size * kv_heads * dim * static_cast<int64_t>(sizeof(C));
           for (int64_t b = 0; b < count; ++b) {
             const int64_t start = tables[after * width + b] * block_size * kv_heads * dim;
             ahead.blocks.push_back(reinterpret_cast<const char*>(kc + start));
@@ -1443,13 +1490,24 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
       const int64_t* table = tables + r * width;
       scores.resize(group * lk);
       offs.resize(lk);
+      if constexpr (int8) {
+        k_scales.resize(lk);
+        v_scales.resize(lk);
+      }
       for (int64_t b = 0, p = 0; p < lk; ++b)
-        for (int64_t o = 0; o < block_size && p < lk; ++o, ++p) offs[p] = ((table[b] * block_size + o) * kv_heads + g) * dim;
+        for (int64_t o = 0; o < block_size && p < lk; ++o, ++p) {
+          const int64_t row = (table[b] * block_size + o) * kv_heads + g;
+          offs[p] = row * dim;
+          if constexpr (int8) {
+            k_scales[p] = ksc[row];
+            v_scales[p] = vsc[row];
+          }
+        }
       for (int64_t i = 0; i < lq; ++i) {
         const int64_t pos = lk - lq + i;  // this query's position: it sees keys first..pos
         const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
 #if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, bf16>) {
+        if constexpr (std::is_same_v<T, bf16> && std::is_same_v<C, bf16>) {
           if (dim % 32 == 0) {
             attend_bf16(q + (q0 + i) * qs + g * group * dim, group, dim, kc, vc, offs.data(), first, pos,
                         g == 0 ? kv_heads * dim : 0, scale,
@@ -1464,12 +1522,13 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
           for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = to_f(qp[d]) * scale;
         }
         for (int64_t p = first; p <= pos; ++p) {
-          const T* kp = kc + offs[p];
+          const C* kp = kc + offs[p];
           for (int64_t h = 0; h < group; ++h) {
             const float* qh = qf.data() + h * dim;
             float s = 0;
 #pragma omp simd reduction(+ : s)
             for (int64_t d = 0; d < dim; ++d) s += qh[d] * to_f(kp[d]);
+            if constexpr (int8) s *= k_scales[p];
             scores[h * lk + p] = s;
           }
         }
@@ -1485,9 +1544,10 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
         }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t p = first; p <= pos; ++p) {
-          const T* vp = vc + offs[p];
+          const C* vp = vc + offs[p];
           for (int64_t h = 0; h < group; ++h) {
-            const float w = scores[h * lk + p];
+            float w = scores[h * lk + p];
+            if constexpr (int8) w *= v_scales[p];
             float* ah = acc.data() + h * dim;
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) ah[d] += w * to_f(vp[d]);
@@ -1505,21 +1565,37 @@ void paged_attention_impl(const T* q, const T* kc, const T* vc, const int64_t* c
 
 void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor cu_q,
                      torch::Tensor seqlens_k, torch::Tensor block_tables, torch::Tensor seqs, double scale,
-                     int64_t window, torch::Tensor out) {
+                     int64_t window, torch::Tensor out, c10::optional<torch::Tensor> k_scale,
+                     c10::optional<torch::Tensor> v_scale) {
   check(q, "q");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() &&
-              out.sizes() == q.sizes(), "paged_attention: q must be [T, heads, dim] with dense rows, out contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "paged_attention: caches must be contiguous in q's dtype");
+              out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "paged_attention: q must be [T, heads, dim] with dense rows, out contiguous in q's dtype");
+  const bool int8 = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK((int8 || k_cache.scalar_type() == q.scalar_type()) && v_cache.scalar_type() == k_cache.scalar_type() &&
+              k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_attention: caches must be contiguous, in q's dtype or int8");
+  if (int8)
+    TORCH_CHECK(k_scale && v_scale && k_scale->scalar_type() == at::kFloat && v_scale->scalar_type() == at::kFloat &&
+                k_scale->is_contiguous() && v_scale->is_contiguous() &&
+                k_scale->numel() * q.size(2) == k_cache.numel() && v_scale->numel() * q.size(2) == v_cache.numel(),
+                "paged_attention: an int8 cache needs float32 scales [blocks, block_size, kv_heads] for both caches");
   auto cu = cu_q.to(at::kLong).contiguous(), lk = seqlens_k.to(at::kLong).contiguous();
   auto bt = block_tables.to(at::kLong).contiguous(), sq = seqs.to(at::kLong).contiguous();
   dispatch(q, [&](auto tag) {
     using scalar_t = decltype(tag);
-    paged_attention_impl<scalar_t>(ptr<scalar_t>(q), ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache),
-                                   cu.data_ptr<int64_t>(), lk.data_ptr<int64_t>(), bt.data_ptr<int64_t>(),
-                                   sq.data_ptr<int64_t>(), sq.numel(), bt.size(1), q.size(1), k_cache.size(2),
-                                   q.size(2), k_cache.size(1), static_cast<float>(scale), window, q.stride(0),
-                                   ptr<scalar_t>(out));
+    auto run = [&](auto cache_tag, const float* ksc, const float* vsc) {
+      using cache_t = decltype(cache_tag);
+      paged_attention_impl<scalar_t, cache_t>(
+          ptr<scalar_t>(q), ptr<cache_t>(k_cache), ptr<cache_t>(v_cache), ksc, vsc, cu.data_ptr<int64_t>(),
+          lk.data_ptr<int64_t>(), bt.data_ptr<int64_t>(), sq.data_ptr<int64_t>(), sq.numel(), bt.size(1), q.size(1),
+          k_cache.size(2), q.size(2), k_cache.size(1), static_cast<float>(scale), window, q.stride(0),
+          ptr<scalar_t>(out));
+    };
+    if (int8)
+      run(int8_t{}, ptr<float>(*k_scale), ptr<float>(*v_scale));
+    else
+      run(scalar_t{}, nullptr, nullptr);
   });
 }
 
@@ -1541,9 +1617,10 @@ class StepGraph {
   void rms_norm(T x, T w, double eps, T y) { add([=] { rms_norm_into(x, w, eps, y); }); }
   void rope_(T x, T cos, T sin) { add([=] { ::rope_(x, cos, sin); }); }
   void silu_mul(T gate, T up, T y) { add([=] { silu_mul_into(gate, up, y); }); }
-  void write_kv(T k, T v, T kc, T vc, T slots) { add([=] { ::write_kv(k, v, kc, vc, slots); }); }
-  void paged_attention(T q, T kc, T vc, T cu_q, T lk, T tables, T seqs, double scale, int64_t window, T out) {
-    add([=] { ::paged_attention(q, kc, vc, cu_q, lk, tables, seqs, scale, window, out); });
+  void write_kv(T k, T v, T kc, T vc, T slots, B ks, B vs) { add([=] { ::write_kv(k, v, kc, vc, slots, ks, vs); }); }
+  void paged_attention(T q, T kc, T vc, T cu_q, T lk, T tables, T seqs, double scale, int64_t window, T out, B ks,
+                       B vs) {
+    add([=] { ::paged_attention(q, kc, vc, cu_q, lk, tables, seqs, scale, window, out, ks, vs); });
   }
   void add_tensors(T a, T b, T out) { add([=]() mutable { at::add_out(out, a, b); }); }
   // A kernel of another lmforge extension (quant_ops.cpp), given as the address of a function of the step's tensors.
@@ -1597,8 +1674,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("rms_norm", &StepGraph::rms_norm)
       .def("rope_", &StepGraph::rope_)
       .def("silu_mul", &StepGraph::silu_mul)
-      .def("write_kv", &StepGraph::write_kv)
-      .def("paged_attention", &StepGraph::paged_attention)
+      .def("write_kv", &StepGraph::write_kv, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
+           py::arg("slots"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none())
+      .def("paged_attention", &StepGraph::paged_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+           py::arg("cu_q"), py::arg("seqlens_k"), py::arg("block_tables"), py::arg("seqs"), py::arg("scale"),
+           py::arg("window"), py::arg("out"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none())
       .def("add_tensors", &StepGraph::add_tensors)
       .def("external", &StepGraph::external)
       .def("set_inputs", &StepGraph::set_inputs)
@@ -1620,8 +1700,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place (half-split layout)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("argmax_rows", &argmax_rows, "row-wise argmax, first of equal maxima");
-  m.def("write_kv", &write_kv, "new keys/values into paged-cache slots");
-  m.def("paged_attention", &paged_attention, "attention of few-token queries over a paged KV cache");
+  m.def("write_kv", &write_kv, "new keys/values into paged-cache slots (int8 ones quantised, with scales)",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+  m.def("paged_attention", &paged_attention, "attention of few-token queries over a paged KV cache (or an int8 one)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_q"), py::arg("seqlens_k"),
+        py::arg("block_tables"), py::arg("seqs"), py::arg("scale"), py::arg("window"), py::arg("out"),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("attention_backward", &attention_backward, "causal attention backward on AMX tiles (dq, dk, dv)");
   m.def("rms_norm_train", &rms_norm_train, "RMSNorm for training: (y, 1/rms per row)");
   m.def("rms_norm_train_backward", &rms_norm_train_backward, "RMSNorm backward: (dx, dw or empty)");

@@ -14,14 +14,17 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.kernels import usable
+from lmforge.layers.kv_quant import dequantize_int8, quantize_int8
 from lmforge.layers.train_kernels import causal_attention
 from lmforge.layers.varlen import grouped_attention
 
 if TYPE_CHECKING:
     from lmforge.layers.multi_lora import LoraBatch
 
-# One layer's paged cache: (keys, values), each [num_blocks, block_size, kv_heads, head_dim].
-KVCache = tuple[torch.Tensor, torch.Tensor]
+# One layer's paged cache: (keys, values), each [num_blocks, block_size, kv_heads, head_dim]; an int8 cache
+# (lmforge/layers/kv_quant.py) adds their float32 scales: (keys, values, key scales, value scales), the scales
+# [num_blocks, block_size, kv_heads].
+KVCache = tuple[torch.Tensor, ...]
 # Which sequences of a paged step the CPU kernel attends: decodes and short chunks, and short prompts, where
 # a per-sequence SDPA call costs more in overhead than the kernel's plain loops (benchmarks/cpu_kernels.py).
 KERNEL_MAX_QUERIES = 4
@@ -142,28 +145,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
     return grouped_attention(q, k, v, lens, lambda qb, kb, vb: _sdpa(qb, kb, vb, scale, window))
 
 
+def _write_cache(kv: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    for i, x in enumerate((k, v)):
+        cache = kv[i].view(-1, *kv[i].shape[2:])
+        if len(kv) == 2:
+            cache[slots] = x.to(cache.dtype)
+        else:
+            cache[slots], kv[i + 2].view(-1, kv[i + 2].shape[2])[slots] = quantize_int8(x)
+
+
+def _read_cache(kv: KVCache, i: int, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys (i = 0) or values (i = 1) of the given blocks, in dtype (an int8 cache dequantised)."""
+    rows = kv[i][blocks]
+    return rows.to(dtype) if len(kv) == 2 else dequantize_int8(rows, kv[i + 2][blocks], dtype)
+
+
 def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, kv: KVCache,
                      scale: float, window: int | None) -> torch.Tensor:
-    k_cache, v_cache = kv
+    k_cache, v_cache, *scales = kv  # scales: an int8 cache's (key scales, value scales)
     block_size = k_cache.shape[1]
-    ops = usable(q) if meta.kernel is not None and k_cache.dtype == q.dtype else None
+    ops = usable(q) if meta.kernel is not None and (k_cache.dtype == q.dtype or scales) else None
     if ops is not None:
-        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, *scales)
     else:
-        k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k.to(k_cache.dtype)
-        v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v.to(v_cache.dtype)
+        _write_cache(kv, k, v, meta.slot_mapping)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     done: tuple[int, ...] | set[int] = ()
     if ops is not None:
         kr = meta.kernel
         ops.paged_attention(q, k_cache, v_cache, kr.cu_q, kr.seqlens_k, meta.block_tables, kr.rows_t, scale,
-                            window or 0, out)
+                            window or 0, out, *scales)
         if len(kr.rows) == len(meta.seqlens_q):  # every sequence (a decode step): nothing left for SDPA
             return out
         done = set(kr.rows)
     elif (decode := meta.decode if window is None or max(meta.seqlens_k) <= window else None) is not None:
-        keys = k_cache[decode.block_tables].flatten(1, 2).to(q.dtype)  # [B, blocks * block_size, kv_heads, dim]
-        values = v_cache[decode.block_tables].flatten(1, 2).to(q.dtype)
+        keys = _read_cache(kv, 0, decode.block_tables, q.dtype).flatten(1, 2)  # [B, blocks * block_size, kvh, dim]
+        values = _read_cache(kv, 1, decode.block_tables, q.dtype).flatten(1, 2)
         out[decode.token_idx] = F.scaled_dot_product_attention(
             q[decode.token_idx][:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=decode.key_mask,
             scale=scale, enable_gqa=q.shape[1] != k.shape[1])[:, :, 0]
@@ -179,7 +196,7 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
             ki, vi = k[s: s + lq], v[s: s + lq]
         else:
             blocks = meta.block_tables[i, : (lk + block_size - 1) // block_size]
-            ki = k_cache[blocks].flatten(0, 1)[:lk]
-            vi = v_cache[blocks].flatten(0, 1)[:lk]
+            ki = _read_cache(kv, 0, blocks, q.dtype).flatten(0, 1)[:lk]
+            vi = _read_cache(kv, 1, blocks, q.dtype).flatten(0, 1)[:lk]
         out[s: s + lq] = _sdpa(q[s: s + lq][None], ki[None].to(q.dtype), vi[None].to(q.dtype), scale, window)[0]
     return out
