@@ -281,3 +281,34 @@ def test_server_serves_over_an_int8_cache(tiny_dir):
     assert whole["usage"]["completion_tokens"] == 6
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed[:-1])
     assert text == whole["choices"][0]["message"]["content"] and text
+
+
+def test_multi_lora_over_an_int8_cache(tiny_dir, tmp_path):
+    """Base and adapter requests in one batch over an int8 cache: each gets what it gets alone, the chosen tokens'
+    logprobs are a float32 cache's up to the first divergence, and the adapter is applied."""
+    pytest.importorskip("peft")
+    from lmforge.engine.lora_manager import LoRARequest
+    from tests.adapters import save_peft_adapter
+
+    save_peft_adapter(tiny_dir, tmp_path / "a", r=4, lora_alpha=8, target_modules="all-linear", scale=0.3)
+    adapter = LoRARequest("a", 1, str(tmp_path / "a"))
+    prompts = [PROMPTS[3], PROMPTS[3], PROMPTS[5], PROMPTS[5]]
+    requests = [None, adapter, None, adapter]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+
+    def chosen(outs):
+        return [(list(o.outputs[0].token_ids), [d[t].logprob for d, t in zip(o.outputs[0].logprobs,
+                                                                              o.outputs[0].token_ids, strict=True)])
+                for o in outs]
+
+    results = []
+    for kv_cache_dtype in ("auto", "int8"):
+        llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=0.004, block_size=4, max_model_len=64,
+                  enable_lora=True, max_loras=1, max_lora_rank=4, kv_cache_dtype=kv_cache_dtype)
+        results.append(chosen(llm.generate(prompts, params, lora_request=requests, use_tqdm=False)))
+    alone = [chosen(llm.generate([p], params, lora_request=r, use_tqdm=False))[0]
+             for p, r in zip(prompts, requests, strict=True)]
+    assert [t for t, _ in results[1]] == [t for t, _ in alone]
+    _, worst = agreement(*results)
+    assert worst < 0.02, worst
+    assert results[1][0][0] != results[1][1][0] and results[1][2][0] != results[1][3][0]
