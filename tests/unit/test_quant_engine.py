@@ -161,3 +161,13 @@ def test_multi_lora_over_a_quantized_base_is_the_merged_reference(tiny_dir, tmp_
     plain = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                          use_tqdm=False)[0].outputs[0].token_ids
     assert plain != got  # the adapter is really applied
+
+
+def test_cli_generate_quantized_and_a_bad_choice_is_refused(tiny_dir, capsys):
+    assert cli_main(["-q", "generate", "--model", str(tiny_dir), "--quantization", "int4", "--max-tokens", "4",
+                     "--temperature", "0", "--kv-cache-memory", "0.002", "hello"]) == 0
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", "--model", str(tiny_dir), "--quantization", "int3", "hello"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
