@@ -22,7 +22,7 @@ from tests.e2e.conftest import smollm2_gguf
 pytestmark = pytest.mark.e2e
 VAL = Path(__file__).parents[2] / "configs" / "data" / "pirate_demo_val.jsonl"
 # Perplexity ratio to the float model (the GGUF's weights dequantised, float32) on VAL, 477 scored tokens, measured
-# with the kernels: int8 0.976, int4 1.008, gguf 1.009. Quantisation noise lowers the perplexity of this surprising
+# with the kernels: int8 0.981, int4 0.995, gguf 0.995. Quantisation noise lowers the perplexity of this surprising
 # pirate text (int8's weights alone, float activations: 0.976), so the 1 % target is not met by int8 here although
 # its logits are the closest to the float model's (KL below); the bound is 3 %.
 PPL_BOUND = 0.03
