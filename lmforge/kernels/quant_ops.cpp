@@ -4,10 +4,11 @@
 // nearest even), once, and reuses it for every output channel; each weight block then meets it in an integer dot
 // product (AVX2: u8 x s8 -> s16 pairs with maddubs, -> s32 with madd), scaled by the two blocks' float scales.
 // The weight layouts (lmforge/layers/quant_linear.py makes them; K % 32 == 0):
-//   q8: int8 w [N, K] and float32 scale [N, K/32] (a scale per block: Q8_0) or [N] (one per output channel: int8);
+//   q8: int8 w [N, K] and scale [N, K/32] (a scale per block: Q8_0, int8) or [N] (one per output channel);
 //       value = scale * q.
 //   q4: uint8 w [N, K/2], per 32-block 16 bytes: byte i holds element i (low nibble) and element i + 16 (high);
-//       float32 scale and min [N, K/32]; value = scale * q + min (Q4_1; Q4_0 has min = -8 scale; Q4_K's sub-blocks).
+//       scale and min [N, K/32]; value = scale * q + min (Q4_1; Q4_0 has min = -8 scale; Q4_K's sub-blocks).
+// Block scales and mins are float16 (GGUF's own, and the int8/int4 quantisers') or float32 (Q4_K's products).
 // A q4 dot product is sum_b scale_b dx_b isum_b + sum_b min_b dx_b sum(qx_b): the second sum uses the activation
 // blocks' sums, computed with the quantisation. Built with -march=native: the AVX2 path where the CPU has it, a plain
 // C++ path elsewhere (same results up to float summation order). AVX512-VNNI / AMX-INT8 paths are not written: no
@@ -121,31 +122,49 @@ inline __m256i unpack_q4(const uint8_t* p) {  // 16 bytes -> 32 nibbles in eleme
 }
 #endif
 
+// Weight scales and mins are float32 or float16 (uint16_t: its bits; GGUF's own, 2 bytes fewer per block).
+inline float to_f(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
 // One weight row's share of a tile: its packed blocks, block scales (or its one scale: ROW) and mins (q4).
+template <typename S>
 struct WRow {
   const uint8_t* w;
-  const float* scale;
-  const float* min;
+  const S* scale;
+  const S* min;
 };
 
-// sum_b a[b] * b[b] over n floats: the q4 min term (min_b * scale_b * sum(qx_b)), eight blocks at a time.
-inline float dot_f32(const float* a, const float* b, int64_t n) {
+#if defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+// sum_b a[b] * b[b] over n blocks: the q4 min term (min_b * scale_b * sum(qx_b)), eight blocks at a time.
+template <typename S>
+inline float dot_min(const S* a, const float* b, int64_t n) {
   int64_t i = 0;
   float sum = 0.f;
 #if defined(__AVX2__)
   __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), acc);
   sum = hsum(acc);
 #endif
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += to_f(a[i]) * b[i];
   return sum;
 }
 
 // out[c][r] = sum over blocks of wscale_b * dx[r]_b * <w_b, qx[r]_b> (+ sum_b min_b * sx[r]_b for q4), for C weight
 // rows and R activation rows: each unpacked weight block serves R rows, each activation block C weight rows, and
 // the C x R accumulators are independent chains. ROW: one scale per weight row, applied at the end.
-template <int R, int C, bool Q4, bool ROW>
-inline void dot_tile(const WRow* w, const int8_t* const* qx, const float* const* dx, const float* const* sx,
+template <int R, int C, bool Q4, bool ROW, typename S>
+inline void dot_tile(const WRow<S>* w, const int8_t* const* qx, const float* const* dx, const float* const* sx,
                      int64_t nb, float (*out)[ROW_TILE]) {
 #if defined(__AVX2__)
   __m256 acc[C][R];
@@ -167,7 +186,7 @@ inline void dot_tile(const WRow* w, const int8_t* const* qx, const float* const*
       for (int c = 0; c < C; ++c) {
         const __m256i xs = Q4 ? x : _mm256_sign_epi8(x, wv[c]);
         const __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wabs[c], xs));
-        acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(ROW ? d : w[c].scale[b] * d), isum, acc[c][r]);
+        acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(ROW ? d : to_f(w[c].scale[b]) * d), isum, acc[c][r]);
       }
     }
   }
@@ -187,38 +206,39 @@ inline void dot_tile(const WRow* w, const int8_t* const* qx, const float* const*
           const int8_t* p = reinterpret_cast<const int8_t*>(w[c].w) + b * QK;
           for (int i = 0; i < QK; ++i) isum += p[i] * xb[i];
         }
-        sum += (ROW ? 1.f : w[c].scale[b]) * dx[r][b] * static_cast<float>(isum);
+        sum += (ROW ? 1.f : to_f(w[c].scale[b])) * dx[r][b] * static_cast<float>(isum);
       }
       out[c][r] = sum;
     }
 #endif
   for (int c = 0; c < C; ++c)
     for (int r = 0; r < R; ++r) {
-      if constexpr (ROW) out[c][r] *= w[c].scale[0];
-      if constexpr (Q4) out[c][r] += dot_f32(w[c].min, sx[r], nb);
+      if constexpr (ROW) out[c][r] *= to_f(w[c].scale[0]);
+      if constexpr (Q4) out[c][r] += dot_min(w[c].min, sx[r], nb);
     }
 }
 
-template <int C, bool Q4, bool ROW>
-inline void dot_rows(int64_t rows, const WRow* w, const int8_t* const* qx, const float* const* dx,
+template <int C, bool Q4, bool ROW, typename S>
+inline void dot_rows(int64_t rows, const WRow<S>* w, const int8_t* const* qx, const float* const* dx,
                      const float* const* sx, int64_t nb, float (*out)[ROW_TILE]) {
   switch (rows) {
-    case 4: dot_tile<4, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
-    case 3: dot_tile<3, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
-    case 2: dot_tile<2, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
-    default: dot_tile<1, C, Q4, ROW>(w, qx, dx, sx, nb, out); break;
+    case 4: dot_tile<4, C, Q4, ROW, S>(w, qx, dx, sx, nb, out); break;
+    case 3: dot_tile<3, C, Q4, ROW, S>(w, qx, dx, sx, nb, out); break;
+    case 2: dot_tile<2, C, Q4, ROW, S>(w, qx, dx, sx, nb, out); break;
+    default: dot_tile<1, C, Q4, ROW, S>(w, qx, dx, sx, nb, out); break;
   }
 }
 
 constexpr int64_t OUT_TILE = 2;    // weight rows per register tile
 constexpr int64_t OUT_CHUNK = 16;  // output channels per cache-resident chunk of the weight (a multiple of OUT_TILE)
 
-template <bool Q4, bool ROW, typename scalar_t>
+template <bool Q4, bool ROW, typename S, typename scalar_t>
 void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scale,
-                 const float* wmin, const float* bias, torch::Tensor& y) {
+                 const torch::Tensor& wmin, const float* bias, torch::Tensor& y) {
   const int64_t N = w.size(0), nb = K / QK, wld = Q4 ? K / 2 : K;
   const uint8_t* pw = static_cast<const uint8_t*>(w.data_ptr());
-  const float* ps = scale.data_ptr<float>();
+  const S* ps = static_cast<const S*>(scale.data_ptr());
+  const S* pm = Q4 ? static_cast<const S*>(wmin.data_ptr()) : nullptr;
   scalar_t* py = y.data_ptr<scalar_t>();
   const int64_t yld = y.stride(0);
   const int64_t chunks = (N + OUT_CHUNK - 1) / OUT_CHUNK;
@@ -226,7 +246,7 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& 
     const int8_t* qx[ROW_TILE];
     const float *dx[ROW_TILE], *sx[ROW_TILE];
     float out[OUT_TILE][ROW_TILE];
-    WRow wr[OUT_TILE];
+    WRow<S> wr[OUT_TILE];
     for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
       const int64_t rows = std::min(ROW_TILE, M - m0);
       for (int64_t r = 0; r < rows; ++r) {
@@ -238,9 +258,9 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& 
       for (int64_t n = lo * OUT_CHUNK; n < end; n += OUT_TILE) {
         const int64_t cols = std::min(OUT_TILE, end - n);
         for (int64_t c = 0; c < cols; ++c)
-          wr[c] = {pw + (n + c) * wld, ROW ? ps + n + c : ps + (n + c) * nb, Q4 ? wmin + (n + c) * nb : nullptr};
-        if (cols == OUT_TILE) dot_rows<OUT_TILE, Q4, ROW>(rows, wr, qx, dx, sx, nb, out);
-        else dot_rows<1, Q4, ROW>(rows, wr, qx, dx, sx, nb, out);
+          wr[c] = {pw + (n + c) * wld, ROW ? ps + n + c : ps + (n + c) * nb, Q4 ? pm + (n + c) * nb : nullptr};
+        if (cols == OUT_TILE) dot_rows<OUT_TILE, Q4, ROW, S>(rows, wr, qx, dx, sx, nb, out);
+        else dot_rows<1, Q4, ROW, S>(rows, wr, qx, dx, sx, nb, out);
         for (int64_t c = 0; c < cols; ++c) {
           const float b = bias ? bias[n + c] : 0.f;
           for (int64_t r = 0; r < rows; ++r) py[(m0 + r) * yld + n + c] = static_cast<scalar_t>(out[c][r] + b);
@@ -262,12 +282,13 @@ void check_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
   TORCH_CHECK(q4 || w.scalar_type() == at::kChar, "quant_linear: weight must be int8 (q8) or uint8 (q4 nibbles)");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == (q4 ? K / 2 : K), "quant_linear: weight shape ",
               w.sizes(), " does not fit in_features ", K);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == N &&
+  TORCH_CHECK((scale.scalar_type() == at::kFloat || (scale.scalar_type() == at::kHalf && scale.dim() == 2)) &&
+              scale.is_contiguous() && scale.size(0) == N &&
               (scale.dim() == 1 ? !q4 : scale.dim() == 2 && scale.size(1) == K / QK), "quant_linear: scale must be "
-              "float32 [N, K/32] (or [N] for per-channel int8)");
+              "float32 or float16 [N, K/32] (or float32 [N] for per-channel int8)");
   if (q4)
-    TORCH_CHECK(wmin.scalar_type() == at::kFloat && wmin.is_contiguous() && wmin.sizes() == scale.sizes(),
-                "quant_linear: a 4-bit weight needs a float32 min of scale's shape");
+    TORCH_CHECK(wmin.scalar_type() == scale.scalar_type() && wmin.is_contiguous() && wmin.sizes() == scale.sizes(),
+                "quant_linear: a 4-bit weight needs a min of scale's dtype and shape");
   if (bias.numel())
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N,
                 "quant_linear: bias must be float32 [N]");
@@ -283,13 +304,15 @@ void quant_linear_into(torch::Tensor x, torch::Tensor w, torch::Tensor scale, to
   if (M == 0) return;
   const bool q4 = w.scalar_type() == at::kByte, row = scale.dim() == 1;
   const float* pb = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  const float* pm = q4 ? wmin.data_ptr<float>() : nullptr;
+  const bool half = scale.scalar_type() == at::kHalf;
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     const QuantRows a = quantize_rows<scalar_t>(x);
-    if (q4) linear_impl<true, false, scalar_t>(a, M, K, w, scale, pm, pb, y);
-    else if (row) linear_impl<false, true, scalar_t>(a, M, K, w, scale, nullptr, pb, y);
-    else linear_impl<false, false, scalar_t>(a, M, K, w, scale, nullptr, pb, y);
+    if (q4 && half) linear_impl<true, false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    else if (q4) linear_impl<true, false, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    else if (row) linear_impl<false, true, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    else if (half) linear_impl<false, false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    else linear_impl<false, false, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
   };
   if (x.scalar_type() == at::kFloat) run(float{});
   else run(c10::BFloat16{});

@@ -1,10 +1,11 @@
 """Weight-only quantised linear layers for serving: weights in 8 or 4 bits, activations float.
 
 A `QuantLinear` holds its weight packed in one of two layouts (the kernels' layouts, lmforge/kernels/quant_ops.cpp):
-  "q8": int8 `qweight` [out, in] and float32 `scales`, one per 32-element block [out, in/32] (GGUF Q8_0 and
-        `quantization="int8"`) or one per output channel [out]; value = scale * q.
+  "q8": int8 `qweight` [out, in] and `scales`, one per 32-element block [out, in/32] (GGUF Q8_0 and
+        `quantization="int8"`: float16) or one per output channel [out] (float32); value = scale * q.
   "q4": uint8 `qweight` [out, in/2], each 32-block's 16 bytes holding element i in the low nibble of byte i and
-        element i + 16 in the high one; float32 `scales` and `mins` [out, in/32]; value = scale * q + min. GGUF Q4_0
+        element i + 16 in the high one; `scales` and `mins` [out, in/32] (float16, or float32 for Q4_K whose
+        sub-block scales are products); value = scale * q + min. GGUF Q4_0
         (min = -8 scale), Q4_1, Q4_K (its 32-element sub-blocks' scale and min, multiplied out exactly in float32)
         and `quantization="int4"` (per-32 asymmetric groups, the Q4_1 idea) all take this layout.
 On CPU the kernels quantise activations per 32-block to int8 and compute integer dot products; elsewhere (or with
@@ -33,10 +34,11 @@ class QuantLinear(nn.Module):
         self.in_features = qweight.shape[1] * (2 if q4 else 1)
         self.dtype = dtype  # the float dtype of the layer it replaced: outputs (and LoRA slots over it) use it
         self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.float().contiguous())
+        scale_dtype = torch.float16 if scales.dtype == torch.float16 and scales.dim() == 2 else torch.float32
+        self.register_buffer("scales", scales.to(scale_dtype).contiguous())
         # Absent ones are the shared empty tensor (the kernels' "none"), not buffers: checkpoints hold no empty tensors.
         if q4:
-            self.register_buffer("mins", mins.float().contiguous())
+            self.register_buffer("mins", mins.to(scale_dtype).contiguous())
         else:
             self.mins = _EMPTY
         if bias is not None:
@@ -135,7 +137,8 @@ class QuantJoint:
 def fusable(layers: list[nn.Module]) -> bool:
     """Whether QuantLinears can share one joint product: the same layout, scale kind and bias presence."""
     return all(type(layer) is QuantLinear for layer in layers) and len(
-        {(layer.layout, layer.scales.dim(), bool(layer.bias.numel()), layer.in_features) for layer in layers}) == 1
+        {(layer.layout, layer.scales.dim(), layer.scales.dtype, bool(layer.bias.numel()), layer.in_features)
+         for layer in layers}) == 1
 
 
 # ---- packing and quantisation (pure torch: the reference the kernels are tested against) -----------------------------
@@ -154,6 +157,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    scales, mins = scales.float(), mins.float()
     if qweight.dtype == torch.uint8:
         q = unpack_nibbles(qweight).float().view(qweight.shape[0], -1, BLOCK)
         return (q * scales.unsqueeze(-1) + mins.unsqueeze(-1)).flatten(1)
@@ -170,16 +174,19 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit groups of 32 along in_features: scale = (max - min) / 15, min = the group's minimum."""
+    """Asymmetric 4-bit groups of 32 along in_features: scale = (max - min) / 15, min = the group's minimum, both
+    stored in float16 (as GGUF's Q4_1; a group narrower than float16's smallest normal scale, ~6e-5 x 15, loses
+    precision) and q computed from the stored values."""
     n, k = w.shape
     if k % BLOCK:
         raise LmforgeError(f"int4 quantization needs in_features divisible by {BLOCK}, got a [{n}, {k}] weight")
     groups = w.view(n, k // BLOCK, BLOCK)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = (hi - lo) / 15
+    lo = lo.half().float()
+    scale = ((hi - lo) / 15).half().float()
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     q = ((groups - lo.unsqueeze(-1)) * inv.unsqueeze(-1)).round().clamp(0, 15)
-    return pack_nibbles(q.view(n, k)), scale, lo
+    return pack_nibbles(q.view(n, k)), scale.half(), lo.half()
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,9 +201,12 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per 32-element block along in_features (GGUF Q8_0's scheme, float32 scales)."""
+    """Symmetric int8 per 32-element block along in_features (GGUF Q8_0's scheme: float16 scales, q computed from
+    the stored scale)."""
     n, k = w.shape
+    if k % BLOCK:
+        raise LmforgeError(f"int8 quantization needs in_features divisible by {BLOCK}, got a [{n}, {k}] weight")
     blocks = w.view(n, k // BLOCK, BLOCK)
-    scale = blocks.abs().amax(dim=-1) / 127
-    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    scale = (blocks.abs().amax(dim=-1) / 127).half()
+    inv = torch.where(scale > 0, 1 / scale.float(), torch.zeros_like(scale.float()))
     return (blocks * inv.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8).view(n, k), scale

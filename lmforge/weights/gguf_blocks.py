@@ -1,5 +1,6 @@
 """GGUF quantised tensors -> QuantLinear's packed layouts, without dequantising: the file's integers are kept as
-they are (Q4_K's are reordered into 32-element blocks) and its fp16 scales become float32 (exactly).
+they are (Q4_K's are reordered into 32-element blocks), and so are its fp16 scales (Q4_K's sub-block scales,
+products of an fp16 and a 6-bit integer, become float32, exactly).
 
 Block formats (ggml's, 32 or 256 elements along a row):
   Q8_0 (34 bytes / 32): fp16 d, 32 int8 q;                    value = d * q
@@ -23,8 +24,8 @@ SERVED_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K)
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
-    """Little-endian fp16 bytes [..., 2] -> float32 [...]."""
-    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32))
+    """Little-endian fp16 bytes [..., 2] -> float16 [...]."""
+    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0].copy())
 
 
 def packed_blocks(data: np.ndarray, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -38,7 +39,14 @@ def packed_blocks(data: np.ndarray, qtype: Q) -> tuple[torch.Tensor, torch.Tenso
         size = 18 if qtype == Q.Q4_0 else 20
         b = data.reshape(rows, -1, size)
         d = _f16(b[..., :2])
-        m = -8 * d if qtype == Q.Q4_0 else _f16(b[..., 2:4])  # -8 d exactly: d * q - 8 d = d * (q - 8) exactly
+        if qtype == Q.Q4_1:
+            return torch.from_numpy(np.ascontiguousarray(b[..., 4:]).reshape(rows, -1)), d, _f16(b[..., 2:4])
+        # Q4_0: min = -8 d, exact (then d q - 8 d = d (q - 8) exactly) in float16 unless it overflows
+        m = -8 * d.float()
+        if torch.equal(m.half().float(), m):
+            m = m.half()
+        else:
+            d = d.float()
         return torch.from_numpy(np.ascontiguousarray(b[..., size - 16:]).reshape(rows, -1)), d, m
     if qtype == Q.Q4_K:
         return _q4_k(data.reshape(rows, -1, 144))
@@ -47,7 +55,7 @@ def packed_blocks(data: np.ndarray, qtype: Q) -> tuple[torch.Tensor, torch.Tenso
 
 def _q4_k(b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, supers = b.shape[:2]
-    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    d, dmin = _f16(b[..., 0:2]).float(), _f16(b[..., 2:4]).float()
     s = torch.from_numpy(np.ascontiguousarray(b[..., 4:16]).astype(np.int32))  # [rows, supers, 12]
     # ggml's 6-bit packing: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); 4-7 split
     # between the low/high nibbles of bytes 8-11 and the top 2 bits of bytes 0-3 / 4-7.

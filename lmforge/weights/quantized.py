@@ -13,7 +13,7 @@ A linear whose in_features is not a multiple of 32 stays float (logged).
 A quantised checkpoint (`lmforge convert SRC OUT --quantize int8|int4`) is an HF directory whose config.json carries
   "quantization_config": {"quant_method": "lmforge", "method": "int8"|"int4", "modules": [module paths]}
 and whose safetensors hold, for each listed module, `<path>.qweight` (int8 [out, in] or uint8 [out, in/2]),
-`<path>.scales` (float32 [out, in/32]), `<path>.mins` (4-bit only, float32 [out, in/32]) and
+`<path>.scales` (float16 [out, in/32]), `<path>.mins` (4-bit only, float16 [out, in/32]) and
 `<path>.bias` if any (float32); every other tensor is as in a float checkpoint.
 """
 
@@ -139,7 +139,7 @@ def build_quantized_model(model_dir: Path, cfg: dict, dtype: str | torch.dtype, 
 def _empty_quant(layer: Linear, method: str, dtype: torch.dtype) -> QuantLinear:
     n, k = layer.out_features, layer.in_features
     bias = torch.empty(n, device="meta") if layer.bias is not None else None
-    groups = torch.empty(n, k // BLOCK, device="meta")
+    groups = torch.empty(n, k // BLOCK, dtype=torch.float16, device="meta")  # as quantize_q8 / quantize_int4 make
     if method == "int8":
         return QuantLinear(torch.empty(n, k, dtype=torch.int8, device="meta"), groups, bias=bias, dtype=dtype)
     return QuantLinear(torch.empty(n, k // 2, dtype=torch.uint8, device="meta"), groups, groups.clone(), bias,

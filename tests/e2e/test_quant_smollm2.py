@@ -22,7 +22,7 @@ from tests.e2e.conftest import smollm2_gguf
 pytestmark = pytest.mark.e2e
 VAL = Path(__file__).parents[2] / "configs" / "data" / "pirate_demo_val.jsonl"
 # Perplexity ratio to the float model (the GGUF's weights dequantised, float32) on VAL, 477 scored tokens, measured
-# with the kernels: int8 0.976, int4 1.008, gguf 1.009. Quantisation noise lowers the perplexity of this surprising
+# with the kernels: int8 0.981, int4 0.995, gguf 0.995. Quantisation noise lowers the perplexity of this surprising
 # pirate text (int8's weights alone, float activations: 0.976), so the 1 % target is not met by int8 here although
 # its logits are the closest to the float model's (KL below); the bound is 3 %.
 PPL_BOUND = 0.03
@@ -81,15 +81,15 @@ def test_perplexity_and_kl_on_the_validation_set(models, val_batches, method):
 
 
 def test_weight_memory(models):
-    """Decoder linears: bf16 2 bytes a weight; int8 1 + 4/32 (float32 scale per block) = 0.56 of bf16; int4 and
-    Q4_1 0.5 + 8/32 (float32 scale and min per group) = 0.375 of bf16."""
+    """Decoder linears: bf16 2 bytes a weight; int8 1 + 2/32 (float16 scale per block) = 0.53 of bf16; int4 and
+    Q4_1 0.5 + 4/32 (float16 scale and min per group) = 0.3125 of bf16."""
     def linear_bytes(model):
         return sum(m.nbytes if type(m) is QuantLinear else m.weight.numel() * 2
                    for m in model.model.modules() if type(m) in (Linear, QuantLinear))
     bf16 = linear_bytes(models["float"])
-    assert linear_bytes(models["int8"]) / bf16 == pytest.approx(0.5625, abs=1e-3)
-    assert linear_bytes(models["int4"]) / bf16 == pytest.approx(0.375, abs=1e-3)
-    assert linear_bytes(models["gguf"]) / bf16 == pytest.approx(0.375, abs=1e-3)
+    assert linear_bytes(models["int8"]) / bf16 == pytest.approx(0.53125, abs=1e-3)
+    assert linear_bytes(models["int4"]) / bf16 == pytest.approx(0.3125, abs=1e-3)
+    assert linear_bytes(models["gguf"]) / bf16 == pytest.approx(0.3125, abs=1e-3)
 
 
 def test_engine_serves_the_gguf_file_directly(models, smollm2_dir):

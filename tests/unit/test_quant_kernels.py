@@ -28,10 +28,12 @@ def _weights(layout: str, n: int, k: int, seed: int = 0):
     if layout == "int8":
         q, s = quantize_int8(w)
         return q, s, torch.empty(0)
-    if layout == "int4":
-        return quantize_int4(w)
+    if layout.startswith("int4"):
+        q, s, m = quantize_int4(w)  # float16 scales and mins; float32 as Q4_K has them
+        return (q, s.float(), m.float()) if layout == "int4-f32" else (q, s, m)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)  # Q8_0: a scale per block
-    return q, torch.rand(n, k // 32, generator=g) * 0.01, torch.empty(0)
+    scale = torch.rand(n, k // 32, generator=g) * 0.01
+    return q, scale.half() if layout == "q8_0-f16" else scale, torch.empty(0)
 
 
 def _exact_reference(x: torch.Tensor, q, s, m, bias) -> torch.Tensor:
@@ -65,7 +67,7 @@ def test_activation_quantisation_is_the_reference_bit_for_bit():
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["q8_0", "int8", "int4"])
+@pytest.mark.parametrize("layout", ["q8_0", "q8_0-f16", "int8", "int4", "int4-f32"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 17])
 def test_kernel_equals_the_reference_on_the_same_quantised_activations(layout, rows):
     for n, k, biased in ((13, 96, True), (40, 64, False), (1, 32, True)):
