@@ -10,9 +10,10 @@
 //       scale and min [N, K/32]; value = scale * q + min (Q4_1; Q4_0 has min = -8 scale; Q4_K's sub-blocks).
 // Block scales and mins are float16 (GGUF's own, and the int8/int4 quantisers') or float32 (Q4_K's products).
 // A q4 dot product is sum_b scale_b dx_b isum_b + sum_b min_b dx_b sum(qx_b): the second sum uses the activation
-// blocks' sums, computed with the quantisation. Built with -march=native: the AVX2 path where the CPU has it, a plain
-// C++ path elsewhere (same results up to float summation order). AVX512-VNNI / AMX-INT8 paths are not written: no
-// machine here to test them on.
+// blocks' sums, computed with the quantisation. Built per instruction-set level (lmforge/kernels/__init__.py): the
+// AVX2 path where the CPU has it, a plain C++ path elsewhere (same results up to float summation order). Every output
+// is computed by the same operations whatever the number of rows (batch invariance: a sequence decodes alone as in a
+// batch). AVX512-VNNI / AMX-INT8 paths are not written: no machine here to test them on.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -34,10 +35,31 @@ inline float to_f(float x) { return x; }
 inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
 
 // Activations of one call, quantised: q [M, K] int8, d (block scale) and s (d * sum of the block's q) [M, K/32].
+// q4 weights (AVX2) read the activations in pair order instead: per two blocks b, b + 1, 64 bytes holding b's
+// elements 0-15, b + 1's 0-15, b's 16-31, b + 1's 16-31 (zeros for a missing b + 1), so that one 32-byte load of
+// two weight blocks' nibbles meets its activations without shuffling the weights: `qp`, rows of pair_bytes(K).
 struct QuantRows {
-  std::vector<int8_t> q;
+  std::vector<int8_t> q, qp;
   std::vector<float> d, s;
 };
+
+inline int64_t pair_bytes(int64_t K) { return (K / QK + 1) / 2 * 2 * QK; }
+
+void to_pair_order(const int8_t* q, int64_t nb, int8_t* qp) {
+  for (int64_t b = 0; b < nb; b += 2) {
+    int8_t* dst = qp + b * QK;
+    const int8_t* b0 = q + b * QK;
+    std::memcpy(dst, b0, 16);
+    std::memcpy(dst + 32, b0 + 16, 16);
+    if (b + 1 < nb) {
+      std::memcpy(dst + 16, b0 + QK, 16);
+      std::memcpy(dst + 48, b0 + QK + 16, 16);
+    } else {
+      std::memset(dst + 16, 0, 16);
+      std::memset(dst + 48, 0, 16);
+    }
+  }
+}
 
 template <typename scalar_t>
 void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s) {
@@ -87,7 +109,7 @@ inline void quantize_block(const float* x, int8_t* q, float* d, float* s) {
 #endif
 
 template <typename scalar_t>
-QuantRows quantize_rows(const torch::Tensor& x) {
+QuantRows quantize_rows(const torch::Tensor& x, bool pairs = false) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK, ld = x.stride(0);
   QuantRows r;
   r.q.resize(M * K);
@@ -100,6 +122,10 @@ QuantRows quantize_rows(const torch::Tensor& x) {
       quantize_block(px + m * ld + b * QK, r.q.data() + m * K + b * QK, r.d.data() + i, r.s.data() + i);
     }
   });
+  if (pairs) {
+    r.qp.resize(M * pair_bytes(K));
+    for (int64_t m = 0; m < M; ++m) to_pair_order(r.q.data() + m * K, nb, r.qp.data() + m * pair_bytes(K));
+  }
   return r;
 }
 
@@ -114,11 +140,6 @@ inline float hsum(__m256 v) {
 // Eight s32 partial sums of u8 w x s8 x over 32 elements.
 inline __m256i dot_u8s8(__m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-}
-inline __m256i unpack_q4(const uint8_t* p) {  // 16 bytes -> 32 nibbles in element order, as u8
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 #endif
 
@@ -170,21 +191,46 @@ inline void dot_tile(const WRow<S>* w, const int8_t* const* qx, const float* con
   __m256 acc[C][R];
   for (int c = 0; c < C; ++c)
     for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+  if constexpr (Q4) {
+    // Two blocks at a time, qx in pair order: the low nibbles of both blocks' 32 bytes are elements 0-15 of each,
+    // the high ones 16-31, so two maddubs (each lane <= 2 x 15 x 127) add up in int16 before one widening madd;
+    // lanes 0-3 hold block b's sums, 4-7 block b + 1's, scaled by a vector of the two blocks' scales.
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b += 2) {
+      const bool two = b + 1 < nb;
+      __m256i lo[C], hi[C];
+      for (int c = 0; c < C; ++c) {
+        const uint8_t* p = w[c].w + b * QK / 2;
+        const __m256i raw = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        lo[c] = _mm256_and_si256(raw, m4);
+        hi[c] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[r] + b * QK));
+        const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[r] + b * QK + 32));
+        const float d0 = dx[r][b], d1 = two ? dx[r][b + 1] : 0.f;
+        for (int c = 0; c < C; ++c) {
+          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], xlo), _mm256_maddubs_epi16(hi[c], xhi));
+          const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+          const __m256 cs = _mm256_set_m128(_mm_set1_ps(two ? to_f(w[c].scale[b + 1]) * d1 : 0.f),
+                                            _mm_set1_ps(to_f(w[c].scale[b]) * d0));
+          acc[c][r] = _mm256_fmadd_ps(cs, isum, acc[c][r]);
+        }
+      }
+    }
+  } else
   for (int64_t b = 0; b < nb; ++b) {
     __m256i wv[C], wabs[C];
     for (int c = 0; c < C; ++c) {
-      if constexpr (Q4) {
-        wv[c] = wabs[c] = unpack_q4(w[c].w + b * QK / 2);
-      } else {
-        wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[c].w + b * QK));
-        wabs[c] = _mm256_sign_epi8(wv[c], wv[c]);  // |w| as u8; the sign moves onto x below
-      }
+      wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[c].w + b * QK));
+      wabs[c] = _mm256_sign_epi8(wv[c], wv[c]);  // |w| as u8; the sign moves onto x below
     }
     for (int r = 0; r < R; ++r) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[r] + b * QK));
       const float d = dx[r][b];
       for (int c = 0; c < C; ++c) {
-        const __m256i xs = Q4 ? x : _mm256_sign_epi8(x, wv[c]);
+        const __m256i xs = _mm256_sign_epi8(x, wv[c]);
         const __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(wabs[c], xs));
         acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(ROW ? d : to_f(w[c].scale[b]) * d), isum, acc[c][r]);
       }
@@ -229,8 +275,8 @@ inline void dot_rows(int64_t rows, const WRow<S>* w, const int8_t* const* qx, co
   }
 }
 
-constexpr int64_t OUT_TILE = 2;    // weight rows per register tile
-constexpr int64_t OUT_CHUNK = 16;  // output channels per cache-resident chunk of the weight (a multiple of OUT_TILE)
+constexpr int64_t OUT_TILE = 2;    // weight rows per register tile (several activation rows)
+constexpr int64_t OUT_CHUNK = 16;  // output channels per cache-resident chunk of the weight (a multiple of 4)
 
 template <bool Q4, bool ROW, typename S, typename scalar_t>
 void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scale,
@@ -242,32 +288,49 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& 
   scalar_t* py = y.data_ptr<scalar_t>();
   const int64_t yld = y.stride(0);
   const int64_t chunks = (N + OUT_CHUNK - 1) / OUT_CHUNK;
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    const int8_t* qx[ROW_TILE];
-    const float *dx[ROW_TILE], *sx[ROW_TILE];
-    float out[OUT_TILE][ROW_TILE];
-    WRow<S> wr[OUT_TILE];
-    for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
-      const int64_t rows = std::min(ROW_TILE, M - m0);
-      for (int64_t r = 0; r < rows; ++r) {
-        qx[r] = a.q.data() + (m0 + r) * K;
-        dx[r] = a.d.data() + (m0 + r) * nb;
-        sx[r] = a.s.data() + (m0 + r) * nb;
-      }
+#if defined(__AVX2__)
+  constexpr bool pairs = Q4;  // the AVX2 q4 tiles read pair-ordered activations
+#else
+  constexpr bool pairs = false;
+#endif
+  const int8_t* qbase = pairs ? a.qp.data() : a.q.data();
+  const int64_t qld = pairs ? pair_bytes(K) : K;
+  // One row (decoding): four weight rows per tile, and the weight, read once, prefetched two tiles ahead (a row is
+  // a few cache lines: the hardware prefetcher alone leaves the loads waiting). More rows: 2 x 4 tiles, each
+  // weight chunk reused from cache by every group of four rows.
+  auto tiles = [&]<int64_t C>() {
+    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+      const int8_t* qx[ROW_TILE];
+      const float *dx[ROW_TILE], *sx[ROW_TILE];
+      float out[C][ROW_TILE];
+      WRow<S> wr[C];
       const int64_t end = std::min(N, hi * OUT_CHUNK);
-      for (int64_t n = lo * OUT_CHUNK; n < end; n += OUT_TILE) {
-        const int64_t cols = std::min(OUT_TILE, end - n);
-        for (int64_t c = 0; c < cols; ++c)
-          wr[c] = {pw + (n + c) * wld, ROW ? ps + n + c : ps + (n + c) * nb, Q4 ? pm + (n + c) * nb : nullptr};
-        if (cols == OUT_TILE) dot_rows<OUT_TILE, Q4, ROW, S>(rows, wr, qx, dx, sx, nb, out);
-        else dot_rows<1, Q4, ROW, S>(rows, wr, qx, dx, sx, nb, out);
-        for (int64_t c = 0; c < cols; ++c) {
-          const float b = bias ? bias[n + c] : 0.f;
-          for (int64_t r = 0; r < rows; ++r) py[(m0 + r) * yld + n + c] = static_cast<scalar_t>(out[c][r] + b);
+      for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
+        const int64_t rows = std::min(ROW_TILE, M - m0);
+        for (int64_t r = 0; r < rows; ++r) {
+          qx[r] = qbase + (m0 + r) * qld;
+          dx[r] = a.d.data() + (m0 + r) * nb;
+          sx[r] = a.s.data() + (m0 + r) * nb;
+        }
+        for (int64_t n = lo * OUT_CHUNK; n < end; n += C) {
+          const int64_t cols = std::min(C, end - n);
+          if (M == 1 && n + 3 * C <= N)
+            for (int64_t off = 0; off < C * wld; off += 64) __builtin_prefetch(pw + (n + 2 * C) * wld + off);
+          for (int64_t c = 0; c < cols; ++c)
+            wr[c] = {pw + (n + c) * wld, ROW ? ps + n + c : ps + (n + c) * nb, Q4 ? pm + (n + c) * nb : nullptr};
+          if (cols == C) dot_rows<C, Q4, ROW, S>(rows, wr, qx, dx, sx, nb, out);
+          else
+            for (int64_t c = 0; c < cols; ++c) dot_rows<1, Q4, ROW, S>(rows, wr + c, qx, dx, sx, nb, out + c);
+          for (int64_t c = 0; c < cols; ++c) {
+            const float b = bias ? bias[n + c] : 0.f;
+            for (int64_t r = 0; r < rows; ++r) py[(m0 + r) * yld + n + c] = static_cast<scalar_t>(out[c][r] + b);
+          }
         }
       }
-    }
-  });
+    });
+  };
+  if (M == 1) tiles.template operator()<4>();
+  else tiles.template operator()<OUT_TILE>();
 }
 
 void check_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
@@ -307,7 +370,11 @@ void quant_linear_into(torch::Tensor x, torch::Tensor w, torch::Tensor scale, to
   const bool half = scale.scalar_type() == at::kHalf;
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
+#if defined(__AVX2__)
+    const QuantRows a = quantize_rows<scalar_t>(x, q4);
+#else
     const QuantRows a = quantize_rows<scalar_t>(x);
+#endif
     if (q4 && half) linear_impl<true, false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (q4) linear_impl<true, false, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (row) linear_impl<false, true, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);

@@ -70,7 +70,7 @@ def test_activation_quantisation_is_the_reference_bit_for_bit():
 @pytest.mark.parametrize("layout", ["q8_0", "q8_0-f16", "int8", "int4", "int4-f32"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 17])
 def test_kernel_equals_the_reference_on_the_same_quantised_activations(layout, rows):
-    for n, k, biased in ((13, 96, True), (40, 64, False), (1, 32, True)):
+    for n, k, biased in ((13, 96, True), (40, 64, False), (1, 32, True), (37, 608, True)):  # 608: 8-block groups + 3
         q, s, m = _weights(layout, n, k, seed=rows)
         bias = torch.randn(n) if biased else None
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + n))
@@ -81,6 +81,19 @@ def test_kernel_equals_the_reference_on_the_same_quantised_activations(layout, r
         out = torch.full((rows, n), float("nan"))
         kernels.quant_ops().quant_linear_into(x, q, s, m, bias if bias is not None else torch.empty(0), out)
         assert torch.equal(out, y)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["q8_0", "q8_0-f16", "int8", "int4", "int4-f32"])
+def test_a_rows_output_does_not_depend_on_the_batch(layout):
+    """The one-row GEMV and the row tiles do the same float operations per output: a sequence decoded alone gets
+    bit for bit the logits it gets in a batch."""
+    q, s, m = _weights(layout, 45, 608, seed=5)
+    bias = torch.randn(45)
+    x = torch.randn(7, 608)
+    batch = kernels.quant_ops().quant_linear(x, q, s, m, bias)
+    for row in range(7):
+        assert torch.equal(kernels.quant_ops().quant_linear(x[row:row + 1], q, s, m, bias), batch[row:row + 1])
 
 
 @needs_kernels
