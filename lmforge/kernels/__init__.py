@@ -22,7 +22,10 @@ import hashlib
 import logging
 import os
 import platform
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -102,6 +105,21 @@ def build(level: str, source: Path = SOURCE):
             module = None
         _builds[source.name, level] = module
     return _builds[source.name, level]
+
+
+def prebuild(jobs: int = 2) -> None:
+    """Compiles every (source, level) this CPU runs that is not cached yet, `jobs` at a time, each in a child
+    process (one compiler run uses one core; a cold test session needs four builds of about a minute). A failed
+    build is left for `build` to report when it is asked for."""
+    missing = [(source, lvl) for lvl in levels() for source in (SOURCE, QUANT_SOURCE)
+               if not any(_build_dir(source, lvl)[1].glob("*.so"))]
+    code = "import sys; from pathlib import Path; from lmforge import kernels; kernels.build(sys.argv[1], Path(sys.argv[2]))"
+
+    def run(job: tuple[Path, str]) -> None:
+        subprocess.run([sys.executable, "-c", code, job[1], str(job[0])], capture_output=True)
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(run, missing))
 
 
 def _load(source: Path, level: str):

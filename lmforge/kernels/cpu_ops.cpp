@@ -5,7 +5,10 @@
 // forward and backward passes of element-wise chains, attention's backward on AMX tiles and the loss's softmax.
 // Compiled at first use by lmforge/kernels/__init__.py; hot path — keep minimal.
 
-#include <torch/extension.h>
+// Not <torch/extension.h>: it parses for 45 s of a build's ~65; these are what the kernels use (half that).
+#include <ATen/core/Tensor.h>
+#include <ATen/Functions.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
 #if defined(__x86_64__)
@@ -26,7 +29,7 @@ namespace {
 
 using bf16 = uint16_t;  // a bfloat16's bits: a plain integer type, so loops over it vectorize
 
-template <typename T> inline T* ptr(const torch::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+template <typename T> inline T* ptr(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
 
 // Conversions written as bit operations so that the compiler vectorizes the loops that use them.
 inline float to_f(float x) { return x; }
@@ -81,7 +84,7 @@ inline __m512 exp_f32x16(__m512 x) {
 
 #endif
 
-void check(const torch::Tensor& t, const char* name) {
+void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
               " must be float32 or bfloat16");
@@ -89,7 +92,7 @@ void check(const torch::Tensor& t, const char* name) {
 
 // Calls f with a value of the tensor's scalar type (the generic lambda reads it as decltype).
 template <typename F>
-void dispatch(const torch::Tensor& t, F&& f) {
+void dispatch(const at::Tensor& t, F&& f) {
   if (t.scalar_type() == at::kBFloat16) {
     f(bf16{});
   } else {
@@ -166,7 +169,7 @@ void linear_small_impl<bf16>(const bf16* x, const bf16* w, const bf16* b, bf16* 
 #endif
 
 // Each kernel that returns a new tensor has an `_into` twin writing into a given one, which the step graphs replay.
-void linear_small_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor y) {
+void linear_small_into(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, at::Tensor y) {
   check(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= 8 && x.is_contiguous(), "linear_small: x must be [<=8, in], contiguous");
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
@@ -179,8 +182,8 @@ void linear_small_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Te
   });
 }
 
-torch::Tensor linear_small(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+at::Tensor linear_small(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {
+  auto y = at::empty({x.size(0), w.size(0)}, x.options());
   linear_small_into(x, w, bias, y);
   return y;
 }
@@ -188,7 +191,7 @@ torch::Tensor linear_small(torch::Tensor x, torch::Tensor w, c10::optional<torch
 // ATen's own product (oneDNN / MKL), called from here so that step graphs record and replay it: the row counts and
 // dtypes no kernel above serves (float32 batches, bf16 beyond the GEMMs' reach). Rounds exactly as F.linear does:
 // at::linear of a 2-d input is addmm with a bias and mm without.
-void linear_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor y) {
+void linear_into(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, at::Tensor y) {
   if (bias) {
     at::addmm_out(y, *bias, x, w.t());
   } else {
@@ -196,9 +199,9 @@ void linear_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> 
   }
 }
 
-torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+at::Tensor linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), "linear: x must be [m, in], w [out, in]");
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  auto y = at::empty({x.size(0), w.size(0)}, x.options());
   linear_into(x, w, bias, y);
   return y;
 }
@@ -254,7 +257,7 @@ void f32_tile_cols(int cols, const float* x, const float* w, const float* b, flo
   }
 }
 
-void linear_f32_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor y) {
+void linear_f32_into(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, at::Tensor y) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "linear_f32: x must be float32 "
               "[m, in], contiguous");
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.scalar_type() == at::kFloat && w.is_contiguous(),
@@ -262,7 +265,7 @@ void linear_f32_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
   const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
   const float* xs = ptr<float>(x);
   const float* ws = ptr<float>(w);
-  auto bc = bias ? bias->contiguous() : torch::Tensor();
+  auto bc = bias ? bias->contiguous() : at::Tensor();
   const float* bs = bias ? ptr<float>(bc) : nullptr;
   float* ys = ptr<float>(y);
   alignas(32) int32_t lanes[8];
@@ -290,7 +293,7 @@ void linear_f32_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
   }
 }
 #else
-void linear_f32_into(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, torch::Tensor y) {
+void linear_f32_into(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, at::Tensor y) {
   linear_into(x, w, bias, y);  // built without AVX2 and FMA: ATen's product
 }
 #endif
@@ -303,8 +306,8 @@ bool linear_f32_available() {
 #endif
 }
 
-torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+at::Tensor linear_f32(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {
+  auto y = at::empty({x.size(0), w.size(0)}, x.options());
   linear_f32_into(x, w, bias, y);
   return y;
 }
@@ -318,12 +321,12 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::
 #if defined(__AVX512BF16__)
 constexpr int64_t PANEL = 48, ROW_BLOCK = 128;
 
-torch::Tensor vnni_pack(torch::Tensor w) {
+at::Tensor vnni_pack(at::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(0) % 16 == 0 && w.size(1) % 2 == 0,
               "vnni_pack: w must be bf16 [N, K] with N a multiple of 16 and K even");
   auto wc = w.contiguous();
   const int64_t n = wc.size(0), k = wc.size(1);
-  auto out = torch::empty({n, k}, wc.options());  // w's shape, the panels' order
+  auto out = at::empty({n, k}, wc.options());  // w's shape, the panels' order
   const bf16* src = ptr<bf16>(wc);
   bf16* dst = ptr<bf16>(out);
   at::parallel_for(0, (n + PANEL - 1) / PANEL, 1, [=](int64_t lo, int64_t hi) {
@@ -386,12 +389,12 @@ void vnni_panel(const bf16* x, int64_t m, int64_t k, const bf16* w, const bf16* 
   }
 }
 
-void vnni_linear_into(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, torch::Tensor y) {
+void vnni_linear_into(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias, at::Tensor y) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.size(1) % 2 == 0 &&
               packed.dim() == 2 && packed.size(1) == x.size(1) && packed.size(0) % 16 == 0,
               "vnni_linear: x must be contiguous bf16 [M, K] and packed a vnni_pack of a [N, K] weight");
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
-  auto bc = bias ? bias->contiguous() : torch::Tensor();
+  auto bc = bias ? bias->contiguous() : at::Tensor();
   const bf16* xs = ptr<bf16>(x);
   const bf16* ws = ptr<bf16>(packed);
   const bf16* bs = bias ? ptr<bf16>(bc) : nullptr;
@@ -416,17 +419,17 @@ void vnni_linear_into(torch::Tensor x, torch::Tensor packed, c10::optional<torch
   }
 }
 
-torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
-  auto y = torch::empty({x.size(0), packed.size(0)}, x.options());
+at::Tensor vnni_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias) {
+  auto y = at::empty({x.size(0), packed.size(0)}, x.options());
   vnni_linear_into(x, packed, bias, y);
   return y;
 }
 #else
-torch::Tensor vnni_pack(torch::Tensor) { TORCH_CHECK(false, "vnni_pack: built without AVX512-BF16"); }
-torch::Tensor vnni_linear(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>) {
+at::Tensor vnni_pack(at::Tensor) { TORCH_CHECK(false, "vnni_pack: built without AVX512-BF16"); }
+at::Tensor vnni_linear(at::Tensor, at::Tensor, c10::optional<at::Tensor>) {
   TORCH_CHECK(false, "vnni_linear: built without AVX512-BF16");
 }
-void vnni_linear_into(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor) {
+void vnni_linear_into(at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor) {
   TORCH_CHECK(false, "vnni_linear: built without AVX512-BF16");
 }
 #endif
@@ -458,12 +461,12 @@ struct TileConfig {
 };
 
 // w [N, K] -> [N/16][K/32][16][32]: tile (n, k) row r holds k pair (2r, 2r+1) of its 16 outputs, interleaved (VNNI).
-torch::Tensor amx_pack(torch::Tensor w) {
+at::Tensor amx_pack(at::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(0) % 32 == 0 && w.size(1) % 32 == 0,
               "amx_pack: w must be bf16 [N, K] with N and K multiples of 32");
   auto wc = w.contiguous();
   const int64_t n = wc.size(0), k = wc.size(1);
-  auto out = torch::empty({n / 16, k / 32, 16, 32}, wc.options());
+  auto out = at::empty({n / 16, k / 32, 16, 32}, wc.options());
   const bf16* src = ptr<bf16>(wc);
   bf16* dst = ptr<bf16>(out);
   at::parallel_for(0, n / 16, 1, [=](int64_t lo, int64_t hi) {
@@ -477,15 +480,15 @@ torch::Tensor amx_pack(torch::Tensor w) {
   return out;
 }
 
-void amx_linear_into(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, torch::Tensor y) {
+void amx_linear_into(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias, at::Tensor y) {
   TORCH_CHECK(amx_available(), "amx_linear: AMX is not available");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
               packed.size(1) * 32 == x.size(1) && packed.size(0) % 2 == 0, "amx_linear: shapes do not match");
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0) * 16, kb_count = k / 32;
   const int64_t mp = (m + 31) / 32 * 32;  // whole pairs of 16-row tiles; padding rows are zeros
-  auto xp = torch::zeros({mp, k}, x.options());
+  auto xp = at::zeros({mp, k}, x.options());
   xp.narrow(0, 0, m).copy_(x);
-  auto b = bias ? bias->contiguous() : torch::Tensor();
+  auto b = bias ? bias->contiguous() : at::Tensor();
   const bf16* xs = ptr<bf16>(xp);
   const bf16* ws = ptr<bf16>(packed);
   const bf16* bs = bias ? ptr<bf16>(b) : nullptr;
@@ -535,18 +538,18 @@ void amx_linear_into(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
   });
 }
 
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
-  auto y = torch::empty({x.size(0), packed.size(0) * 16}, x.options());
+at::Tensor amx_linear(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias) {
+  auto y = at::empty({x.size(0), packed.size(0) * 16}, x.options());
   amx_linear_into(x, packed, bias, y);
   return y;
 }
 #else
 bool amx_available() { return false; }
-torch::Tensor amx_pack(torch::Tensor) { TORCH_CHECK(false, "amx_pack: built without AMX"); }
-torch::Tensor amx_linear(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>) {
+at::Tensor amx_pack(at::Tensor) { TORCH_CHECK(false, "amx_pack: built without AMX"); }
+at::Tensor amx_linear(at::Tensor, at::Tensor, c10::optional<at::Tensor>) {
   TORCH_CHECK(false, "amx_linear: built without AMX");
 }
-void amx_linear_into(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor) {
+void amx_linear_into(at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor) {
   TORCH_CHECK(false, "amx_linear: built without AMX");
 }
 #endif
@@ -571,7 +574,7 @@ void rms_norm_impl(const TX* x, const TO* w, TO* y, float* inv, int64_t rows, in
   });
 }
 
-void rms_norm_into(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor y) {
+void rms_norm_into(at::Tensor x, at::Tensor weight, double eps, at::Tensor y) {
   check(x, "x");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(-1), "rms_norm: weight mismatch");
   TORCH_CHECK(y.is_contiguous() && y.numel() == x.numel(), "rms_norm: out must be contiguous, x's size");
@@ -583,14 +586,14 @@ void rms_norm_into(torch::Tensor x, torch::Tensor weight, double eps, torch::Ten
   });
 }
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  auto y = torch::empty(x.sizes(), x.options());
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
+  auto y = at::empty(x.sizes(), x.options());
   rms_norm_into(x, weight, eps, y);
   return y;
 }
 
 // ---- rotary embedding in place, half-split layout: x = x * cos + rotate_half(x) * sin on the first rot dims ------
-torch::Tensor rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+at::Tensor rope_(at::Tensor x, at::Tensor cos, at::Tensor sin) {
   check(x, "x");
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "rope_: x must be [T, heads, dim] "
               "with contiguous heads");
@@ -645,8 +648,8 @@ void quantize_rows(const T* x, int64_t rows, int64_t dim, int8_t* q, float* scal
   }
 }
 
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
-              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale) {
+void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots,
+              c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale) {
   const bool int8 = k_cache.scalar_type() == at::kChar;
   if (int8) {
     check(k, "k");
@@ -724,7 +727,7 @@ void silu_mul_rows(const T* g, const T* u, T* y, int64_t rows, int64_t n, int64_
   });
 }
 
-void silu_mul_into(torch::Tensor gate, torch::Tensor up, torch::Tensor y) {
+void silu_mul_into(at::Tensor gate, at::Tensor up, at::Tensor y) {
   check(gate, "gate");
   TORCH_CHECK(gate.dim() == 2 && up.sizes() == gate.sizes() && up.scalar_type() == gate.scalar_type() &&
               gate.stride(1) == 1 && up.stride(1) == 1, "silu_mul: gate and up must be [T, n] with unit inner stride");
@@ -735,8 +738,8 @@ void silu_mul_into(torch::Tensor gate, torch::Tensor up, torch::Tensor y) {
   });
 }
 
-torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
-  auto y = torch::empty(gate.sizes(), gate.options());
+at::Tensor silu_mul(at::Tensor gate, at::Tensor up) {
+  auto y = at::empty(gate.sizes(), gate.options());
   silu_mul_into(gate, up, y);
   return y;
 }
@@ -746,21 +749,21 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
 // and one backward; float32 inside, one rounding per output. Inputs and outputs may differ in dtype (float32 weights
 // and residual stream under bf16 autocast): dispatch2 instantiates each pair.
 template <typename F>
-void dispatch2(const torch::Tensor& a, at::ScalarType b, F&& f) {
+void dispatch2(const at::Tensor& a, at::ScalarType b, F&& f) {
   dispatch(a, [&](auto ta) {
     if (b == at::kBFloat16) f(ta, bf16{}); else f(ta, float{});
   });
 }
 
 // y = w * round(x / rms(x)) in y's dtype (w already in it), as eager RMSNorm under autocast; also returns 1/rms per row.
-std::vector<torch::Tensor> rms_norm_train(torch::Tensor x, torch::Tensor w, double eps) {
+std::vector<at::Tensor> rms_norm_train(at::Tensor x, at::Tensor w, double eps) {
   check(x, "x");
   check(w, "w");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.numel() == x.size(1) && w.is_contiguous(),
               "rms_norm_train: x must be [rows, dim] contiguous, w [dim]");
   const int64_t rows = x.size(0), dim = x.size(1);
-  auto y = torch::empty({rows, dim}, x.options().dtype(w.scalar_type()));
-  auto inv = torch::empty({rows}, x.options().dtype(at::kFloat));
+  auto y = at::empty({rows, dim}, x.options().dtype(w.scalar_type()));
+  auto inv = at::empty({rows}, x.options().dtype(at::kFloat));
   dispatch2(x, w.scalar_type(), [&](auto tx, auto to) {
     using TX = decltype(tx);
     using TO = decltype(to);
@@ -771,16 +774,16 @@ std::vector<torch::Tensor> rms_norm_train(torch::Tensor x, torch::Tensor w, doub
 
 // dx = inv (g - xh mean(g xh)) with g = dy w and xh = x inv; dw = sum over rows of dy round(xh) (float32; empty
 // unless asked for).
-std::vector<torch::Tensor> rms_norm_train_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor w,
-                                                   torch::Tensor inv, bool want_dw) {
+std::vector<at::Tensor> rms_norm_train_backward(at::Tensor dy, at::Tensor x, at::Tensor w,
+                                                   at::Tensor inv, bool want_dw) {
   check(dy, "dy");
   check(x, "x");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && x.is_contiguous() && dy.dim() == 2 &&
               w.scalar_type() == dy.scalar_type(), "rms_norm_train_backward: shapes or dtypes do not match");
   const int64_t rows = x.size(0), dim = x.size(1);
-  auto dx = torch::empty_like(x);
+  auto dx = at::empty_like(x);
   const int64_t threads = at::get_num_threads();
-  auto partial = torch::zeros({want_dw ? threads : 0, dim}, x.options().dtype(at::kFloat));
+  auto partial = at::zeros({want_dw ? threads : 0, dim}, x.options().dtype(at::kFloat));
   dispatch2(x, dy.scalar_type(), [&](auto tx, auto to) {
     using TX = decltype(tx);
     using TO = decltype(to);
@@ -817,13 +820,13 @@ std::vector<torch::Tensor> rms_norm_train_backward(torch::Tensor dy, torch::Tens
 
 // Rotary embedding out of place, half-split layout, float32 cos/sin [T, rot]: y = x cos + rotate_half(x) sin on the
 // first rot dims (the rest copied), in out_dtype. inverse: the transposed rotation, which is the backward pass.
-torch::Tensor rope_train(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, bool inverse, at::ScalarType out_dtype) {
+at::Tensor rope_train(at::Tensor x, at::Tensor cos, at::Tensor sin, bool inverse, at::ScalarType out_dtype) {
   check(x, "x");
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
               cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == x.size(0) && cos.size(1) <= x.size(2),
               "rope_train: x must be [T, heads, dim] (last dimension contiguous), cos/sin float32 [T, rot]");
   const int64_t t = x.size(0), heads = x.size(1), dim = x.size(2), rot = cos.size(1), half = rot / 2;
-  auto y = torch::empty({t, heads, dim}, x.options().dtype(out_dtype));
+  auto y = at::empty({t, heads, dim}, x.options().dtype(out_dtype));
   dispatch2(x, out_dtype, [&](auto ti, auto to) {
     using TI = decltype(ti);
     using TO = decltype(to);
@@ -858,15 +861,15 @@ torch::Tensor rope_train(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, 
 
 // d/d(gate, up) of silu(gate) * up: dup = dy round(silu(gate)); dgate = round(dy up) sigmoid (1 + gate (1 - sigmoid)),
 // rounded where eager autograd rounds.
-std::vector<torch::Tensor> silu_mul_backward(torch::Tensor gate, torch::Tensor up, torch::Tensor dy) {
+std::vector<at::Tensor> silu_mul_backward(at::Tensor gate, at::Tensor up, at::Tensor dy) {
   check(gate, "gate");
   TORCH_CHECK(gate.dim() == 2 && up.sizes() == gate.sizes() && dy.sizes() == gate.sizes() &&
               up.scalar_type() == gate.scalar_type() && dy.scalar_type() == gate.scalar_type() &&
               gate.stride(1) == 1 && up.stride(1) == 1 && dy.stride(1) == 1,
               "silu_mul_backward: gate, up, dy must be [T, n] of one dtype with unit inner stride");
   const int64_t rows = gate.size(0), n = gate.size(1);
-  auto dgate = torch::empty({rows, n}, gate.options());
-  auto dup = torch::empty({rows, n}, gate.options());
+  auto dgate = at::empty({rows, n}, gate.options());
+  auto dup = at::empty({rows, n}, gate.options());
   dispatch(gate, [&](auto tag) {
     using T = decltype(tag);
     const T* g = ptr<T>(gate);
@@ -934,10 +937,10 @@ void argmax_impl(const T* x, int64_t* out, int64_t rows, int64_t n) {
   });
 }
 
-torch::Tensor argmax_rows(torch::Tensor x) {
+at::Tensor argmax_rows(at::Tensor x) {
   check(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0, "argmax_rows: x must be [rows, n], contiguous");
-  auto out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+  auto out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
     argmax_impl<scalar_t>(ptr<scalar_t>(x), out.data_ptr<int64_t>(), x.size(0), x.size(1));
@@ -1040,8 +1043,8 @@ void transpose(const bf16* x, int64_t lp, int64_t dim, bf16* xt) {
 
 }  // namespace attn
 
-std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
-                                              torch::Tensor grad, torch::Tensor lse, double scale) {
+std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
+                                              at::Tensor grad, at::Tensor lse, double scale) {
   using namespace attn;
   TORCH_CHECK(amx_available(), "attention_backward: AMX is not available");
   for (const auto* t : {&q, &k, &v, &out, &grad})
@@ -1051,9 +1054,9 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
   TORCH_CHECK(dim % 32 == 0 && heads % kv_heads == 0 && k.size(1) == len && lse.scalar_type() == at::kFloat,
               "attention_backward: shapes do not match");
   const int64_t group = heads / kv_heads, lp = (len + BLK - 1) / BLK * BLK, blocks = lp / BLK;
-  auto dq = torch::empty({nb, len, heads, dim}, q.options());
-  auto dk = torch::empty({nb, len, kv_heads, dim}, q.options());
-  auto dv = torch::empty({nb, len, kv_heads, dim}, q.options());
+  auto dq = at::empty({nb, len, heads, dim}, q.options());
+  auto dk = at::empty({nb, len, kv_heads, dim}, q.options());
+  auto dv = at::empty({nb, len, kv_heads, dim}, q.options());
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, nb * kv_heads, 1, [&](int64_t lo, int64_t hi) {
     TileConfig cfg;
@@ -1142,7 +1145,7 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
                        dk_blk.data() + d0, dim);
           }
         }
-        auto store_rows = [&](const float* acc, torch::Tensor& t) {
+        auto store_rows = [&](const float* acc, at::Tensor& t) {
           bf16* o = ptr<bf16>(t) + b * t.stride(0) + g * t.stride(2);
           for (int64_t r = 0; r < BLK && kb * BLK + r < len; ++r)
             for (int64_t d = 0; d < dim; d += 16)
@@ -1166,14 +1169,14 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
   return {dq, dk, dv};
 }
 #else
-std::vector<torch::Tensor> attention_backward(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                                              torch::Tensor, torch::Tensor, double) {
+std::vector<at::Tensor> attention_backward(at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                              at::Tensor, at::Tensor, double) {
   TORCH_CHECK(false, "attention_backward: built without AMX");
 }
 #endif
 
 // ---- dst (float32) += src (bfloat16 or float32), in place: torch's mixed-dtype add_ first copies src to float32 ----
-void accumulate_(torch::Tensor dst, torch::Tensor src) {
+void accumulate_(at::Tensor dst, at::Tensor src) {
   check(src, "src");
   TORCH_CHECK(dst.scalar_type() == at::kFloat && dst.is_contiguous() && src.is_contiguous() &&
               dst.numel() == src.numel(), "accumulate_: dst must be float32, both contiguous and of one size");
@@ -1230,7 +1233,7 @@ void cross_entropy_impl(T* x, const int64_t* labels, float* loss, int64_t rows, 
   });
 }
 
-torch::Tensor cross_entropy_(torch::Tensor logits, torch::Tensor labels) {
+at::Tensor cross_entropy_(at::Tensor logits, at::Tensor labels) {
   check(logits, "logits");
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "cross_entropy_: logits must be [rows, vocab], contiguous");
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == logits.size(0),
@@ -1240,7 +1243,7 @@ torch::Tensor cross_entropy_(torch::Tensor logits, torch::Tensor labels) {
     TORCH_CHECK(y.min().item<int64_t>() >= 0 && y.max().item<int64_t>() < logits.size(1),
                 "cross_entropy_: a label is outside the vocabulary");
   }
-  auto loss = torch::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  auto loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
   dispatch(logits, [&](auto tag) {
     using scalar_t = decltype(tag);
     cross_entropy_impl<scalar_t>(ptr<scalar_t>(logits), y.data_ptr<int64_t>(), loss.data_ptr<float>(),
@@ -1563,10 +1566,10 @@ void paged_attention_impl(const T* q, const C* kc, const C* vc, const float* ksc
   });
 }
 
-void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor cu_q,
-                     torch::Tensor seqlens_k, torch::Tensor block_tables, torch::Tensor seqs, double scale,
-                     int64_t window, torch::Tensor out, c10::optional<torch::Tensor> k_scale,
-                     c10::optional<torch::Tensor> v_scale) {
+void paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor cu_q,
+                     at::Tensor seqlens_k, at::Tensor block_tables, at::Tensor seqs, double scale,
+                     int64_t window, at::Tensor out, c10::optional<at::Tensor> k_scale,
+                     c10::optional<at::Tensor> v_scale) {
   check(q, "q");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous() &&
               out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
@@ -1607,8 +1610,8 @@ void paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
 // an input does not fit its recorded tensor.
 class StepGraph {
  public:
-  using T = torch::Tensor;
-  using B = c10::optional<torch::Tensor>;
+  using T = at::Tensor;
+  using B = c10::optional<at::Tensor>;
   void linear_small(T x, T w, B b, T y) { add([=] { linear_small_into(x, w, b, y); }); }
   void linear(T x, T w, B b, T y) { add([=] { linear_into(x, w, b, y); }); }
   void linear_f32(T x, T w, B b, T y) { add([=] { linear_f32_into(x, w, b, y); }); }

@@ -14,7 +14,10 @@
 // AVX2 path where the CPU has it, a plain C++ path elsewhere (same results up to float summation order). Every output
 // is computed by the same operations whatever the number of rows (batch invariance: a sequence decodes alone as in a
 // batch). AVX512-VNNI / AMX-INT8 paths are not written: no machine here to test them on.
-#include <torch/extension.h>
+// Not <torch/extension.h>: it parses for 45 s of a build's ~65; these are what the kernels use (half that).
+#include <ATen/core/Tensor.h>
+#include <ATen/Functions.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
 #if defined(__AVX2__)
@@ -109,7 +112,7 @@ inline void quantize_block(const float* x, int8_t* q, float* d, float* s) {
 #endif
 
 template <typename scalar_t>
-QuantRows quantize_rows(const torch::Tensor& x, bool pairs = false) {
+QuantRows quantize_rows(const at::Tensor& x, bool pairs = false) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK, ld = x.stride(0);
   QuantRows r;
   r.q.resize(M * K);
@@ -279,8 +282,8 @@ constexpr int64_t OUT_TILE = 2;    // weight rows per register tile (several act
 constexpr int64_t OUT_CHUNK = 16;  // output channels per cache-resident chunk of the weight (a multiple of 4)
 
 template <bool Q4, bool ROW, typename S, typename scalar_t>
-void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scale,
-                 const torch::Tensor& wmin, const float* bias, torch::Tensor& y) {
+void linear_impl(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& scale,
+                 const at::Tensor& wmin, const float* bias, at::Tensor& y) {
   const int64_t N = w.size(0), nb = K / QK, wld = Q4 ? K / 2 : K;
   const uint8_t* pw = static_cast<const uint8_t*>(w.data_ptr());
   const S* ps = static_cast<const S*>(scale.data_ptr());
@@ -333,8 +336,8 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const torch::Tensor& 
   else tiles.template operator()<OUT_TILE>();
 }
 
-void check_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                const torch::Tensor& wmin, const torch::Tensor& bias, const torch::Tensor& y) {
+void check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                const at::Tensor& wmin, const at::Tensor& bias, const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.device().is_cpu(), "quant_linear: x must be a CPU [M, K] matrix "
               "with dense rows");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "quant_linear: x must be float32 or "
@@ -360,8 +363,8 @@ void check_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
 }
 
 // bias and min may be empty tensors (none): one signature that a recorded step graph can replay from a tensor list.
-void quant_linear_into(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor wmin, torch::Tensor bias,
-                       torch::Tensor y) {
+void quant_linear_into(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor wmin, at::Tensor bias,
+                       at::Tensor y) {
   check_args(x, w, scale, wmin, bias, y);
   const int64_t M = x.size(0), K = x.size(1);
   if (M == 0) return;
@@ -385,27 +388,27 @@ void quant_linear_into(torch::Tensor x, torch::Tensor w, torch::Tensor scale, to
   else run(c10::BFloat16{});
 }
 
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor wmin,
-                           torch::Tensor bias) {
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+at::Tensor quant_linear(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor wmin,
+                           at::Tensor bias) {
+  auto y = at::empty({x.size(0), w.size(0)}, x.options());
   quant_linear_into(x, w, scale, wmin, bias, y);
   return y;
 }
 
 // The activation quantisation alone, for tests: (q int8 [M, K], d [M, K/32], s [M, K/32]).
-std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
+std::vector<at::Tensor> quantize_activations(at::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % QK == 0 && x.scalar_type() == at::kFloat,
               "quantize_activations: x must be contiguous float32 [M, K], K a multiple of 32");
   const QuantRows a = quantize_rows<float>(x);
   const int64_t M = x.size(0), nb = x.size(1) / QK;
-  auto q = torch::from_blob(const_cast<int8_t*>(a.q.data()), {M, x.size(1)}, torch::kInt8).clone();
-  auto d = torch::from_blob(const_cast<float*>(a.d.data()), {M, nb}, torch::kFloat).clone();
-  auto s = torch::from_blob(const_cast<float*>(a.s.data()), {M, nb}, torch::kFloat).clone();
+  auto q = at::from_blob(const_cast<int8_t*>(a.q.data()), {M, x.size(1)}, at::kChar).clone();
+  auto d = at::from_blob(const_cast<float*>(a.d.data()), {M, nb}, at::kFloat).clone();
+  auto s = at::from_blob(const_cast<float*>(a.s.data()), {M, nb}, at::kFloat).clone();
   return {q, d, s};
 }
 
 // For StepGraph.external (cpu_ops.cpp): a replayable step taking [x, w, scale, min, bias, out].
-void quant_linear_step(const std::vector<torch::Tensor>& t) { quant_linear_into(t[0], t[1], t[2], t[3], t[4], t[5]); }
+void quant_linear_step(const std::vector<at::Tensor>& t) { quant_linear_into(t[0], t[1], t[2], t[3], t[4], t[5]); }
 
 int64_t quant_linear_step_address() { return reinterpret_cast<int64_t>(&quant_linear_step); }
 
