@@ -113,7 +113,8 @@ def prebuild(jobs: int = 2) -> None:
     build is left for `build` to report when it is asked for."""
     missing = [(source, lvl) for lvl in levels() for source in (SOURCE, QUANT_SOURCE)
                if not any(_build_dir(source, lvl)[1].glob("*.so"))]
-    code = "import sys; from pathlib import Path; from lmforge import kernels; kernels.build(sys.argv[1], Path(sys.argv[2]))"
+    code = ("import sys; from pathlib import Path; from lmforge import kernels; "
+            "kernels.build(sys.argv[1], Path(sys.argv[2]))")
 
     def run(job: tuple[Path, str]) -> None:
         subprocess.run([sys.executable, "-c", code, job[1], str(job[0])], capture_output=True)
