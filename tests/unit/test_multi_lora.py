@@ -60,16 +60,15 @@ def tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def batch(slots, seqlens, max_loras=3, max_rank=2):
-    return LoraBatch.build(slots, seqlens, max_loras, max_rank, torch.device("cpu"), torch.float32)
+def batch(slots, seqlens):
+    return LoraBatch.build(slots, seqlens, torch.device("cpu"))
 
 
-def test_lora_batch_masks_each_tokens_slot():
+def test_lora_batch_selects_each_slots_rows():
     assert batch([NO_ADAPTER, NO_ADAPTER], [3, 1]) is None
     lora = batch([0, 0, NO_ADAPTER, 2, 0], [2, 3, 1, 2, 1])
     assert lora.slots == {0, 2}
-    one, base, two = [1, 1, 0, 0, 0, 0], [0] * 6, [0, 0, 0, 0, 1, 1]
-    assert lora.mask.tolist() == [one] * 5 + [base] + [two] * 2 + [one]
+    assert lora.rows[0].tolist() == [0, 1, 2, 3, 4, 8] and lora.rows[2] == slice(6, 8)  # runs end to end: a slice
 
 
 def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
@@ -84,7 +83,7 @@ def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
             layer.set_slot(slot, a, b, scaling=0.5)
             factors[i, slot] = (a, b)
     x = torch.randn(7, 16)
-    lora = batch([2, 0, NO_ADAPTER, 2], [1, 2, 3, 1], max_rank=4)
+    lora = batch([2, 0, NO_ADAPTER, 2], [1, 2, 3, 1])
     per_token = [2, 0, 0, NO_ADAPTER, NO_ADAPTER, NO_ADAPTER, 2]
     for i, out in enumerate(linears(x, *wrapped, lora=lora)):
         expected = layers[i](x)
@@ -108,7 +107,7 @@ def test_bf16_fast_paths_follow_slot_changes(rows):
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     factors = {0: (0.3 * torch.randn(8, 64), 0.3 * torch.randn(96, 8)),
                1: (0.3 * torch.randn(4, 64), 0.3 * torch.randn(96, 4))}  # two ranks below max_rank
-    lora = batch([0, NO_ADAPTER, 1], [rows // 2, 1, rows - rows // 2 - 1], max_loras=2, max_rank=16)
+    lora = batch([0, NO_ADAPTER, 1], [rows // 2, 1, rows - rows // 2 - 1])
     rows_of = {0: slice(0, rows // 2), 1: slice(rows // 2 + 1, rows)}
     base = layer.base_layer(x).float()
     for slot, load, loaded in ((0, True, (0,)), (1, True, (0, 1)), (0, False, (1,))):  # each after a packed step
