@@ -74,7 +74,7 @@ class LoRAManager:
         if not layers:
             raise LmforgeError("the model has no projection multi-LoRA serving can adapt")
         first = next(iter(layers.values())).lora_a
-        self._device, self._dtype = first.device, first.dtype
+        self._device = first.device
         # Linear layers adapters may not touch (lm_head, MoE routers and experts): checked like the others, so an
         # adapter of one is refused for what it is rather than as a mismatch, and never adapted.
         self.unservable = {path: m for path, m in linear_layers(model).items() if not path.endswith(".base_layer")}
