@@ -72,7 +72,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_a", w.new_zeros(max_loras, max_rank, self.in_features), persistent=False)
         self.register_buffer("lora_b", w.new_zeros(max_loras, self.out_features, max_rank), persistent=False)
         # per slot, the packed copies Linear's fast paths keep of its A and B
-        self._packed = [(SimpleNamespace(_packed=None), SimpleNamespace(_packed=None)) for _ in range(max_loras)]
+        self._slot_packs = [(SimpleNamespace(_packed=None), SimpleNamespace(_packed=None)) for _ in range(max_loras)]
         self.ranks = [0] * max_loras
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
@@ -87,7 +87,7 @@ class MultiLoRALinear(nn.Module):
         for slot, rows in lora.rows.items():
             if not self.ranks[slot]:
                 continue
-            packed_a, packed_b = self._packed[slot]
+            packed_a, packed_b = self._slot_packs[slot]
             update = project(project(x[rows], self.lora_a[slot], packed_a), self.lora_b[slot], packed_b)
             if isinstance(rows, slice):
                 out[rows] += update

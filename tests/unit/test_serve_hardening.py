@@ -119,7 +119,7 @@ def test_a_15mb_prompt_does_not_stall_a_running_stream(tmp_path):
 
             sender = threading.Thread(target=big_tokenize)
             sender.start()
-            body = chat(max_tokens=MAX_MODEL_LEN - 16, ignore_eos=True, stream=True)
+            body = chat(max_tokens=MAX_MODEL_LEN // 2, ignore_eos=True, stream=True)
             # the engine paced to ~50 ms a token, so the stream outlasts the big request
             slow = threading.Event()
 
@@ -131,6 +131,7 @@ def test_a_15mb_prompt_does_not_stall_a_running_stream(tmp_path):
             pacer.start()
             try:
                 with httpx.stream("POST", live.url + CHAT, json=body, headers=AUTH, timeout=60) as response:
+                    assert response.status_code == 200
                     last = None
                     for _ in response.iter_lines():
                         now = time.monotonic()
@@ -146,7 +147,7 @@ def test_a_15mb_prompt_does_not_stall_a_running_stream(tmp_path):
         eng.shutdown()
     r = answer["r"]
     assert_error(r, 400, "prompt", "characters; no text of more than")
-    assert len(gaps) > 50 and max(gaps) < 1.0, max(gaps)
+    assert len(gaps) > 40 and max(gaps) < 1.0, max(gaps)
 
 
 def test_over_long_prompts_are_refused_before_tokenising(engine, files):
