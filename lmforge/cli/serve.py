@@ -36,7 +36,13 @@ def add_parser(sub) -> None:
     g.add_argument("--max-queue", type=int, default=None, metavar="N",
                    help="answer 503 + Retry-After when N sequences already wait for a slot (default: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, how long requests in flight may take to finish (default 30)")
+                   help="on SIGTERM/SIGINT, how long requests in flight may take to finish; those still running "
+                        "then end with an error (streams: an error event and [DONE]) (default 30)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close connections that have not sent a whole request line and headers this long after "
+                        "opening or after their previous response (slow clients) (default 10)")
+    g.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info (special tokens, chat template), as vLLM's flag does")
     g.add_argument("--cors", nargs="?", const="*", default=None, metavar="ORIGINS",
                    help="allow cross-origin requests from these comma-separated origins (bare --cors: any origin)")
     g.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
@@ -47,7 +53,13 @@ def add_parser(sub) -> None:
     g.add_argument("--lora-modules", nargs="+", action="extend", dest="lora", metavar="NAME=PATH",
                    help="vLLM's spelling of --lora: several NAME=PATH at once")
     g.add_argument("--enable-lora", action="store_true",
-                   help="allow adapters to be loaded at run time (POST /v1/load_lora_adapter) without any at start")
+                   help="reserve adapter slots even without --lora (for --allow-runtime-lora-updating)")
+    g.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which read adapter directories "
+                        "named by clients (implies --enable-lora; also $VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 or "
+                        "$LMFORGE_ALLOW_RUNTIME_LORA_UPDATING=1). Use with --api-key and --allowed-lora-paths")
+    g.add_argument("--allowed-lora-paths", nargs="+", metavar="DIR",
+                   help="run-time loading reads adapters from under these directories only (default: anywhere)")
     g.add_argument("--max-loras", type=int, default=4, metavar="N",
                    help="most adapters loaded at once; their memory is reserved at start (default 4)")
     g.add_argument("--max-lora-rank", type=int, default=16, metavar="R",
@@ -114,11 +126,27 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
+def _runtime_lora(args: argparse.Namespace, api_key: str | None) -> bool:
+    from lmforge.serve.adapters import runtime_updating_from_env
 
+    allowed = args.allow_runtime_lora_updating or runtime_updating_from_env()
+    for path in args.allowed_lora_paths or []:
+        if not Path(path).is_dir():
+            raise LmforgeError(f"--allowed-lora-paths {path}: not a directory")
+    if args.allowed_lora_paths and not allowed:
+        raise LmforgeError("--allowed-lora-paths confines run-time LoRA loading, which is off; add "
+                           "--allow-runtime-lora-updating")
+    if allowed and api_key is None:
+        log.warning("run-time LoRA loading is on without --api-key: anyone who can reach this server can make it "
+                    "read adapter directories%s", " under " + ", ".join(args.allowed_lora_paths)
+                    if args.allowed_lora_paths else " anywhere on its file system")
+    return allowed
+
+
+def run(args: argparse.Namespace) -> int:
     from lmforge.engine.async_engine import AsyncEngine
     from lmforge.serve.openai_api import create_app
+    from lmforge.serve.server import serve, uvicorn_server
 
     if args.model_arg is not None:
         args.model = args.model_arg
@@ -127,22 +155,26 @@ def run(args: argparse.Namespace) -> int:
             raise LmforgeError(f"{flag} must be >= 0, got {value}")
     if args.shutdown_timeout < 0:
         raise LmforgeError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if not args.header_timeout > 0:
+        raise LmforgeError(f"--header-timeout must be > 0, got {args.header_timeout}")
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     names = args.served_model_name or [args.model]
     loras = _lora_requests(args, names)
-    config = dataclasses.replace(engine_config(args), enable_lora=bool(loras) or args.enable_lora,
+    runtime_lora = _runtime_lora(args, api_key)
+    config = dataclasses.replace(engine_config(args), enable_lora=bool(loras) or args.enable_lora or runtime_lora,
                                  max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     engine = AsyncEngine(config)
     try:
         asyncio.run(_load_adapters(engine, loras))  # an adapter that does not fit the model stops the start (exit 2)
         template = _chat_template(args.chat_template, engine.tokenizer)
         app = create_app(engine, names, model_root=str(args.model), chat_template=template, api_key=api_key,
-                         max_queue=args.max_queue, cors_origins=args.cors.split(",") if args.cors else None)
+                         max_queue=args.max_queue, cors_origins=args.cors.split(",") if args.cors else None,
+                         allow_runtime_lora_updating=runtime_lora, allowed_lora_paths=args.allowed_lora_paths,
+                         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint)
         sock = _listen(args.host, args.port)
         host, port = sock.getsockname()[:2]
-        server = uvicorn.Server(uvicorn.Config(app, access_log=not args.no_access_log, lifespan="off",
-                                               timeout_graceful_shutdown=args.shutdown_timeout,
-                                               log_level=logging.getLogger().level))
+        server = uvicorn_server(app, header_timeout=args.header_timeout, shutdown_timeout=args.shutdown_timeout,
+                                access_log=not args.no_access_log, log_level=logging.getLogger().level)
         shown = f"[{host}]" if ":" in host else host
         adapters = f", LoRA adapters: {', '.join(r.lora_name for r in loras)}" if loras else ""
         log.info("serving %s as %s on http://%s:%d/v1 (max_model_len %d%s%s)", args.model, ", ".join(names), shown,
@@ -151,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         # found; ignoring them here makes that re-raise a no-op, so a stopped server exits 0.
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            asyncio.run(server.serve(sockets=[sock]))
+            asyncio.run(serve(server, sock, args.shutdown_timeout))
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -70,12 +70,18 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as e:  # fail the requests in flight, keep the engine serving new ones
                 log.exception("engine step failed; aborting the requests in flight")
-                for request_id in list(self.engine.requests):
-                    self.engine.abort(request_id)
-                    self._deliver(request_id, e)
+                self._fail_in_flight(e)
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+    def _fail_in_flight(self, error: Exception) -> int:
+        """Aborts every request in flight, each stream ending with `error`; returns how many there were."""
+        request_ids = list(self.engine.requests)
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+            self._deliver(request_id, error)
+        return len(request_ids)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         stream = self._streams.get(request_id)
@@ -96,9 +102,10 @@ class AsyncEngine:
         """Queues a request (with a loaded LoRA adapter, when lora_request names one) and returns its output stream
         once the engine has accepted it.
 
-        Raises ValueError for invalid input and QueueFullError when `max_waiting` sequences already wait for a
-        slot (checked on the engine thread, so concurrent callers cannot overshoot). The caller must iterate the
-        stream to its end or close() it; closing early aborts the request and frees its blocks."""
+        Raises ValueError for invalid input and QueueFullError when `max_waiting` sequences already wait that the
+        batch has no room for: sequences beyond the free places of `max_num_seqs` (checked on the engine thread, so
+        concurrent callers cannot overshoot). The caller must iterate the stream to its end or close() it; closing
+        early aborts the request and frees its blocks."""
         if self._stopping:
             raise RuntimeError("the engine is shut down")
         if request_id in self._streams:
@@ -107,9 +114,12 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), q)
 
         def admit() -> None:
-            waiting = len(self.engine.scheduler.waiting)
-            if max_waiting is not None and waiting >= max_waiting:
-                raise QueueFullError(waiting, max_waiting)
+            if max_waiting is not None:
+                scheduler = self.engine.scheduler
+                room = max(0, scheduler.max_num_seqs - len(scheduler.running))
+                beyond = len(scheduler.waiting) - room  # waiting sequences the next steps cannot take in
+                if beyond >= max_waiting:
+                    raise QueueFullError(beyond, max_waiting)
             self.engine.add_request(request_id, prompt, params, priority, lora_request=lora_request)
 
         try:
@@ -135,6 +145,11 @@ class AsyncEngine:
         out = await asyncio.wrap_future(self._call(lambda: self.engine.abort(request_id)))
         if out is not None:
             self._deliver(request_id, out)
+
+    async def fail_all(self, error: Exception) -> int:
+        """Aborts every request in flight, each stream ending with `error` (a server cutting them at shutdown);
+        returns how many there were."""
+        return await self.run(lambda: self._fail_in_flight(error))
 
     async def add_lora(self, lora_request: LoRARequest) -> LoadedAdapter:
         """Loads an adapter between two steps (LmforgeError, nothing loaded, when it does not fit the model)."""
@@ -163,7 +178,7 @@ class QueueFullError(Exception):
     """add_request(max_waiting=...) refused a request: too many sequences already wait for a slot."""
 
     def __init__(self, waiting: int, limit: int):
-        super().__init__(f"{waiting} sequences are waiting for a slot (limit {limit})")
+        super().__init__(f"{waiting} sequences are waiting beyond the batch's free places (limit {limit})")
         self.waiting = waiting
         self.limit = limit
 

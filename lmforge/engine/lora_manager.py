@@ -74,7 +74,7 @@ class LoRAManager:
         if not layers:
             raise LmforgeError("the model has no projection multi-LoRA serving can adapt")
         first = next(iter(layers.values())).lora_a
-        self._device, self._dtype = first.device, first.dtype
+        self._device = first.device
         # Linear layers adapters may not touch (lm_head, MoE routers and experts): checked like the others, so an
         # adapter of one is refused for what it is rather than as a mismatch, and never adapted.
         self.unservable = {path: m for path, m in linear_layers(model).items() if not path.endswith(".base_layer")}
@@ -93,7 +93,7 @@ class LoRAManager:
         if not any(seq.adapter_id for seq in seqs):
             return None
         slots = [self._by_uid[seq.adapter_id].slot if seq.adapter_id else NO_ADAPTER for seq in seqs]
-        return LoraBatch.build(slots, num_new_tokens, self.max_loras, self.max_rank, self._device, self._dtype)
+        return LoraBatch.build(slots, num_new_tokens, self._device)
 
     def add(self, request: LoRARequest) -> LoadedAdapter:
         """Checks the adapter against the served model and loads it into a free slot; raises LmforgeError with
@@ -136,6 +136,9 @@ class LoRAManager:
         try:
             for path, parts in files.modules.items():
                 self.layers[path].set_slot(slot, parts["A"][1], parts["B"][1], scaling)
+        except ValueError as e:  # values that overflow the served dtype
+            self._clear(slot)
+            raise LmforgeError(f"{files.file}: {path}: {e}") from None
         except BaseException:
             self._clear(slot)
             raise

@@ -181,6 +181,10 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     elif (decode := meta.decode if window is None or max(meta.seqlens_k) <= window else None) is not None:
         keys = _read_cache(kv, 0, decode.block_tables, q.dtype).flatten(1, 2)  # [B, blocks * block_size, kvh, dim]
         values = _read_cache(kv, 1, decode.block_tables, q.dtype).flatten(1, 2)
+        # Masked slots (a block's unused tail, padding) may hold a former owner's NaN: weighted 0, it is still NaN.
+        stale = ~decode.key_mask[:, 0, 0, :, None, None]
+        keys.masked_fill_(stale, 0)
+        values.masked_fill_(stale, 0)
         out[decode.token_idx] = F.scaled_dot_product_attention(
             q[decode.token_idx][:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=decode.key_mask,
             scale=scale, enable_gqa=q.shape[1] != k.shape[1])[:, :, 0]

@@ -22,36 +22,44 @@ NO_ADAPTER = -1  # slot of a token served by the base model
 
 @dataclass(frozen=True, slots=True)
 class LoraBatch:
-    """Which adapter each token of one step uses: `mask` [num_tokens, max_loras * max_rank] is 1 on the columns of
-    the token's slot (all 0 for a base-model token), `slots` the slots some token uses."""
+    """Which tokens of one step use which adapter slot: `rows[s]` selects the tokens of slot s in the flat batch (a
+    slice when they lie end to end, else an index tensor); tokens in no group are served by the base model."""
 
-    slots: frozenset[int]
-    mask: torch.Tensor
+    rows: dict[int, slice | torch.Tensor]
+
+    @property
+    def slots(self) -> frozenset[int]:
+        return frozenset(self.rows)
 
     @classmethod
-    def build(cls, slots: list[int], seqlens: list[int], max_loras: int, max_rank: int, device: torch.device,
-              dtype: torch.dtype) -> "LoraBatch | None":
+    def build(cls, slots: list[int], seqlens: list[int], device: torch.device) -> "LoraBatch | None":
         """slots[i]: the adapter slot of sequence i (NO_ADAPTER for the base); None when no token has an adapter."""
-        used = frozenset(s for s, n in zip(slots, seqlens, strict=True) if s != NO_ADAPTER and n)
-        if not used:
+        spans: dict[int, list[tuple[int, int]]] = {}
+        start = 0
+        for slot, n in zip(slots, seqlens, strict=True):
+            if slot != NO_ADAPTER and n:
+                runs = spans.setdefault(slot, [])
+                if runs and runs[-1][1] == start:  # continues the slot's previous run
+                    runs[-1] = (runs[-1][0], start + n)
+                else:
+                    runs.append((start, start + n))
+            start += n
+        if not spans:
             return None
-        per_token = torch.tensor(slots, device=device).repeat_interleave(torch.tensor(seqlens, device=device))
-        adapted = per_token != NO_ADAPTER
-        onehot = torch.zeros(len(per_token), max_loras, dtype=dtype, device=device)
-        onehot[adapted.nonzero()[:, 0], per_token[adapted]] = 1
-        return cls(used, onehot.repeat_interleave(max_rank, dim=1))
+        rows = {slot: slice(*runs[0]) if len(runs) == 1 else
+                torch.cat([torch.arange(a, b) for a, b in runs]).to(device) for slot, runs in spans.items()}
+        return cls(rows)
 
 
 class MultiLoRALinear(nn.Module):
     """base(x) plus, for each token, x @ A_s^T @ (scaling_s * B_s)^T of the adapter in its slot s.
 
-    The slots lie side by side in two preallocated matrices (the model's dtype, each adapter zero-padded to
-    `max_rank`): `lora_a` [max_loras * max_rank, in] holds every A, `lora_b` [out, max_loras * max_rank] every scaled
-    B. A step with adapter tokens computes h = x @ lora_a^T for every slot at once, zeroes each token's columns of
-    other slots (`LoraBatch.mask`) and adds h @ lora_b^T: two products whatever the mix of adapters, through the same
-    CPU fast paths as the base (packed weights, AMX), at the cost of computing all max_loras * max_rank columns.
-    Loading never allocates, so memory is bounded. `ranks[s]` is slot s's rank in this layer, 0 when its adapter
-    does not adapt this layer: a step none of whose adapters adapts the layer computes the base only."""
+    The slots are preallocated side by side (the model's dtype, each adapter zero-padded to `max_rank`): `lora_a`
+    [max_loras, max_rank, in] holds every A, `lora_b` [max_loras, out, max_rank] every scaled B. Each slot a step
+    uses multiplies only the rows of its own tokens (selected, never masked: a 0/1 mask would still carry another
+    slot's NaN or Inf into a row, as 0 * NaN = NaN), through the same CPU fast paths as the base (packed weights,
+    AMX). Loading never allocates, so memory is bounded. `ranks[s]` is slot s's rank in this layer, 0 when its
+    adapter does not adapt this layer: a step none of whose adapters adapts the layer computes the base only."""
 
     def __init__(self, base_layer: Linear | QuantLinear, max_loras: int, max_rank: int):
         super().__init__()
@@ -61,9 +69,10 @@ class MultiLoRALinear(nn.Module):
         # over a quantised base the adapters stay floating point, in the dtype of the layer it replaced
         w = base_layer.weight if type(base_layer) is Linear else base_layer.scales.to(base_layer.dtype)
         # Not parameters: they are serving state, outside state_dict (the model keeps its HF names and contents).
-        self.register_buffer("lora_a", w.new_zeros(max_loras * max_rank, self.in_features), persistent=False)
-        self.register_buffer("lora_b", w.new_zeros(self.out_features, max_loras * max_rank), persistent=False)
-        self._packed_a, self._packed_b = SimpleNamespace(_packed=None), SimpleNamespace(_packed=None)
+        self.register_buffer("lora_a", w.new_zeros(max_loras, max_rank, self.in_features), persistent=False)
+        self.register_buffer("lora_b", w.new_zeros(max_loras, self.out_features, max_rank), persistent=False)
+        # per slot, the packed copies Linear's fast paths keep of its A and B
+        self._slot_packs = [(SimpleNamespace(_packed=None), SimpleNamespace(_packed=None)) for _ in range(max_loras)]
         self.ranks = [0] * max_loras
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
@@ -73,26 +82,37 @@ class MultiLoRALinear(nn.Module):
 
     def add_adapters(self, x: torch.Tensor, out: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         """out (this layer's base output for x) plus each token's adapter update, added in place."""
-        if lora is None or not any(self.ranks[s] for s in lora.slots):
+        if lora is None:
             return out
-        h = project(x, self.lora_a, self._packed_a).mul_(lora.mask)
-        return out.add_(project(h, self.lora_b, self._packed_b))
+        for slot, rows in lora.rows.items():
+            if not self.ranks[slot]:
+                continue
+            packed_a, packed_b = self._slot_packs[slot]
+            update = project(project(x[rows], self.lora_a[slot], packed_a), self.lora_b[slot], packed_b)
+            if isinstance(rows, slice):
+                out[rows] += update
+            else:
+                out.index_add_(0, rows, update)
+        return out
 
     @torch.no_grad()
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        """Slot `slot` computes scaling * B A: a [r, in], b [out, r] as PEFT stores them (scaling folded in fp32)."""
+        """Slot `slot` computes scaling * B A: a [r, in], b [out, r] as PEFT stores them (scaling folded in fp32).
+        Raises ValueError, leaving the slot empty, when a value is not finite in the slot's dtype."""
         rank = a.shape[0]
         self.clear_slot(slot)
-        start = slot * self.max_rank
-        self.lora_a[start:start + rank].copy_(a)
-        self.lora_b[:, start:start + rank].copy_(b.float() * scaling)
+        self.lora_a[slot, :rank].copy_(a)
+        self.lora_b[slot, :, :rank].copy_(b.float() * scaling)
+        if not (self.lora_a[slot].isfinite().all() and self.lora_b[slot].isfinite().all()):
+            self.clear_slot(slot)
+            raise ValueError(f"the adapter's values are not all finite in {self.lora_a.dtype} (NaN, or too large "
+                             "once scaled by lora_alpha / r)")
         self.ranks[slot] = rank
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
-        columns = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
-        self.lora_a[columns].zero_()
-        self.lora_b[:, columns].zero_()
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
         self.ranks[slot] = 0
 
     def extra_repr(self) -> str:

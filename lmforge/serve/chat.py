@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: one conversation, n completions, whole or streamed as OpenAI streams them
 (a role delta per choice, content deltas, a finish chunk per choice, an optional usage chunk, `data: [DONE]`)."""
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,8 +31,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     route = state.models.resolve(req.model)
     if (problem := req.combination_error()) is not None:
         raise bad_request(problem[1], problem[0])
-    ids = chat_prompt(state.tokenizer, req.messages, state.chat_template, req.add_generation_prompt,
-                      req.chat_template_kwargs)
+    ids = await asyncio.to_thread(chat_prompt, state.tokenizer, req.messages, state.chat_template,  # off the loop
+                                  req.add_generation_prompt, req.chat_template_kwargs)
     limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(req.max_completion_tokens or req.max_tokens, limit_param, len(ids),
                                     state.max_model_len, None, "messages")

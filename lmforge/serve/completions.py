@@ -1,6 +1,7 @@
 """POST /v1/completions: a string, a list of strings, token ids or a list of those; each prompt gets n
 completions, choice index = prompt index * n + completion index (as OpenAI numbers them)."""
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,8 +23,9 @@ async def create_completion(state: ServerState, req: CompletionRequest, http: Re
     if (problem := req.combination_error()) is not None:
         raise bad_request(problem[1], problem[0])
     many = len(req.prompt) > 1
-    prompts = [completion_prompt(state.tokenizer, p, req.add_special_tokens, state.vocab_size,
-                                 f"prompt[{i}]" if many else "prompt") for i, p in enumerate(req.prompt)]
+    prompts = await asyncio.to_thread(lambda: [  # tokenised off the event loop
+        completion_prompt(state.tokenizer, p, req.add_special_tokens, state.vocab_size,
+                          f"prompt[{i}]" if many else "prompt") for i, p in enumerate(req.prompt)])
     max_tokens = min(resolve_max_tokens(req.max_tokens, "max_tokens", len(ids), state.max_model_len,
                                         DEFAULT_COMPLETION_MAX_TOKENS, f"prompt[{i}]" if many else "prompt")
                      for i, (_, ids) in enumerate(prompts))

@@ -6,7 +6,7 @@ Every refusal is a 400 naming the request field, raised before anything reaches 
 from lmforge.engine.sampling_params import SamplingParams
 from lmforge.errors import LmforgeError
 from lmforge.serve.errors import bad_request
-from lmforge.serve.protocol import ChatMessage, SamplingFields
+from lmforge.serve.protocol import ChatMessage, CompletionRequest, SamplingFields
 from lmforge.tokenizer import Tokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -79,3 +79,30 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
         message = str(e)
         field = message.split(" ", 1)[0].removeprefix("SamplingParams.")
         raise bad_request(message.removeprefix("SamplingParams.") + ".", field) from None
+
+
+def check_prompt_size(prompt: str | list[int] | list[ChatMessage], max_chars: int, max_model_len: int,
+                      param: str) -> None:
+    """A 400 for a prompt that cannot fit the context, decided before any tokenising (which would hold up the server
+    for seconds on megabytes of text): text beyond `max_chars` characters (see ServerState.max_prompt_chars), token
+    ids beyond max_model_len. Conversations count the characters of their messages."""
+    if prompt and isinstance(prompt[0], ChatMessage):
+        chars = sum(len(m.content or "") + len(m.reasoning_content or "") + len(m.name or "")
+                    + len(str(m.tool_calls or "")) for m in prompt)
+    elif isinstance(prompt, str):
+        chars = len(prompt)
+    else:
+        if len(prompt) > max_model_len:
+            raise bad_request(f"This model's maximum context length is {max_model_len} tokens, and the prompt alone "
+                              f"has {len(prompt)} tokens. Please shorten the prompt.", param)
+        return
+    if chars > max_chars:
+        raise bad_request(f"The prompt has {chars} characters; no text of more than {max_chars} characters fits "
+                          f"this model's maximum context length of {max_model_len} tokens. Please shorten the prompt.",
+                          param)
+
+
+def check_completion_prompts(req: CompletionRequest, max_chars: int, max_model_len: int) -> None:
+    many = len(req.prompt) > 1
+    for i, prompt in enumerate(req.prompt):
+        check_prompt_size(prompt, max_chars, max_model_len, f"prompt[{i}]" if many else "prompt")

@@ -1,7 +1,11 @@
 """The engine's per-token logprobs ({token id: Logprob}, sampled token first) in OpenAI's two formats."""
 
+import math
+
 from lmforge.engine.outputs import Logprob
 from lmforge.serve.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+
+NO_LOGPROB = -9999.0
 
 
 def _ranked(entry: dict[int, Logprob], k: int) -> list[Logprob]:
@@ -14,13 +18,19 @@ def _text(lp: Logprob) -> str:
     return lp.decoded_token or ""
 
 
+def _value(lp: Logprob) -> float:
+    """The log-prob as JSON can carry it: -inf (and NaN, from a model whose logits overflowed) become -9999.0, the
+    floor vLLM clamps log-probs to; JSON has no infinities and OpenAI's clients expect a number."""
+    return lp.logprob if math.isfinite(lp.logprob) else NO_LOGPROB
+
+
 def chat_logprobs(entries: list[dict[int, Logprob]], top_k: int) -> ChatLogprobs:
     content = []
     for entry in entries:
         sampled = next(iter(entry.values()))
-        top = [TopLogprob(token=_text(t), logprob=t.logprob, bytes=list(_text(t).encode())) for t in _ranked(entry,
+        top = [TopLogprob(token=_text(t), logprob=_value(t), bytes=list(_text(t).encode())) for t in _ranked(entry,
                                                                                                                top_k)]
-        content.append(TokenLogprob(token=_text(sampled), logprob=sampled.logprob,
+        content.append(TokenLogprob(token=_text(sampled), logprob=_value(sampled),
                                     bytes=list(_text(sampled).encode()), top_logprobs=top))
     return ChatLogprobs(content=content)
 
@@ -31,9 +41,9 @@ def completion_logprobs(entries: list[dict[int, Logprob]], top_k: int, offset: i
     for entry in entries:
         sampled = next(iter(entry.values()))
         tokens.append(_text(sampled))
-        token_logprobs.append(sampled.logprob)
-        alternatives = {_text(t): t.logprob for t in _ranked(entry, top_k)}
-        alternatives.setdefault(_text(sampled), sampled.logprob)  # vLLM includes the sampled token too
+        token_logprobs.append(_value(sampled))
+        alternatives = {_text(t): _value(t) for t in _ranked(entry, top_k)}
+        alternatives.setdefault(_text(sampled), _value(sampled))  # vLLM includes the sampled token too
         top.append(alternatives)
         offsets.append(offset)
         offset += len(tokens[-1])

@@ -4,11 +4,14 @@
 OpenAI's error shape with the right status; a user's input never produces a 500.
 """
 
+import asyncio
 import hmac
 import logging
+import os
 import time
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -22,18 +25,22 @@ from lmforge.serve.adapters import load_lora_adapter, unload_lora_adapter
 from lmforge.serve.chat import create_chat_completion
 from lmforge.serve.completions import create_completion
 from lmforge.serve.errors import APIError, bad_request, from_validation, parse_json
-from lmforge.serve.inputs import chat_prompt, check_token_ids
+from lmforge.serve.inputs import chat_prompt, check_completion_prompts, check_prompt_size, check_token_ids
 from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.serve.models import ServedModels
 from lmforge.serve.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     LoadLoRAAdapterRequest,
+    ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     UnloadLoRAAdapterRequest,
 )
 from lmforge.serve.state import ServerState
@@ -41,21 +48,35 @@ from lmforge.serve.state import ServerState
 log = logging.getLogger("lmforge")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context window, far below a memory problem
-PROTECTED_PREFIX = "/v1/"  # as vLLM: --api-key guards the OpenAI routes; health, metrics and version stay open
+# --api-key guards the OpenAI routes (as vLLM) and the tokenizer's, which would otherwise run anyone's text through
+# the server; health, metrics, version and the API's schema stay open.
+PROTECTED_PREFIX = "/v1/"
+PROTECTED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+# Request bodies as the schema at /openapi.json describes them (the routes parse them themselves, for the errors).
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+          "/v1/load_lora_adapter": LoadLoRAAdapterRequest, "/v1/unload_lora_adapter": UnloadLoRAAdapterRequest}
 
 
 def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None, *, model_root: str = "",
                chat_template: str | None = None, api_key: str | None = None, max_queue: int | None = None,
-               cors_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               cors_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               allow_runtime_lora_updating: bool = False, allowed_lora_paths: list[str] | None = None,
+               enable_tokenizer_info_endpoint: bool = False) -> FastAPI:
+    """`allow_runtime_lora_updating` serves /v1/load_lora_adapter and /v1/unload_lora_adapter, reading adapters
+    from under `allowed_lora_paths` only when given; `enable_tokenizer_info_endpoint` serves /tokenizer_info."""
     names = served_model_names or [model_root or "default"]
     models = ServedModels(names, model_root, engine.engine.max_model_len)
     for adapter in engine.engine.list_loras():  # loaded before the app (lmforge serve --lora): routes from the start
         models.add_adapter(adapter.request)
-    state = ServerState(engine, models, ServerMetrics(names[0]), chat_template, max_queue)
-    app = FastAPI(title="lmforge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    roots = None if allowed_lora_paths is None else [os.path.realpath(p) for p in allowed_lora_paths]
+    state = ServerState(engine, models, ServerMetrics(names[0]), chat_template, max_queue,
+                        allow_runtime_lora_updating, roots)
+    app = FastAPI(title="lmforge", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.lmforge = state
     _add_error_handlers(app)
-    _add_routes(app, state)
+    _add_routes(app, state, enable_tokenizer_info_endpoint)
+    app.openapi = lambda: _openapi(app)
     app.add_middleware(Gatekeeper, api_key=api_key, max_body_bytes=max_body_bytes)
     if cors_origins:  # outermost, so browsers' preflight requests are answered before the key check
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
@@ -71,32 +92,45 @@ async def _parse(request: Request, model: type[BaseModel]):
         raise from_validation(e) from None
 
 
-def _add_routes(app: FastAPI, state: ServerState) -> None:
-    @app.post("/v1/chat/completions")
+def _json(model: type[BaseModel], streamed: bool = False) -> dict:
+    """The `responses` a route declares for the schema: its 200 body (and the event stream it may send instead)."""
+    content = {"text/event-stream": {"schema": {"type": "string"}}} if streamed else {}
+    return {200: {"model": model, "content": content}}
+
+
+def _add_routes(app: FastAPI, state: ServerState, tokenizer_info: bool) -> None:
+    @app.post("/v1/chat/completions", responses=_json(ChatCompletionResponse, streamed=True))
     async def chat_completions(request: Request) -> Response:
         arrival = time.monotonic()
-        return await create_chat_completion(state, await _parse(request, ChatCompletionRequest), request, arrival)
+        req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+        check_prompt_size(req.messages, state.max_prompt_chars, state.max_model_len, "messages")
+        return await create_chat_completion(state, req, request, arrival)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_json(CompletionResponse, streamed=True))
     async def completions(request: Request) -> Response:
         arrival = time.monotonic()
-        return await create_completion(state, await _parse(request, CompletionRequest), request, arrival)
+        req: CompletionRequest = await _parse(request, CompletionRequest)
+        check_completion_prompts(req, state.max_prompt_chars, state.max_model_len)
+        return await create_completion(state, req, request, arrival)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_json(ModelList))
     async def list_models() -> JSONResponse:
         return JSONResponse(ModelList(data=state.models.cards()).model_dump(mode="json"))
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", responses=_json(ModelCard))
     async def retrieve_model(name: str) -> JSONResponse:
         state.models.resolve(name)
         card = next(c for c in state.models.cards() if c.id == name)
         return JSONResponse(card.model_dump(mode="json"))
 
-    @app.post("/v1/load_lora_adapter")
+    # Off unless the operator turns run-time loading on: then in the schema too (vLLM registers them only then).
+    runtime_lora = state.allow_runtime_lora_updating
+
+    @app.post("/v1/load_lora_adapter", include_in_schema=runtime_lora)
     async def load_lora(request: Request) -> Response:
         return await load_lora_adapter(state, await _parse(request, LoadLoRAAdapterRequest))
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", include_in_schema=runtime_lora)
     async def unload_lora(request: Request) -> Response:
         return await unload_lora_adapter(state, await _parse(request, UnloadLoRAAdapterRequest))
 
@@ -114,7 +148,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def metrics() -> Response:
         return Response(await state.metrics.render(state.engine), media_type=CONTENT_TYPE)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_json(TokenizeResponse))
     async def tokenize(request: Request) -> JSONResponse:
         req: TokenizeRequest = await _parse(request, TokenizeRequest)
         state.models.resolve(req.model)
@@ -123,19 +157,58 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if req.messages is not None:
             if not req.messages:
                 raise bad_request("messages must not be empty.", "messages")
-            ids = chat_prompt(state.tokenizer, req.messages, state.chat_template, req.add_generation_prompt, None)
+            check_prompt_size(req.messages, state.max_prompt_chars, state.max_model_len, "messages")
+            ids = await asyncio.to_thread(chat_prompt, state.tokenizer, req.messages, state.chat_template,
+                                          req.add_generation_prompt, req.chat_template_kwargs)
         else:
+            check_prompt_size(req.prompt, state.max_prompt_chars, state.max_model_len, "prompt")
             add = True if req.add_special_tokens is None else req.add_special_tokens
-            ids = state.tokenizer.encode(req.prompt, add_special_tokens=add)
+            ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt, add_special_tokens=add)
         return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=state.max_model_len,
                                              tokens=ids).model_dump())
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_json(DetokenizeResponse))
     async def detokenize(request: Request) -> JSONResponse:
         req: DetokenizeRequest = await _parse(request, DetokenizeRequest)
         state.models.resolve(req.model)
+        if len(req.tokens) > state.max_model_len:  # as vLLM: no more than a context's worth
+            raise bad_request(f"At most {state.max_model_len} tokens (the maximum context length) can be "
+                              f"detokenized at once, got {len(req.tokens)}.", "tokens")
         check_token_ids(req.tokens, state.vocab_size, "tokens")
-        return JSONResponse(DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens)).model_dump())
+        text = await asyncio.to_thread(state.tokenizer.decode, req.tokens)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+
+    if tokenizer_info:  # as vLLM: only with --enable-tokenizer-info-endpoint (it shows the chat template)
+        @app.get("/tokenizer_info", responses=_json(TokenizerInfoResponse))
+        async def get_tokenizer_info() -> JSONResponse:
+            return JSONResponse(_tokenizer_info(state).model_dump())
+
+
+def _tokenizer_info(state: ServerState) -> TokenizerInfoResponse:
+    """What tokenizer_config.json says that a client needs to tokenise as the server does."""
+    tok = state.tokenizer
+    return TokenizerInfoResponse(tokenizer_class="PreTrainedTokenizerFast", **tok.special_tokens,
+                                 model_max_length=state.max_model_len, vocab_size=tok.vocab_size,
+                                 add_bos_token=tok.add_bos_token, eos_token_ids=sorted(tok.eos_token_ids),
+                                 chat_template=state.chat_template or tok.chat_template)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema of the app, with the request body of each route that parses its own (see BODIES)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in BODIES.items():
+            operation = schema["paths"].get(path, {}).get("post")
+            if operation is None:
+                continue
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            operation["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -147,9 +220,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         if e.status_code == 404:
             return APIError(404, f"Unknown route: {request.method} {request.url.path}.", code="not_found").response()
-        if e.status_code == 405:
+        if e.status_code == 405:  # Starlette names the allowed methods in an Allow header, as HTTP requires
             return APIError(405, f"Method {request.method} is not allowed on {request.url.path}.",
-                            code="method_not_allowed").response()
+                            code="method_not_allowed", headers=e.headers).response()
         return APIError(e.status_code, str(e.detail)).response()
 
     @app.exception_handler(Exception)
@@ -171,7 +244,9 @@ class Gatekeeper:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith(PROTECTED_PREFIX) and scope["method"] != "OPTIONS":
+        path = scope["path"]
+        protected = path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
+        if self.api_key is not None and protected and scope["method"] != "OPTIONS":
             given = headers.get("authorization", "")
             token = given[7:] if given[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -181,15 +256,17 @@ class Gatekeeper:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)
-        body, more = b"", True
+        chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client left while sending
                 return
-            body += message.get("body", b"")
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
             more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
+            if size > self.max_body_bytes:
                 return await self._too_large(scope, receive, send)
+        body = b"".join(chunks)  # once: appending chunk by chunk would copy a large body hundreds of times
         replayed = False
 
         async def replay() -> Message:

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 20 in chat, 5 in completions; vLLM 20 in both)
 INT64 = 2**63
+INT32 = 2**31
+MAX_STOPS = 1024  # stop strings or ids of one request: each is checked at every step, on the engine's own time
 
 # Fields of OpenAI's API that lmforge does not implement: rejected by name rather than silently ignored.
 UNSUPPORTED = {
@@ -39,11 +41,11 @@ class SamplingFields(Strict):
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, lt=INT32)
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: Any = Field(None, validate_default=True)  # normalised to a list of strings
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOPS)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -70,6 +72,8 @@ class SamplingFields(Strict):
             raise ValueError("must be a string or a list of strings")
         if not all(v):
             raise ValueError("stop strings must not be empty")
+        if len(v) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings are allowed")
         return v
 
     @field_validator("best_of")
@@ -189,6 +193,7 @@ class TokenizeRequest(Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (the template adds them)
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict | None = None
 
 
 class DetokenizeRequest(Strict):
@@ -199,7 +204,7 @@ class DetokenizeRequest(Strict):
 class LoadLoRAAdapterRequest(Strict):
     """POST /v1/load_lora_adapter, as vLLM's: serve the PEFT adapter at lora_path under the model name lora_name."""
 
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=256)
     lora_path: str = Field(min_length=1)
 
 
@@ -332,3 +337,10 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info (vLLM's): what tokenizer_config.json tells a client that tokenises for itself."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str

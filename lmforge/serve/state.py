@@ -21,6 +21,13 @@ log = logging.getLogger("lmforge")
 RETRY_AFTER_S = 1
 
 
+class ShutdownCut(Exception):
+    """Ends the streams of requests still in flight when the server stops at --shutdown-timeout."""
+
+    def __init__(self):
+        super().__init__("the server is shutting down and cut this request at its --shutdown-timeout")
+
+
 @dataclass
 class Submission:
     request_id: str
@@ -41,6 +48,8 @@ class Submission:
         """The finished outputs, or None when the client left first; the submission is closed either way."""
         try:
             return await unless_disconnected(http, self.finals())
+        except ShutdownCut as e:
+            raise APIError(503, f"{str(e)[0].upper()}{str(e)[1:]}.", code="server_shutting_down") from None
         finally:
             self.close()
 
@@ -75,7 +84,23 @@ class ServerState:
     models: ServedModels
     metrics: ServerMetrics
     chat_template: str | None = None  # --chat-template: overrides the model's own
-    max_queue: int | None = None  # --max-queue: most sequences waiting for a slot before a 503
+    max_queue: int | None = None  # --max-queue: most sequences waiting beyond the batch's room before a 503
+    allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter are served
+    allowed_lora_paths: list[str] | None = None  # resolved directories run-time loading is confined to; None: any
+    stopping: bool = False  # set when shutdown cuts the requests in flight: new ones are refused
+
+    def __post_init__(self):
+        # No text longer than this fits the context, whatever it says: each token covers at most the characters of
+        # the longest token in the vocabulary. Longer prompts are refused before any tokenising.
+        self.max_prompt_chars = self.max_model_len * self.tokenizer.longest_token_chars()
+
+    async def cut_streams(self) -> None:
+        """At --shutdown-timeout: ends every request still in flight with an error (streams send it as their last
+        event, then [DONE]) so that none is cut mid-response, and refuses new ones."""
+        self.stopping = True
+        cut = await self.engine.fail_all(ShutdownCut())
+        if cut:
+            log.warning("shutdown timeout reached: %d requests in flight were ended with an error", cut)
 
     @property
     def tokenizer(self):
@@ -92,9 +117,12 @@ class ServerState:
     async def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str, route: ModelRoute,
                      arrival: float, prompt_param: str) -> Submission:
         """Hands every prompt to the engine (ids `request_id-i`); all or none: a refusal closes the ones queued."""
-        if not self.engine.is_alive:  # a dead engine thread would never answer: say so instead of hanging
+        if not self.engine.is_alive or self.stopping:  # a stopped engine would never answer: say so, not hang
             raise APIError(503, "The engine is not running; the server is shutting down or failed.",
                            code="engine_unavailable")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"Token id {bad} is outside the vocabulary [0, {self.vocab_size}).", "stop_token_ids")
         sub = Submission(request_id, prompt_tokens=sum(len(p) for p in prompts))
         try:
             for i, ids in enumerate(prompts):

@@ -113,6 +113,12 @@ class Tokenizer:
                  "eos": sorted(self.eos_token_ids)}
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
+    def longest_token_chars(self) -> int:
+        """The most characters of text one token can stand for: the longest vocabulary entry as the tokenizer spells
+        it (byte-level and byte-fallback spellings are at least as long as their text). A text of more than n times
+        this has more than n tokens (for normalisers that do not merge characters, as LLM tokenizers' do not)."""
+        return max(map(len, self._backend.get_vocab(with_added_tokens=True)), default=1)
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

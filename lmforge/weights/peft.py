@@ -53,12 +53,14 @@ def read_adapter_config(adapter_dir: str | Path) -> AdapterConfig:
     """Reads and checks adapter_config.json alone (no weights): enough to accept or refuse an adapter."""
     adapter_dir = Path(adapter_dir)
     file = adapter_dir / CONFIG_FILE
-    if not adapter_dir.is_dir():
-        raise LmforgeError(f"adapter directory {adapter_dir} not found")
-    if not file.is_file():
-        raise LmforgeError(f"{adapter_dir} has no {CONFIG_FILE}; pass a PEFT adapter directory")
-    try:
+    try:  # OSError: a path too long for the file system, a directory it may not read
+        if not adapter_dir.is_dir():
+            raise LmforgeError(f"adapter directory {adapter_dir} not found")
+        if not file.is_file():
+            raise LmforgeError(f"{adapter_dir} has no {CONFIG_FILE}; pass a PEFT adapter directory")
         raw = json.loads(file.read_text())
+    except OSError as e:
+        raise LmforgeError(f"cannot read the adapter directory {adapter_dir} ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"{file} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
@@ -242,6 +244,10 @@ def _check_module(file: Path, path: str, parts: dict, linears: dict, cfg: Adapte
         raise LmforgeError(f"{file}: {tensor_key!r} has shape {shape}, the model's {path} needs "
                            f"{expected[part]} ({linear.in_features} in, {linear.out_features} out)"
                            f"{_trained_on(cfg)}")
+    for tensor_key, tensor in parts.values():  # a NaN or Inf would turn every output it touches into NaN
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            raise LmforgeError(f"{file}: {tensor_key!r} holds NaN or infinite values; the adapter is damaged "
+                               "(diverged training?) and cannot be used")
 
 
 def _trained_on(cfg: AdapterConfig) -> str:

@@ -97,8 +97,7 @@ def test_bf16_fast_paths_are_as_accurate_as_plain_pytorch(llm, smollm2_dir, adap
     def logits(engine, eager=False):
         slots = [NO_ADAPTER] + [a.slot for a in engine.list_loras()]
         meta = AttnMeta.for_sequences(lens)
-        meta = dataclasses.replace(meta, lora=LoraBatch.build(slots, lens, 2, 16, torch.device("cpu"),
-                                                              engine.engine.runner.dtype))
+        meta = dataclasses.replace(meta, lora=LoraBatch.build(slots, lens, torch.device("cpu")))
         model = engine.engine.model
         with torch.inference_mode(), kernels.disabled() if eager else contextlib.nullcontext():
             hidden = model(torch.tensor(sum(seqs, [])), torch.cat([torch.arange(n) for n in lens]), meta)

@@ -34,7 +34,7 @@ def expected(smollm2_dir, adapters):
 @pytest.fixture(scope="module")
 def server(smollm2_dir, adapters):
     live = LiveServer(smollm2_dir, "--lora", f"pirate={adapters['pirate']}", "--max-loras", "2",
-                      env={"LMFORGE_API_KEY": KEY})
+                      env={"LMFORGE_API_KEY": KEY, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"})
     yield live
     assert live.stop() == 0, "".join(live.log)
 
@@ -82,7 +82,7 @@ def test_requests_routed_to_the_adapter_get_its_output(client, expected):
 def test_load_serve_mixed_and_unload_at_run_time(client, server, adapters, expected):
     prompts, texts = expected
     assert_error(post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/adapter"}),
-                 400, "lora_path", "not found")
+                 400, "lora_path", "does not name a PEFT LoRA adapter this server can load")
     r = post(server, "/v1/load_lora_adapter", {"lora_name": "poet", "lora_path": str(adapters["poet"])})
     assert r.status_code == 200 and r.text == "Success: LoRA adapter 'poet' added successfully."
     assert [m.id for m in client.models.list().data] == [NAME, "pirate", "poet"]

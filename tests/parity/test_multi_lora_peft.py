@@ -54,7 +54,7 @@ def test_mixed_adapters_in_one_batch_match_peft(case, tmp_path):
     seqs = [torch.randint(0, TINY["vocab_size"], (n,)) for n, _ in SEQS]
     lens = [n for n, _ in SEQS]
     meta = AttnMeta.for_sequences(lens)
-    lora = LoraBatch.build([slots[name] for _, name in SEQS], lens, 3, 8, torch.device("cpu"), torch.float32)
+    lora = LoraBatch.build([slots[name] for _, name in SEQS], lens, torch.device("cpu"))
     meta = dataclasses.replace(meta, lora=lora)
     with torch.no_grad():
         ours = model.logits(model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens]), meta)).split(lens)

@@ -52,7 +52,9 @@ def test_paged_prefill_chunks_and_decode_match_full_forward():
 @pytest.mark.parametrize("path", ["one-by-one", "batched-decode", "kernel"])
 @torch.no_grad()
 def test_two_sequences_share_one_paged_step(path):
-    """Different context lengths in one call, each reading its own blocks (one by one, batched decode, CPU kernel)."""
+    """Different context lengths in one call, each reading its own blocks (one by one, batched decode, CPU kernel)
+    and nothing else: the cache starts NaN, as blocks freed by a request whose values overflowed would be, and no
+    slot a sequence has not written (a block's unused tail, padding) reaches its output."""
     if path == "kernel" and kernels.cpu_ops() is None:
         pytest.skip("CPU kernels unavailable")
     with contextlib.nullcontext() if path == "kernel" else kernels.disabled():
@@ -63,7 +65,7 @@ def _two_sequences(path):
     model = tiny_model()
     a, b = torch.randint(0, 96, (20,)), torch.randint(0, 96, (7,))
     shape = (8, 16, TINY_LLAMA["num_key_value_heads"], 8)
-    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
+    kv = [(torch.full(shape, float("nan")), torch.full(shape, float("nan"))) for _ in range(2)]
     tables = torch.tensor([[3, 1], [5, 0]])  # deliberately out of order
 
     def slots(table, positions):

@@ -60,16 +60,15 @@ def tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def batch(slots, seqlens, max_loras=3, max_rank=2):
-    return LoraBatch.build(slots, seqlens, max_loras, max_rank, torch.device("cpu"), torch.float32)
+def batch(slots, seqlens):
+    return LoraBatch.build(slots, seqlens, torch.device("cpu"))
 
 
-def test_lora_batch_masks_each_tokens_slot():
+def test_lora_batch_selects_each_slots_rows():
     assert batch([NO_ADAPTER, NO_ADAPTER], [3, 1]) is None
     lora = batch([0, 0, NO_ADAPTER, 2, 0], [2, 3, 1, 2, 1])
     assert lora.slots == {0, 2}
-    one, base, two = [1, 1, 0, 0, 0, 0], [0] * 6, [0, 0, 0, 0, 1, 1]
-    assert lora.mask.tolist() == [one] * 5 + [base] + [two] * 2 + [one]
+    assert lora.rows[0].tolist() == [0, 1, 2, 3, 4, 8] and lora.rows[2] == slice(6, 8)  # runs end to end: a slice
 
 
 def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
@@ -84,7 +83,7 @@ def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
             layer.set_slot(slot, a, b, scaling=0.5)
             factors[i, slot] = (a, b)
     x = torch.randn(7, 16)
-    lora = batch([2, 0, NO_ADAPTER, 2], [1, 2, 3, 1], max_rank=4)
+    lora = batch([2, 0, NO_ADAPTER, 2], [1, 2, 3, 1])
     per_token = [2, 0, 0, NO_ADAPTER, NO_ADAPTER, NO_ADAPTER, 2]
     for i, out in enumerate(linears(x, *wrapped, lora=lora)):
         expected = layers[i](x)
@@ -98,6 +97,45 @@ def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
         wrapped[0](x)
 
 
+def test_a_slot_holding_nan_reaches_only_its_own_rows():
+    """Rows are selected per slot, never masked: a 0/1 mask would carry a NaN of any slot into every row
+    (0 * NaN = NaN), so one bad adapter, even unused, would corrupt the whole batch."""
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(Linear(16, 24), max_loras=3, max_rank=4)
+    a, b = torch.randn(4, 16), torch.randn(24, 4)
+    layer.set_slot(0, a, b, scaling=0.5)
+    layer.set_slot(2, torch.randn(2, 16), torch.randn(24, 2), scaling=0.5)
+    with pytest.raises(ValueError, match="not all finite"):
+        layer.set_slot(1, torch.full((4, 16), float("nan")), b, scaling=0.5)
+    assert layer.ranks[1] == 0 and not layer.lora_a[1].any()
+    with pytest.raises(ValueError, match="not all finite"):  # finite in fp32, infinite once scaled
+        layer.set_slot(1, a, torch.full((24, 4), 3e38), scaling=16.0)
+    layer.lora_a[2].fill_(float("nan"))  # poked past the check
+    layer.lora_b[2].fill_(float("inf"))
+    x = torch.randn(6, 16)
+    out = layer(x, batch([0, NO_ADAPTER, 2, 0], [2, 1, 2, 1]))
+    expected = layer.base_layer(x)
+    expected[[0, 1, 5]] += 0.5 * x[[0, 1, 5]] @ a.T @ b.T
+    torch.testing.assert_close(out[[0, 1, 2, 5]], expected[[0, 1, 2, 5]])
+    assert out[3:5].isnan().all()  # the poisoned slot's own rows only
+    out = layer(x, batch([0, NO_ADAPTER, 0], [2, 1, 3]))  # loaded but unused: no effect at all
+    assert out.isfinite().all()
+
+
+def test_an_adapter_file_holding_nan_is_refused(spare, base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_peft_adapter(base, tmp_path / "nan", r=4, target_modules=["q_proj"])
+    weights = tmp_path / "nan" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(LmforgeError, match=f"{key}' holds NaN or infinite values; the adapter is damaged"):
+        spare.add_lora(LoRARequest("nan", 9, str(tmp_path / "nan")))
+    assert [a.name for a in spare.list_loras()] == ["a"]
+
+
 @pytest.mark.skipif(kernels.cpu_ops() is None, reason="CPU kernels unavailable (no C++ compiler?)")
 @pytest.mark.parametrize("rows", [2, 9, 130])  # the streaming kernel, packed weights (AMX / oneDNN), F.linear
 def test_bf16_fast_paths_follow_slot_changes(rows):
@@ -108,7 +146,7 @@ def test_bf16_fast_paths_follow_slot_changes(rows):
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     factors = {0: (0.3 * torch.randn(8, 64), 0.3 * torch.randn(96, 8)),
                1: (0.3 * torch.randn(4, 64), 0.3 * torch.randn(96, 4))}  # two ranks below max_rank
-    lora = batch([0, NO_ADAPTER, 1], [rows // 2, 1, rows - rows // 2 - 1], max_loras=2, max_rank=16)
+    lora = batch([0, NO_ADAPTER, 1], [rows // 2, 1, rows - rows // 2 - 1])
     rows_of = {0: slice(0, rows // 2), 1: slice(rows // 2 + 1, rows)}
     base = layer.base_layer(x).float()
     for slot, load, loaded in ((0, True, (0,)), (1, True, (0, 1)), (0, False, (1,))):  # each after a packed step
@@ -224,8 +262,7 @@ def test_unfit_adapter_fails_loudly_at_load(case, spare, base, tmp_path):
         spare.add_lora(LoRARequest("bad", 9, str(tmp_path / "bad")))
     assert "\n" not in str(error.value) and [a.name for a in spare.list_loras()] == ["a"]
     free = 1 - spare.engine.loras.get("a").slot
-    columns = slice(free * 8, (free + 1) * 8)
-    assert all(m.ranks[free] == 0 and not m.lora_b[:, columns].any() and not m.lora_a[columns].any()
+    assert all(m.ranks[free] == 0 and not m.lora_b[free].any() and not m.lora_a[free].any()
                for m in spare.engine.loras.layers.values())
 
 

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
+from lmforge import AsyncEngine
 from lmforge.serve.openai_api import create_app
-from tests.unit.tiny_server import MAX_MODEL_LEN, VOCAB, chat, events, request, run, tiny_engine
+from tests.unit.tiny_server import MAX_MODEL_LEN, VOCAB, chat, events, request, run, tiny_chat_model, tiny_engine
 
 MODEL = "tiny"
 KEY = "sk-test-key"
@@ -142,6 +143,7 @@ def test_unknown_route_and_method(app):
     error = assert_error(run(request(app, "GET", "/v2/everything", None, AUTH)), 404, None, "Unknown route")
     assert error["code"] == "not_found"
     assert_error(run(request(app, "DELETE", "/v1/models", None, AUTH)), 405, None, "not allowed")
+    assert run(request(app, "DELETE", "/v1/models", None, AUTH)).headers["allow"] == "GET"
 
 
 def test_declared_oversized_body_is_refused_before_reading(app):
@@ -149,19 +151,25 @@ def test_declared_oversized_body_is_refused_before_reading(app):
     assert_error(run(request(app, "POST", CHAT, b"{}" + b" " * 999997, headers)), 413, None, "exceeds")
 
 
-def test_max_queue_is_a_503_with_retry_after(engine):
-    app = create_app(engine, [MODEL], max_queue=1)
+def test_max_queue_is_a_503_with_retry_after(tmp_path):
+    one_seat = AsyncEngine(model=str(tiny_chat_model(tmp_path)), dtype="float32", kv_cache_memory=0.002,
+                           block_size=4, max_num_seqs=1)
+    app = create_app(one_seat, [MODEL], max_queue=1)
 
     async def main():
-        # While the engine thread is busy, all three adds queue up and are admitted in one go: exactly one fits.
-        busy = asyncio.ensure_future(engine.run(lambda: time.sleep(0.3)))
+        # While the engine thread is busy, all four adds queue up and are admitted in one go: the first takes the
+        # batch's one free place, the second waits beyond it (the one --max-queue allows), the others are refused.
+        busy = asyncio.ensure_future(one_seat.run(lambda: time.sleep(0.3)))
         await asyncio.sleep(0.05)
-        responses = await asyncio.gather(*(request(app, "POST", CHAT, chat(max_tokens=2)) for _ in range(3)))
+        responses = await asyncio.gather(*(request(app, "POST", CHAT, chat(max_tokens=2)) for _ in range(4)))
         await busy
         return responses
 
-    responses = run(main())
-    assert sorted(r.status_code for r in responses) == [200, 503, 503]
+    try:
+        responses = run(main())
+    finally:
+        one_seat.shutdown()
+    assert sorted(r.status_code for r in responses) == [200, 200, 503, 503]
     for r in responses:
         if r.status_code == 503:
             assert r.headers["Retry-After"] == "1"
@@ -179,11 +187,12 @@ def test_models_health_version(app):
 
 
 def test_tokenize_detokenize_round_trip(app):
-    ids = run(request(app, "POST", "/tokenize", {"prompt": "hello world"})).json()
+    ids = run(request(app, "POST", "/tokenize", {"prompt": "hello world"}, AUTH)).json()
     assert ids["count"] == len(ids["tokens"]) > 0 and ids["max_model_len"] == MAX_MODEL_LEN
-    text = run(request(app, "POST", "/detokenize", {"tokens": ids["tokens"]})).json()["prompt"]
+    text = run(request(app, "POST", "/detokenize", {"tokens": ids["tokens"]}, AUTH)).json()["prompt"]
     assert text == "hello world"
-    templated = run(request(app, "POST", "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})).json()
+    templated = run(request(app, "POST", "/tokenize", {"messages": [{"role": "user", "content": "hi"}]},
+                            AUTH)).json()
     usage = run(request(app, "POST", CHAT, chat("hi", max_tokens=1), AUTH)).json()["usage"]
     assert templated["count"] == usage["prompt_tokens"]
 

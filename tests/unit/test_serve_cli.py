@@ -61,3 +61,25 @@ def test_busy_port_is_a_one_line_error(capsys, model_dir):
 
 def test_negative_limits_are_refused(capsys):
     assert "--max-queue must be >= 0" in one_line_error(capsys, ["serve", "--max-queue", "-1"])
+
+
+def test_hardening_flags_are_checked(capsys, tmp_path):
+    assert "--header-timeout must be > 0" in one_line_error(capsys, ["serve", "--header-timeout", "0"])
+    err = one_line_error(capsys, ["serve", "--allowed-lora-paths", str(tmp_path)])
+    assert "--allowed-lora-paths confines run-time LoRA loading, which is off" in err
+    err = one_line_error(capsys, ["serve", "--allow-runtime-lora-updating", "--allowed-lora-paths",
+                                  str(tmp_path / "none")])
+    assert f"--allowed-lora-paths {tmp_path / 'none'}: not a directory" in err
+
+
+def test_an_adapter_with_nan_weights_stops_the_start(capsys, model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_peft_adapter(model_dir, tmp_path / "nan", r=4, target_modules=["q_proj"])
+    capsys.readouterr()
+    weights = tmp_path / "nan" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    next(iter(tensors.values())).fill_(float("inf"))
+    save_file(tensors, weights)
+    err = one_line_error(capsys, ["serve", str(model_dir), "--dtype", "float32", "--lora", f"nan={tmp_path / 'nan'}"])
+    assert "holds NaN or infinite values; the adapter is damaged" in err

@@ -39,8 +39,9 @@ def engine(files):
 
 
 @pytest.fixture(scope="module")
-def app(engine, files):
-    return create_app(engine, [MODEL], model_root=str(files / "base"))
+def app(engine, files):  # adapters under `files` may be loaded at run time, and their refusals say why
+    return create_app(engine, [MODEL], model_root=str(files / "base"), allow_runtime_lora_updating=True,
+                      allowed_lora_paths=[str(files)])
 
 
 def complete(app, model: str, **fields):
@@ -129,7 +130,7 @@ def test_load_and_unload_at_run_time(app, engine, files):
 def test_a_server_without_lora_refuses_the_endpoints(files):
     plain = AsyncEngine(model=str(files / "base"), dtype="float32", kv_cache_memory=0.002, block_size=4)
     try:
-        app = create_app(plain, [MODEL])
+        app = create_app(plain, [MODEL], allow_runtime_lora_updating=True)
         r = run(request(app, "POST", LOAD, {"lora_name": "a", "lora_path": str(files / "a")}))
         assert_error(r, 400, None, "start it with --enable-lora")
         assert model_ids(app) == [MODEL]

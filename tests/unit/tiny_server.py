@@ -59,3 +59,39 @@ def events(response: httpx.Response) -> list:
 
 def chat(content: str = "hello there", **fields) -> dict:
     return {"messages": [{"role": "user", "content": content}], **fields}
+
+
+class LiveApp:
+    """The app served by lmforge's uvicorn setup (lmforge/serve/server.py) on 127.0.0.1 from a thread of its own,
+    for what an in-process transport cannot show: streams arriving chunk by chunk, connections, shutdown."""
+
+    def __init__(self, app, header_timeout: float = 10.0, shutdown_timeout: float = 30.0):
+        import socket
+        import threading
+
+        from lmforge.serve.server import serve, uvicorn_server
+
+        self.server = uvicorn_server(app, header_timeout=header_timeout, shutdown_timeout=shutdown_timeout,
+                                     access_log=False)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=lambda: asyncio.run(serve(self.server, sock, shutdown_timeout)),
+                                       daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            self.thread.join(0.05)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the server did not stop"
+
+    def __enter__(self) -> "LiveApp":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
