@@ -76,6 +76,9 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+            if not outputs and not self.engine.scheduler.running:  # only waiters (e.g. grammars compiling): no spin
+                self._wake.wait(0.005)
+                self._wake.clear()
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         stream = self._streams.get(request_id)

@@ -36,7 +36,9 @@ from lmforge.serve.protocol import (
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
 )
+from lmforge.serve.reasoning import get_reasoning_parser
 from lmforge.serve.state import ServerState
+from lmforge.serve.tools import get_tool_parser
 
 log = logging.getLogger("lmforge")
 
@@ -46,12 +48,18 @@ PROTECTED_PREFIX = "/v1/"  # as vLLM: --api-key guards the OpenAI routes; health
 
 def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None, *, model_root: str = "",
                chat_template: str | None = None, api_key: str | None = None, max_queue: int | None = None,
-               cors_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               cors_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None) -> FastAPI:
+    """The app; the reasoning parser is the engine's (EngineConfig.reasoning_parser), which starts grammars after
+    the thinking."""
     names = served_model_names or [model_root or "default"]
     models = ServedModels(names, model_root, engine.engine.max_model_len)
     for adapter in engine.engine.list_loras():  # loaded before the app (lmforge serve --lora): routes from the start
         models.add_adapter(adapter.request)
-    state = ServerState(engine, models, ServerMetrics(names[0]), chat_template, max_queue)
+    reasoning = engine.engine.config.reasoning_parser
+    state = ServerState(engine, models, ServerMetrics(names[0]), chat_template, max_queue,
+                        get_tool_parser(tool_call_parser) if tool_call_parser else None, enable_auto_tool_choice,
+                        get_reasoning_parser(reasoning) if reasoning else None)
     app = FastAPI(title="lmforge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmforge = state
     _add_error_handlers(app)

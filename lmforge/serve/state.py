@@ -14,7 +14,9 @@ from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.metrics import RequestTracker, ServerMetrics
 from lmforge.serve.models import ModelRoute, ServedModels
 from lmforge.serve.protocol import PromptTokensDetails, Usage
+from lmforge.serve.reasoning import ReasoningParser
 from lmforge.serve.streams import collect, merge, unless_disconnected
+from lmforge.serve.tools import ToolParser
 
 log = logging.getLogger("lmforge")
 
@@ -76,6 +78,14 @@ class ServerState:
     metrics: ServerMetrics
     chat_template: str | None = None  # --chat-template: overrides the model's own
     max_queue: int | None = None  # --max-queue: most sequences waiting for a slot before a 503
+    tool_parser: ToolParser | None = None  # --tool-call-parser
+    auto_tools: bool = False  # --enable-auto-tool-choice
+    reasoning: ReasoningParser | None = None  # --reasoning-parser
+
+    @property
+    def grammars(self):
+        """The engine's grammar compiler (structured output); thread-safe."""
+        return self.engine.engine.grammars
 
     @property
     def tokenizer(self):

@@ -61,3 +61,11 @@ def test_busy_port_is_a_one_line_error(capsys, model_dir):
 
 def test_negative_limits_are_refused(capsys):
     assert "--max-queue must be >= 0" in one_line_error(capsys, ["serve", "--max-queue", "-1"])
+
+
+def test_tool_and_reasoning_flags_are_checked(capsys, model_dir):
+    assert "--enable-auto-tool-choice needs --tool-call-parser" in \
+        one_line_error(capsys, ["serve", "--enable-auto-tool-choice"])
+    # the tiny model's tokenizer has no <think> / </think> tokens: a reasoning parser does not fit it
+    err = one_line_error(capsys, ["serve", str(model_dir), "--dtype", "float32", "--reasoning-parser", "qwen3"])
+    assert "--reasoning-parser qwen3: this model's tokenizer has no <think> / </think> tokens" in err
