@@ -37,7 +37,7 @@ def post(app, path: str, body: dict):
     return run(request(app, "POST", path, body))
 
 
-def test_response_format_json_schema_and_json_object(app):
+def test_response_format_json_schema(app):
     schema_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": City.model_json_schema(),
                                                             "strict": True}}
     body = post(app, CHAT, chat(response_format=schema_format, n=3, temperature=1.0, max_tokens=80)).json()
