@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -130,7 +131,7 @@ def compare_engines(tokenizer, vocab_size: int) -> dict[str, dict[str, float]]:
             matcher.fill_next_token_bitmask(mask)
             step_s.append(time.perf_counter() - start)
             assert matcher.accept_token(token)
-    out[f"xgrammar {xgr.__version__}"] = _summary(compile_s, step_s)
+    out[f"xgrammar {version('xgrammar')}"] = _summary(compile_s, step_s)
     try:
         import llguidance
         import llguidance.hf
@@ -151,7 +152,7 @@ def compare_engines(tokenizer, vocab_size: int) -> dict[str, dict[str, float]]:
             llguidance.torch.fill_next_token_bitmask(matcher, lmask, 0)
             step_s.append(time.perf_counter() - start)
             assert matcher.consume_token(token), matcher.get_error()
-    out[f"llguidance {getattr(llguidance, '__version__', '')}".strip()] = _summary(compile_s, step_s)
+    out[f"llguidance {version('llguidance')}"] = _summary(compile_s, step_s)
     return out
 
 

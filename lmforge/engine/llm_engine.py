@@ -218,7 +218,7 @@ class LLMEngine:
             seq = Sequence(request_id, list(ids), params, index=index, priority=priority, arrival_time=arrival,
                            adapter_id=adapter_id)
             if grammar is not None:  # each of the n sequences advances its own matcher
-                seq.grammar = SequenceGrammar(constraint, grammar, self.grammars.timeout_s, start)
+                seq.grammar = SequenceGrammar(constraint, grammar, self.grammars, start)
             request.seqs.append(seq)
             request.states.append(CompletionState(self.tokenizer, ids, params, index))
             generator = None

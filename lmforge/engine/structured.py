@@ -15,6 +15,7 @@ import concurrent.futures
 import json
 import threading
 import time
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -45,11 +46,15 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self.timeout_s = timeout_s
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lmforge-grammar")
+        # at most `workers` compiles at once; one past its time limit gives its slot up (its C++ compile cannot be
+        # stopped and finishes on its own daemon thread), so a pathological schema never stalls the next ones
+        self._slots = threading.Semaphore(workers)
+        self._holding: set[concurrent.futures.Future] = set()
         self._cache: OrderedDict[str, concurrent.futures.Future] = OrderedDict()
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()
         self._xgr_compiler = None
+        self._started: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # future -> when its compile began
 
     def compile(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
         """A future of the compiled grammar; its exception is a ValueError naming the constraint's field."""
@@ -60,22 +65,60 @@ class GrammarCompiler:
             if future is not None:
                 self._cache.move_to_end(key)
                 return future
-            future = self._pool.submit(self._compile, params)
+            future = concurrent.futures.Future()
+            threading.Thread(target=self._run, args=(params, future), name="lmforge-grammar", daemon=True).start()
             self._cache[key] = future
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return future
 
+    def remaining(self, future: concurrent.futures.Future) -> float | None:
+        """Seconds left of the compile's time limit; None while it waits for a thread (the limit is on compiling,
+        not on queueing behind other schemas)."""
+        started = self._started.get(future)
+        if started is None:
+            return None
+        left = self.timeout_s - (time.monotonic() - started)
+        if left <= 0 and not future.done():
+            self._release(future)
+        return left
+
     def wait(self, params: StructuredOutputsParams) -> None:
         """Blocks until params' grammar is compiled; ValueError if it cannot be, or not within the time limit."""
-        try:
-            self.compile(params).result(self.timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise ValueError(timeout_message(params, self.timeout_s)) from None
+        future = self.compile(params)
+        while True:
+            left = self.remaining(future)
+            if left is not None and left <= 0 and not future.done():
+                raise ValueError(timeout_message(params, self.timeout_s))
+            try:
+                future.result(0.05 if left is None else max(left, 0.001))
+                return
+            except concurrent.futures.TimeoutError:
+                continue
 
-    def _compile(self, params: StructuredOutputsParams):
-        xgr = _import_xgrammar()
-        compiler = self._compiler(xgr)
+    def _run(self, params: StructuredOutputsParams, future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            compiler = self._compiler(_import_xgrammar())  # the one-time tokenizer table is not on the clock
+            self._slots.acquire()
+            with self._lock:
+                self._holding.add(future)
+            self._started[future] = time.monotonic()
+            future.set_result(self._compile(compiler, params))
+        except BaseException as e:
+            future.set_exception(e)
+        finally:
+            self._release(future)
+
+    def _release(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            if future not in self._holding:
+                return
+            self._holding.discard(future)
+        self._slots.release()
+
+    def _compile(self, compiler, params: StructuredOutputsParams):
         kind, field = params.kind, f"structured_outputs.{params.kind}"
         try:
             if kind in ("json", "json_object"):  # json_object: any JSON object, as OpenAI's (and vLLM's) mode
@@ -108,8 +151,6 @@ class GrammarCompiler:
                 self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
             return self._xgr_compiler
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def timeout_message(params: StructuredOutputsParams, timeout_s: float) -> str:
@@ -126,14 +167,13 @@ class SequenceGrammar:
     """One sequence's grammar state. `start_token_id`: with a reasoning parser, the token that ends the thinking;
     the grammar applies to what follows it."""
 
-    __slots__ = ("params", "future", "submitted", "timeout_s", "matcher", "start_token_id", "active")
+    __slots__ = ("params", "future", "compiler", "matcher", "start_token_id", "active")
 
-    def __init__(self, params: StructuredOutputsParams, future: concurrent.futures.Future, timeout_s: float,
+    def __init__(self, params: StructuredOutputsParams, future: concurrent.futures.Future, compiler: GrammarCompiler,
                  start_token_id: int | None = None):
         self.params = params
         self.future = future
-        self.submitted = time.monotonic()
-        self.timeout_s = timeout_s
+        self.compiler = compiler
         self.matcher = None
         self.start_token_id = start_token_id
         self.active = start_token_id is None
@@ -147,9 +187,8 @@ class SequenceGrammar:
         if self.future.done():
             e = self.future.exception()
             return None if e is None else str(e)
-        if time.monotonic() - self.submitted > self.timeout_s:
-            return timeout_message(self.params, self.timeout_s)
-        return None
+        left = self.compiler.remaining(self.future)
+        return timeout_message(self.params, self.compiler.timeout_s) if left is not None and left <= 0 else None
 
     def fill(self, bitmask: torch.Tensor, row: int) -> bool:
         """Writes the allowed next tokens into bitmask[row]; False when the grammar does not constrain this step."""

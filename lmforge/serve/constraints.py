@@ -73,10 +73,16 @@ async def compile_or_400(grammars, constraint: StructuredOutputsParams, field: s
         future = grammars.compile(constraint)
     except ValueError as e:  # xgrammar is not installed
         raise bad_request(f"{e}.", field) from None
-    try:
-        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), grammars.timeout_s)
-    except TimeoutError:
-        raise bad_request(timeout_message(constraint, grammars.timeout_s).replace(
-            f"structured_outputs.{constraint.kind}", field) + ".", field) from None
-    except ValueError as e:
-        raise bad_request(f"{e}.".replace(f"structured_outputs.{constraint.kind}", field), field) from None
+    result = asyncio.wrap_future(future)
+    while True:
+        left = grammars.remaining(future)  # None: waiting for a compile thread (not on the clock)
+        if left is not None and left <= 0 and not future.done():
+            raise bad_request(timeout_message(constraint, grammars.timeout_s).replace(
+                f"structured_outputs.{constraint.kind}", field) + ".", field)
+        try:
+            await asyncio.wait_for(asyncio.shield(result), 0.05 if left is None else max(left, 0.001))
+            return
+        except TimeoutError:
+            continue
+        except ValueError as e:
+            raise bad_request(f"{e}.".replace(f"structured_outputs.{constraint.kind}", field), field) from None
