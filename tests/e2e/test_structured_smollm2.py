@@ -25,16 +25,21 @@ def server(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+def url(server):
+    return server.url + "/v1"
+
+
+def connect(url: str):
+    """A client for one asyncio.run (an async client must not outlive its event loop)."""
+    return openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
 
 
 def ask(text: str) -> list[dict]:
     return [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": text}]
 
 
-def test_parse_returns_a_valid_object_for_20_schemas(client):
-    async def one(model, prompt):
+def test_parse_returns_a_valid_object_for_20_schemas(url):
+    async def one(client, model, prompt):
         completion = await client.chat.completions.parse(model=NAME, messages=ask(prompt), response_format=model,
                                                          temperature=0.8, max_tokens=200)
         parsed = completion.choices[0].message.parsed
@@ -42,15 +47,20 @@ def test_parse_returns_a_valid_object_for_20_schemas(client):
         return parsed
 
     async def main():
-        return await asyncio.gather(*(one(m, p) for m, p in SCHEMAS))
+        async with connect(url) as client:
+            return await asyncio.gather(*(one(client, m, p) for m, p in SCHEMAS))
 
     assert len(asyncio.run(main())) == 20 == len({m for m, _ in SCHEMAS})
 
 
-def test_regex_and_choice_hold_in_50_of_50(client):
+def test_regex_and_choice_hold_in_50_of_50(url):
     choices = ["Mercury", "Venus", "Earth", "Mars"]
 
     async def main():
+        async with connect(url) as client:
+            return await asyncio.gather(*requests(client))
+
+    def requests(client):
         regex = client.completions.create(model=NAME, prompt="A name and a number:", n=25, temperature=0.8,
                                           max_tokens=16, extra_body={"structured_outputs": {"regex": REGEX}})
         choice = client.chat.completions.create(model=NAME, messages=ask("Pick a planet."), n=25, temperature=1.0,
@@ -59,7 +69,7 @@ def test_regex_and_choice_hold_in_50_of_50(client):
                                                 max_tokens=16, extra_body={"structured_outputs": {"regex": REGEX}})
         choice2 = client.completions.create(model=NAME, prompt="Planet:", n=25, temperature=1.0, max_tokens=8,
                                             extra_body={"structured_outputs": {"choice": choices}})
-        return await asyncio.gather(regex, choice, regex2, choice2)
+        return regex, choice, regex2, choice2
 
     r1, c1, r2, c2 = asyncio.run(main())
     regex_texts = [c.text for c in r1.choices] + [c.message.content for c in r2.choices]
@@ -82,12 +92,12 @@ def _check(name: str, arguments: str) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_tool_choice_required_and_named_20_of_20(client, stream):
+def test_tool_choice_required_and_named_20_of_20(url, stream):
     named = {"type": "function", "function": {"name": "ship_to"}}
 
-    async def one(tool_choice, i):
+    async def one(client, tool_choice, i):
         kwargs = dict(model=NAME, messages=ask(f"Customer {i}: store them, then ship their parcel."), tools=TOOLS,
-                      tool_choice=tool_choice, temperature=0.8, max_tokens=200)
+                      tool_choice=tool_choice, temperature=0.8, max_tokens=160, parallel_tool_calls=False)
         if not stream:
             message = (await client.chat.completions.create(**kwargs)).choices[0].message
             return [(c.function.name, c.function.arguments) for c in message.tool_calls]
@@ -100,20 +110,27 @@ def test_tool_choice_required_and_named_20_of_20(client, stream):
         return [tuple(c) for c in calls.values()]
 
     async def main():
-        return await asyncio.gather(*(one("required", i) for i in range(10)), *(one(named, i) for i in range(10)))
+        async with connect(url) as client:
+            return await asyncio.gather(*(one(client, "required", i) for i in range(10)),
+                                        *(one(client, named, i) for i in range(10)))
 
     results = asyncio.run(main())
     assert len(results) == 20
     for i, calls in enumerate(results):
         assert calls, f"response {i} has no tool call"
+        assert len(calls) == 1  # parallel_tool_calls=False: one call each
         if i >= 10:
             assert [name for name, _ in calls] == ["ship_to"]
         for name, arguments in calls:
             _check(name, arguments)
 
 
-def test_bad_schema_and_unknown_function_are_400s(client):
+def test_bad_schema_and_unknown_function_are_400s(url):
     async def main():
+        async with connect(url) as client:
+            return await check(client)
+
+    async def check(client):
         errors = []
         for kwargs in ({"response_format": {"type": "json_schema", "json_schema": {
                             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "frob"}}}}}},
