@@ -182,3 +182,22 @@ def test_json_object_and_no_drafts_for_constrained_rows(tiny_chat_model):
         assert isinstance(json.loads(text), dict)
     except ValueError:
         assert len(spec.get_tokenizer().encode(text, add_special_tokens=False)) >= 60  # cut by max_tokens only
+
+
+def test_grammar_starts_after_the_thinking(llm):
+    from lmforge.engine.structured import SequenceGrammar, grammar_start
+
+    start, end = 5, 7  # <think>, </think>
+    assert grammar_start([1, 2, 3], None) is None  # no reasoning parser: from the first token
+    assert grammar_start([5, 9, 7, 1], (start, end)) is None  # the prompt closed the thinking (thinking off)
+    assert grammar_start([1, 5, 2], (start, end)) == end  # the template opened it
+    assert grammar_start([1, 2], (start, end)) == end  # the model may open it
+    params = StructuredOutputsParams(regex="ab")
+    grammars = llm.engine.grammars
+    grammars.wait(params)
+    g = SequenceGrammar(params, grammars.compile(params), grammars, start_token_id=end)
+    mask = torch.full((1, (grammars.vocab_size + 31) // 32), -1, dtype=torch.int32)
+    assert not g.fill(mask, 0) and (mask == -1).all()  # thinking: unconstrained
+    assert g.accept(3) and g.accept(start) and not g.active
+    assert g.accept(end) and g.active
+    assert g.fill(mask, 0) and (mask != -1).any()  # the answer is constrained
