@@ -4,7 +4,8 @@ Not for direct use: reads one JSON job on stdin, writes one line "VLLM_RESULT <j
 the same streams). Lives in a separate process so that the lmforge process never imports vllm.
 
 Job: {"model": dir, "dtype": "bfloat16", "max_model_len": int,
-      "tasks": [{"name": str, "prefix_caching": bool, "max_tokens": int, "prompt_sets": [[[token ids], ...], ...]}]}
+      "tasks": [{"name": str, "prefix_caching": bool, "max_tokens": int, "prompt_sets": [[[token ids], ...], ...],
+                 "schemas": [JSON schema or null per prompt] (optional: structured output)}]}
 Each prompt set is one timed `llm.generate` call (the first one of a task is the warm-up). One LLM is built per
 prefix-caching setting; its load time is reported but not part of any measurement.
 Result: {"version": str, "load_seconds": {setting: s}, "tasks": {name: [{"seconds", "tokens", "token_ids"}, ...]}}.
@@ -32,6 +33,12 @@ def main() -> None:
         result["load_seconds"][f"prefix_caching={caching}"] = time.perf_counter() - start
         for task in tasks:
             params = SamplingParams(temperature=0, max_tokens=task["max_tokens"], ignore_eos=True)
+            if task.get("schemas"):  # one JSON schema (or null) per prompt: structured output (benchmarks/structured.py)
+                from vllm.sampling_params import StructuredOutputsParams
+
+                params = [params if s is None else SamplingParams(
+                    temperature=0, max_tokens=task["max_tokens"], ignore_eos=True,
+                    structured_outputs=StructuredOutputsParams(json=s)) for s in task["schemas"]]
             runs = []
             for prompts in task["prompt_sets"]:
                 inputs = [{"prompt_token_ids": ids} for ids in prompts]

@@ -23,7 +23,12 @@ def __getattr__(name: str):
         from lmforge.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from lmforge.engine.sampling_params import StructuredOutputsParams
+
+        return StructuredOutputsParams
     raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
 
 
-__all__ = ["AsyncEngine", "LLM", "LmforgeError", "LoRARequest", "SamplingParams", "__version__"]
+__all__ = ["AsyncEngine", "LLM", "LmforgeError", "LoRARequest", "SamplingParams", "StructuredOutputsParams",
+           "__version__"]

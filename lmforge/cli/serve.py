@@ -64,6 +64,15 @@ def add_parser(sub) -> None:
                    help="most adapters loaded at once; their memory is reserved at start (default 4)")
     g.add_argument("--max-lora-rank", type=int, default=16, metavar="R",
                    help="highest adapter rank accepted; lower ranks are zero-padded to it (default 16)")
+    g = p.add_argument_group("tools and reasoning")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide to call tools (tool_choice 'auto'); needs --tool-call-parser")
+    g.add_argument("--tool-call-parser", choices=("hermes", "llama3_json", "mistral"), default=None,
+                   help="how tool calls are written in the model's text: hermes (Hermes, Qwen 2.5/3 <tool_call>), "
+                        "llama3_json (Llama 3.1+), mistral ([TOOL_CALLS])")
+    g.add_argument("--reasoning-parser", choices=("deepseek_r1", "qwen3"), default=None,
+                   help="put the model's <think>...</think> into reasoning_content; structured output applies after "
+                        "it")
     add_engine_args(p)
     p.set_defaults(run=run)
 
@@ -160,9 +169,12 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     names = args.served_model_name or [args.model]
     loras = _lora_requests(args, names)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise LmforgeError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json or mistral)")
     runtime_lora = _runtime_lora(args, api_key)
     config = dataclasses.replace(engine_config(args), enable_lora=bool(loras) or args.enable_lora or runtime_lora,
-                                 max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+                                 max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                                 reasoning_parser=args.reasoning_parser)
     engine = AsyncEngine(config)
     try:
         asyncio.run(_load_adapters(engine, loras))  # an adapter that does not fit the model stops the start (exit 2)
@@ -170,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(engine, names, model_root=str(args.model), chat_template=template, api_key=api_key,
                          max_queue=args.max_queue, cors_origins=args.cors.split(",") if args.cors else None,
                          allow_runtime_lora_updating=runtime_lora, allowed_lora_paths=args.allowed_lora_paths,
-                         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint)
+                         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+                         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
         sock = _listen(args.host, args.port)
         host, port = sock.getsockname()[:2]
         server = uvicorn_server(app, header_timeout=args.header_timeout, shutdown_timeout=args.shutdown_timeout,

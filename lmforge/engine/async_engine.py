@@ -74,6 +74,9 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+            if not outputs and not self.engine.scheduler.running:  # only waiters (e.g. grammars compiling): no spin
+                self._wake.wait(0.005)
+                self._wake.clear()
 
     def _fail_in_flight(self, error: Exception) -> int:
         """Aborts every request in flight, each stream ending with `error`; returns how many there were."""

@@ -49,6 +49,9 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         priority = list(priority) if priority is not None else [0] * len(prompts)
         loras = self._loras(lora_request, len(prompts))
+        for p in params:  # a constraint that cannot compile is a ValueError here, before anything is queued
+            if p.structured_outputs is not None:
+                self.engine.grammars.wait(p.structured_outputs)
         ids = []
         try:
             for prompt, p, prio, lora in zip(prompts, params, priority, loras, strict=True):

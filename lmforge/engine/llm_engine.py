@@ -18,6 +18,13 @@ from lmforge.engine.sampling_params import SamplingParams
 from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import Sequence
 from lmforge.engine.speculative import NgramProposer, SpecDecodeStats, SpeculativeConfig, verify
+from lmforge.engine.structured import (
+    GrammarCompiler,
+    SequenceGrammar,
+    batch_bitmask,
+    failed_grammars,
+    grammar_start,
+)
 from lmforge.layers.kv_quant import KV_CACHE_DTYPES, kv_storage_dtype
 
 log = logging.getLogger("lmforge")
@@ -46,6 +53,8 @@ class EngineConfig:
     # weight-only quantised linears (lmforge/weights/quantized.py): "int8", "int4", "gguf" (the .gguf file's own
     # blocks); None: float, except that a .gguf model path means "gguf" and a quantised checkpoint loads as saved
     quantization: str | None = None
+    structured_outputs_timeout: float = 10.0  # s a grammar may take to compile before its request is refused
+    reasoning_parser: str | None = None  # e.g. "qwen3": structured output starts after the thinking (serve/reasoning)
 
     def __post_init__(self):
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
@@ -135,6 +144,13 @@ class LLMEngine:
             self.proposer = NgramProposer(spec, self.max_model_len) if spec.method == "ngram" else \
                 SelfDraftProposer(spec, self.runner, self.max_model_len)
         self.spec_stats = SpecDecodeStats(accepted_per_pos=[0] * spec.num_speculative_tokens) if spec else None
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.args.vocab_size, self.eos_token_ids,
+                                        config.structured_outputs_timeout)
+        self.think_ids = None  # (start, end) tag ids: grammars begin after the thinking
+        if config.reasoning_parser is not None:
+            from lmforge.serve.reasoning import get_reasoning_parser
+
+            self.think_ids = get_reasoning_parser(config.reasoning_parser).token_ids(self.tokenizer)
 
     def _lora_slots(self) -> LoRAManager:
         from lmforge.layers.multi_lora import add_multi_lora
@@ -193,11 +209,16 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
+        constraint = params.structured_outputs
+        grammar = self.grammars.compile(constraint) if constraint is not None else None  # off the step loop
+        start = grammar_start(ids, self.think_ids)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         request = Request(request_id, text, ids, [], [], RequestMetrics(arrival), lora_request=lora_request)
         for index in range(params.n):
             seq = Sequence(request_id, list(ids), params, index=index, priority=priority, arrival_time=arrival,
                            adapter_id=adapter_id)
+            if grammar is not None:  # each of the n sequences advances its own matcher
+                seq.grammar = SequenceGrammar(constraint, grammar, self.grammars, start)
             request.seqs.append(seq)
             request.states.append(CompletionState(self.tokenizer, ids, params, index))
             generator = None
@@ -243,11 +264,12 @@ class LLMEngine:
         """Schedules and runs one model step; returns the requests that made progress (finished ones removed), or
         with final_only only those that finished (vLLM's FINAL_ONLY output kind: offline generation reads nothing
         else, and building an output copies a request's tokens so far)."""
-        if self.proposer is not None:
-            self.proposer.propose(self.scheduler.running)
+        if self.proposer is not None:  # sequences under a grammar take no drafts
+            self.proposer.propose([s for s in self.scheduler.running if s.grammar is None])
+        failed = [self._output(r) for r in self._refuse_failed_grammars()]
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            return failed
         self.num_steps += 1
         lora = self.loras.batch(batch.seqs, batch.num_new_tokens) if self.loras is not None else None
         try:
@@ -259,9 +281,9 @@ class LLMEngine:
             raise
         self.scheduler.advance(batch)
         if not rows:
-            return []
+            return failed
         seqs = [batch.seqs[r] for r in rows]
-        sampling_rows = []
+        sampling_rows, grammars = [], []
         for seq in seqs:
             request, index = self._seq_index[seq.seq_id]
             output, spec = seq.output_token_ids, seq.spec_token_ids
@@ -270,7 +292,8 @@ class LLMEngine:
             for j in range(len(spec) + 1):
                 sampling_rows.append(SamplingRow(seq.params, request.generators[index], seq.prompt_token_ids,
                                                  output + spec[:j] if j else output, self.eos_token_ids))
-        result = sample(logits, sampling_rows)
+                grammars.append(seq.grammar)
+        result = sample(logits, sampling_rows, batch_bitmask(grammars, logits.shape[1]))
         now = time.monotonic()
         touched: dict[str, Request] = {}
         i = 0
@@ -288,7 +311,7 @@ class LLMEngine:
                 self.scheduler.discard_rejected(seq)
             i += len(spec) + 1
             touched[request.request_id] = request
-        outputs = []
+        outputs = failed
         for request in touched.values():
             finished = request.finished
             if finished or not final_only:
@@ -305,6 +328,7 @@ class LLMEngine:
                 request.metrics.first_token_time = now
         state, params = request.states[index], seq.params
         stop = state.add_token(token, logprob, top)
+        refused = seq.grammar is not None and not seq.grammar.accept(token)  # no continuation can follow
         if token in params.stop_token_ids:
             self._finish(seq, state, "stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:
@@ -313,6 +337,8 @@ class LLMEngine:
             self._finish(seq, state, "stop", stop, flush=False)
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, state, "length", None)
+        elif refused:
+            self._finish(seq, state, "stop", None)
 
     def _finish(self, seq: Sequence, state: CompletionState, reason: str, stop_reason, flush: bool = True) -> None:
         if flush and (stop := state.flush()) is not None:
@@ -320,6 +346,19 @@ class LLMEngine:
         seq.stop_reason = stop_reason
         seq.finished_time = time.monotonic()
         self.scheduler.finish(seq, reason)
+
+    def _refuse_failed_grammars(self) -> list[Request]:
+        """Finishes (as aborted) the waiting requests whose grammar failed to compile or timed out; callers that
+        must report the reason wait on `grammars.wait(...)` before adding the request (LLM.generate, the server)."""
+        failed = {}
+        for seq, reason in failed_grammars(self.scheduler.waiting):
+            request = failed.setdefault(seq.request_id, self._seq_index[seq.seq_id][0])
+            log.warning("request %s refused: %s", request.request_id, reason)
+        for request in failed.values():
+            for seq in request.seqs:
+                self.scheduler.finish(seq, "abort")
+            self._retire(request)
+        return list(failed.values())
 
     def _retire(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)

@@ -5,7 +5,8 @@ One decode step's next tokens for a batch: logits [N, V] and one SamplingRow per
 top-k -> top-p -> min-p (HF's order; vLLM v1 applies min-p before top-k/top-p) and an exponential race, which
 lets a seeded row draw its noise from its own generator. Cut-offs are found among each row's CANDIDATES largest
 logits, and rows whose kept tokens all lie there race there too; a full sort is for the rare row they cannot
-settle. Log-probs always come from the raw logits, so they match a training forward's log_softmax bit for bit.
+settle. Log-probs always come from the raw logits, so they match a training forward's log_softmax bit for bit. A grammar
+bitmask (structured output) masks its rows' disallowed tokens to -inf before anything else; other rows are untouched.
 """
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from itertools import chain
 import torch
 
 from lmforge.engine.sampling_params import SamplingParams
+from lmforge.engine.structured import apply_bitmask
 from lmforge.kernels import usable
 
 CANDIDATES = 256  # top-k / top-p cut-offs are looked for among each row's largest logits before any full sort
@@ -37,9 +39,11 @@ class SampleResult:
     top_logprobs: list[list[tuple[int, float]]] | None  # per row its params.logprobs best (id, logprob), else []
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+def sample(logits: torch.Tensor, rows: list[SamplingRow],
+           grammar: tuple[torch.Tensor, list[int]] | None = None) -> SampleResult:
     """logits [N, V] (any float dtype; fp32 is used beyond greedy), row i belonging to rows[i] -> one token per row
-    (and raw log-probs where asked)."""
+    (and raw log-probs where asked). grammar: a packed allowed-token bitmask and the rows it constrains
+    (lmforge/engine/structured.py)."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"sample: logits of shape {tuple(logits.shape)} for {len(rows)} rows; expected [rows, vocab]")
     if not rows:
@@ -50,13 +54,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
                  if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty]
     held = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens]
     want_logprobs = any(p.logprobs is not None for p in params)
-    if all(greedy) and not penalised and not held and not want_logprobs:
+    if all(greedy) and not penalised and not held and not want_logprobs and grammar is None:
         return SampleResult(_argmax(logits).tolist(), None, None)
 
     logits = logits.float()  # exact for bf16: the argmax and the log-probs are those of the widened values
     work = logits
-    if penalised or held:
+    if penalised or held or grammar is not None:
         work = logits.clone()  # the raw logits stay untouched for the log-probs
+        if grammar is not None:
+            apply_bitmask(work, *grammar)
         if penalised:
             _apply_penalties(work, rows, penalised)
         if held:

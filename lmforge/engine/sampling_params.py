@@ -1,6 +1,52 @@
 """Per-request generation settings, with vLLM's names and defaults; invalid values fail before queueing."""
 
+import json as jsonlib
 from dataclasses import dataclass, field
+
+CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's structured output constraint: exactly one of a JSON schema (dict or JSON text), a regex, a list of
+    choices, an EBNF/GBNF grammar, or json_object=True (any JSON object). Compiled by lmforge/engine/structured.py."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON without whitespace between tokens
+    disable_additional_properties: bool = False  # accepted for vLLM parity: lmforge's JSON mode is always strict
+
+    def __post_init__(self):
+        given = [name for name in CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"StructuredOutputsParams needs exactly one of {', '.join(CONSTRAINTS)}; got "
+                             f"{', '.join(given) or 'none'}")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("StructuredOutputsParams.choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if isinstance(self.json, str):
+            try:
+                object.__setattr__(self, "json", jsonlib.loads(self.json))
+            except ValueError as e:
+                raise ValueError(f"StructuredOutputsParams.json is not valid JSON ({e})") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError("StructuredOutputsParams.json must be a JSON schema object")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"StructuredOutputsParams.{name} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in CONSTRAINTS if getattr(self, name) not in (None, False))
+
+    def key(self) -> str:
+        """What identifies the compiled grammar: equal keys share one compilation."""
+        return jsonlib.dumps([self.kind, getattr(self, self.kind), self.disable_any_whitespace], sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -24,6 +70,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex, ...)
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # room for server-side metadata
 
     def __post_init__(self):
@@ -31,6 +78,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if isinstance(self.structured_outputs, dict):
+            object.__setattr__(self, "structured_outputs", StructuredOutputsParams(**self.structured_outputs))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [

@@ -1,7 +1,8 @@
 """Continuous batching under a token budget. No torch: unit-tested with hand-made sequences.
 
 Each step hands out at most `max_num_batched_tokens` tokens: running sequences first (a decode needs 1,
-an unfinished prefill takes what is left of the budget: chunked prefill), then waiting ones in policy order.
+an unfinished prefill takes what is left of the budget: chunked prefill), then waiting ones in policy order
+(passing over those whose structured-output grammar is still compiling).
 A decoding sequence with draft tokens (speculative decoding) takes 1 + its draft's length, the draft cut to fit.
 Full blocks are published to the prefix cache as their step is handed out, so the n sequences of one request
 and same-prefix requests admitted in one step share them. When blocks run out, the lowest-priority running
@@ -78,8 +79,12 @@ class Scheduler:
         if batch.preempted:  # memory is short: admit nobody new this step
             return batch
         self.waiting.sort(key=self._key)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        w = 0
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[w]
+            if seq.grammar is not None and not seq.grammar.ready:  # compiling off the step loop: others go first
+                w += 1
+                continue
             if not seq.block_table:
                 self.block_manager.allocate_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -88,7 +93,7 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + n)  # n > 1 siblings share them now
-            self.waiting.pop(0)
+            self.waiting.pop(w)
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
                 seq.num_cached_tokens = seq.num_computed_tokens

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmforge.engine.outputs import CompletionOutput, RequestOutput
+from lmforge.serve.constraints import compile_or_400, request_constraint
 from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.inputs import DEFAULT_COMPLETION_MAX_TOKENS, completion_prompt, resolve_max_tokens, sampling_params
 from lmforge.serve.logprobs import completion_logprobs
@@ -29,7 +30,10 @@ async def create_completion(state: ServerState, req: CompletionRequest, http: Re
     max_tokens = min(resolve_max_tokens(req.max_tokens, "max_tokens", len(ids), state.max_model_len,
                                         DEFAULT_COMPLETION_MAX_TOKENS, f"prompt[{i}]" if many else "prompt")
                      for i, (_, ids) in enumerate(prompts))
-    params = sampling_params(req, max_tokens, req.logprobs)
+    constraint, field = request_constraint(req.response_format, req.structured_outputs)
+    params = sampling_params(req, max_tokens, req.logprobs, constraint)
+    if constraint is not None:
+        await compile_or_400(state.grammars, constraint, field)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     sub = await state.submit([ids for _, ids in prompts], params, request_id, route, arrival, "prompt")
     echoes = [text if req.echo else "" for text, _ in prompts]

@@ -3,10 +3,11 @@
 Every refusal is a 400 naming the request field, raised before anything reaches the engine.
 """
 
-from lmforge.engine.sampling_params import SamplingParams
+from lmforge.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from lmforge.errors import LmforgeError
 from lmforge.serve.errors import bad_request
 from lmforge.serve.protocol import ChatMessage, CompletionRequest, SamplingFields
+from lmforge.serve.tools import template_messages
 from lmforge.tokenizer import Tokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -14,16 +15,18 @@ _TEMPLATE_OWN_ARGS = {"messages", "add_generation_prompt", "tools", "tokenize", 
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage], chat_template: str | None,
-                add_generation_prompt: bool, template_kwargs: dict | None) -> list[int]:
-    """The conversation rendered by the chat template (the server's --chat-template, else the model's)."""
+                add_generation_prompt: bool, template_kwargs: dict | None, tools: list | None = None) -> list[int]:
+    """The conversation (and the request's tools) rendered by the chat template (the server's --chat-template,
+    else the model's)."""
     kwargs = dict(template_kwargs or {})
     clash = sorted(_TEMPLATE_OWN_ARGS & kwargs.keys())
     if clash:
         raise bad_request(f"chat_template_kwargs must not set {clash[0]!r}; it is a request field of its own.",
                           "chat_template_kwargs")
     try:
-        return tokenizer.apply_chat_template([m.template_dict() for m in messages], add_generation_prompt,
-                                             tokenize=True, chat_template=chat_template, **kwargs)
+        return tokenizer.apply_chat_template(template_messages([m.template_dict() for m in messages]),
+                                             add_generation_prompt, tokenize=True, chat_template=chat_template,
+                                             tools=tools or None, **kwargs)
     except LmforgeError as e:
         raise bad_request(f"{e}.".replace("..", "."), "messages") from None
 
@@ -62,7 +65,8 @@ def resolve_max_tokens(requested: int | None, requested_param: str, prompt_len: 
     return requested
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
+                    constraint: StructuredOutputsParams | None = None) -> SamplingParams:
     """SamplingParams for a request; fields the request left out keep the engine's (= vLLM's) defaults."""
     if req.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({req.min_tokens}) must not exceed the tokens to generate ({max_tokens}).",
@@ -74,6 +78,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
             n=req.n, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=tuple(req.stop),
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+            structured_outputs=constraint,
             **{k: v for k, v in optional.items() if v is not None})
     except ValueError as e:  # "SamplingParams.<field> must ..." : the field is the request's field
         message = str(e)

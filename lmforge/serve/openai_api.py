@@ -43,7 +43,9 @@ from lmforge.serve.protocol import (
     TokenizerInfoResponse,
     UnloadLoRAAdapterRequest,
 )
+from lmforge.serve.reasoning import get_reasoning_parser
 from lmforge.serve.state import ServerState
+from lmforge.serve.tools import get_tool_parser
 
 log = logging.getLogger("lmforge")
 
@@ -62,16 +64,22 @@ def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None,
                chat_template: str | None = None, api_key: str | None = None, max_queue: int | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                allow_runtime_lora_updating: bool = False, allowed_lora_paths: list[str] | None = None,
-               enable_tokenizer_info_endpoint: bool = False) -> FastAPI:
+               enable_tokenizer_info_endpoint: bool = False, enable_auto_tool_choice: bool = False,
+               tool_call_parser: str | None = None) -> FastAPI:
     """`allow_runtime_lora_updating` serves /v1/load_lora_adapter and /v1/unload_lora_adapter, reading adapters
-    from under `allowed_lora_paths` only when given; `enable_tokenizer_info_endpoint` serves /tokenizer_info."""
+    from under `allowed_lora_paths` only when given; `enable_tokenizer_info_endpoint` serves /tokenizer_info. The
+    reasoning parser is the engine's (EngineConfig.reasoning_parser), which starts grammars after the thinking."""
     names = served_model_names or [model_root or "default"]
     models = ServedModels(names, model_root, engine.engine.max_model_len)
     for adapter in engine.engine.list_loras():  # loaded before the app (lmforge serve --lora): routes from the start
         models.add_adapter(adapter.request)
     roots = None if allowed_lora_paths is None else [os.path.realpath(p) for p in allowed_lora_paths]
+    reasoning = engine.engine.config.reasoning_parser
     state = ServerState(engine, models, ServerMetrics(names[0]), chat_template, max_queue,
-                        allow_runtime_lora_updating, roots)
+                        allow_runtime_lora_updating, roots,
+                        tool_parser=get_tool_parser(tool_call_parser) if tool_call_parser else None,
+                        auto_tools=enable_auto_tool_choice,
+                        reasoning=get_reasoning_parser(reasoning) if reasoning else None)
     app = FastAPI(title="lmforge", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.lmforge = state
     _add_error_handlers(app)

@@ -14,10 +14,8 @@ MAX_STOPS = 1024  # stop strings or ids of one request: each is checked at every
 # Fields of OpenAI's API that lmforge does not implement: rejected by name rather than silently ignored.
 UNSUPPORTED = {
     "logit_bias": "logit_bias is not supported yet",
-    "tools": "tool calling is not supported yet",
-    "tool_choice": "tool calling is not supported yet",
-    "functions": "function calling is not supported yet",
-    "function_call": "function calling is not supported yet",
+    "functions": "the legacy functions field is not supported; send tools",
+    "function_call": "the legacy function_call field is not supported; send tool_choice",
     "suffix": "suffix (fill-in-the-middle) is not supported",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
@@ -60,6 +58,8 @@ class SamplingFields(Strict):
     service_tier: str | None = None  # accepted and ignored: there is one tier
     logit_bias: Any = None
     best_of: int | None = None
+    response_format: dict | None = None  # OpenAI's structured output (serve/constraints.py)
+    structured_outputs: dict | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
 
     @field_validator("stop")
     @classmethod
@@ -136,7 +136,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict | None = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -152,8 +151,6 @@ class ChatCompletionRequest(SamplingFields):
     def combination_error(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs requires logprobs to be true."
-        if self.response_format not in (None, {"type": "text"}):
-            return "response_format", "only {'type': 'text'} is supported; structured output is not implemented yet."
         return super().combination_error()
 
 
@@ -248,7 +245,9 @@ class CompletionLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None  # --reasoning-parser: the thinking, apart from the answer
+    tool_calls: list[dict] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -272,6 +271,8 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict] | None = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler) -> dict:  # OpenAI omits what a delta does not change: the finish chunk's is {}

@@ -14,7 +14,9 @@ from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.metrics import RequestTracker, ServerMetrics
 from lmforge.serve.models import ModelRoute, ServedModels
 from lmforge.serve.protocol import PromptTokensDetails, Usage
+from lmforge.serve.reasoning import ReasoningParser
 from lmforge.serve.streams import collect, merge, unless_disconnected
+from lmforge.serve.tools import ToolParser
 
 log = logging.getLogger("lmforge")
 
@@ -87,6 +89,9 @@ class ServerState:
     max_queue: int | None = None  # --max-queue: most sequences waiting beyond the batch's room before a 503
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter are served
     allowed_lora_paths: list[str] | None = None  # resolved directories run-time loading is confined to; None: any
+    tool_parser: ToolParser | None = None  # --tool-call-parser
+    auto_tools: bool = False  # --enable-auto-tool-choice
+    reasoning: ReasoningParser | None = None  # --reasoning-parser
     stopping: bool = False  # set when shutdown cuts the requests in flight: new ones are refused
 
     def __post_init__(self):
@@ -101,6 +106,11 @@ class ServerState:
         cut = await self.engine.fail_all(ShutdownCut())
         if cut:
             log.warning("shutdown timeout reached: %d requests in flight were ended with an error", cut)
+
+    @property
+    def grammars(self):
+        """The engine's grammar compiler (structured output); thread-safe."""
+        return self.engine.engine.grammars
 
     @property
     def tokenizer(self):

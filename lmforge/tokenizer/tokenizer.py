@@ -126,6 +126,11 @@ class Tokenizer:
         return self._backend.id_to_token(token_id)
 
     @property
+    def backend(self) -> Backend:
+        """The `tokenizers` object itself, for libraries that read a vocabulary from it (the grammar engine)."""
+        return self._backend
+
+    @property
     def add_bos_token(self) -> bool:
         """Whether encode(..., add_special_tokens=True) starts with BOS (templates then must not write it twice)."""
         return self.bos_token_id is not None and self.encode("")[:1] == [self.bos_token_id]

@@ -83,3 +83,11 @@ def test_an_adapter_with_nan_weights_stops_the_start(capsys, model_dir, tmp_path
     save_file(tensors, weights)
     err = one_line_error(capsys, ["serve", str(model_dir), "--dtype", "float32", "--lora", f"nan={tmp_path / 'nan'}"])
     assert "holds NaN or infinite values; the adapter is damaged" in err
+
+
+def test_tool_and_reasoning_flags_are_checked(capsys, model_dir):
+    assert "--enable-auto-tool-choice needs --tool-call-parser" in \
+        one_line_error(capsys, ["serve", "--enable-auto-tool-choice"])
+    # the tiny model's tokenizer has no <think> / </think> tokens: a reasoning parser does not fit it
+    err = one_line_error(capsys, ["serve", str(model_dir), "--dtype", "float32", "--reasoning-parser", "qwen3"])
+    assert "--reasoning-parser qwen3: this model's tokenizer has no <think> / </think> tokens" in err

@@ -74,9 +74,7 @@ def test_error_names_nested_fields():
 @pytest.mark.parametrize(("fields", "param"), [
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"tools": [{"type": "function"}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"functions": [{"name": "f"}]}, "functions"),
     ({"logit_bias": {"1": 1}}, "logit_bias"),
 ])
 def test_combinations_and_unsupported_fields(fields, param):
