@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from lmforge.engine.outputs import RequestOutput
 from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.inputs import chat_prompt, resolve_max_tokens, sampling_params
-from lmforge.serve.logprobs import chat_logprobs
+from lmforge.serve.logprobs import chat_logprobs, prompt_logprobs_json
 from lmforge.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -35,7 +35,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(req.max_completion_tokens or req.max_tokens, limit_param, len(ids),
                                     state.max_model_len, None, "messages")
-    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, state.vocab_size,
+                             req.prompt_logprobs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     sub = await state.submit([ids], params, request_id, route, arrival, "messages")
     if req.stream:
@@ -52,7 +53,9 @@ def _response(out: RequestOutput, req: ChatCompletionRequest, request_id: str, m
                           stop_reason=c.stop_reason,
                           logprobs=chat_logprobs(c.logprobs, req.top_logprobs or 0) if req.logprobs else None)
                for c in out.outputs]
-    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=sub.usage([out]))
+    prompt_logprobs = None if req.prompt_logprobs is None else prompt_logprobs_json(out.prompt_logprobs or [None])
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=sub.usage([out]),
+                                  prompt_logprobs=prompt_logprobs)
 
 
 async def _events(sub: Submission, req: ChatCompletionRequest, request_id: str, model: str) -> AsyncIterator[str]:
