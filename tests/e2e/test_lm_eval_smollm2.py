@@ -61,9 +61,9 @@ def write_tasks(root) -> None:
         "metric_list:\n  - metric: exact_match\n    ignore_case: true\n    ignore_punctuation: true\n")
 
 
-def evaluate(model: str, model_args: str, tasks_dir, batch_size: int) -> dict:
+def evaluate(model: str, model_args: str, tasks: TaskManager, batch_size: int) -> dict:
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["lmforge_mc", "lmforge_gen"],
-                                   task_manager=TaskManager(include_path=str(tasks_dir)), batch_size=batch_size,
+                                   task_manager=tasks, batch_size=batch_size,
                                    log_samples=True, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
                                    torch_random_seed=0, fewshot_random_seed=0)
 
@@ -74,15 +74,16 @@ def by_doc(result: dict, task: str) -> dict[int, dict]:
 
 def test_lm_eval_local_completions_equals_the_hf_backend(smollm2_dir, tmp_path):
     write_tasks(tmp_path)
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)  # not lm-eval's thousands of YAMLs
     server = LiveServer("smollm2-135m", env={"LMFORGE_HOME": str(smollm2_dir.parent.parent)})
     try:
         served = evaluate("local-completions",
                           f"model=smollm2,base_url={server.url}/v1/completions,tokenizer={smollm2_dir},"
                           "tokenizer_backend=huggingface,tokenized_requests=True,max_retries=1,max_length=512",
-                          tmp_path, batch_size=4)
+                          tasks, batch_size=4)
     finally:
         assert server.stop() == 0, "".join(server.log)
-    reference = evaluate("hf", f"pretrained={smollm2_dir},dtype=float32,device=cpu", tmp_path, batch_size=1)
+    reference = evaluate("hf", f"pretrained={smollm2_dir},dtype=float32,device=cpu", tasks, batch_size=1)
 
     for task, metric in (("lmforge_mc", "acc,none"), ("lmforge_gen", "exact_match,none")):
         assert served["results"][task][metric] == reference["results"][task][metric], task
