@@ -63,7 +63,7 @@ class BlockManager:
         """Gives a sequence with no blocks the cached blocks of its longest cached prefix; returns the tokens
         covered. At least one token is always left to compute, since the model must produce the next logits."""
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:  # a cached position would not be scored
             return 0
         hits = 0
         for h in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):

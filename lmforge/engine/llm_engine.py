@@ -9,10 +9,12 @@ import torch
 
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.draft import SelfDraftProposer
+from lmforge.engine.logits_processors import resolve_constraints
 from lmforge.engine.lora_manager import AdapterInUseError, AdapterNotFoundError, LoadedAdapter, LoRAManager, LoRARequest
 from lmforge.engine.model_runner import ModelRunner, plan_num_blocks
 from lmforge.engine.output_processor import CompletionState
-from lmforge.engine.outputs import RequestMetrics, RequestOutput
+from lmforge.engine.outputs import Logprob, RequestMetrics, RequestOutput
+from lmforge.engine.prompt_logprobs import record_prompt_logprobs
 from lmforge.engine.sampler import SamplingRow, sample
 from lmforge.engine.sampling_params import SamplingParams
 from lmforge.engine.scheduler import Scheduler
@@ -82,6 +84,7 @@ class Request:
     metrics: RequestMetrics
     generators: list[torch.Generator | None] = field(default_factory=list)
     lora_request: LoRARequest | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None, ...] while filled in, if asked for
 
     @property
     def finished(self) -> bool:
@@ -209,14 +212,18 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
+        params = resolve_constraints(params, self.tokenizer, self.model.args.vocab_size)
         constraint = params.structured_outputs
         grammar = self.grammars.compile(constraint) if constraint is not None else None  # off the step loop
         start = grammar_start(ids, self.think_ids)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        request = Request(request_id, text, ids, [], [], RequestMetrics(arrival), lora_request=lora_request)
+        request = Request(request_id, text, ids, [], [], RequestMetrics(arrival), lora_request=lora_request,
+                          prompt_logprobs=None if params.prompt_logprobs is None else [None])
         for index in range(params.n):
+            # the first sequence scores the prompt (engine/prompt_logprobs.py); its siblings share its blocks
             seq = Sequence(request_id, list(ids), params, index=index, priority=priority, arrival_time=arrival,
-                           adapter_id=adapter_id)
+                           adapter_id=adapter_id,
+                           needs_prompt_logprobs=index == 0 and params.prompt_logprobs is not None and len(ids) > 1)
             if grammar is not None:  # each of the n sequences advances its own matcher
                 seq.grammar = SequenceGrammar(constraint, grammar, self.grammars, start)
             request.seqs.append(seq)
@@ -275,11 +282,13 @@ class LLMEngine:
         try:
             if self.proposer is not None:
                 self.proposer.draft(batch)
-            logits, rows = self.runner.execute(batch, lora)
+            logits, rows, prompt_scores = self.runner.execute(batch, lora)
         except Exception:
             self.scheduler.step_failed(batch)
             raise
         self.scheduler.advance(batch)
+        for scores in prompt_scores:
+            record_prompt_logprobs(scores, self._seq_index[scores.seq.seq_id][0].prompt_logprobs, self.tokenizer)
         if not rows:
             return failed
         seqs = [batch.seqs[r] for r in rows]
@@ -376,8 +385,10 @@ class LLMEngine:
         outs = [state.output(seq.output_token_ids, seq.finish_reason, seq.stop_reason)
                 for seq, state in zip(request.seqs, request.states, strict=True)]
         deltas = [state.delta(seq.is_finished) for seq, state in zip(request.seqs, request.states, strict=True)]
+        scored = request.prompt_logprobs
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished, m,
-                             first.num_cached_tokens, deltas, request.lora_request)
+                             first.num_cached_tokens, deltas, request.lora_request,
+                             scored if scored is not None and len(scored) == len(request.prompt_token_ids) else None)
 
     def reset_prefix_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()

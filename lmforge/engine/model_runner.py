@@ -9,6 +9,7 @@ from torch import nn
 
 from lmforge import kernels
 from lmforge.engine.cpu_graph import StepGraphs
+from lmforge.engine.prompt_logprobs import PromptScores, score_prompt_tokens
 from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
@@ -131,15 +132,19 @@ class ModelRunner:
         return kernels.disabled() if self.enforce_eager else contextlib.nullcontext()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, lora: LoraBatch | None = None) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, batch: ScheduledBatch, lora: LoraBatch | None = None
+                ) -> tuple[torch.Tensor, list[int], list[PromptScores]]:
         """Runs the step; returns logits [sum over rows of 1 + draft length, vocab] in the model's dtype (the
-        sampler widens them to fp32 when it needs more than an argmax) and the rows they belong to. `lora`: which
-        tokens use which adapter (multi-LoRA serving), None when no sequence of the step uses one."""
+        sampler widens them to fp32 when it needs more than an argmax), the rows they belong to, and the prompt
+        log-probs of the sequences that want them (prompt_logprobs.py; [] for all others). `lora`: which tokens use
+        which adapter (multi-LoRA serving), None when no sequence of the step uses one."""
         ids, positions, meta, rows = self.prepare(batch)
         if lora is not None:
             meta = dataclasses.replace(meta, lora=lora)
         with self._mode():
             hidden = self.model(ids, positions, meta, self.kv)
+            scores = score_prompt_tokens(self.model, hidden, batch.seqs, batch.num_new_tokens) \
+                if any(seq.needs_prompt_logprobs for seq in batch.seqs) else []
             if not rows:
-                return hidden.new_empty((0, 0)), rows
-            return self.model.logits(hidden[meta.logits_indices], float32=False), rows
+                return hidden.new_empty((0, 0)), rows, scores
+            return self.model.logits(hidden[meta.logits_indices], float32=False), rows, scores

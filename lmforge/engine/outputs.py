@@ -49,3 +49,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     new_text: list[str] = field(default_factory=list)  # per output: text added since the previous RequestOutput
     lora_request: object | None = None  # the LoRARequest it was generated with (None: the base model)
+    # with SamplingParams.prompt_logprobs, once the prefill has scored them: None for the first prompt token, then per
+    # token {id: Logprob} of the actual token (first) and the top k, as vLLM's
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -1,7 +1,8 @@
 """Hot path: keep minimal; optional features live in their own functions, called from `sample` only.
 
-One decode step's next tokens for a batch: logits [N, V] and one SamplingRow per row. Penalties and min_tokens
-(HF / OpenAI / vLLM semantics) apply first; greedy rows then take the argmax, the others go through temperature ->
+One decode step's next tokens for a batch: logits [N, V] and one SamplingRow per row. Logit constraints
+(allowed_token_ids, bad_words, logit_bias: logits_processors.py), penalties and min_tokens (HF / OpenAI / vLLM
+semantics) apply first; greedy rows then take the argmax, the others go through temperature ->
 top-k -> top-p -> min-p (HF's order; vLLM v1 applies min-p before top-k/top-p) and an exponential race, which
 lets a seeded row draw its noise from its own generator. Cut-offs are found among each row's CANDIDATES largest
 logits, and rows whose kept tokens all lie there race there too; a full sort is for the rare row they cannot
@@ -14,6 +15,7 @@ from itertools import chain
 
 import torch
 
+from lmforge.engine.logits_processors import apply_constraints, constrained
 from lmforge.engine.sampling_params import SamplingParams
 from lmforge.engine.structured import apply_bitmask
 from lmforge.kernels import usable
@@ -53,14 +55,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
     penalised = [i for i, p in enumerate(params)
                  if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty]
     held = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens]
+    limited = [i for i, p in enumerate(params) if constrained(p)]
     want_logprobs = any(p.logprobs is not None for p in params)
-    if all(greedy) and not penalised and not held and not want_logprobs and grammar is None:
+    if all(greedy) and not penalised and not held and not limited and not want_logprobs and grammar is None:
         return SampleResult(_argmax(logits).tolist(), None, None)
 
     logits = logits.float()  # exact for bf16: the argmax and the log-probs are those of the widened values
     work = logits
-    if penalised or held or grammar is not None:
+    if penalised or held or limited or grammar is not None:
         work = logits.clone()  # the raw logits stay untouched for the log-probs
+        if limited:
+            apply_constraints(work, params, [r.output_token_ids for r in rows], limited)
         if grammar is not None:
             apply_bitmask(work, *grammar)
         if penalised:

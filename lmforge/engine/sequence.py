@@ -45,6 +45,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of this sequence's full blocks
     spec_token_ids: list[int] = field(default_factory=list)  # this step's draft tokens (speculative decoding)
     grammar: object | None = None  # structured output: a SequenceGrammar (engine/structured.py); no torch here
+    needs_prompt_logprobs: bool = False  # its prefill must score every prompt token (engine/prompt_logprobs.py)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0

@@ -14,7 +14,7 @@ from lmforge.engine.outputs import RequestOutput
 from lmforge.serve.constraints import compile_or_400, request_constraint
 from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.inputs import chat_prompt, resolve_max_tokens, sampling_params
-from lmforge.serve.logprobs import chat_logprobs
+from lmforge.serve.logprobs import chat_logprobs, prompt_logprobs_json
 from lmforge.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -47,7 +47,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(req.max_completion_tokens or req.max_tokens, limit_param, len(ids),
                                     state.max_model_len, None, "messages")
-    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
+    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, state.vocab_size,
+                             req.prompt_logprobs, constraint)
     if constraint is not None:
         await compile_or_400(state.grammars, constraint, field)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -71,7 +72,9 @@ def _response(out: RequestOutput, req: ChatCompletionRequest, request_id: str, m
         choices.append(ChatChoice(index=c.index, message=message, finish_reason=_finish(c.finish_reason, plan, calls),
                                   stop_reason=c.stop_reason,
                                   logprobs=chat_logprobs(c.logprobs, req.top_logprobs or 0) if req.logprobs else None))
-    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=sub.usage([out]))
+    prompt_logprobs = None if req.prompt_logprobs is None else prompt_logprobs_json(out.prompt_logprobs or [None])
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=sub.usage([out]),
+                                  prompt_logprobs=prompt_logprobs)
 
 
 def _finish(reason: str | None, plan: ToolPlan, calls) -> str | None:

@@ -65,21 +65,25 @@ def resolve_max_tokens(requested: int | None, requested_param: str, prompt_len: 
     return requested
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int,
+                    prompt_logprobs: int | None = None,
                     constraint: StructuredOutputsParams | None = None) -> SamplingParams:
-    """SamplingParams for a request; fields the request left out keep the engine's (= vLLM's) defaults."""
+    """SamplingParams for a request; fields the request left out keep the engine's (= vLLM's) defaults. Token ids
+    the request names (logit_bias, allowed_token_ids) are checked against the model's vocab_size."""
     if req.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({req.min_tokens}) must not exceed the tokens to generate ({max_tokens}).",
                           "min_tokens")
     optional = {name: getattr(req, name) for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                                       "frequency_penalty", "repetition_penalty")}
     try:
-        return SamplingParams(
+        params = SamplingParams(
             n=req.n, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=tuple(req.stop),
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
-            structured_outputs=constraint,
-            **{k: v for k, v in optional.items() if v is not None})
+            structured_outputs=constraint, prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias,
+            allowed_token_ids=req.allowed_token_ids, bad_words=tuple(req.bad_words or ()), **{k: v for k, v in optional.items() if v is not None})
+        params.check_token_ids(vocab_size)
+        return params
     except ValueError as e:  # "SamplingParams.<field> must ..." : the field is the request's field
         message = str(e)
         field = message.split(" ", 1)[0].removeprefix("SamplingParams.")

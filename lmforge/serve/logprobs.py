@@ -1,9 +1,19 @@
-"""The engine's per-token logprobs ({token id: Logprob}, sampled token first) in OpenAI's two formats."""
+"""The engine's per-token logprobs ({token id: Logprob}, sampled token first) in OpenAI's two formats, and the
+prompt's (vLLM's prompt_logprobs: None for the first token, then the same dicts) in vLLM's and in OpenAI's echo."""
 
 import math
 
 from lmforge.engine.outputs import Logprob
-from lmforge.serve.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from lmforge.serve.protocol import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TokenLogprob,
+    TopLogprob,
+)
+
+LOWEST = -9999.0  # what a log-prob of -inf (or NaN) reads as in JSON, as vLLM sends it
 
 NO_LOGPROB = -9999.0
 
@@ -33,6 +43,29 @@ def chat_logprobs(entries: list[dict[int, Logprob]], top_k: int) -> ChatLogprobs
         content.append(TokenLogprob(token=_text(sampled), logprob=_value(sampled),
                                     bytes=list(_text(sampled).encode()), top_logprobs=top))
     return ChatLogprobs(content=content)
+
+
+def echo_logprobs(first_token: str, prompt: list[dict[int, Logprob] | None], generated: list[dict[int, Logprob]],
+                  top_k: int) -> CompletionLogprobs:
+    """An echoed choice's logprobs, OpenAI's legacy shape: the prompt's tokens first (the first one, which nothing
+    scores, with null log-probs), then the generated ones. first_token: the first prompt token's text."""
+    out = completion_logprobs(prompt[1:] + generated, top_k, len(first_token))
+    out.tokens.insert(0, first_token)
+    out.token_logprobs.insert(0, None)
+    out.top_logprobs.insert(0, None)
+    out.text_offset.insert(0, 0)
+    return out
+
+
+def prompt_logprobs_json(prompt: list[dict[int, Logprob] | None]) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs` field: per prompt token None (the first) or {id: {logprob, rank, decoded_token}}."""
+    return [None if entry is None else {tid: PromptLogprob(logprob=_finite(lp.logprob), rank=lp.rank,
+                                                           decoded_token=lp.decoded_token) for tid, lp in entry.items()}
+            for entry in prompt]
+
+
+def _finite(x: float) -> float:
+    return x if x >= LOWEST else LOWEST  # NaN fails the comparison too
 
 
 def completion_logprobs(entries: list[dict[int, Logprob]], top_k: int, offset: int) -> CompletionLogprobs:

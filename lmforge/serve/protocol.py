@@ -1,19 +1,21 @@
 """OpenAI's HTTP API as pydantic models: requests are strict (a wrong type or an unknown field is a 400 naming it),
 responses carry exactly the fields OpenAI's clients read, plus vLLM's extras (stop_reason, top_k, ...)."""
 
+import math
+import re
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 20 in chat, 5 in completions; vLLM 20 in both)
+MAX_LOGIT_BIAS = 100  # OpenAI: each bias in [-100, 100]
 INT64 = 2**63
 INT32 = 2**31
 MAX_STOPS = 1024  # stop strings or ids of one request: each is checked at every step, on the engine's own time
 
 # Fields of OpenAI's API that lmforge does not implement: rejected by name rather than silently ignored.
 UNSUPPORTED = {
-    "logit_bias": "logit_bias is not supported yet",
     "functions": "the legacy functions field is not supported; send tools",
     "function_call": "the legacy function_call field is not supported; send tool_choice",
     "suffix": "suffix (fill-in-the-middle) is not supported",
@@ -56,7 +58,10 @@ class SamplingFields(Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     service_tier: str | None = None  # accepted and ignored: there is one tier
-    logit_bias: Any = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
+    bad_words: list[str] | None = None  # vLLM's: never generate these words
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: log-probs of the prompt's tokens
     best_of: int | None = None
     response_format: dict | None = None  # OpenAI's structured output (serve/constraints.py)
     structured_outputs: dict | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
@@ -76,6 +81,20 @@ class SamplingFields(Strict):
             raise ValueError(f"at most {MAX_STOPS} stop strings are allowed")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[int, float] | None:
+        """Keys become token ids; their range is checked against the model's vocabulary later."""
+        if v is None:
+            return None
+        for key, bias in v.items():
+            if not re.fullmatch(r"[0-9]{1,19}", key):
+                raise ValueError(f"key {key[:40]!r} is not a token id; keys must be token ids written as strings")
+            if not (math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+                raise ValueError(f"the bias of token {key} is {bias}; biases must lie in "
+                                 f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
+        return {int(key): bias for key, bias in v.items()}
+
     @field_validator("best_of")
     @classmethod
     def _best_of(cls, v: int | None, info) -> int | None:
@@ -90,6 +109,8 @@ class SamplingFields(Strict):
                 return name, f"{reason}; remove '{name}' from the request."
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true."
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs are not returned when stream is true (as in vLLM)."
         return None
 
 
@@ -157,6 +178,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: Any  # a string, a list of strings, a list of token ids or a list of such lists; checked below
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated (vLLM)
     echo: bool = False
     suffix: Any = None
     add_special_tokens: bool = True
@@ -179,8 +201,8 @@ class CompletionRequest(SamplingFields):
         raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
 
     def combination_error(self) -> tuple[str, str] | None:
-        if self.echo and self.logprobs is not None:
-            return "echo", "echo with logprobs needs prompt logprobs, which lmforge does not compute yet."
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens 0 is only allowed with echo true (to score the prompt alone)."
         return super().combination_error()
 
 
@@ -238,9 +260,26 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first token of an echoed prompt, which nothing scores
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob, as its `prompt_logprobs` field returns it: per prompt token {token id: PromptLogprob}."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
+def _without_unasked_prompt_logprobs(out: dict) -> dict:
+    if out.get("prompt_logprobs", 0) is None:  # vLLM's extra field appears when it was asked for
+        del out["prompt_logprobs"]
+    return out
 
 
 class AssistantMessage(BaseModel):
@@ -266,6 +305,11 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler) -> dict:
+        return _without_unasked_prompt_logprobs(handler(self))
 
 
 class Delta(BaseModel):
@@ -303,6 +347,11 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler) -> dict:
+        return _without_unasked_prompt_logprobs(handler(self))
 
 
 class CompletionResponse(BaseModel):

@@ -160,11 +160,11 @@ def test_engine_runs_a_lora_model_as_the_eager_forward_does(dtype):
     seqs = [Sequence(f"r{i}", s.tolist()[:-1], SamplingParams()) for i, s in enumerate(SEQS) if len(s) > 1]
     for i, seq in enumerate(seqs):
         seq.block_table = [3 * i, 3 * i + 1, 3 * i + 2]
-    prefill, _ = runner.execute(ScheduledBatch(seqs, [s.num_tokens for s in seqs]))
+    prefill, _, _ = runner.execute(ScheduledBatch(seqs, [s.num_tokens for s in seqs]))
     for seq, s in zip(seqs, (SEQS[0], SEQS[2]), strict=True):
         seq.num_computed_tokens = seq.num_tokens
         seq.token_ids.append(int(s[-1]))
-    decode, _ = runner.execute(ScheduledBatch(seqs, [1, 1]))
+    decode, _, _ = runner.execute(ScheduledBatch(seqs, [1, 1]))
     last = [len(SEQS[0]) - 2, len(SEQS[0]) - 1, len(SEQS[0]) + 1 + len(SEQS[2]) - 2, eager.shape[0] - 1]
     atol = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(prefill.float(), eager[[last[0], last[2]]], atol=atol, rtol=0.02)

@@ -75,7 +75,7 @@ def test_error_names_nested_fields():
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"functions": [{"name": "f"}]}, "functions"),
-    ({"logit_bias": {"1": 1}}, "logit_bias"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
 ])
 def test_combinations_and_unsupported_fields(fields, param):
     assert chat(**fields).combination_error()[0] == param
@@ -83,9 +83,13 @@ def test_combinations_and_unsupported_fields(fields, param):
 
 def test_supported_combinations_pass():
     for fields in ({}, {"logprobs": True, "top_logprobs": 0}, {"stream": True, "stream_options": {}},
-                   {"response_format": {"type": "text"}}, {"tools": None}, {"logit_bias": {}}, {"best_of": 1}):
+                   {"response_format": {"type": "text"}}, {"tools": None}, {"logit_bias": {}}, {"best_of": 1},
+                   {"logit_bias": {"1": 1}}, {"prompt_logprobs": 2}, {"allowed_token_ids": [1], "bad_words": ["x"]}):
         assert chat(**fields).combination_error() is None, fields
-    assert CompletionRequest.model_validate({"prompt": "x", "echo": True}).combination_error() is None
+    for fields in ({"echo": True}, {"echo": True, "logprobs": 1}, {"echo": True, "max_tokens": 0, "logprobs": 0}):
+        assert CompletionRequest.model_validate({"prompt": "x", **fields}).combination_error() is None
+    assert CompletionRequest.model_validate({"prompt": "x", "max_tokens": 0}).combination_error()[0] == "max_tokens"
+    assert chat(logit_bias={"007": -100, "3": 2.5}).logit_bias == {7: -100, 3: 2.5}
 
 
 def test_delta_leaves_out_what_it_does_not_change():
