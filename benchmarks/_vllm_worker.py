@@ -33,7 +33,8 @@ def main() -> None:
         result["load_seconds"][f"prefix_caching={caching}"] = time.perf_counter() - start
         for task in tasks:
             params = SamplingParams(temperature=0, max_tokens=task["max_tokens"], ignore_eos=True)
-            if task.get("schemas"):  # one JSON schema (or null) per prompt: structured output (benchmarks/structured.py)
+            # one JSON schema (or null) per prompt: structured output (benchmarks/structured.py)
+            if task.get("schemas"):
                 from vllm.sampling_params import StructuredOutputsParams
 
                 params = [params if s is None else SamplingParams(

@@ -81,7 +81,8 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, 
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
             structured_outputs=constraint, prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias,
-            allowed_token_ids=req.allowed_token_ids, bad_words=tuple(req.bad_words or ()), **{k: v for k, v in optional.items() if v is not None})
+            allowed_token_ids=req.allowed_token_ids, bad_words=tuple(req.bad_words or ()),
+            **{k: v for k, v in optional.items() if v is not None})
         params.check_token_ids(vocab_size)
         return params
     except ValueError as e:  # "SamplingParams.<field> must ..." : the field is the request's field
