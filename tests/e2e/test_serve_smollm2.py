@@ -119,7 +119,8 @@ def test_chat_streamed_equals_whole_and_usage(server, client):
                                                                      stream_options={"include_usage": True}))
     choice = whole.choices[0]
     assert choice.message.content and text == choice.message.content and finish == choice.finish_reason
-    prompt_tokens = httpx.post(server.url + "/tokenize", json={"messages": user("Name three rivers.")}).json()["count"]
+    prompt_tokens = httpx.post(server.url + "/tokenize", json={"messages": user("Name three rivers.")},  # key: as /v1
+                               headers={"Authorization": f"Bearer {KEY}"}).json()["count"]
     assert whole.usage.prompt_tokens == usage.prompt_tokens == prompt_tokens
     assert whole.usage.completion_tokens == usage.completion_tokens <= 24
     assert whole.usage.total_tokens == prompt_tokens + whole.usage.completion_tokens
