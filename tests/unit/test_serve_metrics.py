@@ -89,8 +89,8 @@ def test_a_request_closed_early_is_an_abort_and_frees_its_blocks(engine):
 
     async def main():
         ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], True, tokenize=True)
-        sub = await state.submit([ids], sampling_params(req, 100, None, state.vocab_size), "early", state.models.default,
-                                 time.monotonic(), "messages")
+        params = sampling_params(req, 100, None, state.vocab_size)
+        sub = await state.submit([ids], params, "early", state.models.default, time.monotonic(), "messages")
         async for _, out in sub.outputs():
             if len(out.outputs[0].token_ids) >= 3:
                 break
