@@ -7,6 +7,7 @@ cannot read is returned as plain content, never an error."""
 import json
 import re
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from lmforge.engine.sampling_params import StructuredOutputsParams
@@ -151,7 +152,7 @@ def _call(obj) -> ToolCall:
     return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-class ToolParser:
+class ToolParser(ABC):
     """Finds tool calls in a model's free text. `start`: the marker from which text is a call (streaming holds
     text from there until the end)."""
 
@@ -173,8 +174,10 @@ class ToolParser:
     def find_start(self, text: str) -> int:
         return text.find(self.start)
 
+    @abstractmethod
     def _calls(self, text: str) -> list[ToolCall]:
-        raise NotImplementedError
+        """The calls in `text` (which starts at the format's start tag); raises ValueError / KeyError / TypeError on
+        malformed output."""
 
 
 class HermesParser(ToolParser):
