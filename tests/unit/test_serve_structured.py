@@ -41,6 +41,7 @@ def test_response_format_json_schema(app):
     schema_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": City.model_json_schema(),
                                                             "strict": True}}
     body = post(app, CHAT, chat(response_format=schema_format, n=3, temperature=1.0, max_tokens=80)).json()
+    assert len(body["choices"]) == 3
     for choice in body["choices"]:
         City.model_validate_json(choice["message"]["content"])
     body = post(app, COMPLETIONS, {"prompt": "A city:", "response_format": schema_format, "max_tokens": 80,
