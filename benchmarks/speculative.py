@@ -8,12 +8,12 @@ Setup. SmolLM2-135M-Instruct as a Hugging Face directory (`resolve_model("smollm
 benchmarks/engine.py), loaded in float32 on `--threads` CPU threads (torch.set_num_threads in this process), twice:
 `LLM(...)` without speculation and `LLM(..., speculative_config={"method": "ngram", "num_speculative_tokens": k,
 "prompt_lookup_max": .., "prompt_lookup_min": ..})`, both with the default fast paths (CPU kernels, step graphs:
-plain decode steps replay graphs, speculative steps run eagerly). Workload: `--num-prompts` chat prompts (the chat
-template applied by lmforge's tokenizer, token ids built once and given to both engines) each asking the model to
-repeat a paragraph with one word replaced by another; the output copies most of its input, which is what n-gram
-prompt lookup exploits (as in editing and retrieval-grounded answers). Decoding is greedy (temperature 0), up to
-`--max-tokens` tokens, stopping at EOS, so both engines must produce the same tokens: the script checks every
-prompt's output token for token and fails if any differs.
+plain decode steps and, once a shape recurs, speculative steps replay graphs). Workload: `--num-prompts` chat
+prompts (the chat template applied by lmforge's tokenizer, token ids built once and given to both engines) each
+asking the model to repeat a paragraph with one word replaced by another; the output copies most of its input,
+which is what n-gram prompt lookup exploits (as in editing and retrieval-grounded answers). Decoding is greedy
+(temperature 0), up to `--max-tokens` tokens, stopping at EOS, so both engines must produce the same tokens: the
+script checks every prompt's output token for token and fails if any differs.
 
 Measured: one request at a time (single stream), each a `generate` call; tokens/s = generated tokens of all
 prompts / the sum of their wall times (prefill included: the same prompts in both runs). A token is one generated

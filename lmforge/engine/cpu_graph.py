@@ -1,24 +1,25 @@
-"""Step graphs: a decode step's decoder layers recorded once per batch size and replayed from C++ (CPU).
+"""Step graphs: a decode step's decoder layers recorded once per shape and replayed from C++ (CPU).
 
 The CPU counterpart of vLLM's CUDA graphs. A decode step on CPU spends about a quarter of its time in the Python
 between the kernels (module calls, attribute reads, the checks each layer makes before it takes a kernel). The first
 decode step of each batch size runs the model's own layers eagerly while every kernel call and residual add is
 recorded, with the tensors it reads and writes, into a `StepGraph` (lmforge/kernels/cpu_ops.cpp); later steps of
 that size copy their inputs (hidden states, rotary tables, slot mapping, block tables, context lengths) into the
-recorded input tensors and replay the kernels in one call. The model definition stays the one in lmforge/models:
-nothing here knows a layer's structure.
+recorded input tensors and replay the kernels in one call. Steps with a few tokens per sequence that the paged kernel
+attends (speculative verification: 1 + k tokens each) are recorded the same way per (tokens, sequences), once such a
+shape recurs. The model definition stays the one in lmforge/models: nothing here knows a layer's structure.
 
 A recording is kept only if it is closed: each tensor a kernel reads is an input, a parameter, a packed weight, the
 KV cache (an int8 cache's scales included), or an output of an earlier recorded step; and nothing but kernels,
 residual adds, views and allocations ran. Anything else (an op without a kernel, a tensor built during the step)
-leaves that batch size eager, logged.
+leaves that shape eager, logged.
 Graphs decline when a parameter was changed in place since recording (its version moved); they are then recorded
 again. `enforce_eager` turns them off.
 
 Like a CUDA graph, a recording holds one path through the layers' Python: layer code must not choose between
-kernels on a decode step's values other than its batch size (context lengths, positions), or a replay would repeat
-the recorded choice. No model file does; the branches in lmforge/layers depend on shapes, dtypes and the kernel rows,
-which are the same for every decode step of a batch size.
+kernels on a step's values other than its shape (context lengths, positions, how the tokens split among the
+sequences), or a replay would repeat the recorded choice. No model file does; the branches in lmforge/layers depend
+on shapes, dtypes and the kernel rows, which are the same for every step of a shape.
 """
 
 import contextlib
@@ -40,6 +41,7 @@ aten = torch.ops.aten
 # sequence for SmolLM2-135M, some 2.5 MB for an 8B Llama).
 MAX_GRAPHS = 8
 MAX_GRAPH_BYTES = 1 << 30
+RECORD_AFTER = 2  # a multi-token step shape is recorded the second time it is seen
 # Kernels that return a new tensor: the graph records them with that tensor as their output.
 _RETURNING = ("linear_small", "linear", "linear_f32", "vnni_linear", "amx_linear", "rms_norm", "silu_mul")
 _IN_PLACE = ("rope_", "write_kv", "paged_attention")  # recorded with their arguments as they are
@@ -60,33 +62,46 @@ class StepGraphs:
     def __init__(self, decoder: torch.nn.Module, max_blocks_per_seq: int | None = None):
         self.decoder = decoder
         self.max_blocks = max_blocks_per_seq or 0
-        self.graphs: OrderedDict[int, tuple[object, torch.Tensor, int]] = OrderedDict()  # b -> (graph, out, bytes)
-        self.eager: set[int] = set()  # batch sizes whose recording was rejected
-        self.seen: set[int] = set()  # batch sizes recorded at least once (the first recording is logged)
+        # key (a batch size, or (tokens, sequences)) -> (graph, out, bytes)
+        self.graphs: OrderedDict[int | tuple[int, int], tuple[object, torch.Tensor, int]] = OrderedDict()
+        self.eager: set[int | tuple[int, int]] = set()  # keys whose recording was rejected
+        self.seen: set[int | tuple[int, int]] = set()  # keys recorded at least once (the first recording is logged)
+        self.sightings: dict[tuple[int, int], int] = {}  # multi-token keys not recorded yet: steps seen
         self.replays = self.recordings = 0
 
     def __call__(self, x: torch.Tensor, rope, meta: AttnMeta, kv) -> torch.Tensor | None:
         kr = meta.kernel
-        b = x.shape[0]
-        if kr is None or kv is None or meta.lora is not None or b != len(meta.seqlens_q) or len(kr.rows) != b \
-                or b in self.eager or torch.is_grad_enabled() or kernels._state.get("off"):
-            return None  # not a decode step whose every sequence the paged kernel attends, or kernels switched off
-        entry = self.graphs.get(b)
+        tokens, seqs = x.shape[0], len(meta.seqlens_q)
+        # a decode step is keyed by its batch size; a step with several tokens per sequence (speculative
+        # verification, short prompt chunks) by (tokens, sequences): the kernels read the rest from the inputs
+        key = tokens if tokens == seqs else (tokens, seqs)
+        if kr is None or kv is None or meta.lora is not None or len(kr.rows) != seqs \
+                or key in self.eager or torch.is_grad_enabled() or kernels._state.get("off"):
+            return None  # not a step whose every sequence the paged kernel attends, or kernels switched off
+        entry = self.graphs.get(key)
         if entry is not None:
             graph, out, _ = entry
             if graph.run([x, rope[0], rope[1], meta.slot_mapping, meta.block_tables, kr.cu_q, kr.seqlens_k,
                           kr.rows_t]):
-                self.graphs.move_to_end(b)
+                self.graphs.move_to_end(key)
                 self.replays += 1
                 return out
-            del self.graphs[b]  # a weight changed in place, or a wider block table: record again
-        return self._record(x, rope, meta, kv)
+            del self.graphs[key]  # a weight changed in place, or a wider block table: record again
+        elif tokens != seqs:
+            # multi-token shapes vary from step to step: record one only when it recurs, so that a mix of shapes
+            # seen once each costs no recordings (nor evicts the decode steps' graphs)
+            self.sightings[key] = self.sightings.get(key, 0) + 1
+            if self.sightings[key] < RECORD_AFTER:
+                return None
+            if len(self.sightings) > 4096:
+                self.sightings.clear()
+        return self._record(key, x, rope, meta, kv)
 
-    def _record(self, x: torch.Tensor, rope, meta: AttnMeta, kv) -> torch.Tensor:
+    def _record(self, key, x: torch.Tensor, rope, meta: AttnMeta, kv) -> torch.Tensor:
         start = time.perf_counter()
         ops = kernels.cpu_ops()
-        b, width = meta.block_tables.shape
-        tables = meta.block_tables.new_zeros((b, max(width, self.max_blocks)))  # room for the longest context
+        seqs, width = meta.block_tables.shape
+        tables = meta.block_tables.new_zeros((seqs, max(width, self.max_blocks)))  # room for the longest context
         tables[:, :width] = meta.block_tables
         kr = meta.kernel
         inputs = [x.clone(), rope[0].clone(), rope[1].clone(), meta.slot_mapping.clone(), tables, kr.cu_q.clone(),
@@ -100,20 +115,20 @@ class StepGraphs:
             out = self.decoder.run_layers(inputs[0], (inputs[1], inputs[2]), recorded_meta, kv)
         problem = recorder.problem or self._unknown_tensor(recorder, inputs, kv, out)
         if problem is not None:
-            self.eager.add(b)
-            log.info("step graphs: decode steps of %d sequences stay eager (%s)", b, problem)
+            self.eager.add(key)
+            log.info("step graphs: steps of %s stay eager (%s)", _describe(key), problem)
             return out
         graph.set_inputs(inputs)
         graph.guard([p for p in self.decoder.parameters() if not p.is_inference()])
         size = sum(recorder.produced.values())
-        self.graphs[b] = (graph, out, size)
+        self.graphs[key] = (graph, out, size)
         while len(self.graphs) > 1 and (len(self.graphs) > MAX_GRAPHS or self.nbytes > MAX_GRAPH_BYTES):
             self.graphs.popitem(last=False)
         self.recordings += 1
-        (log.debug if b in self.seen else log.info)(
-            "step graph for %d sequences recorded: %d kernel calls, %.1f MiB, in %.0f ms", b, graph.size(),
+        (log.debug if key in self.seen else log.info)(
+            "step graph for %s recorded: %d kernel calls, %.1f MiB, in %.0f ms", _describe(key), graph.size(),
             size / 2**20, 1000 * (time.perf_counter() - start))
-        self.seen.add(b)
+        self.seen.add(key)
         return out
 
     @property
@@ -137,6 +152,10 @@ class StepGraphs:
         if _storage(out) not in recorder.produced:
             return "the layers' output is not a recorded tensor"
         return None
+
+
+def _describe(key: int | tuple[int, int]) -> str:
+    return f"{key} sequences" if isinstance(key, int) else f"{key[0]} tokens of {key[1]} sequences"
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -65,11 +65,11 @@ def test_in_place_weight_update_records_again(tiny_dir):
     llm = engine(tiny_dir)
     graphs = llm.engine.runner.graphs
     generate(llm, PROMPTS[:2], graphs_on=True)
-    recorded = graphs.recordings
+    before = graphs.graphs[2][0]
     with torch.no_grad():
         llm.engine.model.model.layers[1].mlp.down_proj.weight.mul_(-1.5)  # an RL weight sync does this in place
     replayed = generate(llm, PROMPTS[:2], graphs_on=True)
-    assert graphs.recordings == recorded + 1
+    assert graphs.graphs[2][0] is not before  # the decode steps' graph was recorded again
     assert replayed == generate(llm, PROMPTS[:2], graphs_on=False)
 
 
@@ -85,6 +85,24 @@ def test_graphs_beyond_the_memory_cap_are_dropped_oldest_first(tiny_dir, monkeyp
     assert list(graphs.graphs) == [2]
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_speculative_steps_replay_graphs_of_their_shape(tiny_dir, batch):
+    """Verification steps score 1 + k tokens per sequence: recorded per (tokens, sequences) once a shape recurs and
+    replayed bit for bit, so speculation keeps the graphs' speed (float32: the small-rows kernel)."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    motifs = [[(i * 7 + j * 3) % 40 + 3 for j in range(5 + i)] for i in range(batch)]
+    prompts = [(m * 8)[:30] for m in motifs]  # repeating: the tiny model's continuations copy them, drafts accepted
+    llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=0.004, block_size=4, max_model_len=96,
+              enable_prefix_caching=False, speculative_config=spec)
+    eager = generate(llm, prompts, graphs_on=False)
+    graphs = llm.engine.runner.graphs
+    replayed = generate(llm, prompts, graphs_on=True)
+    assert replayed == eager  # tokens and log-probs, bit for bit
+    multi = [key for key in graphs.seen if isinstance(key, tuple)]
+    assert multi and all(tokens > seqs == batch for tokens, seqs in multi), graphs.seen
+    assert llm.engine.spec_stats.num_accepted_tokens > 0 and graphs.replays >= 5 and not graphs.eager
+
+
 def test_an_op_without_a_kernel_keeps_the_step_eager(tiny_dir, caplog):
     """A layer running an aten op that no kernel records: each batch size stays eager, once logged, and outputs
     are the eager ones."""
@@ -96,7 +114,7 @@ def test_an_op_without_a_kernel_keeps_the_step_eager(tiny_dir, caplog):
     with caplog.at_level("INFO", logger="lmforge"):
         outs = generate(llm, PROMPTS[:2], graphs_on=True)
     assert graphs.eager == {2} and not graphs.graphs and graphs.replays == 0
-    assert "decode steps of 2 sequences stay eager (aten.tanh" in caplog.text
+    assert "steps of 2 sequences stay eager (aten.tanh" in caplog.text
     assert outs == generate(llm, PROMPTS[:2], graphs_on=False)
 
 

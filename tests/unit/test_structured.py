@@ -145,8 +145,10 @@ def test_bad_constraints_are_value_errors_naming_the_field(llm):
 
 def test_a_grammar_past_the_time_limit_is_refused_and_the_engine_keeps_serving(llm):
     grammars = llm.engine.grammars
-    limit, compile_ = grammars.timeout_s, grammars.compile
-    grammars.timeout_s = 1e-4
+    limit, compile_, slow_ = grammars.timeout_s, grammars.compile, grammars._compile
+    grammars.timeout_s = 0.05
+    # on a fast CPU this schema compiles within the limit: make the compile itself slow, so the limit decides
+    grammars._compile = lambda *args: time.sleep(1) or slow_(*args)
     try:
         schema = {"type": "object", "properties": {f"k{i}": {"type": "string", "maxLength": 7 + i} for i in range(30)}}
         with pytest.raises(ValueError, match="took longer than"):
@@ -162,6 +164,7 @@ def test_a_grammar_past_the_time_limit_is_refused_and_the_engine_keeps_serving(l
     finally:
         grammars.timeout_s = limit
         grammars.compile = compile_
+        grammars._compile = slow_
     # the timed-out compiles gave their slots up: the next constraint compiles and holds
     assert re.fullmatch(REGEX, _texts(llm, "y", max_tokens=20, structured_outputs=StructuredOutputsParams(
         regex=REGEX))[0])
