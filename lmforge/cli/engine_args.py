@@ -53,7 +53,7 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    from lmforge.engine.llm_engine import EngineConfig
+    from lmforge.engine.config import EngineConfig
     from lmforge.models import resolve_dtype
 
     resolve_dtype(args.dtype, {})  # reject a bad --dtype before any slow work

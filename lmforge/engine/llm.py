@@ -5,7 +5,8 @@ from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
 
-from lmforge.engine.llm_engine import EngineConfig, LLMEngine
+from lmforge.engine.config import EngineConfig
+from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.lora_manager import LoadedAdapter, LoRARequest
 from lmforge.engine.outputs import RequestOutput
 from lmforge.engine.sampling_params import SamplingParams

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.config import EngineConfig, kv_budget_bytes
 from lmforge.engine.draft import SelfDraftProposer
 from lmforge.engine.logits_processors import resolve_constraints
 from lmforge.engine.lora_manager import AdapterInUseError, AdapterNotFoundError, LoadedAdapter, LoRAManager, LoRARequest
@@ -19,7 +20,7 @@ from lmforge.engine.sampler import SamplingRow, sample
 from lmforge.engine.sampling_params import SamplingParams
 from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import Sequence
-from lmforge.engine.speculative import NgramProposer, SpecDecodeStats, SpeculativeConfig, verify
+from lmforge.engine.speculative import NgramProposer, SpecDecodeStats, verify
 from lmforge.engine.structured import (
     GrammarCompiler,
     SequenceGrammar,
@@ -27,51 +28,9 @@ from lmforge.engine.structured import (
     failed_grammars,
     grammar_start,
 )
-from lmforge.layers.kv_quant import KV_CACHE_DTYPES, kv_storage_dtype
+from lmforge.layers.kv_quant import kv_storage_dtype
 
 log = logging.getLogger("lmforge")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str | None = None  # directory, .gguf, Hub id or alias; None: the default model
-    dtype: str = "auto"  # bfloat16 where the device computes it natively, else float32 (lmforge/hardware.py)
-    device: str = "cpu"
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    kv_cache_memory: float | None = None  # GiB for the KV pool; None: 2 GiB on CPU, 90 % of free memory on CUDA
-    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": int8 rows + float32 scales (layers/kv_quant.py)
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"
-    seed: int = 0
-    enforce_eager: bool = False  # True: no optional fast paths (CPU kernels, step graphs), plain PyTorch only
-    enable_lora: bool = False  # serve LoRA adapters (add_lora / lora_request); False: no per-step LoRA work at all
-    max_loras: int = 4  # adapters loaded at once: their slots are allocated up front
-    max_lora_rank: int = 16  # adapters of lower rank are zero-padded to it
-    # vLLM's speculative_config, e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
-    speculative_config: SpeculativeConfig | dict | None = None
-    # weight-only quantised linears (lmforge/weights/quantized.py): "int8", "int4", "gguf" (the .gguf file's own
-    # blocks); None: float, except that a .gguf model path means "gguf" and a quantised checkpoint loads as saved
-    quantization: str | None = None
-    structured_outputs_timeout: float = 10.0  # s a grammar may take to compile before its request is refused
-    reasoning_parser: str | None = None  # e.g. "qwen3": structured output starts after the thinking (serve/reasoning)
-
-    def __post_init__(self):
-        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
-            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.quantization not in (None, "int8", "int4", "gguf"):
-            raise ValueError(f"quantization must be int8, int4, gguf or None, got {self.quantization!r}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass
@@ -89,15 +48,6 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
-
-
-def _kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
-    if config.kv_cache_memory is not None:
-        return int(config.kv_cache_memory * 2**30)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.9)
-    return 2 * 2**30
 
 
 class LLMEngine:
@@ -126,7 +76,7 @@ class LLMEngine:
         dtype = next(self.model.parameters()).dtype
         self.loras = self._lora_slots() if config.enable_lora else None
         kv_dtype = kv_storage_dtype(config.kv_cache_dtype, dtype)
-        num_blocks = plan_num_blocks(self.model, config.block_size, kv_dtype, _kv_budget_bytes(config, device),
+        num_blocks = plan_num_blocks(self.model, config.block_size, kv_dtype, kv_budget_bytes(config, device),
                                      self.max_model_len, model_dtype=dtype)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.enforce_eager,
                                   self.max_model_len, kv_dtype)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge import LLM, SamplingParams, kernels
-from lmforge.engine.llm_engine import EngineConfig
+from lmforge.engine.config import EngineConfig
 from lmforge.engine.model_runner import kv_bytes_per_block, plan_num_blocks
 from lmforge.layers.attention import AttnMeta, attention
 from lmforge.layers.kv_quant import dequantize_int8, quantize_int8

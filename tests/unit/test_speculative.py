@@ -9,7 +9,7 @@ import torch
 from lmforge import LLM, SamplingParams
 from lmforge.cli import build_parser, main
 from lmforge.cli.engine_args import engine_config
-from lmforge.engine.llm_engine import EngineConfig
+from lmforge.engine.config import EngineConfig
 from lmforge.engine.speculative import SpeculativeConfig, propose_ngram, verify
 from tests.unit.tiny_server import tiny_chat_model
 

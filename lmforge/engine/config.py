@@ -1,0 +1,60 @@
+"""The serving engine's settings (vLLM's engine arguments, the names vLLM gives them), checked when built."""
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.engine.speculative import SpeculativeConfig
+from lmforge.layers.kv_quant import KV_CACHE_DTYPES
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # directory, .gguf, Hub id or alias; None: the default model
+    dtype: str = "auto"  # bfloat16 where the device computes it natively, else float32 (lmforge/hardware.py)
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    kv_cache_memory: float | None = None  # GiB for the KV pool; None: 2 GiB on CPU, 90 % of free memory on CUDA
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": int8 rows + float32 scales (layers/kv_quant.py)
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    seed: int = 0
+    enforce_eager: bool = False  # True: no optional fast paths (CPU kernels, step graphs), plain PyTorch only
+    enable_lora: bool = False  # serve LoRA adapters (add_lora / lora_request); False: no per-step LoRA work at all
+    max_loras: int = 4  # adapters loaded at once: their slots are allocated up front
+    max_lora_rank: int = 16  # adapters of lower rank are zero-padded to it
+    # vLLM's speculative_config, e.g. {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    speculative_config: SpeculativeConfig | dict | None = None
+    # weight-only quantised linears (lmforge/weights/quantized.py): "int8", "int4", "gguf" (the .gguf file's own
+    # blocks); None: float, except that a .gguf model path means "gguf" and a quantised checkpoint loads as saved
+    quantization: str | None = None
+    structured_outputs_timeout: float = 10.0  # s a grammar may take to compile before its request is refused
+    reasoning_parser: str | None = None  # e.g. "qwen3": structured output starts after the thinking (serve/reasoning)
+
+    def __post_init__(self):
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.quantization not in (None, "int8", "int4", "gguf"):
+            raise ValueError(f"quantization must be int8, int4, gguf or None, got {self.quantization!r}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+
+
+def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
+    """Bytes for the KV pool: kv_cache_memory GiB, else 90 % of free CUDA memory or 2 GiB on CPU."""
+    if config.kv_cache_memory is not None:
+        return int(config.kv_cache_memory * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return 2 * 2**30
