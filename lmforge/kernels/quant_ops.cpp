@@ -5,7 +5,8 @@
 // product (AVX2: u8 x s8 -> s16 pairs with maddubs, -> s32 with madd), scaled by the two blocks' float scales.
 // The weight layouts (lmforge/layers/quant_linear.py makes them; K % 32 == 0):
 //   q8: int8 w [N, K] and scale [N, K/32] (a scale per block: Q8_0, int8) or [N] (one per output channel);
-//       value = scale * q.
+//       value = scale * q. With float16 block scales and N a multiple of 8, in groups of 8 rows ("x8", below):
+//       scale [N/8, K/32, 8] says so.
 //   q4: uint8 w [N, K/2], per 32-block 16 bytes: byte i holds element i (low nibble) and element i + 16 (high);
 //       scale and min [N, K/32]; value = scale * q + min (Q4_1; Q4_0 has min = -8 scale; Q4_K's sub-blocks).
 // Block scales and mins are float16 (GGUF's own, and the int8/int4 quantisers') or float32 (Q4_K's products).
@@ -336,6 +337,92 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, 
   else tiles.template operator()<OUT_TILE>();
 }
 
+// ---- q8 in groups of 8 output rows ("x8": lmforge/layers/quant_linear.py's interleave_q8) ------------------------------
+// w [N, K] int8 holds, per group of 8 rows and per 32-block, 256 bytes: 8 loads of 32 bytes, load j holding elements
+// 4j..4j+3 of each of the 8 rows (row r in bytes 4r..4r+3); scale float16 [N/8, K/32, 8]. One 32-byte load meets
+// 4 activation bytes broadcast to every lane, so each lane is one output row: a block's 8 integer sums come out as
+// one vector and take one float FMA with the 8 rows' scales, with no scalar scale work per row and no horizontal sum
+// (about 1.35x the per-row layout's speed on AVX2). Every output is acc = fma(scale_w * scale_x, isum, acc) over the
+// blocks in order, whatever the number of rows: batch-invariant like the per-row kernels.
+template <int R>
+inline void x8_tile(const int8_t* wg, const uint16_t* sg, const int8_t* const* qx, const float* const* dx,
+                    int64_t nb, float (*out)[8]) {
+#if defined(__AVX2__)
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i isum[R];
+    for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+    const int8_t* wb = wg + b * 8 * QK;
+    for (int j = 0; j < 8; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * j));
+      const __m256i wabs = _mm256_sign_epi8(wv, wv);  // |w| as u8; the sign moves onto x
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, qx[r] + b * QK + 4 * j, 4);
+        const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(four), wv);
+        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones));
+      }
+    }
+    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * 8)));
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(ws, _mm256_set1_ps(dx[r][b])), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], acc[r]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 8; ++c) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int isum = 0;
+        for (int j = 0; j < 8; ++j)
+          for (int e = 0; e < 4; ++e) isum += wg[b * 8 * QK + 32 * j + 4 * c + e] * qx[r][b * QK + 4 * j + e];
+        acc += to_f(sg[b * 8 + c]) * dx[r][b] * static_cast<float>(isum);
+      }
+      out[r][c] = acc;
+    }
+#endif
+}
+
+template <typename scalar_t>
+void linear_x8(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& scale,
+               const float* bias, at::Tensor& y) {
+  const int64_t groups = w.size(0) / 8, nb = K / QK;
+  const int8_t* pw = w.data_ptr<int8_t>();
+  const uint16_t* ps = reinterpret_cast<const uint16_t*>(scale.data_ptr());
+  scalar_t* py = y.data_ptr<scalar_t>();
+  const int64_t yld = y.stride(0);
+  // a group's weight (8 x K bytes) stays in L1 while every tile of activation rows meets it; one row (decoding):
+  // the weight, read once, prefetched two groups ahead
+  at::parallel_for(0, groups, 2, [&](int64_t lo, int64_t hi) {
+    const int8_t* qx[ROW_TILE];
+    const float* dx[ROW_TILE];
+    float out[ROW_TILE][8];
+    for (int64_t g = lo; g < hi; ++g) {
+      const int8_t* wg = pw + g * 8 * K;
+      if (M == 1 && g + 2 < groups)
+        for (int64_t off = 0; off < 8 * K; off += 64) __builtin_prefetch(wg + 16 * K + off);
+      for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
+        const int64_t rows = std::min(ROW_TILE, M - m0);
+        for (int64_t r = 0; r < rows; ++r) {
+          qx[r] = a.q.data() + (m0 + r) * K;
+          dx[r] = a.d.data() + (m0 + r) * nb;
+        }
+        switch (rows) {
+          case 4: x8_tile<4>(wg, ps + g * nb * 8, qx, dx, nb, out); break;
+          case 3: x8_tile<3>(wg, ps + g * nb * 8, qx, dx, nb, out); break;
+          case 2: x8_tile<2>(wg, ps + g * nb * 8, qx, dx, nb, out); break;
+          default: x8_tile<1>(wg, ps + g * nb * 8, qx, dx, nb, out); break;
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int c = 0; c < 8; ++c)
+            py[(m0 + r) * yld + g * 8 + c] = static_cast<scalar_t>(out[r][c] + (bias ? bias[g * 8 + c] : 0.f));
+      }
+    }
+  });
+}
+
 void check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                 const at::Tensor& wmin, const at::Tensor& bias, const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.device().is_cpu(), "quant_linear: x must be a CPU [M, K] matrix "
@@ -348,10 +435,17 @@ void check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   TORCH_CHECK(q4 || w.scalar_type() == at::kChar, "quant_linear: weight must be int8 (q8) or uint8 (q4 nibbles)");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == (q4 ? K / 2 : K), "quant_linear: weight shape ",
               w.sizes(), " does not fit in_features ", K);
-  TORCH_CHECK((scale.scalar_type() == at::kFloat || (scale.scalar_type() == at::kHalf && scale.dim() == 2)) &&
-              scale.is_contiguous() && scale.size(0) == N &&
-              (scale.dim() == 1 ? !q4 : scale.dim() == 2 && scale.size(1) == K / QK), "quant_linear: scale must be "
-              "float32 or float16 [N, K/32] (or float32 [N] for per-channel int8)");
+  if (scale.dim() == 3) {
+    TORCH_CHECK(!q4 && scale.scalar_type() == at::kHalf && scale.is_contiguous() && N % 8 == 0 &&
+                scale.size(0) * 8 == N && scale.size(1) == K / QK && scale.size(2) == 8, "quant_linear: an int8 "
+                "weight in 8-row groups needs float16 scales [N/8, K/32, 8], N a multiple of 8");
+  } else {
+    TORCH_CHECK((scale.scalar_type() == at::kFloat || (scale.scalar_type() == at::kHalf && scale.dim() == 2)) &&
+                scale.is_contiguous() && scale.size(0) == N &&
+                (scale.dim() == 1 ? !q4 : scale.dim() == 2 && scale.size(1) == K / QK), "quant_linear: scale must "
+                "be float32 or float16 [N, K/32] (or float32 [N] for per-channel int8, float16 [N/8, K/32, 8] for "
+                "8-row groups)");
+  }
   if (q4)
     TORCH_CHECK(wmin.scalar_type() == scale.scalar_type() && wmin.is_contiguous() && wmin.sizes() == scale.sizes(),
                 "quant_linear: a 4-bit weight needs a min of scale's dtype and shape");
@@ -378,7 +472,8 @@ void quant_linear_into(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor 
 #else
     const QuantRows a = quantize_rows<scalar_t>(x);
 #endif
-    if (q4 && half) linear_impl<true, false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    if (scale.dim() == 3) linear_x8<scalar_t>(a, M, K, w, scale, pb, y);
+    else if (q4 && half) linear_impl<true, false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (q4) linear_impl<true, false, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (row) linear_impl<false, true, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (half) linear_impl<false, false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);

@@ -2,7 +2,9 @@
 
 A `QuantLinear` holds its weight packed in one of two layouts (the kernels' layouts, lmforge/kernels/quant_ops.cpp):
   "q8": int8 `qweight` [out, in] and `scales`, one per 32-element block [out, in/32] (GGUF Q8_0 and
-        `quantization="int8"`: float16) or one per output channel [out] (float32); value = scale * q.
+        `quantization="int8"`: float16) or one per output channel [out] (float32); value = scale * q. In memory,
+        float16 block scales with `out` a multiple of 8 are held in groups of 8 rows (`interleave_q8`: the kernels'
+        fastest int8 layout, scales [out/8, in/32, 8]); state_dict and checkpoints keep the row layout.
   "q4": uint8 `qweight` [out, in/2], each 32-block's 16 bytes holding element i in the low nibble of byte i and
         element i + 16 in the high one; `scales` and `mins` [out, in/32] (float16, or float32 for Q4_K whose
         sub-block scales are products); value = scale * q + min. GGUF Q4_0
@@ -45,6 +47,26 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", bias.float().contiguous())
         else:
             self.bias = _EMPTY
+        if not self.qweight.is_meta:  # built on meta to be loaded: build_quantized_model groups after the load
+            self.group_rows()
+
+    def group_rows(self) -> None:
+        """Holds an int8 weight with float16 block scales in groups of 8 rows (`interleave_q8`) where it can."""
+        if self.layout == "q8" and self.scales.dim() == 2 and self.scales.dtype == torch.float16 \
+                and self.out_features % 8 == 0:
+            self.qweight, self.scales = interleave_q8(self.qweight, self.scales)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.scales.dim() == 3:  # checkpoints hold rows: the format of weights/quantized.py
+            destination[prefix + "qweight"], destination[prefix + "scales"] = deinterleave_q8(self.qweight,
+                                                                                            self.scales)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.scales.dim() == 3 and state_dict.get(prefix + "scales", self.scales).dim() == 2:
+            state_dict[prefix + "qweight"], state_dict[prefix + "scales"] = interleave_q8(
+                state_dict[prefix + "qweight"], state_dict[prefix + "scales"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def quantize(cls, linear: nn.Module, method: str) -> "QuantLinear":
@@ -65,6 +87,8 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] the packed one stands for (exactly: every scale * q + min is one rounding)."""
+        if self.scales.dim() == 3:
+            return dequantize(*deinterleave_q8(self.qweight, self.scales), self.mins)
         return dequantize(self.qweight, self.scales, self.mins)
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
@@ -80,8 +104,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         per = "channel" if self.scales.dim() == 1 else "32-block"
+        groups = ", 8-row groups" if self.scales.dim() == 3 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout} " \
-               f"(per-{per} scales), bias={bool(self.bias.numel())}"
+               f"(per-{per} scales{groups}), bias={bool(self.bias.numel())}"
 
 
 def _kernels(x: torch.Tensor, in_features: int):
@@ -105,10 +130,11 @@ class QuantJoint:
         self.mins = torch.cat([layer.mins for layer in layers]) if first.layout == "q4" else first.mins
         biased = bool(first.bias.numel())
         self.bias = torch.cat([layer.bias for layer in layers]) if biased else first.bias
-        offset = 0
+        offset, grouped = 0, first.scales.dim() == 3  # 8-row groups: a layer's scales are its groups'
         for layer in layers:
             rows = slice(offset, offset + layer.out_features)
-            layer.qweight, layer.scales = self.qweight[rows], self.scales[rows]
+            layer.qweight = self.qweight[rows]
+            layer.scales = self.scales[offset // 8:(offset + layer.out_features) // 8] if grouped else self.scales[rows]
             if first.layout == "q4":
                 layer.mins = self.mins[rows]
             if biased:
@@ -147,6 +173,21 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     blocks = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
     return (blocks[..., :BLOCK // 2] | (blocks[..., BLOCK // 2:] << 4)).reshape(n, k // 2)
+
+
+def interleave_q8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 q [N, K] and float16 block scales [N, K/32] -> the kernels' 8-row groups: per group and 32-block, 256
+    bytes as 8 runs of 32, run j holding elements 4j..4j+3 of each of the 8 rows; scales [N/8, K/32, 8]."""
+    n, k = q.shape
+    grouped = q.reshape(n // 8, 8, k // BLOCK, 8, 4).permute(0, 2, 3, 1, 4).reshape(n, k)
+    return grouped, scales.reshape(n // 8, 8, k // BLOCK).transpose(1, 2).contiguous()
+
+
+def deinterleave_q8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of interleave_q8: rows [N, K] and scales [N, K/32]."""
+    n, k = q.shape
+    rows = q.reshape(n // 8, k // BLOCK, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(n, k)
+    return rows, scales.transpose(1, 2).reshape(n, k // BLOCK)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,9 @@ def build_quantized_model(model_dir: Path, cfg: dict, dtype: str | torch.dtype, 
     if args.tie_word_embeddings and type(model.lm_head) is Linear:  # to_empty allocates shared parameters apart
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, model_dir)
+    for module in model.modules():
+        if type(module) is QuantLinear:
+            module.group_rows()  # the rows as saved, now in the kernels' layout
     model.config = cfg
     return model.eval()
 

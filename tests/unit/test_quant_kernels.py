@@ -9,7 +9,15 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
 from lmforge import kernels
-from lmforge.layers.quant_linear import QuantLinear, dequantize, quantize_activations, quantize_int4, quantize_int8
+from lmforge.layers.quant_linear import (
+    QuantLinear,
+    deinterleave_q8,
+    dequantize,
+    interleave_q8,
+    quantize_activations,
+    quantize_int4,
+    quantize_int8,
+)
 from lmforge.weights.gguf_blocks import packed_blocks
 
 needs_kernels = pytest.mark.skipif(kernels.quant_ops() is None, reason="quantised kernels not built here")
@@ -22,7 +30,14 @@ def level(request):
         yield request.param
 
 
+LAYOUTS = ["q8_0", "q8_0-f16", "q8_0-x8", "int8", "int4", "int4-f32"]
+
+
 def _weights(layout: str, n: int, k: int, seed: int = 0):
+    """(q, scale, min) of a layout; "q8_0-x8": float16 block scales in 8-row groups (n rounded up to 8k)."""
+    if layout == "q8_0-x8":
+        q, s, m = _weights("q8_0-f16", -(-n // 8) * 8, k, seed)
+        return *interleave_q8(q, s), m
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     if layout == "int8":
@@ -39,6 +54,8 @@ def _weights(layout: str, n: int, k: int, seed: int = 0):
 def _exact_reference(x: torch.Tensor, q, s, m, bias) -> torch.Tensor:
     """The kernels' arithmetic in float64: per block, weight scale x activation scale x integer dot product, plus
     min x activation block sum (q4); only the float summation order differs from the kernel's."""
+    if s.dim() == 3:
+        q, s = deinterleave_q8(q, s)
     qx, dx, sx = quantize_activations(x)
     n, k = q.shape[0], x.shape[1]
     if q.dtype == torch.uint8:
@@ -67,11 +84,12 @@ def test_activation_quantisation_is_the_reference_bit_for_bit():
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["q8_0", "q8_0-f16", "int8", "int4", "int4-f32"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 17])
 def test_kernel_equals_the_reference_on_the_same_quantised_activations(layout, rows):
     for n, k, biased in ((13, 96, True), (40, 64, False), (1, 32, True), (37, 608, True)):  # 608: 8-block groups + 3
         q, s, m = _weights(layout, n, k, seed=rows)
+        n = q.shape[0]
         bias = torch.randn(n) if biased else None
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + n))
         y = kernels.quant_ops().quant_linear(x, q, s, m, bias if bias is not None else torch.empty(0))
@@ -84,12 +102,12 @@ def test_kernel_equals_the_reference_on_the_same_quantised_activations(layout, r
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["q8_0", "q8_0-f16", "int8", "int4", "int4-f32"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_rows_output_does_not_depend_on_the_batch(layout):
     """The one-row GEMV and the row tiles do the same float operations per output: a sequence decoded alone gets
     bit for bit the logits it gets in a batch."""
     q, s, m = _weights(layout, 45, 608, seed=5)
-    bias = torch.randn(45)
+    bias = torch.randn(q.shape[0])
     x = torch.randn(7, 608)
     batch = kernels.quant_ops().quant_linear(x, q, s, m, bias)
     for row in range(7):
@@ -97,13 +115,13 @@ def test_a_rows_output_does_not_depend_on_the_batch(layout):
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["q8_0", "int8", "int4"])
+@pytest.mark.parametrize("layout", ["q8_0", "q8_0-x8", "int8", "int4"])
 def test_kernel_against_float_activations_within_the_stated_bound(layout):
     """int8 activations (per-32 absmax) cost a relative error of about 0.5 %: bound 2 % of the output norm."""
     q, s, m = _weights(layout, 77, 576, seed=3)
     x = torch.randn(6, 576)
     y = kernels.quant_ops().quant_linear(x, q, s, m, torch.empty(0))
-    ref = F.linear(x, dequantize(q, s, m))
+    ref = F.linear(x, dequantize(*(deinterleave_q8(q, s) if s.dim() == 3 else (q, s)), m))
     assert ((y - ref).norm() / ref.norm()).item() < 2e-2
 
 
@@ -143,6 +161,28 @@ def test_quant_linear_layer_kernel_and_reference_paths(method):
         y = layer(x)
         assert y.shape == (3, 4, 50)
         assert ((y - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_int8_layers_hold_8_row_groups_and_save_rows():
+    """An int8 layer of 8k outputs keeps its weight in the kernels' 8-row groups; state_dict (checkpoints) holds the
+    rows quantize_q8 made, a row state_dict loads back into groups, and fused q/k/v-style joints slice groups."""
+    from lmforge.layers.quant_linear import QuantJoint, quantize_q8
+
+    lins = [torch.nn.Linear(96, n, bias=False) for n in (48, 16)]
+    layers = [QuantLinear.quantize(lin, "int8") for lin in lins]
+    q, s = quantize_q8(lins[0].weight.detach().float())
+    assert layers[0].scales.shape == (6, 3, 8) and "8-row groups" in repr(layers[0])
+    state = layers[0].state_dict()
+    assert torch.equal(state["qweight"], q) and torch.equal(state["scales"], s)
+    assert torch.equal(layers[0].dequantize(), dequantize(q, s, torch.empty(0)))
+    fresh = QuantLinear.quantize(torch.nn.Linear(96, 48, bias=False), "int8")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.qweight, layers[0].qweight) and torch.equal(fresh.scales, layers[0].scales)
+    x = torch.randn(3, 96)
+    alone = [layer(x) for layer in layers]
+    joint = QuantJoint(tuple(layers))
+    assert all(torch.equal(a, b) for a, b in zip(alone, joint(x), strict=True))
+    assert all(torch.equal(a, layer(x)) for a, layer in zip(alone, layers, strict=True))  # views of the joint
 
 
 def _random_blocks(qtype: Q, rows: int, blocks: int, seed: int) -> np.ndarray:
