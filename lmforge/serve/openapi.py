@@ -1,0 +1,106 @@
+"""The API's schema at /openapi.json, as exact as the answers: each route's request body (the routes parse their own,
+for the errors), its 200 body, and every error status it can give with OpenAI's error body. Clients generate code
+from it and fuzzers (tests/unit/test_serve_fuzz.py) hold the server to it."""
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from lmforge.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
+
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+          "/v1/load_lora_adapter": LoadLoRAAdapterRequest, "/v1/unload_lora_adapter": UnloadLoRAAdapterRequest}
+
+# When each error status is given (the body is always ErrorResponse).
+WHY = {
+    400: "The request is invalid; `error.param` names the field at fault when there is one.",
+    401: "The API key is missing or wrong (the server was started with --api-key).",
+    404: "The model (or LoRA adapter) the request names is not served.",
+    409: "The adapter is still generating for requests; unload it when they are done.",
+    413: "The request body is larger than the server accepts.",
+    503: "The server is busy (see the Retry-After header), shutting down, or its engine has stopped.",
+}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, for every status other than 200."""
+
+    error: ErrorInfo
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+# Written out (not FastAPI's "model"), which would give an error the media type of the route's 200.
+ERROR_BODY = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
+def answers(model: type[BaseModel] | None, *errors: int, media_type: str | None = None,
+            streamed: bool = False) -> dict:
+    """A route's `responses`: its 200 (`model` as JSON, a `media_type` text, or no body; with `streamed`,
+    the server-sent events a `stream: true` request gets instead) and its error statuses (with 413 wherever a body
+    is read: every route that takes one)."""
+    ok: dict[str, Any] = {"description": "Success"}
+    if model is not None:
+        ok["model"] = model
+    elif media_type is not None:
+        ok["content"] = {media_type: {"schema": {"type": "string"}}}
+    if streamed:
+        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    out: dict[int | str, dict] = {200: ok}
+    for status in sorted({*errors, *((413,) if 400 in errors else ())}):
+        out[status] = {"description": WHY[status], **ERROR_BODY}
+    return out
+
+
+def build_openapi(app: FastAPI, keyed: bool, protected: Callable[[str], bool]) -> dict:
+    """FastAPI's schema of the app, plus: the request bodies of BODIES; with an API key (`keyed`), a bearer
+    security scheme and a 401 on every route whose path is `protected`. FastAPI's 422 is dropped:
+    the server answers invalid requests with 400 (see openai_api._add_error_handlers)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {})
+    models = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        models.pop(name, None)
+    if keyed:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    _add_model(models, ErrorResponse)
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+            if keyed and protected(path):
+                operation["security"] = [{"bearer": []}]
+                operation["responses"]["401"] = {"description": WHY[401], **ERROR_BODY}
+            if (model := BODIES.get(path)) is not None:
+                _add_model(models, model)
+                operation["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+    app.openapi_schema = schema
+    return schema
+
+
+def _add_model(components: dict, model: type[BaseModel]) -> None:
+    body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(body.pop("$defs", {}))
+    components[model.__name__] = body
