@@ -30,6 +30,7 @@ from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.serve.models import ServedModels
 from lmforge.serve.openapi import VersionResponse, answers, build_openapi
 from lmforge.serve.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -86,7 +87,7 @@ def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None,
     app.state.lmforge = state
     _add_error_handlers(app)
     _add_routes(app, state, enable_tokenizer_info_endpoint)
-    app.openapi = lambda: build_openapi(app, api_key is not None, is_protected)
+    app.openapi = lambda: build_openapi(app, api_key is not None, is_protected, state.vocab_size)
     app.add_middleware(Gatekeeper, api_key=api_key, max_body_bytes=max_body_bytes)
     if cors_origins:  # outermost, so browsers' preflight requests are answered before the key check
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
@@ -103,14 +104,15 @@ async def _parse(request: Request, model: type[BaseModel]):
 
 
 def _add_routes(app: FastAPI, state: ServerState, tokenizer_info: bool) -> None:
-    @app.post("/v1/chat/completions", responses=answers(ChatCompletionResponse, 400, 404, 503, streamed=True))
+    @app.post("/v1/chat/completions", responses=answers(ChatCompletionResponse, 400, 404, 503,
+                                                                   streamed=ChatCompletionChunk))
     async def chat_completions(request: Request) -> Response:
         arrival = time.monotonic()
         req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         check_prompt_size(req.messages, state.max_prompt_chars, state.max_model_len, "messages")
         return await create_chat_completion(state, req, request, arrival)
 
-    @app.post("/v1/completions", responses=answers(CompletionResponse, 400, 404, 503, streamed=True))
+    @app.post("/v1/completions", responses=answers(CompletionResponse, 400, 404, 503, streamed=CompletionResponse))
     async def completions(request: Request) -> Response:
         arrival = time.monotonic()
         req: CompletionRequest = await _parse(request, CompletionRequest)

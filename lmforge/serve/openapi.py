@@ -10,8 +10,10 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from lmforge.serve.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     LoadLoRAAdapterRequest,
     TokenizeRequest,
@@ -21,6 +23,8 @@ from lmforge.serve.protocol import (
 BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
           "/v1/load_lora_adapter": LoadLoRAAdapterRequest, "/v1/unload_lora_adapter": UnloadLoRAAdapterRequest}
+# The chunks of the routes' event streams (their schemas are referenced from the streams' event schema).
+STREAMED = (ChatCompletionChunk, CompletionResponse)
 
 # When each error status is given (the body is always ErrorResponse).
 WHY = {
@@ -55,27 +59,36 @@ ERROR_BODY = {"content": {"application/json": {"schema": {"$ref": "#/components/
 
 
 def answers(model: type[BaseModel] | None, *errors: int, media_type: str | None = None,
-            streamed: bool = False) -> dict:
-    """A route's `responses`: its 200 (`model` as JSON, a `media_type` text, or no body; with `streamed`,
-    the server-sent events a `stream: true` request gets instead) and its error statuses (with 413 wherever a body
-    is read: every route that takes one)."""
+            streamed: type[BaseModel] | None = None) -> dict:
+    """A route's `responses`: its 200 (`model` as JSON, a `media_type` text, or no body; with `streamed`, the
+    server-sent events of `streamed` chunks a `stream: true` request gets instead) and its error statuses (with
+    413 wherever a body is read: every route that takes one)."""
     ok: dict[str, Any] = {"description": "Success"}
     if model is not None:
         ok["model"] = model
     elif media_type is not None:
         ok["content"] = {media_type: {"schema": {"type": "string"}}}
-    if streamed:
-        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    if streamed is not None:
+        ok["content"] = {"text/event-stream": {"schema": event_schema(streamed)}}
     out: dict[int | str, dict] = {200: ok}
     for status in sorted({*errors, *((413,) if 400 in errors else ())}):
         out[status] = {"description": WHY[status], **ERROR_BODY}
     return out
 
 
-def build_openapi(app: FastAPI, keyed: bool, protected: Callable[[str], bool]) -> dict:
-    """FastAPI's schema of the app, plus: the request bodies of BODIES; with an API key (`keyed`), a bearer
-    security scheme and a 401 on every route whose path is `protected`. FastAPI's 422 is dropped:
-    the server answers invalid requests with 400 (see openai_api._add_error_handlers)."""
+def event_schema(chunk: type[BaseModel]) -> dict:
+    """One event of a stream, as OpenAPI before 3.2 describes an event stream (its `schema` is each event's): the
+    data of each is a JSON `chunk`, or the error that ends a stream cut short (shutdown), or the final [DONE]."""
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": f"#/components/schemas/{chunk.__name__}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    return {"type": "object", "required": ["data"],
+            "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+
+
+def build_openapi(app: FastAPI, keyed: bool, protected: Callable[[str], bool], vocab_size: int) -> dict:
+    """FastAPI's schema of the app, plus: the request bodies of BODIES, their token ids below `vocab_size`; with an
+    API key (`keyed`), a bearer security scheme and a 401 on every route whose path is `protected`. FastAPI's 422
+    is dropped: the server answers invalid requests with 400 (see openai_api._add_error_handlers)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
@@ -85,7 +98,8 @@ def build_openapi(app: FastAPI, keyed: bool, protected: Callable[[str], bool]) -
         models.pop(name, None)
     if keyed:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    _add_model(models, ErrorResponse)
+    for model in (ErrorResponse, *STREAMED):
+        _add_model(models, model)
     for path, operations in schema["paths"].items():
         for operation in operations.values():
             operation["responses"].pop("422", None)
@@ -96,6 +110,7 @@ def build_openapi(app: FastAPI, keyed: bool, protected: Callable[[str], bool]) -
                 _add_model(models, model)
                 operation["requestBody"] = {"required": True, "content": {"application/json": {
                     "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+    _bound_token_ids(models, vocab_size)
     app.openapi_schema = schema
     return schema
 
@@ -104,3 +119,15 @@ def _add_model(components: dict, model: type[BaseModel]) -> None:
     body = model.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(body.pop("$defs", {}))
     components[model.__name__] = body
+
+
+def _bound_token_ids(node: Any, vocab_size: int) -> None:
+    """Every token-id schema (protocol.TOKEN_ID_SCHEMA) in `node`, given this model's vocabulary as its range."""
+    if isinstance(node, dict):
+        if node.pop("x-token-id", False):
+            node["maximum"] = vocab_size - 1
+        for value in node.values():
+            _bound_token_ids(value, vocab_size)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, vocab_size)
