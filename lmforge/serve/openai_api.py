@@ -52,6 +52,9 @@ from lmforge.serve.tools import get_tool_parser
 log = logging.getLogger("lmforge")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context window, far below a memory problem
+# seconds from a request's head to the end of its body: a 16 MiB body at 300 kB/s; a client trickling its body
+# (slow-loris after the headers, which --header-timeout does not cover) is answered 408 and disconnected then
+DEFAULT_BODY_TIMEOUT = 60.0
 # --api-key guards the OpenAI routes (as vLLM) and the tokenizer's, which would otherwise run anyone's text through
 # the server; health, metrics, version and the API's schema stay open.
 PROTECTED_PREFIX = "/v1/"
@@ -66,6 +69,7 @@ def is_protected(path: str) -> bool:
 def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None, *, model_root: str = "",
                chat_template: str | None = None, api_key: str | None = None, max_queue: int | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT,
                allow_runtime_lora_updating: bool = False, allowed_lora_paths: list[str] | None = None,
                enable_tokenizer_info_endpoint: bool = False, enable_auto_tool_choice: bool = False,
                tool_call_parser: str | None = None) -> FastAPI:
@@ -88,7 +92,7 @@ def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None,
     _add_error_handlers(app)
     _add_routes(app, state, enable_tokenizer_info_endpoint)
     app.openapi = lambda: build_openapi(app, api_key is not None, is_protected, state.vocab_size)
-    app.add_middleware(Gatekeeper, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Gatekeeper, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     if cors_origins:  # outermost, so browsers' preflight requests are answered before the key check
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
                            allow_credentials="*" not in cors_origins)
@@ -228,13 +232,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class Gatekeeper:
-    """Pure ASGI (streaming-safe): the API key on /v1/ routes, then the body-size limit. The body is read here
-    once, up to the limit, and replayed to the app; after it, receive() reports the client's disconnect."""
+    """Pure ASGI (streaming-safe): the API key on /v1/ routes, then the body-size limit and deadline. The body is
+    read here once, up to the limit and within `body_timeout` seconds, and replayed to the app; after it, receive()
+    reports the client's disconnect."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, body_timeout: float):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -251,17 +257,17 @@ class Gatekeeper:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_body_bytes:
-                return await self._too_large(scope, receive, send)
-        body = b"".join(chunks)  # once: appending chunk by chunk would copy a large body hundreds of times
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await self._read_body(receive)
+        except TimeoutError:  # Connection: close, or uvicorn would keep reading the trickle after the answer
+            return await APIError(408, f"The request body did not arrive within {self.body_timeout:g} s of the "
+                                  "request's headers.", code="request_timeout",
+                                  headers={"Connection": "close"})(scope, receive, send)
+        if body is None:  # the client left while sending
+            return
+        if len(body) > self.max_body_bytes:
+            return await self._too_large(scope, receive, send)
         replayed = False
 
         async def replay() -> Message:
@@ -272,6 +278,18 @@ class Gatekeeper:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body; None if the client left; any bytes beyond the limit once the limit is passed."""
+        chunks, size, more = [], 0, True
+        while more and size <= self.max_body_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+        return b"".join(chunks)  # once: appending chunk by chunk would copy a large body hundreds of times
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await APIError(413, f"The request body exceeds {self.max_body_bytes} bytes.",

@@ -32,6 +32,7 @@ WHY = {
     401: "The API key is missing or wrong (the server was started with --api-key).",
     404: "The model (or LoRA adapter) the request names is not served.",
     409: "The adapter is still generating for requests; unload it when they are done.",
+    408: "The request body did not arrive in time (see --body-timeout).",
     413: "The request body is larger than the server accepts.",
     503: "The server is busy (see the Retry-After header), shutting down, or its engine has stopped.",
 }
@@ -62,7 +63,7 @@ def answers(model: type[BaseModel] | None, *errors: int, media_type: str | None 
             streamed: type[BaseModel] | None = None) -> dict:
     """A route's `responses`: its 200 (`model` as JSON, a `media_type` text, or no body; with `streamed`, the
     server-sent events of `streamed` chunks a `stream: true` request gets instead) and its error statuses (with
-    413 wherever a body is read: every route that takes one)."""
+    408 and 413 wherever a body is read: every route that takes one)."""
     ok: dict[str, Any] = {"description": "Success"}
     if model is not None:
         ok["model"] = model
@@ -71,7 +72,7 @@ def answers(model: type[BaseModel] | None, *errors: int, media_type: str | None 
     if streamed is not None:
         ok["content"] = {"text/event-stream": {"schema": event_schema(streamed)}}
     out: dict[int | str, dict] = {200: ok}
-    for status in sorted({*errors, *((413,) if 400 in errors else ())}):
+    for status in sorted({*errors, *((408, 413) if 400 in errors else ())}):
         out[status] = {"description": WHY[status], **ERROR_BODY}
     return out
 

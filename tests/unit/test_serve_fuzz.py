@@ -2,6 +2,8 @@
 the schema and requests that break it, a bounded and repeatable number of each. No answer may be a 5xx, carry a
 status the schema does not document, or have a content type or body other than the schema says."""
 
+import os
+
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -20,7 +22,8 @@ from lmforge.serve.openai_api import create_app  # noqa: E402
 from tests.unit.tiny_server import LiveApp, tiny_chat_model  # noqa: E402
 
 KEY = "sk-fuzz"
-EXAMPLES = 40  # per operation and generation mode: bounded, and (derandomized) the same every run
+# Per operation and generation mode: bounded, and (derandomized) the same every run; raise it for a deeper hunt.
+EXAMPLES = int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", "40"))
 # The schema describes each event of a stream (and schemathesis checks them), errors included: a stream cut at
 # shutdown ends with one. This check holds streams to more: whole (read to the end), ending in `data: [DONE]`, and
 # without an error event, which would be a failure after the 200 that not_a_server_error cannot see.
