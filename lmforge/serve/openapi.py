@@ -2,6 +2,7 @@
 for the errors), its 200 body, and every error status it can give with OpenAI's error body. Clients generate code
 from it and fuzzers (tests/unit/test_serve_fuzz.py) hold the server to it."""
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -117,7 +118,8 @@ def build_openapi(app: FastAPI, keyed: bool, protected: Callable[[str], bool], v
 
 
 def _add_model(components: dict, model: type[BaseModel]) -> None:
-    body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    # a copy: _bound_token_ids edits it, and the field schemas it is built from are module constants
+    body = copy.deepcopy(model.model_json_schema(ref_template="#/components/schemas/{model}"))
     components.update(body.pop("$defs", {}))
     components[model.__name__] = body
 

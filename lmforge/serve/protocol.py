@@ -9,6 +9,19 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer
 from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 
+from lmforge.serve.field_schemas import (
+    CONTENT_SCHEMA,
+    LOGIT_BIAS_SCHEMA,
+    MESSAGE_SCHEMA,
+    PROMPT_SCHEMA,
+    RESPONSE_FORMAT_SCHEMA,
+    STOP_SCHEMA,
+    STRUCTURED_OUTPUTS_SCHEMA,
+    TOKEN_ID_SCHEMA,
+    TOOL_CHOICE_SCHEMA,
+    TOOLS_SCHEMA,
+)
+
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 20 in chat, 5 in completions; vLLM 20 in both)
 MAX_LOGIT_BIAS = 100  # OpenAI: each bias in [-100, 100]
 INT64 = 2**63
@@ -42,49 +55,8 @@ def bounded(**bounds: int) -> Any:
     return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
 
 
-# A token id; its range (the vocabulary's) is checked later, with an error that names it. The served schema gives
-# its maximum (serve/openapi.py fills in the model's vocabulary size where it finds TOKEN_ID_SCHEMA's marker).
-TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "x-token-id": True}
+# A token id; its range (the vocabulary's) is checked later, with an error that names it.
 TokenId = Annotated[Int, WithJsonSchema(TOKEN_ID_SCHEMA)]
-# What the free-form fields take, for the schema at /openapi.json (the validators below and serve/tools.py and
-# serve/constraints.py check them by hand, for errors that name the field).
-_TEXT = {"type": "string", "minLength": 1}
-_TOKENS = {"type": "array", "items": TOKEN_ID_SCHEMA, "minItems": 1}
-STOP_SCHEMA = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "maxItems": 1024}, {"type": "null"}]}
-PROMPT_SCHEMA = {"anyOf": [_TEXT, _TOKENS, {"type": "array", "items": {"anyOf": [_TEXT, _TOKENS]}, "minItems": 1}]}
-LOGIT_BIAS_SCHEMA = {"anyOf": [{"type": "null"}, {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,19}$"},
-                                                  "additionalProperties": {"type": "number", "minimum": -100,
-                                                                           "maximum": 100}}]}
-_TEXT_PART = {"type": "object", "additionalProperties": False, "required": ["type", "text"],
-              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]}
-# A message needs content unless it carries tool calls (lmforge/tokenizer/chat_template.py)
-MESSAGE_SCHEMA = {"anyOf": [{"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
-                            {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array"}}}]}
-_FUNCTION = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
-    "name": {"type": "string", "pattern": "^[a-zA-Z0-9_.:-]{1,64}$"}, "description": {"type": "string"},
-    "parameters": {"type": "object", "properties": {"type": {"const": "object"}}, "required": ["type"]},
-    "strict": {"type": "boolean"}}}
-TOOLS_SCHEMA = {"anyOf": [{"type": "array", "items": {
-    "type": "object", "required": ["type", "function"], "properties": {"type": {"const": "function"},
-                                                                       "function": _FUNCTION}}}, {"type": "null"}]}
-TOOL_CHOICE_SCHEMA = {"anyOf": [{"enum": ["none", "auto", "required", None]}, {
-    "type": "object", "required": ["type", "function"], "properties": {
-        "type": {"const": "function"},
-        "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]}
-RESPONSE_FORMAT_SCHEMA = {"anyOf": [{"type": "null"}, {
-    "type": "object", "additionalProperties": False, "required": ["type"],
-    "properties": {"type": {"enum": ["text", "json_object"]}}}, {
-    "type": "object", "additionalProperties": False, "required": ["type", "json_schema"], "properties": {
-        "type": {"const": "json_schema"},
-        "json_schema": {"type": "object", "additionalProperties": False, "properties": {
-            "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
-            "strict": {"type": ["boolean", "null"]}}}}}]}
-STRUCTURED_OUTPUTS_SCHEMA = {"anyOf": [{"type": "null"}, {
-    "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1, "properties": {
-        "json": {"anyOf": [{"type": "object"}, {"type": "string"}]}, "regex": _TEXT,
-        "choice": {"type": "array", "items": _TEXT, "minItems": 1}, "grammar": _TEXT,
-        "json_object": {"const": True}}}]}
 
 
 class Strict(BaseModel):
@@ -183,7 +155,7 @@ class TextPart(Strict):
 
 
 class ChatMessage(Strict):
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=MESSAGE_SCHEMA)
+    model_config = ConfigDict(json_schema_extra=MESSAGE_SCHEMA)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = Field(None, json_schema_extra=CONTENT_SCHEMA)  # a string or a list of text parts; checked below
@@ -284,7 +256,7 @@ def _one_of_prompt_or_messages(schema: dict) -> None:
 
 
 class TokenizeRequest(Strict):
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_of_prompt_or_messages)
+    model_config = ConfigDict(json_schema_extra=_one_of_prompt_or_messages)
 
     model: str | None = None
     prompt: str | None = None

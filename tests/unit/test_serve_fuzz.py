@@ -60,9 +60,10 @@ def live(tmp_path_factory):
     (model / "chat_template.jinja").write_text(TEMPLATE)
     engine = AsyncEngine(model=str(model), dtype="float32", kv_cache_memory=0.002, block_size=4, enable_lora=True,
                          max_loras=1, max_lora_rank=8)
-    # Every optional route on, so the fuzzer sees them all; adapters load from an empty root only.
+    # Every optional route and feature on, so the fuzzer meets them all; adapters load from an empty root only.
     app = create_app(engine, ["tiny"], api_key=KEY, allow_runtime_lora_updating=True,
-                     allowed_lora_paths=[str(root / "adapters")], enable_tokenizer_info_endpoint=True)
+                     allowed_lora_paths=[str(root / "adapters")], enable_tokenizer_info_endpoint=True,
+                     enable_auto_tool_choice=True, tool_call_parser="hermes")
     with LiveApp(app) as server:
         yield server
     engine.shutdown()
