@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
     g.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close connections that have not sent a whole request line and headers this long after "
                         "opening or after their previous response (slow clients) (default 10)")
+    g.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="answer 408 and close connections whose request body has not all arrived this long after "
+                        "its headers (clients trickling their body) (default 60)")
     g.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                    help="serve GET /tokenizer_info (special tokens, chat template), as vLLM's flag does")
     g.add_argument("--cors", nargs="?", const="*", default=None, metavar="ORIGINS",
@@ -164,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
             raise LmforgeError(f"{flag} must be >= 0, got {value}")
     if args.shutdown_timeout < 0:
         raise LmforgeError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    if not args.header_timeout > 0:
-        raise LmforgeError(f"--header-timeout must be > 0, got {args.header_timeout}")
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not value > 0:
+            raise LmforgeError(f"{flag} must be > 0, got {value}")
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     names = args.served_model_name or [args.model]
     loras = _lora_requests(args, names)
@@ -180,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(_load_adapters(engine, loras))  # an adapter that does not fit the model stops the start (exit 2)
         template = _chat_template(args.chat_template, engine.tokenizer)
         app = create_app(engine, names, model_root=str(args.model), chat_template=template, api_key=api_key,
-                         max_queue=args.max_queue, cors_origins=args.cors.split(",") if args.cors else None,
+                         max_queue=args.max_queue, body_timeout=args.body_timeout,
+                         cors_origins=args.cors.split(",") if args.cors else None,
                          allow_runtime_lora_updating=runtime_lora, allowed_lora_paths=args.allowed_lora_paths,
                          enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
                          enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)

@@ -175,7 +175,8 @@ def _cutoff_from_sorted(desc: torch.Tensor, x: torch.Tensor, k: torch.Tensor, p:
         ds = desc if len(whole) == m else desc[whole]
         total[whole] = (xs - ds[:, :1]).exp_().sum(-1)
     above = e.cumsum(-1).sub_(e)  # mass of the strictly larger logits: a logit is kept while that is < top_p
-    kept = (above < (p * total)[:, None]).sum(-1)
+    # at least the top logit: a top_p so small that p * total underflows to 0 still keeps one token (as HF's)
+    kept = (above < (p * total)[:, None]).sum(-1).clamp_(min=1)
     cut = desc.gather(1, (kept - 1)[:, None]).masked_fill_(~nucleus[:, None], float("-inf"))
     settled &= ~(nucleus & ~has_k & (kept == w)) | (w == v)
     return torch.maximum(kth, cut), settled

@@ -11,12 +11,12 @@ import os
 import time
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge import __version__
@@ -24,11 +24,13 @@ from lmforge.engine.async_engine import AsyncEngine
 from lmforge.serve.adapters import load_lora_adapter, unload_lora_adapter
 from lmforge.serve.chat import create_chat_completion
 from lmforge.serve.completions import create_completion
-from lmforge.serve.errors import APIError, bad_request, from_validation, parse_json
+from lmforge.serve.errors import APIError, bad_request, from_validation, param_path, parse_json
 from lmforge.serve.inputs import chat_prompt, check_completion_prompts, check_prompt_size, check_token_ids
 from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.serve.models import ServedModels
+from lmforge.serve.openapi import VersionResponse, answers, build_openapi
 from lmforge.serve.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -50,19 +52,24 @@ from lmforge.serve.tools import get_tool_parser
 log = logging.getLogger("lmforge")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context window, far below a memory problem
+# seconds from a request's head to the end of its body: a 16 MiB body at 300 kB/s; a client trickling its body
+# (slow-loris after the headers, which --header-timeout does not cover) is answered 408 and disconnected then
+DEFAULT_BODY_TIMEOUT = 60.0
 # --api-key guards the OpenAI routes (as vLLM) and the tokenizer's, which would otherwise run anyone's text through
 # the server; health, metrics, version and the API's schema stay open.
 PROTECTED_PREFIX = "/v1/"
 PROTECTED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
-# Request bodies as the schema at /openapi.json describes them (the routes parse them themselves, for the errors).
-BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
-          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
-          "/v1/load_lora_adapter": LoadLoRAAdapterRequest, "/v1/unload_lora_adapter": UnloadLoRAAdapterRequest}
+
+
+def is_protected(path: str) -> bool:
+    """Whether --api-key guards the route at `path`."""
+    return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
 
 
 def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None, *, model_root: str = "",
                chat_template: str | None = None, api_key: str | None = None, max_queue: int | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT,
                allow_runtime_lora_updating: bool = False, allowed_lora_paths: list[str] | None = None,
                enable_tokenizer_info_endpoint: bool = False, enable_auto_tool_choice: bool = False,
                tool_call_parser: str | None = None) -> FastAPI:
@@ -84,8 +91,8 @@ def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None,
     app.state.lmforge = state
     _add_error_handlers(app)
     _add_routes(app, state, enable_tokenizer_info_endpoint)
-    app.openapi = lambda: _openapi(app)
-    app.add_middleware(Gatekeeper, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.openapi = lambda: build_openapi(app, api_key is not None, is_protected, state.vocab_size)
+    app.add_middleware(Gatekeeper, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     if cors_origins:  # outermost, so browsers' preflight requests are answered before the key check
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
                            allow_credentials="*" not in cors_origins)
@@ -100,32 +107,27 @@ async def _parse(request: Request, model: type[BaseModel]):
         raise from_validation(e) from None
 
 
-def _json(model: type[BaseModel], streamed: bool = False) -> dict:
-    """The `responses` a route declares for the schema: its 200 body (and the event stream it may send instead)."""
-    content = {"text/event-stream": {"schema": {"type": "string"}}} if streamed else {}
-    return {200: {"model": model, "content": content}}
-
-
 def _add_routes(app: FastAPI, state: ServerState, tokenizer_info: bool) -> None:
-    @app.post("/v1/chat/completions", responses=_json(ChatCompletionResponse, streamed=True))
+    @app.post("/v1/chat/completions", responses=answers(ChatCompletionResponse, 400, 404, 503,
+                                                                   streamed=ChatCompletionChunk))
     async def chat_completions(request: Request) -> Response:
         arrival = time.monotonic()
         req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         check_prompt_size(req.messages, state.max_prompt_chars, state.max_model_len, "messages")
         return await create_chat_completion(state, req, request, arrival)
 
-    @app.post("/v1/completions", responses=_json(CompletionResponse, streamed=True))
+    @app.post("/v1/completions", responses=answers(CompletionResponse, 400, 404, 503, streamed=CompletionResponse))
     async def completions(request: Request) -> Response:
         arrival = time.monotonic()
         req: CompletionRequest = await _parse(request, CompletionRequest)
         check_completion_prompts(req, state.max_prompt_chars, state.max_model_len)
         return await create_completion(state, req, request, arrival)
 
-    @app.get("/v1/models", responses=_json(ModelList))
+    @app.get("/v1/models", responses=answers(ModelList))
     async def list_models() -> JSONResponse:
         return JSONResponse(ModelList(data=state.models.cards()).model_dump(mode="json"))
 
-    @app.get("/v1/models/{name:path}", responses=_json(ModelCard))
+    @app.get("/v1/models/{name:path}", responses=answers(ModelCard, 404))
     async def retrieve_model(name: str) -> JSONResponse:
         state.models.resolve(name)
         card = next(c for c in state.models.cards() if c.id == name)
@@ -134,29 +136,31 @@ def _add_routes(app: FastAPI, state: ServerState, tokenizer_info: bool) -> None:
     # Off unless the operator turns run-time loading on: then in the schema too (vLLM registers them only then).
     runtime_lora = state.allow_runtime_lora_updating
 
-    @app.post("/v1/load_lora_adapter", include_in_schema=runtime_lora)
+    @app.post("/v1/load_lora_adapter", include_in_schema=runtime_lora, response_class=PlainTextResponse,
+              responses=answers(None, 400, media_type="text/plain"))
     async def load_lora(request: Request) -> Response:
         return await load_lora_adapter(state, await _parse(request, LoadLoRAAdapterRequest))
 
-    @app.post("/v1/unload_lora_adapter", include_in_schema=runtime_lora)
+    @app.post("/v1/unload_lora_adapter", include_in_schema=runtime_lora, response_class=PlainTextResponse,
+              responses=answers(None, 400, 404, 409, media_type="text/plain"))
     async def unload_lora(request: Request) -> Response:
         return await unload_lora_adapter(state, await _parse(request, UnloadLoRAAdapterRequest))
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=answers(None, 503))  # 200: no body (as vLLM)
     async def health() -> Response:
         if not state.engine.is_alive:
             raise APIError(503, "The engine is not running.", code="engine_dead")
         return Response(status_code=200)
 
-    @app.get("/version")
+    @app.get("/version", responses=answers(VersionResponse))
     async def version() -> JSONResponse:
         return JSONResponse({"version": __version__})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=answers(None, media_type="text/plain"))
     async def metrics() -> Response:
         return Response(await state.metrics.render(state.engine), media_type=CONTENT_TYPE)
 
-    @app.post("/tokenize", responses=_json(TokenizeResponse))
+    @app.post("/tokenize", responses=answers(TokenizeResponse, 400, 404))
     async def tokenize(request: Request) -> JSONResponse:
         req: TokenizeRequest = await _parse(request, TokenizeRequest)
         state.models.resolve(req.model)
@@ -175,7 +179,7 @@ def _add_routes(app: FastAPI, state: ServerState, tokenizer_info: bool) -> None:
         return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=state.max_model_len,
                                              tokens=ids).model_dump())
 
-    @app.post("/detokenize", responses=_json(DetokenizeResponse))
+    @app.post("/detokenize", responses=answers(DetokenizeResponse, 400, 404))
     async def detokenize(request: Request) -> JSONResponse:
         req: DetokenizeRequest = await _parse(request, DetokenizeRequest)
         state.models.resolve(req.model)
@@ -187,7 +191,7 @@ def _add_routes(app: FastAPI, state: ServerState, tokenizer_info: bool) -> None:
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     if tokenizer_info:  # as vLLM: only with --enable-tokenizer-info-endpoint (it shows the chat template)
-        @app.get("/tokenizer_info", responses=_json(TokenizerInfoResponse))
+        @app.get("/tokenizer_info", responses=answers(TokenizerInfoResponse))
         async def get_tokenizer_info() -> JSONResponse:
             return JSONResponse(_tokenizer_info(state).model_dump())
 
@@ -201,28 +205,16 @@ def _tokenizer_info(state: ServerState) -> TokenizerInfoResponse:
                                  chat_template=state.chat_template or tok.chat_template)
 
 
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema of the app, with the request body of each route that parses its own (see BODIES)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model in BODIES.items():
-            operation = schema["paths"].get(path, {}).get("post")
-            if operation is None:
-                continue
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
-            operation["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(_: Request, e: RequestValidationError) -> JSONResponse:  # 400, as for bodies
+        first = e.errors()[0]
+        param = param_path(tuple(first["loc"][1:])) or None  # without FastAPI's 'path'/'query' in front
+        return bad_request(f"Invalid value for '{param}': {first['msg']}.", param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -240,21 +232,22 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class Gatekeeper:
-    """Pure ASGI (streaming-safe): the API key on /v1/ routes, then the body-size limit. The body is read here
-    once, up to the limit, and replayed to the app; after it, receive() reports the client's disconnect."""
+    """Pure ASGI (streaming-safe): the API key on /v1/ routes, then the body-size limit and deadline. The body is
+    read here once, up to the limit and within `body_timeout` seconds, and replayed to the app; after it, receive()
+    reports the client's disconnect."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, body_timeout: float):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
-        protected = path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
-        if self.api_key is not None and protected and scope["method"] != "OPTIONS":
+        if self.api_key is not None and is_protected(path) and scope["method"] != "OPTIONS":
             given = headers.get("authorization", "")
             token = given[7:] if given[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -264,17 +257,17 @@ class Gatekeeper:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_body_bytes:
-                return await self._too_large(scope, receive, send)
-        body = b"".join(chunks)  # once: appending chunk by chunk would copy a large body hundreds of times
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await self._read_body(receive)
+        except TimeoutError:  # Connection: close, or uvicorn would keep reading the trickle after the answer
+            return await APIError(408, f"The request body did not arrive within {self.body_timeout:g} s of the "
+                                  "request's headers.", code="request_timeout",
+                                  headers={"Connection": "close"})(scope, receive, send)
+        if body is None:  # the client left while sending
+            return
+        if len(body) > self.max_body_bytes:
+            return await self._too_large(scope, receive, send)
         replayed = False
 
         async def replay() -> Message:
@@ -285,6 +278,18 @@ class Gatekeeper:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body; None if the client left; any bytes beyond the limit once the limit is passed."""
+        chunks, size, more = [], 0, True
+        while more and size <= self.max_body_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+        return b"".join(chunks)  # once: appending chunk by chunk would copy a large body hundreds of times
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await APIError(413, f"The request body exceeds {self.max_body_bytes} bytes.",

@@ -4,9 +4,23 @@ responses carry exactly the fields OpenAI's clients read, plus vLLM's extras (st
 import math
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer
+from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
+
+from lmforge.serve.field_schemas import (
+    CONTENT_SCHEMA,
+    LOGIT_BIAS_SCHEMA,
+    MESSAGE_SCHEMA,
+    PROMPT_SCHEMA,
+    RESPONSE_FORMAT_SCHEMA,
+    STOP_SCHEMA,
+    STRUCTURED_OUTPUTS_SCHEMA,
+    TOKEN_ID_SCHEMA,
+    TOOL_CHOICE_SCHEMA,
+    TOOLS_SCHEMA,
+)
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 20 in chat, 5 in completions; vLLM 20 in both)
 MAX_LOGIT_BIAS = 100  # OpenAI: each bias in [-100, 100]
@@ -26,6 +40,25 @@ UNSUPPORTED = {
 }
 
 
+def _whole_number(v: Any) -> Any:
+    """2.0 is the integer 2 (as JSON Schema's "integer" has it: clients and fuzzers send it); 2.5 stays a float."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# A strict int that also takes a whole-valued float; a bool or a string is still refused.
+Int = Annotated[int, BeforeValidator(_whole_number)]
+
+
+def bounded(**bounds: int) -> Any:
+    """Int within bounds (Field's ge, gt, le, lt). Bounds go inside the type: on `Int | None` pydantic's schema
+    would name them ge/le rather than JSON Schema's minimum/maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
+
+
+# A token id; its range (the vocabulary's) is checked later, with an error that names it.
+TokenId = Annotated[Int, WithJsonSchema(TOKEN_ID_SCHEMA)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -38,19 +71,19 @@ class SamplingFields(Strict):
     """What chat and text completions share: the model, sampling, stopping and streaming."""
 
     model: str | None = None  # None: the first served model (as vLLM)
-    n: int = Field(1, ge=1, le=128)
+    n: Int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, lt=INT32)
+    top_k: bounded(ge=-1, lt=INT32) | None = None
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
-    stop: Any = Field(None, validate_default=True)  # normalised to a list of strings
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOPS)
+    seed: bounded(ge=-INT64, lt=INT64) | None = None
+    stop: Any = Field(None, validate_default=True, json_schema_extra=STOP_SCHEMA)  # normalised to a list
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOPS)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    max_tokens: int | None = Field(None, ge=1)
-    min_tokens: int = Field(0, ge=0)
+    max_tokens: bounded(ge=1) | None = None
+    min_tokens: Int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -58,13 +91,15 @@ class SamplingFields(Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     service_tier: str | None = None  # accepted and ignored: there is one tier
-    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
-    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
+    # OpenAI's: token id (as a string) -> bias in [-100, 100]
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=LOGIT_BIAS_SCHEMA)
+    allowed_token_ids: list[TokenId] | None = Field(None, json_schema_extra={"minItems": 1})  # vLLM's: only these
     bad_words: list[str] | None = None  # vLLM's: never generate these words
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: log-probs of the prompt's tokens
-    best_of: int | None = None
-    response_format: dict | None = None  # OpenAI's structured output (serve/constraints.py)
-    structured_outputs: dict | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    prompt_logprobs: bounded(ge=0, le=MAX_LOGPROBS) | None = None  # vLLM's: log-probs of the prompt's tokens
+    best_of: Int | None = None
+    response_format: dict | None = Field(None, json_schema_extra=RESPONSE_FORMAT_SCHEMA)  # OpenAI's (constraints.py)
+    # vLLM's: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    structured_outputs: dict | None = Field(None, json_schema_extra=STRUCTURED_OUTPUTS_SCHEMA)
 
     @field_validator("stop")
     @classmethod
@@ -120,8 +155,10 @@ class TextPart(Strict):
 
 
 class ChatMessage(Strict):
+    model_config = ConfigDict(json_schema_extra=MESSAGE_SCHEMA)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None  # a string or a list of text parts; checked below
+    content: Any = Field(None, json_schema_extra=CONTENT_SCHEMA)  # a string or a list of text parts; checked below
     name: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
@@ -154,18 +191,19 @@ class ChatMessage(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: bounded(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Any = None
-    tool_choice: Any = None
+    top_logprobs: bounded(ge=0, le=MAX_LOGPROBS) | None = None
+    tools: Any = Field(None, json_schema_extra=TOOLS_SCHEMA)  # checked by serve/tools.py
+    tool_choice: Any = Field(None, json_schema_extra=TOOL_CHOICE_SCHEMA)
     parallel_tool_calls: bool | None = None
-    functions: Any = None
-    function_call: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
+    # Refused unless null (see UNSUPPORTED), so absent from the schema
+    functions: SkipJsonSchema[Any] = None
+    function_call: SkipJsonSchema[Any] = None
+    audio: SkipJsonSchema[Any] = None
+    modalities: SkipJsonSchema[Any] = None
+    prediction: SkipJsonSchema[Any] = None
+    web_search_options: SkipJsonSchema[Any] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict | None = None
 
@@ -176,11 +214,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Any  # a string, a list of strings, a list of token ids or a list of such lists; checked below
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated (vLLM)
+    # a string, a list of strings, a list of token ids or a list of such lists; checked below
+    prompt: Any = Field(json_schema_extra=PROMPT_SCHEMA)
+    logprobs: bounded(ge=0, le=MAX_LOGPROBS) | None = None
+    max_tokens: bounded(ge=0) | None = None  # 0 only with echo: the prompt scored, nothing generated (vLLM)
     echo: bool = False
-    suffix: Any = None
+    suffix: SkipJsonSchema[Any] = None  # refused unless null
     add_special_tokens: bool = True
 
     @field_validator("prompt")
@@ -190,6 +229,8 @@ class CompletionRequest(SamplingFields):
         def token_list(x) -> bool:
             return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
+        if isinstance(v, list):  # token ids written as whole floats (2.0) are ids
+            v = [[_whole_number(t) for t in p] if isinstance(p, list) else _whole_number(p) for p in v]
         if isinstance(v, str):
             return [v]
         if isinstance(v, list) and v and token_list(v):
@@ -206,7 +247,17 @@ class CompletionRequest(SamplingFields):
         return super().combination_error()
 
 
+def _one_of_prompt_or_messages(schema: dict) -> None:
+    """The schema of a tokenize request: exactly one of `prompt` and `messages` (null is accepted as absent)."""
+    schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+    for name in ("prompt", "messages"):  # the non-null branch
+        schema["properties"][name] = {**schema["properties"][name]["anyOf"][0], "minItems": 1}
+    schema["properties"]["prompt"].pop("minItems")
+
+
 class TokenizeRequest(Strict):
+    model_config = ConfigDict(json_schema_extra=_one_of_prompt_or_messages)
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -217,7 +268,7 @@ class TokenizeRequest(Strict):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class LoadLoRAAdapterRequest(Strict):
@@ -229,7 +280,7 @@ class LoadLoRAAdapterRequest(Strict):
 
 class UnloadLoRAAdapterRequest(Strict):
     lora_name: str = Field(min_length=1)
-    lora_int_id: int | None = None  # vLLM's alternative key; accepted, the name decides
+    lora_int_id: Int | None = None  # vLLM's alternative key; accepted, the name decides
 
 
 # ---- responses ------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Tool calling as vLLM serves it: `tools`, `tool_choice` (none / auto / required / a named function) and
-`parallel_tool_calls`. `required` and a named function generate under a JSON schema (structured output), so the
-arguments always match the function's parameters; `auto` lets the model write freely and a --tool-call-parser
-finds the calls in its text (Hermes/Qwen `<tool_call>` JSON, Llama 3 JSON, Mistral `[TOOL_CALLS]`). Output a parser
-cannot read is returned as plain content, never an error."""
+`parallel_tool_calls` (several calls in one answer unless it is false: then `required` generates exactly one and
+`auto` keeps a parser's first, as vLLM). `required` and a named function generate under a JSON schema (structured
+output), so the arguments always match the function's parameters; `auto` lets the model write freely and a
+--tool-call-parser finds the calls in its text (Hermes/Qwen `<tool_call>` JSON, Llama 3 JSON, Mistral
+`[TOOL_CALLS]`). Output a parser cannot read is returned as plain content, never an error."""
 
 import json
 import re
@@ -36,9 +37,14 @@ class ToolPlan:
     tools: list[dict]
     name: str | None = None
     constraint: StructuredOutputsParams | None = None
+    parallel: bool = True  # parallel_tool_calls: False keeps only the first call a parser finds (as vLLM)
 
     def calls(self, text: str, parser: "ToolParser | None") -> tuple[str | None, list[ToolCall]]:
         """(content, tool calls) of a finished output."""
+        content, calls = self._all_calls(text, parser)
+        return content, calls if self.parallel else calls[:1]
+
+    def _all_calls(self, text: str, parser: "ToolParser | None") -> tuple[str | None, list[ToolCall]]:
         if self.mode == "named":
             return None, [ToolCall(self.name, text)]
         if self.mode == "required":
@@ -69,7 +75,7 @@ def plan_tools(tools, tool_choice, parallel_tool_calls: bool | None, auto_enable
         if not auto_enabled:
             raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
                               "set.", "tool_choice")
-        return ToolPlan("auto", tools)
+        return ToolPlan("auto", tools, parallel=parallel_tool_calls is not False)
     if choice == "required":
         alternatives = [{"type": "object", "properties": {"name": {"type": "string", "enum": [f["name"]]},
                                                           "parameters": f["parameters"]},

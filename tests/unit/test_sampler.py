@@ -104,6 +104,15 @@ def test_top_k_top_p_min_p_keep_what_transformers_keeps(cut, scale):
         assert ref[i % 3, token].isfinite()
 
 
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_a_top_p_too_small_to_hold_any_mass_keeps_the_top_token(top_k):
+    """top_p=1e-40 (a float32 denormal) or 5e-324 (0 in float32) kept no token and crashed the step, failing every
+    request in the batch (found by the server's schema fuzzer); now the most likely token is kept, as HF's top-p."""
+    logits = torch.randn(4, V)
+    rows = [row(top_p=p, top_k=top_k, temperature=1.0) for p in (1e-40, 5e-324, 1e-30, 1e-45)]
+    assert sample(logits, rows).token_ids == logits.argmax(-1).tolist()
+
+
 def test_seeded_rows_are_the_same_alone_or_in_any_batch():
     torch.manual_seed(1)
     seeded = [(11, dict(temperature=1.0), 0.5), (12, dict(temperature=0.7, top_p=0.9), 4.0),

@@ -145,6 +145,19 @@ def test_unknown_route_and_method(app):
     assert run(request(app, "DELETE", "/v1/models", None, AUTH)).headers["allow"] == "GET"
 
 
+def test_invalid_route_parameters_are_400s_in_the_error_shape(engine):
+    """No route declares a parameter FastAPI validates today; one that did would answer a 400 in OpenAI's shape
+    (what the schema documents), not FastAPI's 422 {"detail": ...}."""
+    app = create_app(engine, [MODEL])
+
+    @app.get("/probe")
+    async def probe(count: int) -> dict:
+        return {"count": count}
+
+    assert_error(run(request(app, "GET", "/probe?count=many")), 400, "count", "valid integer")
+    assert "422" not in str(run(request(app, "GET", "/openapi.json")).json())
+
+
 def test_declared_oversized_body_is_refused_before_reading(app):
     headers = {**AUTH, "Content-Length": "999999", "Content-Type": "application/json"}
     assert_error(run(request(app, "POST", CHAT, b"{}" + b" " * 999997, headers)), 413, None, "exceeds")

@@ -65,6 +65,7 @@ def test_negative_limits_are_refused(capsys):
 
 def test_hardening_flags_are_checked(capsys, tmp_path):
     assert "--header-timeout must be > 0" in one_line_error(capsys, ["serve", "--header-timeout", "0"])
+    assert "--body-timeout must be > 0" in one_line_error(capsys, ["serve", "--body-timeout", "-1"])
     err = one_line_error(capsys, ["serve", "--allowed-lora-paths", str(tmp_path)])
     assert "--allowed-lora-paths confines run-time LoRA loading, which is off" in err
     err = one_line_error(capsys, ["serve", "--allow-runtime-lora-updating", "--allowed-lora-paths",

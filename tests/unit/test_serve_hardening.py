@@ -365,3 +365,32 @@ def test_connections_that_trickle_their_headers_are_closed(engine):
         assert httpx.get(live.url + "/health", timeout=5).status_code == 200  # a normal client is served
         for s in [*slow, idle]:
             s.close()
+
+
+def test_a_body_trickled_after_its_headers_is_answered_408_and_disconnected(engine):
+    """Slow-loris on the body: the head arrives at once (--header-timeout is satisfied), then a byte every 0.1 s of
+    a declared 1000. The body deadline answers 408 and closes the connection; other clients are served meanwhile."""
+    app = create_app(engine, ["tiny"], body_timeout=0.5)
+    with LiveApp(app) as live:
+        slow = socket.create_connection(("127.0.0.1", live.port))
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        start, answer = time.monotonic(), b""
+        slow.settimeout(0.1)
+        while time.monotonic() - start < 5:
+            try:
+                slow.sendall(b" ")
+                got = slow.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed by the server
+                break
+            if not got:  # closed by the server
+                break
+            answer += got
+        elapsed = time.monotonic() - start
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b'"code":"request_timeout"' in answer and b"connection: close" in answer.lower()
+        assert 0.4 < elapsed < 2.5, elapsed
+        assert httpx.get(live.url + "/health", timeout=5).status_code == 200
+        slow.close()

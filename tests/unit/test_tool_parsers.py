@@ -129,6 +129,23 @@ def test_streamed_tool_calls():
     assert content == " Hi there" and deltas == []
 
 
+@pytest.mark.parametrize("parser", sorted(FIXTURES))
+def test_parallel_tool_calls_false_keeps_the_first_call(parser):
+    """Several calls in one answer (parallel_tool_calls true or absent); false keeps the first, whole and streamed,
+    as vLLM's maybe_filter_parallel_tool_calls; `required` then generates exactly one."""
+    text, content, expected = next(f for f in FIXTURES[parser] if len(f[2]) == 2)
+    for parallel, want in ((None, expected), (True, expected), (False, expected[:1])):
+        plan = plan_tools([WEATHER, TIME], "auto", parallel, True)
+        got_content, calls = plan.calls(text, get_tool_parser(parser))
+        assert got_content == content and [(c.name, json.loads(c.arguments)) for c in calls] == want
+        _, deltas = _stream(ToolStream(plan, get_tool_parser(parser)), [text[:9], text[9:], ""])
+        assert [(d["index"], d["function"]["name"]) for d in deltas] == [(i, n) for i, (n, _) in enumerate(want)]
+    assert "maxItems" not in plan_tools([WEATHER, TIME], "required", True, False).constraint.json
+    two = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]'
+    assert [c.name for c in plan_tools([WEATHER, TIME], "required", None, False).calls(two, None)[1]] == \
+        ["get_time", "get_weather"]
+
+
 @pytest.mark.parametrize(("name", "text", "expected"), [
     ("qwen3", "<think>\nplan it\n</think>\n\nThe answer.", ("\nplan it\n", "The answer.")),
     ("qwen3", "No thinking here.", (None, "No thinking here.")),
