@@ -59,8 +59,9 @@ class StepGraphs:
     """Called by `Decoder.forward` as `graphs(x, rope, meta, kv)`: the layers' output for a decode step it can
     replay or record, else None (the decoder then runs its layers itself)."""
 
-    def __init__(self, decoder: torch.nn.Module, max_blocks_per_seq: int | None = None):
+    def __init__(self, decoder: torch.nn.Module, kv: list, max_blocks_per_seq: int | None = None):
         self.decoder = decoder
+        self.kv = kv  # the engine's KV pool: recordings write into it, so a forward over another cache stays eager
         self.max_blocks = max_blocks_per_seq or 0
         # key (a batch size, or (tokens, sequences)) -> (graph, out, bytes)
         self.graphs: OrderedDict[int | tuple[int, int], tuple[object, torch.Tensor, int]] = OrderedDict()
@@ -75,7 +76,7 @@ class StepGraphs:
         # a decode step is keyed by its batch size; a step with several tokens per sequence (speculative
         # verification, short prompt chunks) by (tokens, sequences): the kernels read the rest from the inputs
         key = tokens if tokens == seqs else (tokens, seqs)
-        if kr is None or kv is None or meta.lora is not None or len(kr.rows) != seqs \
+        if kr is None or kv is not self.kv or meta.lora is not None or len(kr.rows) != seqs \
                 or key in self.eager or torch.is_grad_enabled() or kernels._state.get("off"):
             return None  # not a step whose every sequence the paged kernel attends, or kernels switched off
         entry = self.graphs.get(key)

@@ -67,15 +67,15 @@ class ModelRunner:
         self.enforce_eager = enforce_eager
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        decoder = getattr(model, "model", None)
-        self.graphs = None
-        if isinstance(decoder, Decoder) and self.device.type == "cpu" and not enforce_eager:
-            # decode steps replayed from C++ without the Python between the kernels (engine/cpu_graph.py)
-            self.graphs = decoder.step_graphs = StepGraphs(decoder, -(-(max_model_len or 0) // block_size))
         a = model.args
         shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
         self.kv: list[KVCache] = [layer_kv_cache(shape, kv_dtype or self.dtype, self.device)
                                   for _ in range(a.num_hidden_layers)]
+        decoder = getattr(model, "model", None)
+        self.graphs = None
+        if isinstance(decoder, Decoder) and self.device.type == "cpu" and not enforce_eager:
+            # decode steps replayed from C++ without the Python between the kernels (engine/cpu_graph.py)
+            self.graphs = decoder.step_graphs = StepGraphs(decoder, self.kv, -(-(max_model_len or 0) // block_size))
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
         """Flat ids, positions and metadata for the step; the rows (sequence indices) that get logits. A row

@@ -103,6 +103,36 @@ def test_speculative_steps_replay_graphs_of_their_shape(tiny_dir, batch):
     assert llm.engine.spec_stats.num_accepted_tokens > 0 and graphs.replays >= 5 and not graphs.eager
 
 
+def test_a_forward_over_another_kv_cache_stays_eager(tiny_dir):
+    """Graphs write into the engine's KV pool: a forward over another cache (a caller's own, as in an evaluation)
+    of a recorded shape must run the layers, not replay into the engine's pool."""
+    from lmforge.engine.model_runner import layer_kv_cache
+    from lmforge.layers.attention import AttnMeta
+
+    llm = engine(tiny_dir, dtype="float32")
+    generate(llm, PROMPTS[:1], graphs_on=True)
+    runner, graphs = llm.engine.runner, llm.engine.runner.graphs
+    assert 1 in graphs.graphs
+    decoder, replays = runner.model.model, graphs.replays
+
+    def decode_over_own_cache():
+        kv = [layer_kv_cache(layer[0].shape, layer[0].dtype, runner.device) for layer in runner.kv]
+        table = torch.zeros(1, 4, dtype=torch.long)
+        with torch.inference_mode():
+            for pos, token in enumerate([5, 9, 13, 2]):  # one token a step: the recorded decode shape
+                meta = AttnMeta.for_paged([1], [pos + 1], torch.tensor([pos]), table, block_size=4)
+                out = runner.model(torch.tensor([token]), torch.tensor([pos]), meta, kv)
+        return out
+
+    replayable = decode_over_own_cache()
+    assert graphs.replays == replays
+    decoder.step_graphs = None
+    try:
+        assert torch.equal(replayable, decode_over_own_cache())
+    finally:
+        decoder.step_graphs = graphs
+
+
 def test_an_op_without_a_kernel_keeps_the_step_eager(tiny_dir, caplog):
     """A layer running an aten op that no kernel records: each batch size stays eager, once logged, and outputs
     are the eager ones."""
