@@ -5,11 +5,11 @@
 // product (AVX2: u8 x s8 -> s16 pairs with maddubs, -> s32 with madd), scaled by the two blocks' float scales.
 // The weight layouts (lmforge/layers/quant_linear.py makes them; K % 32 == 0):
 //   q8: int8 w [N, K] and scale [N, K/32] (a scale per block: Q8_0, int8) or [N] (one per output channel);
-//       value = scale * q. With float16 block scales and N a multiple of 8, in groups of 8 rows ("x8", below):
-//       scale [N/8, K/32, 8] says so.
+//       value = scale * q.
 //   q4: uint8 w [N, K/2], per 32-block 16 bytes: byte i holds element i (low nibble) and element i + 16 (high);
 //       scale and min [N, K/32]; value = scale * q + min (Q4_1; Q4_0 has min = -8 scale; Q4_K's sub-blocks).
 // Block scales and mins are float16 (GGUF's own, and the int8/int4 quantisers') or float32 (Q4_K's products).
+// Either layout with block scales may come in groups of 8 rows ("x8", below), which 3-d scales [N/8, K/32, 8] say.
 // A q4 dot product is sum_b scale_b dx_b isum_b + sum_b min_b dx_b sum(qx_b): the second sum uses the activation
 // blocks' sums, computed with the quantisation. Built per instruction-set level (lmforge/kernels/__init__.py): the
 // AVX2 path where the CPU has it, a plain C++ path elsewhere (same results up to float summation order). Every output
@@ -337,37 +337,57 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, 
   else tiles.template operator()<OUT_TILE>();
 }
 
-// ---- q8 in groups of 8 output rows ("x8": lmforge/layers/quant_linear.py's interleave_q8) ------------------------------
-// w [N, K] int8 holds, per group of 8 rows and per 32-block, 256 bytes: 8 loads of 32 bytes, load j holding elements
-// 4j..4j+3 of each of the 8 rows (row r in bytes 4r..4r+3); scale float16 [N/8, K/32, 8]. One 32-byte load meets
-// 4 activation bytes broadcast to every lane, so each lane is one output row: a block's 8 integer sums come out as
-// one vector and take one float FMA with the 8 rows' scales, with no scalar scale work per row and no horizontal sum
-// (about 1.35x the per-row layout's speed on AVX2). Every output is acc = fma(scale_w * scale_x, isum, acc) over the
-// blocks in order, whatever the number of rows: batch-invariant like the per-row kernels.
-template <int R>
-inline void x8_tile(const int8_t* wg, const uint16_t* sg, const int8_t* const* qx, const float* const* dx,
-                    int64_t nb, float (*out)[8]) {
+// ---- weights in groups of 8 output rows ("x8": lmforge/layers/quant_linear.py's group_rows) ---------------------------
+// Per group of 8 rows and per 32-block, the rows' block bytes are laid out as runs of 32: run j holds bytes 4j..4j+3
+// of each of the 8 rows (row r in bytes 4r..4r+3). q8: 8 runs (a row's 32 bytes), elements 4j..4j+3; q4: 4 runs (a
+// row's 16 nibble bytes), low nibbles elements 4j..4j+3 and high nibbles 16+4j..16+4j+3. Scales (and mins) are
+// [N/8, K/32, 8]. One 32-byte load meets 4 activation bytes broadcast to every lane, so each lane is one output row:
+// a block's 8 integer sums come out as one vector and take one FMA with the 8 rows' scales (and one with their mins),
+// with no scalar scale work per row and no horizontal sum (int8: 1.36x the per-row kernel on AVX2). Every output is
+// acc = fma(scale_w * scale_x, isum, acc) (+ fma(min, scale_x * sum(q_x), acc) for q4) over the blocks in order,
+// whatever the number of rows: batch-invariant like the per-row kernels.
+template <int R, bool Q4, typename S>
+inline void x8_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* const* qx, const float* const* dx,
+                    const float* const* sx, int64_t nb, float (*out)[8]) {
+  constexpr int64_t block_bytes = Q4 ? 8 * QK / 2 : 8 * QK;  // the group's bytes per 32-block
 #if defined(__AVX2__)
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m256i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
-    const int8_t* wb = wg + b * 8 * QK;
-    for (int j = 0; j < 8; ++j) {
+    const uint8_t* wb = wg + b * block_bytes;
+    for (int j = 0; j < (Q4 ? 4 : 8); ++j) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * j));
-      const __m256i wabs = _mm256_sign_epi8(wv, wv);  // |w| as u8; the sign moves onto x
-      for (int r = 0; r < R; ++r) {
-        int32_t four;
-        std::memcpy(&four, qx[r] + b * QK + 4 * j, 4);
-        const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(four), wv);
-        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones));
+      if constexpr (Q4) {
+        const __m256i lo = _mm256_and_si256(wv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
+        for (int r = 0; r < R; ++r) {
+          int32_t xlo, xhi;
+          std::memcpy(&xlo, qx[r] + b * QK + 4 * j, 4);
+          std::memcpy(&xhi, qx[r] + b * QK + QK / 2 + 4 * j, 4);
+          // each lane at most 2 x 15 x 127 per maddubs: their int16 sum cannot overflow
+          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xlo)),
+                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xhi)));
+          isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(s16, ones));
+        }
+      } else {
+        const __m256i wabs = _mm256_sign_epi8(wv, wv);  // |w| as u8; the sign moves onto x
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, qx[r] + b * QK + 4 * j, 4);
+          const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(four), wv);
+          isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones));
+        }
       }
     }
-    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * 8)));
+    const __m256 ws = load8(sg + b * 8);
     for (int r = 0; r < R; ++r)
       acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(ws, _mm256_set1_ps(dx[r][b])), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+    if constexpr (Q4) {
+      const __m256 wm = load8(mg + b * 8);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(sx[r][b]), acc[r]);
+    }
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], acc[r]);
 #else
@@ -375,45 +395,57 @@ inline void x8_tile(const int8_t* wg, const uint16_t* sg, const int8_t* const* q
     for (int c = 0; c < 8; ++c) {
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* wb = wg + b * block_bytes;
         int isum = 0;
-        for (int j = 0; j < 8; ++j)
-          for (int e = 0; e < 4; ++e) isum += wg[b * 8 * QK + 32 * j + 4 * c + e] * qx[r][b * QK + 4 * j + e];
+        for (int j = 0; j < (Q4 ? 4 : 8); ++j)
+          for (int e = 0; e < 4; ++e) {
+            const uint8_t byte = wb[32 * j + 4 * c + e];
+            if constexpr (Q4)
+              isum += (byte & 0x0F) * qx[r][b * QK + 4 * j + e] + (byte >> 4) * qx[r][b * QK + QK / 2 + 4 * j + e];
+            else
+              isum += static_cast<int8_t>(byte) * qx[r][b * QK + 4 * j + e];
+          }
         acc += to_f(sg[b * 8 + c]) * dx[r][b] * static_cast<float>(isum);
+        if constexpr (Q4) acc += to_f(mg[b * 8 + c]) * sx[r][b];
       }
       out[r][c] = acc;
     }
 #endif
 }
 
-template <typename scalar_t>
+template <bool Q4, typename S, typename scalar_t>
 void linear_x8(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& scale,
-               const float* bias, at::Tensor& y) {
-  const int64_t groups = w.size(0) / 8, nb = K / QK;
-  const int8_t* pw = w.data_ptr<int8_t>();
-  const uint16_t* ps = reinterpret_cast<const uint16_t*>(scale.data_ptr());
+               const at::Tensor& wmin, const float* bias, at::Tensor& y) {
+  const int64_t groups = w.size(0) / 8, nb = K / QK, group_bytes = 8 * (Q4 ? K / 2 : K);
+  const uint8_t* pw = static_cast<const uint8_t*>(w.data_ptr());
+  const S* ps = static_cast<const S*>(scale.data_ptr());
+  const S* pm = Q4 ? static_cast<const S*>(wmin.data_ptr()) : nullptr;
   scalar_t* py = y.data_ptr<scalar_t>();
   const int64_t yld = y.stride(0);
-  // a group's weight (8 x K bytes) stays in L1 while every tile of activation rows meets it; one row (decoding):
-  // the weight, read once, prefetched two groups ahead
+  // a group's weight stays in L1 while every tile of activation rows meets it; one row (decoding): the weight, read
+  // once, prefetched two groups ahead
   at::parallel_for(0, groups, 2, [&](int64_t lo, int64_t hi) {
     const int8_t* qx[ROW_TILE];
-    const float* dx[ROW_TILE];
+    const float *dx[ROW_TILE], *sx[ROW_TILE];
     float out[ROW_TILE][8];
     for (int64_t g = lo; g < hi; ++g) {
-      const int8_t* wg = pw + g * 8 * K;
+      const uint8_t* wg = pw + g * group_bytes;
       if (M == 1 && g + 2 < groups)
-        for (int64_t off = 0; off < 8 * K; off += 64) __builtin_prefetch(wg + 16 * K + off);
+        for (int64_t off = 0; off < group_bytes; off += 64) __builtin_prefetch(wg + 2 * group_bytes + off);
+      const S* sg = ps + g * nb * 8;
+      const S* mg = Q4 ? pm + g * nb * 8 : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
         const int64_t rows = std::min(ROW_TILE, M - m0);
         for (int64_t r = 0; r < rows; ++r) {
           qx[r] = a.q.data() + (m0 + r) * K;
           dx[r] = a.d.data() + (m0 + r) * nb;
+          sx[r] = a.s.data() + (m0 + r) * nb;
         }
         switch (rows) {
-          case 4: x8_tile<4>(wg, ps + g * nb * 8, qx, dx, nb, out); break;
-          case 3: x8_tile<3>(wg, ps + g * nb * 8, qx, dx, nb, out); break;
-          case 2: x8_tile<2>(wg, ps + g * nb * 8, qx, dx, nb, out); break;
-          default: x8_tile<1>(wg, ps + g * nb * 8, qx, dx, nb, out); break;
+          case 4: x8_tile<4, Q4, S>(wg, sg, mg, qx, dx, sx, nb, out); break;
+          case 3: x8_tile<3, Q4, S>(wg, sg, mg, qx, dx, sx, nb, out); break;
+          case 2: x8_tile<2, Q4, S>(wg, sg, mg, qx, dx, sx, nb, out); break;
+          default: x8_tile<1, Q4, S>(wg, sg, mg, qx, dx, sx, nb, out); break;
         }
         for (int64_t r = 0; r < rows; ++r)
           for (int c = 0; c < 8; ++c)
@@ -436,9 +468,10 @@ void check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == (q4 ? K / 2 : K), "quant_linear: weight shape ",
               w.sizes(), " does not fit in_features ", K);
   if (scale.dim() == 3) {
-    TORCH_CHECK(!q4 && scale.scalar_type() == at::kHalf && scale.is_contiguous() && N % 8 == 0 &&
-                scale.size(0) * 8 == N && scale.size(1) == K / QK && scale.size(2) == 8, "quant_linear: an int8 "
-                "weight in 8-row groups needs float16 scales [N/8, K/32, 8], N a multiple of 8");
+    TORCH_CHECK((scale.scalar_type() == at::kHalf || (q4 && scale.scalar_type() == at::kFloat)) &&
+                scale.is_contiguous() && N % 8 == 0 && scale.size(0) * 8 == N && scale.size(1) == K / QK &&
+                scale.size(2) == 8, "quant_linear: a weight in 8-row groups needs scales [N/8, K/32, 8] (float16; "
+                "float32 for 4-bit), N a multiple of 8");
   } else {
     TORCH_CHECK((scale.scalar_type() == at::kFloat || (scale.scalar_type() == at::kHalf && scale.dim() == 2)) &&
                 scale.is_contiguous() && scale.size(0) == N &&
@@ -468,11 +501,13 @@ void quant_linear_into(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor 
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
 #if defined(__AVX2__)
-    const QuantRows a = quantize_rows<scalar_t>(x, q4);
+    const QuantRows a = quantize_rows<scalar_t>(x, q4 && scale.dim() != 3);  // pair order: the per-row q4 tiles'
 #else
     const QuantRows a = quantize_rows<scalar_t>(x);
 #endif
-    if (scale.dim() == 3) linear_x8<scalar_t>(a, M, K, w, scale, pb, y);
+    if (scale.dim() == 3 && q4 && half) linear_x8<true, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    else if (scale.dim() == 3 && q4) linear_x8<true, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    else if (scale.dim() == 3) linear_x8<false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (q4 && half) linear_impl<true, false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (q4) linear_impl<true, false, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (row) linear_impl<false, true, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);

@@ -2,14 +2,15 @@
 
 A `QuantLinear` holds its weight packed in one of two layouts (the kernels' layouts, lmforge/kernels/quant_ops.cpp):
   "q8": int8 `qweight` [out, in] and `scales`, one per 32-element block [out, in/32] (GGUF Q8_0 and
-        `quantization="int8"`: float16) or one per output channel [out] (float32); value = scale * q. In memory,
-        float16 block scales with `out` a multiple of 8 are held in groups of 8 rows (`interleave_q8`: the kernels'
-        fastest int8 layout, scales [out/8, in/32, 8]); state_dict and checkpoints keep the row layout.
+        `quantization="int8"`: float16) or one per output channel [out] (float32); value = scale * q.
   "q4": uint8 `qweight` [out, in/2], each 32-block's 16 bytes holding element i in the low nibble of byte i and
         element i + 16 in the high one; `scales` and `mins` [out, in/32] (float16, or float32 for Q4_K whose
         sub-block scales are products); value = scale * q + min. GGUF Q4_0
         (min = -8 scale), Q4_1, Q4_K (its 32-element sub-blocks' scale and min, multiplied out exactly in float32)
         and `quantization="int4"` (per-32 asymmetric groups, the Q4_1 idea) all take this layout.
+With block scales (float16 for q8) and `out` a multiple of 8, both are held in memory in groups of 8 output rows
+(`interleave_rows`: the kernels' fastest layout, scales and mins [out/8, in/32, 8]); state_dict and checkpoints keep
+the rows.
 On CPU the kernels quantise activations per 32-block to int8 and compute integer dot products; elsewhere (or with
 kernels off) `forward` dequantises the weight and calls F.linear: the pure-torch reference the kernels are tested
 against. Buffers, not parameters: nothing here trains.
@@ -50,22 +51,30 @@ class QuantLinear(nn.Module):
         if not self.qweight.is_meta:  # built on meta to be loaded: build_quantized_model groups after the load
             self.group_rows()
 
+    @property
+    def _grouped_names(self) -> tuple[str, ...]:
+        return ("qweight", "scales", "mins") if self.layout == "q4" else ("qweight", "scales")
+
     def group_rows(self) -> None:
-        """Holds an int8 weight with float16 block scales in groups of 8 rows (`interleave_q8`) where it can."""
-        if self.layout == "q8" and self.scales.dim() == 2 and self.scales.dtype == torch.float16 \
-                and self.out_features % 8 == 0:
-            self.qweight, self.scales = interleave_q8(self.qweight, self.scales)
+        """Holds the weight in the kernels' groups of 8 rows (`interleave_rows`) where it can: block scales (float16
+        for int8), a multiple of 8 outputs."""
+        if self.scales.dim() == 2 and self.out_features % 8 == 0 and \
+                (self.layout == "q4" or self.scales.dtype == torch.float16):
+            grouped = interleave_rows(*(getattr(self, name) for name in self._grouped_names))
+            for name, t in zip(self._grouped_names, grouped, strict=True):
+                setattr(self, name, t)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.scales.dim() == 3:  # checkpoints hold rows: the format of weights/quantized.py
-            destination[prefix + "qweight"], destination[prefix + "scales"] = deinterleave_q8(self.qweight,
-                                                                                            self.scales)
+            rows = deinterleave_rows(*(getattr(self, name) for name in self._grouped_names))
+            destination.update({prefix + name: t for name, t in zip(self._grouped_names, rows, strict=True)})
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.scales.dim() == 3 and state_dict.get(prefix + "scales", self.scales).dim() == 2:
-            state_dict[prefix + "qweight"], state_dict[prefix + "scales"] = interleave_q8(
-                state_dict[prefix + "qweight"], state_dict[prefix + "scales"])
+            names = [prefix + name for name in self._grouped_names]
+            if all(name in state_dict for name in names):  # else: the load reports what is missing
+                state_dict.update(zip(names, interleave_rows(*(state_dict[name] for name in names)), strict=True))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
@@ -88,7 +97,8 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] the packed one stands for (exactly: every scale * q + min is one rounding)."""
         if self.scales.dim() == 3:
-            return dequantize(*deinterleave_q8(self.qweight, self.scales), self.mins)
+            rows = deinterleave_rows(*(getattr(self, name) for name in self._grouped_names))
+            return dequantize(*rows, *(() if self.layout == "q4" else (self.mins,)))
         return dequantize(self.qweight, self.scales, self.mins)
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
@@ -133,10 +143,10 @@ class QuantJoint:
         offset, grouped = 0, first.scales.dim() == 3  # 8-row groups: a layer's scales are its groups'
         for layer in layers:
             rows = slice(offset, offset + layer.out_features)
-            layer.qweight = self.qweight[rows]
-            layer.scales = self.scales[offset // 8:(offset + layer.out_features) // 8] if grouped else self.scales[rows]
+            blocks = slice(offset // 8, (offset + layer.out_features) // 8) if grouped else rows
+            layer.qweight, layer.scales = self.qweight[rows], self.scales[blocks]
             if first.layout == "q4":
-                layer.mins = self.mins[rows]
+                layer.mins = self.mins[blocks]
             if biased:
                 layer.bias = self.bias[rows]
             offset += layer.out_features
@@ -175,19 +185,22 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return (blocks[..., :BLOCK // 2] | (blocks[..., BLOCK // 2:] << 4)).reshape(n, k // 2)
 
 
-def interleave_q8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 q [N, K] and float16 block scales [N, K/32] -> the kernels' 8-row groups: per group and 32-block, 256
-    bytes as 8 runs of 32, run j holding elements 4j..4j+3 of each of the 8 rows; scales [N/8, K/32, 8]."""
-    n, k = q.shape
-    grouped = q.reshape(n // 8, 8, k // BLOCK, 8, 4).permute(0, 2, 3, 1, 4).reshape(n, k)
-    return grouped, scales.reshape(n // 8, 8, k // BLOCK).transpose(1, 2).contiguous()
+def interleave_rows(q: torch.Tensor, *blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q [N, bytes per row] (int8 [N, K] or 4-bit [N, K/2]) and per-block tensors [N, K/32] (scales, mins) -> the
+    kernels' 8-row groups: per group and 32-block, runs of 32 bytes, run j holding bytes 4j..4j+3 of each of the 8
+    rows' block; per-block tensors [N/8, K/32, 8]."""
+    n, width = q.shape
+    nb = blocks[0].shape[1]
+    grouped = q.reshape(n // 8, 8, nb, width // nb // 4, 4).permute(0, 2, 3, 1, 4).reshape(n, width)
+    return grouped, *(t.reshape(n // 8, 8, nb).transpose(1, 2).contiguous() for t in blocks)
 
 
-def deinterleave_q8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of interleave_q8: rows [N, K] and scales [N, K/32]."""
-    n, k = q.shape
-    rows = q.reshape(n // 8, k // BLOCK, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(n, k)
-    return rows, scales.transpose(1, 2).reshape(n, k // BLOCK)
+def deinterleave_rows(q: torch.Tensor, *blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inverse of interleave_rows: q [N, bytes per row] and per-block tensors [N, K/32]."""
+    n, width = q.shape
+    nb = blocks[0].shape[1]
+    rows = q.reshape(n // 8, nb, width // nb // 4, 8, 4).permute(0, 3, 1, 2, 4).reshape(n, width)
+    return rows, *(t.transpose(1, 2).reshape(n, nb) for t in blocks)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ from gguf.quants import dequantize as gguf_dequantize
 from lmforge import kernels
 from lmforge.layers.quant_linear import (
     QuantLinear,
-    deinterleave_q8,
+    deinterleave_rows,
     dequantize,
-    interleave_q8,
+    interleave_rows,
     quantize_activations,
     quantize_int4,
     quantize_int8,
@@ -30,14 +30,14 @@ def level(request):
         yield request.param
 
 
-LAYOUTS = ["q8_0", "q8_0-f16", "q8_0-x8", "int8", "int4", "int4-f32"]
+LAYOUTS = ["q8_0", "q8_0-f16", "q8_0-f16-x8", "int8", "int4", "int4-x8", "int4-f32", "int4-f32-x8"]
 
 
 def _weights(layout: str, n: int, k: int, seed: int = 0):
-    """(q, scale, min) of a layout; "q8_0-x8": float16 block scales in 8-row groups (n rounded up to 8k)."""
-    if layout == "q8_0-x8":
-        q, s, m = _weights("q8_0-f16", -(-n // 8) * 8, k, seed)
-        return *interleave_q8(q, s), m
+    """(q, scale, min) of a layout; "-x8": in 8-row groups (the kernels' layout; n rounded up to 8k)."""
+    if layout.endswith("-x8"):
+        q, s, m = _weights(layout.removesuffix("-x8"), -(-n // 8) * 8, k, seed)
+        return interleave_rows(q, s, m) if m.numel() else (*interleave_rows(q, s), m)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     if layout == "int8":
@@ -55,7 +55,7 @@ def _exact_reference(x: torch.Tensor, q, s, m, bias) -> torch.Tensor:
     """The kernels' arithmetic in float64: per block, weight scale x activation scale x integer dot product, plus
     min x activation block sum (q4); only the float summation order differs from the kernel's."""
     if s.dim() == 3:
-        q, s = deinterleave_q8(q, s)
+        q, s, m = deinterleave_rows(q, s, m) if m.numel() else (*deinterleave_rows(q, s), m)
     qx, dx, sx = quantize_activations(x)
     n, k = q.shape[0], x.shape[1]
     if q.dtype == torch.uint8:
@@ -115,13 +115,15 @@ def test_a_rows_output_does_not_depend_on_the_batch(layout):
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["q8_0", "q8_0-x8", "int8", "int4"])
+@pytest.mark.parametrize("layout", ["q8_0", "q8_0-f16-x8", "int8", "int4", "int4-x8"])
 def test_kernel_against_float_activations_within_the_stated_bound(layout):
     """int8 activations (per-32 absmax) cost a relative error of about 0.5 %: bound 2 % of the output norm."""
     q, s, m = _weights(layout, 77, 576, seed=3)
     x = torch.randn(6, 576)
     y = kernels.quant_ops().quant_linear(x, q, s, m, torch.empty(0))
-    ref = F.linear(x, dequantize(*(deinterleave_q8(q, s) if s.dim() == 3 else (q, s)), m))
+    if s.dim() == 3:
+        q, s, m = deinterleave_rows(q, s, m) if m.numel() else (*deinterleave_rows(q, s), m)
+    ref = F.linear(x, dequantize(q, s, m))
     assert ((y - ref).norm() / ref.norm()).item() < 2e-2
 
 
@@ -163,21 +165,24 @@ def test_quant_linear_layer_kernel_and_reference_paths(method):
         assert ((y - ref).norm() / ref.norm()).item() < 2e-2
 
 
-def test_int8_layers_hold_8_row_groups_and_save_rows():
-    """An int8 layer of 8k outputs keeps its weight in the kernels' 8-row groups; state_dict (checkpoints) holds the
-    rows quantize_q8 made, a row state_dict loads back into groups, and fused q/k/v-style joints slice groups."""
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_layers_hold_8_row_groups_and_save_rows(method):
+    """A layer of 8k outputs keeps its weight in the kernels' 8-row groups; state_dict (checkpoints) holds the rows
+    the quantiser made, a row state_dict loads back into groups, and fused q/k/v-style joints slice groups."""
     from lmforge.layers.quant_linear import QuantJoint, quantize_q8
 
     lins = [torch.nn.Linear(96, n, bias=False) for n in (48, 16)]
-    layers = [QuantLinear.quantize(lin, "int8") for lin in lins]
-    q, s = quantize_q8(lins[0].weight.detach().float())
+    layers = [QuantLinear.quantize(lin, method) for lin in lins]
+    w = lins[0].weight.detach().float()
+    made = quantize_q8(w) if method == "int8" else quantize_int4(w)
     assert layers[0].scales.shape == (6, 3, 8) and "8-row groups" in repr(layers[0])
     state = layers[0].state_dict()
-    assert torch.equal(state["qweight"], q) and torch.equal(state["scales"], s)
-    assert torch.equal(layers[0].dequantize(), dequantize(q, s, torch.empty(0)))
-    fresh = QuantLinear.quantize(torch.nn.Linear(96, 48, bias=False), "int8")
+    assert all(torch.equal(state[name], t) for name, t in zip(("qweight", "scales", "mins")[:len(made)], made,
+                                                              strict=True))
+    assert torch.equal(layers[0].dequantize(), dequantize(*made, *(() if len(made) == 3 else (torch.empty(0),))))
+    fresh = QuantLinear.quantize(torch.nn.Linear(96, 48, bias=False), method)
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.qweight, layers[0].qweight) and torch.equal(fresh.scales, layers[0].scales)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.buffers(), layers[0].buffers(), strict=True))
     x = torch.randn(3, 96)
     alone = [layer(x) for layer in layers]
     joint = QuantJoint(tuple(layers))
