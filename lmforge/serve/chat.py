@@ -15,12 +15,12 @@ from lmforge.serve.constraints import compile_or_400, request_constraint
 from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.inputs import chat_prompt, resolve_max_tokens, sampling_params
 from lmforge.serve.logprobs import chat_logprobs, prompt_logprobs_json
-from lmforge.serve.protocol import (
+from lmforge.serve.protocol import ChatCompletionRequest
+from lmforge.serve.responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     Delta,
 )

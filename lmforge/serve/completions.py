@@ -15,7 +15,8 @@ from lmforge.serve.constraints import compile_or_400, request_constraint
 from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.inputs import DEFAULT_COMPLETION_MAX_TOKENS, completion_prompt, resolve_max_tokens, sampling_params
 from lmforge.serve.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs_json
-from lmforge.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from lmforge.serve.protocol import CompletionRequest
+from lmforge.serve.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 from lmforge.serve.state import ServerState, Submission
 from lmforge.serve.streams import DONE, EventStream, sse
 

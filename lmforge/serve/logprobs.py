@@ -4,7 +4,7 @@ prompt's (vLLM's prompt_logprobs: None for the first token, then the same dicts)
 import math
 
 from lmforge.engine.outputs import Logprob
-from lmforge.serve.protocol import (
+from lmforge.serve.responses import (
     ChatLogprobs,
     CompletionLogprobs,
     PromptLogprob,
@@ -14,8 +14,6 @@ from lmforge.serve.protocol import (
 )
 
 LOWEST = -9999.0  # what a log-prob of -inf (or NaN) reads as in JSON, as vLLM sends it
-
-NO_LOGPROB = -9999.0
 
 
 def _ranked(entry: dict[int, Logprob], k: int) -> list[Logprob]:
@@ -31,7 +29,7 @@ def _text(lp: Logprob) -> str:
 def _value(lp: Logprob) -> float:
     """The log-prob as JSON can carry it: -inf (and NaN, from a model whose logits overflowed) become -9999.0, the
     floor vLLM clamps log-probs to; JSON has no infinities and OpenAI's clients expect a number."""
-    return lp.logprob if math.isfinite(lp.logprob) else NO_LOGPROB
+    return _finite(lp.logprob)
 
 
 def chat_logprobs(entries: list[dict[int, Logprob]], top_k: int) -> ChatLogprobs:
@@ -65,7 +63,7 @@ def prompt_logprobs_json(prompt: list[dict[int, Logprob] | None]) -> PromptLogpr
 
 
 def _finite(x: float) -> float:
-    return x if x >= LOWEST else LOWEST  # NaN fails the comparison too
+    return x if LOWEST <= x < math.inf else LOWEST  # NaN fails the comparison too
 
 
 def completion_logprobs(entries: list[dict[int, Logprob]], top_k: int, offset: int) -> CompletionLogprobs:

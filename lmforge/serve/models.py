@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lmforge.engine.lora_manager import LoRARequest
 from lmforge.serve.errors import APIError
-from lmforge.serve.protocol import ModelCard
+from lmforge.serve.responses import ModelCard
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,22 +30,24 @@ from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.serve.models import ServedModels
 from lmforge.serve.openapi import VersionResponse, answers, build_openapi
 from lmforge.serve.protocol import (
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
     CompletionRequest,
-    CompletionResponse,
     DetokenizeRequest,
-    DetokenizeResponse,
     LoadLoRAAdapterRequest,
-    ModelCard,
-    ModelList,
     TokenizeRequest,
-    TokenizeResponse,
-    TokenizerInfoResponse,
     UnloadLoRAAdapterRequest,
 )
 from lmforge.serve.reasoning import get_reasoning_parser
+from lmforge.serve.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+    TokenizerInfoResponse,
+)
 from lmforge.serve.state import ServerState
 from lmforge.serve.tools import get_tool_parser
 

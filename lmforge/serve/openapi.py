@@ -11,15 +11,14 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from lmforge.serve.protocol import (
-    ChatCompletionChunk,
     ChatCompletionRequest,
     CompletionRequest,
-    CompletionResponse,
     DetokenizeRequest,
     LoadLoRAAdapterRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
+from lmforge.serve.responses import ChatCompletionChunk, CompletionResponse
 
 BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,

@@ -13,8 +13,8 @@ from lmforge.engine.sampling_params import SamplingParams
 from lmforge.serve.errors import APIError, bad_request
 from lmforge.serve.metrics import RequestTracker, ServerMetrics
 from lmforge.serve.models import ModelRoute, ServedModels
-from lmforge.serve.protocol import PromptTokensDetails, Usage
 from lmforge.serve.reasoning import ReasoningParser
+from lmforge.serve.responses import PromptTokensDetails, Usage
 from lmforge.serve.streams import collect, merge, unless_disconnected
 from lmforge.serve.tools import ToolParser
 

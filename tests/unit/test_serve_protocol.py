@@ -4,7 +4,8 @@ import pytest
 from pydantic import ValidationError
 
 from lmforge.serve.errors import from_validation, param_path
-from lmforge.serve.protocol import ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, CompletionRequest, Delta
+from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest
+from lmforge.serve.responses import ChatChunkChoice, ChatCompletionChunk, Delta
 
 
 def chat(**fields) -> ChatCompletionRequest:
