@@ -64,11 +64,15 @@ class QuantLinear(nn.Module):
             for name, t in zip(self._grouped_names, grouped, strict=True):
                 setattr(self, name, t)
 
+    def _rows(self) -> tuple[torch.Tensor, ...]:
+        """The grouped tensors (`_grouped_names`) in the row layout."""
+        grouped = tuple(getattr(self, name) for name in self._grouped_names)
+        return deinterleave_rows(*grouped) if self.scales.dim() == 3 else grouped
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.scales.dim() == 3:  # checkpoints hold rows: the format of weights/quantized.py
-            rows = deinterleave_rows(*(getattr(self, name) for name in self._grouped_names))
-            destination.update({prefix + name: t for name, t in zip(self._grouped_names, rows, strict=True)})
+            destination.update({prefix + name: t for name, t in zip(self._grouped_names, self._rows(), strict=True)})
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.scales.dim() == 3 and state_dict.get(prefix + "scales", self.scales).dim() == 2:
@@ -96,10 +100,8 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] the packed one stands for (exactly: every scale * q + min is one rounding)."""
-        if self.scales.dim() == 3:
-            rows = deinterleave_rows(*(getattr(self, name) for name in self._grouped_names))
-            return dequantize(*rows, *(() if self.layout == "q4" else (self.mins,)))
-        return dequantize(self.qweight, self.scales, self.mins)
+        q, scales, *mins = self._rows()
+        return dequantize(q, scales, mins[0] if mins else self.mins)
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         """`lora` is for the MultiLoRALinear that may wrap this layer; a plain one ignores it (as Linear does)."""
