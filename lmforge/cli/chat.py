@@ -1,10 +1,9 @@
 """lmforge chat: an interactive conversation using the model's chat template, streamed from the engine."""
 
 import argparse
-import itertools
 import sys
 
-from lmforge.cli.engine_args import add_engine_args, add_sampling_args, build_llm, sampling_params, stream
+from lmforge.cli.engine_args import add_engine_args, add_sampling_args, build_llm, sampling_params
 
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(HELP, file=sys.stderr)
-    for turn in itertools.count():
+    while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
@@ -53,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
         while len(ids) + params.max_tokens > llm.engine.max_model_len and len(messages) > len(opening) + 1:
             del messages[len(opening): len(opening) + 2]  # forget the oldest exchange to stay in context
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        reply = stream(llm, ids, params, f"chat-{turn}", _write)
+        pieces = []
+        for piece in llm.stream(ids, params):
+            _write(piece)
+            pieces.append(piece)
+        reply = "".join(pieces)
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply.strip()})
     return 0

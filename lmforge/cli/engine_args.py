@@ -83,20 +83,3 @@ def sampling_params(args: argparse.Namespace):
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed,
                           stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-
-
-def stream(llm, prompt_ids: list[int], params, request_id: str, write) -> str:
-    """Runs one request on the engine, writing text as it is decided; returns the whole completion."""
-    engine = llm.engine
-    engine.add_request(request_id, prompt_ids, params)
-    text = []
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.request_id == request_id and out.new_text[0]:
-                    write(out.new_text[0])
-                    text.append(out.new_text[0])
-    except BaseException:
-        engine.abort(request_id)
-        raise
-    return "".join(text)

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmforge.cli.engine_args import add_engine_args, add_sampling_args, build_llm, sampling_params, stream
+from lmforge.cli.engine_args import add_engine_args, add_sampling_args, build_llm, sampling_params
 from lmforge.errors import LmforgeError
 
 
@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     tok = llm.get_tokenizer()
     if rows is None:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        stream(llm, to_ids(tok, {"prompt": prompt}, args.chat), params, "cli", sys.stdout.write)
+        for piece in llm.stream(to_ids(tok, {"prompt": prompt}, args.chat), params):
+            sys.stdout.write(piece)
         sys.stdout.write("\n")
         return 0
     prompts = [to_ids(tok, row, args.chat) for row in rows]

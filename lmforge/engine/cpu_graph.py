@@ -7,7 +7,8 @@ recorded, with the tensors it reads and writes, into a `StepGraph` (lmforge/kern
 that size copy their inputs (hidden states, rotary tables, slot mapping, block tables, context lengths) into the
 recorded input tensors and replay the kernels in one call. Steps with a few tokens per sequence that the paged kernel
 attends (speculative verification: 1 + k tokens each) are recorded the same way per (tokens, sequences), once such a
-shape recurs. The model definition stays the one in lmforge/models: nothing here knows a layer's structure.
+shape recurs. The model definition stays the one in lmforge/models: nothing here knows a layer's structure, and
+nothing is written onto the model (the runner owns its graphs).
 
 A recording is kept only if it is closed: each tensor a kernel reads is an input, a parameter, a packed weight, the
 KV cache (an int8 cache's scales included), or an output of an earlier recorded step; and nothing but kernels,
@@ -56,13 +57,14 @@ _ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default}
 
 
 class StepGraphs:
-    """Called by `Decoder.forward` as `graphs(x, rope, meta, kv)`: the layers' output for a decode step it can
-    replay or record, else None (the decoder then runs its layers itself)."""
+    """Called by the model runner as `graphs(x, rope, meta, kv)`: the decoder layers' output for a step it can
+    replay or record, else None (the runner then runs the layers itself). Owned by one engine's runner."""
 
-    def __init__(self, decoder: torch.nn.Module, kv: list, max_blocks_per_seq: int | None = None):
+    def __init__(self, decoder: torch.nn.Module, kv: list, max_blocks_per_seq: int | None = None, derived=None):
         self.decoder = decoder
         self.kv = kv  # the engine's KV pool: recordings write into it, so a forward over another cache stays eager
         self.max_blocks = max_blocks_per_seq or 0
+        self.derived = derived  # the engine's DerivedWeights (lmforge/layers/linear.py): recordings may read them
         # key (a batch size, or (tokens, sequences)) -> (graph, out, bytes)
         self.graphs: OrderedDict[int | tuple[int, int], tuple[object, torch.Tensor, int]] = OrderedDict()
         self.eager: set[int | tuple[int, int]] = set()  # keys whose recording was rejected
@@ -77,7 +79,7 @@ class StepGraphs:
         # verification, short prompt chunks) by (tokens, sequences): the kernels read the rest from the inputs
         key = tokens if tokens == seqs else (tokens, seqs)
         if kr is None or kv is not self.kv or meta.lora is not None or len(kr.rows) != seqs \
-                or key in self.eager or torch.is_grad_enabled() or kernels._state.get("off"):
+                or key in self.eager or torch.is_grad_enabled() or kernels.switched_off():
             return None  # not a step whose every sequence the paged kernel attends, or kernels switched off
         entry = self.graphs.get(key)
         if entry is not None:
@@ -132,6 +134,12 @@ class StepGraphs:
         self.seen.add(key)
         return out
 
+    def clear(self) -> None:
+        """Drops every recording (the weights changed: the engine's update_weights); shapes are recorded anew."""
+        self.graphs.clear()
+        self.eager.clear()
+        self.sightings.clear()
+
     @property
     def nbytes(self) -> int:
         """Memory the kept graphs hold (their intermediates)."""
@@ -142,10 +150,8 @@ class StepGraphs:
         known = set(recorder.produced) | {_storage(t) for t in inputs}
         known |= {_storage(t) for layer in kv for t in layer}
         known |= {_storage(t) for t in self.decoder.parameters()} | {_storage(t) for t in self.decoder.buffers()}
-        for module in self.decoder.modules():
-            for cache in (module.__dict__.get("_packed"), getattr(module.__dict__.get("_joint"), "_packed", None)):
-                if cache is not None:
-                    known.add(_storage(cache[2]))
+        if self.derived is not None:
+            known |= {_storage(t) for t in self.derived.tensors()}
         for name, tensors in recorder.reads:
             for t in tensors:
                 if _storage(t) not in known and t.numel():  # an empty tensor (a kernel's "none") holds no data

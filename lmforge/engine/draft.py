@@ -62,9 +62,8 @@ class SelfDraftProposer:
         meta = AttnMeta.for_paged([1] * len(seqs), [p + 1 for p in positions], slots, tables, block_size=bs)
         pos = torch.tensor(positions, device=device)
         d = self.decoder
-        with runner._mode():
-            x = d.embed_tokens(torch.tensor(ids, device=device))
-            rope = d.rotary(pos, x.dtype)
+        with runner.context():
+            x, rope = d.embed(torch.tensor(ids, device=device), pos)
             for i in range(self.num_layers):
                 x = d.layers[i](x, rope, meta, runner.kv[i])
             logits = runner.model.logits(d.norm(x), float32=False)

@@ -1,8 +1,10 @@
 """`LLM`: vLLM's offline API (generate / chat over many prompts at once) on LLMEngine."""
 
 import itertools
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 
+from torch import nn
 from tqdm import tqdm
 
 from lmforge.engine.config import EngineConfig
@@ -24,11 +26,19 @@ class LLM:
     "gguf"), speculative_config (vLLM's dict: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
     "prompt_lookup_min": 1}). max_num_batched_tokens defaults to 4096 here, twice the server's 2048, as in vLLM on
     CPU: offline work is all throughput, a server also keeps its streams moving.
+
+    `model` may also be an lmforge model in memory, with `tokenizer=` its tokenizer: the engine then serves that
+    live object (LLMEngine's update_weights / sleep / wake through `llm.engine`).
     """
 
-    def __init__(self, model: str | None = None, **engine_args):
+    def __init__(self, model: str | nn.Module | None = None, tokenizer=None, **engine_args):
         engine_args.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        if isinstance(model, nn.Module):  # a live model (e.g. the one a trainer holds): served as it is
+            if tokenizer is None:
+                raise ValueError("LLM(model=<module>) needs its tokenizer: LLM(model=module, tokenizer=tok)")
+            self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args))
+        else:
+            self.engine = LLMEngine.from_config(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -74,6 +84,19 @@ class LLM:
                                            tools=tools, chat_template=chat_template, **template_kwargs)
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """One prompt's completion as text pieces, each yielded once it is decided (a possible stop string is held
+        back until it is settled); leaving the loop early aborts the request."""
+        request_id = f"stream-{next(self._ids)}"
+        self.engine.add_request(request_id, self._unwrap(prompt), sampling_params or SamplingParams())
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == request_id and out.new_text[0]:
+                        yield out.new_text[0]
+        finally:
+            self.engine.abort(request_id)  # a no-op once it finished
 
     def reset_prefix_cache(self) -> bool:
         return self.engine.reset_prefix_cache()

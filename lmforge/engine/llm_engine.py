@@ -1,11 +1,13 @@
 """LLMEngine: requests in, one scheduled model step at a time, RequestOutputs out. LLM: vLLM's offline API."""
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.config import EngineConfig, kv_budget_bytes
@@ -14,7 +16,7 @@ from lmforge.engine.logits_processors import resolve_constraints
 from lmforge.engine.lora_manager import AdapterInUseError, AdapterNotFoundError, LoadedAdapter, LoRAManager, LoRARequest
 from lmforge.engine.model_runner import ModelRunner, plan_num_blocks
 from lmforge.engine.output_processor import CompletionState
-from lmforge.engine.outputs import Logprob, RequestMetrics, RequestOutput
+from lmforge.engine.outputs import EngineStats, Logprob, RequestMetrics, RequestOutput
 from lmforge.engine.prompt_logprobs import record_prompt_logprobs
 from lmforge.engine.sampler import SamplingRow, sample
 from lmforge.engine.sampling_params import SamplingParams
@@ -51,35 +53,37 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
-        from lmforge.hardware import compute_dtype
-        from lmforge.tokenizer import Tokenizer
-        from lmforge.weights.quantized import load_for_serving, weight_bytes
-        from lmforge.weights.resolve import resolve_model
+    """Serves one model: `LLMEngine(model, tokenizer, config)` over an lmforge model that exists in memory (a
+    trainer's live model, with or without LoRA), or `LLMEngine.from_config(config)` from a path, GGUF file or alias.
+    The model is left as the engine found it (parameters, modules, training mode): what the engine derives from it
+    lives in its runner; `update_weights()` brings that up to date after the weights change; `sleep()` / `wake()`
+    hand the KV pool's memory back and forth."""
 
-        self.config = config
-        torch.manual_seed(config.seed)
-        t0 = time.perf_counter()
-        model_dir = resolve_model(config.model)
-        self.model, self.quantization = load_for_serving(config.model, model_dir, config.quantization,
-                                                         compute_dtype(config.dtype, config.device),
-                                                         config.device)
-        self.tokenizer = Tokenizer.from_dir(Path(model_dir))
-        t1 = time.perf_counter()
-        self.weight_bytes = weight_bytes(self.model)
-        log.info("weights: %.2f GiB (%s%s) loaded in %.1fs", self.weight_bytes / 2**30,
-                 next(self.model.parameters()).dtype, f", {self.quantization} linears" if self.quantization else "",
-                 t1 - t0)
-        limit = self.model.config.get("max_position_embeddings") or 4096
+    def __init__(self, model: nn.Module, tokenizer, config: EngineConfig | None = None, *, owns_model: bool = False,
+                 quantization: str | None = None):
+        """owns_model: the engine built the model for itself (from_config), so it may lay fused weights out in place
+        and add multi-LoRA slots; quantization: the linears' quantisation, for the log and metrics."""
+        from lmforge.weights.quantized import weight_bytes
+
+        config = config or EngineConfig()
+        if not owns_model and (config.quantization is not None or config.enable_lora):
+            raise ValueError("quantization and enable_lora apply to a model the engine loads itself "
+                             "(LLMEngine.from_config / LLM(path)); a live model is served as it is")
+        self.config, self.owns_model = config, owns_model
+        self.model, self.tokenizer, self.quantization = model, tokenizer, quantization
+        self.weight_bytes = weight_bytes(model)
+        p = next(model.parameters())
+        self.generator = torch.Generator(device=p.device).manual_seed(config.seed)  # unseeded requests' draws
+        self.weight_version = 0  # bumped by update_weights
+        limit = getattr(model, "config", {}).get("max_position_embeddings") or 4096
         self.max_model_len = config.max_model_len or limit
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
         self.loras = self._lora_slots() if config.enable_lora else None
-        kv_dtype = kv_storage_dtype(config.kv_cache_dtype, dtype)
-        num_blocks = plan_num_blocks(self.model, config.block_size, kv_dtype, kv_budget_bytes(config, device),
-                                     self.max_model_len, model_dtype=dtype)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.enforce_eager,
-                                  self.max_model_len, kv_dtype)
+        kv_dtype = kv_storage_dtype(config.kv_cache_dtype, p.dtype)
+        num_blocks = plan_num_blocks(model, config.block_size, kv_dtype, kv_budget_bytes(config, p.device),
+                                     self.max_model_len, model_dtype=p.dtype)
+        t1 = time.perf_counter()
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, self.max_model_len,
+                                  kv_dtype, owned=owns_model)
         t2 = time.perf_counter()
         log.info("KV cache allocated in %.1fs", t2 - t1)
         self.runner.warm_up()
@@ -91,19 +95,83 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_index: dict[int, tuple[Request, int]] = {}
         self.num_steps = 0  # model steps run (a clock for "freed within one step" checks and metrics)
+        self.asleep = False
         spec = config.speculative_config
         self.proposer = None
         if spec is not None:
             self.proposer = NgramProposer(spec, self.max_model_len) if spec.method == "ngram" else \
                 SelfDraftProposer(spec, self.runner, self.max_model_len)
         self.spec_stats = SpecDecodeStats(accepted_per_pos=[0] * spec.num_speculative_tokens) if spec else None
-        self.grammars = GrammarCompiler(self.tokenizer, self.model.args.vocab_size, self.eos_token_ids,
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids,
                                         config.structured_outputs_timeout)
         self.think_ids = None  # (start, end) tag ids: grammars begin after the thinking
         if config.reasoning_parser is not None:
             from lmforge.serve.reasoning import get_reasoning_parser
 
             self.think_ids = get_reasoning_parser(config.reasoning_parser).token_ids(self.tokenizer)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        """Loads config.model (a directory, .gguf file, Hub id or alias) with its tokenizer and serves it."""
+        from lmforge.hardware import compute_dtype
+        from lmforge.tokenizer import Tokenizer
+        from lmforge.weights.quantized import load_for_serving
+        from lmforge.weights.resolve import resolve_model
+
+        t0 = time.perf_counter()
+        model_dir = resolve_model(config.model)
+        model, quantization = load_for_serving(config.model, model_dir, config.quantization,
+                                               compute_dtype(config.dtype, config.device), config.device)
+        tokenizer = Tokenizer.from_dir(Path(model_dir))
+        log.info("weights: %s (%s%s) loaded in %.1fs", model_dir, next(model.parameters()).dtype,
+                 f", {quantization} linears" if quantization else "", time.perf_counter() - t0)
+        return cls(model, tokenizer, config, owns_model=True, quantization=quantization)
+
+    # ---- the live model ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, weights: dict[str, torch.Tensor] | str | Path | None = None) -> int:
+        """After the model's weights changed (optimizer steps), or to change them: `weights` a state dict (HF names,
+        copied in place, any subset) or a PEFT adapter directory (into the live model's LoRA layers). Refreshes
+        what the engine derived from the weights, records step graphs anew, empties the prefix cache (its blocks
+        hold keys and values of the old weights) and returns the new weight version. Refused while requests are
+        in flight: their caches were computed with the old weights."""
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"update_weights: {len(self.requests)} requests are in flight; finish or abort them "
+                               "first")
+        if isinstance(weights, (str, Path)):
+            from lmforge.weights.peft import load_adapter_weights
+
+            load_adapter_weights(self.model, weights)
+        elif weights is not None:
+            params = dict(self.model.state_dict(keep_vars=True))
+            unknown = [name for name in weights if name not in params]
+            if unknown:
+                raise KeyError(f"update_weights: the model has no tensor {unknown[0]!r} "
+                               f"({len(unknown)} unknown names)")
+            for name, value in weights.items():
+                params[name].copy_(value)
+        if not self.asleep:
+            self.runner.refresh()
+        self.block_manager.reset_prefix_cache()
+        self.weight_version += 1
+        return self.weight_version
+
+    def sleep(self) -> None:
+        """Frees the KV pool, the step graphs and the derived weight copies (vLLM's sleep mode), so that training can
+        use the memory; `wake()` brings them back. Refused while requests are in flight."""
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"sleep: {len(self.requests)} requests are in flight; finish or abort them first")
+        if not self.asleep:
+            self.block_manager.reset_prefix_cache()
+            self.runner.release()
+            self.asleep = True
+
+    def wake(self) -> None:
+        """Allocates the KV pool again and derives from the model's current weights (no update_weights needed)."""
+        if self.asleep:
+            self.runner.allocate()
+            self.runner.refresh()
+            self.asleep = False
 
     def _lora_slots(self) -> LoRAManager:
         from lmforge.layers.multi_lora import add_multi_lora
@@ -157,12 +225,14 @@ class LLMEngine:
         With lora_request, the request is generated with that (loaded) adapter."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if self.asleep:
+            raise RuntimeError("the engine is asleep; wake() it before adding requests")
         adapter_id = self._adapter_id(lora_request)
         text, ids = self._tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
-        params = resolve_constraints(params, self.tokenizer, self.model.args.vocab_size)
+        params = resolve_constraints(params, self.tokenizer, self.vocab_size)
         constraint = params.structured_outputs
         grammar = self.grammars.compile(constraint) if constraint is not None else None  # off the step loop
         start = grammar_start(ids, self.think_ids)
@@ -198,7 +268,7 @@ class LLMEngine:
             raise ValueError("prompt must be a string or a list of token ids")
         if not ids:
             raise ValueError("prompt must not be empty")
-        vocab = self.model.args.vocab_size
+        vocab = self.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
@@ -215,6 +285,25 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def has_running_requests(self) -> bool:
+        """Whether a step would run the model (False while only waiters, e.g. grammars compiling, remain)."""
+        return bool(self.scheduler.running)
+
+    def num_waiting_beyond_batch(self) -> int:
+        """Waiting sequences that the running batch has no free place for (max_num_seqs)."""
+        room = max(0, self.scheduler.max_num_seqs - len(self.scheduler.running))
+        return len(self.scheduler.waiting) - room
+
+    def stats(self) -> EngineStats:
+        """Counters and gauges of the scheduler, KV pool, prefix cache and speculation; call between steps."""
+        bm, sched = self.block_manager, self.scheduler
+        return EngineStats(len(sched.running), len(sched.waiting), bm.usage, bm.num_blocks, bm.prefix_queries,
+                           bm.prefix_hits, sched.num_preemptions, self.num_steps, copy.deepcopy(self.spec_stats))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab_size
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self, final_only: bool = False) -> list[RequestOutput]:
@@ -252,7 +341,7 @@ class LLMEngine:
                 sampling_rows.append(SamplingRow(seq.params, request.generators[index], seq.prompt_token_ids,
                                                  output + spec[:j] if j else output, self.eos_token_ids))
                 grammars.append(seq.grammar)
-        result = sample(logits, sampling_rows, batch_bitmask(grammars, logits.shape[1]))
+        result = sample(logits, sampling_rows, batch_bitmask(grammars, logits.shape[1]), self.generator)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         i = 0
@@ -285,23 +374,15 @@ class LLMEngine:
             seq.first_token_time = now
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
-        state, params = request.states[index], seq.params
+        state = request.states[index]
         stop = state.add_token(token, logprob, top)
         refused = seq.grammar is not None and not seq.grammar.accept(token)  # no continuation can follow
-        if token in params.stop_token_ids:
-            self._finish(seq, state, "stop", token)
-        elif token in self.eos_token_ids and not params.ignore_eos:
-            self._finish(seq, state, "stop", None)
-        elif stop is not None:
-            self._finish(seq, state, "stop", stop, flush=False)
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, state, "length", None)
-        elif refused:
-            self._finish(seq, state, "stop", None)
+        end = state.finish(token, stop, self.eos_token_ids, seq.num_output_tokens, seq.num_tokens, self.max_model_len,
+                           refused)
+        if end is not None:
+            self._finish(seq, *end)
 
-    def _finish(self, seq: Sequence, state: CompletionState, reason: str, stop_reason, flush: bool = True) -> None:
-        if flush and (stop := state.flush()) is not None:
-            reason, stop_reason = "stop", stop
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.stop_reason = stop_reason
         seq.finished_time = time.monotonic()
         self.scheduler.finish(seq, reason)

@@ -15,7 +15,7 @@ from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.decoder import Decoder
 from lmforge.layers.kv_quant import kv_row_bytes
-from lmforge.layers.linear import fuse_projections
+from lmforge.layers.linear import DerivedWeights, fuse_projections
 from lmforge.layers.multi_lora import LoraBatch
 
 log = logging.getLogger("lmforge")
@@ -58,24 +58,87 @@ def layer_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     return tuple(caches)
 
 
+def kv_pool(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[KVCache]:
+    """layer_kv_cache for every layer, as views of one allocation (one for int8 scales): freeing it hands the whole
+    pool back to the operating system at once (`LLMEngine.sleep`), where many smaller blocks could stay in the
+    allocator's heap."""
+    data = torch.zeros((num_layers, 2, *shape), dtype=dtype, device=device)
+    scales = torch.zeros((num_layers, 2, *shape[:-1]), dtype=torch.float32, device=device) \
+        if dtype == torch.int8 else None
+    return [(data[i, 0], data[i, 1]) + ((scales[i, 0], scales[i, 1]) if scales is not None else ())
+            for i in range(num_layers)]
+
+
 class ModelRunner:
+    """Runs scheduled steps of `model` over the engine's KV pool. It leaves the model as it found it: what it derives
+    from the weights (fused products, packed copies: DerivedWeights; recorded step graphs) it keeps to itself.
+    owned=True: the engine built the model for itself, so fused products may share the layers' storage; False (a
+    live model, e.g. the one a trainer optimises): they are copies that `refresh()` brings up to date."""
+
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False,
-                 max_model_len: int | None = None, kv_dtype: torch.dtype | None = None):
-        self.model = model
-        fuse_projections(model)  # q/k/v and gate/up as one product each (the engine owns this copy of the model)
+                 max_model_len: int | None = None, kv_dtype: torch.dtype | None = None, owned: bool = True):
+        self.model, self.owned = model, owned
         self.block_size = block_size
         self.enforce_eager = enforce_eager
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         a = model.args
-        shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
-        self.kv: list[KVCache] = [layer_kv_cache(shape, kv_dtype or self.dtype, self.device)
-                                  for _ in range(a.num_hidden_layers)]
+        self.kv_shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
+        self.kv_dtype = kv_dtype or self.dtype
+        self.max_blocks = -(-(max_model_len or 0) // block_size)
         decoder = getattr(model, "model", None)
-        self.graphs = None
-        if isinstance(decoder, Decoder) and self.device.type == "cpu" and not enforce_eager:
+        self.decoder = decoder if isinstance(decoder, Decoder) else None
+        self.kv: list[KVCache] = []
+        self.derived: DerivedWeights | None = None
+        self.graphs: StepGraphs | None = None
+        self.allocate()
+
+    def allocate(self) -> None:
+        """The KV pool (zeroed), the derived weights and an empty set of step graphs."""
+        self.kv = kv_pool(self.model.args.num_hidden_layers, self.kv_shape, self.kv_dtype, self.device)
+        if self.derived is None:
+            self.derived = fuse_projections(self.model, share=self.owned)
+        if self.decoder is not None and self.device.type == "cpu" and not self.enforce_eager:
             # decode steps replayed from C++ without the Python between the kernels (engine/cpu_graph.py)
-            self.graphs = decoder.step_graphs = StepGraphs(decoder, self.kv, -(-(max_model_len or 0) // block_size))
+            self.graphs = StepGraphs(self.decoder, self.kv, self.max_blocks, self.derived)
+
+    def release(self) -> None:
+        """Frees the KV pool, the step graphs and the derived copies (allocate() makes them again)."""
+        self.kv, self.graphs = [], None
+        if self.owned:
+            self.derived.packs.clear()  # the joints are the model's own storage: nothing to free
+        else:
+            self.derived = None
+
+    def refresh(self) -> None:
+        """After the model's weights changed: derived copies take the new values, step graphs are recorded again."""
+        self.derived.refresh()
+        if self.graphs is not None:
+            self.graphs.clear()
+
+    @contextlib.contextmanager
+    def context(self):
+        """What the engine's forwards run under: its kernel switch, its derived weights, and inference behaviour
+        (dropout off) for a live model that may be in training mode, restored after."""
+        training = [m for m in self.model.modules() if m.training] if not self.owned else []
+        for m in training:
+            m.training = False
+        try:
+            with self.derived.active(), kernels.disabled() if self.enforce_eager else contextlib.nullcontext():
+                yield
+        finally:
+            for m in training:
+                m.training = True
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        """The model's final hidden states for a step over the KV pool, the layers replayed from a step graph where
+        one is recorded for the step's shape. Call inside `context()`."""
+        d = self.decoder
+        if self.graphs is None:
+            return self.model(ids, positions, meta, self.kv)
+        x, rope = d.embed(ids, positions)
+        out = self.graphs(x, rope, meta, self.kv)
+        return d.norm(out if out is not None else d.run_layers(x, rope, meta, self.kv))
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
         """Flat ids, positions and metadata for the step; the rows (sequence indices) that get logits. A row
@@ -122,14 +185,11 @@ class ModelRunner:
         tables = torch.zeros(seqs, 1, dtype=torch.long, device=self.device)
         meta = AttnMeta.for_paged([n] * seqs, [n] * seqs, positions.clone(), tables,
                                   torch.arange(n - 1, seqs * n, n, device=self.device), block_size=self.block_size)
-        with self._mode():
-            self.model.logits(self.model(ids, positions, meta, self.kv)[meta.logits_indices], float32=False)
+        with self.context():
+            self.model.logits(self.forward(ids, positions, meta)[meta.logits_indices], float32=False)
         for layer in self.kv:
             for cache in layer:
                 cache[0].zero_()
-
-    def _mode(self):
-        return kernels.disabled() if self.enforce_eager else contextlib.nullcontext()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, lora: LoraBatch | None = None
@@ -141,8 +201,8 @@ class ModelRunner:
         ids, positions, meta, rows = self.prepare(batch)
         if lora is not None:
             meta = dataclasses.replace(meta, lora=lora)
-        with self._mode():
-            hidden = self.model(ids, positions, meta, self.kv)
+        with self.context():
+            hidden = self.forward(ids, positions, meta)
             scores = score_prompt_tokens(self.model, hidden, batch.seqs, batch.num_new_tokens) \
                 if any(seq.needs_prompt_logprobs for seq in batch.seqs) else []
             if not rows:

@@ -30,6 +30,28 @@ class CompletionState:
             self.cumulative_logprob += logprob
         return self._append(self.detok.add(token))
 
+    def finish(self, token: int, stop: str | None, eos_token_ids: set[int] | frozenset[int], num_output_tokens: int,
+               num_tokens: int, max_model_len: int, refused: bool) -> tuple[str, int | str | None] | None:
+        """(finish_reason, stop_reason) when the sequence ends with `token`, just added (`stop`: the stop string
+        add_token found), else None. The one place that decides: a stop token, EOS (unless ignore_eos), a stop
+        string, max_tokens or max_model_len, a grammar that accepts nothing more (`refused`). Ending flushes the
+        text the detokenizer held back, which may itself complete a stop string."""
+        params = self.params
+        if token in params.stop_token_ids:
+            end = "stop", token
+        elif token in eos_token_ids and not params.ignore_eos:
+            end = "stop", None
+        elif stop is not None:
+            return "stop", stop  # the text ends at the stop string: nothing held back to flush
+        elif num_output_tokens >= params.max_tokens or num_tokens >= max_model_len:
+            end = "length", None
+        elif refused:
+            end = "stop", None
+        else:
+            return None
+        held = self.flush()
+        return ("stop", held) if held is not None else end
+
     def flush(self) -> str | None:
         """At the end of generation: text the detokenizer still held back (an unfinished character)."""
         return self._append(self.detok.finish())

@@ -52,3 +52,18 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs, once the prefill has scored them: None for the first prompt token, then per
     # token {id: Logprob} of the actual token (first) and the top k, as vLLM's
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """The engine's state between two steps (LLMEngine.stats()): what /metrics exports."""
+
+    running: int  # sequences in the running batch
+    waiting: int  # sequences waiting for a slot (new or preempted)
+    kv_usage: float  # fraction of KV blocks in use
+    kv_blocks: int
+    prefix_queries: int  # prompt tokens looked up in the prefix cache, since start
+    prefix_hits: int  # of which found there
+    preemptions: int
+    steps: int  # model steps run
+    spec: object | None = None  # SpecDecodeStats (a copy); None when speculation is off

@@ -41,11 +41,12 @@ class SampleResult:
     top_logprobs: list[list[tuple[int, float]]] | None  # per row its params.logprobs best (id, logprob), else []
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow],
-           grammar: tuple[torch.Tensor, list[int]] | None = None) -> SampleResult:
+def sample(logits: torch.Tensor, rows: list[SamplingRow], grammar: tuple[torch.Tensor, list[int]] | None = None,
+           generator: torch.Generator | None = None) -> SampleResult:
     """logits [N, V] (any float dtype; fp32 is used beyond greedy), row i belonging to rows[i] -> one token per row
     (and raw log-probs where asked). grammar: a packed allowed-token bitmask and the rows it constrains
-    (lmforge/engine/structured.py)."""
+    (lmforge/engine/structured.py). generator: the draws of rows without their own (the engine's; None: torch's
+    global one)."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"sample: logits of shape {tuple(logits.shape)} for {len(rows)} rows; expected [rows, vocab]")
     if not rows:
@@ -78,8 +79,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
     if greedy_idx:
         tokens[greedy_idx] = (work if not random_idx else work[greedy_idx]).argmax(-1)
     if random_idx:
+        owned = work is not logits or bool(greedy_idx)
         tokens[random_idx] = _sample_random(work if not greedy_idx else work[random_idx],
-                                            [rows[i] for i in random_idx], owned=work is not logits or bool(greedy_idx))
+                                            [rows[i] for i in random_idx], owned, generator)
     token_ids = tokens.tolist()
     if not want_logprobs:
         return SampleResult(token_ids, None, None)
@@ -94,7 +96,8 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return x.max(-1).indices
 
 
-def _sample_random(x: torch.Tensor, rows: list[SamplingRow], owned: bool) -> torch.Tensor:
+def _sample_random(x: torch.Tensor, rows: list[SamplingRow], owned: bool, shared: torch.Generator | None
+                   ) -> torch.Tensor:
     """x [M, V] penalised logits of the non-greedy rows (modified in place when `owned`) -> token ids [M]."""
     m, v = x.shape
     dev = x.device
@@ -107,7 +110,7 @@ def _sample_random(x: torch.Tensor, rows: list[SamplingRow], owned: bool) -> tor
         min_p = torch.tensor([p.min_p for p in params], dtype=x.dtype, device=dev)[:, None]
     top_k = [p.top_k if 0 < p.top_k < v else v for p in params]  # v: no top-k cut
     if all(k == v for k in top_k) and all(p.top_p >= 1 for p in params):
-        return _race(_probs(x, None, min_p), gens)
+        return _race(_probs(x, None, min_p), gens, shared)
     k = torch.tensor(top_k, device=dev)
     vals, idx, cut = _cutoffs(x, k, torch.tensor([p.top_p for p in params], dtype=x.dtype, device=dev))
     # Rows whose kept logits all lie among their candidates race there: a few hundred columns, not the vocabulary.
@@ -121,10 +124,10 @@ def _sample_random(x: torch.Tensor, rows: list[SamplingRow], owned: bool) -> tor
         sel = slice(None) if len(group) == m else group
         mp = None if min_p is None else min_p[sel]
         if space:
-            pick = _race(_probs(vals[sel], cut[sel], mp), [gens[i] for i in group])
+            pick = _race(_probs(vals[sel], cut[sel], mp), [gens[i] for i in group], shared)
             tokens[sel] = idx[sel].gather(1, pick[:, None])[:, 0]
         else:
-            tokens[sel] = _race(_probs(x[sel], cut[sel], mp), [gens[i] for i in group])
+            tokens[sel] = _race(_probs(x[sel], cut[sel], mp), [gens[i] for i in group], shared)
     return tokens
 
 
@@ -182,12 +185,13 @@ def _cutoff_from_sorted(desc: torch.Tensor, x: torch.Tensor, k: torch.Tensor, p:
     return torch.maximum(kth, cut), settled
 
 
-def _race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def _race(probs: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator | None
+          ) -> torch.Tensor:
     """argmax(p / q) with q ~ Exp(1) per token picks token t with probability p_t / sum(p). Seeded rows draw q
     from their own generator, so their pick depends on nothing else in the batch; the rest share one draw."""
     u = torch.empty_like(probs)
     if any(g is None for g in generators):
-        u.uniform_()
+        u.uniform_(generator=shared)
     for i, g in enumerate(generators):
         if g is not None:
             u[i].uniform_(generator=g)

@@ -18,6 +18,7 @@ path this host can execute) picks a lower one. `levels()` lists the distinct bui
 """
 
 import contextlib
+import contextvars
 import hashlib
 import logging
 import os
@@ -37,6 +38,9 @@ SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 QUANT_SOURCE = Path(__file__).with_name("quant_ops.cpp")  # weight-only quantised linears (layers/quant_linear.py)
 _state: dict[str, object] = {}  # "ops", "quant": the current level's modules; "level": one `level()` chose
 _builds: dict[tuple[str, str], object] = {}  # (source, level) -> compiled module, or None when its build failed
+# Kernels switched off for the current context only (an enforce_eager engine's steps, a test's reference run): a
+# context variable, so one engine's switch never reaches another engine or a training loop in another thread.
+_off: contextvars.ContextVar[bool] = contextvars.ContextVar("lmforge_kernels_off", default=False)
 _DTYPES = (torch.float32, torch.bfloat16)
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Compiler flags per level. -mprefer-vector-width=512: gcc otherwise keeps auto-vectorised loops at 256 bits.
@@ -158,18 +162,23 @@ def level(name: str):
 
 @contextlib.contextmanager
 def disabled():
-    """Inside, every caller takes its pure-torch path (tests compare the two; enforce_eager)."""
-    outer = _state.get("off", False)
-    _state["off"] = True
+    """Inside (this thread or task only), every caller takes its pure-torch path (tests compare the two;
+    enforce_eager)."""
+    token = _off.set(True)
     try:
         yield
     finally:
-        _state["off"] = outer
+        _off.reset(token)
+
+
+def switched_off() -> bool:
+    """Whether kernels are off here: `disabled()` is in effect in this context."""
+    return _off.get()
 
 
 def available(device: torch.device):
     """The kernels when they serve tensors on this device (the CPU, kernels on and built), else None."""
-    if _state.get("off") or device.type != "cpu":
+    if _off.get() or device.type != "cpu":
         return None
     return cpu_ops()
 
@@ -177,7 +186,7 @@ def available(device: torch.device):
 def usable(x: torch.Tensor, *params: torch.Tensor):
     """The kernels when they apply to x (CPU, float32/bfloat16) and autograd is not watching x or params.
     Called for every op of a decode step: written to cost well under a microsecond (x.is_cpu, not x.device)."""
-    if not x.is_cpu or x.dtype not in _DTYPES or _state.get("off"):
+    if not x.is_cpu or x.dtype not in _DTYPES or _off.get():
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return None

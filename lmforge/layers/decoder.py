@@ -14,8 +14,8 @@ class Decoder(nn.Module):
 
     `block(args, layer_index)` builds one decoder layer; it is called as `layer(x, rope, meta, kv)`.
     `checkpoint_every = k` (training) recomputes every k-th block's activations in backward instead of keeping them.
-    `step_graphs` (set by the serving engine on CPU) may run a decode step's layers from a recording of
-    `run_layers` instead (lmforge/engine/cpu_graph.py).
+    The serving engine runs `embed`, then `run_layers` (or its recording of them: lmforge/engine/cpu_graph.py),
+    then `norm` itself.
     """
 
     def __init__(self, args, block: Callable[[object, int], nn.Module]):
@@ -25,15 +25,16 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary = Rotary(args.rope)
         self.checkpoint_every = 0
-        self.step_graphs = None  # set by the serving engine on CPU: replays decode steps' layers (engine/cpu_graph.py)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
                 kv: list[KVCache] | None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)
-        if self.step_graphs is not None and (out := self.step_graphs(x, rope, meta, kv)) is not None:
-            return self.norm(out)
+        x, rope = self.embed(input_ids, positions)
         return self.norm(self.run_layers(x, rope, meta, kv))
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The first layer's input and the rotary tables of the positions."""
+        x = self.embed_tokens(input_ids)
+        return x, self.rotary(positions, x.dtype)
 
     def run_layers(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttnMeta,
                    kv: list[KVCache] | None) -> torch.Tensor:

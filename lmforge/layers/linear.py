@@ -1,3 +1,5 @@
+import contextlib
+import contextvars
 import logging
 
 import torch
@@ -17,10 +19,58 @@ AMX_MAX_ROWS = 128
 _onednn: dict[str, bool] = {}
 
 
+class DerivedWeights:
+    """What a serving engine derives from a model's weights for its own steps, kept apart from the model: the joint
+    weights of fused q/k/v and gate/up products, and packed copies for the CPU kernels. Layers find it only while
+    the engine runs its forward (`with derived.active():`, a context variable), so the same model run by a training
+    loop, or by another engine, never sees it."""
+
+    def __init__(self, joints: dict | None = None):
+        self.joints: dict[nn.Module, object] = joints or {}  # first layer of a fused group -> the group's joint
+        self.packs: dict[object, _Pack] = {}  # a module (or joint) -> its packed weight copy
+
+    @contextlib.contextmanager
+    def active(self):
+        token = _derived.set(self)
+        try:
+            yield self
+        finally:
+            _derived.reset(token)
+
+    def pack(self, owner) -> "_Pack":
+        cache = self.packs.get(owner)
+        if cache is None:
+            cache = self.packs[owner] = _Pack()
+        return cache
+
+    def refresh(self) -> None:
+        """After the model's weights changed: joint copies take the new values (in place, so that recorded step
+        graphs stay valid), packed copies are rebuilt when next used."""
+        for joint in self.joints.values():
+            joint.refresh()
+        self.packs.clear()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor held here (recorded step graphs may read them)."""
+        out = [t for joint in self.joints.values() for t in joint.tensors()]
+        return out + [p._packed[2] for p in self.packs.values() if p._packed is not None]
+
+
+class _Pack:
+    __slots__ = ("_packed",)
+
+    def __init__(self):
+        self._packed: tuple[tuple[int, int], str, torch.Tensor] | None = None
+
+
+_derived: contextvars.ContextVar[DerivedWeights | None] = contextvars.ContextVar("lmforge_derived", default=None)
+
+
 class Linear(nn.Module):
     """nn.Linear's parameters (`weight` [out, in], `bias`) and math. Inference on CPU in bf16 takes a fast path:
     decode-sized inputs lmforge/kernels' GEMV and GEMM kernels, larger ones oneDNN, on a pre-packed copy of the
-    weight (rebuilt whenever the weight changes; it doubles this layer's weight memory). Training: F.linear."""
+    weight that a serving engine keeps (DerivedWeights; rebuilt whenever the weight changes; it doubles this
+    layer's weight memory). Training: F.linear."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -30,12 +80,12 @@ class Linear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default, for models built without weights
         if self.bias is not None:
             nn.init.uniform_(self.bias, -(in_features**-0.5), in_features**-0.5)
-        self._packed: tuple[tuple[int, int], str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         """`lora` (the step's LoraBatch, passed by model files to every projection) is for MultiLoRALinear; a plain
         layer has no adapter and ignores it."""
-        return _linear(x, self.weight, self.bias, self)
+        derived = _derived.get()
+        return _linear(x, self.weight, self.bias, derived.pack(self) if derived is not None else None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -44,57 +94,65 @@ class Linear(nn.Module):
 class _Joint:
     """Layers whose weights `fuse` laid end to end: the whole weight and bias, and each layer's share."""
 
-    def __init__(self, layers: tuple[Linear, ...], weight: torch.Tensor, bias: torch.Tensor | None):
-        self.layers, self.weight, self.bias = layers, weight, bias
+    def __init__(self, layers: tuple[Linear, ...], weight: torch.Tensor, bias: torch.Tensor | None, shared: bool):
+        self.layers, self.weight, self.bias, self.shared = layers, weight, bias, shared
         self.sizes = [layer.out_features for layer in layers]
         self.addresses = [layer.weight.data_ptr() for layer in layers]
-        self._packed: tuple[tuple[int, int], str, torch.Tensor] | None = None
 
     def intact(self, layers: tuple[Linear, ...]) -> bool:
-        """Still the same layers, each weight still a view of the joint one (loading with assign=True replaces).
+        """Still the same layers with the same weight tensors (loading with assign=True replaces them).
         Runs twice per decoder layer and step: reads `_parameters` directly (Module.__getattr__ costs 0.6 us)."""
         for layer, mine, address in zip(layers, self.layers, self.addresses, strict=True):
             if layer is not mine or layer._parameters["weight"].data_ptr() != address:
                 return False
         return True
 
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if not self.shared:  # a copy: take the layers' current values
+            torch.cat([layer.weight for layer in self.layers], out=self.weight)
+            if self.bias is not None:
+                torch.cat([layer.bias for layer in self.layers], out=self.bias)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
 
 @torch.no_grad()
-def fuse(*layers: Linear) -> None:
-    """Lays the weights (and biases) of layers that read the same input (q/k/v, gate/up) end to end in one tensor,
-    each layer's parameter becoming a view of its rows: names, values and modules stay the same, and
-    `linears(x, *layers)` then runs one matrix product instead of one per layer."""
+def fuse(*layers: Linear, share: bool = True) -> _Joint:
+    """The weights (and biases) of layers that read the same input (q/k/v, gate/up) end to end in one tensor, so
+    that `linears(x, *layers)` runs one matrix product instead of one per layer while the returned joint is in
+    effect (DerivedWeights). share=True (a model the engine owns): each layer's parameter becomes a view of its
+    rows, names and values unchanged, no memory added. share=False (a live model others train): the joint is a copy,
+    the layers untouched; `refresh()` copies new values in."""
     first = layers[0]
     weight = torch.cat([layer.weight for layer in layers])
     biased = first.bias is not None
     bias = torch.cat([layer.bias for layer in layers]) if biased else None
     offset = 0
-    for layer in layers:
+    for layer in layers if share else ():
         rows = slice(offset, offset + layer.out_features)
         layer.weight = nn.Parameter(weight[rows], requires_grad=layer.weight.requires_grad)
         if biased:
             layer.bias = nn.Parameter(bias[rows], requires_grad=layer.bias.requires_grad)
-        layer._packed = None
         offset += layer.out_features
-    first._joint = _Joint(layers, weight, bias)
+    return _Joint(layers, weight, bias, share)
 
 
-def fuse_projections(model: nn.Module) -> int:
+def fuse_projections(model: nn.Module, share: bool = True) -> DerivedWeights:
     """`fuse` on every q/k/v and gate/up group of plain Linears in the model, or of the bases of multi-LoRA layers
-    (serving adapters: they share their bases' product and add their updates to it); returns how many groups.
-    Training's LoRALinear groups stay unfused."""
-    groups = 0
+    (serving adapters: they share their bases' product and add their updates to it); the joints, to be made active
+    around the engine's forward. Training's LoRALinear groups stay unfused."""
+    joints = {}
     for module in model.modules():
         for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             layers = [_multi_lora_base(getattr(module, name, None)) for name in names]
             if all(type(layer) is Linear for layer in layers) and \
                     len({(layer.bias is None, layer.weight.dtype) for layer in layers}) == 1:
-                fuse(*layers)
-                groups += 1
-            elif None not in layers and quant_linear.fusable(layers):
-                quant_linear.QuantJoint(tuple(layers))
-                groups += 1
-    return groups
+                joints[layers[0]] = fuse(*layers, share=share)
+            elif share and None not in layers and quant_linear.fusable(layers):  # QuantJoint lays buffers out
+                joints[layers[0]] = quant_linear.QuantJoint(tuple(layers))
+    return DerivedWeights(joints)
 
 
 def linears(x: torch.Tensor, *layers: nn.Module, lora=None) -> tuple[torch.Tensor, ...]:
@@ -103,18 +161,20 @@ def linears(x: torch.Tensor, *layers: nn.Module, lora=None) -> tuple[torch.Tenso
     if type(first) is not Linear and hasattr(first, "add_adapters"):  # MultiLoRALinears: their bases' (joint)
         outs = linears(x, *(layer.base_layer for layer in layers))  # product, then each one's adapters
         return tuple(layer.add_adapters(x, out, lora) for layer, out in zip(layers, outs, strict=True))
-    joint = first.__dict__.get("_joint")  # not getattr: a miss would go through Module.__getattr__ (1 us)
+    derived = _derived.get()
+    joint = derived.joints.get(first) if derived is not None else None
     if joint is None or not joint.intact(layers):
         return tuple(layer(x, lora) for layer in layers)
     if type(joint) is not _Joint:  # QuantLinears' (lmforge/layers/quant_linear.py)
         return joint(x)
-    return _linear(x, joint.weight, joint.bias, joint).split_with_sizes(joint.sizes, dim=-1)
+    return _linear(x, joint.weight, joint.bias, derived.pack(joint)).split_with_sizes(joint.sizes, dim=-1)
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, cache) -> torch.Tensor:
-    """x @ weight^T, on Linear's fast paths, for a weight that is no Linear's: `cache` (any object with a `_packed`
-    attribute) keeps its packed copy, rebuilt when the weight changes."""
-    return _linear(x, weight, None, cache)
+def project(x: torch.Tensor, weight: torch.Tensor, owner) -> torch.Tensor:
+    """x @ weight^T, on Linear's fast paths, for a weight that is no Linear's; `owner` (any hashable object) names
+    its packed copy among the active engine's derived weights."""
+    derived = _derived.get()
+    return _linear(x, weight, None, derived.pack(owner) if derived is not None else None)
 
 
 def _multi_lora_base(layer: nn.Module | None) -> nn.Module | None:
@@ -140,11 +200,12 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) 
     return F.linear(x, w, bias)
 
 
-def _packed(cache, w: torch.Tensor, ops) -> tuple[str | None, torch.Tensor | None]:
-    """(layout, packed copy of w), kept in cache._packed and rebuilt when w changes: "amx" (lmforge's tile layout)
+def _packed(cache: _Pack | None, w: torch.Tensor, ops) -> tuple[str | None, torch.Tensor | None]:
+    """(layout, packed copy of w), kept in cache._packed (the active engine's) and rebuilt when w changes: "amx"
+    (lmforge's tile layout)
     where the CPU has AMX and the shape allows, else "vnni" (the AVX512-BF16 kernel's panels), else "onednn" (its
     blocked layout: its GEMM then skips a reorder per call); (None, None) when w cannot be packed."""
-    if w.is_inference():  # made under inference_mode: no version counter to notice updates by
+    if cache is None or w.is_inference():  # no engine to keep it, or no version counter to notice updates by
         return None, None
     key = (w.data_ptr(), w._version)  # any in-place update (optimizer step, weight sync, load) bumps it
     if cache._packed is None or cache._packed[0] != key:

@@ -7,7 +7,6 @@ projection (`self.o_proj(x, meta.lora)`); plain layers ignore it. Training uses 
 """
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -71,8 +70,6 @@ class MultiLoRALinear(nn.Module):
         # Not parameters: they are serving state, outside state_dict (the model keeps its HF names and contents).
         self.register_buffer("lora_a", w.new_zeros(max_loras, max_rank, self.in_features), persistent=False)
         self.register_buffer("lora_b", w.new_zeros(max_loras, self.out_features, max_rank), persistent=False)
-        # per slot, the packed copies Linear's fast paths keep of its A and B
-        self._slot_packs = [(SimpleNamespace(_packed=None), SimpleNamespace(_packed=None)) for _ in range(max_loras)]
         self.ranks = [0] * max_loras
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
@@ -87,8 +84,8 @@ class MultiLoRALinear(nn.Module):
         for slot, rows in lora.rows.items():
             if not self.ranks[slot]:
                 continue
-            packed_a, packed_b = self._slot_packs[slot]
-            update = project(project(x[rows], self.lora_a[slot], packed_a), self.lora_b[slot], packed_b)
+            # (self, slot, ...) name the packed copies the engine keeps of this slot's A and B
+            update = project(project(x[rows], self.lora_a[slot], (self, slot, 0)), self.lora_b[slot], (self, slot, 1))
             if isinstance(rows, slice):
                 out[rows] += update
             else:

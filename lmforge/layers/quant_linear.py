@@ -123,7 +123,7 @@ class QuantLinear(nn.Module):
 
 def _kernels(x: torch.Tensor, in_features: int):
     """The quantised kernels when they apply to x (CPU, float32/bfloat16, no autograd on x), else None."""
-    if not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16) or kernels._state.get("off") \
+    if not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16) or kernels.switched_off() \
             or in_features % BLOCK or (x.requires_grad and torch.is_grad_enabled()):
         return None
     return kernels.quant_ops()
@@ -154,7 +154,12 @@ class QuantJoint:
             offset += layer.out_features
         self.addresses = [layer.qweight.data_ptr() for layer in layers]
         self.in_features = first.in_features
-        first._joint = self
+
+    def refresh(self) -> None:
+        """Nothing to copy: the layers' buffers are views of the joint ones (quantised models are the engine's own)."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.qweight, self.scales, self.mins, self.bias]
 
     def intact(self, layers: tuple[nn.Module, ...]) -> bool:
         for layer, mine, address in zip(layers, self.layers, self.addresses, strict=True):

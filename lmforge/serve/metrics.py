@@ -6,16 +6,13 @@ decoding) is read on the engine thread between two steps when /metrics is scrape
 half-done step.
 """
 
-import copy
 import time
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lmforge.engine.async_engine import AsyncEngine
-from lmforge.engine.llm_engine import LLMEngine
-from lmforge.engine.outputs import RequestOutput
+from lmforge.engine.outputs import EngineStats, RequestOutput
 from lmforge.engine.speculative import SpecDecodeStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -25,33 +22,12 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
-@dataclass(frozen=True, slots=True)
-class EngineSnapshot:
-    running: int
-    waiting: int
-    kv_usage: float
-    kv_blocks: int
-    prefix_queries: int
-    prefix_hits: int
-    preemptions: int
-    steps: int
-    spec: SpecDecodeStats | None = None  # speculative decoding counters; None when speculation is off
-
-    @classmethod
-    def take(cls, engine: LLMEngine) -> "EngineSnapshot":
-        """Call on the engine thread (AsyncEngine.run), where nothing changes underneath."""
-        bm, sched = engine.block_manager, engine.scheduler
-        return cls(len(sched.running), len(sched.waiting), bm.usage, bm.num_blocks, bm.prefix_queries,
-                   bm.prefix_hits, sched.num_preemptions, engine.num_steps,
-                   None if engine.spec_stats is None else copy.deepcopy(engine.spec_stats))
-
-
 class _EngineCollector:
-    """Exposes the latest EngineSnapshot; counters that the engine keeps itself are exported as counters."""
+    """Exposes the latest EngineStats; counters that the engine keeps itself are exported as counters."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
-        self.snapshot: EngineSnapshot | None = None
+        self.snapshot: EngineStats | None = None
 
     def describe(self):
         return []
@@ -140,7 +116,7 @@ class ServerMetrics:
 
     async def render(self, engine: AsyncEngine) -> bytes:
         if engine.is_alive:
-            self.engine_state.snapshot = await engine.run(lambda: EngineSnapshot.take(engine.engine))
+            self.engine_state.snapshot = await engine.run(engine.engine.stats)
         return generate_latest(self.registry)
 
 

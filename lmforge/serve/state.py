@@ -122,7 +122,7 @@ class ServerState:
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.engine.model.args.vocab_size
+        return self.engine.engine.vocab_size
 
     async def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str, route: ModelRoute,
                      arrival: float, prompt_param: str) -> Submission:

@@ -228,11 +228,11 @@ def test_step_graphs_replay_the_eager_kernels_exactly(smollm2_dir, batched):
     # no prefix caching: the second run's prefill must not start from the first run's cached blocks
     engine = LLM(str(smollm2_dir), dtype="auto", max_model_len=512, kv_cache_memory=0.1,
                  enable_prefix_caching=False)
-    decoder, graphs = engine.engine.model.model, engine.engine.runner.graphs
+    runner, graphs = engine.engine.runner, engine.engine.runner.graphs
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)
 
     def run(prompts, on: bool):
-        decoder.step_graphs = graphs if on else None
+        runner.graphs = graphs if on else None
         outs = engine.generate(prompts, params, use_tqdm=False)
         return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs])
                 for o in outs]

@@ -46,7 +46,7 @@ def test_mixed_adapters_in_one_batch_match_peft(case, tmp_path):
                                target_modules=targets[1:], use_rslora=True)}
     model = build_model(tmp_path / "base", dtype="float32", progress=False)
     loras = LoRAManager(model, add_multi_lora(model, max_loras=3, max_rank=8), max_loras=3, max_rank=8)
-    fuse_projections(model)  # as the engine does: the adapted projections share their bases' joint products
+    derived = fuse_projections(model)  # as the engine does: the adapted projections share their bases' joints
     slots = {None: NO_ADAPTER}
     for i, name in enumerate(("a", "b")):
         slots[name] = loras.add(LoRARequest(name, i + 1, str(tmp_path / name))).slot
@@ -56,7 +56,7 @@ def test_mixed_adapters_in_one_batch_match_peft(case, tmp_path):
     meta = AttnMeta.for_sequences(lens)
     lora = LoraBatch.build([slots[name] for _, name in SEQS], lens, torch.device("cpu"))
     meta = dataclasses.replace(meta, lora=lora)
-    with torch.no_grad():
+    with torch.no_grad(), derived.active():
         ours = model.logits(model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens]), meta)).split(lens)
         for seq, (_, name), mine in zip(seqs, SEQS, ours, strict=True):
             if name is None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.layers.attention import AttnMeta, attention
-from lmforge.layers.linear import Linear, _onednn_packing
+from lmforge.layers.linear import DerivedWeights, Linear, _onednn_packing
 from lmforge.layers.mlp import swiglu
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import apply_rope
@@ -41,13 +41,16 @@ def test_linear_fast_paths_match_f_linear(rows, bias, shape):
     layer = Linear(*shape, bias=bias).to(torch.bfloat16)
     x = torch.randn(rows, shape[0], dtype=torch.bfloat16)
     expected = (x.float() @ layer.weight.float().T + (layer.bias.float() if bias else 0))
-    with torch.inference_mode():
+    derived = DerivedWeights()  # an engine's: where the packed copy is kept
+    with torch.inference_mode(), derived.active():
         close(layer(x), expected.to(torch.bfloat16), torch.bfloat16)
     ops = kernels.cpu_ops()
     layouts = {"amx"} if ops.amx_available() and shape == (96, 64) else \
         {"vnni"} if not ops.amx_available() and ops.vnni_available() and shape != (81, 40) else \
         {"onednn"} if _onednn_packing() else {None}
-    assert (layer._packed[1] if layer._packed else None) in layouts
+    packed = derived.packs[layer]._packed
+    assert (packed[1] if packed else None) in layouts
+    assert not hasattr(layer, "_packed")  # kept by the engine, not written onto the module
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 64, 67, 130])
@@ -94,19 +97,22 @@ def test_vnni_gemm_is_as_accurate_as_f_linear(rows, outputs):
 def test_packed_weight_follows_in_place_updates():
     layer = Linear(32, 16, bias=False).to(torch.bfloat16)
     x = torch.randn(8, 32, dtype=torch.bfloat16)
-    with torch.inference_mode():
+    derived = DerivedWeights()
+    with torch.inference_mode(), derived.active():
         before = layer(x)
     with torch.no_grad():
         layer.weight.mul_(2)  # what an optimizer step or an RL weight sync does
-    with torch.inference_mode():
+    with torch.inference_mode(), derived.active():
         close(layer(x), before * 2, torch.bfloat16)
 
 
 def test_linear_under_autograd_takes_f_linear():
     layer = Linear(16, 4).to(torch.bfloat16)
     x = torch.randn(2, 16, dtype=torch.bfloat16)
-    layer(x).float().sum().backward()
-    assert layer.weight.grad is not None and layer._packed is None
+    derived = DerivedWeights()
+    with derived.active():
+        layer(x).float().sum().backward()
+    assert layer.weight.grad is not None and derived.packs[layer]._packed is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -200,14 +206,15 @@ def test_fused_projections_keep_names_values_and_outputs(dtype, tmp_path):
     config = {**TINY_LLAMA, "attention_bias": True}  # Qwen2-style q/k/v biases are fused too
     model, fused = tiny_model(config, dtype), tiny_model(config, dtype)
     before = {n: p.clone() for n, p in fused.state_dict().items()}
-    assert fuse_projections(fused) == 2 * config["num_hidden_layers"]
+    derived = fuse_projections(fused)
+    assert len(derived.joints) == 2 * config["num_hidden_layers"]
     after = fused.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
     attn = fused.model.layers[0].self_attn
     assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight[-1].data_ptr() + attn.q_proj.weight.stride(0) * \
         attn.q_proj.weight.element_size()  # k's rows follow q's in one tensor
     ids = torch.randint(0, 96, (2, 6))
-    with torch.inference_mode():
+    with torch.inference_mode(), derived.active():
         for rows in (1, 12):  # the streaming kernel (bf16) and oneDNN / F.linear
             meta = AttnMeta.for_sequences([rows] if rows == 1 else [6, 6])
             x, pos = ids.flatten()[:rows], torch.arange(rows) % 6
@@ -221,10 +228,10 @@ def test_fused_layers_fall_back_when_a_weight_is_replaced():
     from lmforge.layers.linear import fuse, linears
 
     q, k = Linear(32, 32, bias=False).to(torch.bfloat16), Linear(32, 32, bias=False).to(torch.bfloat16)
-    fuse(q, k)
+    derived = DerivedWeights({q: fuse(q, k)})
     q.weight = torch.nn.Parameter(q.weight.detach() * 2)  # e.g. load_state_dict(assign=True)
     x = torch.randn(8, 32, dtype=torch.bfloat16)
-    with torch.inference_mode():
+    with torch.inference_mode(), derived.active():
         out_q, out_k = linears(x, q, k)
         close(out_q, torch.nn.functional.linear(x, q.weight), torch.bfloat16)
         close(out_k, torch.nn.functional.linear(x, k.weight), torch.bfloat16)

@@ -206,10 +206,10 @@ def test_step_graphs_replay_over_an_int8_cache(tiny_dir, level):
         llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=0.004, block_size=4, max_model_len=64,
                   enable_prefix_caching=False, kv_cache_dtype="int8")
         graphs = llm.engine.runner.graphs
-        decoder = llm.engine.model.model
-        decoder.step_graphs = None
+        runner = llm.engine.runner
+        runner.graphs = None
         eager = llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
-        decoder.step_graphs = graphs
+        runner.graphs = graphs
         replayed = llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
     assert 3 in graphs.graphs and not graphs.eager
     assert graphs.replays >= 20

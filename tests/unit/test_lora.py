@@ -155,8 +155,8 @@ def test_engine_runs_a_lora_model_as_the_eager_forward_does(dtype):
         eager = ours_logits(model, SEQS)
     runner = ModelRunner(model.eval(), num_blocks=16, block_size=4)
     layer = model.model.layers[0]
-    assert getattr(layer.mlp.gate_proj, "_joint", None) is not None  # plain gate/up: fused
-    assert getattr(layer.self_attn.q_proj.base_layer, "_joint", None) is None  # wrapped q/k/v: left alone
+    assert layer.mlp.gate_proj in runner.derived.joints  # plain gate/up: fused
+    assert layer.self_attn.q_proj.base_layer not in runner.derived.joints  # wrapped q/k/v: left alone
     seqs = [Sequence(f"r{i}", s.tolist()[:-1], SamplingParams()) for i, s in enumerate(SEQS) if len(s) > 1]
     for i, seq in enumerate(seqs):
         seq.block_table = [3 * i, 3 * i + 1, 3 * i + 2]

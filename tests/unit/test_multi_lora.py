@@ -10,7 +10,7 @@ import torch
 from lmforge import LLM, SamplingParams, kernels
 from lmforge.engine.lora_manager import AdapterInUseError, AdapterLimitError, AdapterNotFoundError, LoRARequest
 from lmforge.errors import LmforgeError
-from lmforge.layers.linear import Linear, fuse, linears
+from lmforge.layers.linear import DerivedWeights, Linear, fuse, linears
 from lmforge.layers.multi_lora import NO_ADAPTER, LoraBatch, MultiLoRALinear
 from tests.adapters import save_peft_adapter
 from tests.tiny import TINY_LLAMA, write_tiny
@@ -74,7 +74,7 @@ def test_lora_batch_selects_each_slots_rows():
 def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
     torch.manual_seed(0)
     layers = [Linear(16, n) for n in (24, 8, 8)]
-    fuse(*layers)  # the bases' joint product: wrapped layers share it
+    derived = DerivedWeights({layers[0]: fuse(*layers)})  # the bases' joint product: wrapped layers share it
     wrapped = [MultiLoRALinear(layer, max_loras=3, max_rank=4) for layer in layers]
     factors = {}
     for i, layer in enumerate(wrapped):
@@ -85,7 +85,9 @@ def test_multi_lora_linear_is_base_plus_each_tokens_adapter():
     x = torch.randn(7, 16)
     lora = batch([2, 0, NO_ADAPTER, 2], [1, 2, 3, 1])
     per_token = [2, 0, 0, NO_ADAPTER, NO_ADAPTER, NO_ADAPTER, 2]
-    for i, out in enumerate(linears(x, *wrapped, lora=lora)):
+    with derived.active():
+        outs = linears(x, *wrapped, lora=lora)
+    for i, out in enumerate(outs):
         expected = layers[i](x)
         for t, slot in enumerate(per_token):
             if slot != NO_ADAPTER:

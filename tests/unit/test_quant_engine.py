@@ -96,10 +96,10 @@ def test_step_graphs_replay_quantized_linears_bit_for_bit(tiny_dir, batch):
     llm = LLM(str(tiny_dir), quantization="int4", dtype="float32", kv_cache_memory=0.002, block_size=4,
               max_model_len=64, enable_prefix_caching=False)
     prompts = [[1 + (i * 7 + j) % 90 for j in range(3 + 5 * i)] for i in range(batch)]
-    decoder, graphs = llm.engine.model.model, llm.engine.runner.graphs
-    decoder.step_graphs = None
+    runner, graphs = llm.engine.runner, llm.engine.runner.graphs
+    runner.graphs = None
     eager = _tokens_and_logprobs(llm.generate(prompts, GREEDY, use_tqdm=False))
-    decoder.step_graphs = graphs
+    runner.graphs = graphs
     replayed = _tokens_and_logprobs(llm.generate(prompts, GREEDY, use_tqdm=False))
     assert replayed == eager
     assert batch in graphs.graphs and not graphs.eager and graphs.replays >= 8
