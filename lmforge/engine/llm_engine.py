@@ -115,7 +115,7 @@ class LLMEngine:
         """Loads config.model (a directory, .gguf file, Hub id or alias) with its tokenizer and serves it."""
         from lmforge.hardware import compute_dtype
         from lmforge.tokenizer import Tokenizer
-        from lmforge.weights.quantized import load_for_serving
+        from lmforge.weights.quantized import load_for_serving, weight_bytes
         from lmforge.weights.resolve import resolve_model
 
         t0 = time.perf_counter()
@@ -123,18 +123,19 @@ class LLMEngine:
         model, quantization = load_for_serving(config.model, model_dir, config.quantization,
                                                compute_dtype(config.dtype, config.device), config.device)
         tokenizer = Tokenizer.from_dir(Path(model_dir))
-        log.info("weights: %s (%s%s) loaded in %.1fs", model_dir, next(model.parameters()).dtype,
-                 f", {quantization} linears" if quantization else "", time.perf_counter() - t0)
+        log.info("weights: %.2f GiB (%s%s) loaded in %.1fs", weight_bytes(model) / 2**30,
+                 next(model.parameters()).dtype, f", {quantization} linears" if quantization else "",
+                 time.perf_counter() - t0)
         return cls(model, tokenizer, config, owns_model=True, quantization=quantization)
 
     # ---- the live model ------------------------------------------------------------------------------------
     @torch.no_grad()
     def update_weights(self, weights: dict[str, torch.Tensor] | str | Path | None = None) -> int:
-        """After the model's weights changed (optimizer steps), or to change them: `weights` a state dict (HF names,
-        copied in place, any subset) or a PEFT adapter directory (into the live model's LoRA layers). Refreshes
-        what the engine derived from the weights, records step graphs anew, empties the prefix cache (its blocks
-        hold keys and values of the old weights) and returns the new weight version. Refused while requests are
-        in flight: their caches were computed with the old weights."""
+        """After the model's weights changed (optimizer steps), or to change them: `weights` a state dict (the
+        model's own names, copied in place, any subset) or a PEFT adapter directory (into the live model's LoRA
+        layers). Refreshes what the engine derived from the weights, records step graphs anew, empties the prefix
+        cache (its blocks hold keys and values of the old weights) and returns the new weight version. Refused while
+        requests are in flight: their caches were computed with the old weights."""
         if self.has_unfinished_requests():
             raise RuntimeError(f"update_weights: {len(self.requests)} requests are in flight; finish or abort them "
                                "first")
@@ -303,7 +304,7 @@ class LLMEngine:
 
     @property
     def vocab_size(self) -> int:
-        return self.vocab_size
+        return self.model.args.vocab_size
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self, final_only: bool = False) -> list[RequestOutput]:

@@ -15,7 +15,7 @@ from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.decoder import Decoder
 from lmforge.layers.kv_quant import kv_row_bytes
-from lmforge.layers.linear import DerivedWeights, fuse_projections
+from lmforge.layers.linear import DerivedWeights, derive_weights
 from lmforge.layers.multi_lora import LoraBatch
 
 log = logging.getLogger("lmforge")
@@ -97,7 +97,7 @@ class ModelRunner:
         """The KV pool (zeroed), the derived weights and an empty set of step graphs."""
         self.kv = kv_pool(self.model.args.num_hidden_layers, self.kv_shape, self.kv_dtype, self.device)
         if self.derived is None:
-            self.derived = fuse_projections(self.model, share=self.owned)
+            self.derived = derive_weights(self.model, share=self.owned)
         if self.decoder is not None and self.device.type == "cpu" and not self.enforce_eager:
             # decode steps replayed from C++ without the Python between the kernels (engine/cpu_graph.py)
             self.graphs = StepGraphs(self.decoder, self.kv, self.max_blocks, self.derived)

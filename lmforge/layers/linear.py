@@ -25,9 +25,11 @@ class DerivedWeights:
     the engine runs its forward (`with derived.active():`, a context variable), so the same model run by a training
     loop, or by another engine, never sees it."""
 
-    def __init__(self, joints: dict | None = None):
+    def __init__(self, joints: dict | None = None, adapters: dict | None = None):
         self.joints: dict[nn.Module, object] = joints or {}  # first layer of a fused group -> the group's joint
         self.packs: dict[object, _Pack] = {}  # a module (or joint) -> its packed weight copy
+        # a live model's LoRA layer -> (A, scaling * B) in the compute dtype, its update as the kernels take it
+        self.adapters: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = adapters or {}
 
     @contextlib.contextmanager
     def active(self):
@@ -48,11 +50,15 @@ class DerivedWeights:
         graphs stay valid), packed copies are rebuilt when next used."""
         for joint in self.joints.values():
             joint.refresh()
+        for layer, (a, b) in self.adapters.items():
+            a.copy_(layer.lora_A.weight)
+            b.copy_(layer.lora_B.weight.float() * layer.scaling)
         self.packs.clear()
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor held here (recorded step graphs may read them)."""
         out = [t for joint in self.joints.values() for t in joint.tensors()]
+        out += [t for pair in self.adapters.values() for t in pair]
         return out + [p._packed[2] for p in self.packs.values() if p._packed is not None]
 
 
@@ -139,11 +145,18 @@ def fuse(*layers: Linear, share: bool = True) -> _Joint:
     return _Joint(layers, weight, bias, share)
 
 
-def fuse_projections(model: nn.Module, share: bool = True) -> DerivedWeights:
-    """`fuse` on every q/k/v and gate/up group of plain Linears in the model, or of the bases of multi-LoRA layers
-    (serving adapters: they share their bases' product and add their updates to it); the joints, to be made active
-    around the engine's forward. Training's LoRALinear groups stay unfused."""
-    joints = {}
+def derive_weights(model: nn.Module, share: bool = True) -> DerivedWeights:
+    """What an engine derives from the model: `fuse` on every q/k/v and gate/up group of plain Linears, or of the
+    bases of multi-LoRA layers (serving adapters: they share their bases' product and add their updates to it), and
+    each training LoRA layer's factors (not DoRA's) in the compute dtype, the scaling folded into B, so that its
+    update runs on the CPU kernels (step graphs record it). Training's LoRALinear groups stay unfused."""
+    joints, adapters = {}, {}
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_A") and not module.dora:  # a training LoRALinear
+                adapters[module] = (module.lora_A.weight.to(dtype, copy=True),
+                                    (module.lora_B.weight.float() * module.scaling).to(dtype))
     for module in model.modules():
         for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             layers = [_multi_lora_base(getattr(module, name, None)) for name in names]
@@ -152,7 +165,12 @@ def fuse_projections(model: nn.Module, share: bool = True) -> DerivedWeights:
                 joints[layers[0]] = fuse(*layers, share=share)
             elif share and None not in layers and quant_linear.fusable(layers):  # QuantJoint lays buffers out
                 joints[layers[0]] = quant_linear.QuantJoint(tuple(layers))
-    return DerivedWeights(joints)
+    return DerivedWeights(joints, adapters)
+
+
+def active_derived() -> DerivedWeights | None:
+    """The derived weights of the engine whose forward is running here, if any."""
+    return _derived.get()
 
 
 def linears(x: torch.Tensor, *layers: nn.Module, lora=None) -> tuple[torch.Tensor, ...]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.layers.linear import Linear
+from lmforge.layers.linear import Linear, active_derived, project
 from lmforge.layers.nf4 import NF4Linear
 
 if TYPE_CHECKING:
@@ -67,6 +67,10 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)  # the base module's own path: inference fast paths stay in use
         if self.disabled or self.merged:
             return out
+        derived = active_derived()
+        if derived is not None and (factors := derived.adapters.get(self)) is not None:
+            # a serving engine's step: its copies of A and scaling * B on the CPU kernels (recorded by step graphs)
+            return out + project(project(x, factors[0], factors), factors[1], (factors, 1))
         dtype = x.dtype  # under autocast, F.linear casts again to the autocast dtype
         h = self.lora_dropout(x)
         if not self.dora:  # the scaling on the rank-r activations: r numbers per token instead of out_features

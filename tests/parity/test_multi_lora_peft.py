@@ -9,7 +9,7 @@ import torch
 
 from lmforge.engine.lora_manager import LoRAManager, LoRARequest
 from lmforge.layers.attention import AttnMeta
-from lmforge.layers.linear import fuse_projections
+from lmforge.layers.linear import derive_weights
 from lmforge.layers.multi_lora import NO_ADAPTER, LoraBatch, add_multi_lora
 from lmforge.models import build_model
 from tests.adapters import save_peft_adapter
@@ -46,7 +46,7 @@ def test_mixed_adapters_in_one_batch_match_peft(case, tmp_path):
                                target_modules=targets[1:], use_rslora=True)}
     model = build_model(tmp_path / "base", dtype="float32", progress=False)
     loras = LoRAManager(model, add_multi_lora(model, max_loras=3, max_rank=8), max_loras=3, max_rank=8)
-    derived = fuse_projections(model)  # as the engine does: the adapted projections share their bases' joints
+    derived = derive_weights(model)  # as the engine does: the adapted projections share their bases' joints
     slots = {None: NO_ADAPTER}
     for i, name in enumerate(("a", "b")):
         slots[name] = loras.add(LoRARequest(name, i + 1, str(tmp_path / name))).slot

@@ -199,14 +199,14 @@ def test_paged_attention_kernel_matches_reference(dtype, dim, window, heads):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_projections_keep_names_values_and_outputs(dtype, tmp_path):
-    from lmforge.layers.linear import fuse_projections
+    from lmforge.layers.linear import derive_weights
     from lmforge.weights.hf_dir import iter_tensors, save_weights
     from tests.tiny import TINY_LLAMA, tiny_model
 
     config = {**TINY_LLAMA, "attention_bias": True}  # Qwen2-style q/k/v biases are fused too
     model, fused = tiny_model(config, dtype), tiny_model(config, dtype)
     before = {n: p.clone() for n, p in fused.state_dict().items()}
-    derived = fuse_projections(fused)
+    derived = derive_weights(fused)
     assert len(derived.joints) == 2 * config["num_hidden_layers"]
     after = fused.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)

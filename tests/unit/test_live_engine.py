@@ -104,6 +104,7 @@ def test_the_engine_leaves_a_training_model_as_it_found_it(tokenizer):
     outs = generate(eng)
     assert_same(before, snapshot(model))
     assert model.training
+    assert eng.runner.graphs.replays > 0 and not eng.runner.graphs.eager  # the adapters' products are recorded
     model.eval()
     for prompt, tokens in zip(PROMPTS, outs, strict=True):
         ids = torch.tensor(prompt + tokens)
