@@ -72,6 +72,9 @@ def sequence_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     batch holds each pair as two documents, prompt+chosen then prompt+rejected: logps[0::2] are the chosen answers.
     The vocabulary projection runs in chunks of rows and is recomputed in backward (activation checkpointing), so
     no [T, vocab] logits exist at once, in forward or backward."""
+    if int(cu_seqlens[-1]) != len(hidden) or len(labels) != len(hidden):
+        raise ValueError(f"cu_seqlens covers {int(cu_seqlens[-1])} tokens and labels {len(labels)}, but the batch "
+                         f"has {len(hidden)}")
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     doc = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens.to(hidden.device).long())
     rows = (labels != IGNORE).nonzero().squeeze(1)

@@ -333,6 +333,8 @@ def test_prompt_tokens_contribute_nothing(models, pairs):
     no_answers = torch.full_like(labels, -100)
     empty, counts = sequence_logps(policy, hidden, no_answers, meta.cu_seqlens_q)
     assert (empty == 0).all() and (counts == 0).all()
+    with pytest.raises(ValueError, match="cu_seqlens covers"):
+        sequence_logps(policy, hidden[:-1], labels[:-1], meta.cu_seqlens_q)
 
 
 def test_settings_reject_what_they_would_ignore():
