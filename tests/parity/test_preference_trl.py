@@ -71,6 +71,20 @@ def lmforge_logps(model, pairs):
     return logps[0::2], logps[1::2], counts[0::2], counts[1::2]
 
 
+def rows_logps(model, ids, attention, completion):
+    """Padded rows (TRL's layout) packed flat, one document each, through sequence_logps."""
+    docs, labels = [], []
+    for row, mask, answer in zip(ids, attention, completion, strict=True):
+        n = int(mask.sum())
+        lab = row[1:n].masked_fill(answer[1:n] == 0, -100)
+        docs.append(row[:n])
+        labels.append(torch.cat([lab, torch.tensor([-100])]))
+    lens = [len(d) for d in docs]
+    meta = AttnMeta.for_sequences(lens)
+    hidden = model(torch.cat(docs), torch.cat([torch.arange(n) for n in lens]), meta)
+    return sequence_logps(model, hidden, torch.cat(labels), meta.cu_seqlens_q)
+
+
 # --- TRL's layout: right-padded rows, chosen rows then rejected rows ---------------------------------------------
 
 def padded(pairs):
@@ -255,6 +269,25 @@ def test_orpo_matches_trl_odds_ratio_loss_plus_answer_nll(models, pairs, beta):
     assert out.metrics["rewards/rejected"].item() == pytest.approx(rewards_r.mean().item(), abs=TOL)
 
 
+def test_orpo_parameter_gradients_through_packed_batch(models, pairs):
+    """TRL's odds_ratio_loss on TRL's own length-averaged log-probs (CPOTrainer.get_batch_logps, shared by ORPO)
+    plus torch's cross-entropy of the chosen answers, against lmforge through sequence_logps."""
+    policy, _ = models
+    ids, attention, completion = padded(pairs)
+    labels = ids.masked_fill(completion == 0, -100)
+    n = len(pairs)
+    logits = plain_logits(policy, ids, attention)
+    averaged = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    ratio_losses, *_ = ORPOTrainer.odds_ratio_loss(trainer_standin(beta=0.2), averaged[:n], averaged[n:])
+    nll = F.cross_entropy(logits[:n, :-1].reshape(-1, VOCAB), labels[:n, 1:].reshape(-1))
+    theirs_grads = torch.autograd.grad(nll - ratio_losses.mean(), list(policy.parameters()))
+
+    out = preference_loss(PreferenceSettings("orpo", beta=0.2), *lmforge_logps(policy, pairs))
+    ours_grads = torch.autograd.grad(out.loss, list(policy.parameters()))
+    for (name, _), a, b in zip(policy.named_parameters(), ours_grads, theirs_grads, strict=True):
+        assert (a - b).abs().max() < TOL, name
+
+
 def test_orpo_nll_is_torch_cross_entropy_of_the_chosen_answers(models, pairs):
     policy, _ = models
     ids, attention, completion = padded(pairs)
@@ -292,7 +325,7 @@ def test_kto_matches_trl(models, pairs, beta, desirable_weight, undesirable_weig
         theirs_grads = torch.autograd.grad(theirs, list(policy.parameters()))
         metrics = {k: v[-1] for k, v in standin._metrics["train"].items()}
 
-        logps = plain_token_logps(policy, ids, attention, labels).sum(1)
+        logps, _ = rows_logps(policy, ids, attention, completion)
         settings = PreferenceSettings("kto", beta=beta, desirable_weight=desirable_weight,
                                       undesirable_weight=undesirable_weight)
         out = kto_loss(settings, logps, ref_logps, label, kl_logps, ref_kl + shift)
