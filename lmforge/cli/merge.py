@@ -2,8 +2,6 @@
 
 import argparse
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -30,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.layers.lora import merge_lora
     from lmforge.models import build_model, resolve_dtype
     from lmforge.models.config import read_config
+    from lmforge.weights.atomic import atomic_dir
     from lmforge.weights.hf_dir import save_model
     from lmforge.weights.peft import load_adapter, read_adapter_config
     from lmforge.weights.resolve import resolve_model
@@ -50,15 +49,8 @@ def run(args: argparse.Namespace) -> int:
     merged = merge_lora(model)
     if config.get("tie_word_embeddings") and model.lm_head.weight is not model.model.embed_tokens.weight:
         config = {**config, "tie_word_embeddings": False}  # a trained lm_head (modules_to_save) no longer is tied
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:  # a half-written merge is never mistaken for a finished one
         save_model(model, config, tmp, source_dir=model_dir, max_shard_bytes=int(args.max_shard_size * 2**30))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)  # a half-written merge is never mistaken for a finished one
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("merged %d layers", merged)
     print(f"wrote {out}")
     return 0

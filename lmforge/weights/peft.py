@@ -3,8 +3,6 @@ read whether PEFT or lmforge wrote them. Saved keys are PEFT's: `base_model.mode
 `.lora_B.weight`, `.lora_magnitude_vector` (DoRA), and `base_model.model.<path>.<param>` for modules_to_save."""
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from torch import nn
 from lmforge.config.schema import LoraConfig
 from lmforge.errors import LmforgeError
 from lmforge.layers.lora import LoraSummary, apply_lora, linear_layers, lora_layers, matches, module_paths
+from lmforge.weights.atomic import atomic_dir
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -293,17 +292,7 @@ def write_adapter(tensors: dict[str, torch.Tensor], out_dir: str | Path, cfg: Lo
               "fan_in_fan_out": False, "init_lora_weights": True, "layers_to_transform": None,
               "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir, existing="update") as tmp:
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(tmp / name, out_dir / name)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
