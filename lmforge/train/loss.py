@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge import kernels
+from lmforge.data.dataset import IGNORE_INDEX
 from lmforge.layers.linear import Linear
 
-IGNORE = -100
 CHUNK_ROWS = 512  # a chunk's fp32 logits: 512 x 49152 x 4 bytes = 100 MB for SmolLM2
 
 
 def token_loss_sum(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """sum over rows with labels != -100 of -log p(label | row); hidden [T, H] from the model, labels [T]."""
-    rows = (labels != IGNORE).nonzero().squeeze(1)
+    """sum over rows with labels != IGNORE_INDEX of -log p(label | row); hidden [T, H] from the model, labels [T]."""
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     head = model.lm_head
     if torch.is_grad_enabled() and type(head) is Linear and head.bias is None:
