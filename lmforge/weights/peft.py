@@ -13,7 +13,7 @@ from torch import nn
 
 from lmforge.config.schema import LoraConfig
 from lmforge.errors import LmforgeError
-from lmforge.layers.lora import LoraSummary, apply_lora, linear_layers, lora_layers, matches, module_paths
+from lmforge.layers.lora import LoraSummary, apply_lora, linear_layers, lora_layers, matches, merge_lora, module_paths
 from lmforge.weights.atomic import atomic_dir
 
 PREFIX = "base_model.model."
@@ -153,6 +153,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     summary = apply_lora(model, list(modules), saved, cfg.lora_config(names), trainable=trainable)
     _assign(model, file, modules, full)
     return summary
+
+
+def merge_adapter(model: nn.Module, config: dict) -> tuple[int, dict]:
+    """Folds every LoRA layer into its base weight (merge_lora); returns how many were merged and the HF config the
+    merged model is saved with: a trained lm_head (modules_to_save) is no longer tied to the embeddings."""
+    merged = merge_lora(model)
+    if config.get("tie_word_embeddings") and model.lm_head.weight is not model.model.embed_tokens.weight:
+        config = {**config, "tie_word_embeddings": False}
+    return merged, config
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
