@@ -24,8 +24,8 @@ loss's softmax over one 512-row chunk of logits (cross_entropy_ vs its eager ref
 """
 
 import argparse
-import time
 
+import common
 import torch
 import torch.nn.functional as F
 
@@ -38,15 +38,8 @@ LAYERS, HIDDEN, MLP, HEADS, KV_HEADS, DIM = 30, 576, 1536, 9, 3, 64
 SHAPES = [(HIDDEN, (HEADS + 2 * KV_HEADS) * DIM), (HEADS * DIM, HIDDEN), (HIDDEN, 2 * MLP), (MLP, HIDDEN)]
 
 
-def best_ms(fn, repeats: int, calls: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return min(times)
+def best_ms(fn, repeats: int) -> float:
+    return 1e3 * common.best_of(fn, repeats, calls=5)
 
 
 def linear_rows(rows: int):
@@ -228,10 +221,10 @@ def main() -> None:
         quant_rows(args)
     print(f"torch {torch.__version__}, {args.threads} threads, bfloat16; best of {args.repeats}; "
           f"ratio = peer / lmforge")
-    print(f"{'what':42s} {'lmforge':>10s} {'peer':>10s} {'ratio':>7s}  lmforge path / peer")
-    for name, mine, theirs, fast, peer in rows:
-        t_fast, t_peer = best_ms(fast, args.repeats), best_ms(peer, args.repeats)
-        print(f"{name:42s} {t_fast:8.3f}ms {t_peer:8.3f}ms {t_peer / t_fast:7.2f}  {mine} / {theirs}")
+    times = [(best_ms(fast, args.repeats), best_ms(peer, args.repeats)) for _, _, _, fast, peer in rows]
+    common.print_table(["what", "lmforge ms", "peer ms", "ratio", "lmforge path / peer"],
+                       [[name, f"{t_fast:.3f}", f"{t_peer:.3f}", f"{t_peer / t_fast:.2f}", f"{mine} / {theirs}"]
+                        for (name, mine, theirs, _, _), (t_fast, t_peer) in zip(rows, times, strict=True)])
 
 
 def quant_rows(args) -> None:
@@ -239,13 +232,14 @@ def quant_rows(args) -> None:
     GB/s of weight bytes streamed and GFLOP/s."""
     flops = 2 * LAYERS * sum(a * b for a, b in SHAPES)
     print(f"quantised linears, 30 layers of SmolLM2-135M's shapes, float32 activations; best of {args.repeats}")
-    print(f"{'what':34s} {'lmforge':>10s} {'GB/s':>6s} {'GFLOP/s':>8s} {'fp32 F.linear':>14s} {'ratio':>6s}")
+    table = []
     for method in ("int8", "int4"):
         for rows in (1, 4, 64):
-            fast, peer, nbytes, fbytes = quant_linear_rows(rows, method)
+            fast, peer, nbytes, _ = quant_linear_rows(rows, method)
             t_fast, t_peer = best_ms(fast, args.repeats), best_ms(peer, args.repeats)
-            print(f"{method + f', {rows} rows':34s} {t_fast:8.3f}ms {nbytes / t_fast / 1e6:6.1f} "
-                  f"{rows * flops / t_fast / 1e6:8.1f} {t_peer:12.3f}ms {t_peer / t_fast:6.2f}")
+            table.append([f"{method}, {rows} rows", f"{t_fast:.3f}", f"{nbytes / t_fast / 1e6:.1f}",
+                          f"{rows * flops / t_fast / 1e6:.1f}", f"{t_peer:.3f}", f"{t_peer / t_fast:.2f}"])
+    common.print_table(["what", "lmforge ms", "GB/s", "GFLOP/s", "fp32 F.linear ms", "ratio"], table)
     print()
 
 
