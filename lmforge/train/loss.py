@@ -91,8 +91,9 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     logits = logits.float()
     target = logits.gather(1, labels[:, None]).squeeze(1)
     top = logits.amax(dim=1, keepdim=True)
-    # one exp per logit (torch.logsumexp and a second exp made the loss 18 % slower on CPU); logits far below the max
-    # are clamped first, where exp leaves its fast path, since e^-80 is nothing beside the max's e^0
+    # one exp per logit (torch.logsumexp and a second exp made the loss slower on CPU: docs/benchmarks.md, issue 5);
+    # logits far below the max are clamped first, where exp leaves its fast path, since e^-80 is nothing beside the
+    # max's e^0
     probs = logits.sub_(top).clamp_min_(-80.0).exp_()
     sums = probs.sum(dim=1, keepdim=True)
     total = (top + sums.log()).squeeze(1).sub_(target).sum()
