@@ -36,7 +36,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not e2e"
 
 lint: setup
-	$(VENV)/bin/ruff check lmforge tests
+	$(VENV)/bin/ruff check lmforge tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -131,7 +131,7 @@ def run_trainer(job: dict) -> None:
     def count_tokens(module, args, kwargs) -> None:  # what the model trains on, not what the loader prefetched
         labels = kwargs.get("labels")
         if labels is not None:
-            _StepClock.tokens += int((labels[..., 1:] != -100).sum())
+            _StepClock.tokens += int((labels[..., 1:] != -100).sum())  # transformers' ignore label (no lmforge here)
 
     model.register_forward_pre_hook(count_tokens, with_kwargs=True)
 

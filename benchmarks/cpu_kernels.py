@@ -15,8 +15,9 @@ in bfloat16:
                     the pure-torch path (gather the blocks, one batched SDPA call with a key mask)
   rms_norm / rope / silu_mul   64 rows, vs the eager ops of lmforge/layers (kernels.disabled())
 These are the measurements behind the thresholds in lmforge/layers (SMALL_ROWS, AMX_MAX_ROWS, KERNEL_MAX_*).
-Quantised rows (first): the same 30 layers' linears as QuantLinear int8 / int4 on 1, 4 and 64 float32 rows vs
-float32 F.linear, with the GB/s of quantised weight bytes and the GFLOP/s they reach.
+Quantised rows (first; the only ones on CPUs without native bf16): the same 30 layers' linears as QuantLinear
+int8 / int4 on 1, 4 and 64 float32 rows vs float32 F.linear, with the GB/s of quantised weight bytes and the
+GFLOP/s they reach.
 Training rows (forward + backward under autograd, bf16, one micro-batch of 4 x 512 tokens, the shapes of
 benchmarks/train.py): causal attention (torch's flash forward + the AMX backward vs SDPA's own backward), RMSNorm,
 rope and SwiGLU (the autograd Functions of lmforge/layers/train_kernels.py vs the layers' eager code), and the
@@ -24,12 +25,13 @@ loss's softmax over one 512-row chunk of logits (cross_entropy_ vs its eager ref
 """
 
 import argparse
-import time
 
+import common
 import torch
 import torch.nn.functional as F
 
 from lmforge import kernels
+from lmforge.hardware import bf16_support
 from lmforge.layers.attention import AttnMeta, attention
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import apply_rope
@@ -38,15 +40,17 @@ LAYERS, HIDDEN, MLP, HEADS, KV_HEADS, DIM = 30, 576, 1536, 9, 3, 64
 SHAPES = [(HIDDEN, (HEADS + 2 * KV_HEADS) * DIM), (HEADS * DIM, HIDDEN), (HIDDEN, 2 * MLP), (MLP, HIDDEN)]
 
 
-def best_ms(fn, repeats: int, calls: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return min(times)
+def best_ms(fn, repeats: int) -> float:
+    return 1e3 * common.best_of(fn, repeats, calls=5)
+
+
+def forward_all(layers: list, inputs: dict):
+    """A call of every layer on the input of its width: what lmforge runs for one step's linears."""
+    @torch.inference_mode()
+    def run():
+        for layer in layers:
+            layer(inputs[layer.in_features])
+    return run
 
 
 def linear_rows(rows: int):
@@ -57,11 +61,7 @@ def linear_rows(rows: int):
         for fan_in, fan_out in SHAPES:
             layers.append(Linear(fan_in, fan_out, bias=False).to(torch.bfloat16))
     inputs = {fan_in: torch.randn(rows, fan_in, dtype=torch.bfloat16) for fan_in, _ in SHAPES}
-
-    @torch.inference_mode()
-    def fast():
-        for layer in layers:
-            layer(inputs[layer.in_features])
+    fast = forward_all(layers, inputs)
 
     @torch.inference_mode()
     def peer():
@@ -90,11 +90,7 @@ def quant_linear_rows(rows: int, method: str):
             floats.append(w.weight.detach())
             layers.append(QuantLinear.quantize(w, method))
     inputs = {fan_in: torch.randn(rows, fan_in) for fan_in, _ in SHAPES}
-
-    @torch.inference_mode()
-    def fast():
-        for layer in layers:
-            layer(inputs[layer.in_features])
+    fast = forward_all(layers, inputs)
 
     @torch.inference_mode()
     def peer():
@@ -212,6 +208,12 @@ def main() -> None:
     if ops is None:
         raise SystemExit("lmforge's CPU kernels are unavailable here (see the log line above); nothing to compare")
     torch.manual_seed(0)
+    if kernels.quant_ops() is not None:
+        quant_rows(args)
+    native, why = bf16_support("cpu")
+    if not native:  # the bf16 rows would time torch's emulation, and oneDNN's bf16 packing refuses to run
+        print(f"bfloat16 rows left out: {why}")
+        return
     vnni = not ops.amx_available() and ops.vnni_available()  # lmforge/layers/linear.py's choice of kernel
     big = "AMX tiles" if ops.amx_available() else "AVX512-BF16 GEMM" if vnni else "oneDNN, pre-packed"
     gemv, gemv_peer, _ = linear_rows(1)
@@ -224,14 +226,12 @@ def main() -> None:
     rows += [(name, "kernel", "eager", fast, peer) for name, (fast, peer) in elementwise().items()]
     if ops.amx_available():
         rows += [(name, "kernel", "eager autograd", fast, peer) for name, (fast, peer) in training().items()]
-    if kernels.quant_ops() is not None:
-        quant_rows(args)
     print(f"torch {torch.__version__}, {args.threads} threads, bfloat16; best of {args.repeats}; "
           f"ratio = peer / lmforge")
-    print(f"{'what':42s} {'lmforge':>10s} {'peer':>10s} {'ratio':>7s}  lmforge path / peer")
-    for name, mine, theirs, fast, peer in rows:
-        t_fast, t_peer = best_ms(fast, args.repeats), best_ms(peer, args.repeats)
-        print(f"{name:42s} {t_fast:8.3f}ms {t_peer:8.3f}ms {t_peer / t_fast:7.2f}  {mine} / {theirs}")
+    times = [(best_ms(fast, args.repeats), best_ms(peer, args.repeats)) for _, _, _, fast, peer in rows]
+    common.print_table(["what", "lmforge ms", "peer ms", "ratio", "lmforge path / peer"],
+                       [[name, f"{t_fast:.3f}", f"{t_peer:.3f}", f"{t_peer / t_fast:.2f}", f"{mine} / {theirs}"]
+                        for (name, mine, theirs, _, _), (t_fast, t_peer) in zip(rows, times, strict=True)])
 
 
 def quant_rows(args) -> None:
@@ -239,13 +239,14 @@ def quant_rows(args) -> None:
     GB/s of weight bytes streamed and GFLOP/s."""
     flops = 2 * LAYERS * sum(a * b for a, b in SHAPES)
     print(f"quantised linears, 30 layers of SmolLM2-135M's shapes, float32 activations; best of {args.repeats}")
-    print(f"{'what':34s} {'lmforge':>10s} {'GB/s':>6s} {'GFLOP/s':>8s} {'fp32 F.linear':>14s} {'ratio':>6s}")
+    table = []
     for method in ("int8", "int4"):
         for rows in (1, 4, 64):
-            fast, peer, nbytes, fbytes = quant_linear_rows(rows, method)
+            fast, peer, nbytes, _ = quant_linear_rows(rows, method)
             t_fast, t_peer = best_ms(fast, args.repeats), best_ms(peer, args.repeats)
-            print(f"{method + f', {rows} rows':34s} {t_fast:8.3f}ms {nbytes / t_fast / 1e6:6.1f} "
-                  f"{rows * flops / t_fast / 1e6:8.1f} {t_peer:12.3f}ms {t_peer / t_fast:6.2f}")
+            table.append([f"{method}, {rows} rows", f"{t_fast:.3f}", f"{nbytes / t_fast / 1e6:.1f}",
+                          f"{rows * flops / t_fast / 1e6:.1f}", f"{t_peer:.3f}", f"{t_peer / t_fast:.2f}"])
+    common.print_table(["what", "lmforge ms", "GB/s", "GFLOP/s", "fp32 F.linear ms", "ratio"], table)
     print()
 
 

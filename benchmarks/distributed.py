@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import train as shared  # noqa: E402  (benchmarks/train.py: data, the lmforge config, the child runner)
 
 LAYOUTS = [  # (name, processes, threads per process, config overrides)
@@ -68,7 +69,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-dist-"))
     rows = args.steps * shared.MICRO_BATCH * shared.ACCUMULATION
     args.texts, _, data_info = shared.build_data(Tokenizer.from_dir(args.model_dir), rows, work)
-    print(f"CPU: {shared.cpu_name()}; versions: " + ", ".join(f"{k} {v}" for k, v in shared.versions().items()
+    print(f"CPU: {common.cpu_name()}; versions: " + ", ".join(f"{k} {v}" for k, v in shared.versions().items()
                                                                if k in ("lmforge", "torch")))
     print(f"data: {data_info}; 8 rows of 512 tokens per step, {args.steps} steps, bf16-mixed; tokens/s over steps "
           f"{shared.WARMUP_STEPS + 1}-{args.steps}", flush=True)

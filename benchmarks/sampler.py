@@ -9,8 +9,8 @@ Usage: python benchmarks/sampler.py [--threads 2] [--device cpu] [--repeats 5]
 """
 
 import argparse
-import time
 
+import common
 import torch
 
 from lmforge.engine.sampler import SamplingRow, sample
@@ -24,16 +24,6 @@ def zipf_logits(n: int, device: str) -> torch.Tensor:
     profile = -1.5 * ranks.log()
     rows = [profile[torch.randperm(VOCAB)] for _ in range(n)]
     return (torch.stack(rows) + 0.1 * torch.randn(n, VOCAB)).to(device)
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
 
 
 def main() -> None:
@@ -68,7 +58,7 @@ def main() -> None:
                 if args.device != "cpu":
                     torch.cuda.synchronize()
 
-            cells.append(best_ms(step, args.repeats))
+            cells.append(1e3 * common.best_of(step, args.repeats))
         print(f"{name:<28}" + "".join(f"{c:>10.2f}" for c in cells))
 
 

@@ -9,8 +9,8 @@ max_model_len 2048 and a 4 GiB KV cache by each server in turn, listening on 127
            (prefix caching on, the default; torch's default threads: all cores)
   vLLM     `python -m vllm.entrypoints.openai.api_server --model DIR --dtype bfloat16 --max-model-len 2048` with
            VLLM_CPU_OMP_THREADS_BIND=0-<cores-1> and VLLM_CPU_KVCACHE_SPACE=4, from its own venv
-           (/work/venvs/vllm, or LMFORGE_VLLM_PYTHON; install commands in benchmarks/engine.py); prefix caching on,
-           its default.
+           (LMFORGE_VLLM_PYTHON names its python; install commands in benchmarks/engine.py); prefix caching on,
+           its default. Without LMFORGE_VLLM_PYTHON the script stops at once unless given --only lmforge.
 Workload: --num-requests chat requests (distinct questions; the model's chat template adds the same system prompt
 to each), at most --concurrency in flight, each `stream=True`, temperature 0, `max_tokens` tokens with
 `ignore_eos=True` (so every request generates exactly max_tokens tokens), `stream_options.include_usage`.
@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -37,9 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import common
 import httpx
 
-VLLM_PYTHON = Path(os.environ.get("LMFORGE_VLLM_PYTHON", "/work/venvs/vllm/bin/python"))
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 MAX_MODEL_LEN = 2048
@@ -89,7 +88,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(name: str, model_dir: Path, port: int, log) -> subprocess.Popen:
+def start(name: str, model_dir: Path, port: int, log, vllm_python: Path | None) -> subprocess.Popen:
     cores = os.cpu_count() or 1
     if name == "lmforge":
         cmd = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--host", HOST, "--port", str(port),
@@ -97,10 +96,7 @@ def start(name: str, model_dir: Path, port: int, log) -> subprocess.Popen:
                "--no-access-log"]
         env = dict(os.environ)
     else:
-        if not VLLM_PYTHON.exists():
-            raise SystemExit(f"vLLM not found at {VLLM_PYTHON}; see benchmarks/engine.py for the install, or "
-                             "--only lmforge")
-        cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
+        cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
                HOST, "--port", str(port), "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN)]
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -172,30 +168,30 @@ async def workload(url: str, questions: list[str], concurrency: int, max_tokens:
         return time.perf_counter() - start_time, results
 
 
-def version(name: str) -> str:
+def version(name: str, vllm_python: Path | None) -> str:
     if name == "lmforge":
         from lmforge import __version__
 
         return __version__
-    out = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+    out = subprocess.run([str(vllm_python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                          text=True)
     return out.stdout.strip() or "?"
 
 
-def run_system(name: str, model_dir: Path, args) -> RunResult:
+def run_system(name: str, model_dir: Path, args, vllm_python: Path | None) -> RunResult:
     port = free_port()
     url = f"http://{HOST}:{port}"
     questions = [STYLES[i // len(TOPICS) % len(STYLES)].format(TOPICS[i % len(TOPICS)])
                  for i in range(args.num_requests)]
     with tempfile.NamedTemporaryFile("w+", prefix=f"serve-bench-{name}-", suffix=".log", delete=False) as log:
-        proc = start(name, model_dir, port, log)
+        proc = start(name, model_dir, port, log, vllm_python)
         try:
             load = wait_ready(proc, url)
             print(f"{name}: ready after {load:.0f}s (log: {log.name})", flush=True)
             wall, results = asyncio.run(workload(url, questions, args.concurrency, args.max_tokens))
         finally:
             stop(proc)
-    return RunResult(name, version(name), wall, results)
+    return RunResult(name, version(name, vllm_python), wall, results)
 
 
 def main() -> None:
@@ -205,13 +201,17 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
     args = p.parse_args()
+    systems = [name for name in ("lmforge", "vllm") if args.only in (None, name)]
+    vllm_python = common.require_peer(common.VLLM, "--only lmforge") if "vllm" in systems else None
     from lmforge.weights.resolve import resolve_model
 
     model_dir = resolve_model("smollm2-135m")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {model_dir.name}, "
-          f"{args.num_requests} chat requests, concurrency {args.concurrency}, {args.max_tokens} tokens each, "
-          "EOS ignored, greedy, bf16", flush=True)
-    runs = [run_system(name, model_dir, args) for name in ("lmforge", "vllm") if args.only in (None, name)]
+    print(f"{common.cpu_name()}, {model_dir.name}, {args.num_requests} chat requests, concurrency "
+          f"{args.concurrency}, {args.max_tokens} tokens each, EOS ignored, greedy, bf16", flush=True)
+    print_table([run_system(name, model_dir, args, vllm_python) for name in systems])
+
+
+def print_table(runs: list[RunResult]) -> None:
     rows = {r.name: r.row() for r in runs}
     header = ["metric"] + [f"{r.name} {r.version}" for r in runs]
     if len(runs) == 2:

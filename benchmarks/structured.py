@@ -25,9 +25,7 @@ schema written by json.dumps of a model answer from the `half` run's engine): me
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from importlib.metadata import version
@@ -35,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.engine import KV_CACHE_GIB, MAX_MODEL_LEN, VLLM_PYTHON, VLLM_WORKER  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from engine import KV_CACHE_GIB, MAX_MODEL_LEN, VLLM_WORKER, vllm_env  # noqa: E402
 
 LONG_ARRAY = {"type": "array", "minItems": 60, "items": {
     "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
@@ -73,21 +72,19 @@ def throughput(llm, batch: list[list[int]], max_tokens: int) -> dict[str, float]
 
 
 def run_vllm(model_dir: Path, batch: list[list[int]], max_tokens: int, threads: int, dtype: str) -> dict | str:
-    if not VLLM_PYTHON.exists():
-        return f"not installed ({VLLM_PYTHON})"
+    try:
+        python = common.peer_python(common.VLLM)
+    except common.PeerMissing as e:
+        return f"not run: {e}"
     # the first prompt set of a task is its untimed warm-up (the whole batch: one schema per prompt)
     tasks = [{"name": name, "prefix_caching": False, "max_tokens": max_tokens, "prompt_sets": [batch, batch],
               "schemas": [LONG_ARRAY if constrained and i % 2 else None for i in range(len(batch))]}
              for name, constrained in (("none", False), ("half", True))]
     job = {"model": str(model_dir), "dtype": dtype, "max_model_len": MAX_MODEL_LEN, "tasks": tasks}
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
-    env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.run([str(VLLM_PYTHON), str(VLLM_WORKER)], input=json.dumps(job), capture_output=True,
-                          text=True, env=env, timeout=3600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("VLLM_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return f"failed (exit {proc.returncode}: {(proc.stderr or proc.stdout)[-300:]})"
-    data = json.loads(lines[-1][len("VLLM_RESULT "):])
+    try:
+        data = common.run_worker([str(python), str(VLLM_WORKER)], job, "VLLM_RESULT", env=vllm_env(threads))
+    except RuntimeError as e:
+        return f"failed ({e})"
     runs = {name: r[-1] for name, r in data["tasks"].items()}
     return {"version": data["version"], **{name: r["tokens"] / r["seconds"] for name, r in runs.items()}}
 

@@ -39,10 +39,10 @@ Systems, each run alone in its own process, one after the other:
                 for float32). The dataset, tokenizer stub, constant lr schedule and metric logger named in the
                 YAML live in benchmarks/_train_peers.py; the LoRA run saves the adapter only.
   Peers venv (torch pinned in the same command, otherwise pip fetches a CUDA build):
-      python3 -m venv /work/venvs/peers
-      /work/venvs/peers/bin/pip install torch==2.13.0 transformers peft trl accelerate datasets torchtune==0.6.1 \
-          torchao==0.13.0
-  Another location: LMFORGE_PEERS_PYTHON=/path/to/bin/python (its `tune` is taken from the same bin directory).
+      python3 -m venv VENV
+      VENV/bin/pip install torch==2.13.0 transformers peft trl accelerate datasets torchtune==0.6.1 torchao==0.13.0
+      export LMFORGE_PEERS_PYTHON=VENV/bin/python   (its `tune` is taken from the same bin directory)
+  Without LMFORGE_PEERS_PYTHON the peers' rows say so and the untrained-model losses are left out.
 
   The Trainer process hides torchao (sys.modules["torchao"] = None): torchtune's pin, torchao 0.13, makes recent
   PEFT refuse LoRA injection although no torchao layer is involved.
@@ -64,6 +64,7 @@ and is marked disturbed above 5%.
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import platform
@@ -74,14 +75,13 @@ import sys
 import sysconfig
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import common
 import yaml
 
 HERE = Path(__file__).resolve().parent
-PEERS_PYTHON = Path(os.environ.get("LMFORGE_PEERS_PYTHON", "/work/venvs/peers/bin/python"))
 LMFORGE_BIN = Path(sys.executable).with_name("lmforge")
 SEQ_LEN, MICRO_BATCH, ACCUMULATION, WARMUP_STEPS = 512, 4, 2, 2
 LORA = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -220,7 +220,7 @@ def trainer_command(method: str, a, d: Path, mode: str = "trainer") -> list[str]
            "output_dir": str(d / "out"), "steps": a.steps, "micro_batch": MICRO_BATCH, "accumulation": ACCUMULATION,
            "lr": LR.get(method), "lora": LORA, "threads": a.threads, "seed": SEED}
     (d / "job.json").write_text(json.dumps(job, indent=1))
-    return [str(PEERS_PYTHON), str(HERE / "_train_peers.py"), mode, str(d / "job.json")]
+    return [str(common.peer_python(common.TRAIN_PEERS)), str(HERE / "_train_peers.py"), mode, str(d / "job.json")]
 
 
 def torchtune_command(method: str, a, d: Path) -> list[str]:
@@ -259,7 +259,8 @@ def torchtune_command(method: str, a, d: Path) -> list[str]:
         config |= {"optimizer_in_bwd": False}  # no lr_scheduler: the full recipe then keeps the lr constant
     (d / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     recipe = f"{method}_finetune_single_device"
-    return [str(PEERS_PYTHON.with_name("tune")), "run", recipe, "--config", str(d / "config.yaml")]
+    tune = common.peer_python(common.TRAIN_PEERS).with_name("tune")
+    return [str(tune), "run", recipe, "--config", str(d / "config.yaml")]
 
 
 def unavailable(system: str) -> str | None:
@@ -271,19 +272,16 @@ def unavailable(system: str) -> str | None:
             last = (probe.stderr.strip().splitlines() or ["?"])[-1]
             return f"`lmforge train` is not available yet ({last[:200]})"
         return None
-    if not PEERS_PYTHON.exists():
-        return f"not installed ({PEERS_PYTHON} is missing; see this file's docstring)"
+    try:
+        python = common.peer_python(common.TRAIN_PEERS)
+    except common.PeerMissing as e:
+        return str(e)
     module = {"trainer": "transformers, peft", "torchtune": "torchtune"}[system]
-    probe = subprocess.run([str(PEERS_PYTHON), "-c", f"import {module}"], capture_output=True, text=True)
-    return f"not installed in {PEERS_PYTHON} ({module})" if probe.returncode else None
+    probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True)
+    return f"not installed in {python} ({module})" if probe.returncode else None
 
 
 # ---------------------------------------------------------------- running
-
-
-def machine_cpu_seconds() -> float:
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
 def kill_group(pid: int) -> None:
@@ -299,8 +297,7 @@ def run_child(run: Run, cmd: list[str], d: Path, threads: int, timeout: float) -
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     log_path = d / "log.txt"
-    with open(log_path, "w") as log:
-        machine0, start = machine_cpu_seconds(), time.perf_counter()
+    with open(log_path, "w") as log, common.Stopwatch() as watch:
         proc = subprocess.Popen(cmd, cwd=d, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         timer = threading.Timer(timeout, kill_group, (proc.pid,))
         timer.start()
@@ -313,9 +310,7 @@ def run_child(run: Run, cmd: list[str], d: Path, threads: int, timeout: float) -
         finally:
             timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    run.wall = time.perf_counter() - start
-    own = usage.ru_utime + usage.ru_stime
-    run.others = max(0.0, machine_cpu_seconds() - machine0 - own) / (run.wall * (os.cpu_count() or 1))
+    run.wall, run.others = watch.wall, watch.others
     run.peak_rss = usage.ru_maxrss * 1024
     metrics = d / ("out/metrics.jsonl" if run.system == "lmforge" else "metrics.jsonl")
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -337,25 +332,15 @@ def versions() -> dict[str, str]:
     from importlib.metadata import version
 
     found = {"lmforge": version("lmforge"), "lmforge's torch": version("torch")}
-    if PEERS_PYTHON.exists():
+    with contextlib.suppress(common.PeerMissing):
+        python = common.peer_python(common.TRAIN_PEERS)
         code = ("import json, importlib.metadata as m\nout = {}\nfor p in ['torch', 'transformers', 'peft', "
                 "'accelerate', 'torchtune', 'torchao']:\n    try: out[p] = m.version(p)\n"
                 "    except m.PackageNotFoundError: out[p] = 'not installed'\nprint(json.dumps(out))")
-        probe = subprocess.run([str(PEERS_PYTHON), "-c", code], capture_output=True, text=True)
+        probe = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
         if probe.returncode == 0:
             found |= {f"peers' {k}" if k == "torch" else k: v for k, v in json.loads(probe.stdout).items()}
     return found
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(extras) or 'no AVX-512'}), {os.cpu_count()} logical CPUs"
 
 
 # ---------------------------------------------------------------- report
@@ -367,29 +352,24 @@ def print_method(method: str, runs: list[Run], expected_tokens: int, untrained: 
     print(f"\n{label}")
     header = ["system", "tokens/s", "s/step", "peak RSS GiB", "tokens/step", "loss first", "loss last", "gain",
               "threads", "CPU others"]
-    widths = [14, 9, 7, 12, 11, 10, 9, 9, 7, 10]
-
-    def line(cells):
-        return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:],
-                                                                                     strict=True)])
-
-    print(line(header))
+    rows = []
     for r in runs:
         if not r.ok:
-            print(line([SYSTEMS[r.system]] + ["-"] * (len(header) - 1)))
+            rows.append([SYSTEMS[r.system]] + ["-"] * (len(header) - 1))
             continue
         tokens, gain = {s["tokens"] for s in r.measured()}, r.gain(untrained)
-        print(line([SYSTEMS[r.system], f"{r.tokens_per_second():.1f}", f"{r.seconds_per_step():.2f}",
-                    f"{r.peak_rss / 2**30:.2f}", "/".join(map(str, sorted(tokens))), f"{r.losses()[0]:.3f}",
-                    f"{r.losses()[-1]:.3f}", "-" if gain is None else f"{gain:.3f}",
-                    str(r.threads) if r.threads else f"{threads} (cfg)",
-                    f"{r.others:.0%}" + (" !" if r.others > 0.05 else "")]))
+        rows.append([SYSTEMS[r.system], f"{r.tokens_per_second():.1f}", f"{r.seconds_per_step():.2f}",
+                     f"{r.peak_rss / 2**30:.2f}", "/".join(map(str, sorted(tokens))), f"{r.losses()[0]:.3f}",
+                     f"{r.losses()[-1]:.3f}", "-" if gain is None else f"{gain:.3f}",
+                     str(r.threads) if r.threads else f"{threads} (cfg)",
+                     f"{r.others:.0%}" + (" !" if r.others > common.DISTURBED else "")])
+    common.print_table(header, rows)
     for r in runs:
         if r.note:
             print(f"  {SYSTEMS[r.system]}: {r.note}")
         elif any(s["tokens"] != expected_tokens for s in r.steps):
             print(f"  {SYSTEMS[r.system]}: tokens per step differ from {expected_tokens} (see the table)")
-        if r.ok and r.others > 0.05:
+        if r.ok and r.others > common.DISTURBED:
             print(f"  {SYSTEMS[r.system]}: disturbed (other processes used {r.others:.0%} of the CPUs)")
     by = {r.system: r for r in runs if r.ok}
     peers = [r for r in by.values() if r.system != "lmforge"]
@@ -453,7 +433,7 @@ def main() -> None:
     expected = MICRO_BATCH * ACCUMULATION * (SEQ_LEN - 1)
 
     found = versions()
-    print(f"CPU: {cpu_name()}; {args.threads} threads (OMP_NUM_THREADS)")
+    print(f"CPU: {common.cpu_name()}; {args.threads} threads (OMP_NUM_THREADS)")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     print(f"model: SmolLM2-135M-Instruct, {args.model_dir}")
     print(f"data: {data_info}; micro-batch {MICRO_BATCH} x accumulation {ACCUMULATION}, {args.steps} steps, "
@@ -466,7 +446,7 @@ def main() -> None:
           flush=True)
 
     untrained: list[float] = []
-    if not args.no_untrained and PEERS_PYTHON.exists():
+    if not args.no_untrained and unavailable("trainer") is None:
         d = work / "untrained"
         d.mkdir()
         print("untrained model: losses on every step's rows ...", flush=True)
@@ -497,7 +477,7 @@ def main() -> None:
     for method, method_runs in runs.items():
         print_method(method, method_runs, expected, untrained, args.threads)
     if args.out:
-        out = {"setup": {"cpu": cpu_name(), "threads": args.threads, "versions": found, "data": data_info,
+        out = {"setup": {"cpu": common.cpu_name(), "threads": args.threads, "versions": found, "data": data_info,
                          "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS, "seq_len": SEQ_LEN,
                          "micro_batch": MICRO_BATCH, "accumulation": ACCUMULATION, "lora": LORA, "lr": LR,
                          "torchtune_dtype": args.torchtune_dtype},

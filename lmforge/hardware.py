@@ -2,7 +2,7 @@
 
 `auto` precision (the engine's and the CLI's `--dtype auto`, training's `precision: auto`) picks bf16 only where the
 device computes it natively — CUDA with bf16, x86 CPUs with AVX512-BF16 or AMX — and float32 elsewhere: on an
-AVX2-only CPU PyTorch emulates bf16 matrix products, about 100x slower than float32.
+AVX2-only CPU PyTorch emulates bf16 matrix products, far slower than float32 (forcing bf16 there logs both speeds).
 """
 
 import functools

@@ -132,13 +132,10 @@ def _report_qa(scored: list, max_tokens: int) -> dict:
 
 
 def _write_merged(model, model_dir: Path, out: Path) -> Path:
-    from lmforge.layers.lora import merge_lora
     from lmforge.weights.hf_dir import save_model
+    from lmforge.weights.peft import merge_adapter
 
-    merge_lora(model)
-    config = model.config
-    if config.get("tie_word_embeddings") and model.lm_head.weight is not model.model.embed_tokens.weight:
-        config = {**config, "tie_word_embeddings": False}  # a trained lm_head (modules_to_save) is no longer tied
+    _, config = merge_adapter(model, model.config)
     save_model(model, config, out, source_dir=model_dir)
     return out
 

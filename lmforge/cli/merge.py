@@ -2,8 +2,6 @@
 
 import argparse
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -27,11 +25,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmforge.layers.lora import merge_lora
     from lmforge.models import build_model, resolve_dtype
     from lmforge.models.config import read_config
+    from lmforge.weights.atomic import atomic_dir
     from lmforge.weights.hf_dir import save_model
-    from lmforge.weights.peft import load_adapter, read_adapter_config
+    from lmforge.weights.peft import load_adapter, merge_adapter, read_adapter_config
     from lmforge.weights.resolve import resolve_model
 
     resolve_dtype(args.dtype, {})  # reject a bad --dtype before any slow work
@@ -47,18 +45,9 @@ def run(args: argparse.Namespace) -> int:
     log.info("adapter %s: rank %d, alpha %g%s%s, %d layers%s", args.adapter, adapter.rank, adapter.alpha,
              ", rsLoRA" if adapter.rslora else "", ", DoRA" if adapter.dora else "", len(summary.adapted),
              f", modules_to_save {', '.join(summary.saved)}" if summary.saved else "")
-    merged = merge_lora(model)
-    if config.get("tie_word_embeddings") and model.lm_head.weight is not model.model.embed_tokens.weight:
-        config = {**config, "tie_word_embeddings": False}  # a trained lm_head (modules_to_save) no longer is tied
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    merged, config = merge_adapter(model, config)
+    with atomic_dir(out) as tmp:  # a half-written merge is never mistaken for a finished one
         save_model(model, config, tmp, source_dir=model_dir, max_shard_bytes=int(args.max_shard_size * 2**30))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)  # a half-written merge is never mistaken for a finished one
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("merged %d layers", merged)
     print(f"wrote {out}")
     return 0

@@ -6,7 +6,7 @@
                     rank=rank, world_size=world_size)
     for batch in loader:                                              # one epoch (the rest of it, after a resume)
         hidden = model(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
-        ...                                                           # labels: the token to predict, or -100
+        ...                                                           # labels: the token to predict, or IGNORE_INDEX
     state = loader.state_dict()                                       # -> loader.load_state_dict(state)
 
 Modules, in the order data flows through them: sources (files and Hugging Face datasets, rows with their origin),

@@ -9,7 +9,7 @@ end, each sample of each row its own document:
 
     batch = next(iter(loader))
     hidden = model(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
-    loss_sum = cross_entropy(model.logits(hidden), batch.labels, ignore_index=-100, reduction="sum")
+    loss_sum = cross_entropy(model.logits(hidden), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 and the loss is normalised by the sum of num_trained_tokens over the accumulation window (and ranks).
 `for batch in loader` runs the rest of the current epoch; the next loop starts the next epoch. state_dict() counts
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.data.dataset import SFTDataset
+from lmforge.data.dataset import IGNORE_INDEX, SFTDataset
 from lmforge.errors import LmforgeError
 
 
@@ -35,8 +35,8 @@ class Batch:
     input_ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T], from 0 in each document
     cu_seqlens: torch.Tensor  # int32 [num_documents + 1], document boundaries
-    labels: torch.Tensor  # int64 [T]: the token to predict at each position, -100 where not trained
-    num_trained_tokens: int  # labels != -100
+    labels: torch.Tensor  # int64 [T]: the token to predict at each position, IGNORE_INDEX where not trained
+    num_trained_tokens: int  # labels != IGNORE_INDEX
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +59,7 @@ def make_batch(dataset: SFTDataset, rows: np.ndarray) -> Batch:
     cu_seqlens[1:] = np.cumsum(lengths)
     positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
     return Batch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(cu_seqlens),
-                 torch.from_numpy(labels), int((labels != -100).sum()))
+                 torch.from_numpy(labels), int((labels != IGNORE_INDEX).sum()))
 
 
 def micro_batches_per_epoch(num_rows: int, micro_batch_size: int, world_size: int = 1) -> int:

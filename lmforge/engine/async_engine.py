@@ -40,7 +40,7 @@ class AsyncEngine:
     def _run(self, config: EngineConfig, threads: int, built: concurrent.futures.Future) -> None:
         """Builds the engine on this thread, then steps it. Loading here too keeps torch's OpenMP work on one
         thread: a second thread that has run parallel ops leaves more OpenMP threads than cores, and libgomp then
-        stops spinning between ops, which halves decode speed on a small CPU (measured: 597 vs 314 tok/s)."""
+        stops spinning between ops and decode slows down sharply on a small CPU (docs/benchmarks.md, issue 4)."""
         torch.set_num_threads(threads)  # the caller's setting; OpenMP's is per thread
         try:
             engine = LLMEngine.from_config(config)

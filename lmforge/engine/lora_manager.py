@@ -7,7 +7,6 @@ two adapters (nor an adapter reloaded from changed files under the same name) ev
 
 import itertools
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from torch import nn
 
 from lmforge.engine.sequence import Sequence
 from lmforge.errors import LmforgeError
-from lmforge.layers.lora import OUTPUT_LAYER, linear_layers
+from lmforge.layers.lora import OUTPUT_LAYER, linear_layers, lora_scaling
 from lmforge.layers.multi_lora import NO_ADAPTER, LoraBatch, MultiLoRALinear
 from lmforge.weights.peft import CONFIG_FILE, read_adapter, read_adapter_config
 
@@ -132,7 +131,7 @@ class LoRAManager:
             raise LmforgeError(f"{files.file}: {key!r} is a whole-module tensor (modules_to_save), which multi-LoRA "
                                "serving cannot swap per request")
         slot = min(set(range(self.max_loras)) - used)
-        scaling = cfg.alpha / (math.sqrt(cfg.rank) if cfg.rslora else cfg.rank)
+        scaling = lora_scaling(cfg.alpha, cfg.rank, cfg.rslora)
         try:
             for path, parts in files.modules.items():
                 self.layers[path].set_slot(slot, parts["A"][1], parts["B"][1], scaling)

@@ -20,7 +20,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"; None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
-    def finished(self) -> bool:
+    def finished(self) -> bool:  # vLLM's CompletionOutput.finished()
         return self.finish_reason is not None
 
 
@@ -32,10 +32,6 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
 @dataclass(slots=True)

@@ -89,8 +89,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], grammar: tuple[torch.T
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax (first of equal maxima): the CPU kernel reads bf16 logits directly; torch's max(-1) is 2.5x
-    faster than its argmax."""
+    """Row-wise argmax (first of equal maxima): the CPU kernel reads bf16 logits directly; elsewhere max(-1), which
+    torch runs faster than its argmax (docs/benchmarks.md, "Numbers behind code comments")."""
     if (ops := usable(x)) is not None and x.is_contiguous():
         return ops.argmax_rows(x)
     return x.max(-1).indices

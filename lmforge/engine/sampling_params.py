@@ -78,7 +78,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex, ...)
-    extra: dict = field(default_factory=dict, compare=False, repr=False)  # room for server-side metadata
     # set by the engine from bad_words and its tokenizer (vLLM's _bad_words_token_ids); not for users to fill
     bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), compare=False, repr=False)
 

@@ -25,8 +25,13 @@ if TYPE_CHECKING:
 OUTPUT_LAYER = "lm_head"  # never adapted by all-linear nor quantised (QLoRA keeps it in full precision)
 
 
+def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The factor of the update B @ A: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (PEFT's use_rslora)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 class LoRALinear(nn.Module):
-    """base(x) + dropout(x) @ A^T @ B^T * scaling, scaling = alpha / r (alpha / sqrt(r) with rslora).
+    """base(x) + dropout(x) @ A^T @ B^T * scaling, scaling = lora_scaling(alpha, r, rslora).
 
     DoRA rescales each output row of the updated weight W + scaling * B @ A to a trained magnitude m: the output is
     base(x) + (m / |W + s B A| - 1) * (x @ W^T) + (m / |W + s B A|) * s * lora(x), the row norm treated as a
@@ -38,7 +43,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.rank, self.alpha, self.rslora, self.dora = rank, alpha, rslora, dora
-        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        self.scaling = lora_scaling(alpha, rank, rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nf4 = isinstance(base_layer, NF4Linear)
         device = base_layer.weight_packed.device if nf4 else base_layer.weight.device

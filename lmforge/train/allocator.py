@@ -2,10 +2,9 @@
 
 glibc's malloc raises its mmap threshold each time a large block is freed, so after the first micro-batch the
 gigabytes of activations each one frees and allocates again live in its heap, where fragmentation makes the
-process grow: SmolLM2 full fine-tuning (micro-batches of 2,048 tokens) peaked at 5.5 GB after 4 micro-batches and
-kept climbing. `malloc_trim` after each backward returns the free pages (RSS back to the live 2.4 GB), and the peak
-stays at the first micro-batch's 4.9 GB. A fixed mmap threshold does the same but page-faults every large tensor
-afresh: 30 % slower steps."""
+process grow micro-batch after micro-batch. `malloc_trim` after each backward returns the free pages, and the peak
+stays at the first micro-batch's. A fixed mmap threshold does the same but page-faults every large tensor afresh,
+which slows every step (the numbers: docs/benchmarks.md, "Numbers behind code comments")."""
 
 import ctypes
 import sys

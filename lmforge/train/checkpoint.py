@@ -10,7 +10,7 @@ state/ is written by every rank in parallel, each its own shards, and read back 
 stores each tensor's global shape, so a run saved by 2 processes resumes in 1 and the other way round.
 """
 
-import os
+import contextlib
 import random
 import re
 import shutil
@@ -24,28 +24,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lmforge.errors import LmforgeError
+from lmforge.weights.atomic import atomic_dir, staging_dir
 
 STATE_FILE = "trainer_state.pt"
 STATE_DIR = "state"
 _STEP_DIR = re.compile(r"step-(\d+)")
-
-
-def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
-    """fill(tmp) writes the directory's content; then tmp replaces target in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fill(tmp)
-    for path in (p for p in tmp.rglob("*") if p.is_file()):  # data on disk before the rename makes it visible
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def rng_state() -> dict:
@@ -69,18 +52,18 @@ def save_checkpoint(run_dir: Path, step: int, save_model: Callable[[Path], None]
     trainer state; prunes all but the newest keep_last. Every rank calls it: all write state/ into the main rank's
     temporary directory, which the main rank then completes and renames."""
     target = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
-    tmp = target.with_name(f".{target.name}.tmp")
+    # a failed save leaves its temporary directory, as a kill would; the next save of this step starts it afresh
+    publish = atomic_dir(target, durable=True, shared=True, keep_on_error=True) if is_main else \
+        contextlib.nullcontext(staging_dir(target, shared=True))
+    with publish as tmp:
+        barrier()
+        dcp.save(_training_state(model, optimizer), checkpoint_id=tmp / STATE_DIR, no_dist=_single())
+        if save_model is not None:
+            save_model(tmp)  # a collective under FSDP (gathers the weights); only the main rank writes
+        barrier()
+        if is_main:
+            torch.save(trainer_state, tmp / STATE_FILE)
     if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    dcp.save(_training_state(model, optimizer), checkpoint_id=tmp / STATE_DIR, no_dist=_single())
-    if save_model is not None:
-        save_model(tmp)  # a collective under FSDP (gathers the weights); only the main rank writes
-    barrier()
-    if is_main:
-        torch.save(trainer_state, tmp / STATE_FILE)
-        write_atomically(target, lambda out: tmp.rename(out))
         for old in checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge import kernels
+from lmforge.data.dataset import IGNORE_INDEX
 from lmforge.layers.linear import Linear
 
-IGNORE = -100
 CHUNK_ROWS = 512  # a chunk's fp32 logits: 512 x 49152 x 4 bytes = 100 MB for SmolLM2
 
 
 def token_loss_sum(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """sum over rows with labels != -100 of -log p(label | row); hidden [T, H] from the model, labels [T]."""
-    rows = (labels != IGNORE).nonzero().squeeze(1)
+    """sum over rows with labels != IGNORE_INDEX of -log p(label | row); hidden [T, H] from the model, labels [T]."""
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     head = model.lm_head
     if torch.is_grad_enabled() and type(head) is Linear and head.bias is None:
@@ -91,8 +91,9 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     logits = logits.float()
     target = logits.gather(1, labels[:, None]).squeeze(1)
     top = logits.amax(dim=1, keepdim=True)
-    # one exp per logit (torch.logsumexp and a second exp made the loss 18 % slower on CPU); logits far below the max
-    # are clamped first, where exp leaves its fast path, since e^-80 is nothing beside the max's e^0
+    # one exp per logit (torch.logsumexp and a second exp made the loss slower on CPU: docs/benchmarks.md, issue 5);
+    # logits far below the max are clamped first, where exp leaves its fast path, since e^-80 is nothing beside the
+    # max's e^0
     probs = logits.sub_(top).clamp_min_(-80.0).exp_()
     sums = probs.sum(dim=1, keepdim=True)
     total = (top + sums.log()).squeeze(1).sub_(target).sum()

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.train.loss import CHUNK_ROWS, IGNORE
+from lmforge.data.dataset import IGNORE_INDEX
+from lmforge.train.loss import CHUNK_ROWS
 
 PairedLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 REFERENCE_FREE = ("simpo", "orpo")  # they need no reference log-probs and use length-averaged log-probs
@@ -77,7 +78,7 @@ def sequence_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                          f"has {len(hidden)}")
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     doc = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens.to(hidden.device).long())
-    rows = (labels != IGNORE).nonzero().squeeze(1)
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     hidden, labels, doc = hidden.index_select(0, rows), labels.index_select(0, rows), doc.index_select(0, rows)
     chunks = [_chunk_logps(model, h, y) for h, y in zip(hidden.split(CHUNK_ROWS), labels.split(CHUNK_ROWS),
                                                           strict=True)]

@@ -6,9 +6,8 @@ import numpy as np
 import torch
 
 from lmforge.config import TrainConfig
-from lmforge.data import Batch, Loader, SFTDataset
+from lmforge.data import IGNORE_INDEX, Batch, Loader, SFTDataset
 from lmforge.data.loader import make_batch
-from lmforge.train.loss import IGNORE
 
 
 class Windows:
@@ -61,5 +60,6 @@ def validation_batches(dataset: SFTDataset, micro_batch_size: int, rank: int = 0
     rows = np.arange(rank * per_rank, min((rank + 1) * per_rank, dataset.num_rows))
     batches = [make_batch(dataset, rows[i:i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
     filler = make_batch(dataset, np.zeros(1, dtype=np.int64))
-    filler = Batch(filler.input_ids, filler.positions, filler.cu_seqlens, torch.full_like(filler.labels, IGNORE), 0)
+    filler = Batch(filler.input_ids, filler.positions, filler.cu_seqlens,
+                   torch.full_like(filler.labels, IGNORE_INDEX), 0)
     return batches + [filler] * (math.ceil(per_rank / micro_batch_size) - len(batches))

@@ -3,8 +3,6 @@ read whether PEFT or lmforge wrote them. Saved keys are PEFT's: `base_model.mode
 `.lora_B.weight`, `.lora_magnitude_vector` (DoRA), and `base_model.model.<path>.<param>` for modules_to_save."""
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +13,8 @@ from torch import nn
 
 from lmforge.config.schema import LoraConfig
 from lmforge.errors import LmforgeError
-from lmforge.layers.lora import LoraSummary, apply_lora, linear_layers, lora_layers, matches, module_paths
+from lmforge.layers.lora import LoraSummary, apply_lora, linear_layers, lora_layers, matches, merge_lora, module_paths
+from lmforge.weights.atomic import atomic_dir
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -156,6 +155,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     return summary
 
 
+def merge_adapter(model: nn.Module, config: dict) -> tuple[int, dict]:
+    """Folds every LoRA layer into its base weight (merge_lora); returns how many were merged and the HF config the
+    merged model is saved with: a trained lm_head (modules_to_save) is no longer tied to the embeddings."""
+    merged = merge_lora(model)
+    if config.get("tie_word_embeddings") and model.lm_head.weight is not model.model.embed_tokens.weight:
+        config = {**config, "tie_word_embeddings": False}
+    return merged, config
+
+
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     """Copies a saved adapter's tensors into a model that already has the same LoRA layers (resuming a run):
     the file and the model must hold the same LoRA layers, with the same shapes."""
@@ -293,17 +301,7 @@ def write_adapter(tensors: dict[str, torch.Tensor], out_dir: str | Path, cfg: Lo
               "fan_in_fan_out": False, "init_lora_weights": True, "layers_to_transform": None,
               "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir, existing="update") as tmp:
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(tmp / name, out_dir / name)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

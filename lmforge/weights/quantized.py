@@ -2,7 +2,7 @@
 
 Three sources, one result (`quantization=` on the engine, vLLM's spelling):
   "int8"  every decoder linear quantised at load, int8 per 32-element block (symmetric absmax, float32 scale: the
-          Q8_0 scheme; per output channel was measured 3x further from the float model);
+          Q8_0 scheme; per output channel was measured further from the float model: docs/architecture.md);
   "int4"  every decoder linear in 4-bit groups of 32 along the input (scale and min per group, the Q4_1 idea);
           with both, lm_head becomes int8 too (it is read every decode step: as float it alone would stream
           as many bytes as the whole int8 decoder); the embedding table stays float (one row read per token);

@@ -4,7 +4,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -34,6 +33,7 @@ def embedded_gguf(alias: str) -> Path:
 
 def converted_gguf(gguf: Path, progress: bool = True) -> Path:
     """Converts a GGUF once into $LMFORGE_HOME/models/<name>-<key>; later calls reuse the directory."""
+    from lmforge.weights.atomic import atomic_dir
     from lmforge.weights.gguf_import import convert_gguf
 
     stat = gguf.stat()
@@ -42,16 +42,9 @@ def converted_gguf(gguf: Path, progress: bool = True) -> Path:
     if (out / "config.json").is_file():
         return out
     log.info("converting %s into %s (once; later runs reuse it)", gguf.name, out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # another process converting the same file at once may finish first: its directory is kept
+    with atomic_dir(out, existing="keep") as tmp:
         convert_gguf(gguf, tmp, progress=progress)
-        tmp.rename(out)  # atomic: a half-written conversion is never mistaken for a finished one
-    except OSError:
-        if not (out / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

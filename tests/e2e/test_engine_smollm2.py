@@ -63,8 +63,8 @@ def test_batch_equals_transformers_greedy(llm, batched, smollm2_dir):
     ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     ref.generation_config.eos_token_id = None
     prompts, together = batched
-    # transformers' batched generate (left padding, its attention mask) in 4 batches: 64 forwards of 8 rows cost what
-    # about 6 of one row do. Padding changes its float sums in the last bits, so a prompt whose batched reference
+    # transformers' batched generate (left padding, its attention mask) in 4 batches: a forward of 8 rows costs far
+    # less than 8 of one row. Padding changes its float sums in the last bits, so a prompt whose batched reference
     # differs from ours is generated again alone, unpadded, and that is the reference it must equal.
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])

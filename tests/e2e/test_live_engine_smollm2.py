@@ -10,6 +10,7 @@ import torch
 
 from lmforge import SamplingParams
 from lmforge.config.schema import LoraConfig
+from lmforge.data.dataset import IGNORE_INDEX
 from lmforge.engine.config import EngineConfig
 from lmforge.engine.llm import LLM
 from lmforge.engine.llm_engine import LLMEngine
@@ -45,7 +46,7 @@ def batches(tokenizer) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
         chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": answer}] for q in QUESTIONS[:4]]
         seqs = [tokenizer.apply_chat_template(chat, tokenize=True) for chat in chats]
         ids = torch.tensor(sum(seqs, []))
-        labels = torch.cat([torch.tensor(s[1:] + [-100]) for s in seqs])
+        labels = torch.cat([torch.tensor(s[1:] + [IGNORE_INDEX]) for s in seqs])
         out.append((ids, labels, [len(s) for s in seqs]))
     return out
 
@@ -56,7 +57,7 @@ def train(model, optimizer, data, steps: int, start: int) -> list[float]:
         ids, labels, lens = data[step % len(data)]
         positions = torch.cat([torch.arange(n) for n in lens])
         hidden = model(ids, positions, AttnMeta.for_sequences(lens))
-        loss = token_loss_sum(model, hidden, labels) / int((labels != -100).sum())
+        loss = token_loss_sum(model, hidden, labels) / int((labels != IGNORE_INDEX).sum())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge import LLM, SamplingParams, kernels
-from lmforge.data import Loader
+from lmforge.data import IGNORE_INDEX, Loader
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.linear import Linear
 from lmforge.layers.quant_linear import QuantLinear
@@ -72,7 +72,7 @@ def test_perplexity_and_kl_on_the_validation_set(models, val_batches, method):
     with torch.no_grad():
         for batch in val_batches:
             meta = AttnMeta.for_training(batch.cu_seqlens)
-            rows = (batch.labels != -100).nonzero().squeeze(1)
+            rows = (batch.labels != IGNORE_INDEX).nonzero().squeeze(1)
             p, q = (m.logits(m(batch.input_ids, batch.positions, meta)[rows]).log_softmax(-1)
                     for m in (models["float"], models[method]))
             kl += (p.exp() * (p - q)).sum().item()

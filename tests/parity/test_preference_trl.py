@@ -21,6 +21,7 @@ from trl import DPOTrainer, KTOTrainer  # pinned in the test extra: a missing re
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
+from lmforge.data.dataset import IGNORE_INDEX
 from lmforge.layers.attention import AttnMeta
 from lmforge.train import preference
 from lmforge.train.preference import PreferenceSettings, kto_loss, preference_loss, sequence_logps
@@ -56,7 +57,7 @@ def packed(pairs):
     for prompt, *answers in pairs:
         for answer in answers:
             ids = torch.cat([prompt, answer])
-            lab = torch.full_like(ids, -100)
+            lab = torch.full_like(ids, IGNORE_INDEX)
             lab[len(prompt) - 1:-1] = answer  # position t predicts token t + 1
             docs.append(ids)
             labels.append(lab)
@@ -76,9 +77,9 @@ def rows_logps(model, ids, attention, completion):
     docs, labels = [], []
     for row, mask, answer in zip(ids, attention, completion, strict=True):
         n = int(mask.sum())
-        lab = row[1:n].masked_fill(answer[1:n] == 0, -100)
+        lab = row[1:n].masked_fill(answer[1:n] == 0, IGNORE_INDEX)
         docs.append(row[:n])
-        labels.append(torch.cat([lab, torch.tensor([-100])]))
+        labels.append(torch.cat([lab, torch.tensor([IGNORE_INDEX])]))
     lens = [len(d) for d in docs]
     meta = AttnMeta.for_sequences(lens)
     hidden = model(torch.cat(docs), torch.cat([torch.arange(n) for n in lens]), meta)
@@ -112,7 +113,7 @@ def plain_token_logps(model, ids, attention, labels):
     """TRL's fused-head output layout: [rows, width - 1], log p(token t + 1), 0 where labels[t + 1] is -100."""
     logps = plain_logits(model, ids, attention)[:, :-1].log_softmax(-1)
     target = ids[:, 1:]
-    return logps.gather(2, target[..., None]).squeeze(2) * (labels[:, 1:] != -100)
+    return logps.gather(2, target[..., None]).squeeze(2) * (labels[:, 1:] != IGNORE_INDEX)
 
 
 class Accelerator:
@@ -170,7 +171,7 @@ DPO_SETTINGS = [
 def test_dpo_family_matches_trl_loss_and_logp_gradients(models, pairs, settings):
     policy, reference = models
     ids, attention, completion = padded(pairs)
-    labels = ids.masked_fill(completion == 0, -100)
+    labels = ids.masked_fill(completion == 0, IGNORE_INDEX)
     with torch.no_grad():
         per_token = plain_token_logps(policy, ids, attention, labels)
         ref = plain_token_logps(reference, ids, attention, labels).sum(1)
@@ -180,7 +181,7 @@ def test_dpo_family_matches_trl_loss_and_logp_gradients(models, pairs, settings)
     (theirs_grad,) = torch.autograd.grad(theirs, leaf)
 
     leaf = per_token.clone().requires_grad_()  # lmforge sees the same log-probs as per-answer sums
-    scored = labels[:, 1:] != -100
+    scored = labels[:, 1:] != IGNORE_INDEX
     tokens = completion.sum(1)
     chosen, rejected = (leaf * scored).sum(1).chunk(2)
     out = preference_loss(settings, chosen, rejected, *tokens.chunk(2), ref_c, ref_r)
@@ -199,7 +200,7 @@ def test_dpo_parameter_gradients_through_packed_batch_match_trl(models, pairs, s
     monkeypatch.setattr(preference, "CHUNK_ROWS", 4)  # several chunks, each recomputed in backward
     policy, reference = models
     ids, attention, completion = padded(pairs)
-    labels = ids.masked_fill(completion == 0, -100)
+    labels = ids.masked_fill(completion == 0, IGNORE_INDEX)
     with torch.no_grad():
         ref_c, ref_r = plain_token_logps(reference, ids, attention, labels).sum(1).chunk(2)
     theirs, _ = trl_dpo(settings, lambda i, a, lab: plain_token_logps(policy, i, a, lab), ids, attention, completion,
@@ -221,7 +222,7 @@ def test_dpo_parameter_gradients_through_packed_batch_match_trl(models, pairs, s
 def test_simpo_matches_trl_cpo_trainer(models, pairs, beta, gamma, smoothing, cpo_alpha):
     policy, _ = models
     ids, attention, completion = padded(pairs)
-    labels = ids.masked_fill(completion == 0, -100)
+    labels = ids.masked_fill(completion == 0, IGNORE_INDEX)
     n = len(pairs)
     batch = {"chosen_input_ids": ids[:n], "chosen_attention_mask": attention[:n], "chosen_labels": labels[:n],
              "rejected_input_ids": ids[n:], "rejected_attention_mask": attention[n:], "rejected_labels": labels[n:]}
@@ -274,7 +275,7 @@ def test_orpo_parameter_gradients_through_packed_batch(models, pairs):
     plus torch's cross-entropy of the chosen answers, against lmforge through sequence_logps."""
     policy, _ = models
     ids, attention, completion = padded(pairs)
-    labels = ids.masked_fill(completion == 0, -100)
+    labels = ids.masked_fill(completion == 0, IGNORE_INDEX)
     n = len(pairs)
     logits = plain_logits(policy, ids, attention)
     averaged = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
@@ -291,7 +292,7 @@ def test_orpo_parameter_gradients_through_packed_batch(models, pairs):
 def test_orpo_nll_is_torch_cross_entropy_of_the_chosen_answers(models, pairs):
     policy, _ = models
     ids, attention, completion = padded(pairs)
-    labels = ids.masked_fill(completion == 0, -100)
+    labels = ids.masked_fill(completion == 0, IGNORE_INDEX)
     n = len(pairs)
     logits = plain_logits(policy, ids[:n], attention[:n])
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:n, 1:].reshape(-1))
@@ -307,8 +308,8 @@ def test_kto_matches_trl(models, pairs, beta, desirable_weight, undesirable_weig
     label = torch.tensor([True, False, True, False, True, False])
     kl_ids = ids.roll(1, 0)  # mismatched pairs stand-in: another row's tokens, so KL log-probs differ from the rows'
     kl_attention, kl_completion = attention.roll(1, 0), completion.roll(1, 0)
-    labels = ids.masked_fill(completion == 0, -100)
-    kl_labels = kl_ids.masked_fill(kl_completion == 0, -100)
+    labels = ids.masked_fill(completion == 0, IGNORE_INDEX)
+    kl_labels = kl_ids.masked_fill(kl_completion == 0, IGNORE_INDEX)
     with torch.no_grad():
         ref_logps = plain_token_logps(reference, ids, attention, labels).sum(1)
         ref_kl = plain_token_logps(reference, kl_ids, kl_attention, kl_labels).sum(1)
@@ -359,9 +360,9 @@ def test_prompt_tokens_contribute_nothing(models, pairs):
     hidden = policy(ids, positions, meta).detach().requires_grad_()
     logps, _ = sequence_logps(policy, hidden, labels, meta.cu_seqlens_q)
     (grad,) = torch.autograd.grad(logps.sum(), hidden)
-    scored = labels != -100
+    scored = labels != IGNORE_INDEX
     assert grad[~scored].abs().max() == 0 and (grad[scored].abs().sum(1) > 0).all()
-    no_answers = torch.full_like(labels, -100)
+    no_answers = torch.full_like(labels, IGNORE_INDEX)
     empty, counts = sequence_logps(policy, hidden, no_answers, meta.cu_seqlens_q)
     assert (empty == 0).all() and (counts == 0).all()
     with pytest.raises(ValueError, match="cu_seqlens covers"):

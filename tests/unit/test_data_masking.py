@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from lmforge.data import build_datasets
+from lmforge.data import IGNORE_INDEX, build_datasets
 from lmforge.data.templates import ChatRenderer
 from lmforge.errors import LmforgeError
 from tests.data_refs import chat, data_config, tiny_tokenizer, trained_text, write_jsonl
@@ -49,7 +49,7 @@ def test_trained_tokens_are_exactly_the_replies_and_end_of_turn(tmp_path, templa
     assert tokenizer.decode(tokens, skip_special_tokens=False) == rendered
     # The loss sees the same thing through the labels: each trained token is the label one position earlier.
     labels = samples.labels(0)
-    assert [int(t) for t, f in zip(tokens, trained, strict=True) if f] == [int(x) for x in labels if x != -100]
+    assert [int(t) for t, f in zip(tokens, trained, strict=True) if f] == [int(x) for x in labels if x != IGNORE_INDEX]
 
 
 def test_text_after_the_end_of_turn_token_is_not_trained(tmp_path):

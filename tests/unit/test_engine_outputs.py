@@ -17,6 +17,7 @@ def run(llm: LLM, final_only: bool) -> tuple[dict, list[int]]:
         returned.append(len(outs))
         for out in outs:
             assert out.finished or not final_only
+            assert out.outputs[0].finished() == out.finished  # vLLM's CompletionOutput.finished()
             last[out.request_id] = out
     return last, returned
 

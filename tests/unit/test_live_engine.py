@@ -8,12 +8,13 @@ import torch
 
 from lmforge import LLM, SamplingParams
 from lmforge.config.schema import LoraConfig
+from lmforge.data.dataset import IGNORE_INDEX
 from lmforge.engine.config import EngineConfig
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.lora import add_lora, lora_layers
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.loss import IGNORE, token_loss_sum
+from lmforge.train.loss import token_loss_sum
 from lmforge.weights.peft import save_adapter
 from tests.tiny import TINY_LLAMA, tiny_model
 from tests.tokenizer_refs import llama_style_dir
@@ -181,7 +182,7 @@ def test_two_engines_and_a_training_step_interleaved_do_not_disturb_each_other(t
 
     def gradients() -> dict[str, torch.Tensor]:
         torch.manual_seed(7)
-        labels = torch.roll(ids, -1).masked_fill(torch.rand(len(ids)) < 0.3, IGNORE)  # the global RNG decides
+        labels = torch.roll(ids, -1).masked_fill(torch.rand(len(ids)) < 0.3, IGNORE_INDEX)  # the global RNG decides
         model.zero_grad()
         token_loss_sum(model, model(ids, torch.arange(len(ids)), meta), labels).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

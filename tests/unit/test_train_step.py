@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import TrainConfig
+from lmforge.data import IGNORE_INDEX
 from lmforge.layers.attention import AttnMeta
 from lmforge.train import loss as loss_module
 from lmforge.train.loss import token_loss_sum
@@ -24,7 +25,7 @@ class Batch:
 
     @property
     def num_trained_tokens(self) -> int:
-        return int((self.labels != -100).sum())
+        return int((self.labels != IGNORE_INDEX).sum())
 
 
 def documents(lengths: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -33,8 +34,8 @@ def documents(lengths: list[int], seed: int = 0) -> list[tuple[torch.Tensor, tor
     docs = []
     for n in lengths:
         ids = torch.randint(0, TINY_LLAMA["vocab_size"], (n,), generator=g)
-        labels = torch.cat([ids[1:], torch.tensor([-100])])
-        labels[:2] = -100
+        labels = torch.cat([ids[1:], torch.tensor([IGNORE_INDEX])])
+        labels[:2] = IGNORE_INDEX
         docs.append((ids, labels))
     return docs
 
@@ -75,7 +76,7 @@ def test_accumulation_equals_one_big_batch(dtype):
     loss_small, tokens_small, _ = train_step(model, [flat(docs[i:i + 2]) for i in range(0, 8, 2)], config(), opt, None)
     small = opt.seen
     loss_big, tokens_big, _ = train_step(model, [flat(docs)], config(), opt, None)
-    assert tokens_small == tokens_big == sum(int((lab != -100).sum()) for _, lab in docs)
+    assert tokens_small == tokens_big == sum(int((lab != IGNORE_INDEX).sum()) for _, lab in docs)
     assert loss_small == pytest.approx(loss_big, abs=1e-6)
     for a, b in zip(small, opt.seen, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -105,8 +106,8 @@ def test_packed_loss_equals_token_weighted_unpacked_loss():
         total, count = 0.0, 0
         for ids, labels in docs:  # each document alone, through plain cross-entropy on full logits
             logits = model.logits(model(ids, torch.arange(len(ids)), AttnMeta.for_sequences([len(ids)])))
-            total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
-            count += int((labels != -100).sum())
+            total += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((labels != IGNORE_INDEX).sum())
     assert float(packed_loss) == pytest.approx(total / count, abs=1e-5)
 
 
@@ -130,7 +131,7 @@ def test_fused_loss_matches_autograd_cross_entropy(monkeypatch, tied, autocast, 
             if fused:
                 total = token_loss_sum(model, hidden, batch.labels)
             else:
-                total = F.cross_entropy(model.logits(hidden), batch.labels, ignore_index=-100, reduction="sum")
+                total = F.cross_entropy(model.logits(hidden), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")
         (total / 10).backward()
         results.append((total.item(), grads(model)))
     (fused_loss, fused_grads), (ref_loss, ref_grads) = results

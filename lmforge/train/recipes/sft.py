@@ -28,6 +28,7 @@ from lmforge.train.loss import token_loss_sum
 from lmforge.train.model import build_trainable, gathered_weights, save_trainable
 from lmforge.train.optim import build_optimizer, build_scheduler
 from lmforge.train.windows import Windows, validation_batches
+from lmforge.weights.atomic import atomic_dir
 
 log = logging.getLogger("lmforge")
 
@@ -200,7 +201,8 @@ def _evaluate_and_track(runner, model, validation, cfg: TrainConfig, device, sta
 def _save_model_dir(target: Path, save_model, world: dist.World) -> Path:
     """best/ or final/, atomically: every rank takes part in gathering the weights, rank 0 writes."""
     if world.is_main:
-        ckpt.write_atomically(target, save_model)
+        with atomic_dir(target, durable=True) as tmp:
+            save_model(tmp)
     else:
         save_model(target)
     dist.barrier(world)
