@@ -3,7 +3,6 @@
 import argparse
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -49,14 +48,16 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from lmforge.data import Loader
     from lmforge.hardware import compute_dtype
     from lmforge.models import resolve_dtype
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.eval_data import encode_rows, read_rows
-    from lmforge.train.evaluate import evaluate
-    from lmforge.weights.peft import load_adapter, read_adapter_config
-    from lmforge.weights.quantized import load_for_serving
+    from lmforge.train.evaluate import evaluate, load_evaluated_model
+    from lmforge.train.qa import answer_rows
+    from lmforge.weights.peft import read_adapter_config
     from lmforge.weights.resolve import resolve_model
 
     _check_arguments(args)
@@ -69,12 +70,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_dir(model_dir)
     encoded = encode_rows(data, tokenizer, args.template, args.max_seq_len, args.train_on_inputs)
     log.info("loading %s%s", model_dir, f" with adapter {args.adapter}" if args.adapter else "")
-    model, _ = load_for_serving(args.model, model_dir, args.quantization, compute_dtype(args.dtype, device),
-                                str(device))
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    batches = Loader(encoded.dataset, args.batch_size, shuffle=False)
-    loss = evaluate(model, batches, device, _no_autocast)
+    model = load_evaluated_model(args.model, model_dir, args.adapter, compute_dtype(args.dtype, device), device,
+                                 args.quantization)
+    # weights are in the compute dtype (--dtype): no autocast
+    loss = evaluate(model, Loader(encoded.dataset, args.batch_size, shuffle=False), device, contextlib.nullcontext)
     samples = len(encoded.dataset)
     results = {"model": str(args.model), "adapter": args.adapter, "data": data.source, "format": data.format,
                "template": args.template, "max_seq_len": args.max_seq_len, "loss": loss["val_loss"],
@@ -85,35 +84,12 @@ def run(args: argparse.Namespace) -> int:
     if encoded.skipped:
         print(f"skipped {encoded.skipped} rows with nothing to score (first: {encoded.first_skipped})")
     if data.qa is not None:
-        results["qa"] = _report_qa(_answer(model, model_dir, tokenizer, data, args, device), args.max_tokens)
+        scored = answer_rows(model, tokenizer, data, args.template, args.max_tokens, args.kv_cache_memory)
+        results["qa"] = _report_qa(scored, args.max_tokens)
     if args.output:
         args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"wrote {args.output}")
     return 0
-
-
-def _answer(model, model_dir: Path, tokenizer, data, args: argparse.Namespace, device) -> list:
-    """Greedy answers from the engine to every QA row, scored; the model's memory goes to the engine."""
-    import torch
-
-    from lmforge.data.templates import ChatRenderer
-    from lmforge.engine.llm import LLM
-    from lmforge.train.qa import answer_questions, question_prompts, score
-
-    origins = [str(o) for o in data.origins]
-    context = model.config.get("max_position_embeddings")
-    prompts = question_prompts(ChatRenderer(tokenizer, args.template), data.qa, origins, context)
-    # KV room for the longest question and its answer, not the whole context: a small pool then suffices.
-    longest = max(len(p) for p in prompts) + args.max_tokens
-    with tempfile.TemporaryDirectory(prefix="lmforge-eval-") as tmp:
-        # The engine builds its model from a directory: an adapter is merged and written there for it.
-        engine_dir = _write_merged(model, model_dir, Path(tmp)) if args.adapter else model_dir
-        model.to("meta")  # frees the weights before the engine loads its own copy (and sizes its KV cache)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        llm = LLM(str(engine_dir), dtype=args.dtype, device=str(device), kv_cache_memory=args.kv_cache_memory,
-                  max_model_len=min(longest, context or longest))
-    return score(data.qa, origins, answer_questions(llm, prompts, args.max_tokens))
 
 
 def _report_qa(scored: list, max_tokens: int) -> dict:
@@ -129,15 +105,6 @@ def _report_qa(scored: list, max_tokens: int) -> dict:
     return {"exact_match": exact / n, "contains": contains / n, "exact_match_count": exact,
             "contains_count": contains, "total": n, "max_tokens": max_tokens,
             "predictions": [r.to_json() for r in scored]}
-
-
-def _write_merged(model, model_dir: Path, out: Path) -> Path:
-    from lmforge.weights.hf_dir import save_model
-    from lmforge.weights.peft import merge_adapter
-
-    _, config = merge_adapter(model, model.config)
-    save_model(model, config, out, source_dir=model_dir)
-    return out
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -161,12 +128,6 @@ def _device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmforgeError("--device cuda, but torch sees no CUDA device")
     return device
-
-
-def _no_autocast():
-    import contextlib
-
-    return contextlib.nullcontext()  # weights are in the compute dtype (--dtype): nothing to cast
 
 
 def _clip(text: str, limit: int = 80) -> str:

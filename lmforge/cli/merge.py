@@ -1,12 +1,7 @@
 """lmforge merge BASE ADAPTER OUT: fold a PEFT LoRA adapter into its base model and write an HF directory."""
 
 import argparse
-import logging
 from pathlib import Path
-
-from lmforge.errors import LmforgeError
-
-log = logging.getLogger("lmforge")
 
 
 def add_parser(sub) -> None:
@@ -25,29 +20,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmforge.models import build_model, resolve_dtype
-    from lmforge.models.config import read_config
-    from lmforge.weights.atomic import atomic_dir
-    from lmforge.weights.hf_dir import save_model
-    from lmforge.weights.peft import load_adapter, merge_adapter, read_adapter_config
-    from lmforge.weights.resolve import resolve_model
+    from lmforge.weights.merge import merge_to_dir
 
-    resolve_dtype(args.dtype, {})  # reject a bad --dtype before any slow work
-    out = Path(args.out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LmforgeError(f"{out} already exists and is not an empty directory; choose another output path")
-    adapter = read_adapter_config(args.adapter)  # a wrong adapter fails before the base is loaded
-    model_dir = resolve_model(args.base)
-    config = read_config(model_dir)
-    log.info("loading base model %s", model_dir)
-    model = build_model(model_dir, dtype=args.dtype)
-    summary = load_adapter(model, args.adapter)
-    log.info("adapter %s: rank %d, alpha %g%s%s, %d layers%s", args.adapter, adapter.rank, adapter.alpha,
-             ", rsLoRA" if adapter.rslora else "", ", DoRA" if adapter.dora else "", len(summary.adapted),
-             f", modules_to_save {', '.join(summary.saved)}" if summary.saved else "")
-    merged, config = merge_adapter(model, config)
-    with atomic_dir(out) as tmp:  # a half-written merge is never mistaken for a finished one
-        save_model(model, config, tmp, source_dir=model_dir, max_shard_bytes=int(args.max_shard_size * 2**30))
-    log.info("merged %d layers", merged)
-    print(f"wrote {out}")
+    merge_to_dir(args.base, args.adapter, args.out, args.dtype, int(args.max_shard_size * 2**30))
+    print(f"wrote {Path(args.out).expanduser()}")
     return 0

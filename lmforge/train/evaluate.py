@@ -36,3 +36,16 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, au
         tokens = int(tokens)
     loss = total / max(tokens, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+
+
+def load_evaluated_model(spec: str, model_dir, adapter: str | None, dtype: torch.dtype, device: torch.device,
+                         quantization: str | None = None) -> torch.nn.Module:
+    """The model `lmforge eval` scores: `spec`'s weights as the engine serves them (quantised linears if asked),
+    with the PEFT adapter's LoRA layers when given (unmerged)."""
+    from lmforge.weights.peft import load_adapter
+    from lmforge.weights.quantized import load_for_serving
+
+    model, _ = load_for_serving(spec, model_dir, quantization, dtype, str(device))
+    if adapter:
+        load_adapter(model, adapter)
+    return model.eval()

@@ -99,6 +99,23 @@ def question_prompts(renderer: ChatRenderer, rows: Sequence[QARow], origins: Seq
     return prompts
 
 
+def answer_rows(model, tokenizer, data, template: str, max_tokens: int, kv_cache_memory: float | None = None
+                ) -> list[QAResult]:
+    """Greedy answers to the QA rows of `data` (an EvalRows) from the engine running this model object (with its
+    LoRA layers, unmerged: nothing is written to disk), scored."""
+    from lmforge.data.templates import ChatRenderer
+    from lmforge.engine.llm import LLM
+
+    origins = [str(o) for o in data.origins]
+    context = model.config.get("max_position_embeddings")
+    prompts = question_prompts(ChatRenderer(tokenizer, template), data.qa, origins, context)
+    # KV room for the longest question and its answer, not the whole context: a small pool then suffices.
+    longest = max(len(p) for p in prompts) + max_tokens
+    llm = LLM(model=model, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory,
+              max_model_len=min(longest, context or longest))
+    return score(data.qa, origins, answer_questions(llm, prompts, max_tokens))
+
+
 def answer_questions(llm, prompts: Sequence[list[int]], max_tokens: int) -> list[str]:
     """Greedy replies of `llm` (an lmforge LLM) to the prompts, up to max_tokens each, without surrounding spaces."""
     from lmforge.engine.sampling_params import SamplingParams

@@ -152,13 +152,22 @@ def test_qa_counts_exact_and_contained_answers(tiny_chat_model, tmp_path, capsys
     assert (got["loss"], got["tokens"]) == (pytest.approx(as_chats["loss"], abs=1e-6), as_chats["tokens"])
 
 
-def test_qa_with_an_adapter_answers_as_the_merged_model(trained, tiny_chat_model, tmp_path):
+def test_qa_with_an_adapter_answers_as_the_merged_model(trained, tiny_chat_model, tmp_path, monkeypatch):
+    """The engine answers with the adapter live on the evaluated model: what the merged model answers, and no
+    merged copy is written anywhere."""
+    import lmforge.weights.hf_dir
+
     merged = tmp_path / "merged"
     assert cli_main(["-q", "merge", str(tiny_chat_model), str(trained / "out" / "final"), str(merged)]) == 0
     questions = QUESTIONS[:4]
     replies = greedy_chat_replies(merged, questions, max_tokens=6)
     assert replies != greedy_chat_replies(tiny_chat_model, questions, max_tokens=6)
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": "quixotic zebra"} for q in questions])
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("eval --adapter wrote a model directory")
+
+    monkeypatch.setattr(lmforge.weights.hf_dir, "save_model", no_copies)
     got = lmforge_eval(tmp_path, str(tiny_chat_model), "--adapter", str(trained / "out" / "final"), "--data",
                        str(data), "--max-tokens", "6")
     assert [p["prediction"] for p in got["qa"]["predictions"]] == replies
