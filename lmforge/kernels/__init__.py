@@ -8,7 +8,7 @@ serve inference tensors only (`usable(x)`).
 
 Off: `LMFORGE_KERNELS=0` (or `enforce_eager=True` on the engine, `--enforce-eager` on the CLI). The build goes to
 `$LMFORGE_KERNEL_CACHE/<key>` (default ~/.cache/lmforge/kernels, kept apart from LMFORGE_HOME so that a fresh model
-home does not rebuild them), where the key covers every source and header, torch's version, the level's compiler
+home does not rebuild them), where the key covers every source and header, torch's version, the compiler flags
 flags and, for the native build, this CPU's instruction set, so a cached build is never loaded on a machine it was not
 made for.
 
@@ -42,6 +42,13 @@ EXTENSIONS = {
                 "training.cpp", "attention_backward.cpp"),
     "quant_ops": ("quant_ops.cpp",),  # weight-only quantised linears (layers/quant_linear.py)
 }
+# The kernels a step graph (lmforge/engine/cpu_graph.py) records, named once. Each name in GRAPH_RETURNING and
+# GRAPH_IN_PLACE is a cpu_ops kernel and a StepGraph method (step_graph.h) taking the kernel's arguments, followed by
+# its output for the returning ones.
+GRAPH_RETURNING = ("linear_small", "linear", "linear_f32", "vnni_linear", "amx_linear", "rms_norm", "silu_mul")
+GRAPH_IN_PLACE = ("rope_", "write_kv", "paged_attention")  # write into their arguments: recorded as they are
+GRAPH_QUERIES = ("amx_available", "vnni_available", "linear_f32_available", "amx_pack", "vnni_pack")  # no step work
+GRAPH_QUANT_RETURNING = ("quant_linear",)  # quant_ops' kernels, recorded as StepGraph.external steps of (*args, out)
 _state: dict[str, object] = {}  # "ops", "quant": the current level's modules; "level": one `level()` chose
 _builds: dict[tuple[str, str], object] = {}  # (extension, level) -> compiled module, or None when its build failed
 _DTYPES = (torch.float32, torch.bfloat16)
