@@ -9,8 +9,8 @@ serve inference tensors only (`usable(x)`).
 Off: `LMFORGE_KERNELS=0` (or `enforce_eager=True` on the engine, `--enforce-eager` on the CLI). The build goes to
 `$LMFORGE_KERNEL_CACHE/<key>` (default ~/.cache/lmforge/kernels, kept apart from LMFORGE_HOME so that a fresh model
 home does not rebuild them), where the key covers every source and header, torch's version, the compiler flags
-flags and, for the native build, this CPU's instruction set, so a cached build is never loaded on a machine it was not
-made for.
+and, for the native build, this CPU's instruction set, so a cached build is never loaded on a machine it was not made
+for.
 
 Builds for several instruction-set levels come from the same sources: `native` (-march=native: AVX512-BF16 and AMX
 loops where this CPU has them), `avx2` (x86-64-v3: AVX2 + FMA, what most x86 machines of the last decade run) and
