@@ -3,7 +3,7 @@
 The CPU counterpart of vLLM's CUDA graphs. A decode step on CPU spends about a quarter of its time in the Python
 between the kernels (module calls, attribute reads, the checks each layer makes before it takes a kernel). The first
 decode step of each batch size runs the model's own layers eagerly while every kernel call and residual add is
-recorded, with the tensors it reads and writes, into a `StepGraph` (lmforge/kernels/cpu_ops.cpp); later steps of
+recorded, with the tensors it reads and writes, into a `StepGraph` (lmforge/kernels/step_graph.h); later steps of
 that size copy their inputs (hidden states, rotary tables, slot mapping, block tables, context lengths) into the
 recorded input tensors and replay the kernels in one call. Steps with a few tokens per sequence that the paged kernel
 attends (speculative verification: 1 + k tokens each) are recorded the same way per (tokens, sequences), once such a
@@ -43,13 +43,10 @@ aten = torch.ops.aten
 MAX_GRAPHS = 8
 MAX_GRAPH_BYTES = 1 << 30
 RECORD_AFTER = 2  # a multi-token step shape is recorded the second time it is seen
-# Kernels that return a new tensor: the graph records them with that tensor as their output.
-_RETURNING = ("linear_small", "linear", "linear_f32", "vnni_linear", "amx_linear", "rms_norm", "silu_mul")
-_IN_PLACE = ("rope_", "write_kv", "paged_attention")  # recorded with their arguments as they are
-# no step work: passed through
-_QUERIES = ("amx_available", "vnni_available", "linear_f32_available", "amx_pack", "vnni_pack")
-# quant_ops.cpp's kernels returning a new tensor, recorded as StepGraph.external steps of (*args, out)
-_QUANT_RETURNING = ("quant_linear",)
+# The kernels recorded (returning a new tensor: with it as their output; in place: with their arguments as they are),
+# passed through (no step work) and quant_ops' recorded as StepGraph.external steps, named once in lmforge/kernels.
+_RETURNING, _IN_PLACE = kernels.GRAPH_RETURNING, kernels.GRAPH_IN_PLACE
+_QUERIES, _QUANT_RETURNING = kernels.GRAPH_QUERIES, kernels.GRAPH_QUANT_RETURNING
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.split_with_sizes.default, aten.alias.default,
           aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.t.default,
           aten.transpose.int, aten.expand.default, aten.as_strided.default}

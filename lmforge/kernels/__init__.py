@@ -1,4 +1,5 @@
-"""lmforge's CPU inference kernels (cpu_ops.cpp), compiled once with the machine's C++ compiler at first use.
+"""lmforge's CPU kernels, compiled once with the machine's C++ compiler at first use: `cpu_ops` (cpu_ops.cpp and the
+sources it lists, sharing cpu_ops.h) and `quant_ops` (quant_ops.cpp), each one extension module.
 
 `cpu_ops()` returns the compiled module, or None when kernels are off or cannot be built; callers then run the
 pure-torch code they replace (lmforge/layers), which stays the reference. Under autograd a kernel runs only inside
@@ -7,10 +8,11 @@ serve inference tensors only (`usable(x)`).
 
 Off: `LMFORGE_KERNELS=0` (or `enforce_eager=True` on the engine, `--enforce-eager` on the CLI). The build goes to
 `$LMFORGE_KERNEL_CACHE/<key>` (default ~/.cache/lmforge/kernels, kept apart from LMFORGE_HOME so that a fresh model
-home does not rebuild them), where the key covers the source, torch's version, the level's compiler flags and, for the
-native build, this CPU's instruction set, so a cached build is never loaded on a machine it was not made for.
+home does not rebuild them), where the key covers every source and header, torch's version, the compiler flags
+and, for the native build, this CPU's instruction set, so a cached build is never loaded on a machine it was not made
+for.
 
-Builds for several instruction-set levels come from the one source: `native` (-march=native: AVX512-BF16 and AMX
+Builds for several instruction-set levels come from the same sources: `native` (-march=native: AVX512-BF16 and AMX
 loops where this CPU has them), `avx2` (x86-64-v3: AVX2 + FMA, what most x86 machines of the last decade run) and
 `portable` (the compiler's baseline, the path of ARM and other CPUs: plain loops it vectorises). The best level this
 CPU runs is used; `LMFORGE_KERNEL_LEVEL=avx2|portable` (or `with kernels.level("avx2")`, which tests use to run every
@@ -34,10 +36,22 @@ import torch
 from lmforge.hardware import cpu_flags
 
 log = logging.getLogger("lmforge")
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-QUANT_SOURCE = Path(__file__).with_name("quant_ops.cpp")  # weight-only quantised linears (layers/quant_linear.py)
+_DIR = Path(__file__).parent
+# Each extension's sources, compiled into one module; headers (*.h here) are hashed into every build's key.
+EXTENSIONS = {
+    "cpu_ops": ("cpu_ops.cpp", "linear.cpp", "linear_bf16.cpp", "elementwise.cpp", "paged_attention.cpp",
+                "training.cpp", "attention_backward.cpp"),
+    "quant_ops": ("quant_ops.cpp",),  # weight-only quantised linears (layers/quant_linear.py)
+}
+# The kernels a step graph (lmforge/engine/cpu_graph.py) records, named once. Each name in GRAPH_RETURNING and
+# GRAPH_IN_PLACE is a cpu_ops kernel and a StepGraph method (step_graph.h) taking the kernel's arguments, followed by
+# its output for the returning ones.
+GRAPH_RETURNING = ("linear_small", "linear", "linear_f32", "vnni_linear", "amx_linear", "rms_norm", "silu_mul")
+GRAPH_IN_PLACE = ("rope_", "write_kv", "paged_attention")  # write into their arguments: recorded as they are
+GRAPH_QUERIES = ("amx_available", "vnni_available", "linear_f32_available", "amx_pack", "vnni_pack")  # no step work
+GRAPH_QUANT_RETURNING = ("quant_linear",)  # quant_ops' kernels, recorded as StepGraph.external steps of (*args, out)
 _state: dict[str, object] = {}  # "ops", "quant": the current level's modules; "level": one `level()` chose
-_builds: dict[tuple[str, str], object] = {}  # (source, level) -> compiled module, or None when its build failed
+_builds: dict[tuple[str, str], object] = {}  # (extension, level) -> compiled module, or None when its build failed
 # Kernels switched off for the current context only (an enforce_eager engine's steps, a test's reference run): a
 # context variable, so one engine's switch never reaches another engine or a training loop in another thread.
 _off: contextvars.ContextVar[bool] = contextvars.ContextVar("lmforge_kernels_off", default=False)
@@ -45,6 +59,8 @@ _DTYPES = (torch.float32, torch.bfloat16)
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Compiler flags per level. -mprefer-vector-width=512: gcc otherwise keeps auto-vectorised loops at 256 bits.
 LEVEL_FLAGS = {"native": ["-march=native", "-mprefer-vector-width=512"], "avx2": ["-march=x86-64-v3"], "portable": []}
+# Hidden symbols: the kernels of one level's module never resolve to another's, loaded in the same process.
+CFLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]
 
 
 def levels() -> list[str]:
@@ -56,11 +72,20 @@ def levels() -> list[str]:
     return found + (["avx2"] if avx2 else []) + ["portable"]
 
 
-def _build_dir(source: Path, level: str) -> tuple[str, Path]:
+def sources(extension: str) -> list[Path]:
+    """The files whose text a build of `extension` depends on: its sources, then every header beside them."""
+    return [_DIR / name for name in EXTENSIONS[extension]] + sorted(_DIR.glob("*.h"))
+
+
+def _build_dir(extension: str, level: str) -> tuple[str, Path]:
     machine = " ".join(sorted(cpu_flags())) if level == "native" else platform.machine()
-    text = source.read_bytes() + torch.__version__.encode() + " ".join(LEVEL_FLAGS[level]).encode()
-    key = hashlib.sha256(text + machine.encode()).hexdigest()[:16]
-    name = f"lmforge_{source.stem}_{level}_{key}"
+    digest = hashlib.sha256()
+    for path in sources(extension):  # a file's name and length before its text: no two file sets hash alike
+        text = path.read_bytes()
+        digest.update(f"{path.name}\0{len(text)}\0".encode() + text)
+    digest.update(torch.__version__.encode() + " ".join(CFLAGS + LEVEL_FLAGS[level]).encode() + machine.encode())
+    key = digest.hexdigest()[:16]
+    name = f"lmforge_{extension}_{level}_{key}"
     root = Path(os.environ.get("LMFORGE_KERNEL_CACHE") or "~/.cache/lmforge/kernels").expanduser()
     return name, root / name
 
@@ -80,7 +105,7 @@ def cpu_ops():
 def quant_ops():
     """The compiled quantised-linear kernels (quant_ops.cpp) of the current level, or None, as cpu_ops()."""
     if "quant" not in _state:
-        _state["quant"] = build(_state.get("level") or default_level(), QUANT_SOURCE) if enabled() else None
+        _state["quant"] = build(_state.get("level") or default_level(), "quant_ops") if enabled() else None
     return _state["quant"]
 
 
@@ -98,48 +123,49 @@ def default_level() -> str:
     raise LmforgeError(f"LMFORGE_KERNEL_LEVEL={wanted!r}: this CPU runs the kernel levels {', '.join(found)}")
 
 
-def build(level: str, source: Path = SOURCE):
-    """`source` compiled for `level` (cached per level and machine), or None when the build fails (logged)."""
-    if (source.name, level) not in _builds:
+def build(level: str, extension: str = "cpu_ops"):
+    """The extension (a key of EXTENSIONS) compiled for `level` (cached per level and machine), or None when the
+    build fails (logged)."""
+    if (extension, level) not in _builds:
         try:
-            module = _load(source, level)
+            module = _load(extension, level)
         except Exception as e:  # no compiler, no headers, ...: the pure-torch path still works
-            log.warning("CPU kernels (%s, %s) unavailable, running the pure-torch path (%s: %s)", source.name, level,
+            log.warning("CPU kernels (%s, %s) unavailable, running the pure-torch path (%s: %s)", extension, level,
                         type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
             module = None
-        _builds[source.name, level] = module
-    return _builds[source.name, level]
+        _builds[extension, level] = module
+    return _builds[extension, level]
 
 
 def prebuild(jobs: int = 2) -> None:
-    """Compiles every (source, level) this CPU runs that is not cached yet, `jobs` at a time, each in a child
-    process (one compiler run uses one core; a cold test session needs four builds of about a minute). A failed
-    build is left for `build` to report when it is asked for."""
-    missing = [(source, lvl) for lvl in levels() for source in (SOURCE, QUANT_SOURCE)
-               if not any(_build_dir(source, lvl)[1].glob("*.so"))]
-    code = ("import sys; from pathlib import Path; from lmforge import kernels; "
-            "kernels.build(sys.argv[1], Path(sys.argv[2]))")
+    """Compiles every (extension, level) this CPU runs that is not cached yet, `jobs` at a time, each in a child
+    process (a cold test session needs four builds). A failed build is left for `build` to report when it is asked
+    for."""
+    missing = [(extension, lvl) for lvl in levels() for extension in EXTENSIONS
+               if not any(_build_dir(extension, lvl)[1].glob("*.so"))]
+    code = "import sys; from lmforge import kernels; kernels.build(sys.argv[1], sys.argv[2])"
 
-    def run(job: tuple[Path, str]) -> None:
-        subprocess.run([sys.executable, "-c", code, job[1], str(job[0])], capture_output=True)
+    def run(job: tuple[str, str]) -> None:
+        subprocess.run([sys.executable, "-c", code, job[1], job[0]], capture_output=True)
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         list(pool.map(run, missing))
 
 
-def _load(source: Path, level: str):
+def _load(extension: str, level: str):
     from torch.utils.cpp_extension import load
 
-    name, build_dir = _build_dir(source, level)
+    name, build_dir = _build_dir(extension, level)
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not any(build_dir.glob("*.so"))
     if fresh:
-        log.info("compiling lmforge CPU kernels (%s, %s) into %s (once per machine, about a minute)", source.name,
+        log.info("compiling lmforge CPU kernels (%s, %s) into %s (once per machine, a minute or two)", extension,
                  level, build_dir)
     start = time.perf_counter()
-    ops = load(name=name, sources=[str(source)], build_directory=str(build_dir),
-               extra_cflags=["-O3", "-fopenmp", *LEVEL_FLAGS[level]], extra_ldflags=["-fopenmp"], verbose=False)
-    log.info("CPU kernels (%s, %s) %s in %.1fs", source.name, level, "compiled" if fresh else "loaded",
+    ops = load(name=name, sources=[str(_DIR / source) for source in EXTENSIONS[extension]],
+               build_directory=str(build_dir),
+               extra_cflags=[*CFLAGS, *LEVEL_FLAGS[level]], extra_ldflags=["-fopenmp"], verbose=False)
+    log.info("CPU kernels (%s, %s) %s in %.1fs", extension, level, "compiled" if fresh else "loaded",
              time.perf_counter() - start)
     return ops
 

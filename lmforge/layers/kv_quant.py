@@ -4,8 +4,8 @@ Each key or value row (one token, one kv head: `head_dim` numbers) is stored as 
 symmetric absmax / 127, rounded to nearest (ties to even). Per (token, kv head) because the paged cache is written
 one token at a time: a scale per block would change when a later token of the block arrives and force the block's
 earlier rows to be requantised. The scale costs 4 bytes per row: 68 bytes per row of 64 instead of 128 (bfloat16)
-or 256 (float32). The CPU kernels (lmforge/kernels/cpu_ops.cpp `write_kv`, `paged_attention`) compute the same
-numbers; this file is their reference and the path of every other device.
+or 256 (float32). The CPU kernels (`write_kv`, `paged_attention` in lmforge/kernels/paged_attention.cpp) compute
+the same numbers; this file is their reference and the path of every other device.
 """
 
 import torch

@@ -1,8 +1,8 @@
-"""Autograd Functions whose forward and backward run lmforge's CPU kernels (lmforge/kernels/cpu_ops.cpp): causal
-attention, RMSNorm, rotary embedding and SwiGLU, the ops of a training step that eager autograd runs as chains of
-small element-wise passes (or, for attention, through torch's non-AMX backward). Each returns None where it does not
-apply (autograd not recording, another device or dtype, kernels off): the layer then runs its eager code, which
-stays the reference the tests compare against (tests/unit/test_kernels.py).
+"""Autograd Functions whose forward and backward run lmforge's CPU kernels (lmforge/kernels/training.cpp,
+attention_backward.cpp): causal attention, RMSNorm, rotary embedding and SwiGLU, the ops of a training step that
+eager autograd runs as chains of small element-wise passes (or, for attention, through torch's non-AMX backward).
+Each returns None where it does not apply (autograd not recording, another device or dtype, kernels off): the layer
+then runs its eager code, which stays the reference the tests compare against (tests/unit/test_kernels.py).
 """
 
 import torch

@@ -362,3 +362,26 @@ def test_silu_mul_autograd_kernel_matches_eager(dtype):
     kernel = _grads(halves, [gate_up], grad_out)
     for a, b in zip(kernel, eager, strict=True):
         close(a, b, dtype)
+
+
+def test_each_build_key_covers_every_file_of_its_extension(level, tmp_path, monkeypatch):
+    """Editing any source or header of an extension gives its build a new cache directory: no stale module loads.
+    Every source here belongs to one extension, and every file a source includes with quotes is hashed."""
+    listed = [name for names in kernels.EXTENSIONS.values() for name in names]
+    assert sorted(listed) == sorted(p.name for p in kernels._DIR.glob("*.cpp"))
+    for extension in kernels.EXTENSIONS:
+        hashed = {p.name for p in kernels.sources(extension)}
+        for path in kernels.sources(extension):
+            included = {line.split('"')[1] for line in path.read_text().splitlines() if line.startswith('#include "')}
+            assert included <= hashed, f"{path.name} includes {included - hashed}, not in the build key"
+    for path in (*kernels._DIR.glob("*.cpp"), *kernels._DIR.glob("*.h")):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(kernels, "_DIR", tmp_path)
+    for extension in kernels.EXTENSIONS:
+        before = kernels._build_dir(extension, level)[1]
+        for path in kernels.sources(extension):
+            text = path.read_bytes()
+            path.write_bytes(text + b"\n")
+            assert kernels._build_dir(extension, level)[1] != before, f"{path.name} is not in the key"
+            path.write_bytes(text)
+        assert kernels._build_dir(extension, level)[1] == before

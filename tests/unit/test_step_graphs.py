@@ -40,6 +40,21 @@ def logprob_values(result):
     return [[[(t, lp.logprob) for t, lp in step] for step in steps] for _, steps in result]
 
 
+
+@pytest.mark.parametrize("level", kernels.levels())
+def test_the_recorded_kernels_are_the_step_graphs_methods(level):
+    """kernels.GRAPH_* (what cpu_graph.py records or passes through) names exactly the kernels StepGraph records,
+    and each of them is a kernel of the module."""
+    with kernels.level(level) as ops:
+        recorder = {"add_tensors", "external", "set_inputs", "guard", "size", "run"}  # not kernels
+        methods = {name for name in dir(ops.StepGraph) if not name.startswith("_")} - recorder
+        assert methods == {*kernels.GRAPH_RETURNING, *kernels.GRAPH_IN_PLACE}
+        for name in (*kernels.GRAPH_RETURNING, *kernels.GRAPH_IN_PLACE, *kernels.GRAPH_QUERIES):
+            assert callable(getattr(ops, name)), name
+        quant = kernels.quant_ops()
+        if quant is not None:
+            assert all(callable(getattr(quant, name)) for name in kernels.GRAPH_QUANT_RETURNING)
+
 @pytest.mark.parametrize("level", kernels.levels())
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("batch", [1, 3, 6], ids=["gemv", "gemv-3-rows", "gemm"])
