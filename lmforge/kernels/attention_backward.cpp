@@ -9,7 +9,7 @@ namespace lmforge {
 // forward (torch's CPU flash attention) -> dq, dk, dv. One task per (sequence, kv head) owns its heads' gradients, so
 // nothing is shared between threads. Per block: S = Q K^T and dP = dO V^T from the tiles, P = exp(scale S - lse),
 // dS = P (dP - rowsum(dO o O)) scale, then dV += P^T dO, dK += dS^T Q, dQ += dS K, accumulated in float32.
-// torch's own CPU backward runs these products through non-AMX code: about 6x its forward's time.
+// torch's own CPU backward runs these products through non-AMX code, several times its forward's time.
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 namespace {
 

@@ -8,7 +8,7 @@
 namespace lmforge {
 
 // ---- bf16 GEMM on AVX512-BF16 dot products for decode-sized batches (CPUs without AMX) ----------------------------
-// y[M, N] = x[M, K] . w[N, K]^T (+ b). oneDNN reaches about 70 % of the dot-product peak at 64 rows, and less with
+// y[M, N] = x[M, K] . w[N, K]^T (+ b). oneDNN stays well short of the dot-product peak at 64 rows, and more so with
 // the weights in DRAM. Here w is packed (vnni_pack) in panels of 48 outputs: for each k pair, three vectors of 16
 // outputs x 2 k values, so a tile of 8 rows keeps 24 float32 accumulators in registers and needs 3 weight loads and
 // 8 broadcasts per 24 dot products. While a thread works on one panel it prefetches its next, which the hardware

@@ -82,8 +82,8 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
 
 namespace {
 // The K and V blocks of the sequence a thread attends to next, asked for a few cache lines per key of the current
-// one: they are in L2 by the time that sequence starts, so DRAM streams while the current one computes (1.3-1.4x on
-// 64 sequences of 90-200 keys; without it, each sequence began with a wait on DRAM). The per-row prefetch below
+// one: they are in L2 by the time that sequence starts, so DRAM streams while the current one computes (without
+// it, each sequence began with a wait on DRAM; docs/benchmarks.md). The per-row prefetch below
 // still covers a thread's first sequence, which no stream announced.
 struct BlockStream {
   std::vector<const char*> blocks;
@@ -146,8 +146,8 @@ void weigh_values(const float* scores, int64_t stride, const bf16* vc, const int
 }
 
 // scores[h][i] = scale * q[h] . key[first + i] for the G query heads sharing one kv head (dim = 32 C), each key row
-// loaded once for all of them, four keys sharing one horizontal reduction: 5-9 % off a throughput step's attention
-// against a loop per head. Kept out of line: inlined, attend_bf16's other loops ran slower than before.
+// loaded once for all of them, four keys sharing one horizontal reduction: faster than a loop per head
+// (docs/benchmarks.md). Kept out of line: inlined, attend_bf16's other loops ran slower than before.
 template <int G, int C>
 __attribute__((noinline)) void scores_bf16(const bf16* q, const bf16* kc, const int64_t* offs, int64_t first, int64_t n, int64_t span,
                  float scale, float* scores, int64_t stride, BlockStream& ahead) {

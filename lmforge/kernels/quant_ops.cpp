@@ -15,7 +15,7 @@
 // AVX2 path where the CPU has it, a plain C++ path elsewhere (same results up to float summation order). Every output
 // is computed by the same operations whatever the number of rows (batch invariance: a sequence decodes alone as in a
 // batch). AVX512-VNNI / AMX-INT8 paths are not written: no machine here to test them on.
-// Not <torch/extension.h>: it parses for 45 s of a build's ~65; these are what the kernels use (half that).
+// Not <torch/extension.h>: parsing it is most of a build's time; these are what the kernels use.
 #include <ATen/core/Tensor.h>
 #include <ATen/Functions.h>
 #include <torch/csrc/utils/pybind.h>
@@ -343,7 +343,7 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, 
 // row's 16 nibble bytes), low nibbles elements 4j..4j+3 and high nibbles 16+4j..16+4j+3. Scales (and mins) are
 // [N/8, K/32, 8]. One 32-byte load meets 4 activation bytes broadcast to every lane, so each lane is one output row:
 // a block's 8 integer sums come out as one vector and take one FMA with the 8 rows' scales (and one with their mins),
-// with no scalar scale work per row and no horizontal sum (int8: 1.36x the per-row kernel on AVX2). Every output is
+// with no scalar scale work per row and no horizontal sum (docs/benchmarks.md). Every output is
 // acc = fma(scale_w * scale_x, isum, acc) (+ fma(min, scale_x * sum(q_x), acc) for q4) over the blocks in order,
 // whatever the number of rows: batch-invariant like the per-row kernels.
 template <int R, bool Q4, typename S>

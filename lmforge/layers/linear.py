@@ -11,10 +11,10 @@ from lmforge.layers import quant_linear
 
 log = logging.getLogger("lmforge")
 SMALL_ROWS = 3  # up to this many bf16 rows, streaming the weight once beats oneDNN (benchmarks/cpu_kernels.py)
-# Up to here lmforge's AMX kernel matches or beats oneDNN with pre-packed weights (1.1x at 64 rows); beyond, rows go
-# to F.linear, 1.3-1.6x slower than pre-packed oneDNN for 129-1024 rows and equal from 2048 (prefill chunks). The
-# AVX512-BF16 kernel (CPUs without AMX) takes every row count: 1.2-1.5x oneDNN pre-packed at 1-128 rows, level with
-# it and with F.linear beyond.
+# Up to here lmforge's AMX kernel matches or beats oneDNN with pre-packed weights; beyond, rows go to F.linear, which
+# is slower than pre-packed oneDNN for mid-sized batches and level with it for prefill chunks. The AVX512-BF16 kernel
+# (CPUs without AMX) takes every row count: faster than pre-packed oneDNN up to 128 rows, level beyond
+# (docs/benchmarks.md, "Numbers behind code comments").
 AMX_MAX_ROWS = 128
 _onednn: dict[str, bool] = {}
 
@@ -107,7 +107,7 @@ class _Joint:
 
     def intact(self, layers: tuple[Linear, ...]) -> bool:
         """Still the same layers with the same weight tensors (loading with assign=True replaces them).
-        Runs twice per decoder layer and step: reads `_parameters` directly (Module.__getattr__ costs 0.6 us)."""
+        Runs twice per decoder layer and step: reads `_parameters` directly (Module.__getattr__ is slow)."""
         for layer, mine, address in zip(layers, self.layers, self.addresses, strict=True):
             if layer is not mine or layer._parameters["weight"].data_ptr() != address:
                 return False
