@@ -3,9 +3,9 @@ bounded numbers, required and optional fields. Strings and arrays are bounded so
 the test's max_tokens (as a real application bounds what it asks for)."""
 
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 Short = Field(min_length=1, max_length=16)
 
@@ -90,7 +90,8 @@ class Rating(BaseModel):
 
 class Team(BaseModel):
     team: str = Short
-    members: list[str] = Field(min_length=1, max_length=3)
+    # bounded names: an unbounded string let a 0.8-temperature sample run to max_tokens (finish_reason length)
+    members: list[Annotated[str, StringConstraints(min_length=1, max_length=16)]] = Field(min_length=1, max_length=3)
 
 
 class Event(BaseModel):
