@@ -75,7 +75,7 @@ class LoRALinear(nn.Module):
         derived = active_derived()
         if derived is not None and (factors := derived.adapters.get(self)) is not None:
             # a serving engine's step: its copies of A and scaling * B on the CPU kernels (recorded by step graphs)
-            return out + project(project(x, factors[0], factors), factors[1], (factors, 1))
+            return out + project(project(x, factors[0], (self, 0)), factors[1], (self, 1))
         dtype = x.dtype  # under autocast, F.linear casts again to the autocast dtype
         h = self.lora_dropout(x)
         if not self.dora:  # the scaling on the rank-r activations: r numbers per token instead of out_features
