@@ -91,6 +91,32 @@ def test_disabled_computes_the_base_model():
     assert (adapted - base).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_reference_log_probs_with_adapters_off_are_the_base_models_bit_for_bit(dora):
+    """DPO's reference policy for LoRA / QLoRA is the same model with its adapters switched off: its per-document
+    log-probs (train/preference.py) equal those of the base model without adapters, bit for bit."""
+    from lmforge.data.dataset import IGNORE_INDEX
+    from lmforge.layers.attention import AttnMeta
+    from lmforge.train.preference import sequence_logps
+
+    lens = [len(s) for s in SEQS]
+    ids, positions = torch.cat(SEQS), torch.cat([torch.arange(n) for n in lens])
+    labels = torch.cat([torch.cat([s[1:], torch.tensor([IGNORE_INDEX])]) for s in SEQS])
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+
+    def logps(model):
+        with torch.no_grad():
+            return sequence_logps(model, model(ids, positions, AttnMeta.for_sequences(lens)), labels, cu)[0]
+
+    model = tiny_model()
+    base = logps(model)
+    add_lora(model, LoraConfig(target_modules="all-linear", dora=dora))
+    randomize_adapter(model)
+    with lora_disabled(model):
+        assert torch.equal(logps(model), base)
+    assert not torch.equal(logps(model), base)  # the adapter is back on
+
+
 @pytest.mark.parametrize("kind", ["lora", "rslora", "dora"])
 def test_merged_model_computes_the_unmerged_one(kind):
     config = {**TINY_LLAMA, "attention_bias": True}
