@@ -171,7 +171,6 @@ class LLMEngine:
         """Allocates the KV pool again and derives from the model's current weights (no update_weights needed)."""
         if self.asleep:
             self.runner.allocate()
-            self.runner.refresh()
             self.asleep = False
 
     def _lora_slots(self) -> LoRAManager:

@@ -52,10 +52,7 @@ def plan_num_blocks(model: nn.Module, block_size: int, dtype: torch.dtype, budge
 
 def layer_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> KVCache:
     """(keys, values); int8 ones with their float32 scales per (token, kv head) (lmforge/layers/kv_quant.py)."""
-    caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
-    if dtype == torch.int8:
-        caches += [torch.zeros(shape[:-1], dtype=torch.float32, device=device) for _ in range(2)]
-    return tuple(caches)
+    return kv_pool(1, shape, dtype, device)[0]
 
 
 def kv_pool(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[KVCache]:
@@ -94,10 +91,12 @@ class ModelRunner:
         self.allocate()
 
     def allocate(self) -> None:
-        """The KV pool (zeroed), the derived weights and an empty set of step graphs."""
+        """The KV pool (zeroed), the derived weights (from the current ones) and an empty set of step graphs."""
         self.kv = kv_pool(self.model.args.num_hidden_layers, self.kv_shape, self.kv_dtype, self.device)
         if self.derived is None:
             self.derived = derive_weights(self.model, share=self.owned)
+        else:  # kept through sleep (an owned model's joints are its own storage): bring the rest up to date
+            self.derived.refresh()
         if self.decoder is not None and self.device.type == "cpu" and not self.enforce_eager:
             # decode steps replayed from C++ without the Python between the kernels (engine/cpu_graph.py)
             self.graphs = StepGraphs(self.decoder, self.kv, self.max_blocks, self.derived)

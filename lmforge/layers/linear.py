@@ -45,6 +45,7 @@ class DerivedWeights:
             cache = self.packs[owner] = _Pack()
         return cache
 
+    @torch.no_grad()
     def refresh(self) -> None:
         """After the model's weights changed: joint copies take the new values (in place, so that recorded step
         graphs stay valid), packed copies are rebuilt when next used."""
