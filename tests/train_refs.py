@@ -11,19 +11,25 @@ ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "configs" / "data" / "pirate_demo.jsonl"
 
 
-def config_maker(folder: Path, model: Path, train: slice, validation: slice, **defaults) -> Callable[..., Path]:
+def config_maker(folder: Path, model: Path, train: slice, validation: slice, pairs: bool = False,
+                 **defaults) -> Callable[..., Path]:
     """make(name, **overrides) writes FOLDER/name.yaml: LoRA on `model` over the demo rows `train` (validation
     rows `validation`), fp32, run directory FOLDER/name. Keys are dotted with `__` (`eval__every_steps=0`);
-    `defaults` are overrides every config of this maker gets."""
+    `defaults` are overrides every config of this maker gets. With `pairs` the rows become preference pairs
+    (recipe: dpo): the pirate answer chosen over the next row's answer."""
     lines = DEMO.read_text().splitlines()
+    if pairs:
+        lines = pair_rows(lines)
     (folder / "train.jsonl").write_text("\n".join(lines[train]) + "\n")
     (folder / "val.jsonl").write_text("\n".join(lines[validation]) + "\n")
+    data_format = "preference" if pairs else "messages"
 
     def make(name: str = "run", **overrides) -> Path:
         cfg = {"model": {"path": str(model)}, "method": "lora",
                "lora": {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
-               "data": {"train": [{"path": "train.jsonl", "format": "messages"}],
-                        "validation": [{"path": "val.jsonl", "format": "messages"}],
+               **({"recipe": "dpo"} if pairs else {}),
+               "data": {"train": [{"path": "train.jsonl", "format": data_format}],
+                        "validation": [{"path": "val.jsonl", "format": data_format}],
                         "max_seq_len": 128, "cache_dir": str(folder / "cache")},
                "optimizer": {"lr": 3e-3}, "precision": "fp32", "output_dir": str(folder / name)}
         for key, value in {**defaults, **overrides}.items():
@@ -37,6 +43,13 @@ def config_maker(folder: Path, model: Path, train: slice, validation: slice, **d
         return path
 
     return make
+
+
+def pair_rows(chat_lines: list[str]) -> list[str]:
+    """Demo chats as {"prompt", "chosen", "rejected"} rows: each answer is chosen over the next row's."""
+    chats = [json.loads(line)["messages"] for line in chat_lines]
+    return [json.dumps({"prompt": chat[0]["content"], "chosen": chat[1]["content"],
+                        "rejected": chats[(i + 1) % len(chats)][1]["content"]}) for i, chat in enumerate(chats)]
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -43,8 +43,9 @@ def run_check(args: argparse.Namespace) -> int:
         accumulation = cfg.grad_accumulation(args.nproc)
     except ValueError as e:
         raise LmforgeError(str(e)) from None
-    print(f"method: {cfg.method}; precision: {cfg.precision}; effective batch: {cfg.batch_size} rows of at most "
-          f"{cfg.data.max_seq_len} tokens = micro-batch {cfg.micro_batch_size} x gradient accumulation "
+    row = cfg.data.max_seq_len * (2 if cfg.recipe == "dpo" else 1)  # dpo: a row holds whole pairs
+    print(f"recipe: {cfg.recipe}; method: {cfg.method}; precision: {cfg.precision}; effective batch: "
+          f"{cfg.batch_size} rows of at most {row} tokens = micro-batch {cfg.micro_batch_size} x gradient accumulation "
           f"{accumulation}" + (f" x {args.nproc} processes ({cfg.distributed.strategy}; per-process plan below)"
                                if args.nproc > 1 else ""))
     try:

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
-    from lmforge.data import PreferenceDataset, build_datasets
+    from lmforge.data import PairDataset, build_datasets
     from lmforge.tokenizer import Tokenizer
 
     if args.n < 0:
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     print("legend: " + (f"{GREEN}trained{RESET} {DIM}not trained{RESET}" if color else
                         f"trained text plain, {OPEN}not trained{CLOSE}"))
     for i in range(min(args.n, len(train))):
-        if isinstance(train, PreferenceDataset):
-            print(_preference(tokenizer, train, i, color))
+        if isinstance(train, PairDataset):
+            print(_preference(tokenizer, train.pairs, i, color))
         else:
             s = train.samples
             trained = int(s.trained[i].sum())

@@ -8,24 +8,32 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 
 # As lmforge.train.eval_data and DataConfig.template say; not imported from there, so building the parser stays cheap.
-FORMATS = ("auto", "alpaca", "messages", "sharegpt", "text", "qa")
+FORMATS = ("auto", "alpaca", "messages", "sharegpt", "text", "qa", "preference")
 TEMPLATES = ("model", "chatml", "llama3", "mistral", "alpaca")
 SHOWN_MISMATCHES = 5
 log = logging.getLogger("lmforge")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity (and QA exact match) of a model on a dataset",
+    p = sub.add_parser("eval", help="perplexity, QA exact match or preference accuracy of a model on a dataset",
                        description="Token-weighted loss and perplexity over the tokens a training run on FILE would "
                                    "train (the responses of chat formats), so a run's val_loss is reproduced on its "
                                    "final model. QA rows ({\"question\", \"answer\"} or \"answers\": [...]) are also "
                                    "answered greedily through the chat template and scored by exact match and by "
-                                   "whether the answer appears in the reply (SQuAD normalisation).")
+                                   "whether the answer appears in the reply (SQuAD normalisation). Preference rows ({\"prompt\", "
+                                   "\"chosen\", \"rejected\"}) are scored by preference accuracy: the share of pairs "
+                                   "whose chosen answer has the higher implicit reward (log-prob of the model minus "
+                                   "that of the reference: the base under --adapter, or --reference), as TRL's "
+                                   "rewards/accuracies.")
     p.add_argument("model", help="model: an HF directory, .gguf file, alias or Hub id")
     p.add_argument("--data", required=True, metavar="FILE", help="a .jsonl/.json/.parquet/.csv file of rows")
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory to apply to the model")
     p.add_argument("--format", choices=FORMATS, default="auto",
-                   help="row format (default auto: from the first row's keys); qa rows hold question and answer(s)")
+                   help="row format (default auto: from the first row's keys); qa rows hold question and answer(s), "
+                        "preference rows prompt, chosen and rejected")
+    p.add_argument("--reference", metavar="MODEL",
+                   help="preference rows: the reference model of the implicit reward (default: the base model with "
+                        "--adapter; else none, and the reward is the answer's mean token log-prob)")
     p.add_argument("--template", choices=TEMPLATES, default="model",
                    help="prompt format, as data.template in training (default: the model's chat template)")
     p.add_argument("--max-seq-len", type=int, default=2048,
@@ -66,12 +74,17 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         read_adapter_config(args.adapter)  # a wrong adapter directory fails before the model loads
     data = read_rows(args.data, args.format, args.max_samples)
+    if args.reference and data.format != "preference":
+        raise LmforgeError(f"--reference applies to preference rows; {data.source} holds {data.format} rows")
     model_dir = resolve_model(args.model)
     tokenizer = Tokenizer.from_dir(model_dir)
     encoded = encode_rows(data, tokenizer, args.template, args.max_seq_len, args.train_on_inputs)
     log.info("loading %s%s", model_dir, f" with adapter {args.adapter}" if args.adapter else "")
     model = load_evaluated_model(args.model, model_dir, args.adapter, compute_dtype(args.dtype, device), device,
                                  args.quantization)
+    if data.format == "preference":
+        results = _preference_accuracy(args, model, encoded, data, compute_dtype(args.dtype, device), device)
+        return _write(args.output, results)
     # weights are in the compute dtype (--dtype): no autocast
     loss = evaluate(model, Loader(encoded.dataset, args.batch_size, shuffle=False), device, contextlib.nullcontext)
     samples = len(encoded.dataset)
@@ -86,10 +99,41 @@ def run(args: argparse.Namespace) -> int:
     if data.qa is not None:
         scored = answer_rows(model, tokenizer, data, args.template, args.max_tokens, args.kv_cache_memory)
         results["qa"] = _report_qa(scored, args.max_tokens)
-    if args.output:
-        args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote {args.output}")
+    return _write(args.output, results)
+
+
+def _write(output: Path | None, results: dict) -> int:
+    if output:
+        output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {output}")
     return 0
+
+
+def _preference_accuracy(args: argparse.Namespace, model, encoded, data, dtype, device) -> dict:
+    """Preference accuracy and mean reward margin over every pair (train/evaluate.py pair_rewards)."""
+    from lmforge.data import Loader
+    from lmforge.train.evaluate import load_evaluated_model, pair_rewards
+    from lmforge.weights.resolve import resolve_model
+
+    reference, named = None, "none (mean token log-prob)"
+    if args.reference:
+        reference = load_evaluated_model(args.reference, resolve_model(args.reference), None, dtype, device)
+        if reference.config.get("vocab_size") != model.config.get("vocab_size"):
+            raise LmforgeError(f"--reference {args.reference} has another vocabulary than {args.model}")
+        named = args.reference
+    elif args.adapter:
+        reference, named = "adapters-off", f"{args.model} (the adapter's base)"
+    chosen, rejected = pair_rewards(model, Loader(encoded.dataset, args.batch_size, shuffle=False), device, reference)
+    wins, n = int((chosen > rejected).sum()), len(chosen)
+    margin = float((chosen - rejected).mean())
+    print(f"{data.source} (preference): accuracy {wins}/{n} ({wins / n:.1%})  mean margin {margin:.4f}  "
+          f"reference: {named}")
+    if encoded.skipped:
+        print(f"skipped {encoded.skipped} pairs with nothing to score (first: {encoded.first_skipped})")
+    return {"model": str(args.model), "adapter": args.adapter, "reference": named, "data": data.source,
+            "format": "preference", "preference_accuracy": wins / n, "correct": wins, "pairs": n,
+            "mean_margin": margin, "skipped": encoded.skipped,
+            "margins": [round(float(m), 6) for m in chosen - rejected]}
 
 
 def _report_qa(scored: list, max_tokens: int) -> dict:

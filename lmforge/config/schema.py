@@ -118,7 +118,24 @@ class DistributedConfig(Section):
                                                  "CPUOffloadPolicy)")
 
 
+class PreferenceConfig(Section):
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo; hinge: SLiC; robust: rDPO (label_smoothing = noise rate); simpo: "
+                               "reference-free, length-normalised, margin simpo_gamma; orpo: odds ratio plus the "
+                               "chosen answers' NLL, reference-free (names and formulas as TRL's)")
+    beta: float = Field(0.1, gt=0, description="inverse temperature of the implicit reward (orpo: weight of the "
+                                               "odds-ratio term)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust and simpo: assumed rate of flipped labels")
+    rpo_alpha: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen answers (RPO; 0: none)")
+    simpo_gamma: float = Field(0.5, description="simpo: target reward margin")
+
+
 class TrainConfig(Section):
+    recipe: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: next-token loss on the responses; dpo: preference optimisation on "
+                           "prompt/chosen/rejected pairs (loss and settings in the preference section; reference: "
+                           "the starting model, the base with adapters off under LoRA, a frozen copy in full runs)")
+    preference: PreferenceConfig = Field(PreferenceConfig(), description="recipe: dpo settings")
     model: ModelConfig = ModelConfig()
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained: every weight, a LoRA "
                                                                          "adapter, or an adapter over NF4 weights")
@@ -155,6 +172,17 @@ class TrainConfig(Section):
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size})")
+        return self
+
+    @model_validator(mode="after")
+    def _data_fits_recipe(self) -> "TrainConfig":
+        pairs = [s.format == "preference" for s in (*self.data.train, *self.data.validation)]
+        if self.recipe == "dpo" and not all(pairs):
+            raise ValueError("recipe dpo trains on preference pairs: every data source needs format: preference")
+        if self.recipe == "sft" and any(pairs):
+            raise ValueError("format: preference rows are pairs for recipe: dpo, not sft; set recipe: dpo")
+        if self.recipe != "dpo" and self.preference != PreferenceConfig():
+            raise ValueError(f"the preference section configures recipe: dpo, not {self.recipe}")
         return self
 
     def on_device(self, device) -> "TrainConfig":

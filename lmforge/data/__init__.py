@@ -16,12 +16,12 @@ report, build (build_datasets).
 """
 
 from lmforge.data.build import Datasets, build_datasets
-from lmforge.data.dataset import IGNORE_INDEX, PreferenceDataset, Samples, SFTDataset
+from lmforge.data.dataset import IGNORE_INDEX, PairDataset, PreferenceDataset, Samples, SFTDataset
 from lmforge.data.loader import Batch, Loader, make_batch, micro_batches_per_epoch, steps_per_epoch
 from lmforge.data.report import DataReport, SplitReport
 from lmforge.data.sources import Origin
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "DataReport", "Datasets", "Loader", "Origin", "PreferenceDataset", "SFTDataset",
+    "IGNORE_INDEX", "Batch", "DataReport", "Datasets", "Loader", "Origin", "PairDataset", "PreferenceDataset", "SFTDataset",
     "Samples", "SplitReport", "build_datasets", "make_batch", "micro_batches_per_epoch", "steps_per_epoch",
 ]

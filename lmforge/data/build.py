@@ -8,7 +8,7 @@ import numpy as np
 
 from lmforge.config.schema import DataConfig, DataSource
 from lmforge.data import cache
-from lmforge.data.dataset import Origins, PreferenceDataset, Ragged, Samples, SFTDataset, take
+from lmforge.data.dataset import Origins, PairDataset, PreferenceDataset, Ragged, Samples, SFTDataset, take
 from lmforge.data.encode import NOT_MALFORMED, EncodedPair, SampleEncoder
 from lmforge.data.formats import RowFormat
 from lmforge.data.report import DataReport, split_report
@@ -24,8 +24,8 @@ log = logging.getLogger("lmforge")
 
 @dataclass(frozen=True)
 class Datasets:
-    train: SFTDataset | PreferenceDataset
-    validation: SFTDataset | PreferenceDataset | None
+    train: SFTDataset | PairDataset
+    validation: SFTDataset | PairDataset | None
     report: DataReport
 
 
@@ -57,7 +57,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0) -> Data
         train_data, val_data = _split(train.data, cfg.val_fraction, seed)
 
     def layout(data):
-        return SFTDataset(data, cfg.max_seq_len, cfg.packing) if isinstance(data, Samples) else data
+        kind = SFTDataset if isinstance(data, Samples) else PairDataset
+        return kind(data, cfg.max_seq_len, cfg.packing)
 
     train_set, val_set = layout(train_data), None if val_data is None else layout(val_data)
     report = DataReport(

@@ -1,9 +1,10 @@
 """Tokenised datasets as flat numpy arrays: what the cache stores and the loader reads.
 
 `Samples` (SFT): per sample its token ids and a `trained` flag per token (the token is a target of the loss).
-`PreferenceDataset`: per pair the prompt ids and the chosen and rejected reply ids with their trained flags, for
-DPO-style recipes (which lay prompt+chosen and prompt+rejected out as two documents of one flat batch).
-`SFTDataset`: Samples plus their layout into rows (packing.py), the loader's unit.
+`PreferenceDataset`: per pair the prompt ids and the chosen and rejected reply ids with their trained flags.
+`SFTDataset` / `PairDataset`: Samples / pairs plus their layout into rows (packing.py), the loader's unit; each
+gives the documents (token ids and labels) of a set of rows, which the loader lays end to end into a flat batch.
+A pair is two documents, prompt+chosen then prompt+rejected, always in the same row.
 """
 
 import dataclasses
@@ -95,13 +96,26 @@ class PreferenceDataset:
     def __len__(self) -> int:
         return len(self.truncated)
 
+    def document(self, i: int, chosen: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and labels of pair i's prompt+chosen (or prompt+rejected) document; the prompt is not trained."""
+        prompt = self.prompt[i]
+        reply, flags = (self.chosen[i], self.chosen_trained[i]) if chosen else (self.rejected[i],
+                                                                                 self.rejected_trained[i])
+        tokens = np.concatenate([prompt, reply])
+        labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)
+        labels[len(prompt) - 1:-1] = np.where(flags, reply, IGNORE_INDEX)
+        return tokens, labels
+
+
+Document = tuple[np.ndarray, np.ndarray]  # token ids, labels
+
 
 class SFTDataset:
     """Tokenised SFT samples and their rows (packed into max_seq_len, or one sample per row)."""
 
     def __init__(self, samples: Samples, max_seq_len: int, packing: bool):
         self.samples = samples
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = self.row_len = max_seq_len
         self.packing = packing
         self.lengths = samples.tokens.lengths()
         self.rows: Rows = pack(self.lengths, max_seq_len) if packing else one_per_row(len(samples))
@@ -115,6 +129,37 @@ class SFTDataset:
 
     def packing_efficiency(self) -> float:
         return efficiency(self.lengths, self.rows, self.max_seq_len)
+
+    def documents(self, rows: np.ndarray) -> list[Document]:
+        samples = [int(s) for r in rows for s in self.rows[int(r)]]
+        return [(self.samples.tokens[s], self.samples.labels(s)) for s in samples]
+
+
+class PairDataset:
+    """Tokenised preference pairs and their rows. A pair's two documents share its row; packed rows hold at most
+    2 x max_seq_len tokens (one pair of the longest samples), so micro_batch_size counts rows of that size, or pairs
+    without packing."""
+
+    def __init__(self, pairs: PreferenceDataset, max_seq_len: int, packing: bool):
+        self.pairs = pairs
+        self.row_len = 2 * max_seq_len
+        self.packing = packing
+        self.lengths = 2 * pairs.prompt.lengths() + pairs.chosen.lengths() + pairs.rejected.lengths()
+        self.rows: Rows = pack(self.lengths, self.row_len) if packing else one_per_row(len(pairs))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def packing_efficiency(self) -> float:
+        return efficiency(self.lengths, self.rows, self.row_len)
+
+    def documents(self, rows: np.ndarray) -> list[Document]:
+        pairs = [int(p) for r in rows for p in self.rows[int(r)]]
+        return [self.pairs.document(p, chosen) for p in pairs for chosen in (True, False)]
 
 
 def take(data: Samples | PreferenceDataset, indices: np.ndarray) -> Samples | PreferenceDataset:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.data.dataset import IGNORE_INDEX, SFTDataset
+from lmforge.data.dataset import IGNORE_INDEX, PairDataset, SFTDataset
 from lmforge.errors import LmforgeError
 
 
@@ -48,14 +48,13 @@ class Batch:
                      self.num_trained_tokens)
 
 
-def make_batch(dataset: SFTDataset, rows: np.ndarray) -> Batch:
-    """The flat batch of the given rows of `dataset`."""
-    samples = [int(s) for r in rows for s in dataset.rows[int(r)]]
-    data = dataset.samples
-    tokens = np.concatenate([data.tokens[s] for s in samples]).astype(np.int64)
-    labels = np.concatenate([data.labels(s) for s in samples])
-    lengths = dataset.lengths[samples]
-    cu_seqlens = np.zeros(len(samples) + 1, dtype=np.int32)
+def make_batch(dataset: SFTDataset | PairDataset, rows: np.ndarray) -> Batch:
+    """The flat batch of the given rows of `dataset`: every document of every row, end to end."""
+    documents = dataset.documents(rows)
+    tokens = np.concatenate([t for t, _ in documents]).astype(np.int64)
+    labels = np.concatenate([y for _, y in documents])
+    lengths = np.array([len(t) for t, _ in documents], dtype=np.int64)
+    cu_seqlens = np.zeros(len(documents) + 1, dtype=np.int32)
     cu_seqlens[1:] = np.cumsum(lengths)
     positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
     return Batch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(cu_seqlens),
@@ -73,13 +72,13 @@ def steps_per_epoch(num_rows: int, micro_batch_size: int, grad_accumulation: int
 
 
 class Loader:
-    """Iterates one rank's micro-batches of an SFTDataset, epoch after epoch, deterministically."""
+    """Iterates one rank's micro-batches of an SFTDataset or PairDataset, epoch after epoch, deterministically."""
 
-    def __init__(self, dataset: SFTDataset, micro_batch_size: int, seed: int = 0, shuffle: bool = True,
+    def __init__(self, dataset: SFTDataset | PairDataset, micro_batch_size: int, seed: int = 0, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1):
-        if not isinstance(dataset, SFTDataset):
-            raise LmforgeError(f"the loader batches SFT datasets; got {type(dataset).__name__} (preference data is "
-                               "batched by a preference recipe)")
+        if not isinstance(dataset, (SFTDataset, PairDataset)):
+            raise LmforgeError(f"the loader batches laid-out datasets (SFTDataset, PairDataset); got "
+                               f"{type(dataset).__name__}")
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need micro_batch_size >= 1 and 0 <= rank < world_size, got {micro_batch_size}, "
                              f"rank {rank}, world_size {world_size}")

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmforge.data.dataset import PreferenceDataset, SFTDataset
+from lmforge.data.dataset import PairDataset, SFTDataset
 
 PERCENTILES = (50, 90, 99)
 
@@ -17,8 +17,8 @@ class SplitReport:
     trained_tokens: int
     truncated: int
     lengths: dict[str, int]  # p50, p90, p99, max of sample lengths in tokens
-    rows: int | None = None  # SFT only
-    packing_efficiency: float | None = None  # real tokens / (rows x max_seq_len)
+    rows: int | None = None
+    packing_efficiency: float | None = None  # real tokens / (rows x row length)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
     first_skipped: dict[str, str] = field(default_factory=dict)  # reason -> "file:row: what was wrong"
     cache: str = ""
@@ -53,20 +53,21 @@ class DataReport:
         return "\n".join(self.lines())
 
 
-def split_report(name: str, data: SFTDataset | PreferenceDataset, skipped: dict[str, int] | None = None,
+def split_report(name: str, data: SFTDataset | PairDataset, skipped: dict[str, int] | None = None,
                  first_skipped: dict[str, str] | None = None, cache: str = "") -> SplitReport:
     if isinstance(data, SFTDataset):
         samples = data.samples
         lengths = data.lengths
         tokens, trained = int(lengths.sum()), samples.num_trained()
         truncated = int(np.sum(samples.truncated))
-        rows, packing = data.num_rows, data.packing_efficiency()
     else:  # a preference pair counts both of its documents: prompt + chosen and prompt + rejected
-        prompt = data.prompt.lengths()
-        lengths = np.concatenate([prompt + data.chosen.lengths(), prompt + data.rejected.lengths()])
+        pairs = data.pairs
+        prompt = pairs.prompt.lengths()
+        lengths = np.concatenate([prompt + pairs.chosen.lengths(), prompt + pairs.rejected.lengths()])
         tokens = int(lengths.sum())
-        trained = int(data.chosen_trained.values.sum() + data.rejected_trained.values.sum())
-        truncated, rows, packing = int(np.sum(data.truncated)), None, None
+        trained = int(pairs.chosen_trained.values.sum() + pairs.rejected_trained.values.sum())
+        truncated = int(np.sum(pairs.truncated))
+    rows, packing = data.num_rows, data.packing_efficiency()
     stats = {f"p{p}": int(np.percentile(lengths, p, method="nearest")) for p in PERCENTILES} if len(lengths) else {}
     stats["max"] = int(lengths.max()) if len(lengths) else 0
     return SplitReport(name, len(data), tokens, trained, truncated, stats, rows, packing, dict(skipped or {}),

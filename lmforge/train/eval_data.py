@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config.schema import DataConfig, DataSource
-from lmforge.data import SFTDataset
-from lmforge.data.dataset import Origins, Ragged, Samples
-from lmforge.data.encode import NOT_MALFORMED, Encoded, SampleEncoder
-from lmforge.data.formats import Chat, RowFormat, Text
+from lmforge.data import PairDataset, SFTDataset
+from lmforge.data.dataset import Origins, PreferenceDataset, Ragged, Samples
+from lmforge.data.encode import NOT_MALFORMED, Encoded, EncodedPair, SampleEncoder
+from lmforge.data.formats import Chat, Preference, RowFormat, Text
 from lmforge.data.sources import MalformedRow, Origin, open_source
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.qa import QARow, parse_qa_row
 
-FORMATS = ("auto", "alpaca", "messages", "sharegpt", "text", "qa")
+FORMATS = ("auto", "alpaca", "messages", "sharegpt", "text", "qa", "preference")
 CHUNK = 512  # rows per encode_batch call
 
 
@@ -30,23 +30,25 @@ class EvalRows:
     source: str  # how errors and results name the file
     format: str  # resolved: never "auto"
     origins: list[Origin]
-    rows: list[Chat | Text]  # what perplexity is measured on (a QA row as question + reference answer)
+    rows: list[Chat | Text | Preference]  # what is scored (a QA row as question + reference answer)
     qa: list[QARow] | None  # the QA rows themselves, for exact match
 
 
 @dataclass(frozen=True)
 class EvalSamples:
-    dataset: SFTDataset
+    dataset: SFTDataset | PairDataset
     skipped: int  # rows with no token left to score within max_seq_len
     first_skipped: str | None  # "file:row: why"
 
 
 def infer_format(record: object, where: str) -> str:
-    """The format a row's keys say: question + answer(s) -> qa, messages, conversations -> sharegpt,
-    instruction + output -> alpaca, text."""
+    """The format a row's keys say: question + answer(s) -> qa, prompt + chosen + rejected -> preference,
+    messages, conversations -> sharegpt, instruction + output -> alpaca, text."""
     keys = set(record) if isinstance(record, dict) else set()
     if "question" in keys and keys & {"answer", "answers"}:
         return "qa"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "preference"
     for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("text", "text")):
         if key in keys:
             return fmt
@@ -95,11 +97,11 @@ def read_rows(path: str | Path, fmt: str = "auto", max_samples: int | None = Non
 
 def encode_rows(data: EvalRows, tokenizer: Tokenizer, template: str = "model", max_seq_len: int = 2048,
                 train_on_inputs: bool = False) -> EvalSamples:
-    """Tokens and trained flags of every row, laid out (packed) into rows of max_seq_len."""
+    """Tokens and trained flags of every row, laid out (packed) into rows of max_seq_len (pairs: 2 x max_seq_len)."""
     cfg = DataConfig(train=[DataSource(path=data.source, format="text")], template=template,
                      train_on_inputs=train_on_inputs, max_seq_len=max_seq_len)
     encoder = SampleEncoder(tokenizer, cfg)
-    kept: list[tuple[Origin, Encoded]] = []
+    kept: list[tuple[Origin, Encoded | EncodedPair]] = []
     skipped, first_skipped = 0, None
     for start in range(0, len(data.rows), CHUNK):
         origins = data.origins[start:start + CHUNK]
@@ -115,10 +117,22 @@ def encode_rows(data: EvalRows, tokenizer: Tokenizer, template: str = "model", m
     if not kept:
         raise LmforgeError(f"no row of {data.source} has a token to score within --max-seq-len {max_seq_len} "
                            f"(first: {first_skipped})")
+    origins = Origins((data.source,), np.zeros(len(kept), dtype=np.int32),
+                      np.array([o.row for o, _ in kept], dtype=np.int64))
+    if data.format == "preference":
+        return EvalSamples(PairDataset(_pairs([e for _, e in kept], origins), max_seq_len, packing=True), skipped,
+                           first_skipped)
     samples = Samples(
         tokens=Ragged.from_arrays([np.array(e.tokens, dtype=np.int32) for _, e in kept], np.int32),
         trained=Ragged.from_arrays([np.array(e.trained, dtype=bool) for _, e in kept], bool),
-        truncated=np.array([e.truncated for _, e in kept], dtype=bool),
-        origins=Origins((data.source,), np.zeros(len(kept), dtype=np.int32),
-                        np.array([o.row for o, _ in kept], dtype=np.int64)))
+        truncated=np.array([e.truncated for _, e in kept], dtype=bool), origins=origins)
     return EvalSamples(SFTDataset(samples, max_seq_len, packing=True), skipped, first_skipped)
+
+
+def _pairs(encoded: list[EncodedPair], origins: Origins) -> PreferenceDataset:
+    def ragged(name: str, dtype) -> Ragged:
+        return Ragged.from_arrays([np.array(getattr(e, name), dtype=dtype) for e in encoded], dtype)
+
+    return PreferenceDataset(ragged("prompt", np.int32), ragged("chosen", np.int32), ragged("chosen_trained", bool),
+                             ragged("rejected", np.int32), ragged("rejected_trained", bool),
+                             np.array([e.truncated for e in encoded], dtype=bool), origins)

@@ -10,6 +10,7 @@ from lmforge.layers.linear import Linear
 from lmforge.models import build_args
 from lmforge.train.loss import CHUNK_ROWS
 from lmforge.train.model import weights_dtype
+from lmforge.train.preference import REFERENCE_FREE
 
 NF4_BYTES = 0.5 + 4 / 64 / 4 + 4 / 256 / 64  # 4-bit codes, 8-bit scales per 64, fp32 scale per 256 scales
 
@@ -23,10 +24,12 @@ class MemoryPlan:
     optimizer_bytes: float
     activation_bytes: float
     tokens_per_micro_batch: int
+    reference_bytes: float = 0.0  # recipe dpo in a full run: the frozen copy of the starting weights
 
     @property
     def total_bytes(self) -> float:
-        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+        return (self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+                + self.reference_bytes)
 
     def lines(self) -> list[str]:
         gib = 2**30
@@ -36,6 +39,8 @@ class MemoryPlan:
             f"weights: {self.weight_bytes / gib:.2f} GiB",
             f"gradients: {self.grad_bytes / gib:.2f} GiB (fp32, trainable parameters only)",
             f"optimizer state: {self.optimizer_bytes / gib:.2f} GiB (AdamW: two fp32 moments)",
+            *([f"reference model: {self.reference_bytes / gib:.2f} GiB (dpo: a frozen copy of the starting weights)"]
+              if self.reference_bytes else []),
             f"activations: {self.activation_bytes / gib:.2f} GiB at {self.tokens_per_micro_batch:,} tokens per "
             f"micro-batch (estimate)",
             f"total: {self.total_bytes / gib:.2f} GiB (estimate; the allocator and the framework add more)",
@@ -56,7 +61,11 @@ def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1) -> Memory
         trainable, quantised = _adapter_parameters(model, cfg)
         per_weight = NF4_BYTES if cfg.method == "qlora" else frozen_bytes
         weight_bytes = quantised * per_weight + (total - quantised) * frozen_bytes + trainable * 4.0
-    tokens = cfg.micro_batch_size * cfg.data.max_seq_len
+    pairs = cfg.recipe == "dpo"  # a row holds whole pairs: up to two documents of max_seq_len
+    tokens = cfg.micro_batch_size * cfg.data.max_seq_len * (2 if pairs else 1)
+    reference = 0.0
+    if pairs and cfg.method == "full" and cfg.preference.loss not in REFERENCE_FREE:
+        reference = total * (2.0 if cfg.precision == "bf16-mixed" else 4.0)
     compute = 4 if cfg.precision == "fp32" else 2
     h, kv = args.hidden_size, args.num_key_value_heads * args.head_dim
     inter = getattr(args, "intermediate_size", 4 * h)
@@ -71,7 +80,7 @@ def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1) -> Memory
     activations += CHUNK_ROWS * args.vocab_size * 4 * 2 + tokens * h * 4  # one chunk of logits, hidden grads
     split = processes if processes > 1 and cfg.distributed.strategy == "fsdp" else 1
     return MemoryPlan(total, trainable, weight_bytes / split, trainable * 4.0 / split, trainable * 8.0 / split,
-                      activations, tokens)
+                      activations, tokens, reference)
 
 
 def _adapter_parameters(model: torch.nn.Module, cfg: TrainConfig) -> tuple[int, int]:

@@ -56,6 +56,11 @@ class PreferenceSettings:
         if self.rpo_alpha and self.loss_type in ("orpo", "kto"):
             raise ValueError(f"rpo_alpha does not apply to the {self.loss_type} loss")
 
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen answers' NLL (a mean over their tokens) added to the preference term."""
+        return 1.0 if self.loss_type == "orpo" else self.rpo_alpha
+
 
 @dataclass(frozen=True, slots=True)
 class PreferenceOutput:
@@ -140,7 +145,7 @@ def preference_loss(settings: PreferenceSettings, chosen_logps: torch.Tensor, re
     else:
         raise ValueError(f"unknown preference loss {kind!r}")
     loss = losses.mean()
-    nll_weight = 1.0 if kind == "orpo" else settings.rpo_alpha
+    nll_weight = settings.nll_weight
     if nll_weight:  # a mean over all chosen answer tokens of the batch, as TRL's sft / cpo_alpha / ORPO NLL
         loss = loss + nll_weight * -(chosen_logps.sum() / chosen_tokens.sum().clamp(min=1))
     metrics = {

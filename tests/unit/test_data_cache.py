@@ -116,5 +116,5 @@ def test_preference_pairs_round_trip_through_the_cache(tmp_path, monkeypatch):
     second = build_datasets(cfg, tokenizer)
     assert second.report.train.cache.startswith("hit ")
     for name in ("prompt", "chosen", "chosen_trained", "rejected", "rejected_trained"):
-        a, b = getattr(first, name), getattr(second.train, name)
+        a, b = getattr(first.pairs, name), getattr(second.train.pairs, name)
         assert np.array_equal(a.values, b.values) and np.array_equal(a.offsets, b.offsets), name

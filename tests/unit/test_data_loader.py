@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lmforge.data import Loader, build_datasets, micro_batches_per_epoch, steps_per_epoch
+from lmforge.data import IGNORE_INDEX, Loader, build_datasets, micro_batches_per_epoch, steps_per_epoch
 from lmforge.errors import LmforgeError
 from tests.data_refs import chat, data_config, tiny_tokenizer, write_jsonl
 
@@ -112,8 +112,36 @@ def test_the_last_micro_batch_of_an_epoch_may_be_short(datasets):
 def test_bad_arguments(datasets, tmp_path):
     with pytest.raises(ValueError, match="rank"):
         Loader(datasets.train, 4, rank=2, world_size=2)
+    with pytest.raises(LmforgeError, match="the loader batches laid-out datasets"):
+        Loader(datasets.train.samples, 4)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_preference_pairs_batch_as_two_documents_in_one_row(tmp_path, packing):
+    """Each pair is prompt+chosen then prompt+rejected, side by side in one flat batch; only the replies are
+    trained, and a pair is never split between micro-batches."""
     tokenizer = tiny_tokenizer(tmp_path / "tok")
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "chosen": "Ahoy", "rejected": "Hello"}])
-    pairs = build_datasets(data_config(tmp_path, {"path": str(path), "format": "preference"}), tokenizer).train
-    with pytest.raises(LmforgeError, match="the loader batches SFT datasets"):
-        Loader(pairs, 4)
+    rows = [{"prompt": f"Question {i}?" * (1 + i % 3), "chosen": f"Arr, answer {i}!", "rejected": f"Answer {i}."}
+            for i in range(7)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = data_config(tmp_path, {"path": str(path), "format": "preference"}).model_copy(update={"packing": packing})
+    pairs = build_datasets(cfg, tokenizer).train
+    assert pairs.num_rows == (len(pairs.rows) if packing else 7) and (packing or pairs.num_rows == 7)
+    seen = []
+    for batch in Loader(pairs, 2, seed=1):
+        cu = batch.cu_seqlens.tolist()
+        assert len(cu) % 2 == 1  # an even number of documents: whole pairs
+        for start, middle, end in zip(cu[:-1:2], cu[1::2], cu[2::2], strict=True):
+            chosen, rejected = batch.input_ids[start:middle].tolist(), batch.input_ids[middle:end].tolist()
+            i = next(i for i, r in enumerate(rows) if r["chosen"] in tokenizer.decode(chosen))
+            seen.append(i)
+            prompt = pairs.pairs.prompt[i].tolist()
+            assert chosen[:len(prompt)] == prompt == rejected[:len(prompt)]
+            labels = batch.labels[start:middle]
+            assert (labels[:len(prompt) - 1] == IGNORE_INDEX).all()  # no prompt token is a target
+            trained = chosen[len(prompt):]
+            targets = labels[len(prompt) - 1:-1]
+            assert targets[targets != IGNORE_INDEX].tolist() == [t for t, f in zip(
+                trained, pairs.pairs.chosen_trained[i], strict=True) if f]
+            assert batch.positions[start].item() == 0 and batch.positions[middle].item() == 0
+    assert sorted(seen) == list(range(7))

@@ -137,7 +137,7 @@ def test_truncation_keeps_the_head_and_skips_samples_with_nothing_trained(tmp_pa
 def test_preference_pairs_hold_prompt_and_both_replies(tmp_path):
     row = {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Berlin."}
     datasets, tokenizer = build(tmp_path, [row, {"prompt": "Hi", "chosen": "Ahoy"}], format="preference")
-    pairs = datasets.train
+    pairs = datasets.train.pairs
     assert len(pairs) == 1 and datasets.report.train.skipped == {"missing field": 1}
     prompt = tokenizer.decode(pairs.prompt[0], skip_special_tokens=False)
     assert prompt == tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
@@ -152,7 +152,7 @@ def test_preference_with_message_lists(tmp_path):
            "chosen": [{"role": "assistant", "content": "Rome."}],
            "rejected": {"role": "assistant", "content": "Milan."}}
     datasets, tokenizer = build(tmp_path, [row], format="preference")
-    pairs = datasets.train
+    pairs = datasets.train.pairs
     assert "Be brief." in tokenizer.decode(pairs.prompt[0], skip_special_tokens=False)
     assert trained_text(tokenizer, pairs.rejected[0], pairs.rejected_trained[0]) == ["Milan.<|im_end|>"]
     assert datasets.report.train.trained_tokens == int(pairs.chosen_trained[0].sum() + pairs.rejected_trained[0].sum())

@@ -73,9 +73,10 @@ def test_accumulation_equals_one_big_batch(dtype):
     model = tiny_model().to(dtype)
     opt = KeepGrads(model.parameters())
     # k=4 micro-batches of b=2 documents of different lengths, vs one batch of all 8
-    loss_small, tokens_small, _ = train_step(model, [flat(docs[i:i + 2]) for i in range(0, 8, 2)], config(), opt, None)
+    small_step, _ = train_step(model, [flat(docs[i:i + 2]) for i in range(0, 8, 2)], config(), opt, None)
     small = opt.seen
-    loss_big, tokens_big, _ = train_step(model, [flat(docs)], config(), opt, None)
+    big_step, _ = train_step(model, [flat(docs)], config(), opt, None)
+    (loss_small, tokens_small), (loss_big, tokens_big) = [(s["loss"], s["tokens"]) for s in (small_step, big_step)]
     assert tokens_small == tokens_big == sum(int((lab != IGNORE_INDEX).sum()) for _, lab in docs)
     assert loss_small == pytest.approx(loss_big, abs=1e-6)
     for a, b in zip(small, opt.seen, strict=True):
@@ -87,7 +88,7 @@ def test_accumulation_is_not_a_mean_of_micro_batch_means():
     docs = documents([40, 4])
     model = tiny_model()
     opt = KeepGrads(model.parameters())
-    loss, tokens, _ = train_step(model, [flat(docs[:1]), flat(docs[1:])], config(), opt, None)
+    loss = train_step(model, [flat(docs[:1]), flat(docs[1:])], config(), opt, None)[0]["loss"]
     with torch.no_grad():
         sums = [token_loss_sum(model, model(b.input_ids, b.positions, AttnMeta.for_training(b.cu_seqlens)), b.labels)
                 for b in (flat(docs[:1]), flat(docs[1:]))]

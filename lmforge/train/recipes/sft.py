@@ -1,5 +1,6 @@
 """Supervised fine-tuning: full, LoRA or QLoRA, in one process or many. A readable script — `main(cfg)` is the whole
-run, top to bottom.
+run, top to bottom. The preference recipe (`recipe: dpo`, recipes/dpo.py) runs in this same loop with its own
+objective: what a micro-batch's loss is, what the window's totals are, and what a step logs.
 
 Each optimizer step takes `grad_accumulation` micro-batches (flat, packed: see lmforge/data) on every rank, sums the
 token cross-entropy of every trained token and divides by the trained tokens of the whole window on all ranks, so
@@ -22,11 +23,12 @@ from lmforge.layers.attention import AttnMeta
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import dist
 from lmforge.train.allocator import release_free_memory
-from lmforge.train.evaluate import evaluate
+from lmforge.train.evaluate import evaluate, evaluate_objective
 from lmforge.train.log import MetricsLog, NoMetrics, require_backends
 from lmforge.train.loss import token_loss_sum
 from lmforge.train.model import build_trainable, gathered_weights, save_trainable
 from lmforge.train.optim import build_optimizer, build_scheduler
+from lmforge.train.recipes.dpo import PreferenceObjective
 from lmforge.train.windows import Windows, validation_batches
 from lmforge.weights.atomic import atomic_dir
 
@@ -61,12 +63,13 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
     model, tokenizer, model_dir = build_trainable(cfg, device)
     data = _datasets(cfg, tokenizer, world)
     log.info("%s", data.report)
+    objective = PreferenceObjective(cfg, model, model_dir, device) if cfg.recipe == "dpo" else TokenLoss(model)
     runner, strategy = dist.wrap(model, cfg, world, device)
     windows = Windows(data.train, cfg, device, world.rank, world.size)
     total_steps = cfg.max_steps or cfg.epochs * windows.steps_per_epoch
     log.info("effective batch: %d rows = micro-batch %d x gradient accumulation %d x %d process%s (%s; rows of at "
              "most %d tokens); %d optimizer steps", cfg.batch_size, cfg.micro_batch_size, accumulation, world.size,
-             "es" if world.size > 1 else "", strategy, cfg.data.max_seq_len, total_steps)
+             "es" if world.size > 1 else "", strategy, data.train.row_len, total_steps)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16-mixed" else None
@@ -102,22 +105,23 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
         while state["step"] < total_steps:
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            loss, tokens, grad_norm = train_step(model, windows.next(), cfg, optimizer, scaler, world, strategy,
-                                                 runner)
+            result, grad_norm = train_step(model, windows.next(), cfg, optimizer, scaler, world, strategy, runner,
+                                           objective)
             scheduler.step()
             state["step"] += 1
             step, seconds = state["step"], time.perf_counter() - started
             if step == 1:
                 _record_state_memory(model, optimizer, world, device, strategy, run_dir)
+            loss, tokens = result.pop("loss"), result.pop("tokens")
             record = {"loss": loss, "lr": lr, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                      "epoch": windows.epoch, **({"grad_norm": grad_norm} if grad_norm is not None else {})}
+                      "epoch": windows.epoch, **({"grad_norm": grad_norm} if grad_norm is not None else {}), **result}
             if step % cfg.logging.every_steps == 0 or step == total_steps:
                 metrics.write(step, record)
             metrics.progress(step, loss, lr, tokens / seconds)
             stop = False
             if data.validation is not None and (_due(step, cfg.eval.every_steps) or step == total_steps):
-                stop = _evaluate_and_track(runner, model, data.validation, cfg, device, state, metrics, save_model,
-                                           run_dir, world)
+                stop = _evaluate_and_track(runner, model, objective, data.validation, cfg, device, state, metrics,
+                                           save_model, run_dir, world)
             if _due(step, cfg.checkpoint.every_steps) and step < total_steps:
                 ckpt.save_checkpoint(run_dir, step, periodic_model, model, optimizer, trainer_state(),
                                      cfg.checkpoint.keep_last, world.is_main, sync)
@@ -132,24 +136,43 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
     return final
 
 
+class TokenLoss:
+    """SFT's objective: the summed cross-entropy of every trained token over the window's trained tokens."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def totals(self, window: list) -> list[float]:
+        return [sum(batch.num_trained_tokens for batch in window)]
+
+    def loss(self, runner: torch.nn.Module, batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
+        hidden = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+        loss_sum = token_loss_sum(self.model, hidden, batch.labels)
+        return loss_sum / max(totals[0], 1), {"loss": loss_sum.item()}
+
+    def summary(self, sums: dict[str, float], totals: list[float]) -> dict[str, float]:
+        return {"loss": sums["loss"] / max(totals[0], 1), "tokens": int(totals[0])}
+
+
 def train_step(model: torch.nn.Module, window: list, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler | None, world: dist.World = dist.SINGLE, strategy: str = "single",
-               runner: torch.nn.Module | None = None) -> tuple[float, int, float | None]:
-    """One optimizer step over a window of micro-batches on every rank; returns (mean token loss, trained tokens,
-    grad norm), all over every rank. `runner` is what the forward goes through (DDP's wrapper; default the model)."""
+               runner: torch.nn.Module | None = None, objective=None) -> tuple[dict[str, float], float | None]:
+    """One optimizer step over a window of micro-batches on every rank; returns the objective's summary over every
+    rank ({"loss", "tokens", ...metrics}) and the grad norm. `runner` is what the forward goes through (DDP's
+    wrapper; default the model); `objective` defaults to SFT's token loss."""
     runner = model if runner is None else runner
+    objective = TokenLoss(model) if objective is None else objective
     device = window[0].input_ids.device
-    tokens = int(dist.all_sum([sum(batch.num_trained_tokens for batch in window)], world, device)[0])
-    scale = world.size / max(tokens, 1)  # DDP and FSDP average gradients over ranks: undo it, divide by all tokens
-    total = 0.0
+    totals = dist.all_sum(objective.totals(window), world, device)
+    sums: dict[str, float] = {}
     for i, batch in enumerate(window):
         with dist.syncing(runner, strategy, sync=i == len(window) - 1):
             with autocast(cfg, device):
-                hidden = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
-                loss_sum = token_loss_sum(model, hidden, batch.labels)
-            loss = loss_sum * scale
+                loss, stats = objective.loss(runner, batch, totals)
+            loss = loss * world.size  # DDP and FSDP average gradients over ranks: undo it (totals cover all ranks)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss_sum.item()
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + value
         if cfg.method == "full":  # the activations just freed, before the next micro-batch allocates its own (LoRA's
             release_free_memory()  # peak is far lower; there the trim costs more speed than the memory is worth)
     if scaler is not None:
@@ -165,8 +188,9 @@ def train_step(model: torch.nn.Module, window: list, cfg: TrainConfig, optimizer
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    total = dist.all_sum([total], world, device)[0]
-    return total / max(tokens, 1), tokens, grad_norm
+    names = sorted(sums)
+    sums = dict(zip(names, dist.all_sum([sums[n] for n in names], world, device), strict=True))
+    return objective.summary(sums, totals), grad_norm
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -180,15 +204,22 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _evaluate_and_track(runner, model, validation, cfg: TrainConfig, device, state: dict, metrics, save_model,
-                        run_dir: Path, world: dist.World) -> bool:
-    """Validation loss and perplexity over every rank's share; keeps `best/`; True when early stopping's patience
-    has run out (the same answer on every rank: they all see the same summed loss)."""
+def _evaluate_and_track(runner, model, objective, validation, cfg: TrainConfig, device, state: dict, metrics,
+                        save_model, run_dir: Path, world: dist.World) -> bool:
+    """Validation metrics over every rank's share (SFT: loss and perplexity; DPO: its loss and reward metrics);
+    keeps `best/` by val_loss; True when early stopping's patience has run out (the same answer on every rank:
+    they all see the same summed loss)."""
     batches = validation_batches(validation, cfg.micro_batch_size, world.rank, world.size)
-    result = evaluate(model, batches, device, lambda: autocast(cfg, device), cfg.eval.max_batches, runner,
-                      lambda values: dist.all_sum(values, world, device))
+    reduce = lambda values: dist.all_sum(values, world, device)  # noqa: E731
+    if isinstance(objective, TokenLoss):
+        result = evaluate(model, batches, device, lambda: autocast(cfg, device), cfg.eval.max_batches, runner, reduce)
+        log.info("step %d: val_loss %.4f, val_ppl %.2f", state["step"], result["val_loss"], result["val_ppl"])
+    else:
+        with autocast(cfg, device):
+            result = evaluate_objective(objective, runner, batches, device, cfg.eval.max_batches, reduce)
+        log.info("step %d: val_loss %.4f, val_rewards/accuracies %.3f, val_rewards/margins %.4f", state["step"],
+                 result["val_loss"], result["val_rewards/accuracies"], result["val_rewards/margins"])
     metrics.write(state["step"], result)
-    log.info("step %d: val_loss %.4f, val_ppl %.2f", state["step"], result["val_loss"], result["val_ppl"])
     if state["best"] is None or result["val_loss"] < state["best"]:
         state["best"], state["stale_evals"] = result["val_loss"], 0
         _save_model_dir(run_dir / "best", save_model, world)

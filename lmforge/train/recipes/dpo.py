@@ -1,0 +1,91 @@
+"""Preference optimisation (`recipe: dpo`): DPO, IPO, SLiC hinge, robust DPO, SimPO and ORPO on prompt/chosen/rejected
+pairs, in the same loop as SFT (recipes/sft.py: data shards, accumulation, DDP/FSDP, checkpoints, exact resume).
+
+What differs is the objective. Each micro-batch holds whole pairs as two documents each, prompt+chosen then
+prompt+rejected, in one flat packed batch (data/dataset.py PairDataset). The summed answer log-probs of every
+document (train/preference.py sequence_logps) feed the configured loss; the reference log-probs come from the
+starting model under no_grad: the same weights with adapters switched off for LoRA / QLoRA (no second copy in
+memory), a frozen copy of the starting weights for full fine-tuning. Reference-free losses (simpo, orpo) skip it.
+
+A window's loss is what one big batch of its pairs would give, however they are split into micro-batches and
+ranks: the per-pair terms are summed and divided by the window's pairs on all ranks, the NLL term (rpo_alpha, orpo)
+by the window's chosen-answer tokens. Metrics are TRL's (rewards/chosen, rewards/rejected, rewards/margins,
+rewards/accuracies, logps/chosen, logps/rejected), means over the window's pairs; "tokens" counts the tokens the
+policy ran forward on (both documents of every pair).
+"""
+
+import contextlib
+
+import torch
+from torch import nn
+
+from lmforge.config import TrainConfig
+from lmforge.data import IGNORE_INDEX, Batch
+from lmforge.layers.attention import AttnMeta
+from lmforge.layers.lora import lora_disabled
+from lmforge.models import build_model
+from lmforge.train.preference import REFERENCE_FREE, PreferenceSettings, preference_loss, sequence_logps
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected")
+
+
+class PreferenceObjective:
+    """The DPO-family loss of a micro-batch of pairs, normalised by the window's totals (see the module doc)."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, model_dir, device: torch.device):
+        p = cfg.preference
+        self.settings = PreferenceSettings(p.loss, p.beta, p.label_smoothing, p.rpo_alpha, p.simpo_gamma)
+        self.model = model
+        self.reference: nn.Module | None = None  # None: the policy with adapters off, or no reference at all
+        if p.loss not in REFERENCE_FREE and cfg.method == "full":
+            dtype = torch.bfloat16 if cfg.precision == "bf16-mixed" else torch.float32
+            self.reference = build_model(model_dir, dtype, device).eval().requires_grad_(False)
+
+    def totals(self, window: list[Batch]) -> list[float]:
+        """This rank's [pairs, chosen-answer tokens, policy tokens] of the window (the loop sums them over ranks)."""
+        pairs = chosen = tokens = 0
+        for batch in window:
+            counts = _trained_per_document(batch)
+            valid = (counts[0::2] > 0) & (counts[1::2] > 0)
+            pairs += int(valid.sum())
+            chosen += int(counts[0::2][valid].sum())
+            tokens += batch.num_tokens
+        return [pairs, chosen, tokens]
+
+    def loss(self, runner: nn.Module, batch: Batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
+        pairs, chosen_tokens = max(totals[0], 1), max(totals[1], 1)
+        meta = AttnMeta.for_training(batch.cu_seqlens)
+        reference = None
+        if self.settings.loss_type not in REFERENCE_FREE:
+            reference = self._reference_logps(batch, meta)
+        hidden = runner(batch.input_ids, batch.positions, meta)
+        logps, counts = sequence_logps(self.model, hidden, batch.labels, batch.cu_seqlens)
+        valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # a validation filler pair trains nothing: it weighs nothing
+        chosen, rejected = logps[0::2][valid], logps[1::2][valid]
+        ref = (None, None) if reference is None else (reference[0::2][valid], reference[1::2][valid])
+        out = preference_loss(self.settings, chosen, rejected, counts[0::2][valid], counts[1::2][valid], *ref)
+        loss = out.losses.sum() / pairs
+        if self.settings.nll_weight:
+            loss = loss - self.settings.nll_weight * chosen.sum() / chosen_tokens
+        n = len(chosen)
+        stats = {"loss": loss.item(), **{name: out.metrics[name].item() * n if n else 0.0 for name in METRICS}}
+        return loss, stats
+
+    def summary(self, sums: dict[str, float], totals: list[float]) -> dict[str, float]:
+        pairs = max(totals[0], 1)
+        return {"loss": sums["loss"], "tokens": int(totals[2]), **{name: sums[name] / pairs for name in METRICS}}
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: Batch, meta: AttnMeta) -> torch.Tensor:
+        model = self.reference if self.reference is not None else self.model
+        with lora_disabled(self.model) if self.reference is None else contextlib.nullcontext():
+            hidden = model(batch.input_ids, batch.positions, meta)
+            return sequence_logps(model, hidden, batch.labels, batch.cu_seqlens)[0]
+
+
+def _trained_per_document(batch: Batch) -> torch.Tensor:
+    trained = torch.zeros(batch.num_tokens + 1, dtype=torch.long, device=batch.labels.device)
+    trained[1:] = (batch.labels != IGNORE_INDEX).long().cumsum(0)
+    cu = batch.cu_seqlens.long().to(trained.device)
+    return trained[cu[1:]] - trained[cu[:-1]]

@@ -1,0 +1,134 @@
+"""The preference recipe (`recipe: dpo`) on a tiny random Llama with SmolLM2's tokenizer: a window's loss and
+gradients equal one big batch's, the reference is the starting model, runs write TRL's metrics, bad configs are
+refused in one sentence."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import load_config
+from lmforge.data import Loader, build_datasets
+from lmforge.errors import LmforgeError
+from lmforge.layers.attention import AttnMeta
+from lmforge.models import build_model
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.model import build_trainable
+from lmforge.train.preference import sequence_logps
+from lmforge.train.recipes import sft
+from lmforge.train.recipes.dpo import METRICS, PreferenceObjective
+from tests.train_refs import config_maker, metrics
+from tests.unit.test_train_step import KeepGrads
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_chat_model):
+    return config_maker(tmp_path, tiny_chat_model, slice(0, 24), slice(24, 30), pairs=True, micro_batch_size=2,
+                        batch_size=4, max_steps=4, threads=2, eval__every_steps=2)
+
+
+def _setup(path: Path):
+    cfg = load_config(path)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, model_dir = build_trainable(cfg, torch.device("cpu"))
+    data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    return cfg, model, model_dir, data
+
+
+def _base_logps(model_dir: Path, batch) -> torch.Tensor:
+    base = build_model(model_dir, "float32")
+    with torch.no_grad():
+        hidden = base(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+        return sequence_logps(base, hidden, batch.labels, batch.cu_seqlens)[0]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"preference__loss": "ipo", "preference__rpo_alpha": 0.5},
+                                       {"preference__loss": "orpo", "method": "full"},
+                                       {"preference__loss": "robust", "preference__label_smoothing": 0.2,
+                                        "method": "full"}])
+def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
+    """Loss and every gradient of 4 pairs in 2 micro-batches equal those of the 4 pairs in one, for losses with
+    and without a reference and with the NLL term (normalised by the window's chosen tokens)."""
+    cfg, model, model_dir, data = _setup(make_config("w", data__shuffle=False, **overrides))
+    with torch.no_grad():  # move the policy off the reference so that the loss has a gradient to compare
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    objective = PreferenceObjective(cfg, model, model_dir, torch.device("cpu"))
+    opt = KeepGrads([p for p in model.parameters() if p.requires_grad])
+    batches = list(Loader(data.train, 1, shuffle=False))[:4]
+    small, _ = sft.train_step(model, batches, cfg, opt, None, objective=objective)
+    small_grads = opt.seen
+    joined = list(Loader(data.train, 4, shuffle=False))[0]
+    big, _ = sft.train_step(model, [joined], cfg, opt, None, objective=objective)
+    assert small.keys() == big.keys() == {"loss", "tokens", *METRICS}
+    for name in small:
+        assert small[name] == pytest.approx(big[name], rel=1e-6, abs=1e-6), name
+    for a, b in zip(small_grads, opt.seen, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_reference_is_the_starting_model(make_config, method):
+    """Before any update DPO's loss is log 2 with zero rewards; the reference log-probs are the base model's own,
+    bit for bit (adapters off under LoRA, the frozen copy in full runs), and stay so after updates."""
+    cfg, model, model_dir, data = _setup(make_config("r", method=method, optimizer__lr=1e-2))
+    objective = PreferenceObjective(cfg, model, model_dir, torch.device("cpu"))
+    assert (objective.reference is None) == (method == "lora")
+    batch = next(iter(Loader(data.train, 2, shuffle=False)))
+    base = _base_logps(model_dir, batch)
+    assert torch.equal(objective._reference_logps(batch, AttnMeta.for_training(batch.cu_seqlens)), base)
+    totals = objective.totals([batch])
+    loss, stats = objective.loss(model, batch, totals)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sft.train_step(model, [batch], cfg, optimizer, None, objective=objective)
+    assert torch.equal(objective._reference_logps(batch, AttnMeta.for_training(batch.cu_seqlens)), base)
+    assert objective.loss(model, batch, totals)[0].item() != pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_a_dpo_run_learns_the_pairs_and_writes_trl_metrics(make_config):
+    cfg = load_config(make_config("run", max_steps=8, optimizer__lr=5e-3, eval__every_steps=4,
+                                  checkpoint__every_steps=4))
+    final = sft.main(cfg)
+    records = metrics(Path(cfg.output_dir))
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all(name in r for r in steps for name in METRICS) and all(r["tokens"] > 0 for r in steps)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(math.isfinite(r[f"val_{name}"]) for r in evals for name in ("loss", *METRICS))
+    assert steps[-1]["rewards/margins"] > 0 and steps[-1]["loss"] < steps[0]["loss"]
+    assert (final / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"recipe": "sft"}, "format: preference rows are pairs for recipe: dpo, not sft"),
+    ({"data__train": [{"path": "train.jsonl", "format": "messages"}]},
+     "recipe dpo trains on preference pairs: every data source needs format: preference"),
+    ({"preference__loss": "kto"}, "preference.loss"),
+    ({"preference__beta": 0}, "preference.beta"),
+])
+def test_bad_configs_are_one_sentence(make_config, overrides, match):
+    with pytest.raises(LmforgeError, match=match):
+        load_config(make_config("bad", **overrides))
+
+
+def test_the_preference_section_belongs_to_dpo(make_config, tiny_chat_model, tmp_path):
+    (tmp_path / "sft").mkdir()
+    plain = config_maker(tmp_path / "sft", tiny_chat_model, slice(0, 4), slice(4, 6))
+    with pytest.raises(LmforgeError, match="the preference section configures recipe: dpo, not sft"):
+        load_config(plain("x", preference__beta=0.5))
+
+
+def test_pairs_are_tokenised_with_the_prompt_untrained(make_config):
+    cfg = load_config(make_config())
+    tokenizer = Tokenizer.from_dir(cfg.model.path)
+    pairs = build_datasets(cfg.data, tokenizer).train
+    assert pairs.num_rows < len(pairs)  # packed: several pairs per row of 2 x max_seq_len
+    tokens, labels = pairs.pairs.document(0, chosen=True)
+    prompt = len(pairs.pairs.prompt[0])
+    assert (labels[:prompt - 1] == -100).all() and labels[prompt - 1] == tokens[prompt]
