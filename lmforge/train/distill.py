@@ -108,14 +108,54 @@ def _chunk_sums(student: nn.Module, student_hidden: torch.Tensor, teacher: nn.Mo
                 labels: torch.Tensor, settings: DistillSettings) -> torch.Tensor:
     logits = student.logits(student_hidden)  # float32
     with torch.no_grad():
-        teacher_logits = teacher.logits(teacher_hidden)
-    if teacher_logits.shape[-1] != logits.shape[-1]:
-        raise LmforgeError(f"the teacher's output layer has {teacher_logits.shape[-1]} logits per token and the "
+        teacher_logps = F.log_softmax(teacher.logits(teacher_hidden).div_(settings.temperature), dim=-1)
+    if teacher_logps.shape[-1] != logits.shape[-1]:
+        raise LmforgeError(f"the teacher's output layer has {teacher_logps.shape[-1]} logits per token and the "
                            f"student's {logits.shape[-1]}; distillation needs a teacher with the student's vocabulary")
-    t = settings.temperature
-    teacher_logps = F.log_softmax(teacher_logits / t, dim=-1)
-    kd = token_divergence(F.log_softmax(logits / t, dim=-1), teacher_logps, settings.loss, settings.beta).sum()
-    return torch.stack([kd, F.cross_entropy(logits, labels, reduction="sum")])
+    return _DivergenceCrossEntropy.apply(logits, teacher_logps, labels, settings)
+
+
+class _DivergenceCrossEntropy(torch.autograd.Function):
+    """A chunk's (divergence sum, cross-entropy sum) from the student's logits z [rows, vocab] and the teacher's
+    log-probs at the temperature (this chunk's own: overwritten), with the gradients w.r.t. z computed in closed form
+    in forward, as loss.py's fused cross-entropy does: backward keeps those two tensors rather than every
+    intermediate of autograd's graph (log_softmax, exp, the mixture, products). With Q = softmax(z / T), P the
+    teacher's and M = beta P + (1 - beta) Q: d/dz = (Q - P) / T for forward_kl, and Q * (g - sum(Q * g)) / T with
+    g = dL/dQ up to a constant for the others, g = log Q - log P (reverse_kl) or (1 - beta) log(Q / M) (jsd)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, teacher_logps: torch.Tensor, labels: torch.Tensor,
+                settings: DistillSettings) -> torch.Tensor:
+        t, beta = settings.temperature, settings.beta
+        student_logps = F.log_softmax(logits / t if t != 1 else logits, dim=-1)
+        kd = token_divergence(student_logps, teacher_logps, settings.loss, beta).sum()
+        if not ctx.needs_input_grad[0]:  # evaluation
+            return torch.stack([kd, F.cross_entropy(logits, labels, reduction="sum")])
+        q = student_logps.exp()
+        if settings.loss == "forward_kl":
+            grad_kd = q.sub_(teacher_logps.exp_())
+        else:
+            if settings.loss == "reverse_kl":
+                g = student_logps.sub_(teacher_logps)
+            else:
+                mixture = torch.logaddexp(teacher_logps.add_(math.log(beta)), student_logps + math.log1p(-beta))
+                g = student_logps.sub_(mixture).mul_(1 - beta)
+            grad_kd = q.mul_(g.sub_((q * g).sum(dim=-1, keepdim=True)))
+        grad_kd.div_(t)
+        # cross-entropy at temperature 1: softmax(z) - onehot(label)
+        logps = F.log_softmax(logits, dim=-1)
+        rows = torch.arange(len(labels), device=labels.device)
+        ce = -logps[rows, labels].sum()
+        grad_ce = logps.exp_()
+        grad_ce[rows, labels] -= 1
+        ctx.save_for_backward(grad_kd, grad_ce)
+        return torch.stack([kd, ce])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_kd, grad_ce = ctx.saved_tensors
+        return grad_kd * grad_out[0] + grad_ce * grad_out[1], None, None, None
 
 
 def check_same_vocabulary(student: Tokenizer, teacher: Tokenizer, where: str) -> None:
