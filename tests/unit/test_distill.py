@@ -99,6 +99,27 @@ def test_divergences_equal_torch_kl_div_and_probability_formulas():
             torch.testing.assert_close(token_divergence(s, te, "jsd", beta).double(), jsd, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_closed_form_gradients_equal_autograd(loss, temperature):
+    """The chunk Function's d(loss)/d(student logits) against torch autograd through log_softmax, the divergence and
+    cross_entropy, with unequal weights on the two sums (the caller's kd_ratio / tokens)."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(7, VOCAB, generator=g).mul(4).requires_grad_()
+    teacher_logits = torch.randn(7, VOCAB, generator=g).mul(4)
+    labels = torch.randint(0, VOCAB, (7,), generator=g)
+    settings = DistillSettings(loss, beta=0.3, temperature=temperature)
+    teacher_logps = F.log_softmax(teacher_logits / temperature, dim=-1)
+    weights = torch.tensor([0.7, 0.2])
+    ours = distill._DivergenceCrossEntropy.apply(logits, teacher_logps.clone(), labels, settings)
+    (ours_grad,) = torch.autograd.grad((ours * weights).sum(), logits)
+    kd = token_divergence(F.log_softmax(logits / temperature, dim=-1), teacher_logps, loss, 0.3).sum()
+    ce = F.cross_entropy(logits, labels, reduction="sum")
+    (reference_grad,) = torch.autograd.grad(0.7 * kd + 0.2 * ce, logits)
+    torch.testing.assert_close(ours.detach(), torch.stack([kd, ce]).detach())
+    torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_no_trained_rows_gives_zero(hidden):
     student, teacher, inputs, teacher_hidden, labels = hidden
     ignored = torch.full_like(labels, IGNORE_INDEX)
