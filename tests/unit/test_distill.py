@@ -67,6 +67,7 @@ def test_autograd_keeps_no_vocabulary_wide_tensor(hidden, monkeypatch):
     (Without the checkpoint, every chunk would save several [rows, vocab] tensors.)"""
     student, teacher, inputs, teacher_hidden, labels = hidden
     monkeypatch.setattr(distill, "CHUNK_ROWS", 4)
+    student.zero_grad(set_to_none=True)
     student_hidden = student(*inputs)
     saved_rows = []
 
