@@ -20,11 +20,11 @@ def add_parser(sub) -> None:
                                    "train (the responses of chat formats), so a run's val_loss is reproduced on its "
                                    "final model. QA rows ({\"question\", \"answer\"} or \"answers\": [...]) are also "
                                    "answered greedily through the chat template and scored by exact match and by "
-                                   "whether the answer appears in the reply (SQuAD normalisation). Preference rows ({\"prompt\", "
-                                   "\"chosen\", \"rejected\"}) are scored by preference accuracy: the share of pairs "
-                                   "whose chosen answer has the higher implicit reward (log-prob of the model minus "
-                                   "that of the reference: the base under --adapter, or --reference), as TRL's "
-                                   "rewards/accuracies.")
+                                   "whether the answer appears in the reply (SQuAD normalisation). Preference rows "
+                                   "({\"prompt\", \"chosen\", \"rejected\"}) are scored by preference accuracy: the "
+                                   "share of pairs whose chosen answer has the higher implicit reward (log-prob of "
+                                   "the model minus that of the reference: the base under --adapter, or "
+                                   "--reference), as TRL's rewards/accuracies.")
     p.add_argument("model", help="model: an HF directory, .gguf file, alias or Hub id")
     p.add_argument("--data", required=True, metavar="FILE", help="a .jsonl/.json/.parquet/.csv file of rows")
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory to apply to the model")

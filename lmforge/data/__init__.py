@@ -22,6 +22,7 @@ from lmforge.data.report import DataReport, SplitReport
 from lmforge.data.sources import Origin
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "DataReport", "Datasets", "Loader", "Origin", "PairDataset", "PreferenceDataset", "SFTDataset",
-    "Samples", "SplitReport", "build_datasets", "make_batch", "micro_batches_per_epoch", "steps_per_epoch",
+    "IGNORE_INDEX", "Batch", "DataReport", "Datasets", "Loader", "Origin", "PairDataset", "PreferenceDataset",
+    "SFTDataset", "Samples", "SplitReport", "build_datasets", "make_batch", "micro_batches_per_epoch",
+    "steps_per_epoch",
 ]
