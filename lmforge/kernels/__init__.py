@@ -84,6 +84,9 @@ def _build_dir(extension: str, level: str) -> tuple[str, Path]:
         text = path.read_bytes()
         digest.update(f"{path.name}\0{len(text)}\0".encode() + text)
     digest.update(torch.__version__.encode() + " ".join(CFLAGS + LEVEL_FLAGS[level]).encode() + machine.encode())
+    # torch's build.ninja names the sources by absolute path: another checkout sharing the directory would make
+    # ninja rebuild it for every switch between the two
+    digest.update(str(_DIR.resolve()).encode())
     key = digest.hexdigest()[:16]
     name = f"lmforge_{extension}_{level}_{key}"
     root = Path(os.environ.get("LMFORGE_KERNEL_CACHE") or "~/.cache/lmforge/kernels").expanduser()
