@@ -2,6 +2,10 @@
 the metrics a run wrote."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,3 +62,20 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def train_until_killed(config: Path, run: Path, step: int, timeout: float = 120) -> int:
+    """Runs `lmforge train config` in a child process, SIGKILLs it once metrics.jsonl holds `step`, and returns
+    the last step it logged."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "-q", "train", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and any(s >= step for s in losses(run)):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+    proc.kill()
+    proc.wait()
+    return max(losses(run))

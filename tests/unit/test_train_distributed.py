@@ -215,3 +215,21 @@ def test_config_check_plans_per_process(make_config, capsys, tmp_path):
 
     for key in ("weights", "gradients", "optimizer state"):
         assert gib(alone[key]) > 10 and gib(fsdp[key]) == pytest.approx(gib(alone[key]) / 2, abs=0.006), key
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_in_two_processes_reaches_the_single_process_losses(tmp_path, tiny_chat_model, strategy):
+    """Full-parameter DPO (its frozen reference copy on every rank): per-pair terms and metrics summed over both
+    ranks' pairs give the single process's losses and validation metrics."""
+    make = config_maker(tmp_path, tiny_chat_model, slice(0, 32), slice(32, 37), pairs=True, method="full",
+                        data__packing=False, micro_batch_size=1, batch_size=4, max_steps=4, threads=1,
+                        eval__every_steps=4, optimizer__lr=1e-3, preference__rpo_alpha=0.5)
+    cfg = load_config(make("single"))
+    sft.main(cfg)
+    run = train_procs(make(strategy, distributed__strategy=strategy))
+    want, got = metrics(Path(cfg.output_dir)), metrics(run)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4, 4]
+    for a, b in zip(want, got, strict=True):
+        for name, value in a.items():
+            if name.startswith(("loss", "rewards/", "logps/", "val_")):
+                assert b[name] == pytest.approx(value, abs=1e-5, rel=1e-5), (a["step"], name)

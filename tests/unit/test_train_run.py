@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from lmforge.models import build_model
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.recipes import sft
 from lmforge.weights.peft import load_adapter
-from tests.train_refs import ROOT, config_maker, losses, metrics
+from tests.train_refs import ROOT, config_maker, losses, metrics, train_until_killed
 
 
 @pytest.fixture
@@ -58,18 +57,7 @@ def test_exact_resume_after_the_process_is_killed(make_config):
     sft.main(baseline)
     killed = make_config("killed", max_steps=steps, lora__dropout=0.1, checkpoint__every_steps=10)
     run = Path(load_config(killed).output_dir)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "-q", "train", str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and any(s >= 25 for s in losses(run)):
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
-    proc.kill()
-    proc.wait()
-    done = max(losses(run))
+    done = train_until_killed(killed, run, 25)
     assert 25 <= done < steps
     assert max(int(p.name[5:]) for p in ckpt.checkpoints(run)) <= done
     sft.main(load_config(killed))  # resume: checkpoint.resume is auto
