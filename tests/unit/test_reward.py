@@ -31,6 +31,18 @@ from tests.tokenizer_refs import llama_style_dir
 PAD = 0
 # Different lengths; the last one ends in two pad tokens, which transformers (and lmforge) skip.
 SEQS = [torch.tensor(s) for s in ([5, 17, 3], [9, 1, 44, 2, 8, 61, 7], list(range(30, 42)), [12, 40, 6, PAD, PAD])]
+FAMILIES = {
+    "llama": {},
+    "llama-tied": {"tie_word_embeddings": True},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 4,
+                "num_experts_per_tok": 2},
+    "qwen2moe": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "num_experts": 4,
+                 "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+                 "mlp_only_layers": [1]},
+}
 
 
 def base_dir(tmp_path, **config):
@@ -65,21 +77,22 @@ def hf_padded_scores(hf, seqs, side):
         return hf(ids, attention_mask=mask, position_ids=positions).logits[:, 0]
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_transformers_loads_the_directory_with_the_same_scores(tmp_path, tied):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_loads_the_directory_with_the_same_scores(tmp_path, family):
     import transformers
 
-    src = base_dir(tmp_path, tie_word_embeddings=tied)
+    src = base_dir(tmp_path, **FAMILIES[family])
     model = reward_model(src)
     save_reward_model(model, tmp_path / "rm", source_dir=src)
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    causal = FAMILIES[family].get("architectures", ["LlamaForCausalLM"])[0]
+    assert config["architectures"] == [causal.replace("ForCausalLM", "ForSequenceClassification")]
     assert (config["num_labels"], config["pad_token_id"]) == (1, PAD)
     assert (tmp_path / "rm" / "tokenizer.json").is_file() and (tmp_path / "rm" / "tokenizer_config.json").is_file()
 
     hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "rm", dtype=torch.float32, output_loading_info=True)
-    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+    assert type(hf).__name__ == config["architectures"][0] and hf.config.num_labels == 1
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ours = packed_scores(model, SEQS)
     with torch.no_grad():
