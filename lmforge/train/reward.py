@@ -133,6 +133,7 @@ def reward_model_from(model: nn.Module, pad_token_id: int | None = None, seed: i
     return reward.train(model.training)
 
 
+@torch.no_grad()
 def reward_state_dict(model: RewardModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor under HF names, on the CPU, in `dtype` (default: the trunk's, `model.norm`). LoRA layers are
     merged into their base weights (each computed in float32, rounded once) without changing the model, and NF4

@@ -114,6 +114,18 @@ def test_loading_back_gives_identical_scores(tmp_path):
     assert torch.equal(packed_scores(load_reward_model(tmp_path / "again"), SEQS), packed_scores(model, SEQS))
 
 
+def test_a_directory_transformers_wrote_loads(tmp_path):
+    import transformers
+
+    src = base_dir(tmp_path)
+    model = reward_model(src)
+    save_reward_model(model, tmp_path / "rm", source_dir=src)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32)
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_reward_model(tmp_path / "hf")
+    assert torch.equal(packed_scores(loaded, SEQS), packed_scores(model, SEQS))
+
+
 def test_packed_scores_equal_each_document_alone(tmp_path):
     model = reward_model(base_dir(tmp_path))
     packed = packed_scores(model, SEQS)
