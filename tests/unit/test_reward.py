@@ -197,21 +197,36 @@ def test_load_reward_model_names_what_is_wrong(tmp_path):
         load_reward_model(tmp_path / "rm")
 
 
-def trl_compute_loss(chosen, rejected, margin=None, center=None):
-    """TRL's RewardTrainer.compute_loss, run on an object with just the attributes it reads and a model whose
-    logits are the given rewards (chosen rows first, as TRL's collator stacks them)."""
+def trl_compute_loss_on(model, inputs, center=None):
+    """TRL's RewardTrainer.compute_loss, run on an object with just the attributes it reads (one process: gathers
+    are the identity); returns the loss and the metrics it logged."""
     from trl import RewardTrainer
 
     metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     identity = SimpleNamespace(gather=lambda t: t, gather_for_metrics=lambda t: t)
-    trainer = SimpleNamespace(model=torch.nn.Module().eval(), args=SimpleNamespace(center_rewards_coefficient=center),
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(center_rewards_coefficient=center),
                               accelerator=identity, _metrics=metrics, _total_train_tokens=0, _tp_size=1)
-    logits = torch.cat([chosen, rejected])[:, None]
-    inputs = {"input_ids": torch.zeros(len(logits), 1, dtype=torch.long)}
+    loss = RewardTrainer.compute_loss(trainer, model, inputs)
+    mode = "train" if model.training else "eval"
+    return loss, {k: v[0] for k, v in metrics[mode].items() if k != "num_tokens"}
+
+
+class Rewards(torch.nn.Module):
+    """A stand-in model whose logits are given rewards (chosen rows first, as TRL's collator stacks them)."""
+
+    def __init__(self, chosen, rejected):
+        super().__init__()
+        self.logits = torch.cat([chosen, rejected])[:, None]
+
+    def forward(self, **inputs):
+        return SimpleNamespace(logits=self.logits)
+
+
+def trl_compute_loss(chosen, rejected, margin=None, center=None):
+    inputs = {"input_ids": torch.zeros(2 * len(chosen), 1, dtype=torch.long)}
     if margin is not None:
         inputs["margin"] = margin
-    loss = RewardTrainer.compute_loss(trainer, lambda **kwargs: SimpleNamespace(logits=logits), inputs)
-    return loss, {k: v[0] for k, v in metrics["eval"].items() if k != "num_tokens"}
+    return trl_compute_loss_on(Rewards(chosen, rejected).eval(), inputs, center)
 
 
 @pytest.mark.parametrize("margin", [False, True])
@@ -235,3 +250,34 @@ def test_bradley_terry_loss_and_metrics_equal_trl(margin, center):
     torch.testing.assert_close(ours_r.grad, ref_r.grad, atol=1e-6, rtol=0)
     assert accuracy(chosen, rejected).mean().item() == ref_metrics["accuracy"]
     assert reward_metrics(chosen, rejected) == pytest.approx(ref_metrics, abs=1e-6)
+
+
+def test_training_gradients_equal_trl_on_transformers(tmp_path):
+    """One reward step end to end: TRL's compute_loss on transformers' classifier (a right-padded batch, chosen
+    rows first) and lmforge's packed batch give the same loss and the same gradient for every parameter."""
+    import transformers
+
+    src = base_dir(tmp_path)
+    model = reward_model(src)
+    save_reward_model(model, tmp_path / "rm", source_dir=src)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32)
+    pairs = 2  # SEQS[:2] chosen, SEQS[2:] rejected
+    margin = torch.tensor([0.5, -0.25])
+    width = max(len(s) for s in SEQS)
+    ids = torch.full((len(SEQS), width), PAD)
+    mask = torch.zeros(len(SEQS), width, dtype=torch.long)
+    for i, s in enumerate(SEQS):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    ref, _ = trl_compute_loss_on(hf.train(), {"input_ids": ids, "attention_mask": mask, "margin": margin}, 0.01)
+    ref.backward()
+
+    model.train()
+    ids_flat = torch.cat(SEQS)
+    positions = torch.cat([torch.arange(len(s)) for s in SEQS])
+    scores = model(ids_flat, positions, AttnMeta.for_sequences([len(s) for s in SEQS]))
+    loss = bradley_terry_loss(scores[:pairs], scores[pairs:], margin, 0.01).mean()
+    loss.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+    theirs = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-4, rtol=1e-4, msg=name)
