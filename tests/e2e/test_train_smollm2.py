@@ -32,8 +32,9 @@ def pirate_share(model: str, questions: list[str]) -> float:
 
 def test_demo_teaches_smollm2_to_talk_like_a_pirate(smollm2_dir, tmp_path):
     run = tmp_path / "run"
+    # the demo's first 10 of 20 steps (a shorter cosine schedule): enough to teach the style, half the CI time
     lmforge("train", str(DEMO), f"model.path={smollm2_dir}", f"output_dir={run}", "checkpoint.every_steps=0",
-            f"data.cache_dir={tmp_path / 'cache'}")
+            "max_steps=10", "eval.every_steps=5", f"data.cache_dir={tmp_path / 'cache'}")
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in steps if "loss" in r]
     val = [r["val_loss"] for r in steps if "val_loss" in r]

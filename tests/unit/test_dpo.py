@@ -2,12 +2,14 @@
 gradients equal one big batch's, the reference is the starting model, runs write TRL's metrics, bad configs are
 refused in one sentence."""
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from lmforge.cli import main as cli_main
 from lmforge.config import load_config
 from lmforge.data import Loader, build_datasets
 from lmforge.errors import LmforgeError
@@ -105,6 +107,15 @@ def test_a_dpo_run_learns_the_pairs_and_writes_trl_metrics(tmp_path, tiny_chat_m
     assert 0 < evals[0]["val_rewards/margins"] < evals[1]["val_rewards/margins"]
     assert evals[1]["val_loss"] < evals[0]["val_loss"] < math.log(2)
     assert (final / "adapter_config.json").is_file()
+    # `lmforge eval` on the same pairs (reference: the adapter's base) reproduces the run's last validation
+    out = tmp_path / "eval.json"
+    assert cli_main(["-q", "eval", str(cfg.model.path), "--adapter", str(final), "--data", str(tmp_path / "val.jsonl"),
+                     "--max-seq-len", str(cfg.data.max_seq_len), "--dtype", "float32", "--device", "cpu",
+                     "-o", str(out)]) == 0
+    scored = json.loads(out.read_text())
+    assert scored["pairs"] == 16 and scored["reference"].endswith("(the adapter's base)")
+    assert scored["preference_accuracy"] == pytest.approx(evals[1]["val_rewards/accuracies"], abs=1e-6)
+    assert scored["mean_margin"] * cfg.preference.beta == pytest.approx(evals[1]["val_rewards/margins"], rel=1e-4)
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
@@ -147,8 +158,29 @@ def test_a_killed_dpo_run_resumes_with_the_same_losses(make_config):
     done = train_until_killed(killed, run, 7)
     assert 7 <= done < steps
     sft.main(load_config(killed))  # resume: checkpoint.resume is auto
-    want, got = metrics(Path(baseline.output_dir)), metrics(run)
+    want, got = ([r for r in metrics(path) if "loss" in r] for path in (Path(baseline.output_dir), run))
     assert [r["step"] for r in got] == list(range(1, steps + 1))
     for a, b in zip(want, got, strict=True):
         for name in ("loss", *METRICS):
             assert b[name] == pytest.approx(a[name], abs=1e-6), (a["step"], name)
+
+
+def test_eval_scores_preference_rows_with_a_reference_or_without(make_config, tmp_path, tiny_chat_model, capsys):
+    """Without an adapter or --reference the reward is the mean token log-prob; --reference names another model;
+    --reference on rows that are not pairs is refused."""
+    cfg = load_config(make_config())
+    pairs = str(tmp_path / "val.jsonl")
+    args = ["--dtype", "float32", "--device", "cpu"]
+    out = tmp_path / "alone.json"
+    assert cli_main(["-q", "eval", str(tiny_chat_model), "--data", pairs, *args, "-o", str(out)]) == 0
+    alone = json.loads(out.read_text())
+    assert alone["reference"].startswith("none") and alone["pairs"] == 6
+    out = tmp_path / "self.json"
+    assert cli_main(["-q", "eval", str(tiny_chat_model), "--data", pairs, "--reference", str(tiny_chat_model),
+                     *args, "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["mean_margin"] == 0.0  # a model against itself: no reward at all
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr"}]}\n')
+    assert cli_main(["-q", "eval", str(cfg.model.path), "--data", str(chats), "--reference", str(tiny_chat_model),
+                     *args]) == 2
+    assert "--reference applies to preference rows" in capsys.readouterr().err
