@@ -48,9 +48,10 @@ class PreferenceObjective:
         for batch in window:
             counts = _trained_per_document(batch)
             valid = (counts[0::2] > 0) & (counts[1::2] > 0)
+            lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(valid.device)
             pairs += int(valid.sum())
             chosen += int(counts[0::2][valid].sum())
-            tokens += batch.num_tokens
+            tokens += int((lengths[0::2] + lengths[1::2])[valid].sum())  # a validation filler pair counts nothing
         return [pairs, chosen, tokens]
 
     def loss(self, runner: nn.Module, batch: Batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
