@@ -56,7 +56,8 @@ def _setup(path: Path):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"distill__loss": "jsd", "distill__temperature": 2.0, "method": "full"},
-                                       {"distill__loss": "reverse_kl", "distill__kd_ratio": 1.0}])
+                                       {"distill__loss": "reverse_kl", "distill__kd_ratio": 1.0},
+                                       {"method": "qlora"}])
 def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
     """Loss, kd/ce metrics and every gradient of 4 rows in 4 micro-batches equal those of the 4 rows in one."""
     cfg, model, objective, data = _setup(make_config("w", data__shuffle=False, **overrides))
@@ -97,6 +98,16 @@ def test_the_loss_is_the_teachers_divergence_and_the_students_cross_entropy(make
     assert loss.item() == pytest.approx((0.3 * kd.item() + 0.7 * ce.item()) / totals[0], rel=1e-6)
 
 
+@pytest.mark.parametrize(("precision", "teacher_dtype", "want"), [("fp32", "auto", torch.float32),
+                                                                  ("bf16-mixed", "auto", torch.bfloat16),
+                                                                  ("fp32", "float16", torch.float16)])
+def test_the_teacher_is_stored_in_its_own_dtype(make_config, precision, teacher_dtype, want):
+    cfg = load_config(make_config("d", precision=precision, distill__teacher_dtype=teacher_dtype))
+    model, tokenizer, _ = build_trainable(cfg, torch.device("cpu"))
+    teacher = DistillObjective(cfg, model, tokenizer, torch.device("cpu")).teacher
+    assert {p.dtype for p in teacher.parameters()} == {want}
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_distill_run_learns_the_teacher_and_writes_kd_metrics(tmp_path, tiny_chat_model, tiny_teacher, method):
     """Validated on held-out rows, the KL to the teacher (val_kd_loss) falls; every step logs loss, kd_loss, ce_loss."""
@@ -133,9 +144,10 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_anything_is_written
     teacher = _other_vocabulary(tiny_teacher, tmp_path / "other_teacher")
     config = make_config("refused", distill__teacher=str(teacher))
     assert cli(["train", str(config)]) == 2
-    err = capsys.readouterr().err
-    assert "distill.teacher" in err and "distillation needs a teacher with the student's vocabulary" in err
-    assert len(err.strip().splitlines()) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # beside the INFO log
+    assert len(errors) == 1 and errors[0].startswith("lmforge train: error: distill.teacher ")
+    assert "'hello'" in errors[0] and "'world'" in errors[0]  # the first id that differs, both its tokens
+    assert errors[0].endswith("distillation needs a teacher with the student's vocabulary")
     assert not (tmp_path / "refused").exists()
 
 

@@ -9,8 +9,8 @@ gradients are one big batch's. Metrics: loss, kd_loss (the divergence per traine
 logs them prefixed val_ (val_kd_loss: the held-out divergence from the teacher).
 
 The teacher is built once, in its own dtype, on every rank whole (not sharded under FSDP), and its tokenizer must
-map every id to the student's token: checked before any weight is loaded. Teacher logits are computed on the fly:
-no top-k teacher cache is built.
+map every id to the student's token: checked before the teacher's weights are loaded and before the loop creates
+the run directory. Teacher logits are computed on the fly: no top-k teacher cache is built.
 """
 
 import logging
