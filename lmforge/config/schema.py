@@ -130,12 +130,32 @@ class PreferenceConfig(Section):
     simpo_gamma: float = Field(0.5, description="simpo: target reward margin")
 
 
+class DistillConfig(Section):
+    teacher: str | None = Field(None, description="the teacher model, resolved like model.path (HF directory, "
+                                                  ".gguf file, Hub id or alias); it must share the student's "
+                                                  "vocabulary")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the teacher's (frozen) weights; auto: bfloat16 under bf16-mixed, else "
+                            "float32")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="divergence between the teacher's (P) and the student's (Q) next-token "
+                                  "distributions: forward_kl KL(P||Q) (supervised KD), reverse_kl KL(Q||P), jsd "
+                                  "the generalized Jensen-Shannon divergence of GKD with weight beta on P")
+    beta: float = Field(0.5, gt=0, lt=1, description="jsd: the mixture's weight on the teacher (TRL GKD's beta)")
+    temperature: float = Field(1.0, gt=0, description="both distributions are softmax(logits / temperature)")
+    kd_ratio: float = Field(0.5, ge=0, le=1, description="loss = kd_ratio x divergence + (1 - kd_ratio) x the "
+                                                         "student's cross-entropy on the labels")
+
+
 class TrainConfig(Section):
-    recipe: Literal["sft", "dpo"] = Field(
+    recipe: Literal["sft", "dpo", "distill"] = Field(
         "sft", description="sft: next-token loss on the responses; dpo: preference optimisation on "
                            "prompt/chosen/rejected pairs (loss and settings in the preference section; reference: "
-                           "the starting model, the base with adapters off under LoRA, a frozen copy in full runs)")
+                           "the starting model, the base with adapters off under LoRA, a frozen copy in full runs); "
+                           "distill: knowledge distillation from the distill section's teacher on the responses "
+                           "of SFT-format data")
     preference: PreferenceConfig = Field(PreferenceConfig(), description="recipe: dpo settings")
+    distill: DistillConfig = Field(DistillConfig(), description="recipe: distill settings")
     model: ModelConfig = ModelConfig()
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained: every weight, a LoRA "
                                                                          "adapter, or an adapter over NF4 weights")
@@ -181,8 +201,16 @@ class TrainConfig(Section):
             raise ValueError("recipe dpo trains on preference pairs: every data source needs format: preference")
         if self.recipe == "sft" and any(pairs):
             raise ValueError("format: preference rows are pairs for recipe: dpo, not sft; set recipe: dpo")
+        if self.recipe == "distill" and any(pairs):
+            raise ValueError("recipe distill trains on SFT-format data (messages, alpaca, sharegpt or text), not on "
+                             "format: preference pairs")
         if self.recipe != "dpo" and self.preference != PreferenceConfig():
             raise ValueError(f"the preference section configures recipe: dpo, not {self.recipe}")
+        if self.recipe == "distill" and self.distill.teacher is None:
+            raise ValueError("recipe distill needs a teacher: set distill.teacher to a model directory, .gguf file, "
+                             "Hub id or alias")
+        if self.recipe != "distill" and self.distill != DistillConfig():
+            raise ValueError(f"the distill section configures recipe: distill, not {self.recipe}")
         return self
 
     def on_device(self, device) -> "TrainConfig":

@@ -1,6 +1,7 @@
 """Supervised fine-tuning: full, LoRA or QLoRA, in one process or many. A readable script — `main(cfg)` is the whole
-run, top to bottom. The preference recipe (`recipe: dpo`, recipes/dpo.py) runs in this same loop with its own
-objective: what a micro-batch's loss is, what the window's totals are, and what a step logs.
+run, top to bottom. The preference recipe (`recipe: dpo`, recipes/dpo.py) and distillation (`recipe: distill`,
+recipes/distill.py) run in this same loop with their own objective: what a micro-batch's loss is, what the window's
+totals are, and what a step logs.
 
 Each optimizer step takes `grad_accumulation` micro-batches (flat, packed: see lmforge/data) on every rank, sums the
 token cross-entropy of every trained token and divides by the trained tokens of the whole window on all ranks, so
@@ -28,6 +29,7 @@ from lmforge.train.log import MetricsLog, NoMetrics, require_backends
 from lmforge.train.loss import token_loss_sum
 from lmforge.train.model import build_trainable, gathered_weights, save_trainable
 from lmforge.train.optim import build_optimizer, build_scheduler
+from lmforge.train.recipes.distill import DistillObjective
 from lmforge.train.recipes.dpo import PreferenceObjective
 from lmforge.train.windows import Windows, validation_batches
 from lmforge.weights.atomic import atomic_dir
@@ -52,18 +54,18 @@ def main(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
     run_dir = Path(cfg.output_dir)
     accumulation = cfg.grad_accumulation(world.size)
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
     require_backends(cfg.logging.backends if world.is_main else [])
     model, tokenizer, model_dir = build_trainable(cfg, device)
+    objective = _objective(cfg, model, tokenizer, model_dir, device)  # a bad teacher fails before the run dir exists
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     data = _datasets(cfg, tokenizer, world)
     log.info("%s", data.report)
-    objective = PreferenceObjective(cfg, model, model_dir, device) if cfg.recipe == "dpo" else TokenLoss(model)
     runner, strategy = dist.wrap(model, cfg, world, device)
     windows = Windows(data.train, cfg, device, world.rank, world.size)
     total_steps = cfg.max_steps or cfg.epochs * windows.steps_per_epoch
@@ -136,6 +138,14 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
     return final
 
 
+def _objective(cfg: TrainConfig, model: torch.nn.Module, tokenizer, model_dir: Path, device: torch.device):
+    if cfg.recipe == "dpo":
+        return PreferenceObjective(cfg, model, model_dir, device)
+    if cfg.recipe == "distill":
+        return DistillObjective(cfg, model, tokenizer, device)
+    return TokenLoss(model)
+
+
 class TokenLoss:
     """SFT's objective: the summed cross-entropy of every trained token over the window's trained tokens."""
 
@@ -206,7 +216,8 @@ def _due(step: int, every: int) -> bool:
 
 def _evaluate_and_track(runner, model, objective, validation, cfg: TrainConfig, device, state: dict, metrics,
                         save_model, run_dir: Path, world: dist.World) -> bool:
-    """Validation metrics over every rank's share (SFT: loss and perplexity; DPO: its loss and reward metrics);
+    """Validation metrics over every rank's share (SFT: loss and perplexity; DPO: its loss and reward metrics;
+    distill: its loss, kd_loss and ce_loss);
     keeps `best/` by val_loss; True when early stopping's patience has run out (the same answer on every rank:
     they all see the same summed loss)."""
     batches = validation_batches(validation, cfg.micro_batch_size, world.rank, world.size)
@@ -217,8 +228,7 @@ def _evaluate_and_track(runner, model, objective, validation, cfg: TrainConfig, 
     else:
         with autocast(cfg, device):
             result = evaluate_objective(objective, runner, batches, device, cfg.eval.max_batches, reduce)
-        log.info("step %d: val_loss %.4f, val_rewards/accuracies %.3f, val_rewards/margins %.4f", state["step"],
-                 result["val_loss"], result["val_rewards/accuracies"], result["val_rewards/margins"])
+        log.info("step %d: %s", state["step"], ", ".join(f"{name} {value:.4g}" for name, value in result.items()))
     metrics.write(state["step"], result)
     if state["best"] is None or result["val_loss"] < state["best"]:
         state["best"], state["stale_evals"] = result["val_loss"], 0
