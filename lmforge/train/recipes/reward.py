@@ -3,8 +3,8 @@ the Bradley-Terry loss on prompt/chosen/rejected pairs, in the same loop as SFT 
 shards, accumulation, checkpoints, exact resume). A single process only: `--nproc` / torchrun are refused.
 
 The causal LM is turned into a reward model before LoRA, so that `score` is a module of its own: under LoRA and
-QLoRA it is trained in full, in float32 (added to lora.modules_to_save; all-linear does not adapt it, QLoRA does
-not quantise it: it is a plain torch linear), as PEFT trains the head of a sequence-classification model. Every model directory the run
+QLoRA it is trained in full, in float32 (added to lora.modules_to_save; a plain torch linear, so never a LoRA
+target nor quantised), as PEFT trains the head of a sequence-classification model. Every model directory the run
 writes (best/, final/, each checkpoint's model files) is a Hugging Face sequence-classification directory with
 any adapter merged in (train/reward.py save_reward_model), which transformers' AutoModelForSequenceClassification
 and `lmforge eval` load.
