@@ -1,6 +1,6 @@
 """The reward-model demo, end to end on the real SmolLM2-135M-Instruct: `lmforge train` with the shipped config
-(shortened) on the pirate pairs, `lmforge eval` of final/ on the held-out pairs, and transformers'
-AutoModelForSequenceClassification reproducing lmforge's scores from the saved directory."""
+(shortened) on the pirate pairs, `lmforge eval` of final/ on the 25 held-out pairs (pairwise accuracy), and
+transformers' AutoModelForSequenceClassification reproducing lmforge's scores from the saved directory (fp32)."""
 
 import json
 import subprocess
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[2]
 DEMO = ROOT / "configs" / "smollm2-135m-reward-cpu.yaml"
 VALIDATION = ROOT / "configs" / "data" / "pirate_pairs_val.jsonl"
-STEPS = 6
+STEPS = 3
+SEQ_LEN = 128
 
 
 def lmforge(*args: str) -> subprocess.CompletedProcess:
@@ -28,23 +29,26 @@ def lmforge(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_reward_demo_learns_to_prefer_pirate_answers(smollm2_dir, tmp_path):
+    """Three steps (12 rows of packed pairs) lift the held-out pairwise accuracy to >= 90 % and the mean margin
+    well above the starting model's; the untrained head already ranks many pairs right, so the margin is what
+    shows the training."""
     import transformers
 
     run = tmp_path / "run"
     lmforge("train", str(DEMO), f"model.path={smollm2_dir}", f"output_dir={run}", f"max_steps={STEPS}",
-            "checkpoint.every_steps=0", "eval.every_steps=0", "precision=fp32", "data.max_seq_len=192",
+            "checkpoint.every_steps=0", "data.validation=[]", "precision=fp32", f"data.max_seq_len={SEQ_LEN}",
             f"data.cache_dir={tmp_path / 'cache'}")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in records if "val_loss" in r][-1]
-    print(f"train loss {records[0]['loss']:.3f} -> {[r for r in records if 'loss' in r][-1]['loss']:.3f}, "
-          f"held-out accuracy {val['val_accuracy']:.0%}, margin {val['val_margin']:.3f}")
-    assert val["val_accuracy"] >= 0.9
-
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     out = tmp_path / "eval.json"
-    lmforge("eval", str(run / "final"), "--data", str(VALIDATION), "--max-seq-len", "192", "--dtype", "float32",
-            "-o", str(out))
+    lmforge("eval", str(run / "final"), "--data", str(VALIDATION), "--max-seq-len", str(SEQ_LEN), "--dtype",
+            "float32", "-o", str(out))
     result = json.loads(out.read_text())
-    assert result["pairs"] == 25 and result["preference_accuracy"] == val["val_accuracy"]
+    print(f"train loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}, margin {steps[0]['margin']:.3f} (first "
+          f"window, untrained) -> held-out {result['mean_margin']:.3f}, held-out accuracy "
+          f"{result['correct']}/{result['pairs']}")
+    assert result["pairs"] == 25 and result["preference_accuracy"] >= 0.9
+    assert result["mean_margin"] > 2 * steps[0]["margin"]
 
     pairs = [json.loads(line) for line in VALIDATION.read_text().splitlines()][:3]
     tokenizer = transformers.AutoTokenizer.from_pretrained(run / "final")
@@ -58,4 +62,3 @@ def test_reward_demo_learns_to_prefer_pirate_answers(smollm2_dir, tmp_path):
         ours = ours_model(torch.cat(docs), torch.cat([torch.arange(len(d)) for d in docs]),
                           AttnMeta.for_sequences([len(d) for d in docs]))
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    assert (ours[0::2] > ours[1::2]).all()
