@@ -43,7 +43,7 @@ def run_check(args: argparse.Namespace) -> int:
         accumulation = cfg.grad_accumulation(args.nproc)
     except ValueError as e:
         raise LmforgeError(str(e)) from None
-    row = cfg.data.max_seq_len * (2 if cfg.recipe == "dpo" else 1)  # dpo: a row holds whole pairs
+    row = cfg.data.max_seq_len * (2 if cfg.recipe in ("dpo", "reward") else 1)  # a row holds whole pairs
     print(f"recipe: {cfg.recipe}; method: {cfg.method}; precision: {cfg.precision}; effective batch: "
           f"{cfg.batch_size} rows of at most {row} tokens = micro-batch {cfg.micro_batch_size} x gradient accumulation "
           f"{accumulation}" + (f" x {args.nproc} processes ({cfg.distributed.strategy}; per-process plan below)"

@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
                                    "({\"prompt\", \"chosen\", \"rejected\"}) are scored by preference accuracy: the "
                                    "share of pairs whose chosen answer has the higher implicit reward (log-prob of "
                                    "the model minus that of the reference: the base under --adapter, or "
-                                   "--reference), as TRL's rewards/accuracies.")
+                                   "--reference), as TRL's rewards/accuracies; a reward model (a sequence-"
+                                   "classification directory, as recipe: reward saves it) scores both answers "
+                                   "itself, and its accuracy is the share where the chosen one scores higher.")
     p.add_argument("model", help="model: an HF directory, .gguf file, alias or Hub id")
     p.add_argument("--data", required=True, metavar="FILE", help="a .jsonl/.json/.parquet/.csv file of rows")
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory to apply to the model")
@@ -77,8 +79,13 @@ def run(args: argparse.Namespace) -> int:
     if args.reference and data.format != "preference":
         raise LmforgeError(f"--reference applies to preference rows; {data.source} holds {data.format} rows")
     model_dir = resolve_model(args.model)
+    reward_model = _is_reward_model(model_dir)
+    if reward_model:
+        _check_reward_arguments(args, data)
     tokenizer = Tokenizer.from_dir(model_dir)
     encoded = encode_rows(data, tokenizer, args.template, args.max_seq_len, args.train_on_inputs)
+    if reward_model:
+        return _write(args.output, _reward_accuracy(args, model_dir, encoded, data, device))
     log.info("loading %s%s", model_dir, f" with adapter {args.adapter}" if args.adapter else "")
     model = load_evaluated_model(args.model, model_dir, args.adapter, compute_dtype(args.dtype, device), device,
                                  args.quantization)
@@ -134,6 +141,56 @@ def _preference_accuracy(args: argparse.Namespace, model, encoded, data, dtype, 
             "format": "preference", "preference_accuracy": wins / n, "correct": wins, "pairs": n,
             "mean_margin": margin, "skipped": encoded.skipped,
             "margins": [round(float(m), 6) for m in chosen - rejected]}
+
+
+def _reward_accuracy(args: argparse.Namespace, model_dir: Path, encoded, data, device) -> dict:
+    """A reward model's pairwise accuracy: the share of pairs whose chosen answer it scores higher (TRL's accuracy)."""
+    import torch
+
+    from lmforge.data import Loader
+    from lmforge.hardware import compute_dtype
+    from lmforge.layers.attention import AttnMeta
+    from lmforge.train.reward import load_reward_model
+
+    log.info("loading reward model %s", model_dir)
+    model = load_reward_model(model_dir, compute_dtype(args.dtype, device), device)
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for batch in Loader(encoded.dataset, args.batch_size, shuffle=False):
+            batch = batch.to(device)
+            scores = model(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+            chosen.append(scores[0::2])
+            rejected.append(scores[1::2])
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    wins, n = int((chosen > rejected).sum()), len(chosen)
+    margin = float((chosen - rejected).mean())
+    print(f"{data.source} (preference): accuracy {wins}/{n} ({wins / n:.1%})  mean margin {margin:.4f}  "
+          f"reward model: {args.model}")
+    if encoded.skipped:
+        print(f"skipped {encoded.skipped} pairs with nothing to score (first: {encoded.first_skipped})")
+    return {"model": str(args.model), "reward_model": True, "data": data.source, "format": "preference",
+            "preference_accuracy": wins / n, "correct": wins, "pairs": n, "mean_margin": margin,
+            "skipped": encoded.skipped, "chosen_rewards": [round(float(r), 6) for r in chosen],
+            "rejected_rewards": [round(float(r), 6) for r in rejected]}
+
+
+def _is_reward_model(model_dir: Path) -> bool:
+    """An HF directory of a sequence-classification (reward) model, as recipe: reward saves them."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return False
+    archs = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def _check_reward_arguments(args: argparse.Namespace, data) -> None:
+    if data.format != "preference":
+        raise LmforgeError(f"{args.model} is a reward model: it scores preference rows (prompt, chosen, rejected), "
+                           f"but {data.source} holds {data.format} rows")
+    for flag, value in (("--adapter", args.adapter), ("--reference", args.reference),
+                        ("--quantization", args.quantization)):
+        if value:
+            raise LmforgeError(f"{flag} does not apply to {args.model}, a reward model (its adapter is merged in)")
 
 
 def _report_qa(scored: list, max_tokens: int) -> dict:

@@ -130,6 +130,12 @@ class PreferenceConfig(Section):
     simpo_gamma: float = Field(0.5, description="simpo: target reward margin")
 
 
+class RewardConfig(Section):
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="weight of (chosen + rejected)^2 added to each pair's loss, which keeps the rewards "
+                                "centred on 0 (Eisenstein et al. 2023; TRL's name); null: none")
+
+
 class DistillConfig(Section):
     teacher: str | None = Field(None, description="the teacher model, resolved like model.path (HF directory, "
                                                   ".gguf file, Hub id or alias); it must share the student's "
@@ -148,13 +154,16 @@ class DistillConfig(Section):
 
 
 class TrainConfig(Section):
-    recipe: Literal["sft", "dpo", "distill"] = Field(
+    recipe: Literal["sft", "dpo", "reward", "distill"] = Field(
         "sft", description="sft: next-token loss on the responses; dpo: preference optimisation on "
                            "prompt/chosen/rejected pairs (loss and settings in the preference section; reference: "
                            "the starting model, the base with adapters off under LoRA, a frozen copy in full runs); "
-                           "distill: knowledge distillation from the distill section's teacher on the responses "
-                           "of SFT-format data")
+                           "reward: a reward model (the decoder with a scalar head `score`, read at each answer's "
+                           "last token) trained by the Bradley-Terry loss on the same pairs, saved as a Hugging "
+                           "Face sequence-classification directory; distill: knowledge distillation from the "
+                           "distill section's teacher on the responses of SFT-format data")
     preference: PreferenceConfig = Field(PreferenceConfig(), description="recipe: dpo settings")
+    reward: RewardConfig = Field(RewardConfig(), description="recipe: reward settings")
     distill: DistillConfig = Field(DistillConfig(), description="recipe: distill settings")
     model: ModelConfig = ModelConfig()
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained: every weight, a LoRA "
@@ -197,15 +206,19 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _data_fits_recipe(self) -> "TrainConfig":
         pairs = [s.format == "preference" for s in (*self.data.train, *self.data.validation)]
-        if self.recipe == "dpo" and not all(pairs):
-            raise ValueError("recipe dpo trains on preference pairs: every data source needs format: preference")
+        if self.recipe in ("dpo", "reward") and not all(pairs):
+            raise ValueError(f"recipe {self.recipe} trains on preference pairs: every data source needs format: "
+                             "preference")
         if self.recipe == "sft" and any(pairs):
-            raise ValueError("format: preference rows are pairs for recipe: dpo, not sft; set recipe: dpo")
+            raise ValueError("format: preference rows are pairs for recipe: dpo or reward, not sft; set recipe: dpo "
+                             "or recipe: reward")
         if self.recipe == "distill" and any(pairs):
             raise ValueError("recipe distill trains on SFT-format data (messages, alpaca, sharegpt or text), not on "
                              "format: preference pairs")
         if self.recipe != "dpo" and self.preference != PreferenceConfig():
             raise ValueError(f"the preference section configures recipe: dpo, not {self.recipe}")
+        if self.recipe != "reward" and self.reward != RewardConfig():
+            raise ValueError(f"the reward section configures recipe: reward, not {self.recipe}")
         if self.recipe == "distill" and self.distill.teacher is None:
             raise ValueError("recipe distill needs a teacher: set distill.teacher to a model directory, .gguf file, "
                              "Hub id or alias")

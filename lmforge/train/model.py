@@ -13,6 +13,8 @@ from lmforge.config import TrainConfig
 from lmforge.layers.lora import add_lora
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.recipes.reward import add_reward_lora
+from lmforge.train.reward import reward_model_from, save_reward_model
 from lmforge.weights.hf_dir import save_state_dict, write_side_files
 from lmforge.weights.peft import write_adapter
 from lmforge.weights.resolve import resolve_model
@@ -34,9 +36,13 @@ def build_trainable(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, 
     model_dir = resolve_model(cfg.model.path)
     tokenizer = Tokenizer.from_dir(model_dir)
     model = build_model(model_dir, weights_dtype(cfg), device)
+    if cfg.recipe == "reward":  # the head before LoRA, so that it is trained in full (recipes/reward.py)
+        model = reward_model_from(model, seed=cfg.seed)
     if cfg.method == "full":
         trainable = sum(p.numel() for p in model.parameters())
         log.info("full fine-tuning: %s trainable parameters", f"{trainable:,}")
+    elif cfg.recipe == "reward":
+        log.info("%s: %s (head trained in full)", cfg.method, add_reward_lora(model, cfg))
     else:
         summary = add_lora(model, cfg.lora, quantize=cfg.method == "qlora")
         log.info("%s: %s", cfg.method, summary)
@@ -59,9 +65,12 @@ def gathered_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tens
 
 
 def save_trainable(weights: dict[str, torch.Tensor], cfg: TrainConfig, model_dir: Path, hf_config: dict,
-                   out: Path) -> None:
-    """A full run saves an HF directory with the tokenizer; LoRA / QLoRA a PEFT adapter directory."""
-    if cfg.method == "full":
+                   out: Path, model: nn.Module | None = None) -> None:
+    """A full run saves an HF directory with the tokenizer; LoRA / QLoRA a PEFT adapter directory; a reward model
+    (recipe: reward; `model`, whole in this process) an HF sequence-classification directory, adapter merged in."""
+    if cfg.recipe == "reward":
+        save_reward_model(model, out, source_dir=model_dir)
+    elif cfg.method == "full":
         save_state_dict(weights, Path(out))
         write_side_files(hf_config, Path(out), next(iter(weights.values())).dtype, source_dir=model_dir)
     else:

@@ -61,10 +61,10 @@ def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1) -> Memory
         trainable, quantised = _adapter_parameters(model, cfg)
         per_weight = NF4_BYTES if cfg.method == "qlora" else frozen_bytes
         weight_bytes = quantised * per_weight + (total - quantised) * frozen_bytes + trainable * 4.0
-    pairs = cfg.recipe == "dpo"  # a row holds whole pairs: up to two documents of max_seq_len
+    pairs = cfg.recipe in ("dpo", "reward")  # a row holds whole pairs: up to two documents of max_seq_len
     tokens = cfg.micro_batch_size * cfg.data.max_seq_len * (2 if pairs else 1)
     reference = 0.0
-    if pairs and cfg.method == "full" and cfg.preference.loss not in REFERENCE_FREE:
+    if cfg.recipe == "dpo" and cfg.method == "full" and cfg.preference.loss not in REFERENCE_FREE:
         reference = total * (2.0 if cfg.precision == "bf16-mixed" else 4.0)
     compute = 4 if cfg.precision == "fp32" else 2
     h, kv = args.hidden_size, args.num_key_value_heads * args.head_dim

@@ -119,7 +119,7 @@ def test_a_dpo_run_learns_the_pairs_and_writes_trl_metrics(tmp_path, tiny_chat_m
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
-    ({"recipe": "sft"}, "format: preference rows are pairs for recipe: dpo, not sft"),
+    ({"recipe": "sft"}, "format: preference rows are pairs for recipe: dpo or reward, not sft"),
     ({"data__train": [{"path": "train.jsonl", "format": "messages"}]},
      "recipe dpo trains on preference pairs: every data source needs format: preference"),
     ({"preference__loss": "kto"}, "preference.loss"),

@@ -207,7 +207,7 @@ def test_config_check_plans_per_process(make_config, capsys, tmp_path):
 
     alone, ddp, fsdp = plan(), plan("distributed.strategy=ddp", "--nproc", "2"), plan(
         "distributed.strategy=fsdp", "--nproc", "2")
-    assert "gradient accumulation 2 x 2 processes (fsdp; per-process plan below)" in fsdp["method"]
+    assert "gradient accumulation 2 x 2 processes (fsdp; per-process plan below)" in fsdp["recipe"]
     assert ddp["weights"] == alone["weights"]
 
     def gib(line: str) -> float:

@@ -46,7 +46,7 @@ class PreferenceObjective:
         """This rank's [pairs, chosen-answer tokens, policy tokens] of the window (the loop sums them over ranks)."""
         pairs = chosen = tokens = 0
         for batch in window:
-            counts = _trained_per_document(batch)
+            counts = trained_per_document(batch)
             valid = (counts[0::2] > 0) & (counts[1::2] > 0)
             lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(valid.device)
             pairs += int(valid.sum())
@@ -85,7 +85,7 @@ class PreferenceObjective:
             return sequence_logps(model, hidden, batch.labels, batch.cu_seqlens)[0]
 
 
-def _trained_per_document(batch: Batch) -> torch.Tensor:
+def trained_per_document(batch: Batch) -> torch.Tensor:
     trained = torch.zeros(batch.num_tokens + 1, dtype=torch.long, device=batch.labels.device)
     trained[1:] = (batch.labels != IGNORE_INDEX).long().cumsum(0)
     cu = batch.cu_seqlens.long().to(trained.device)

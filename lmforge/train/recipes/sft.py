@@ -1,6 +1,7 @@
 """Supervised fine-tuning: full, LoRA or QLoRA, in one process or many. A readable script — `main(cfg)` is the whole
-run, top to bottom. The preference recipe (`recipe: dpo`, recipes/dpo.py) and distillation (`recipe: distill`,
-recipes/distill.py) run in this same loop with their own objective: what a micro-batch's loss is, what the window's
+run, top to bottom. The preference recipe (`recipe: dpo`, recipes/dpo.py), reward models (`recipe: reward`,
+recipes/reward.py) and distillation (`recipe: distill`, recipes/distill.py) run in this same loop with their own
+objective: what a micro-batch's loss is, what the window's
 totals are, and what a step logs.
 
 Each optimizer step takes `grad_accumulation` micro-batches (flat, packed: see lmforge/data) on every rank, sums the
@@ -20,6 +21,7 @@ import torch
 
 from lmforge.config import TrainConfig, dump_config
 from lmforge.data import build_datasets
+from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import dist
@@ -31,6 +33,7 @@ from lmforge.train.model import build_trainable, gathered_weights, save_trainabl
 from lmforge.train.optim import build_optimizer, build_scheduler
 from lmforge.train.recipes.distill import DistillObjective
 from lmforge.train.recipes.dpo import PreferenceObjective
+from lmforge.train.recipes.reward import REWARD_SINGLE_PROCESS, RewardObjective
 from lmforge.train.windows import Windows, validation_batches
 from lmforge.weights.atomic import atomic_dir
 
@@ -52,6 +55,8 @@ def main(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
+    if cfg.recipe == "reward" and world.size > 1:
+        raise LmforgeError(REWARD_SINGLE_PROCESS)
     run_dir = Path(cfg.output_dir)
     accumulation = cfg.grad_accumulation(world.size)
     torch.manual_seed(cfg.seed)
@@ -89,9 +94,9 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
         log.info("resumed from %s at step %d", resume, state["step"])
 
     def save_model(out: Path) -> None:  # every rank calls it (FSDP gathers the weights); rank 0 writes
-        weights = gathered_weights(model, cfg)
+        weights = {} if cfg.recipe == "reward" else gathered_weights(model, cfg)  # reward: one process, whole
         if world.is_main:
-            save_trainable(weights, cfg, model_dir, model.config, out)
+            save_trainable(weights, cfg, model_dir, model.config, out, model)
 
     def trainer_state() -> dict:
         return {"scheduler": scheduler.state_dict(), "data": windows.state_dict(), "rng": ckpt.rng_state(),
@@ -134,7 +139,8 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
     finally:
         metrics.close()
     final = _save_model_dir(run_dir / "final", save_model, world)
-    log.info("run directory: %s; final %s: %s", run_dir, "model" if cfg.method == "full" else "adapter", final)
+    kind = "model" if cfg.method == "full" or cfg.recipe == "reward" else "adapter"
+    log.info("run directory: %s; final %s: %s", run_dir, kind, final)
     return final
 
 
@@ -143,6 +149,8 @@ def _objective(cfg: TrainConfig, model: torch.nn.Module, tokenizer, model_dir: P
         return PreferenceObjective(cfg, model, model_dir, device)
     if cfg.recipe == "distill":
         return DistillObjective(cfg, model, tokenizer, device)
+    if cfg.recipe == "reward":
+        return RewardObjective(cfg, model)
     return TokenLoss(model)
 
 
@@ -228,7 +236,8 @@ def _evaluate_and_track(runner, model, objective, validation, cfg: TrainConfig, 
     else:
         with autocast(cfg, device):
             result = evaluate_objective(objective, runner, batches, device, cfg.eval.max_batches, reduce)
-        log.info("step %d: %s", state["step"], ", ".join(f"{name} {value:.4g}" for name, value in result.items()))
+        log.info("step %d: %s", state["step"], ", ".join(f"{name} {value:.4g}" for name, value in result.items()
+                                                         if name != "val_tokens"))
     metrics.write(state["step"], result)
     if state["best"] is None or result["val_loss"] < state["best"]:
         state["best"], state["stale_evals"] = result["val_loss"], 0
