@@ -79,3 +79,28 @@ def train_until_killed(config: Path, run: Path, step: int, timeout: float = 120)
     proc.kill()
     proc.wait()
     return max(losses(run))
+
+
+def assert_window_equals_one_batch(model, cfg, objective, dataset, names: set[str]):
+    """One optimizer step over 4 micro-batches of one row each and one over the same 4 rows as one batch give the
+    same summary (`names` exactly) and the same gradient of every trained weight; returns the joined batch, the
+    summary and the gradients."""
+    import pytest
+    import torch
+
+    from lmforge.data import Loader
+    from lmforge.train.recipes import sft
+    from tests.unit.test_train_step import KeepGrads
+
+    opt = KeepGrads([p for p in model.parameters() if p.requires_grad])
+    small, _ = sft.train_step(model, list(Loader(dataset, 1, shuffle=False))[:4], cfg, opt, None,
+                              objective=objective)
+    small_grads = opt.seen
+    joined = next(iter(Loader(dataset, 4, shuffle=False)))
+    big, _ = sft.train_step(model, [joined], cfg, opt, None, objective=objective)
+    assert small.keys() == big.keys() == names
+    for name in small:
+        assert small[name] == pytest.approx(big[name], rel=1e-6, abs=1e-6), name
+    for a, b in zip(small_grads, opt.seen, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    return joined, small, small_grads

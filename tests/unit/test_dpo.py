@@ -20,8 +20,7 @@ from lmforge.train.model import build_trainable
 from lmforge.train.preference import sequence_logps
 from lmforge.train.recipes import sft
 from lmforge.train.recipes.dpo import METRICS, PreferenceObjective
-from tests.train_refs import config_maker, metrics, train_until_killed
-from tests.unit.test_train_step import KeepGrads
+from tests.train_refs import assert_window_equals_one_batch, config_maker, metrics, train_until_killed
 
 
 @pytest.fixture
@@ -58,17 +57,7 @@ def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.02)
     objective = PreferenceObjective(cfg, model, model_dir, torch.device("cpu"))
-    opt = KeepGrads([p for p in model.parameters() if p.requires_grad])
-    batches = list(Loader(data.train, 1, shuffle=False))[:4]
-    small, _ = sft.train_step(model, batches, cfg, opt, None, objective=objective)
-    small_grads = opt.seen
-    joined = list(Loader(data.train, 4, shuffle=False))[0]
-    big, _ = sft.train_step(model, [joined], cfg, opt, None, objective=objective)
-    assert small.keys() == big.keys() == {"loss", "tokens", *METRICS}
-    for name in small:
-        assert small[name] == pytest.approx(big[name], rel=1e-6, abs=1e-6), name
-    for a, b in zip(small_grads, opt.seen, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    joined, _, _ = assert_window_equals_one_batch(model, cfg, objective, data.train, {"loss", "tokens", *METRICS})
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

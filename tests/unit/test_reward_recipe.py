@@ -11,7 +11,7 @@ import torch
 
 from lmforge.cli import main as cli_main
 from lmforge.config import load_config
-from lmforge.data import Loader, build_datasets
+from lmforge.data import build_datasets
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.lora import lora_layers
@@ -19,8 +19,7 @@ from lmforge.train.model import build_trainable
 from lmforge.train.recipes import sft
 from lmforge.train.recipes.reward import METRICS, RewardObjective
 from lmforge.train.reward import RewardModel, bradley_terry_loss, load_reward_model
-from tests.train_refs import config_maker, metrics, train_until_killed
-from tests.unit.test_train_step import KeepGrads
+from tests.train_refs import assert_window_equals_one_batch, config_maker, metrics, train_until_killed
 
 
 @pytest.fixture
@@ -46,24 +45,15 @@ def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
     assert isinstance(model, RewardModel) and model.score.weight.requires_grad
     assert model.score.weight.dtype == torch.float32
     objective = RewardObjective(cfg, model)
-    opt = KeepGrads([p for p in model.parameters() if p.requires_grad])
-    batches = list(Loader(data.train, 1, shuffle=False))[:4]
-    small, _ = sft.train_step(model, batches, cfg, opt, None, objective=objective)
-    small_grads = opt.seen
-    joined = list(Loader(data.train, 4, shuffle=False))[0]
-    big, _ = sft.train_step(model, [joined], cfg, opt, None, objective=objective)
-    assert small.keys() == big.keys() == {"loss", "tokens", *METRICS}
-    for name in small:
-        assert small[name] == pytest.approx(big[name], rel=1e-6, abs=1e-6), name
-    for a, b in zip(small_grads, opt.seen, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    joined, summary, _ = assert_window_equals_one_batch(model, cfg, objective, data.train,
+                                                        {"loss", "tokens", *METRICS})
     with torch.no_grad():
         scores = model(joined.input_ids, joined.positions, AttnMeta.for_training(joined.cu_seqlens))
     chosen, rejected = scores[0::2], scores[1::2]
     want = bradley_terry_loss(chosen, rejected, None, cfg.reward.center_rewards_coefficient).mean()
-    assert big["loss"] == pytest.approx(want.item(), rel=1e-6)
-    assert big["accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
-    assert big["margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-6)
+    assert summary["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert summary["accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert summary["margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-6)
 
 
 def test_lora_adapts_the_trunk_and_trains_the_head_in_full(make_config):
