@@ -104,3 +104,21 @@ def assert_window_equals_one_batch(model, cfg, objective, dataset, names: set[st
     for a, b in zip(small_grads, opt.seen, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     return joined, small, small_grads
+
+
+def killed_and_resumed(make_config: Callable[..., Path], steps: int = 12, kill_at: int = 7) -> tuple[Path, Path]:
+    """The run directories of a run without interruption and of the same run SIGKILLed after `kill_at` steps and
+    resumed (checkpoints every 3 steps, LoRA dropout on, so the RNG state must resume too)."""
+    from lmforge.config import load_config
+    from lmforge.train.recipes import sft
+
+    settings = {"max_steps": steps, "eval__every_steps": 0, "checkpoint__every_steps": 3, "lora__dropout": 0.1}
+    baseline = load_config(make_config("baseline", **settings))
+    sft.main(baseline)
+    killed = make_config("killed", **settings)
+    run = Path(load_config(killed).output_dir)
+    done = train_until_killed(killed, run, kill_at)
+    assert kill_at <= done < steps
+    sft.main(load_config(killed))  # resume: checkpoint.resume is auto
+    assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, steps + 1))
+    return Path(baseline.output_dir), run

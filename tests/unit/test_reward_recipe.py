@@ -19,7 +19,7 @@ from lmforge.train.model import build_trainable
 from lmforge.train.recipes import sft
 from lmforge.train.recipes.reward import METRICS, RewardObjective
 from lmforge.train.reward import RewardModel, bradley_terry_loss, load_reward_model
-from tests.train_refs import assert_window_equals_one_batch, config_maker, metrics, train_until_killed
+from tests.train_refs import assert_window_equals_one_batch, config_maker, killed_and_resumed, metrics
 
 
 @pytest.fixture
@@ -107,24 +107,14 @@ def test_a_reward_run_learns_and_saves_what_transformers_loads(tmp_path, tiny_ch
 
 
 def test_a_killed_reward_run_resumes_with_the_same_losses(make_config):
-    steps = 12
-    baseline = load_config(make_config("baseline", max_steps=steps, eval__every_steps=0, checkpoint__every_steps=3,
-                                       lora__dropout=0.1))
-    sft.main(baseline)
-    killed = make_config("killed", max_steps=steps, eval__every_steps=0, checkpoint__every_steps=3,
-                         lora__dropout=0.1)
-    run = Path(load_config(killed).output_dir)
-    done = train_until_killed(killed, run, 7)
-    assert 7 <= done < steps
-    sft.main(load_config(killed))  # resume: checkpoint.resume is auto
-    want, got = metrics(Path(baseline.output_dir)), metrics(run)
-    assert [r["step"] for r in got if "loss" in r] == list(range(1, steps + 1))
-    assert [r["step"] for r in got if "val_loss" in r] == [steps]  # validation at the end
+    baseline, run = killed_and_resumed(make_config)
+    want, got = metrics(baseline), metrics(run)
+    assert [r["step"] for r in got if "val_loss" in r] == [12]  # validation at the end
     for a, b in zip(want, got, strict=True):
         for name in [n for n in a if n.removeprefix("val_") in ("loss", *METRICS)]:
             assert b[name] == pytest.approx(a[name], abs=1e-6), (a["step"], name)
     assert torch.equal(load_reward_model(run / "final").score.weight,
-                       load_reward_model(Path(baseline.output_dir) / "final").score.weight)
+                       load_reward_model(baseline / "final").score.weight)
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
