@@ -122,3 +122,17 @@ def killed_and_resumed(make_config: Callable[..., Path], steps: int = 12, kill_a
     sft.main(load_config(killed))  # resume: checkpoint.resume is auto
     assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, steps + 1))
     return Path(baseline.output_dir), run
+
+
+def build_run(path: Path):
+    """(config, trainable model, model directory, datasets) of the training YAML at `path`, as a run builds them."""
+    import torch
+
+    from lmforge.config import load_config
+    from lmforge.data import build_datasets
+    from lmforge.train.model import build_trainable
+
+    cfg = load_config(path)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, model_dir = build_trainable(cfg, torch.device("cpu"))
+    return cfg, model, model_dir, build_datasets(cfg.data, tokenizer, cfg.seed)

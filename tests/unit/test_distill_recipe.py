@@ -21,7 +21,7 @@ from lmforge.train.recipes import sft
 from lmforge.train.recipes.distill import DistillObjective
 from tests.tiny import TINY_LLAMA, write_tiny
 from tests.train_refs import assert_window_equals_one_batch, config_maker, metrics, train_until_killed
-from tests.unit.test_train_distributed import train_procs
+from tests.unit.test_train_distributed import assert_two_processes_match_one
 
 STATS = {"loss", "kd_loss", "ce_loss", "tokens"}
 
@@ -186,12 +186,4 @@ def test_distill_in_two_processes_reaches_the_single_process_losses(tmp_path, ti
     make = config_maker(tmp_path, tiny_chat_model, slice(0, 32), slice(32, 37), recipe="distill",
                         distill__teacher=str(tiny_teacher), method=method, data__packing=False, micro_batch_size=1,
                         batch_size=4, max_steps=4, threads=1, eval__every_steps=4, optimizer__lr=1e-3)
-    cfg = load_config(make("single"))
-    sft.main(cfg)
-    run = train_procs(make(strategy, distributed__strategy=strategy))
-    want, got = metrics(Path(cfg.output_dir)), metrics(run)
-    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4, 4]
-    for a, b in zip(want, got, strict=True):
-        for name, value in a.items():
-            if name in ("loss", "kd_loss", "ce_loss") or name.startswith("val_"):
-                assert b[name] == pytest.approx(value, abs=1e-5, rel=1e-5), (a["step"], name)
+    assert_two_processes_match_one(make, strategy, ("loss", "kd_loss", "ce_loss", "val_"))

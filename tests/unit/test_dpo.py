@@ -16,25 +16,16 @@ from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.model import build_trainable
 from lmforge.train.preference import sequence_logps
 from lmforge.train.recipes import sft
 from lmforge.train.recipes.dpo import METRICS, PreferenceObjective
-from tests.train_refs import assert_window_equals_one_batch, config_maker, killed_and_resumed, metrics
+from tests.train_refs import assert_window_equals_one_batch, build_run, config_maker, killed_and_resumed, metrics
 
 
 @pytest.fixture
 def make_config(tmp_path, tiny_chat_model):
     return config_maker(tmp_path, tiny_chat_model, slice(0, 24), slice(24, 30), pairs=True, micro_batch_size=2,
                         batch_size=4, max_steps=4, threads=2, eval__every_steps=2)
-
-
-def _setup(path: Path):
-    cfg = load_config(path)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer, model_dir = build_trainable(cfg, torch.device("cpu"))
-    data = build_datasets(cfg.data, tokenizer, cfg.seed)
-    return cfg, model, model_dir, data
 
 
 def _base_logps(model_dir: Path, batch) -> torch.Tensor:
@@ -51,7 +42,7 @@ def _base_logps(model_dir: Path, batch) -> torch.Tensor:
 def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
     """Loss and every gradient of 4 pairs in 2 micro-batches equal those of the 4 pairs in one, for losses with
     and without a reference and with the NLL term (normalised by the window's chosen tokens)."""
-    cfg, model, model_dir, data = _setup(make_config("w", data__shuffle=False, **overrides))
+    cfg, model, model_dir, data = build_run(make_config("w", data__shuffle=False, **overrides))
     with torch.no_grad():  # move the policy off the reference so that the loss has a gradient to compare
         for p in model.parameters():
             if p.requires_grad:
@@ -64,7 +55,7 @@ def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
 def test_the_reference_is_the_starting_model(make_config, method):
     """Before any update DPO's loss is log 2 with zero rewards; the reference log-probs are the base model's own,
     bit for bit (adapters off under LoRA, the frozen copy in full runs), and stay so after updates."""
-    cfg, model, model_dir, data = _setup(make_config("r", method=method, optimizer__lr=1e-2))
+    cfg, model, model_dir, data = build_run(make_config("r", method=method, optimizer__lr=1e-2))
     objective = PreferenceObjective(cfg, model, model_dir, torch.device("cpu"))
     assert (objective.reference is None) == (method == "lora")
     batch = next(iter(Loader(data.train, 2, shuffle=False)))

@@ -11,15 +11,13 @@ import torch
 
 from lmforge.cli import main as cli_main
 from lmforge.config import load_config
-from lmforge.data import build_datasets
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.lora import lora_layers
-from lmforge.train.model import build_trainable
 from lmforge.train.recipes import sft
 from lmforge.train.recipes.reward import METRICS, RewardObjective
 from lmforge.train.reward import RewardModel, bradley_terry_loss, load_reward_model
-from tests.train_refs import assert_window_equals_one_batch, config_maker, killed_and_resumed, metrics
+from tests.train_refs import assert_window_equals_one_batch, build_run, config_maker, killed_and_resumed, metrics
 
 
 @pytest.fixture
@@ -28,20 +26,12 @@ def make_config(tmp_path, tiny_chat_model):
                         batch_size=4, max_steps=4, threads=1, eval__every_steps=2, recipe="reward")
 
 
-def _setup(path: Path):
-    cfg = load_config(path)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer, model_dir = build_trainable(cfg, torch.device("cpu"))
-    data = build_datasets(cfg.data, tokenizer, cfg.seed)
-    return cfg, model, model_dir, data
-
-
 @pytest.mark.parametrize("overrides", [{}, {"reward__center_rewards_coefficient": 0.1}, {"method": "full"},
                                        {"method": "qlora"}])
 def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
     """Loss, metrics and every gradient of 4 pairs in 4 micro-batches equal those of the 4 pairs in one; the loss
     is the mean Bradley-Terry loss of the pairs' scores, computed here from a plain forward."""
-    cfg, model, _, data = _setup(make_config("w", data__shuffle=False, **overrides))
+    cfg, model, _, data = build_run(make_config("w", data__shuffle=False, **overrides))
     assert isinstance(model, RewardModel) and model.score.weight.requires_grad
     assert model.score.weight.dtype == torch.float32
     objective = RewardObjective(cfg, model)
@@ -57,7 +47,7 @@ def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
 
 
 def test_lora_adapts_the_trunk_and_trains_the_head_in_full(make_config):
-    cfg, model, _, _ = _setup(make_config("l"))
+    cfg, model, _, _ = build_run(make_config("l"))
     adapted = lora_layers(model)
     assert adapted and "score" not in adapted and all(path.startswith("model.layers.") for path in adapted)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}

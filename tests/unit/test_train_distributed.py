@@ -224,6 +224,12 @@ def test_dpo_in_two_processes_reaches_the_single_process_losses(tmp_path, tiny_c
     make = config_maker(tmp_path, tiny_chat_model, slice(0, 32), slice(32, 37), pairs=True, method="full",
                         data__packing=False, micro_batch_size=1, batch_size=4, max_steps=4, threads=1,
                         eval__every_steps=4, optimizer__lr=1e-3, preference__rpo_alpha=0.5)
+    assert_two_processes_match_one(make, strategy, ("loss", "rewards/", "logps/", "val_"))
+
+
+def assert_two_processes_match_one(make, strategy: str, prefixes: tuple[str, ...]) -> None:
+    """A 4-step run with validation at the end, in one process and in two under `strategy`: every logged metric
+    whose name starts with one of `prefixes` agrees within 1e-5."""
     cfg = load_config(make("single"))
     sft.main(cfg)
     run = train_procs(make(strategy, distributed__strategy=strategy))
@@ -231,5 +237,5 @@ def test_dpo_in_two_processes_reaches_the_single_process_losses(tmp_path, tiny_c
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4, 4]
     for a, b in zip(want, got, strict=True):
         for name, value in a.items():
-            if name.startswith(("loss", "rewards/", "logps/", "val_")):
+            if name.startswith(prefixes):
                 assert b[name] == pytest.approx(value, abs=1e-5, rel=1e-5), (a["step"], name)
