@@ -131,15 +131,8 @@ def _preference_accuracy(args: argparse.Namespace, model, encoded, data, dtype, 
     elif args.adapter:
         reference, named = "adapters-off", f"{args.model} (the adapter's base)"
     chosen, rejected = pair_rewards(model, Loader(encoded.dataset, args.batch_size, shuffle=False), device, reference)
-    wins, n = int((chosen > rejected).sum()), len(chosen)
-    margin = float((chosen - rejected).mean())
-    print(f"{data.source} (preference): accuracy {wins}/{n} ({wins / n:.1%})  mean margin {margin:.4f}  "
-          f"reference: {named}")
-    if encoded.skipped:
-        print(f"skipped {encoded.skipped} pairs with nothing to score (first: {encoded.first_skipped})")
-    return {"model": str(args.model), "adapter": args.adapter, "reference": named, "data": data.source,
-            "format": "preference", "preference_accuracy": wins / n, "correct": wins, "pairs": n,
-            "mean_margin": margin, "skipped": encoded.skipped,
+    return {"model": str(args.model), "adapter": args.adapter, "reference": named,
+            **_pair_summary(data, encoded, chosen, rejected, f"reference: {named}"),
             "margins": [round(float(m), 6) for m in chosen - rejected]}
 
 
@@ -162,16 +155,21 @@ def _reward_accuracy(args: argparse.Namespace, model_dir: Path, encoded, data, d
             chosen.append(scores[0::2])
             rejected.append(scores[1::2])
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"model": str(args.model), "reward_model": True,
+            **_pair_summary(data, encoded, chosen, rejected, f"reward model: {args.model}"),
+            "chosen_rewards": [round(float(r), 6) for r in chosen],
+            "rejected_rewards": [round(float(r), 6) for r in rejected]}
+
+
+def _pair_summary(data, encoded, chosen, rejected, scored_by: str) -> dict:
+    """Prints and returns the accuracy (chosen rewarded above rejected) and mean margin over every pair."""
     wins, n = int((chosen > rejected).sum()), len(chosen)
     margin = float((chosen - rejected).mean())
-    print(f"{data.source} (preference): accuracy {wins}/{n} ({wins / n:.1%})  mean margin {margin:.4f}  "
-          f"reward model: {args.model}")
+    print(f"{data.source} (preference): accuracy {wins}/{n} ({wins / n:.1%})  mean margin {margin:.4f}  {scored_by}")
     if encoded.skipped:
         print(f"skipped {encoded.skipped} pairs with nothing to score (first: {encoded.first_skipped})")
-    return {"model": str(args.model), "reward_model": True, "data": data.source, "format": "preference",
-            "preference_accuracy": wins / n, "correct": wins, "pairs": n, "mean_margin": margin,
-            "skipped": encoded.skipped, "chosen_rewards": [round(float(r), 6) for r in chosen],
-            "rejected_rewards": [round(float(r), 6) for r in rejected]}
+    return {"data": data.source, "format": "preference", "preference_accuracy": wins / n, "correct": wins,
+            "pairs": n, "mean_margin": margin, "skipped": encoded.skipped}
 
 
 def _is_reward_model(model_dir: Path) -> bool:
