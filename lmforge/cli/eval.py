@@ -151,7 +151,7 @@ def _reward_accuracy(args: argparse.Namespace, model_dir: Path, encoded, data, d
     with torch.no_grad():
         for batch in Loader(encoded.dataset, args.batch_size, shuffle=False):
             batch = batch.to(device)
-            scores = model(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+            scores = model(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens))
             chosen.append(scores[0::2])
             rejected.append(scores[1::2])
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)

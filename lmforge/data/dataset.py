@@ -4,12 +4,13 @@
 `PreferenceDataset`: per pair the prompt ids and the chosen and rejected reply ids with their trained flags.
 `SFTDataset` / `PairDataset`: Samples / pairs plus their layout into rows (packing.py), the loader's unit; each
 gives the documents (token ids and labels) of a set of rows, which the loader lays end to end into a flat batch.
-A pair is two documents, prompt+chosen then prompt+rejected, always in the same row.
+A pair is two documents, prompt+chosen then the rejected answer, which attends to the chosen document's prompt
+(Document.prefix), always in the same row.
 """
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -106,8 +107,19 @@ class PreferenceDataset:
         labels[len(prompt) - 1:-1] = np.where(flags, reply, IGNORE_INDEX)
         return tokens, labels
 
+    def pair_documents(self, i: int) -> tuple["Document", "Document"]:
+        """Pair i as prompt+chosen, then the rejected document sharing that prompt: it holds the prompt's last token
+        (whose next token is the rejected answer's first) and the rejected answer, and attends to the rest of the
+        prompt in the chosen document first, so the prompt runs through the model once instead of twice."""
+        shared = len(self.prompt[i]) - 1
+        tokens, labels = self.document(i, chosen=False)
+        return Document(*self.document(i, chosen=True)), Document(tokens[shared:], labels[shared:], shared)
 
-Document = tuple[np.ndarray, np.ndarray]  # token ids, labels
+
+class Document(NamedTuple):
+    tokens: np.ndarray  # token ids
+    labels: np.ndarray  # int64: the token to predict at each position, or IGNORE_INDEX
+    prefix: int = 0  # how many first tokens of the previous document it attends to before its own (a shared prompt)
 
 
 class SFTDataset:
@@ -132,19 +144,20 @@ class SFTDataset:
 
     def documents(self, rows: np.ndarray) -> list[Document]:
         samples = [int(s) for r in rows for s in self.rows[int(r)]]
-        return [(self.samples.tokens[s], self.samples.labels(s)) for s in samples]
+        return [Document(self.samples.tokens[s], self.samples.labels(s)) for s in samples]
 
 
 class PairDataset:
-    """Tokenised preference pairs and their rows. A pair's two documents share its row; packed rows hold at most
-    2 x max_seq_len tokens (one pair of the longest samples), so micro_batch_size counts rows of that size, or pairs
+    """Tokenised preference pairs and their rows. A pair's two documents share its row and its prompt
+    (PreferenceDataset.pair_documents); packed rows hold at most 2 x max_seq_len tokens (one pair of the longest
+    samples), so micro_batch_size counts rows of that size, or pairs
     without packing."""
 
     def __init__(self, pairs: PreferenceDataset, max_seq_len: int, packing: bool):
         self.pairs = pairs
         self.row_len = 2 * max_seq_len
         self.packing = packing
-        self.lengths = 2 * pairs.prompt.lengths() + pairs.chosen.lengths() + pairs.rejected.lengths()
+        self.lengths = pairs.prompt.lengths() + 1 + pairs.chosen.lengths() + pairs.rejected.lengths()  # shared prompt
         self.rows: Rows = pack(self.lengths, self.row_len) if packing else one_per_row(len(pairs))
 
     def __len__(self) -> int:
@@ -159,7 +172,7 @@ class PairDataset:
 
     def documents(self, rows: np.ndarray) -> list[Document]:
         pairs = [int(p) for r in rows for p in self.rows[int(r)]]
-        return [self.pairs.document(p, chosen) for p in pairs for chosen in (True, False)]
+        return [document for p in pairs for document in self.pairs.pair_documents(p)]
 
 
 def take(data: Samples | PreferenceDataset, indices: np.ndarray) -> Samples | PreferenceDataset:

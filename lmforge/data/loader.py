@@ -37,28 +37,39 @@ class Batch:
     cu_seqlens: torch.Tensor  # int32 [num_documents + 1], document boundaries
     labels: torch.Tensor  # int64 [T]: the token to predict at each position, IGNORE_INDEX where not trained
     num_trained_tokens: int  # labels != IGNORE_INDEX
+    # int32 [num_documents]: how many first tokens of the previous document each one attends to before its own
+    # (a preference pair's shared prompt, data/dataset.py Document.prefix); None: every document stands alone
+    prefix_lens: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
+    def sequence_lengths(self) -> torch.Tensor:
+        """Each document's tokens plus the shared prefix it attends to: the length of the sequence it stands for."""
+        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        return lengths if self.prefix_lens is None else lengths + self.prefix_lens.to(lengths.device)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.input_ids), move(self.positions), move(self.cu_seqlens), move(self.labels),
-                     self.num_trained_tokens)
+                     self.num_trained_tokens, None if self.prefix_lens is None else move(self.prefix_lens))
 
 
 def make_batch(dataset: SFTDataset | PairDataset, rows: np.ndarray) -> Batch:
     """The flat batch of the given rows of `dataset`: every document of every row, end to end."""
     documents = dataset.documents(rows)
-    tokens = np.concatenate([t for t, _ in documents]).astype(np.int64)
-    labels = np.concatenate([y for _, y in documents])
-    lengths = np.array([len(t) for t, _ in documents], dtype=np.int64)
+    tokens = np.concatenate([d.tokens for d in documents]).astype(np.int64)
+    labels = np.concatenate([d.labels for d in documents])
+    lengths = np.array([len(d.tokens) for d in documents], dtype=np.int64)
+    prefixes = np.array([d.prefix for d in documents], dtype=np.int64)
     cu_seqlens = np.zeros(len(documents) + 1, dtype=np.int32)
     cu_seqlens[1:] = np.cumsum(lengths)
-    positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
+    # a document that continues a shared prefix starts at the position after it
+    positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(cu_seqlens[:-1] - prefixes, lengths)
+    prefix_lens = torch.from_numpy(prefixes.astype(np.int32)) if prefixes.any() else None
     return Batch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(cu_seqlens),
-                 torch.from_numpy(labels), int((labels != IGNORE_INDEX).sum()))
+                 torch.from_numpy(labels), int((labels != IGNORE_INDEX).sum()), prefix_lens)
 
 
 def micro_batches_per_epoch(num_rows: int, micro_batch_size: int, world_size: int = 1) -> int:

@@ -62,12 +62,24 @@ class AttnMeta:
     decode: DecodeBatch | None = None  # single-token sequences batched together (paged, pure-torch path)
     kernel: KernelRows | None = None  # short-query sequences for the CPU kernel (paged, kernels available)
     lora: "LoraBatch | None" = None  # the step's LoraBatch (multi-LoRA serving); None: no token uses an adapter
+    # packed documents without a cache: how many first tokens of the previous document each attends to before its
+    # own (a preference pair's shared prompt); None: none
+    prefixes: tuple[int, ...] | None = None
 
     @classmethod
-    def for_training(cls, cu_seqlens: torch.Tensor) -> "AttnMeta":
-        """Packed documents without a cache: each attends causally within itself only."""
+    def for_training(cls, cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> "AttnMeta":
+        """Packed documents without a cache: each attends causally within itself only, after the first
+        prefix_lens[i] tokens of the previous document where given (data/loader.py Batch.prefix_lens)."""
         lens = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
-        return cls(cu_seqlens.to(torch.int32), lens, lens)
+        if prefix_lens is None:
+            return cls(cu_seqlens.to(torch.int32), lens, lens)
+        prefixes = tuple(prefix_lens.tolist())
+        if len(prefixes) != len(lens) or (prefixes and prefixes[0]) or any(
+                not 0 <= p <= n for p, n in zip(prefixes[1:], lens, strict=False)):
+            raise ValueError(f"prefix_lens {prefixes} do not fit documents of {lens} tokens: document i may attend "
+                             "to at most the length of document i - 1, and the first has none before it")
+        return cls(cu_seqlens.to(torch.int32), lens, tuple(p + n for p, n in zip(prefixes, lens, strict=True)),
+                   prefixes=prefixes)
 
     @classmethod
     def for_sequences(cls, seqlens: list[int], device: torch.device | str = "cpu") -> "AttnMeta":
@@ -137,12 +149,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
     if kv is not None:
         return _paged_attention(q, k, v, meta, kv, scale, window)
     lens = meta.seqlens_q
-    if len(set(lens)) == 1:  # equal lengths: one batched call
+    if len(set(lens)) == 1 and meta.prefixes is None:  # equal lengths: one batched call
         b = len(lens)
         out = _sdpa(q.view(b, lens[0], *q.shape[1:]), k.view(b, lens[0], *k.shape[1:]),
                     v.view(b, lens[0], *v.shape[1:]), scale, window)
         return out.reshape(q.shape)
-    return grouped_attention(q, k, v, lens, lambda qb, kb, vb: _sdpa(qb, kb, vb, scale, window))
+    return grouped_attention(q, k, v, lens, lambda qb, kb, vb: _sdpa(qb, kb, vb, scale, window), meta.prefixes)
 
 
 def _write_cache(kv: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, au
                 break
             with autocast():
                 hidden = runner(batch.input_ids.to(device), batch.positions.to(device),
-                               AttnMeta.for_training(batch.cu_seqlens.to(device)))
+                               AttnMeta.for_training(batch.cu_seqlens.to(device), batch.prefix_lens))
                 total += token_loss_sum(model, hidden, batch.labels.to(device)).item()
             tokens += batch.num_trained_tokens
     finally:
@@ -74,7 +74,7 @@ def pair_rewards(model: torch.nn.Module, batches: Iterable, device: torch.device
     chosen, rejected = [], []
     for batch in batches:
         batch = batch.to(device)
-        meta = AttnMeta.for_training(batch.cu_seqlens)
+        meta = AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens)
         logps, counts = sequence_logps(model, model(batch.input_ids, batch.positions, meta), batch.labels,
                                        batch.cu_seqlens)
         if reference is None:

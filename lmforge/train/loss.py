@@ -54,14 +54,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], CHUNK_ROWS):
                 h = hidden[start:start + CHUNK_ROWS].to(dtype)
                 y = labels[start:start + CHUNK_ROWS]
-                logits = h @ w.t()
-                if ops is not None:  # one sweep per row in cache; the logits become their gradient
-                    total += ops.cross_entropy_(logits, y).sum()
-                    g = logits
-                else:
-                    loss, g = _cross_entropy(logits, y)
-                    total += loss
-                    g = g.to(dtype)
+                losses, g = _rows_cross_entropy(h @ w.t(), y, ops)
+                total += losses.sum()
                 grad_h[start:start + CHUNK_ROWS] = (g @ w).to(hidden.dtype)
                 if want_w:
                     torch.mm(g.t(), h, out=product)
@@ -85,8 +79,83 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None
 
 
+class _LinearLogProbs(torch.autograd.Function):
+    """log p(label | row) per row through the vocabulary projection, chunk by chunk, with the cross-entropy kernel.
+    A frozen head: as in _LinearCrossEntropy the forward computes each row's gradient for its hidden state
+    (d log p / d h = w[label] - softmax @ w) and backward scales row i by its incoming gradient, so no chunk's
+    logits are kept or recomputed. A trained head's gradient sums rows whose scales are unknown until backward:
+    there backward recomputes each chunk's logits (as activation checkpointing would)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        want_h, want_w = ctx.needs_input_grad[:2]
+        ahead = want_h and not want_w  # the hidden states' gradient, computed now
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            grad_h = torch.empty_like(hidden) if ahead else None
+            logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            for start, h, y in _chunks(hidden, labels, dtype):
+                losses, g = _rows_cross_entropy(h @ w.t(), y, _ops(dtype, hidden))
+                logps[start:start + len(y)] = -losses
+                if ahead:
+                    grad_h[start:start + len(y)] = (g @ w).neg_().to(hidden.dtype)
+        ctx.save_for_backward(*((grad_h,) if ahead else (hidden, weight, labels)))
+        ctx.dtype, ctx.want_h, ctx.used = dtype, want_h, False
+        return logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.used:  # the saved products are scaled in place
+            raise RuntimeError("the fused log-probs support one backward pass per forward (no retain_graph)")
+        ctx.used = True
+        if len(ctx.saved_tensors) == 1:
+            (grad_h,) = ctx.saved_tensors
+            return grad_h.mul_(grad_out.to(grad_h.dtype)[:, None]), None, None, None
+        hidden, weight, labels = ctx.saved_tensors
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(ctx.dtype)
+            grad_h = torch.empty_like(hidden) if ctx.want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start, h, y in _chunks(hidden, labels, ctx.dtype):
+                _, g = _rows_cross_entropy(h @ w.t(), y, _ops(ctx.dtype, hidden))
+                g.mul_(grad_out[start:start + len(y), None].neg().to(g.dtype))  # d(sum out * grad_out) / d logits
+                if ctx.want_h:
+                    grad_h[start:start + len(y)] = (g @ w).to(hidden.dtype)
+                grad_w.add_(g.t() @ h)
+        return grad_h, grad_w.to(weight.dtype), None, None
+
+
+def linear_log_probs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor | None:
+    """log p(label | row) per row of hidden [R, H], fused (_LinearLogProbs), or None where the head is not a plain
+    linear layer (adapted by LoRA, or with a bias): the caller then runs the head itself."""
+    if type(head) is not Linear or head.bias is not None:
+        return None
+    return _LinearLogProbs.apply(hidden, head.weight, labels, _compute_dtype(hidden))
+
+
+def _chunks(hidden: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype):
+    for start in range(0, hidden.shape[0], CHUNK_ROWS):
+        yield start, hidden[start:start + CHUNK_ROWS].to(dtype), labels[start:start + CHUNK_ROWS]
+
+
+def _ops(dtype: torch.dtype, x: torch.Tensor):
+    return kernels.available(x.device) if dtype in (torch.float32, torch.bfloat16) else None
+
+
+def _rows_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                        ops) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's cross-entropy (float32) and d(it)/d(logits) = softmax - onehot in the logits' dtype; `logits`
+    is overwritten where it can be. `ops`: the CPU kernels (one sweep per row in cache), or None."""
+    if ops is not None:
+        return ops.cross_entropy_(logits, labels), logits
+    losses, g = _cross_entropy(logits, labels)
+    return losses, g.to(logits.dtype)
+
+
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summed cross-entropy of logit rows and d(it)/d(logits) = softmax - onehot, in float32 (what the kernel
+    """The cross-entropy of each logit row and d(it)/d(logits) = softmax - onehot, in float32 (what the kernel
     cross_entropy_ computes in one sweep per row); a float32 `logits` is overwritten."""
     logits = logits.float()
     target = logits.gather(1, labels[:, None]).squeeze(1)
@@ -96,7 +165,7 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     # max's e^0
     probs = logits.sub_(top).clamp_min_(-80.0).exp_()
     sums = probs.sum(dim=1, keepdim=True)
-    total = (top + sums.log()).squeeze(1).sub_(target).sum()
+    losses = (top + sums.log()).squeeze(1).sub_(target)
     probs.div_(sums)
     probs[torch.arange(len(labels), device=labels.device), labels] -= 1
-    return total, probs
+    return losses, probs

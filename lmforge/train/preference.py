@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.data.dataset import IGNORE_INDEX
-from lmforge.train.loss import CHUNK_ROWS
+from lmforge.train.loss import CHUNK_ROWS, linear_log_probs
 
 PairedLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 REFERENCE_FREE = ("simpo", "orpo")  # they need no reference log-probs and use length-averaged log-probs
@@ -76,8 +76,9 @@ def sequence_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     hidden [T, H] is the model's output on the batch, labels [T] the token to predict at each position or -100
     (prompt tokens, the last token of each document), cu_seqlens [docs + 1] the documents' offsets. A preference
     batch holds each pair as two documents, prompt+chosen then prompt+rejected: logps[0::2] are the chosen answers.
-    The vocabulary projection runs in chunks of rows and is recomputed in backward (activation checkpointing), so
-    no [T, vocab] logits exist at once, in forward or backward."""
+    The vocabulary projection runs in chunks of rows, so no [T, vocab] logits exist at once: fused with the
+    log-softmax where the head is frozen (train/loss.py linear_log_probs), else recomputed in backward (activation
+    checkpointing)."""
     if int(cu_seqlens[-1]) != len(hidden) or len(labels) != len(hidden):
         raise ValueError(f"cu_seqlens covers {int(cu_seqlens[-1])} tokens and labels {len(labels)}, but the batch "
                          f"has {len(hidden)}")
@@ -85,9 +86,11 @@ def sequence_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     doc = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens.to(hidden.device).long())
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     hidden, labels, doc = hidden.index_select(0, rows), labels.index_select(0, rows), doc.index_select(0, rows)
-    chunks = [_chunk_logps(model, h, y) for h, y in zip(hidden.split(CHUNK_ROWS), labels.split(CHUNK_ROWS),
-                                                          strict=True)]
-    token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+    token_logps = linear_log_probs(hidden, model.lm_head, labels)
+    if token_logps is None:
+        chunks = [_chunk_logps(model, h, y) for h, y in zip(hidden.split(CHUNK_ROWS), labels.split(CHUNK_ROWS),
+                                                              strict=True)]
+        token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
     logps = token_logps.new_zeros(len(lens)).index_add(0, doc, token_logps)
     counts = torch.zeros(len(lens), dtype=torch.long, device=hidden.device).index_add_(0, doc, torch.ones_like(doc))
     return logps, counts

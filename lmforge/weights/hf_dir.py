@@ -43,7 +43,9 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if file.suffix == ".safetensors":
             try:
                 with safe_open(file, framework="pt") as f:
-                    for name in f.keys():
+                    names = list(f.keys())
+                for name in names:  # a handle per tensor: a handle keeps every page it has read mapped (RSS)
+                    with safe_open(file, framework="pt") as f:
                         yield name, f.get_tensor(name)
             except SafetensorError as e:
                 raise LmforgeError(f"{file} is not a readable safetensors file ({e}); "

@@ -11,6 +11,7 @@ too; lmforge's is the chosen answer's alone (the paper's L_SFT), so that term is
 cross_entropy on the answer tokens instead.
 """
 
+import copy
 import types
 from collections import defaultdict
 
@@ -23,6 +24,7 @@ from trl.experimental.orpo import ORPOTrainer
 
 from lmforge.data.dataset import IGNORE_INDEX
 from lmforge.layers.attention import AttnMeta
+from lmforge.train import loss as loss_module
 from lmforge.train import preference
 from lmforge.train.preference import PreferenceSettings, kto_loss, preference_loss, sequence_logps
 from tests.tiny import tiny_model
@@ -196,24 +198,34 @@ def test_dpo_family_matches_trl_loss_and_logp_gradients(models, pairs, settings)
 @pytest.mark.parametrize("settings", [PreferenceSettings("sigmoid", beta=0.5, rpo_alpha=0.7),
                                       PreferenceSettings("ipo", beta=0.3),
                                       PreferenceSettings("robust", beta=0.4, label_smoothing=0.3)], ids=short)
-def test_dpo_parameter_gradients_through_packed_batch_match_trl(models, pairs, settings, monkeypatch):
-    monkeypatch.setattr(preference, "CHUNK_ROWS", 4)  # several chunks, each recomputed in backward
+@pytest.mark.parametrize("head", ["trained", "frozen", "frozen-eager"])
+def test_dpo_parameter_gradients_through_packed_batch_match_trl(models, pairs, settings, head, monkeypatch):
+    """A trained head is recomputed in backward chunk by chunk; a frozen one (LoRA) goes through the fused
+    log-probs of train/loss.py, with the CPU kernel or without it (eager)."""
+    monkeypatch.setattr(preference, "CHUNK_ROWS", 4)  # several chunks
+    monkeypatch.setattr(loss_module, "CHUNK_ROWS", 4)
+    if head == "frozen-eager":
+        monkeypatch.setattr(loss_module.kernels, "available", lambda device: None)
     policy, reference = models
+    if head != "trained":
+        policy = copy.deepcopy(policy)
+        policy.lm_head.weight.requires_grad_(False)
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     ids, attention, completion = padded(pairs)
     labels = ids.masked_fill(completion == 0, IGNORE_INDEX)
     with torch.no_grad():
         ref_c, ref_r = plain_token_logps(reference, ids, attention, labels).sum(1).chunk(2)
     theirs, _ = trl_dpo(settings, lambda i, a, lab: plain_token_logps(policy, i, a, lab), ids, attention, completion,
                         ref_c, ref_r)
-    theirs_grads = torch.autograd.grad(theirs, list(policy.parameters()))
+    theirs_grads = torch.autograd.grad(theirs, [p for _, p in named])
 
     with torch.no_grad():
         ours_ref_c, ours_ref_r, *_ = lmforge_logps(reference, pairs)
     assert torch.allclose(ours_ref_c, ref_c, atol=TOL) and torch.allclose(ours_ref_r, ref_r, atol=TOL)
     out = preference_loss(settings, *lmforge_logps(policy, pairs), ours_ref_c, ours_ref_r)
-    ours_grads = torch.autograd.grad(out.loss, list(policy.parameters()))
+    ours_grads = torch.autograd.grad(out.loss, [p for _, p in named])
     assert out.loss.item() == pytest.approx(theirs.item(), abs=TOL)
-    for (name, _), a, b in zip(policy.named_parameters(), ours_grads, theirs_grads, strict=True):
+    for (name, _), a, b in zip(named, ours_grads, theirs_grads, strict=True):
         assert (a - b).abs().max() < TOL, name
 
 

@@ -118,8 +118,9 @@ def test_bad_arguments(datasets, tmp_path):
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_preference_pairs_batch_as_two_documents_in_one_row(tmp_path, packing):
-    """Each pair is prompt+chosen then prompt+rejected, side by side in one flat batch; only the replies are
-    trained, and a pair is never split between micro-batches."""
+    """Each pair is prompt+chosen then the rejected answer, which attends to that prompt (it holds the prompt's
+    last token and continues its positions), side by side in one flat batch; only the replies are trained, and a
+    pair is never split between micro-batches."""
     tokenizer = tiny_tokenizer(tmp_path / "tok")
     rows = [{"prompt": f"Question {i}?" * (1 + i % 3), "chosen": f"Arr, answer {i}!", "rejected": f"Answer {i}."}
             for i in range(7)]
@@ -129,19 +130,25 @@ def test_preference_pairs_batch_as_two_documents_in_one_row(tmp_path, packing):
     assert pairs.num_rows == (len(pairs.rows) if packing else 7) and (packing or pairs.num_rows == 7)
     seen = []
     for batch in Loader(pairs, 2, seed=1):
-        cu = batch.cu_seqlens.tolist()
+        cu, prefixes = batch.cu_seqlens.tolist(), batch.prefix_lens.tolist()
         assert len(cu) % 2 == 1  # an even number of documents: whole pairs
         for start, middle, end in zip(cu[:-1:2], cu[1::2], cu[2::2], strict=True):
             chosen, rejected = batch.input_ids[start:middle].tolist(), batch.input_ids[middle:end].tolist()
             i = next(i for i, r in enumerate(rows) if r["chosen"] in tokenizer.decode(chosen))
             seen.append(i)
             prompt = pairs.pairs.prompt[i].tolist()
-            assert chosen[:len(prompt)] == prompt == rejected[:len(prompt)]
-            labels = batch.labels[start:middle]
-            assert (labels[:len(prompt) - 1] == IGNORE_INDEX).all()  # no prompt token is a target
-            trained = chosen[len(prompt):]
-            targets = labels[len(prompt) - 1:-1]
-            assert targets[targets != IGNORE_INDEX].tolist() == [t for t, f in zip(
-                trained, pairs.pairs.chosen_trained[i], strict=True) if f]
-            assert batch.positions[start].item() == 0 and batch.positions[middle].item() == 0
+            shared = len(prompt) - 1
+            assert chosen[:len(prompt)] == prompt and rejected[0] == prompt[-1]
+            assert prefixes[cu.index(start)] == 0 and prefixes[cu.index(middle)] == shared
+            assert tokenizer.decode(prompt + rejected[1:]) == tokenizer.decode(pairs.pairs.document(i, False)[0])
+            for doc, reply, flags, skip in ((slice(start, middle), chosen[len(prompt):], pairs.pairs.chosen_trained,
+                                             len(prompt) - 1), (slice(middle, end), rejected[1:],
+                                                                pairs.pairs.rejected_trained, 0)):
+                labels = batch.labels[doc]
+                assert (labels[:skip] == IGNORE_INDEX).all()  # no prompt token is a target
+                targets = labels[skip:-1]
+                assert targets[targets != IGNORE_INDEX].tolist() == [t for t, f in zip(reply, flags[i], strict=True)
+                                                                     if f]
+            assert batch.positions[start].item() == 0 and batch.positions[middle].item() == shared
+            assert batch.positions[end - 1].item() == shared + len(rejected) - 1
     assert sorted(seen) == list(range(7))

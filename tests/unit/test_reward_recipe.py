@@ -38,7 +38,7 @@ def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
     joined, summary, _ = assert_window_equals_one_batch(model, cfg, objective, data.train,
                                                         {"loss", "tokens", *METRICS})
     with torch.no_grad():
-        scores = model(joined.input_ids, joined.positions, AttnMeta.for_training(joined.cu_seqlens))
+        scores = model(joined.input_ids, joined.positions, AttnMeta.for_training(joined.cu_seqlens, joined.prefix_lens))
     chosen, rejected = scores[0::2], scores[1::2]
     want = bradley_terry_loss(chosen, rejected, None, cfg.reward.center_rewards_coefficient).mean()
     assert summary["loss"] == pytest.approx(want.item(), rel=1e-5)

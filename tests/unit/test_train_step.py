@@ -22,6 +22,7 @@ class Batch:
     positions: torch.Tensor
     cu_seqlens: torch.Tensor
     labels: torch.Tensor
+    prefix_lens: torch.Tensor | None = None
 
     @property
     def num_trained_tokens(self) -> int:

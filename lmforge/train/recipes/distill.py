@@ -55,7 +55,7 @@ class DistillObjective:
 
     def loss(self, runner: nn.Module, batch: Batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
         tokens = max(totals[0], 1)
-        meta = AttnMeta.for_training(batch.cu_seqlens)
+        meta = AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens)
         with torch.no_grad():
             teacher_hidden = self.teacher(batch.input_ids, batch.positions, meta)
         hidden = runner(batch.input_ids, batch.positions, meta)

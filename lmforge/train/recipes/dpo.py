@@ -1,8 +1,9 @@
 """Preference optimisation (`recipe: dpo`): DPO, IPO, SLiC hinge, robust DPO, SimPO and ORPO on prompt/chosen/rejected
 pairs, in the same loop as SFT (recipes/sft.py: data shards, accumulation, DDP/FSDP, checkpoints, exact resume).
 
-What differs is the objective. Each micro-batch holds whole pairs as two documents each, prompt+chosen then
-prompt+rejected, in one flat packed batch (data/dataset.py PairDataset). The summed answer log-probs of every
+What differs is the objective. Each micro-batch holds whole pairs as two documents each, prompt+chosen then the
+rejected answer attending to that prompt (computed once for both), in one flat packed batch (data/dataset.py
+PairDataset). The summed answer log-probs of every
 document (train/preference.py sequence_logps) feed the configured loss; the reference log-probs come from the
 starting model under no_grad: the same weights with adapters switched off for LoRA / QLoRA (no second copy in
 memory), a frozen copy of the starting weights for full fine-tuning. Reference-free losses (simpo, orpo) skip it.
@@ -10,8 +11,8 @@ memory), a frozen copy of the starting weights for full fine-tuning. Reference-f
 A window's loss is what one big batch of its pairs would give, however they are split into micro-batches and
 ranks: the per-pair terms are summed and divided by the window's pairs on all ranks, the NLL term (rpo_alpha, orpo)
 by the window's chosen-answer tokens. Metrics are TRL's (rewards/chosen, rewards/rejected, rewards/margins,
-rewards/accuracies, logps/chosen, logps/rejected), means over the window's pairs; "tokens" counts the tokens the
-policy ran forward on (both documents of every pair).
+rewards/accuracies, logps/chosen, logps/rejected), means over the window's pairs; "tokens" counts the tokens of
+both sequences of every pair, prompt+chosen and prompt+rejected (the prompt twice, though it runs once).
 """
 
 import contextlib
@@ -48,7 +49,7 @@ class PreferenceObjective:
         for batch in window:
             counts = trained_per_document(batch)
             valid = (counts[0::2] > 0) & (counts[1::2] > 0)
-            lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(valid.device)
+            lengths = batch.sequence_lengths().to(valid.device)  # the shared prompt counts for both documents
             pairs += int(valid.sum())
             chosen += int(counts[0::2][valid].sum())
             tokens += int((lengths[0::2] + lengths[1::2])[valid].sum())  # a validation filler pair counts nothing
@@ -56,7 +57,7 @@ class PreferenceObjective:
 
     def loss(self, runner: nn.Module, batch: Batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
         pairs, chosen_tokens = max(totals[0], 1), max(totals[1], 1)
-        meta = AttnMeta.for_training(batch.cu_seqlens)
+        meta = AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens)
         reference = None
         if self.settings.loss_type not in REFERENCE_FREE:
             reference = self._reference_logps(batch, meta)

@@ -51,11 +51,11 @@ class RewardObjective:
         pairs = tokens = 0
         for batch in window:
             pairs += int(_valid_pairs(batch).sum())
-            tokens += batch.num_tokens
+            tokens += int(batch.sequence_lengths().sum())  # the shared prompt counts for both documents
         return [pairs, tokens]
 
     def loss(self, runner: nn.Module, batch: Batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
-        scores = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+        scores = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens))
         valid = _valid_pairs(batch)  # a validation filler pair weighs nothing
         chosen, rejected = scores[0::2][valid], scores[1::2][valid]
         loss = bradley_terry_loss(chosen, rejected, None, self.center_rewards_coefficient).sum() / max(totals[0], 1)

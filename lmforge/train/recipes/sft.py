@@ -164,7 +164,7 @@ class TokenLoss:
         return [sum(batch.num_trained_tokens for batch in window)]
 
     def loss(self, runner: torch.nn.Module, batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
-        hidden = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+        hidden = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens))
         loss_sum = token_loss_sum(self.model, hidden, batch.labels)
         return loss_sum / max(totals[0], 1), {"loss": loss_sum.item()}
 
