@@ -30,31 +30,48 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: t
     classes: dict[int, list[int]] = {}
     for i, n in enumerate(lens):
         classes.setdefault(length_class(prefixes[i] + n), []).append(i)
-    out = None  # allocated at the first result: under autocast attention computes in the autocast dtype
+    blocks, owned, tokens = [], [], []  # each class's attended rows, which of them are real tokens, and whose
+    done = 0
     for length, docs in classes.items():
         if len(docs) == 1 and not prefixes[docs[0]]:  # alone in its class: no padding needed
             s, n = starts[docs[0]], lens[docs[0]]
-            tokens = torch.arange(s, s + n, device=q.device)
-            attended = sdpa(q[None, s:s + n], k[None, s:s + n], v[None, s:s + n])[0]
+            blocks.append(sdpa(q[None, s:s + n], k[None, s:s + n], v[None, s:s + n])[0])
+            owned.append(torch.arange(done, done + n))
+            tokens.append(torch.arange(s, s + n))
         else:
             if len(docs) == 1:  # no padding either
                 length = prefixes[docs[0]] + lens[docs[0]]
-            sources, tokens, slots, owned = [], [], [], []
+            sources, slots = [], []
             for j, i in enumerate(docs):
                 p, s, n = prefixes[i], starts[i], lens[i]
                 sources += [torch.arange(starts[i - 1], starts[i - 1] + p), torch.arange(s, s + n)]
-                tokens.append(torch.arange(s, s + n))
                 slots.append(torch.arange(j * length, j * length + p + n))
-                owned.append(torch.arange(j * length + p, j * length + p + n))
-            sources, tokens, slots, owned = (torch.cat(x).to(q.device) for x in (sources, tokens, slots, owned))
-            batch = [_padded(x, sources, slots, len(docs), length) for x in (q, k, v)]
-            attended = sdpa(*batch).reshape(len(docs) * length, *q.shape[1:]).index_select(0, owned)
-        if out is None:
-            out = torch.empty(q.shape, dtype=attended.dtype, device=q.device)
-        out.index_copy_(0, tokens, attended)
-    return out
+                owned.append(torch.arange(done + j * length + p, done + j * length + p + n))
+                tokens.append(torch.arange(s, s + n))
+            sources, slots = torch.cat(sources).to(q.device), torch.cat(slots).to(q.device)
+            batch = [_Rows.apply(x, sources, slots, len(docs) * length).view(len(docs), length, *x.shape[1:])
+                     for x in (q, k, v)]
+            blocks.append(sdpa(*batch).flatten(0, 1))
+        done += len(blocks[-1])
+    owned, tokens = torch.cat(owned).to(q.device), torch.cat(tokens).to(q.device)
+    return _Rows.apply(torch.cat(blocks) if len(blocks) > 1 else blocks[0], owned, tokens, len(q))
 
 
-def _padded(x: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, count: int, length: int) -> torch.Tensor:
-    padded = x.new_zeros(count * length, *x.shape[1:]).index_copy(0, slots, x.index_select(0, tokens))
-    return padded.view(count, length, *x.shape[1:])
+class _Rows(torch.autograd.Function):
+    """out[dst] = x[src] in a zero tensor of `rows` rows. Unlike index_select + index_copy, which keep their
+    copies of x for backward, it keeps only the indices: attention's padded batches are built and read back with
+    it, and the tensors attention itself saves are the only ones left."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, rows: int) -> torch.Tensor:
+        out = x.new_zeros(rows, *x.shape[1:])
+        out[dst] = x[src]
+        ctx.save_for_backward(src, dst)
+        ctx.rows_in = len(x)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        src, dst = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows_in, *grad.shape[1:]).index_add_(0, src, grad[dst]), None, None, None

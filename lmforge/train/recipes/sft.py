@@ -191,8 +191,11 @@ def train_step(model: torch.nn.Module, window: list, cfg: TrainConfig, optimizer
             (scaler.scale(loss) if scaler is not None else loss).backward()
         for name, value in stats.items():
             sums[name] = sums.get(name, 0.0) + value
-        if cfg.method == "full":  # the activations just freed, before the next micro-batch allocates its own (LoRA's
-            release_free_memory()  # peak is far lower; there the trim costs more speed than the memory is worth)
+        # The activations just freed go back before the next micro-batch allocates its own: in full runs, and in
+        # DPO, whose reference pass frees as much again (LoRA DPO 1.41 -> 1.34 GiB peak for 2.6 % of its speed); a
+        # LoRA SFT peak is far lower, and there the trim costs more speed than the memory is worth.
+        if cfg.method == "full" or cfg.recipe == "dpo":
+            release_free_memory()
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = None
