@@ -62,7 +62,6 @@ processes used meanwhile and is marked disturbed above 5%.
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,19 @@ from pathlib import Path
 
 import common
 import yaml
-from train import LORA, SEED, SEQ_LEN, WARMUP_STEPS, Run, model_shape, run_child
+from train import (
+    LORA,
+    SEED,
+    SEQ_LEN,
+    WARMUP_STEPS,
+    Run,
+    clean_up,
+    model_shape,
+    print_window,
+    resolve_model,
+    run_record,
+    run_reported,
+)
 
 HERE = Path(__file__).resolve().parent
 PAIRS = HERE.parent / "configs" / "data" / "pirate_pairs.jsonl"
@@ -280,15 +291,7 @@ def main() -> None:
     if args.precision == "auto":
         args.precision = "bf16" if native_bf16() else "fp32"
 
-    from lmforge.tokenizer import Tokenizer
-
-    # Resolved in a child: resolve_model imports torch, and this process stays small because a child's ru_maxrss
-    # starts from the high-water mark of the process it was forked from.
-    code = "from lmforge.weights.resolve import resolve_model; print(resolve_model('smollm2-135m', progress=False))"
-    args.model_dir = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                         check=True).stdout.strip().splitlines()[-1])
-    tokenizer = Tokenizer.from_dir(args.model_dir)
-    args.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    resolve_model(args)
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-dpo-"))
     args.pairs = build_pairs(args.steps, work)
     args.ids, expected = work / "ids.json", []
@@ -316,10 +319,7 @@ def main() -> None:
                                                   if expected else ""))
     native = "native bfloat16" if native_bf16() else "no native bfloat16"
     print(f"precision: {args.precision} for every system ({native} on this CPU)")
-    window = (f"steps {WARMUP_STEPS + 1}-{args.steps} (the first {WARMUP_STEPS} are warm-up)"
-              if args.steps > WARMUP_STEPS else f"all {args.steps} steps (too few to leave out warm-up)")
-    print(f"tokens/s and s/step over {window}; peak RSS = ru_maxrss of each run's process; work directory {work}",
-          flush=True)
+    print_window(args.steps, work)
 
     commands = {"lmforge": lmforge_command, "trl": trl_command, "torchtune": torchtune_command}
     runs: dict[str, list[Run]] = {}
@@ -334,11 +334,7 @@ def main() -> None:
                 run.note = f"skipped, {reason}"
                 print(f"{SYSTEMS[system]} {method}: {run.note}", flush=True)
                 continue
-            print(f"{SYSTEMS[system]} {method}: running ...", flush=True)
-            run_child(run, commands[system](method, args, d), d, args.threads, args.timeout)
-            status = run.note or (f"{len(run.steps)} steps, {run.tokens_per_second():.1f} tokens/s, "
-                                  f"{run.peak_rss / 2**30:.2f} GiB")
-            print(f"  {status} [{run.wall:.0f} s; other processes used {run.others:.0%} of the CPUs]", flush=True)
+            run_reported(run, SYSTEMS[system], commands[system](method, args, d), d, args.threads, args.timeout)
 
     for method, method_runs in runs.items():
         print_method(method, method_runs, expected, args.threads)
@@ -347,18 +343,10 @@ def main() -> None:
                          "versions": found, "pairs": pairs, "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS,
                          "max_len": SEQ_LEN, "micro_batch_pairs": MICRO_BATCH, "accumulation": ACCUMULATION,
                          "beta": BETA, "lora": LORA, "lr": LR, "expected_tokens_per_step": expected},
-               "runs": [{"system": r.system, "method": r.method, "note": r.note, "peak_rss_bytes": r.peak_rss,
-                         "wall_seconds": r.wall, "others_cpu_share": r.others, "threads": r.threads,
-                         "tokens_per_second": r.tokens_per_second() if r.ok else None,
-                         "seconds_per_step": r.seconds_per_step() if r.ok else None, "steps": r.steps}
-                        for rs in runs.values() for r in rs]}
+               "runs": [run_record(r) for rs in runs.values() for r in rs]}
         args.out.write_text(json.dumps(out, indent=1))
         print(f"\nwrote {args.out}")
-    failed = any(r.note and not r.note.startswith("skipped") for rs in runs.values() for r in rs)
-    if args.keep or failed:
-        print(f"kept {work}" + ("" if args.keep else " (a run failed: its log is there)"))
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    clean_up(work, runs, args.keep)
 
 
 if __name__ == "__main__":

@@ -419,15 +419,7 @@ def main() -> None:
     if bad:
         parser.error(f"unknown method or system: {', '.join(bad)}")
 
-    from lmforge.tokenizer import Tokenizer
-
-    # Resolved in a child: resolve_model imports torch, and this process stays small because a child's ru_maxrss
-    # starts from the high-water mark of the process it was forked from.
-    code = "from lmforge.weights.resolve import resolve_model; print(resolve_model('smollm2-135m', progress=False))"
-    args.model_dir = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                         check=True).stdout.strip().splitlines()[-1])
-    tokenizer = Tokenizer.from_dir(args.model_dir)
-    args.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer = resolve_model(args)
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-train-"))
     args.texts, args.ids, data_info = build_data(tokenizer, args.steps * MICRO_BATCH * ACCUMULATION, work)
     expected = MICRO_BATCH * ACCUMULATION * (SEQ_LEN - 1)
@@ -440,10 +432,7 @@ def main() -> None:
           f"{expected} trained tokens per step (every label, shifted)")
     print(f"precision: lmforge bf16-mixed; Trainer bf16 autocast over float32 weights; torchtune dtype "
           f"{args.torchtune_dtype} (no autocast)")
-    window = (f"steps {WARMUP_STEPS + 1}-{args.steps} (the first {WARMUP_STEPS} are warm-up)"
-              if args.steps > WARMUP_STEPS else f"all {args.steps} steps (too few to leave out warm-up)")
-    print(f"tokens/s and s/step over {window}; peak RSS = ru_maxrss of each run's process; work directory {work}",
-          flush=True)
+    print_window(args.steps, work)
 
     untrained: list[float] = []
     if not args.no_untrained and unavailable("trainer") is None:
@@ -468,11 +457,7 @@ def main() -> None:
                 continue
             d = work / f"{system}-{method}"
             d.mkdir()
-            print(f"{SYSTEMS[system]} {method}: running ...", flush=True)
-            run_child(run, commands[system](method, args, d), d, args.threads, args.timeout)
-            status = run.note or (f"{len(run.steps)} steps, {run.tokens_per_second():.1f} tokens/s, "
-                                  f"{run.peak_rss / 2**30:.2f} GiB")
-            print(f"  {status} [{run.wall:.0f} s; other processes used {run.others:.0%} of the CPUs]", flush=True)
+            run_reported(run, SYSTEMS[system], commands[system](method, args, d), d, args.threads, args.timeout)
 
     for method, method_runs in runs.items():
         print_method(method, method_runs, expected, untrained, args.threads)
@@ -482,17 +467,55 @@ def main() -> None:
                          "micro_batch": MICRO_BATCH, "accumulation": ACCUMULATION, "lora": LORA, "lr": LR,
                          "torchtune_dtype": args.torchtune_dtype},
                "untrained_loss": untrained,
-               "runs": [{"system": r.system, "method": r.method, "note": r.note, "peak_rss_bytes": r.peak_rss,
-                         "wall_seconds": r.wall, "others_cpu_share": r.others, "threads": r.threads,
-                         "tokens_per_second": r.tokens_per_second() if r.ok else None,
-                         "seconds_per_step": r.seconds_per_step() if r.ok else None,
-                         "gain": r.gain(untrained) if r.ok else None, "steps": r.steps}
-                        for rs in runs.values() for r in rs]}
+               "runs": [run_record(r, gain=r.gain(untrained) if r.ok else None) for rs in runs.values() for r in rs]}
         args.out.write_text(json.dumps(out, indent=1))
         print(f"\nwrote {args.out}")
+    clean_up(work, runs, args.keep)
+
+
+def resolve_model(args):
+    """Sets args.model_dir (SmolLM2-135M-Instruct as an HF directory) and args.pad_id; returns its tokenizer."""
+    from lmforge.tokenizer import Tokenizer
+
+    # Resolved in a child: resolve_model imports torch, and this process stays small because a child's ru_maxrss
+    # starts from the high-water mark of the process it was forked from.
+    code = "from lmforge.weights.resolve import resolve_model; print(resolve_model('smollm2-135m', progress=False))"
+    args.model_dir = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                         check=True).stdout.strip().splitlines()[-1])
+    tokenizer = Tokenizer.from_dir(args.model_dir)
+    args.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer
+
+
+def print_window(steps: int, work: Path) -> None:
+    window = (f"steps {WARMUP_STEPS + 1}-{steps} (the first {WARMUP_STEPS} are warm-up)"
+              if steps > WARMUP_STEPS else f"all {steps} steps (too few to leave out warm-up)")
+    print(f"tokens/s and s/step over {window}; peak RSS = ru_maxrss of each run's process; work directory {work}",
+          flush=True)
+
+
+def run_reported(run: Run, name: str, cmd: list[str], d: Path, threads: int, timeout: float) -> None:
+    """run_child with a line before and one after: tokens/s and peak RSS, or why it failed."""
+    print(f"{name} {run.method}: running ...", flush=True)
+    run_child(run, cmd, d, threads, timeout)
+    status = run.note or (f"{len(run.steps)} steps, {run.tokens_per_second():.1f} tokens/s, "
+                          f"{run.peak_rss / 2**30:.2f} GiB")
+    print(f"  {status} [{run.wall:.0f} s; other processes used {run.others:.0%} of the CPUs]", flush=True)
+
+
+def run_record(r: Run, **extra) -> dict:
+    """One run as the --out JSON holds it."""
+    return {"system": r.system, "method": r.method, "note": r.note, "peak_rss_bytes": r.peak_rss,
+            "wall_seconds": r.wall, "others_cpu_share": r.others, "threads": r.threads,
+            "tokens_per_second": r.tokens_per_second() if r.ok else None,
+            "seconds_per_step": r.seconds_per_step() if r.ok else None, **extra, "steps": r.steps}
+
+
+def clean_up(work: Path, runs: dict[str, list[Run]], keep: bool) -> None:
+    """Removes the work directory unless asked to keep it or a run failed (its log is there)."""
     failed = any(r.note and not r.note.startswith("skipped") for rs in runs.values() for r in rs)
-    if args.keep or failed:
-        print(f"kept {work}" + ("" if args.keep else " (a run failed: its log is there)"))
+    if keep or failed:
+        print(f"kept {work}" + ("" if keep else " (a run failed: its log is there)"))
     else:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -12,8 +12,13 @@ MIN_CLASS = 16  # shortest padded length: below it, per-token overheads dominate
 
 
 def length_class(n: int) -> int:
-    """The padded length of a document: the next power of two (at most 2x the tokens, 4x the attention work)."""
-    return max(MIN_CLASS, 1 << (n - 1).bit_length())
+    """The padded length of a document: the next power of two up to 64 tokens, above it the next multiple of a
+    quarter of the power of two below (80, 96, 112, 128, 160, ...): at most 1.25x the tokens, where whole powers
+    of two padded a preference pair's 65-token documents to 128 and did 3.9x their attention work."""
+    if n <= 64:
+        return max(MIN_CLASS, 1 << (n - 1).bit_length())
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: tuple[int, ...],

@@ -8,7 +8,8 @@ from lmforge.layers.varlen import grouped_attention, length_class
 
 
 def test_length_classes():
-    assert [length_class(n) for n in (1, 16, 17, 32, 33, 500, 512, 513)] == [16, 16, 32, 32, 64, 512, 512, 1024]
+    assert [length_class(n) for n in (1, 16, 17, 32, 33, 64, 65, 81, 128, 129, 500, 512, 513)] == [
+        16, 16, 32, 32, 64, 64, 80, 96, 128, 160, 512, 512, 640]
 
 
 @pytest.mark.parametrize("window", [None, 7])
