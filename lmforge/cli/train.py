@@ -30,10 +30,6 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise LmforgeError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1:
-        if cfg.recipe == "reward":
-            from lmforge.train.recipes.reward import REWARD_SINGLE_PROCESS
-
-            raise LmforgeError(REWARD_SINGLE_PROCESS)
         if dist.world_from_env().distributed:
             raise LmforgeError("--nproc starts its own processes; this one is already part of a distributed job "
                                "(RANK and WORLD_SIZE are set): drop --nproc")

@@ -217,6 +217,9 @@ class TrainConfig(Section):
                              "format: preference pairs")
         if self.recipe != "dpo" and self.preference != PreferenceConfig():
             raise ValueError(f"the preference section configures recipe: dpo, not {self.recipe}")
+        if self.recipe == "reward" and self.distributed.strategy == "fsdp":
+            raise ValueError("recipe reward trains in one process or several under distributed.strategy ddp (saving "
+                             "a reward model does not gather FSDP shards yet); set distributed.strategy: ddp")
         if self.recipe != "reward" and self.reward != RewardConfig():
             raise ValueError(f"the reward section configures recipe: reward, not {self.recipe}")
         if self.recipe == "distill" and self.distill.teacher is None:

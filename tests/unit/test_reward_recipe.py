@@ -18,6 +18,7 @@ from lmforge.train.recipes import sft
 from lmforge.train.recipes.reward import METRICS, RewardObjective
 from lmforge.train.reward import RewardModel, bradley_terry_loss, load_reward_model
 from tests.train_refs import assert_window_equals_one_batch, build_run, config_maker, killed_and_resumed, metrics
+from tests.unit.test_train_distributed import assert_two_processes_match_one
 
 
 @pytest.fixture
@@ -124,6 +125,18 @@ def test_the_reward_section_belongs_to_recipe_reward(make_config):
         load_config(make_config("x", recipe="dpo", reward__center_rewards_coefficient=0.1))
 
 
-def test_several_processes_are_refused(make_config, capsys):
-    assert cli_main(["-q", "train", str(make_config("n")), "--nproc", "2"]) == 2
-    assert "recipe reward trains in a single process" in capsys.readouterr().err
+def test_fsdp_is_refused(make_config, tmp_path, capsys):
+    assert cli_main(["-q", "train", str(make_config("n", distributed__strategy="fsdp")), "--nproc", "2"]) == 2
+    assert "recipe reward trains in one process or several under distributed.strategy ddp" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+
+
+def test_reward_in_two_ddp_processes_reaches_the_single_process_losses(tmp_path, tiny_chat_model):
+    """Head and trunk whole on each rank (strategy auto picks DDP for recipe reward): the Bradley-Terry terms and
+    metrics summed over both ranks' pairs give the single process's losses and validation metrics, and rank 0
+    saves the whole reward model."""
+    make = config_maker(tmp_path, tiny_chat_model, slice(0, 32), slice(32, 37), pairs=True, recipe="reward",
+                        data__packing=False, micro_batch_size=1, batch_size=4, max_steps=4, threads=1,
+                        eval__every_steps=4, optimizer__lr=1e-3)
+    assert_two_processes_match_one(make, "auto", ("loss", *METRICS, "val_"))
+    assert (tmp_path / "auto" / "final" / "config.json").is_file()

@@ -27,8 +27,6 @@ from lmforge.train.recipes.dpo import trained_per_document
 from lmforge.train.reward import RewardModel, accuracy, bradley_terry_loss
 
 HEAD = "score"
-REWARD_SINGLE_PROCESS = ("recipe reward trains in a single process (saving a reward model does not gather FSDP "
-                         "shards yet); run it without --nproc or torchrun")
 METRICS = ("accuracy", "margin", "mean_reward")
 
 
@@ -50,8 +48,10 @@ class RewardObjective:
         """This rank's [pairs, tokens] of the window (the loop sums them over ranks)."""
         pairs = tokens = 0
         for batch in window:
-            pairs += int(_valid_pairs(batch).sum())
-            tokens += int(batch.sequence_lengths().sum())  # the shared prompt counts for both documents
+            valid = _valid_pairs(batch)  # a validation filler pair counts nothing
+            lengths = batch.sequence_lengths().to(valid.device)  # the shared prompt counts for both documents
+            pairs += int(valid.sum())
+            tokens += int((lengths[0::2] + lengths[1::2])[valid].sum())
         return [pairs, tokens]
 
     def loss(self, runner: nn.Module, batch: Batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -21,7 +21,6 @@ import torch
 
 from lmforge.config import TrainConfig, dump_config
 from lmforge.data import build_datasets
-from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import dist
@@ -33,7 +32,7 @@ from lmforge.train.model import build_trainable, gathered_weights, save_trainabl
 from lmforge.train.optim import build_optimizer, build_scheduler
 from lmforge.train.recipes.distill import DistillObjective
 from lmforge.train.recipes.dpo import PreferenceObjective
-from lmforge.train.recipes.reward import REWARD_SINGLE_PROCESS, RewardObjective
+from lmforge.train.recipes.reward import RewardObjective
 from lmforge.train.windows import Windows, validation_batches
 from lmforge.weights.atomic import atomic_dir
 
@@ -55,8 +54,6 @@ def main(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
-    if cfg.recipe == "reward" and world.size > 1:
-        raise LmforgeError(REWARD_SINGLE_PROCESS)
     run_dir = Path(cfg.output_dir)
     accumulation = cfg.grad_accumulation(world.size)
     torch.manual_seed(cfg.seed)
