@@ -53,7 +53,13 @@ def run_check(args: argparse.Namespace) -> int:
     except LmforgeError as e:  # a Hub model not on this machine: the config is still valid, the plan needs its shape
         print(f"memory plan unavailable: {e}")
         return 0
-    for line in memory_plan(cfg, hf_config, args.nproc).lines():
+    teacher_config = None
+    if cfg.recipe == "distill":
+        try:
+            teacher_config = read_config(resolve_config_dir(cfg.distill.teacher))
+        except LmforgeError as e:
+            print(f"memory plan without the teacher: {e}")
+    for line in memory_plan(cfg, hf_config, args.nproc, teacher_config).lines():
         print(line)
     return 0
 

@@ -11,6 +11,7 @@ from lmforge.models import build_args
 from lmforge.train.loss import CHUNK_ROWS
 from lmforge.train.model import weights_dtype
 from lmforge.train.preference import REFERENCE_FREE
+from lmforge.train.recipes.distill import teacher_dtype
 
 NF4_BYTES = 0.5 + 4 / 64 / 4 + 4 / 256 / 64  # 4-bit codes, 8-bit scales per 64, fp32 scale per 256 scales
 
@@ -25,11 +26,12 @@ class MemoryPlan:
     activation_bytes: float
     tokens_per_micro_batch: int
     reference_bytes: float = 0.0  # recipe dpo in a full run: the frozen copy of the starting weights
+    teacher_bytes: float = 0.0  # recipe distill: the frozen teacher
 
     @property
     def total_bytes(self) -> float:
         return (self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
-                + self.reference_bytes)
+                + self.reference_bytes + self.teacher_bytes)
 
     def lines(self) -> list[str]:
         gib = 2**30
@@ -41,19 +43,25 @@ class MemoryPlan:
             f"optimizer state: {self.optimizer_bytes / gib:.2f} GiB (AdamW: two fp32 moments)",
             *([f"reference model: {self.reference_bytes / gib:.2f} GiB (dpo: a frozen copy of the starting weights)"]
               if self.reference_bytes else []),
+            *([f"teacher model: {self.teacher_bytes / gib:.2f} GiB (distill: frozen, whole on every process)"]
+              if self.teacher_bytes else []),
             f"activations: {self.activation_bytes / gib:.2f} GiB at {self.tokens_per_micro_batch:,} tokens per "
             f"micro-batch (estimate)",
             f"total: {self.total_bytes / gib:.2f} GiB (estimate; the allocator and the framework add more)",
         ]
 
 
-def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1) -> MemoryPlan:
+def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1,
+                teacher_config: dict | None = None) -> MemoryPlan:
     """Per process; with several processes and distributed.strategy fsdp, weights, gradients and optimizer state
-    are split between them (auto decides at start-up, from the device's memory: the plan assumes DDP)."""
+    are split between them (auto decides at start-up, from the device's memory: the plan assumes DDP).
+    teacher_config: the distillation teacher's config.json, when there is one."""
     cls, args = build_args(hf_config)
-    with torch.device("meta"):
-        model = cls(args)
+    model = _meta_model(hf_config)
     total = sum(p.numel() for p in model.parameters())
+    teacher = 0.0
+    if teacher_config is not None:
+        teacher = sum(p.numel() for p in _meta_model(teacher_config).parameters()) * teacher_dtype(cfg).itemsize
     frozen_bytes = torch.finfo(weights_dtype(cfg)).bits // 8
     if cfg.method == "full":
         trainable, weight_bytes = total, float(total * frozen_bytes)
@@ -80,7 +88,13 @@ def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1) -> Memory
     activations += CHUNK_ROWS * args.vocab_size * 4 * 2 + tokens * h * 4  # one chunk of logits, hidden grads
     split = processes if processes > 1 and cfg.distributed.strategy == "fsdp" else 1
     return MemoryPlan(total, trainable, weight_bytes / split, trainable * 4.0 / split, trainable * 8.0 / split,
-                      activations, tokens, reference)
+                      activations, tokens, reference, teacher)
+
+
+def _meta_model(hf_config: dict) -> torch.nn.Module:
+    cls, args = build_args(hf_config)
+    with torch.device("meta"):
+        return cls(args)
 
 
 def _adapter_parameters(model: torch.nn.Module, cfg: TrainConfig) -> tuple[int, int]:

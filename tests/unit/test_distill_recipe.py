@@ -15,8 +15,11 @@ from lmforge.config import load_config
 from lmforge.data import Loader, build_datasets
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta
+from lmforge.models import build_model
+from lmforge.models.config import read_config
 from lmforge.train.distill import DistillSettings, distill_loss_sum
 from lmforge.train.model import build_trainable
+from lmforge.train.plan import memory_plan
 from lmforge.train.recipes import sft
 from lmforge.train.recipes.distill import DistillObjective
 from tests.tiny import TINY_LLAMA, write_tiny
@@ -95,6 +98,22 @@ def test_the_teacher_is_stored_in_its_own_dtype(make_config, precision, teacher_
     model, tokenizer, _ = build_trainable(cfg, torch.device("cpu"))
     teacher = DistillObjective(cfg, model, tokenizer, torch.device("cpu")).teacher
     assert {p.dtype for p in teacher.parameters()} == {want}
+
+
+def test_config_check_plans_the_teacher(make_config, tiny_teacher, tmp_path, capsys):
+    """The frozen teacher, whole on every process, in `config check`'s memory plan: its parameters at its dtype."""
+    config = make_config("plan", precision="fp32")
+    cfg = load_config(config)
+    with_teacher = memory_plan(cfg, read_config(cfg.model.path), 1, read_config(tiny_teacher))
+    without = memory_plan(cfg, read_config(cfg.model.path), 1)
+    teacher = sum(p.numel() for p in build_model(tiny_teacher, "float32").parameters())
+    assert with_teacher.teacher_bytes == teacher * 4 == with_teacher.total_bytes - without.total_bytes
+    assert cli(["config", "check", str(config)]) == 0
+    line = f"teacher model: {teacher * 4 / 2**30:.2f} GiB (distill: frozen, whole on every process)"
+    assert line in capsys.readouterr().out
+    gone = make_config("gone", distill__teacher=str(tmp_path / "nowhere"))
+    assert cli(["config", "check", str(gone)]) == 0
+    assert "memory plan without the teacher" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
