@@ -169,3 +169,71 @@ def take(data: Samples | PreferenceDataset, indices: np.ndarray) -> Samples | Pr
         value = getattr(data, field.name)
         values[field.name] = value.take(indices) if isinstance(value, (Ragged, Origins)) else value[indices]
     return type(data)(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class UnpairedPreferences:
+    """Tokenised unpaired preference rows (`format: kto`): per row the prompt ids, the completion ids with their
+    trained flags, and whether the completion is desirable (the row's label)."""
+
+    prompt: Ragged  # int32
+    completion: Ragged  # int32
+    completion_trained: Ragged  # bool
+    desirable: np.ndarray  # bool [n]
+    truncated: np.ndarray  # bool [n]
+    origins: Origins
+
+    def __len__(self) -> int:
+        return len(self.truncated)
+
+    def document(self, i: int, completion_of: int, max_seq_len: int) -> Document:
+        """Token ids and labels of row i's prompt followed by row `completion_of`'s completion (cut to fit
+        max_seq_len after row i's prompt); the prompt is not trained."""
+        prompt = self.prompt[i]
+        room = max_seq_len - len(prompt)
+        reply, flags = self.completion[completion_of][:room], self.completion_trained[completion_of][:room]
+        tokens = np.concatenate([prompt, reply])
+        labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)
+        labels[len(prompt) - 1:-1] = np.where(flags, reply, IGNORE_INDEX)
+        return tokens, labels
+
+
+class KTODataset:
+    """Unpaired preference rows and their layout for KTO. Row i is two documents in the same packed row: its
+    prompt + completion (the trained document) and its KL document, the same prompt with row (i - 1) mod n's
+    completion. The mismatch is TRL's (its collator shifts completions by one within a batch), here fixed over the
+    dataset's own order so that it does not depend on batching, ranks or resumption. Packed rows hold at most
+    2 x max_seq_len tokens, as PairDataset's."""
+
+    def __init__(self, rows: UnpairedPreferences, max_seq_len: int, packing: bool):
+        self.data = rows
+        self.max_seq_len = max_seq_len
+        self.row_len = 2 * max_seq_len
+        self.packing = packing
+        prompt, completion = rows.prompt.lengths(), rows.completion.lengths()
+        kl_completion = np.minimum(np.roll(completion, 1), max_seq_len - prompt)
+        self.lengths = 2 * prompt + completion + kl_completion
+        self.rows: Rows = pack(self.lengths, self.row_len) if packing else one_per_row(len(rows))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def packing_efficiency(self) -> float:
+        return efficiency(self.lengths, self.rows, self.row_len)
+
+    def samples(self, rows: np.ndarray) -> list[int]:
+        """The dataset rows (samples) in the given layout rows, in batch order."""
+        return [int(s) for r in rows for s in self.rows[int(r)]]
+
+    def documents(self, rows: np.ndarray) -> list[Document]:
+        n = len(self.data)
+        return [self.data.document(s, other, self.max_seq_len) for s in self.samples(rows)
+                for other in (s, (s - 1) % n)]
+
+    def desirable(self, rows: np.ndarray) -> np.ndarray:
+        """Each sample's label, in the order documents() lays the samples out."""
+        return self.data.desirable[self.samples(rows)].astype(bool)

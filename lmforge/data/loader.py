@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.data.dataset import IGNORE_INDEX, PairDataset, SFTDataset
+from lmforge.data.dataset import IGNORE_INDEX, KTODataset, PairDataset, SFTDataset
 from lmforge.errors import LmforgeError
 
 
@@ -72,12 +72,13 @@ def steps_per_epoch(num_rows: int, micro_batch_size: int, grad_accumulation: int
 
 
 class Loader:
-    """Iterates one rank's micro-batches of an SFTDataset or PairDataset, epoch after epoch, deterministically."""
+    """Iterates one rank's micro-batches of an SFTDataset, PairDataset or KTODataset, epoch after epoch,
+    deterministically."""
 
-    def __init__(self, dataset: SFTDataset | PairDataset, micro_batch_size: int, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
-        if not isinstance(dataset, (SFTDataset, PairDataset)):
-            raise LmforgeError(f"the loader batches laid-out datasets (SFTDataset, PairDataset); got "
+    def __init__(self, dataset: SFTDataset | PairDataset | KTODataset, micro_batch_size: int, seed: int = 0,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if not isinstance(dataset, (SFTDataset, PairDataset, KTODataset)):
+            raise LmforgeError(f"the loader batches laid-out datasets (SFTDataset, PairDataset, KTODataset); got "
                                f"{type(dataset).__name__}")
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need micro_batch_size >= 1 and 0 <= rank < world_size, got {micro_batch_size}, "
@@ -116,7 +117,7 @@ class Loader:
         while self.position < len(self):
             start = self.position * self.micro_batch_size
             self.position += 1  # counted as handed out before the caller sees it: state_dict() names the next one
-            yield make_batch(self.dataset, shard[start : start + self.micro_batch_size])
+            yield batch_rows(self.dataset, shard[start : start + self.micro_batch_size])
 
     def state_dict(self) -> dict:
         """Where the run is, independent of how many ranks share it: the epoch and how many rows of the epoch's
@@ -143,3 +144,34 @@ class Loader:
                                f"each of {self.world_size} processes; resume with a micro-batch size and process "
                                "count that divide it")
         self.position = state["rows_done"] // per_batch
+
+
+@dataclass(frozen=True, slots=True)
+class UnpairedBatch:
+    """A KTODataset micro-batch: Batch's fields over its rows' documents (each row's trained document, then its KL
+    document) and each row's label, which a plain Batch has no room for."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    labels: torch.Tensor
+    num_trained_tokens: int
+    desirable: torch.Tensor  # bool [rows]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "UnpairedBatch":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return UnpairedBatch(move(self.input_ids), move(self.positions), move(self.cu_seqlens), move(self.labels),
+                             self.num_trained_tokens, move(self.desirable))
+
+
+def batch_rows(dataset: SFTDataset | PairDataset | KTODataset, rows: np.ndarray) -> Batch | UnpairedBatch:
+    """make_batch of the rows, with the rows' labels beside it for a KTODataset."""
+    batch = make_batch(dataset, rows)
+    if not isinstance(dataset, KTODataset):
+        return batch
+    return UnpairedBatch(batch.input_ids, batch.positions, batch.cu_seqlens, batch.labels, batch.num_trained_tokens,
+                         torch.from_numpy(dataset.desirable(rows)))

@@ -1,5 +1,6 @@
 """Accumulation windows: the micro-batches of one optimizer step, drawn from the data loader epoch after epoch."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 from lmforge.config import TrainConfig
 from lmforge.data import IGNORE_INDEX, Batch, Loader, SFTDataset
-from lmforge.data.loader import make_batch
+from lmforge.data.loader import batch_rows
 
 
 class Windows:
@@ -58,8 +59,7 @@ def validation_batches(dataset: SFTDataset, micro_batch_size: int, rank: int = 0
     whose slice is shorter runs a few repeats of its first row with nothing trained in them."""
     per_rank = math.ceil(dataset.num_rows / world_size)
     rows = np.arange(rank * per_rank, min((rank + 1) * per_rank, dataset.num_rows))
-    batches = [make_batch(dataset, rows[i:i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
-    filler = make_batch(dataset, np.zeros(1, dtype=np.int64))
-    filler = Batch(filler.input_ids, filler.positions, filler.cu_seqlens,
-                   torch.full_like(filler.labels, IGNORE_INDEX), 0)
+    batches = [batch_rows(dataset, rows[i:i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
+    filler = batch_rows(dataset, np.zeros(1, dtype=np.int64))
+    filler = dataclasses.replace(filler, labels=torch.full_like(filler.labels, IGNORE_INDEX), num_trained_tokens=0)
     return batches + [filler] * (math.ceil(per_rank / micro_batch_size) - len(batches))
