@@ -16,7 +16,9 @@ from lmforge.data import IGNORE_INDEX, KTODataset, Loader, UnpairedBatch, build_
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta
 from lmforge.models import build_model
+from lmforge.models.config import read_config
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.plan import memory_plan
 from lmforge.train.preference import PreferenceSettings, kto_loss, sequence_logps
 from lmforge.train.recipes import sft
 from lmforge.train.recipes.kto import KTOObjective, reference_point
@@ -68,7 +70,7 @@ def _moved(model: torch.nn.Module, cfg, data, seed: int = 0) -> None:
         sft.train_step(model, [batch], cfg, optimizer, None)  # the default objective: SFT's token loss
 
 
-def test_rows_are_a_trained_document_and_a_kl_document_with_the_previous_rows_completion(make_config):
+def test_rows_are_a_trained_document_and_a_kl_document_with_another_prompts_completion(make_config):
     cfg = load_config(make_config())
     data = build_datasets(cfg.data, Tokenizer.from_dir(cfg.model.path)).train
     assert isinstance(data, KTODataset) and data.num_rows < len(data)  # packed, rows of 2 x max_seq_len
@@ -77,9 +79,13 @@ def test_rows_are_a_trained_document_and_a_kl_document_with_the_previous_rows_co
     batch = next(iter(Loader(data, 1, shuffle=False)))
     samples = data.samples(np.zeros(1, dtype=np.int64))
     assert isinstance(batch, UnpairedBatch) and batch.desirable.tolist() == list(rows.desirable[samples])
-    n, cu = len(rows), batch.cu_seqlens.tolist()
+    partners = data.kl_partners
+    assert (partners != np.arange(len(rows))).all()
+    # neighbours share their prompt (a desirable then an undesirable answer): the partner's prompt never does
+    assert not any(np.array_equal(rows.prompt[i], rows.prompt[j]) for i, j in enumerate(partners))
+    cu = batch.cu_seqlens.tolist()
     for k, i in enumerate(samples):
-        for doc, completion_of in ((2 * k, i), (2 * k + 1, (i - 1) % n)):
+        for doc, completion_of in ((2 * k, i), (2 * k + 1, partners[i])):
             tokens = batch.input_ids[cu[doc]:cu[doc + 1]].numpy()
             want = np.concatenate([rows.prompt[i], rows.completion[completion_of]])
             assert np.array_equal(tokens, want), (i, doc)
@@ -124,8 +130,8 @@ def test_the_loss_is_trls_on_separately_built_documents(make_config, tiny_chat_m
     with torch.no_grad():
         policy = torch.stack([logps(model, i, i) for i in samples])
         reference = torch.stack([logps(base, i, i) for i in samples])
-        kl = torch.stack([logps(model, i, (i - 1) % len(rows)) for i in samples])
-        ref_kl = torch.stack([logps(base, i, (i - 1) % len(rows)) for i in samples])
+        kl = torch.stack([logps(model, i, data.train.kl_partners[i]) for i in samples])
+        ref_kl = torch.stack([logps(base, i, data.train.kl_partners[i]) for i in samples])
         want = kto_loss(PreferenceSettings("kto", cfg.preference.beta), policy, reference,
                         torch.from_numpy(rows.desirable[samples]), kl, ref_kl)
         totals = objective.totals([batch])
@@ -165,10 +171,18 @@ def test_a_killed_kto_run_resumes_with_the_same_losses(make_config):
             assert b[name] == pytest.approx(a[name], abs=1e-6), (a["step"], name)
 
 
-def test_config_check_plans_rows_of_two_documents_and_the_full_reference(make_config, capsys):
-    assert cli_main(["config", "check", str(make_config("plan", method="full"))]) == 0
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_config_check_plans_rows_of_two_documents_and_the_full_reference(make_config, capsys, method):
+    """A row holds a trained document and a KL document (2 x max_seq_len); a full run holds the reference copy."""
+    path = make_config("plan", method=method)
+    assert cli_main(["config", "check", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "reference" in out
+    assert "rows of at most 256 tokens" in out  # max_seq_len 128
+    cfg = load_config(path)
+    plan = memory_plan(cfg, read_config(cfg.model.path))
+    assert plan.tokens_per_micro_batch == cfg.micro_batch_size * 2 * cfg.data.max_seq_len
+    assert plan.reference_bytes == (plan.parameters * 4.0 if method == "full" else 0)
+    assert ("reference model:" in out) == (method == "full")
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
@@ -222,3 +236,4 @@ def test_data_preview_shows_prompt_completion_and_label(make_config, capsys):
     out = capsys.readouterr().out
     assert "── row 1 (" in out and "label true (desirable)" in out and "label false (undesirable)" in out
     assert out.count("── completion: ") == 2
+
