@@ -30,7 +30,7 @@ CHUNK = 512  # rows tokenised per encode_batch call
 SAMPLE_FIELDS = ("tokens", "trained")
 PAIR_FIELDS = ("prompt", "chosen", "chosen_trained", "rejected", "rejected_trained")
 UNPAIRED_FIELDS = ("prompt", "completion", "completion_trained")
-KIND_NAMES = {"preference": "preference pairs", "kto": "unpaired (kto) rows", "sft": "SFT rows"}
+KIND_NAMES = {"preference": "preference sources", "kto": "unpaired (kto) sources", "sft": "SFT sources"}
 log = logging.getLogger("lmforge")
 
 
@@ -85,7 +85,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0) -> Data
 def _kind(sources: list[DataSource], where: str) -> str:
     kinds = {s.format if s.format in ("preference", "kto") else "sft" for s in sources}
     if len(kinds) > 1:
-        raise LmforgeError(f"{where} mixes {' and '.join(KIND_NAMES[k] for k in sorted(kinds))}; train them in "
+        raise LmforgeError(f"{where} mixes {' with '.join(KIND_NAMES[k] for k in sorted(kinds))}; train them in "
                            "separate runs")
     return kinds.pop()
 
