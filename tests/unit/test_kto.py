@@ -237,3 +237,9 @@ def test_data_preview_shows_prompt_completion_and_label(make_config, capsys):
     assert "── row 1 (" in out and "label true (desirable)" in out and "label false (undesirable)" in out
     assert out.count("── completion: ") == 2
 
+
+
+def test_eval_refuses_kto_rows_in_one_sentence(tmp_path, tiny_chat_model, make_config, capsys):
+    make_config()
+    assert cli_main(["eval", str(tiny_chat_model), "--data", str(tmp_path / "val.jsonl"), "--device", "cpu"]) == 2
+    assert "unpaired (kto) rows (prompt, completion, label) are not scored by lmforge eval" in capsys.readouterr().err
