@@ -104,8 +104,10 @@ class KTOObjective:
         return out
 
     def _logps(self, runner: nn.Module, docs: "_Documents", model: nn.Module | None = None) -> torch.Tensor:
+        """Summed answer log-probs of each document, run through `runner` (DDP's wrapper or the model itself) with
+        `model`'s head (default: runner's)."""
         hidden = runner(docs.input_ids, docs.positions, AttnMeta.for_training(docs.cu_seqlens))
-        return sequence_logps(model or runner, hidden, docs.labels, docs.cu_seqlens)[0]
+        return sequence_logps(runner if model is None else model, hidden, docs.labels, docs.cu_seqlens)[0]
 
     def _reference_logps(self, docs: "_Documents") -> torch.Tensor:
         if self.reference is not None:
