@@ -5,12 +5,12 @@ separate: desirable answers gain reward over the reference, undesirable ones los
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_dpo_smollm2 import ROOT
-
 pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).parents[2]
 DEMO = ROOT / "configs" / "smollm2-135m-kto-cpu.yaml"
 
 
