@@ -162,6 +162,12 @@ class UnpairedBatch:
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def prefix_lens(self) -> None:
+        """A KTO row's documents each hold their own prompt: none attends to a shared prefix (main's Batch field
+        for DPO's shared prompts, read by code that takes any batch)."""
+        return None
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "UnpairedBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return UnpairedBatch(move(self.input_ids), move(self.positions), move(self.cu_seqlens), move(self.labels),

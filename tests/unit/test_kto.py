@@ -103,7 +103,9 @@ def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
     cfg, model, model_dir, data = build_run(make_config("w", data__shuffle=False, **overrides))
     objective = KTOObjective(cfg, model, model_dir, torch.device("cpu"))
     _moved(model, cfg, data.train)
-    _, summary, _ = assert_window_equals_one_batch(model, cfg, objective, data.train, NAMES)
+    # kl is the difference of two sums of ~-500 (summed log-probs of the tiny model's near-uniform ~100-token
+    # answers: float32 resolution ~3e-5), which a head that rounds by batch size may make differ by ~1e-6
+    _, summary, _ = assert_window_equals_one_batch(model, cfg, objective, data.train, NAMES, abs_tol=1e-5)
     assert summary["kl"] > 0
     per_batch = [reference_point(objective.totals([b])) for b in Loader(data.train, 1, shuffle=False)]
     assert max(abs(kl - summary["kl"]) for kl in per_batch[:4]) > 1e-3  # each micro-batch alone has another z0
@@ -121,7 +123,7 @@ def test_the_loss_is_trls_on_separately_built_documents(make_config, tiny_chat_m
     samples = data.train.samples(np.arange(2))
 
     def logps(net, i: int, completion_of: int) -> torch.Tensor:
-        tokens, labels = rows.document(i, completion_of, cfg.data.max_seq_len)
+        tokens, labels = rows.document(i, completion_of, cfg.data.max_seq_len)[:2]
         ids = torch.from_numpy(tokens).long()
         cu = torch.tensor([0, len(ids)], dtype=torch.int32)
         hidden = net(ids, torch.arange(len(ids)), AttnMeta.for_training(cu))
@@ -140,7 +142,7 @@ def test_the_loss_is_trls_on_separately_built_documents(make_config, tiny_chat_m
     assert summary["kl"] > 0
     assert loss.item() == pytest.approx(want.loss.item(), abs=1e-6)
     for name, value in want.metrics.items():
-        assert summary[name] == pytest.approx(value.item(), abs=1e-5), name
+        assert summary[name] == pytest.approx(value.item(), rel=1e-6, abs=1e-5), name  # logps: sums of ~-250
 
 
 def test_a_kto_run_learns_and_writes_trl_metrics(tmp_path, tiny_chat_model):
