@@ -30,6 +30,8 @@ CHUNK = 512  # rows tokenised per encode_batch call
 SAMPLE_FIELDS = ("tokens", "trained")
 PAIR_FIELDS = ("prompt", "chosen", "chosen_trained", "rejected", "rejected_trained")
 UNPAIRED_FIELDS = ("prompt", "completion", "completion_trained")
+# what each encoded row is collected into, and its fields (an Encoded SFT sample: Samples, SAMPLE_FIELDS)
+LAYOUTS = {EncodedPair: (PreferenceDataset, PAIR_FIELDS), EncodedUnpaired: (UnpairedPreferences, UNPAIRED_FIELDS)}
 KIND_NAMES = {"preference": "preference sources", "kto": "unpaired (kto) sources", "sft": "SFT sources"}
 log = logging.getLogger("lmforge")
 
@@ -176,9 +178,7 @@ class _Collector:
             if isinstance(result, MalformedRow):
                 self.skip(origin, result)
                 continue
-            self.kind, fields = {EncodedPair: (PreferenceDataset, PAIR_FIELDS),
-                                 EncodedUnpaired: (UnpairedPreferences, UNPAIRED_FIELDS)}.get(
-                type(result), (Samples, SAMPLE_FIELDS))
+            self.kind, fields = LAYOUTS.get(type(result), (Samples, SAMPLE_FIELDS))
             for name in fields:
                 values = getattr(result, name)
                 self.arrays[name].append(np.array(values, dtype=bool if name.endswith("trained") else np.int32))
