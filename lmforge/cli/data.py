@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
-    from lmforge.data import PairDataset, build_datasets
+    from lmforge.data import KTODataset, PairDataset, build_datasets
     from lmforge.tokenizer import Tokenizer
 
     if args.n < 0:
@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     for i in range(min(args.n, len(train))):
         if isinstance(train, PairDataset):
             print(_preference(tokenizer, train.pairs, i, color))
+        elif isinstance(train, KTODataset):
+            print(_unpaired(tokenizer, train.data, i, color))
         else:
             s = train.samples
             trained = int(s.trained[i].sum())
@@ -74,6 +76,15 @@ def _preference(tokenizer, data, i: int, color: bool) -> str:
         parts += [f"── {name}: {len(ids)} tokens, {int(sum(trained))} trained ──", marked(tokenizer, ids, trained,
                                                                                             color)]
     return "\n".join(parts)
+
+
+def _unpaired(tokenizer, data, i: int, color: bool) -> str:
+    prompt, completion, trained = data.prompt[i], data.completion[i], data.completion_trained[i]
+    label = "true (desirable)" if data.desirable[i] else "false (undesirable)"
+    return "\n".join([f"\n── row {i + 1} ({data.origins[i]}) · label {label} · prompt {len(prompt)} tokens ──",
+                      marked(tokenizer, prompt, [False] * len(prompt), color),
+                      f"── completion: {len(completion)} tokens, {int(sum(trained))} trained ──",
+                      marked(tokenizer, completion, trained, color)])
 
 
 def marked(tokenizer, tokens, trained, color: bool) -> str:

@@ -33,10 +33,11 @@ class LoraConfig(Section):
 
 class DataSource(Section):
     path: str = Field(description="local .jsonl/.json/.parquet/.csv file, or a Hugging Face dataset id")
-    format: Literal["alpaca", "messages", "sharegpt", "text", "preference"] = Field(
+    format: Literal["alpaca", "messages", "sharegpt", "text", "preference", "kto"] = Field(
         description="alpaca: instruction/input/output; messages: OpenAI-style role/content list; sharegpt: "
                     "conversations with from/value; text: raw text (continued pre-training); preference: "
-                    "prompt/chosen/rejected")
+                    "prompt/chosen/rejected; kto: TRL's unpaired preference rows prompt/completion/label (label "
+                    "true: a desirable completion, false: an undesirable one), for preference.loss: kto")
     split: str = Field("train", description="split of a Hugging Face dataset")
     subset: str | None = Field(None, description="configuration name of a Hugging Face dataset")
     field: str | None = Field(None, description="column holding the data when it is not the format's default "
@@ -119,15 +120,28 @@ class DistributedConfig(Section):
 
 
 class PreferenceConfig(Section):
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = Field(
         "sigmoid", description="sigmoid: DPO; ipo; hinge: SLiC; robust: rDPO (label_smoothing = noise rate); simpo: "
                                "reference-free, length-normalised, margin simpo_gamma; orpo: odds ratio plus the "
-                               "chosen answers' NLL, reference-free (names and formulas as TRL's)")
+                               "chosen answers' NLL, reference-free; kto: KTO on unpaired rows (format: kto), its "
+                               "reference point the window's KL of mismatched prompt/completion rows (names and "
+                               "formulas as TRL's)")
     beta: float = Field(0.1, gt=0, description="inverse temperature of the implicit reward (orpo: weight of the "
                                                "odds-ratio term)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust and simpo: assumed rate of flipped labels")
     rpo_alpha: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen answers (RPO; 0: none)")
     simpo_gamma: float = Field(0.5, description="simpo: target reward margin")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (label true) rows' losses")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable (label false) rows' "
+                                                             "losses")
+
+    @model_validator(mode="after")
+    def _kto_weights(self) -> "PreferenceConfig":
+        if self.loss != "kto" and (self.desirable_weight != 1.0 or self.undesirable_weight != 1.0):
+            raise ValueError(f"preference.desirable_weight and undesirable_weight apply to loss: kto, not {self.loss}")
+        if self.loss == "kto" and self.rpo_alpha:
+            raise ValueError("preference.rpo_alpha does not apply to loss: kto")
+        return self
 
 
 class RewardConfig(Section):
@@ -156,7 +170,8 @@ class DistillConfig(Section):
 class TrainConfig(Section):
     recipe: Literal["sft", "dpo", "reward", "distill"] = Field(
         "sft", description="sft: next-token loss on the responses; dpo: preference optimisation on "
-                           "prompt/chosen/rejected pairs (loss and settings in the preference section; reference: "
+                           "prompt/chosen/rejected pairs, or unpaired prompt/completion/label rows with loss: "
+                           "kto (loss and settings in the preference section; reference: "
                            "the starting model, the base with adapters off under LoRA, a frozen copy in full runs); "
                            "reward: a reward model (the decoder with a scalar head `score`, read at each answer's "
                            "last token) trained by the Bradley-Terry loss on the same pairs, saved as a Hugging "
@@ -205,8 +220,17 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _data_fits_recipe(self) -> "TrainConfig":
-        pairs = [s.format == "preference" for s in (*self.data.train, *self.data.validation)]
-        if self.recipe in ("dpo", "reward") and not all(pairs):
+        sources = (*self.data.train, *self.data.validation)
+        pairs = [s.format == "preference" for s in sources]
+        unpaired = [s.format == "kto" for s in sources]
+        if self.recipe == "dpo" and self.preference.loss == "kto":
+            if not all(unpaired):
+                raise ValueError("preference.loss kto trains on unpaired rows: every data source needs format: kto "
+                                 "(prompt, completion, label), not format: preference pairs or SFT rows")
+        elif any(unpaired):
+            raise ValueError("format: kto rows are unpaired (prompt, completion, label) and train only recipe: dpo "
+                             f"with preference.loss: kto, not {_recipe_name(self)}")
+        elif self.recipe in ("dpo", "reward") and not all(pairs):
             raise ValueError(f"recipe {self.recipe} trains on preference pairs: every data source needs format: "
                              "preference")
         if self.recipe == "sft" and any(pairs):
@@ -249,3 +273,7 @@ class TrainConfig(Section):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size x processes "
                              f"({self.micro_batch_size} x {world_size})")
         return self.batch_size // per_step
+
+
+def _recipe_name(cfg: TrainConfig) -> str:
+    return f"recipe: dpo with loss: {cfg.preference.loss}" if cfg.recipe == "dpo" else f"recipe: {cfg.recipe}"

@@ -10,19 +10,27 @@
     state = loader.state_dict()                                       # -> loader.load_state_dict(state)
 
 Modules, in the order data flows through them: sources (files and Hugging Face datasets, rows with their origin),
-formats (alpaca, messages, sharegpt, text, preference rows), templates (chat templates and their assistant spans),
-encode (tokens and trained flags), dataset (flat arrays), cache, packing, loader (Batch, state, rank shards),
-report, build (build_datasets).
+formats (alpaca, messages, sharegpt, text, preference and unpaired kto rows), templates (chat templates and their
+assistant spans), encode (tokens and trained flags), dataset (flat arrays), cache, packing, loader (Batch, state,
+rank shards), report, build (build_datasets).
 """
 
 from lmforge.data.build import Datasets, build_datasets
-from lmforge.data.dataset import IGNORE_INDEX, PairDataset, PreferenceDataset, Samples, SFTDataset
+from lmforge.data.dataset import (
+                                  IGNORE_INDEX,
+                                  KTODataset,
+                                  PairDataset,
+                                  PreferenceDataset,
+                                  Samples,
+                                  SFTDataset,
+                                  UnpairedPreferences,
+)
 from lmforge.data.loader import Batch, Loader, make_batch, micro_batches_per_epoch, steps_per_epoch
 from lmforge.data.report import DataReport, SplitReport
 from lmforge.data.sources import Origin
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "DataReport", "Datasets", "Loader", "Origin", "PairDataset", "PreferenceDataset",
-    "SFTDataset", "Samples", "SplitReport", "build_datasets", "make_batch", "micro_batches_per_epoch",
-    "steps_per_epoch",
+    "IGNORE_INDEX", "Batch", "DataReport", "Datasets", "KTODataset", "Loader", "Origin", "PairDataset",
+    "PreferenceDataset", "SFTDataset", "Samples", "SplitReport", "UnpairedPreferences",
+    "build_datasets", "make_batch", "micro_batches_per_epoch", "steps_per_epoch",
 ]

@@ -8,8 +8,18 @@ import numpy as np
 
 from lmforge.config.schema import DataConfig, DataSource
 from lmforge.data import cache
-from lmforge.data.dataset import Origins, PairDataset, PreferenceDataset, Ragged, Samples, SFTDataset, take
-from lmforge.data.encode import NOT_MALFORMED, EncodedPair, SampleEncoder
+from lmforge.data.dataset import (
+    KTODataset,
+    Origins,
+    PairDataset,
+    PreferenceDataset,
+    Ragged,
+    Samples,
+    SFTDataset,
+    UnpairedPreferences,
+    take,
+)
+from lmforge.data.encode import NOT_MALFORMED, EncodedPair, EncodedUnpaired, SampleEncoder
 from lmforge.data.formats import RowFormat
 from lmforge.data.report import DataReport, split_report
 from lmforge.data.sources import MalformedRow, Origin, open_source
@@ -19,19 +29,23 @@ from lmforge.tokenizer import Tokenizer
 CHUNK = 512  # rows tokenised per encode_batch call
 SAMPLE_FIELDS = ("tokens", "trained")
 PAIR_FIELDS = ("prompt", "chosen", "chosen_trained", "rejected", "rejected_trained")
+UNPAIRED_FIELDS = ("prompt", "completion", "completion_trained")
+# what each encoded row is collected into, and its fields (an Encoded SFT sample: Samples, SAMPLE_FIELDS)
+LAYOUTS = {EncodedPair: (PreferenceDataset, PAIR_FIELDS), EncodedUnpaired: (UnpairedPreferences, UNPAIRED_FIELDS)}
+KIND_NAMES = {"preference": "preference sources", "kto": "unpaired (kto) sources", "sft": "SFT sources"}
 log = logging.getLogger("lmforge")
 
 
 @dataclass(frozen=True)
 class Datasets:
-    train: SFTDataset | PairDataset
-    validation: SFTDataset | PairDataset | None
+    train: SFTDataset | PairDataset | KTODataset
+    validation: SFTDataset | PairDataset | KTODataset | None
     report: DataReport
 
 
 @dataclass(frozen=True)
 class _Encoded:
-    data: Samples | PreferenceDataset
+    data: Samples | PreferenceDataset | UnpairedPreferences
     skipped: dict[str, int]
     first_skipped: dict[str, str]
     cache: str
@@ -50,15 +64,16 @@ def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0) -> Data
     train_data, val_data = train.data, None
     if cfg.validation:
         if _kind(cfg.validation, "data.validation") != kind:
-            raise LmforgeError("data.validation must have the same kind of rows as data.train (preference or not)")
+            raise LmforgeError("data.validation must have the same kind of rows as data.train (preference pairs, "
+                               "unpaired kto rows or SFT rows)")
         validation = _encode_split("data.validation", cfg.validation, cfg, tokenizer, None)
         val_data = validation.data
     elif cfg.val_fraction:
         train_data, val_data = _split(train.data, cfg.val_fraction, seed)
 
     def layout(data):
-        kind = SFTDataset if isinstance(data, Samples) else PairDataset
-        return kind(data, cfg.max_seq_len, cfg.packing)
+        layouts = {Samples: SFTDataset, PreferenceDataset: PairDataset, UnpairedPreferences: KTODataset}
+        return layouts[type(data)](data, cfg.max_seq_len, cfg.packing)
 
     train_set, val_set = layout(train_data), None if val_data is None else layout(val_data)
     report = DataReport(
@@ -70,13 +85,14 @@ def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0) -> Data
 
 
 def _kind(sources: list[DataSource], where: str) -> str:
-    kinds = {"preference" if s.format == "preference" else "sft" for s in sources}
+    kinds = {s.format if s.format in ("preference", "kto") else "sft" for s in sources}
     if len(kinds) > 1:
-        raise LmforgeError(f"{where} mixes preference sources with SFT sources; train them in separate runs")
+        raise LmforgeError(f"{where} mixes {' with '.join(KIND_NAMES[k] for k in sorted(kinds))}; train them in "
+                           "separate runs")
     return kinds.pop()
 
 
-def _split(data: Samples | PreferenceDataset, fraction: float, seed: int):
+def _split(data: Samples | PreferenceDataset | UnpairedPreferences, fraction: float, seed: int):
     n = len(data)
     n_val = max(1, round(n * fraction))
     if n_val >= n:
@@ -139,7 +155,8 @@ class _Collector:
         self.strict = strict
         self.arrays: dict[str, list[np.ndarray]] = defaultdict(list)  # field of Encoded / EncodedPair -> per sample
         self.truncated: list[bool] = []
-        self.pairs = False
+        self.desirable: list[bool] = []  # unpaired rows' labels
+        self.kind: type = Samples
         self.source_ids: list[int] = []
         self.rows: list[int] = []
         self.skipped: Counter[str] = Counter()
@@ -161,18 +178,21 @@ class _Collector:
             if isinstance(result, MalformedRow):
                 self.skip(origin, result)
                 continue
-            self.pairs = isinstance(result, EncodedPair)
-            for name in PAIR_FIELDS if self.pairs else SAMPLE_FIELDS:
+            self.kind, fields = LAYOUTS.get(type(result), (Samples, SAMPLE_FIELDS))
+            for name in fields:
                 values = getattr(result, name)
                 self.arrays[name].append(np.array(values, dtype=bool if name.endswith("trained") else np.int32))
+            if isinstance(result, EncodedUnpaired):
+                self.desirable.append(result.desirable)
             self.truncated.append(result.truncated)
             self.source_ids.append(source_id)
             self.rows.append(origin.row)
 
-    def result(self, names: list[str], limit: int | None) -> Samples | PreferenceDataset:
+    def result(self, names: list[str], limit: int | None) -> Samples | PreferenceDataset | UnpairedPreferences:
         n = self.kept if limit is None else min(limit, self.kept)
         origins = Origins(tuple(names), np.array(self.source_ids[:n], dtype=np.int32),
                           np.array(self.rows[:n], dtype=np.int64))
         fields = {name: Ragged.from_arrays(arrays[:n], arrays[0].dtype) for name, arrays in self.arrays.items()}
-        cls = PreferenceDataset if self.pairs else Samples
-        return cls(**fields, truncated=np.array(self.truncated[:n], dtype=bool), origins=origins)
+        if self.kind is UnpairedPreferences:
+            fields["desirable"] = np.array(self.desirable[:n], dtype=bool)
+        return self.kind(**fields, truncated=np.array(self.truncated[:n], dtype=bool), origins=origins)

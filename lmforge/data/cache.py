@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from lmforge.config.schema import DataConfig, DataSource
-from lmforge.data.dataset import Origins, PreferenceDataset, Ragged, Samples
+from lmforge.data.dataset import Origins, PreferenceDataset, Ragged, Samples, UnpairedPreferences
 from lmforge.weights.resolve import lmforge_home
 
 CACHE_VERSION = 1  # bump when tokenisation or the stored layout changes
-KINDS = {"sft": Samples, "preference": PreferenceDataset}
+KINDS = {"sft": Samples, "preference": PreferenceDataset, "kto": UnpairedPreferences}
 log = logging.getLogger("lmforge")
 
 
@@ -46,7 +46,7 @@ def cache_key(sources: list[DataSource], fingerprints: list[str], tokenizer_fing
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load(entry: Path) -> tuple[Samples | PreferenceDataset, dict] | None:
+def load(entry: Path) -> tuple[Samples | PreferenceDataset | UnpairedPreferences, dict] | None:
     """The cached data and its meta, or None when the entry is absent or unreadable (it is then rebuilt)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
@@ -70,7 +70,7 @@ def load(entry: Path) -> tuple[Samples | PreferenceDataset, dict] | None:
         return None
 
 
-def save(entry: Path, data: Samples | PreferenceDataset, meta: dict) -> None:
+def save(entry: Path, data: Samples | PreferenceDataset | UnpairedPreferences, meta: dict) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()

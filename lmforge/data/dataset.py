@@ -182,3 +182,93 @@ def take(data: Samples | PreferenceDataset, indices: np.ndarray) -> Samples | Pr
         value = getattr(data, field.name)
         values[field.name] = value.take(indices) if isinstance(value, (Ragged, Origins)) else value[indices]
     return type(data)(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class UnpairedPreferences:
+    """Tokenised unpaired preference rows (`format: kto`): per row the prompt ids, the completion ids with their
+    trained flags, and whether the completion is desirable (the row's label)."""
+
+    prompt: Ragged  # int32
+    completion: Ragged  # int32
+    completion_trained: Ragged  # bool
+    desirable: np.ndarray  # bool [n]
+    truncated: np.ndarray  # bool [n]
+    origins: Origins
+
+    def __len__(self) -> int:
+        return len(self.truncated)
+
+    def document(self, i: int, completion_of: int, max_seq_len: int) -> Document:
+        """Token ids and labels of row i's prompt followed by row `completion_of`'s completion (cut to fit
+        max_seq_len after row i's prompt); the prompt is not trained."""
+        prompt = self.prompt[i]
+        room = max_seq_len - len(prompt)
+        reply, flags = self.completion[completion_of][:room], self.completion_trained[completion_of][:room]
+        tokens = np.concatenate([prompt, reply])
+        labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)
+        labels[len(prompt) - 1:-1] = np.where(flags, reply, IGNORE_INDEX)
+        return Document(tokens, labels)
+
+
+class KTODataset:
+    """Unpaired preference rows and their layout for KTO. Row i is two documents in the same packed row: its
+    prompt + completion (the trained document) and its KL document, the same prompt with the completion of row
+    kl_partners[i] (see kl_partners). TRL's collator shifts completions by one within each shuffled batch; here the
+    mismatch is fixed once for the dataset, so that it does not depend on batching, ranks or resumption. Packed rows
+    hold at most 2 x max_seq_len tokens, as PairDataset's."""
+
+    def __init__(self, rows: UnpairedPreferences, max_seq_len: int, packing: bool):
+        self.data = rows
+        self.max_seq_len = max_seq_len
+        self.row_len = 2 * max_seq_len
+        self.packing = packing
+        self.kl_partners = kl_partners(rows.prompt)
+        prompt, completion = rows.prompt.lengths(), rows.completion.lengths()
+        kl_completion = np.minimum(completion[self.kl_partners], max_seq_len - prompt)
+        self.lengths = 2 * prompt + completion + kl_completion
+        self.rows: Rows = pack(self.lengths, self.row_len) if packing else one_per_row(len(rows))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def packing_efficiency(self) -> float:
+        return efficiency(self.lengths, self.rows, self.row_len)
+
+    def samples(self, rows: np.ndarray) -> list[int]:
+        """The dataset rows (samples) in the given layout rows, in batch order."""
+        return [int(s) for r in rows for s in self.rows[int(r)]]
+
+    def documents(self, rows: np.ndarray) -> list[Document]:
+        return [self.data.document(s, other, self.max_seq_len) for s in self.samples(rows)
+                for other in (s, int(self.kl_partners[s]))]
+
+    def desirable(self, rows: np.ndarray) -> np.ndarray:
+        """Each sample's label, in the order documents() lays the samples out."""
+        return self.data.desirable[self.samples(rows)].astype(bool)
+
+
+KL_SEARCH = 64  # rows looked back for a different prompt before settling for the previous row
+
+
+def kl_partners(prompts: Ragged) -> np.ndarray:
+    """For each row, the row whose completion its KL document takes: the previous row in a fixed shuffled order of
+    the rows (seed 0) whose prompt differs from the row's own. Shuffled, because a file's neighbours often share
+    their prompt (unpaired rows made from pairs: the chosen row, then the rejected one), which would make the KL
+    document a matched one; the previous row outright when none of the KL_SEARCH rows before it has another prompt
+    (a single row is its own partner)."""
+    n = len(prompts)
+    order = np.random.default_rng(0).permutation(n)
+    partners = np.empty(n, dtype=np.int64)
+    for k, i in enumerate(order):
+        partners[i] = order[(k - 1) % n]
+        for back in range(1, min(KL_SEARCH, n - 1) + 1):
+            j = order[(k - back) % n]
+            if not np.array_equal(prompts[i], prompts[j]):
+                partners[i] = j
+                break
+    return partners

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from lmforge.config.schema import DataConfig
-from lmforge.data.formats import Chat, Preference, Text
+from lmforge.data.formats import Chat, Preference, Text, Unpaired
 from lmforge.data.sources import MalformedRow
 from lmforge.data.templates import ChatRenderer, TemplateNotIncremental
 from lmforge.errors import LmforgeError
@@ -42,6 +42,15 @@ class EncodedPair:
     truncated: bool
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedUnpaired:
+    prompt: list[int]
+    completion: list[int]
+    completion_trained: list[bool]
+    desirable: bool
+    truncated: bool
+
+
 class SampleEncoder:
     """Tokenises rows of every format for one tokenizer and data config."""
 
@@ -59,7 +68,8 @@ class SampleEncoder:
             self._renderer = ChatRenderer(self.tokenizer, self.template)
         return self._renderer
 
-    def encode(self, rows: list[tuple[str, Chat | Text | Preference]]) -> list[Encoded | EncodedPair | MalformedRow]:
+    def encode(self, rows: list[tuple[str, Chat | Text | Preference | Unpaired]]
+               ) -> list[Encoded | EncodedPair | EncodedUnpaired | MalformedRow]:
         """Encodes (origin, row) pairs of one kind; a row that cannot be encoded comes back as MalformedRow."""
         if not rows:
             return []
@@ -69,22 +79,29 @@ class SampleEncoder:
         pieces: list[list[tuple[str, bool]] | MalformedRow] = [self._pieces(origin, row) for origin, row in rows]
         texts = [text for p in pieces if not isinstance(p, MalformedRow) for text, _ in p]
         ids = iter(self.tokenizer.encode_batch(texts, add_special_tokens=False))
-        out: list[Encoded | EncodedPair | MalformedRow] = []
-        for p in pieces:
+        out: list[Encoded | EncodedPair | EncodedUnpaired | MalformedRow] = []
+        for (_, row), p in zip(rows, pieces, strict=True):
             if isinstance(p, MalformedRow):
                 out.append(p)
+                continue
+            encoded = [(next(ids), assistant) for _, assistant in p]
+            if kind is Preference:
+                out.append(self._pair(encoded))
+            elif kind is Unpaired:
+                out.append(self._unpaired(encoded, row.desirable))
             else:
-                encoded = [(next(ids), assistant) for _, assistant in p]
-                out.append(self._pair(encoded) if kind is Preference else self._chat(encoded))
+                out.append(self._chat(encoded))
         return out
 
-    def _pieces(self, origin: str, row: Chat | Preference) -> list[tuple[str, bool]] | MalformedRow:
-        """The rendered text cut into (piece, is_assistant_turn); a preference row gives prompt, chosen, rejected."""
+    def _pieces(self, origin: str, row: Chat | Preference | Unpaired) -> list[tuple[str, bool]] | MalformedRow:
+        """The rendered text cut into (piece, is_assistant_turn); a preference row gives prompt, chosen, rejected,
+        an unpaired (kto) row prompt and completion."""
         try:
-            if isinstance(row, Preference):
+            if isinstance(row, Preference | Unpaired):
                 prompt = self.renderer.render(row.prompt, add_generation_prompt=True)
                 pieces = [(prompt, False)]
-                for reply in (row.chosen, row.rejected):
+                replies = (row.chosen, row.rejected) if isinstance(row, Preference) else (row.completion,)
+                for reply in replies:
                     full, spans = self.renderer.assistant_spans([*row.prompt, reply])
                     start, end = spans[-1]
                     if full[:start] != prompt:
@@ -149,3 +166,12 @@ class SampleEncoder:
         # Flags before truncation: a reply cut short has lost its end-of-turn token, the template has not.
         chosen_flags, rejected_flags = self._reply_flags(chosen)[:room], self._reply_flags(rejected)[:room]
         return EncodedPair(prompt, chosen[:room], chosen_flags, rejected[:room], rejected_flags, truncated)
+
+    def _unpaired(self, pieces: list[tuple[list[int], bool]], desirable: bool) -> EncodedUnpaired | MalformedRow:
+        (prompt, _), (completion, _) = pieces
+        room = self.max_seq_len - len(prompt)
+        if room < 1:
+            return MalformedRow("prompt fills max_seq_len", f"the prompt alone has {len(prompt)} tokens "
+                                                            f"(max_seq_len {self.max_seq_len})")
+        flags = self._reply_flags(completion)[:room]  # before truncation, as for pairs
+        return EncodedUnpaired(prompt, completion[:room], flags, desirable, len(completion) > room)

@@ -7,6 +7,9 @@
     text        {"text": "..."}                                 raw text, every token trained
     preference  {"prompt", "chosen", "rejected"}                prompt: a string or messages ending in a user turn;
                                                                    chosen/rejected: a string or one assistant message
+    kto         {"prompt", "completion", "label"}               TRL's unpaired preference rows: prompt as above,
+                                                                   completion a string or one assistant message,
+                                                                   label a JSON bool (true: desirable)
 
 DataSource.field names the column when it is not the format's default; DataSource.roles maps extra role names onto
 system/user/assistant. A list column may also hold its JSON text (as CSV cells do). Bad rows raise `MalformedRow`
@@ -45,6 +48,13 @@ class Preference:
     rejected: Message
 
 
+@dataclass(frozen=True, slots=True)
+class Unpaired:
+    prompt: list[Message]  # ends with a user turn
+    completion: Message
+    desirable: bool
+
+
 class RowFormat:
     """Parses the records of one DataSource."""
 
@@ -60,7 +70,7 @@ class RowFormat:
         base = SHAREGPT_ROLES if source.format == "sharegpt" else {r: r for r in ROLES}
         self.roles = {**base, **source.roles}
 
-    def parse(self, record: Any) -> Chat | Text | Preference:
+    def parse(self, record: Any) -> Chat | Text | Preference | Unpaired:
         if isinstance(record, MalformedRow):
             raise record
         if not isinstance(record, dict):
@@ -71,6 +81,8 @@ class RowFormat:
             return Text(_string(record, self.field, allow_empty=False))
         if self.format == "preference":
             return self._preference(record)
+        if self.format == "kto":
+            return self._unpaired(record)
         key_role, key_content = ("from", "value") if self.format == "sharegpt" else ("role", "content")
         turns = _list(record, self.field)
         if not turns:
@@ -92,6 +104,18 @@ class RowFormat:
         return Chat([user, {"role": "assistant", "content": output}])
 
     def _preference(self, record: dict) -> Preference:
+        return Preference(self._prompt(record), self._response(record, "chosen"), self._response(record, "rejected"))
+
+    def _unpaired(self, record: dict) -> Unpaired:
+        prompt, completion = self._prompt(record), self._response(record, "completion")
+        label = record.get("label")
+        if not isinstance(label, bool):
+            kind = "missing" if label is None else f"{label!r}, a {type(label).__name__}"
+            raise MalformedRow("missing field" if label is None else "wrong type",
+                               f"'label' must be true (desirable) or false (undesirable), got {kind}")
+        return Unpaired(prompt, completion, label)
+
+    def _prompt(self, record: dict) -> list[Message]:
         prompt = record.get("prompt")
         if isinstance(prompt, str):
             messages = [{"role": "user", "content": _string(record, "prompt", allow_empty=False)}]
@@ -100,7 +124,7 @@ class RowFormat:
             messages = [self._message(turn, i, "role", "content") for i, turn in enumerate(turns)]
             if not messages or messages[-1]["role"] != "user":
                 raise MalformedRow("prompt not ending in a user turn", "'prompt' must end with a user message")
-        return Preference(messages, self._response(record, "chosen"), self._response(record, "rejected"))
+        return messages
 
     def _response(self, record: dict, key: str) -> Message:
         value = record.get(key)
@@ -110,6 +134,8 @@ class RowFormat:
             message = self._message(value, 0, "role", "content")
             if message["role"] != "assistant":
                 raise MalformedRow("wrong type", f"{key!r} must be an assistant message, not {message['role']}")
+            if not message["content"].strip():
+                raise MalformedRow("empty text", f"{key!r} is an assistant message with no content")
             return message
         return {"role": "assistant", "content": _string(record, key, allow_empty=False)}
 

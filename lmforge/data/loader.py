@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.data.dataset import IGNORE_INDEX, PairDataset, SFTDataset
+from lmforge.data.dataset import IGNORE_INDEX, KTODataset, PairDataset, SFTDataset
 from lmforge.errors import LmforgeError
 
 
@@ -40,6 +40,7 @@ class Batch:
     # int32 [num_documents]: how many first tokens of the previous document each one attends to before its own
     # (a preference pair's shared prompt, data/dataset.py Document.prefix); None: every document stands alone
     prefix_lens: torch.Tensor | None = None
+    desirable: torch.Tensor | None = None  # bool [rows]: a KTODataset batch's row labels, in row order
 
     @property
     def num_tokens(self) -> int:
@@ -52,12 +53,14 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        maybe = lambda t: None if t is None else move(t)  # noqa: E731
         return Batch(move(self.input_ids), move(self.positions), move(self.cu_seqlens), move(self.labels),
-                     self.num_trained_tokens, None if self.prefix_lens is None else move(self.prefix_lens))
+                     self.num_trained_tokens, maybe(self.prefix_lens), maybe(self.desirable))
 
 
-def make_batch(dataset: SFTDataset | PairDataset, rows: np.ndarray) -> Batch:
-    """The flat batch of the given rows of `dataset`: every document of every row, end to end."""
+def make_batch(dataset: SFTDataset | PairDataset | KTODataset, rows: np.ndarray) -> Batch:
+    """The flat batch of the given rows of `dataset`: every document of every row, end to end (with the rows'
+    labels for a KTODataset)."""
     documents = dataset.documents(rows)
     tokens = np.concatenate([d.tokens for d in documents]).astype(np.int64)
     labels = np.concatenate([d.labels for d in documents])
@@ -68,8 +71,9 @@ def make_batch(dataset: SFTDataset | PairDataset, rows: np.ndarray) -> Batch:
     # a document that continues a shared prefix starts at the position after it
     positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(cu_seqlens[:-1] - prefixes, lengths)
     prefix_lens = torch.from_numpy(prefixes.astype(np.int32)) if prefixes.any() else None
+    desirable = torch.from_numpy(dataset.desirable(rows)) if isinstance(dataset, KTODataset) else None
     return Batch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(cu_seqlens),
-                 torch.from_numpy(labels), int((labels != IGNORE_INDEX).sum()), prefix_lens)
+                 torch.from_numpy(labels), int((labels != IGNORE_INDEX).sum()), prefix_lens, desirable)
 
 
 def micro_batches_per_epoch(num_rows: int, micro_batch_size: int, world_size: int = 1) -> int:
@@ -83,12 +87,13 @@ def steps_per_epoch(num_rows: int, micro_batch_size: int, grad_accumulation: int
 
 
 class Loader:
-    """Iterates one rank's micro-batches of an SFTDataset or PairDataset, epoch after epoch, deterministically."""
+    """Iterates one rank's micro-batches of an SFTDataset, PairDataset or KTODataset, epoch after epoch,
+    deterministically."""
 
-    def __init__(self, dataset: SFTDataset | PairDataset, micro_batch_size: int, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
-        if not isinstance(dataset, (SFTDataset, PairDataset)):
-            raise LmforgeError(f"the loader batches laid-out datasets (SFTDataset, PairDataset); got "
+    def __init__(self, dataset: SFTDataset | PairDataset | KTODataset, micro_batch_size: int, seed: int = 0,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if not isinstance(dataset, (SFTDataset, PairDataset, KTODataset)):
+            raise LmforgeError(f"the loader batches laid-out datasets (SFTDataset, PairDataset, KTODataset); got "
                                f"{type(dataset).__name__}")
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need micro_batch_size >= 1 and 0 <= rank < world_size, got {micro_batch_size}, "
@@ -154,3 +159,4 @@ class Loader:
                                f"each of {self.world_size} processes; resume with a micro-batch size and process "
                                "count that divide it")
         self.position = state["rows_done"] // per_batch
+

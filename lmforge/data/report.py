@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmforge.data.dataset import PairDataset, SFTDataset
+from lmforge.data.dataset import KTODataset, PairDataset, SFTDataset
 
 PERCENTILES = (50, 90, 99)
 
@@ -53,13 +53,20 @@ class DataReport:
         return "\n".join(self.lines())
 
 
-def split_report(name: str, data: SFTDataset | PairDataset, skipped: dict[str, int] | None = None,
+def split_report(name: str, data: SFTDataset | PairDataset | KTODataset, skipped: dict[str, int] | None = None,
                  first_skipped: dict[str, str] | None = None, cache: str = "") -> SplitReport:
     if isinstance(data, SFTDataset):
         samples = data.samples
         lengths = data.lengths
         tokens, trained = int(lengths.sum()), samples.num_trained()
         truncated = int(np.sum(samples.truncated))
+    elif isinstance(data, KTODataset):  # an unpaired row counts its trained document and its KL document
+        rows = data.data
+        trained_docs = rows.prompt.lengths() + rows.completion.lengths()
+        lengths = np.concatenate([trained_docs, data.lengths - trained_docs])
+        tokens = int(lengths.sum())
+        trained = int(rows.completion_trained.values.sum())
+        truncated = int(np.sum(rows.truncated))
     else:  # a preference pair counts both of its documents: prompt + chosen and prompt + rejected
         pairs = data.pairs
         prompt = pairs.prompt.lengths()

@@ -54,6 +54,9 @@ def infer_format(record: object, where: str) -> str:
             return fmt
     if {"instruction", "output"} <= keys:
         return "alpaca"
+    if {"prompt", "completion", "label"} <= keys:
+        raise LmforgeError(f"{where}: unpaired (kto) rows (prompt, completion, label) are not scored by lmforge eval; "
+                           "a KTO run's validation metrics (val_rewards/...) score them")
     what = f"keys {sorted(keys)}" if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
     raise LmforgeError(f"{where}: cannot tell the format from the first row ({what}); pass --format alpaca "
                        "(instruction/output), messages, sharegpt (conversations), text or qa (question/answer)")

@@ -1,8 +1,8 @@
 """Supervised fine-tuning: full, LoRA or QLoRA, in one process or many. A readable script — `main(cfg)` is the whole
-run, top to bottom. The preference recipe (`recipe: dpo`, recipes/dpo.py), reward models (`recipe: reward`,
-recipes/reward.py) and distillation (`recipe: distill`, recipes/distill.py) run in this same loop with their own
-objective: what a micro-batch's loss is, what the window's
-totals are, and what a step logs.
+run, top to bottom. The preference recipe (`recipe: dpo`, recipes/dpo.py; its kto loss in recipes/kto.py), reward
+models (`recipe: reward`, recipes/reward.py) and distillation (`recipe: distill`, recipes/distill.py) run in this
+same loop with their own objective: what a micro-batch's loss is, what the window's totals are, and what a step
+logs.
 
 Each optimizer step takes `grad_accumulation` micro-batches (flat, packed: see lmforge/data) on every rank, sums the
 token cross-entropy of every trained token and divides by the trained tokens of the whole window on all ranks, so
@@ -32,6 +32,7 @@ from lmforge.train.model import build_trainable, gathered_weights, save_trainabl
 from lmforge.train.optim import build_optimizer, build_scheduler
 from lmforge.train.recipes.distill import DistillObjective
 from lmforge.train.recipes.dpo import PreferenceObjective
+from lmforge.train.recipes.kto import KTOObjective
 from lmforge.train.recipes.reward import RewardObjective
 from lmforge.train.windows import Windows, validation_batches
 from lmforge.weights.atomic import atomic_dir
@@ -63,10 +64,10 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
     require_backends(cfg.logging.backends if world.is_main else [])
     model, tokenizer, model_dir = build_trainable(cfg, device)
     objective = _objective(cfg, model, tokenizer, model_dir, device)  # a bad teacher fails before the run dir exists
+    data = _datasets(cfg, tokenizer, world)  # and so does bad data (a malformed row under data.strict)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-    data = _datasets(cfg, tokenizer, world)
     log.info("%s", data.report)
     runner, strategy = dist.wrap(model, cfg, world, device)
     windows = Windows(data.train, cfg, device, world.rank, world.size)
@@ -143,7 +144,8 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
 
 def _objective(cfg: TrainConfig, model: torch.nn.Module, tokenizer, model_dir: Path, device: torch.device):
     if cfg.recipe == "dpo":
-        return PreferenceObjective(cfg, model, model_dir, device)
+        kind = KTOObjective if cfg.preference.loss == "kto" else PreferenceObjective
+        return kind(cfg, model, model_dir, device)
     if cfg.recipe == "distill":
         return DistillObjective(cfg, model, tokenizer, device)
     if cfg.recipe == "reward":
