@@ -35,7 +35,7 @@ def test_dpo_demo_prefers_the_chosen_style_on_held_out_pairs(smollm2_dir, tmp_pa
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "lmforge", "train", str(DEMO), f"model.path={smollm2_dir}", f"output_dir={run}",
-         "max_steps=10", "eval.every_steps=10", "checkpoint.every_steps=0", f"data.cache_dir={tmp_path / 'cache'}"],
+         "max_steps=7", "eval.every_steps=7", "checkpoint.every_steps=0", f"data.cache_dir={tmp_path / 'cache'}"],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
