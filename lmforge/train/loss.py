@@ -50,10 +50,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # one buffer for every chunk's product: a fresh [vocab, hidden] tensor per chunk costs its page faults
             product = torch.empty(weight.shape, dtype=dtype, device=weight.device) if want_w else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            ops = kernels.available(hidden.device) if dtype in (torch.float32, torch.bfloat16) else None
-            for start in range(0, hidden.shape[0], CHUNK_ROWS):
-                h = hidden[start:start + CHUNK_ROWS].to(dtype)
-                y = labels[start:start + CHUNK_ROWS]
+            ops = _ops(dtype, hidden)
+            for start, h, y in _chunks(hidden, labels, dtype):
                 losses, g = _rows_cross_entropy(h @ w.t(), y, ops)
                 total += losses.sum()
                 grad_h[start:start + CHUNK_ROWS] = (g @ w).to(hidden.dtype)
@@ -95,8 +93,9 @@ class _LinearLogProbs(torch.autograd.Function):
             w = weight.to(dtype)
             grad_h = torch.empty_like(hidden) if ahead else None
             logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            ops = _ops(dtype, hidden)
             for start, h, y in _chunks(hidden, labels, dtype):
-                losses, g = _rows_cross_entropy(h @ w.t(), y, _ops(dtype, hidden))
+                losses, g = _rows_cross_entropy(h @ w.t(), y, ops)
                 logps[start:start + len(y)] = -losses
                 if ahead:
                     grad_h[start:start + len(y)] = (g @ w).neg_().to(hidden.dtype)
@@ -118,8 +117,9 @@ class _LinearLogProbs(torch.autograd.Function):
             w = weight.to(ctx.dtype)
             grad_h = torch.empty_like(hidden) if ctx.want_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            ops = _ops(ctx.dtype, hidden)
             for start, h, y in _chunks(hidden, labels, ctx.dtype):
-                _, g = _rows_cross_entropy(h @ w.t(), y, _ops(ctx.dtype, hidden))
+                _, g = _rows_cross_entropy(h @ w.t(), y, ops)
                 g.mul_(grad_out[start:start + len(y), None].neg().to(g.dtype))  # d(sum out * grad_out) / d logits
                 if ctx.want_h:
                     grad_h[start:start + len(y)] = (g @ w).to(hidden.dtype)

@@ -49,10 +49,9 @@ class PreferenceObjective:
         for batch in window:
             counts = trained_per_document(batch)
             valid = (counts[0::2] > 0) & (counts[1::2] > 0)
-            lengths = batch.sequence_lengths().to(valid.device)  # the shared prompt counts for both documents
             pairs += int(valid.sum())
             chosen += int(counts[0::2][valid].sum())
-            tokens += int((lengths[0::2] + lengths[1::2])[valid].sum())  # a validation filler pair counts nothing
+            tokens += pair_tokens(batch, valid)  # a validation filler pair counts nothing
         return [pairs, chosen, tokens]
 
     def loss(self, runner: nn.Module, batch: Batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -84,6 +83,12 @@ class PreferenceObjective:
         with lora_disabled(self.model) if self.reference is None else contextlib.nullcontext():
             hidden = model(batch.input_ids, batch.positions, meta)
             return sequence_logps(model, hidden, batch.labels, batch.cu_seqlens)[0]
+
+
+def pair_tokens(batch: Batch, valid: torch.Tensor) -> int:
+    """Tokens of the two sequences of each valid document pair [pairs] (a shared prompt counts for both)."""
+    lengths = batch.sequence_lengths().to(valid.device)
+    return int((lengths[0::2] + lengths[1::2])[valid].sum())
 
 
 def trained_per_document(batch: Batch) -> torch.Tensor:

@@ -31,7 +31,7 @@ from lmforge.layers.attention import AttnMeta
 from lmforge.layers.lora import lora_disabled
 from lmforge.models import build_model
 from lmforge.train.preference import PreferenceSettings, kto_loss, sequence_logps
-from lmforge.train.recipes.dpo import trained_per_document
+from lmforge.train.recipes.dpo import pair_tokens, trained_per_document
 
 SUMMED = ("rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected")
 
@@ -61,10 +61,9 @@ class KTOObjective:
         for batch in window:
             valid = _valid_rows(batch)
             labels = batch.desirable.to(valid.device)
-            lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(valid.device)
             desirable += int((valid & labels).sum())
             undesirable += int((valid & ~labels).sum())
-            tokens += int((lengths[0::2] + lengths[1::2])[valid].sum())
+            tokens += pair_tokens(batch, valid)
             kl = _documents(batch, odd=True)
             with torch.no_grad(), self.autocast():
                 policy = self._logps(self.model, kl)

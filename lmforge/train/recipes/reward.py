@@ -23,7 +23,7 @@ from lmforge.config import TrainConfig
 from lmforge.data import Batch
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.lora import LoraSummary, add_lora
-from lmforge.train.recipes.dpo import trained_per_document
+from lmforge.train.recipes.dpo import pair_tokens, trained_per_document
 from lmforge.train.reward import RewardModel, accuracy, bradley_terry_loss
 
 HEAD = "score"
@@ -49,9 +49,8 @@ class RewardObjective:
         pairs = tokens = 0
         for batch in window:
             valid = _valid_pairs(batch)  # a validation filler pair counts nothing
-            lengths = batch.sequence_lengths().to(valid.device)  # the shared prompt counts for both documents
             pairs += int(valid.sum())
-            tokens += int((lengths[0::2] + lengths[1::2])[valid].sum())
+            tokens += pair_tokens(batch, valid)
         return [pairs, tokens]
 
     def loss(self, runner: nn.Module, batch: Batch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
