@@ -49,8 +49,8 @@ def test_chunked_equals_one_chunk(hidden, settings, monkeypatch):
     kd_one, ce_one, grads_one = sums_and_grads(hidden, settings, 10_000, monkeypatch)
     assert kd.item() == pytest.approx(kd_one.item(), rel=1e-6)
     assert ce.item() == pytest.approx(ce_one.item(), rel=1e-6)
-    for a, b in zip(grads, grads_one, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads, grads_one, strict=True):  # fp32 sums in another order: one thread differs from two
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_no_grad_gives_the_same_sums(hidden, monkeypatch):
