@@ -25,12 +25,12 @@ from lmforge.data.dataset import (
                                   SFTDataset,
                                   UnpairedPreferences,
 )
-from lmforge.data.loader import Batch, Loader, make_batch, micro_batches_per_epoch, steps_per_epoch
+from lmforge.data.loader import Batch, Loader, join_batches, make_batch, micro_batches_per_epoch, steps_per_epoch
 from lmforge.data.report import DataReport, SplitReport
 from lmforge.data.sources import Origin
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "DataReport", "Datasets", "KTODataset", "Loader", "Origin", "PairDataset",
+    "IGNORE_INDEX", "Batch", "join_batches", "DataReport", "Datasets", "KTODataset", "Loader", "Origin", "PairDataset",
     "PreferenceDataset", "SFTDataset", "Samples", "SplitReport", "UnpairedPreferences",
     "build_datasets", "make_batch", "micro_batches_per_epoch", "steps_per_epoch",
 ]

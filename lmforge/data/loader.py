@@ -58,6 +58,25 @@ class Batch:
                      self.num_trained_tokens, maybe(self.prefix_lens), maybe(self.desirable))
 
 
+def join_batches(batches: list[Batch]) -> Batch:
+    """The micro-batches end to end as one flat batch, their documents in order (a first document never continues
+    a prefix, so every document keeps what it attends to)."""
+    if len(batches) == 1:
+        return batches[0]
+    cat = lambda ts: torch.cat(ts) if ts[0] is not None else None  # noqa: E731
+    offsets = torch.tensor([0] + [b.num_tokens for b in batches[:-1]]).cumsum(0)
+    cu_seqlens = torch.cat([batches[0].cu_seqlens[:1]] + [b.cu_seqlens[1:] + int(o) for b, o in
+                                                          zip(batches, offsets, strict=True)])
+    prefixes = None
+    if any(b.prefix_lens is not None for b in batches):
+        prefixes = torch.cat([b.prefix_lens if b.prefix_lens is not None else
+                              torch.zeros(len(b.cu_seqlens) - 1, dtype=torch.int32, device=b.cu_seqlens.device)
+                              for b in batches])
+    return Batch(cat([b.input_ids for b in batches]), cat([b.positions for b in batches]), cu_seqlens,
+                 cat([b.labels for b in batches]), sum(b.num_trained_tokens for b in batches), prefixes,
+                 cat([b.desirable for b in batches]))
+
+
 def make_batch(dataset: SFTDataset | PairDataset | KTODataset, rows: np.ndarray) -> Batch:
     """The flat batch of the given rows of `dataset`: every document of every row, end to end (with the rows'
     labels for a KTODataset)."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.kernels import usable
-from lmforge.layers import quant_linear
+from lmforge.layers import quant_linear, train_kernels
 
 log = logging.getLogger("lmforge")
 SMALL_ROWS = 3  # up to this many bf16 rows, streaming the weight once beats oneDNN (benchmarks/cpu_kernels.py)
@@ -216,6 +216,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) 
         elif w.is_contiguous():  # float32: AVX2 FMAs, the same sums whatever the batch (ATen's product elsewhere)
             return ops.linear_f32(x.contiguous(), w, bias)
         return ops.linear(x, w, bias)  # F.linear's own product, called from C++ so that step graphs record it
+    if (out := train_kernels.linear(x, w, bias)) is not None:
+        return out
     return F.linear(x, w, bias)
 
 

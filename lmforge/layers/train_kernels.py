@@ -1,6 +1,7 @@
 """Autograd Functions whose forward and backward run lmforge's CPU kernels (lmforge/kernels/training.cpp,
-attention_backward.cpp): causal attention, RMSNorm, rotary embedding and SwiGLU, the ops of a training step that
-eager autograd runs as chains of small element-wise passes (or, for attention, through torch's non-AMX backward).
+attention_backward.cpp, linear.cpp): causal attention, RMSNorm, rotary embedding and SwiGLU, the ops of a training
+step that eager autograd runs as chains of small element-wise passes (or, for attention, through torch's non-AMX
+backward), and the forward product of float32 linears on CPUs without AVX512.
 Each returns None where it does not apply (autograd not recording, another device or dtype, kernels off): the layer
 then runs its eager code, which stays the reference the tests compare against (tests/unit/test_kernels.py).
 """
@@ -8,6 +9,7 @@ then runs its eager code, which stays the reference the tests compare against (t
 import torch
 
 from lmforge import kernels
+from lmforge.hardware import cpu_flags
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -148,3 +150,53 @@ class _SiluMul(torch.autograd.Function):
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
         dgate, dup = kernels.cpu_ops().silu_mul_backward(gate, up, grad)
         return dgate, dup
+
+
+# ---------------------------------------------------------------- float32 linear
+
+
+def f32_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T for float32 x [M, K] and a contiguous weight [N, K]: the AVX2 kernel `linear_f32` on CPUs
+    without AVX512, else torch's product. There torch hands the transposed weight to MKL, whose product of a training
+    step's MLP and vocabulary shapes ran at 47-58 GFLOP/s where linear_f32 ran at 64-68 (AMD EPYC, AVX2, 2 threads;
+    docs/benchmarks.md); on AVX512 CPUs MKL's own code is unmeasured against it and stays."""
+    if (x.dtype == weight.dtype == torch.float32 and x.is_cpu and weight.is_contiguous() and not _avx512()
+            and (ops := kernels.available(x.device)) is not None and ops.linear_f32_available()):
+        return ops.linear_f32(x.contiguous(), weight, None)
+    return x @ weight.t()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """F.linear in float32 with its forward product from `f32_product`, where that is not torch's own; backward is
+    torch's products. None elsewhere (no autograd recording, autocast, other dtypes): the caller runs F.linear."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or _autocast_dtype(x.device) is not None:
+        return None
+    if _ops(x, weight) is None or not weight.is_contiguous() or _avx512():
+        return None
+    if not kernels.cpu_ops().linear_f32_available():
+        return None
+    out = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias)  # views made out here: callers may add in place
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _avx512() -> bool:
+    return "avx512f" in cpu_flags()
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)  # a frozen weight needs no input
+        ctx.biased = bias is not None
+        out = f32_product(x, weight)
+        if bias is not None:
+            out += bias
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight = ctx.saved_tensors
+        dx = grad.mm(weight) if ctx.needs_input_grad[0] else None
+        dw = grad.t().mm(rows) if ctx.needs_input_grad[1] else None
+        db = grad.sum(0) if ctx.biased and ctx.needs_input_grad[2] else None
+        return dx, dw, db

@@ -11,6 +11,7 @@ from torch import nn
 from lmforge import kernels
 from lmforge.data.dataset import IGNORE_INDEX
 from lmforge.layers.linear import Linear
+from lmforge.layers.train_kernels import f32_product
 
 CHUNK_ROWS = 512  # a chunk's fp32 logits: 512 x 49152 x 4 bytes = 100 MB for SmolLM2
 
@@ -52,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             ops = _ops(dtype, hidden)
             for start, h, y in _chunks(hidden, labels, dtype):
-                losses, g = _rows_cross_entropy(h @ w.t(), y, ops)
+                losses, g = _rows_cross_entropy(f32_product(h, w), y, ops)
                 total += losses.sum()
                 grad_h[start:start + CHUNK_ROWS] = (g @ w).to(hidden.dtype)
                 if want_w:
@@ -95,7 +96,7 @@ class _LinearLogProbs(torch.autograd.Function):
             logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             ops = _ops(dtype, hidden)
             for start, h, y in _chunks(hidden, labels, dtype):
-                losses, g = _rows_cross_entropy(h @ w.t(), y, ops)
+                losses, g = _rows_cross_entropy(f32_product(h, w), y, ops)
                 logps[start:start + len(y)] = -losses
                 if ahead:
                     grad_h[start:start + len(y)] = (g @ w).neg_().to(hidden.dtype)
@@ -119,7 +120,7 @@ class _LinearLogProbs(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             ops = _ops(ctx.dtype, hidden)
             for start, h, y in _chunks(hidden, labels, ctx.dtype):
-                _, g = _rows_cross_entropy(h @ w.t(), y, ops)
+                _, g = _rows_cross_entropy(f32_product(h, w), y, ops)
                 g.mul_(grad_out[start:start + len(y), None].neg().to(g.dtype))  # d(sum out * grad_out) / d logits
                 if ctx.want_h:
                     grad_h[start:start + len(y)] = (g @ w).to(hidden.dtype)

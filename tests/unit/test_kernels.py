@@ -364,6 +364,30 @@ def test_silu_mul_autograd_kernel_matches_eager(dtype):
         close(a, b, dtype)
 
 
+@pytest.mark.parametrize("train_weight", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_linear_autograd_kernel_matches_f_linear(train_weight, bias, monkeypatch):
+    """The training Linear (its forward on linear_f32, as on CPUs without AVX512: forced on any host; F.linear where
+    the build has no AVX2 kernel) against F.linear, values and gradients."""
+    from lmforge.layers import train_kernels
+
+    monkeypatch.setattr(train_kernels, "_avx512", lambda: False)
+    torch.manual_seed(0)
+    layer = Linear(40, 24, bias=bias)  # 40: inner size not a multiple of 8 (the kernel's masked tail)
+    layer.weight.requires_grad_(train_weight)
+    x = torch.randn(2, 13, 40, requires_grad=True)
+    grad_out = torch.randn(2, 13, 24)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    used = train_kernels.linear(x, layer.weight, layer.bias) is not None
+    assert used == kernels.cpu_ops().linear_f32_available()
+    kernel = _grads(layer, [x], grad_out) + [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    eager = _grads(lambda t: F.linear(t, layer.weight, layer.bias), [x], grad_out) + [p.grad for p in params]
+    for a, b in zip(kernel, eager, strict=True):
+        close(a, b, torch.float32)
+
+
 def test_each_build_key_covers_every_file_of_its_extension(level, tmp_path, monkeypatch):
     """Editing any source or header of an extension gives its build a new cache directory: no stale module loads.
     Every source here belongs to one extension, and every file a source includes with quotes is hashed."""

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from lmforge.config import TrainConfig
-from lmforge.data import IGNORE_INDEX, Batch
+from lmforge.data import IGNORE_INDEX, Batch, join_batches
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.lora import lora_disabled
 from lmforge.models import build_model
 from lmforge.train.preference import REFERENCE_FREE, PreferenceSettings, preference_loss, sequence_logps
 
+REFERENCE_GROUP = 4  # micro-batches per reference pass: a window of 4 x 2 pairs of the demo is one pass
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
 
@@ -35,6 +36,8 @@ class PreferenceObjective:
     """The DPO-family loss of a micro-batch of pairs, normalised by the window's totals (see the module doc)."""
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, model_dir, device: torch.device):
+        from lmforge.train.recipes.sft import autocast  # sft builds this objective: imported here, not at the top
+
         p = cfg.preference
         self.settings = PreferenceSettings(p.loss, p.beta, p.label_smoothing, p.rpo_alpha, p.simpo_gamma)
         self.model = model
@@ -42,9 +45,21 @@ class PreferenceObjective:
         if p.loss not in REFERENCE_FREE and cfg.method == "full":
             dtype = torch.bfloat16 if cfg.precision == "bf16-mixed" else torch.float32
             self.reference = build_model(model_dir, dtype, device).eval().requires_grad_(False)
+        self.autocast = lambda: autocast(cfg, device)  # totals() runs outside the loop's autocast
+        self._references: dict[int, torch.Tensor] = {}  # id(batch) -> its reference log-probs, from totals()
 
     def totals(self, window: list[Batch]) -> list[float]:
-        """This rank's [pairs, chosen-answer tokens, policy tokens] of the window (the loop sums them over ranks)."""
+        """This rank's [pairs, chosen-answer tokens, policy tokens] of the window (the loop sums them over ranks).
+        Also runs the reference over the window's micro-batches, REFERENCE_GROUP at a time: the reference does not
+        change within a window, and longer products use the cores better (2-5 % of a LoRA DPO step on 2 threads)."""
+        self._references = {}
+        if self.settings.loss_type not in REFERENCE_FREE:
+            with self.autocast():
+                for start in range(0, len(window), REFERENCE_GROUP):  # the same count of passes on every rank
+                    group = window[start:start + REFERENCE_GROUP]
+                    logps = self._reference_logps(join_batches(group))
+                    for batch, part in zip(group, logps.split([len(b.cu_seqlens) - 1 for b in group]), strict=True):
+                        self._references[id(batch)] = part
         pairs = chosen = tokens = 0
         for batch in window:
             counts = trained_per_document(batch)
@@ -58,8 +73,9 @@ class PreferenceObjective:
         pairs, chosen_tokens = max(totals[0], 1), max(totals[1], 1)
         meta = AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens)
         reference = None
-        if self.settings.loss_type not in REFERENCE_FREE:
-            reference = self._reference_logps(batch, meta)
+        if self.settings.loss_type not in REFERENCE_FREE:  # from totals(), or run now for a batch it did not see
+            reference = self._references.pop(id(batch), None)
+            reference = self._reference_logps(batch) if reference is None else reference
         hidden = runner(batch.input_ids, batch.positions, meta)
         logps, counts = sequence_logps(self.model, hidden, batch.labels, batch.cu_seqlens)
         valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # a validation filler pair trains nothing: it weighs nothing
@@ -78,8 +94,9 @@ class PreferenceObjective:
         return {"loss": sums["loss"], "tokens": int(totals[2]), **{name: sums[name] / pairs for name in METRICS}}
 
     @torch.no_grad()
-    def _reference_logps(self, batch: Batch, meta: AttnMeta) -> torch.Tensor:
+    def _reference_logps(self, batch: Batch) -> torch.Tensor:
         model = self.reference if self.reference is not None else self.model
+        meta = AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens)
         with lora_disabled(self.model) if self.reference is None else contextlib.nullcontext():
             hidden = model(batch.input_ids, batch.positions, meta)
             return sequence_logps(model, hidden, batch.labels, batch.cu_seqlens)[0]
