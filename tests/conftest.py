@@ -22,6 +22,12 @@ def pytest_sessionstart(session):
         kernels.prebuild(jobs=os.cpu_count() or 1)
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked `longest` (minutes on one core) first: `make test`'s xdist workers (--dist load) take the first
+    tests one each, so these start at once on different workers instead of last, alone."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -31,6 +31,7 @@ def pirate_share(model_dir: Path, adapter: Path | None, questions: list[str]) ->
     return sum(out.outputs[0].text.lstrip().startswith("Arr") for out in outputs) / len(questions)
 
 
+@pytest.mark.longest
 def test_dpo_demo_prefers_the_chosen_style_on_held_out_pairs(smollm2_dir, tmp_path):
     run = tmp_path / "run"
     result = subprocess.run(

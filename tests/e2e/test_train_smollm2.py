@@ -30,6 +30,7 @@ def pirate_share(model: str, questions: list[str]) -> float:
     return sum(out.outputs[0].text.lstrip().startswith("Arr") for out in outputs) / len(questions)
 
 
+@pytest.mark.longest
 def test_demo_teaches_smollm2_to_talk_like_a_pirate(smollm2_dir, tmp_path):
     run = tmp_path / "run"
     # the demo's first 10 of 20 steps (a shorter cosine schedule): enough to teach the style, half the CI time

@@ -27,7 +27,7 @@ from lmforge.layers.lora import lora_disabled
 from lmforge.models import build_model
 from lmforge.train.preference import REFERENCE_FREE, PreferenceSettings, preference_loss, sequence_logps
 
-REFERENCE_GROUP = 4  # micro-batches per reference pass: a window of 4 x 2 pairs of the demo is one pass
+REFERENCE_GROUP = 4  # micro-batches joined per reference pass: longer products, a bounded no_grad peak
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
 
@@ -51,7 +51,7 @@ class PreferenceObjective:
     def totals(self, window: list[Batch]) -> list[float]:
         """This rank's [pairs, chosen-answer tokens, policy tokens] of the window (the loop sums them over ranks).
         Also runs the reference over the window's micro-batches, REFERENCE_GROUP at a time: the reference does not
-        change within a window, and longer products use the cores better (2-5 % of a LoRA DPO step on 2 threads)."""
+        change within a window, and longer products use the cores better (a few percent of a LoRA DPO step)."""
         self._references = {}
         if self.settings.loss_type not in REFERENCE_FREE:
             with self.autocast():
