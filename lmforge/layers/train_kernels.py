@@ -160,8 +160,7 @@ def f32_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     without AVX512, else torch's product. There torch hands the transposed weight to MKL, whose product of a training
     step's MLP and vocabulary shapes ran at 47-58 GFLOP/s where linear_f32 ran at 64-68 (AMD EPYC, AVX2, 2 threads;
     docs/benchmarks.md); on AVX512 CPUs MKL's own code is unmeasured against it and stays."""
-    if (x.dtype == weight.dtype == torch.float32 and x.is_cpu and weight.is_contiguous() and not _avx512()
-            and (ops := kernels.available(x.device)) is not None and ops.linear_f32_available()):
+    if (ops := _f32_kernel(x, weight)) is not None:
         return ops.linear_f32(x.contiguous(), weight, None)
     return x @ weight.t()
 
@@ -169,14 +168,18 @@ def f32_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """F.linear in float32 with its forward product from `f32_product`, where that is not torch's own; backward is
     torch's products. None elsewhere (no autograd recording, autocast, other dtypes): the caller runs F.linear."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or _autocast_dtype(x.device) is not None:
-        return None
-    if _ops(x, weight) is None or not weight.is_contiguous() or _avx512():
-        return None
-    if not kernels.cpu_ops().linear_f32_available():
+    if _autocast_dtype(x.device) is not None or _ops(x, weight) is None or _f32_kernel(x, weight) is None:
         return None
     out = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias)  # views made out here: callers may add in place
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _f32_kernel(x: torch.Tensor, weight: torch.Tensor):
+    """The kernels when `linear_f32` takes x @ weight^T: float32 on a CPU without AVX512, a contiguous weight."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not weight.is_contiguous() or _avx512():
+        return None
+    ops = kernels.available(x.device)
+    return ops if ops is not None and ops.linear_f32_available() else None
 
 
 def _avx512() -> bool:
