@@ -39,16 +39,19 @@ def ask(text: str) -> list[dict]:
 
 
 def test_parse_returns_a_valid_object_for_20_schemas(url):
-    async def one(client, model, prompt):
+    # Seeded: at temperature 0.8 the 135M model now and then writes a float's digits without end (2 of 150 unseeded
+    # Measurement requests ran into max_tokens), which is valid JSON cut short, not a grammar fault; a seed makes the
+    # draw the same in any batch, so the test cannot pass or fail by luck.
+    async def one(client, model, prompt, seed):
         completion = await client.chat.completions.parse(model=NAME, messages=ask(prompt), response_format=model,
-                                                         temperature=0.8, max_tokens=200)
+                                                         temperature=0.8, max_tokens=200, seed=seed)
         parsed = completion.choices[0].message.parsed
         assert isinstance(parsed, model), completion
         return parsed
 
     async def main():
         async with connect(url) as client:
-            return await asyncio.gather(*(one(client, m, p) for m, p in SCHEMAS))
+            return await asyncio.gather(*(one(client, m, p, seed) for seed, (m, p) in enumerate(SCHEMAS)))
 
     assert len(asyncio.run(main())) == 20 == len({m for m, _ in SCHEMAS})
 
