@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
     from lmforge.errors import LmforgeError
     from lmforge.train import dist
-    from lmforge.train.recipes import sft
+    from lmforge.train.recipes import grpo, sft
 
     cfg = load_config(args.config, args.overrides)
     if args.nproc < 1:
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
                                "(RANK and WORLD_SIZE are set): drop --nproc")
         cfg.grad_accumulation(args.nproc)  # a batch that does not split fails here, not in N processes
         return dist.launch(args.nproc, ["train", str(args.config), *args.overrides])
-    final = sft.main(cfg)
+    final = (grpo.main if cfg.recipe == "grpo" else sft.main)(cfg)
     if not dist.world_from_env().is_main:
         return 0
     kind = "model" if cfg.method == "full" or cfg.recipe == "reward" else "adapter"

@@ -33,11 +33,13 @@ class LoraConfig(Section):
 
 class DataSource(Section):
     path: str = Field(description="local .jsonl/.json/.parquet/.csv file, or a Hugging Face dataset id")
-    format: Literal["alpaca", "messages", "sharegpt", "text", "preference", "kto"] = Field(
+    format: Literal["alpaca", "messages", "sharegpt", "text", "preference", "kto", "prompt"] = Field(
         description="alpaca: instruction/input/output; messages: OpenAI-style role/content list; sharegpt: "
                     "conversations with from/value; text: raw text (continued pre-training); preference: "
                     "prompt/chosen/rejected; kto: TRL's unpaired preference rows prompt/completion/label (label "
-                    "true: a desirable completion, false: an undesirable one), for preference.loss: kto")
+                    "true: a desirable completion, false: an undesirable one), for preference.loss: kto; prompt: "
+                    "prompt rows for recipe: grpo, a `prompt` (messages, rendered with the chat template, or a "
+                    "string, used as it is) and any other columns, which the reward functions receive (e.g. answer)")
     split: str = Field("train", description="split of a Hugging Face dataset")
     subset: str | None = Field(None, description="configuration name of a Hugging Face dataset")
     field: str | None = Field(None, description="column holding the data when it is not the format's default "
@@ -167,8 +169,63 @@ class DistillConfig(Section):
                                                          "student's cross-entropy on the labels")
 
 
+class RewardFunction(Section):
+    name: str = Field(description="a built-in (exact_answer, regex_format, length_penalty, reward_model) or a Python "
+                                  "callable by import path, package.module:function, called as TRL calls reward "
+                                  "functions: f(prompts=, completions=, completion_ids=, **columns) -> a list of "
+                                  "floats (None: not scorable)")
+    weight: float = Field(1.0, description="weight of this function in the summed reward")
+    args: dict = Field({}, description="keyword arguments bound to the function (a built-in's settings, e.g. "
+                                       "regex_format's pattern)")
+
+
+class GRPOConfig(Section):
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (G): each prompt's group")
+    rollout_batch_size: int | None = Field(
+        None, ge=2, description="completions sampled per rollout over all processes (a multiple of num_generations "
+                                "and of batch_size); each rollout feeds rollout_batch_size / batch_size optimizer "
+                                "steps; null: batch_size")
+    max_completion_length: int = Field(256, ge=1, description="tokens sampled per completion at most")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0, le=1, description="rollouts' nucleus sampling")
+    top_k: int = Field(0, ge=0, description="rollouts' top-k (0: off)")
+    min_p: float = Field(0.0, ge=0, le=1, description="rollouts' min-p (0: off)")
+    loss: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="grpo: each completion's token mean, averaged; dr_grpo: the token sum over completions x "
+                            "max_completion_length; dapo: the token sum over the rollout's tokens per step; bnpo: "
+                            "over the step's tokens (formulas as TRL's, train/grpo.py)")
+    advantage: Literal["group", "rloo"] = Field(
+        "group", description="baseline of a completion's reward: its group's mean (GRPO) or the mean of the others "
+                             "(RLOO's leave-one-out)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the group's reward std, the rollout's, or not at all")
+    beta: float = Field(0.0, ge=0, description="weight of the KL to the reference (the starting model: adapters off "
+                                               "under LoRA, a frozen copy in full runs); 0: no reference pass")
+    epsilon: float = Field(0.2, gt=0, description="lower clip of the importance ratio (1 - epsilon)")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip (1 + epsilon_high; DAPO's clip-higher); "
+                                                                "null: epsilon")
+    delta: float | None = Field(None, gt=1, description="cap of the unclipped ratio (two-sided clipping); null: none")
+    num_iterations: int = Field(1, ge=1, description="passes over each rollout (the ratio is clipped from the "
+                                                     "second on)")
+    kl_bias_correction: bool = Field(True, description="multiply the KL term by the importance ratio (TRL's "
+                                                       "use_bias_correction_kl)")
+    importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask",
+                                      "none"] = Field(
+        "token_truncate", description="correction for the sampler's probabilities differing from the trainer's: "
+                                      "their ratio per token or per completion, truncated into [clip_min, clip_max] "
+                                      "or masked to 0 outside it; none: no correction")
+    importance_sampling_clip_min: float | None = Field(None, ge=0, description="lower bound of that ratio")
+    importance_sampling_clip_max: float | None = Field(3.0, gt=0, description="upper bound of that ratio")
+    rewards: list[RewardFunction] = Field(min_length=1, default_factory=lambda: [RewardFunction(name="exact_answer")],
+                                          description="reward functions, summed with their weights")
+    kv_cache_memory: float = Field(0.5, gt=0, description="GiB of KV cache for the rollout engine (freed while "
+                                                          "training: the engine sleeps)")
+    log_completions_every: int = Field(10, ge=0, description="write the rollout's prompts, completions and rewards to "
+                                                             "completions.jsonl every N rollouts (0: never)")
+
+
 class TrainConfig(Section):
-    recipe: Literal["sft", "dpo", "reward", "distill"] = Field(
+    recipe: Literal["sft", "dpo", "reward", "distill", "grpo"] = Field(
         "sft", description="sft: next-token loss on the responses; dpo: preference optimisation on "
                            "prompt/chosen/rejected pairs, or unpaired prompt/completion/label rows with loss: "
                            "kto (loss and settings in the preference section; reference: "
@@ -176,10 +233,13 @@ class TrainConfig(Section):
                            "reward: a reward model (the decoder with a scalar head `score`, read at each answer's "
                            "last token) trained by the Bradley-Terry loss on the same pairs, saved as a Hugging "
                            "Face sequence-classification directory; distill: knowledge distillation from the "
-                           "distill section's teacher on the responses of SFT-format data")
+                           "distill section's teacher on the responses of SFT-format data; grpo: online RL on "
+                           "format: prompt rows, rollouts sampled by the in-process engine from the model being "
+                           "trained and scored by the grpo section's reward functions")
     preference: PreferenceConfig = Field(PreferenceConfig(), description="recipe: dpo settings")
     reward: RewardConfig = Field(RewardConfig(), description="recipe: reward settings")
     distill: DistillConfig = Field(DistillConfig(), description="recipe: distill settings")
+    grpo: GRPOConfig = Field(GRPOConfig(), description="recipe: grpo settings")
     model: ModelConfig = ModelConfig()
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained: every weight, a LoRA "
                                                                          "adapter, or an adapter over NF4 weights")
@@ -223,6 +283,15 @@ class TrainConfig(Section):
         sources = (*self.data.train, *self.data.validation)
         pairs = [s.format == "preference" for s in sources]
         unpaired = [s.format == "kto" for s in sources]
+        prompts = [s.format == "prompt" for s in sources]
+        if (self.recipe == "grpo") != all(prompts) or (self.recipe != "grpo" and any(prompts)):
+            raise ValueError("recipe grpo samples its completions from prompt rows: every data source needs format: "
+                             "prompt" if self.recipe == "grpo" else
+                             f"format: prompt rows are for recipe: grpo, not {_recipe_name(self)}")
+        if self.recipe != "grpo" and self.grpo != GRPOConfig():
+            raise ValueError(f"the grpo section configures recipe: grpo, not {self.recipe}")
+        if self.recipe == "grpo":
+            _check_grpo(self)
         if self.recipe == "dpo" and self.preference.loss == "kto":
             if not all(unpaired):
                 raise ValueError("preference.loss kto trains on unpaired rows: every data source needs format: kto "
@@ -273,6 +342,22 @@ class TrainConfig(Section):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size x processes "
                              f"({self.micro_batch_size} x {world_size})")
         return self.batch_size // per_step
+
+
+def _check_grpo(cfg: TrainConfig) -> None:
+    g = cfg.grpo
+    rollout = g.rollout_batch_size or cfg.batch_size
+    if rollout % g.num_generations or rollout % cfg.batch_size:
+        raise ValueError(f"grpo.rollout_batch_size ({rollout}) must be a multiple of grpo.num_generations "
+                         f"({g.num_generations}) and of batch_size ({cfg.batch_size})")
+    if g.delta is not None and g.delta <= 1 + (g.epsilon if g.epsilon_high is None else g.epsilon_high):
+        raise ValueError(f"grpo.delta ({g.delta}) must exceed 1 + epsilon_high")
+    if cfg.data.max_seq_len <= g.max_completion_length:
+        raise ValueError(f"data.max_seq_len ({cfg.data.max_seq_len}) holds prompt and completion: it must exceed "
+                         f"grpo.max_completion_length ({g.max_completion_length})")
+    if cfg.data.val_fraction:
+        raise ValueError("recipe grpo scores held-out prompts from data.validation files (greedy completions, "
+                         "val_reward); data.val_fraction is not supported for it")
 
 
 def _recipe_name(cfg: TrainConfig) -> str:

@@ -104,10 +104,11 @@ class RowFormat:
         return Chat([user, {"role": "assistant", "content": output}])
 
     def _preference(self, record: dict) -> Preference:
-        return Preference(self._prompt(record), self._response(record, "chosen"), self._response(record, "rejected"))
+        return Preference(self.prompt_messages(record), self._response(record, "chosen"),
+                          self._response(record, "rejected"))
 
     def _unpaired(self, record: dict) -> Unpaired:
-        prompt, completion = self._prompt(record), self._response(record, "completion")
+        prompt, completion = self.prompt_messages(record), self._response(record, "completion")
         label = record.get("label")
         if not isinstance(label, bool):
             kind = "missing" if label is None else f"{label!r}, a {type(label).__name__}"
@@ -115,7 +116,7 @@ class RowFormat:
                                f"'label' must be true (desirable) or false (undesirable), got {kind}")
         return Unpaired(prompt, completion, label)
 
-    def _prompt(self, record: dict) -> list[Message]:
+    def prompt_messages(self, record: dict) -> list[Message]:
         prompt = record.get("prompt")
         if isinstance(prompt, str):
             messages = [{"role": "user", "content": _string(record, "prompt", allow_empty=False)}]

@@ -84,26 +84,37 @@ def sequence_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                          f"has {len(hidden)}")
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     doc = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens.to(hidden.device).long())
-    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-    hidden, labels, doc = hidden.index_select(0, rows), labels.index_select(0, rows), doc.index_select(0, rows)
-    token_logps = linear_log_probs(hidden, model.lm_head, labels)
-    if token_logps is None:
-        chunks = [_chunk_logps(model, h, y) for h, y in zip(hidden.split(CHUNK_ROWS), labels.split(CHUNK_ROWS),
-                                                              strict=True)]
-        token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-    logps = token_logps.new_zeros(len(lens)).index_add(0, doc, token_logps)
+    doc = doc[labels != IGNORE_INDEX]
+    logps = token_logps(model, hidden, labels)
+    sums = logps.new_zeros(len(lens)).index_add(0, doc, logps)
     counts = torch.zeros(len(lens), dtype=torch.long, device=hidden.device).index_add_(0, doc, torch.ones_like(doc))
-    return logps, counts
+    return sums, counts
 
 
-def _chunk_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+    """log p(label) at each row whose label is not -100, in row order, under softmax(logits / temperature): fused
+    with the head where it is a plain linear layer and temperature is 1, else chunk by chunk (checkpointed)."""
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+    logps = linear_log_probs(hidden, model.lm_head, labels) if temperature == 1 else None
+    if logps is None:
+        chunks = [_chunk_logps(model, h, y, temperature) for h, y in zip(hidden.split(CHUNK_ROWS),
+                                                                         labels.split(CHUNK_ROWS), strict=True)]
+        logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+    return logps
+
+
+def _chunk_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     if not torch.is_grad_enabled():
-        return _label_logps(model, hidden, labels)
-    return checkpoint(_label_logps, model, hidden, labels, use_reentrant=False)
+        return _label_logps(model, hidden, labels, temperature)
+    return checkpoint(_label_logps, model, hidden, labels, temperature, use_reentrant=False)
 
 
-def _label_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _label_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = model.logits(hidden)  # float32
+    if temperature != 1:
+        logits = logits / temperature
     return logits.gather(1, labels[:, None]).squeeze(1) - logits.logsumexp(dim=1)
 
 
