@@ -1,6 +1,9 @@
-"""Which tokens a sampled row keeps: after the temperature, top-k -> top-p -> min-p (HF's order), one definition for
+"""Hot path (the sampler's cut-offs): keep minimal.
+
+Which tokens a sampled row keeps: after the temperature, top-k -> top-p -> min-p (HF's order), one definition for
 the sampler (engine/sampler.py) and for a trainer that needs the distribution a token was actually drawn from
-(`processed_log_probs`, differentiable: GRPO's importance ratios). torch only, so a trainer imports it cheaply.
+(`processed_log_probs`, differentiable: GRPO's importance ratios). Imports torch only (and SamplingParams' checks),
+so a trainer loads it without the engine.
 
 Ties: every logit equal to a row's cut-off is kept, for top-k as HF's TopKLogitsWarper does and for top-p too,
 where HF's TopPLogitsWarper walks its sorted order one token at a time and may keep only some of the tied tokens
