@@ -210,3 +210,27 @@ def test_generate_returns_the_log_probs_of_the_trainers_processed_distribution(t
         reported.append(engine_lp)
         raw.append(torch.log_softmax(logits[rows], -1).gather(1, ids[rows + 1][:, None])[:, 0])
     assert (torch.cat(reported) - torch.cat(raw)).abs().min() > 0.01  # not the raw log-probs
+
+
+def test_server_sends_processed_log_probs_and_dropped_alternatives_as_the_floor(tmp_path):
+    """Over HTTP with --logprobs-mode processed_logprobs: top_k 1 keeps one token, so the sampled token's log-prob
+    is 0 and the other alternatives asked for are -inf, sent as vLLM's -9999.0 (JSON has no infinity)."""
+    from lmforge.engine.async_engine import AsyncEngine
+    from lmforge.serve.openai_api import create_app
+    from tests.unit.tiny_server import chat, request, run, tiny_chat_model
+
+    path = tiny_chat_model(tmp_path)
+    engine = AsyncEngine(model=str(path), dtype="float32", kv_cache_memory=0.002, block_size=4,
+                         logprobs_mode="processed_logprobs")
+    try:
+        app = create_app(engine, ["tiny"], model_root=str(path))
+        body = chat(max_tokens=4, ignore_eos=True, temperature=0.9, top_k=1, logprobs=True, top_logprobs=3)
+        response = run(request(app, "POST", "/v1/chat/completions", body))
+    finally:
+        engine.shutdown()
+    assert response.status_code == 200, response.text
+    content = response.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4
+    for entry in content:
+        assert entry["logprob"] == 0.0
+        assert [t["logprob"] for t in entry["top_logprobs"]] == [0.0, -9999.0, -9999.0]
