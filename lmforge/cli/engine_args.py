@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 
+from lmforge.engine.config import LOGPROBS_MODES
 from lmforge.errors import LmforgeError
 from lmforge.layers.kv_quant import KV_CACHE_DTYPES
 from lmforge.weights.resolve import DEFAULT_MODEL
@@ -33,6 +34,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "path). Default: float, or as a quantised checkpoint was saved")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no optional fast paths (lmforge's CPU kernels, step graphs): the plain PyTorch code only")
+    g.add_argument("--logprobs-mode", choices=LOGPROBS_MODES, default="raw_logprobs",
+                   help="what returned logprobs are: raw_logprobs (the model's distribution, the default), "
+                   "processed_logprobs (the distribution each token was sampled from: penalties, temperature, "
+                   "top-k/top-p/min-p applied), or the logits themselves (raw_logits, processed_logits)")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 4, '
                    '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (n-gram prompt lookup; default off)')
@@ -68,7 +73,7 @@ def engine_config(args: argparse.Namespace):
                         max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-                        speculative_config=spec, quantization=args.quantization)
+                        speculative_config=spec, quantization=args.quantization, logprobs_mode=args.logprobs_mode)
 
 
 def build_llm(args: argparse.Namespace):

@@ -7,6 +7,11 @@ import torch
 from lmforge.engine.speculative import SpeculativeConfig
 from lmforge.layers.kv_quant import KV_CACHE_DTYPES
 
+# what a sampled token's log-probs (and its top alternatives) are, as vLLM names the modes: of the raw model
+# distribution, or of the one the token was drawn from (constraints, penalties, temperature, top-k/p, min-p applied);
+# the *_logits modes report the logits themselves
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -33,6 +38,7 @@ class EngineConfig:
     quantization: str | None = None
     structured_outputs_timeout: float = 10.0  # s a grammar may take to compile before its request is refused
     reasoning_parser: str | None = None  # e.g. "qwen3": structured output starts after the thinking (serve/reasoning)
+    logprobs_mode: str = "raw_logprobs"  # one of LOGPROBS_MODES; prompt_logprobs are always raw log-probs
 
     def __post_init__(self):
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
@@ -48,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
 
 
 def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:

@@ -24,8 +24,10 @@ class LLM:
     block_size, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, scheduling_policy, seed,
     enforce_eager, enable_lora, max_loras, max_lora_rank, quantization ("int8", "int4", "gguf"; a .gguf path means
     "gguf"), speculative_config (vLLM's dict: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
-    "prompt_lookup_min": 1}). max_num_batched_tokens defaults to 4096 here, twice the server's 2048, as in vLLM on
-    CPU: offline work is all throughput, a server also keeps its streams moving.
+    "prompt_lookup_min": 1}), logprobs_mode ("raw_logprobs", the default, or "processed_logprobs": each sampled
+    token's log-prob under the distribution it was drawn from; "raw_logits", "processed_logits").
+    max_num_batched_tokens defaults to 4096 here, twice the server's 2048, as in vLLM on CPU: offline work is all
+    throughput, a server also keeps its streams moving.
 
     `model` may also be an lmforge model in memory, with `tokenizer=` its tokenizer: the engine then serves that
     live object (LLMEngine's update_weights / sleep / wake through `llm.engine`).

@@ -341,7 +341,8 @@ class LLMEngine:
                 sampling_rows.append(SamplingRow(seq.params, request.generators[index], seq.prompt_token_ids,
                                                  output + spec[:j] if j else output, self.eos_token_ids))
                 grammars.append(seq.grammar)
-        result = sample(logits, sampling_rows, batch_bitmask(grammars, logits.shape[1]), self.generator)
+        result = sample(logits, sampling_rows, batch_bitmask(grammars, logits.shape[1]), self.generator,
+                        self.config.logprobs_mode)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         i = 0

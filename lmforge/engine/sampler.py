@@ -6,8 +6,10 @@ semantics) apply first; greedy rows then take the argmax, the others go through 
 top-k -> top-p -> min-p (HF's order; vLLM v1 applies min-p before top-k/top-p) and an exponential race, which
 lets a seeded row draw its noise from its own generator. Cut-offs are found among each row's CANDIDATES largest
 logits, and rows whose kept tokens all lie there race there too; a full sort is for the rare row they cannot
-settle. Log-probs always come from the raw logits, so they match a training forward's log_softmax bit for bit. A grammar
-bitmask (structured output) masks its rows' disallowed tokens to -inf before anything else; other rows are untouched.
+settle (lmforge/engine/truncation.py). Log-probs come from the raw logits by default, so they match a training
+forward's log_softmax bit for bit; logprobs_mode="processed_logprobs" reports them under the distribution each token
+was drawn from instead (`_processed`). A grammar bitmask (structured output) masks its rows' disallowed tokens to
+-inf before anything else; other rows are untouched.
 """
 
 from dataclasses import dataclass
@@ -18,9 +20,8 @@ import torch
 from lmforge.engine.logits_processors import apply_constraints, constrained
 from lmforge.engine.sampling_params import SamplingParams
 from lmforge.engine.structured import apply_bitmask
+from lmforge.engine.truncation import cutoffs, dropped
 from lmforge.kernels import usable
-
-CANDIDATES = 256  # top-k / top-p cut-offs are looked for among each row's largest logits before any full sort
 
 
 @dataclass(slots=True)
@@ -37,16 +38,16 @@ class SamplingRow:
 @dataclass(slots=True)
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float] | None  # each sampled token under the raw distribution; None when no row asked
+    logprobs: list[float] | None  # each sampled token's, as logprobs_mode says; None when no row asked
     top_logprobs: list[list[tuple[int, float]]] | None  # per row its params.logprobs best (id, logprob), else []
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], grammar: tuple[torch.Tensor, list[int]] | None = None,
-           generator: torch.Generator | None = None) -> SampleResult:
+           generator: torch.Generator | None = None, logprobs_mode: str = "raw_logprobs") -> SampleResult:
     """logits [N, V] (any float dtype; fp32 is used beyond greedy), row i belonging to rows[i] -> one token per row
-    (and raw log-probs where asked). grammar: a packed allowed-token bitmask and the rows it constrains
+    (and log-probs where asked). grammar: a packed allowed-token bitmask and the rows it constrains
     (lmforge/engine/structured.py). generator: the draws of rows without their own (the engine's; None: torch's
-    global one)."""
+    global one). logprobs_mode: what the log-probs are (EngineConfig.logprobs_mode)."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"sample: logits of shape {tuple(logits.shape)} for {len(rows)} rows; expected [rows, vocab]")
     if not rows:
@@ -78,14 +79,22 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], grammar: tuple[torch.T
     random_idx = [i for i, g in enumerate(greedy) if not g]
     if greedy_idx:
         tokens[greedy_idx] = (work if not random_idx else work[greedy_idx]).argmax(-1)
+    truncated = None
     if random_idx:
         owned = work is not logits or bool(greedy_idx)
-        tokens[random_idx] = _sample_random(work if not greedy_idx else work[random_idx],
-                                            [rows[i] for i in random_idx], owned, generator)
+        tokens[random_idx], truncated = _sample_random(work if not greedy_idx else work[random_idx],
+                                                       [rows[i] for i in random_idx], owned, generator)
     token_ids = tokens.tolist()
     if not want_logprobs:
         return SampleResult(token_ids, None, None)
-    return _logprobs(logits, tokens, token_ids, params)
+    if logprobs_mode == "raw_logprobs":
+        return _logprobs(torch.log_softmax(logits, -1), tokens, token_ids, params)
+    if logprobs_mode == "raw_logits":
+        return _logprobs(logits, tokens, token_ids, params)
+    scores = _processed(work, greedy_idx, random_idx, truncated)
+    if logprobs_mode == "processed_logprobs":
+        scores = torch.log_softmax(scores, -1)
+    return _logprobs(scores, tokens, token_ids, params)
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
@@ -96,9 +105,13 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return x.max(-1).indices
 
 
+Truncation = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # tempered logits, cut-off, min_p
+
+
 def _sample_random(x: torch.Tensor, rows: list[SamplingRow], owned: bool, shared: torch.Generator | None
-                   ) -> torch.Tensor:
-    """x [M, V] penalised logits of the non-greedy rows (modified in place when `owned`) -> token ids [M]."""
+                   ) -> tuple[torch.Tensor, Truncation]:
+    """x [M, V] penalised logits of the non-greedy rows (modified in place when `owned`) -> token ids [M], and the
+    tempered logits with the cut-offs the draw used (for processed log-probs; nothing extra is computed)."""
     m, v = x.shape
     dev = x.device
     params = [r.params for r in rows]
@@ -110,9 +123,9 @@ def _sample_random(x: torch.Tensor, rows: list[SamplingRow], owned: bool, shared
         min_p = torch.tensor([p.min_p for p in params], dtype=x.dtype, device=dev)[:, None]
     top_k = [p.top_k if 0 < p.top_k < v else v for p in params]  # v: no top-k cut
     if all(k == v for k in top_k) and all(p.top_p >= 1 for p in params):
-        return _race(_probs(x, None, min_p), gens, shared)
+        return _race(_probs(x, None, min_p), gens, shared), (x, None, min_p)
     k = torch.tensor(top_k, device=dev)
-    vals, idx, cut = _cutoffs(x, k, torch.tensor([p.top_p for p in params], dtype=x.dtype, device=dev))
+    vals, idx, cut = cutoffs(x, k, torch.tensor([p.top_p for p in params], dtype=x.dtype, device=dev))
     # Rows whose kept logits all lie among their candidates race there: a few hundred columns, not the vocabulary.
     # Whether a row does depends on its own logits only, so seeded rows draw the same noise in any batch.
     inside = ((vals[:, -1:] < cut)[:, 0] | (vals.shape[1] == v)).tolist()
@@ -128,61 +141,15 @@ def _sample_random(x: torch.Tensor, rows: list[SamplingRow], owned: bool, shared
             tokens[sel] = idx[sel].gather(1, pick[:, None])[:, 0]
         else:
             tokens[sel] = _race(_probs(x[sel], cut[sel], mp), [gens[i] for i in group], shared)
-    return tokens
+    return tokens, (x, cut, min_p)
 
 
 def _probs(x: torch.Tensor, cut: torch.Tensor | None, min_p: torch.Tensor | None) -> torch.Tensor:
-    """exp(x - max): unnormalised probabilities (the race needs no normalising), zero below each row's cut-off
-    logit and, as HF's min-p, where prob < min_p * max prob (max prob is 1 here)."""
+    """exp(x - max): unnormalised probabilities (the race needs no normalising), zero where truncation.dropped
+    says: below each row's cut-off logit and, as HF's min-p, where prob < min_p * max prob (max prob is 1 here)."""
     e = (x - x.amax(-1, keepdim=True)).exp_()
-    if cut is not None:
-        e.masked_fill_(x < cut, 0.0)
-    if min_p is not None:
-        e.masked_fill_(e < min_p, 0.0)
-    return e
-
-
-def _cutoffs(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's CANDIDATES largest logits (descending) with their ids, and its cut-off: the smallest logit kept
-    by top-k then top-p ([M, 1], -inf: no cut; logits equal to it are kept, as HF's top-k does). Only rows whose
-    cut-off the candidates cannot settle (a nucleus reaching past them, or a top-k tie running past them) are
-    fully sorted."""
-    v = x.shape[1]
-    vals, idx = x.topk(CANDIDATES, -1) if CANDIDATES < v else x.sort(-1, descending=True)
-    cut, settled = _cutoff_from_sorted(vals, x, k, p)
-    redo = (~settled).nonzero()[:, 0]
-    if len(redo):
-        xs = x[redo]
-        cut[redo] = _cutoff_from_sorted(xs.sort(-1, descending=True).values, xs, k[redo], p[redo])[0]
-    return vals, idx, cut
-
-
-def _cutoff_from_sorted(desc: torch.Tensor, x: torch.Tensor, k: torch.Tensor, p: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """desc: each row's largest logits sorted descending, all V or a prefix. -> the cut-off ([M, 1]) and whether
-    the prefix was long enough to settle it ([M])."""
-    m, w = desc.shape
-    v = x.shape[1]
-    has_k = k < v
-    kth = desc.gather(1, (k.clamp(max=w) - 1)[:, None]).masked_fill_(~has_k[:, None], float("-inf"))
-    settled = (desc[:, -1] < kth[:, 0]) | ~has_k | (w == v)
-    nucleus = p < 1
-    if not nucleus.any():
-        return kth, settled
-    # top-p renormalises over the top-k survivors: within the prefix for settled top-k rows, else the whole row
-    e = (desc - desc[:, :1]).exp_().masked_fill_(desc < kth, 0.0)
-    total = e.sum(-1)
-    whole = (~has_k & nucleus).nonzero()[:, 0] if w < v else []
-    if len(whole):
-        xs = x if len(whole) == m else x[whole]
-        ds = desc if len(whole) == m else desc[whole]
-        total[whole] = (xs - ds[:, :1]).exp_().sum(-1)
-    above = e.cumsum(-1).sub_(e)  # mass of the strictly larger logits: a logit is kept while that is < top_p
-    # at least the top logit: a top_p so small that p * total underflows to 0 still keeps one token (as HF's)
-    kept = (above < (p * total)[:, None]).sum(-1).clamp_(min=1)
-    cut = desc.gather(1, (kept - 1)[:, None]).masked_fill_(~nucleus[:, None], float("-inf"))
-    settled &= ~(nucleus & ~has_k & (kept == w)) | (w == v)
-    return torch.maximum(kth, cut), settled
+    drop = dropped(x, cut, min_p, e)
+    return e if drop is None else e.masked_fill_(drop, 0.0)
 
 
 def _race(probs: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator | None
@@ -246,10 +213,29 @@ def _mask_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow], held: list[
         logits[r, t] = float("-inf")
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, token_ids: list[int],
-              params: list[SamplingParams]) -> SampleResult:
-    """Log-probs of the raw distribution: the sampled token's for every row, the top-k for rows that ask."""
-    lp = torch.log_softmax(logits, -1)
+def _processed(work: torch.Tensor, greedy_idx: list[int], random_idx: list[int], truncated: Truncation | None
+               ) -> torch.Tensor:
+    """[N, V] the logits each row was drawn from: sampled rows' tempered logits with their dropped tokens at -inf;
+    greedy rows' `work` as it is (constraints and penalties applied, no temperature, no cut-offs), which is what
+    vLLM reports for them (its greedy rows skip temperature, and its SamplingParams turn top-k/p and min-p off)."""
+    if truncated is None:
+        return work
+    x, cut, min_p = truncated  # x: a tensor the sampler made for this step, free to change
+    drop = dropped(x, cut, min_p)
+    if drop is not None:
+        x.masked_fill_(drop, float("-inf"))
+    if not greedy_idx:
+        return x
+    out = torch.empty_like(work)
+    out[greedy_idx] = work[greedy_idx]
+    out[random_idx] = x
+    return out
+
+
+def _logprobs(lp: torch.Tensor, tokens: torch.Tensor, token_ids: list[int], params: list[SamplingParams]
+              ) -> SampleResult:
+    """lp [N, V] the scores to report (log-probs, or logits in the *_logits modes): the sampled token's for every
+    row, the top-k for rows that ask."""
     sampled = lp.gather(1, tokens[:, None])[:, 0].tolist()
     top: list[list[tuple[int, float]]] = [[] for _ in params]
     ask = [i for i, p in enumerate(params) if p.logprobs]

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from lmforge.engine import sampler
+from lmforge.engine import sampler, truncation
 from lmforge.engine.sampler import SamplingRow, sample
 from lmforge.engine.sampling_params import SamplingParams
 
 # A vocabulary wider than the sampler's candidate set, so both the candidate and the whole-vocabulary paths run
-V = 4 * sampler.CANDIDATES
+V = 4 * truncation.CANDIDATES
 
 
 def row(prompt=(1, 2), output=(), eos=frozenset({0}), seed=None, **params) -> SamplingRow:
@@ -94,7 +94,7 @@ def test_top_k_top_p_min_p_keep_what_transformers_keeps(cut, scale):
         ref = MinPLogitsWarper(cut["min_p"])(None, ref)
     params = SamplingParams(temperature=temperature, **cut)
     k = torch.tensor([params.top_k or V] * 3)
-    _, _, cutoff = sampler._cutoffs(x.clone(), k, torch.full((3,), params.top_p))
+    _, _, cutoff = truncation.cutoffs(x.clone(), k, torch.full((3,), params.top_p))
     min_p = torch.full((3, 1), params.min_p) if params.min_p else None
     kept = sampler._probs(x, cutoff, min_p) > 0
     assert torch.equal(kept, ref.isfinite())
