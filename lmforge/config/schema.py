@@ -182,9 +182,10 @@ class RewardFunction(Section):
 class GRPOConfig(Section):
     num_generations: int = Field(8, ge=2, description="completions sampled per prompt (G): each prompt's group")
     rollout_batch_size: int | None = Field(
-        None, ge=2, description="completions sampled per rollout over all processes (a multiple of num_generations "
-                                "and of batch_size); each rollout feeds rollout_batch_size / batch_size optimizer "
-                                "steps; null: batch_size")
+        None, ge=2, description="completions sampled per rollout over all processes (a multiple of batch_size, "
+                                "itself a multiple of num_generations: each optimizer step trains whole groups); "
+                                "each rollout feeds rollout_batch_size / batch_size optimizer steps; null: "
+                                "batch_size")
     max_completion_length: int = Field(256, ge=1, description="tokens sampled per completion at most")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
     top_p: float = Field(1.0, gt=0, le=1, description="rollouts' nucleus sampling")
@@ -347,9 +348,10 @@ class TrainConfig(Section):
 def _check_grpo(cfg: TrainConfig) -> None:
     g = cfg.grpo
     rollout = g.rollout_batch_size or cfg.batch_size
-    if rollout % g.num_generations or rollout % cfg.batch_size:
-        raise ValueError(f"grpo.rollout_batch_size ({rollout}) must be a multiple of grpo.num_generations "
-                         f"({g.num_generations}) and of batch_size ({cfg.batch_size})")
+    if cfg.batch_size % g.num_generations or rollout % cfg.batch_size:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of grpo.num_generations "
+                         f"({g.num_generations}) (an optimizer step trains whole groups) and grpo.rollout_batch_size "
+                         f"({rollout}) a multiple of batch_size")
     if g.delta is not None and g.delta <= 1 + (g.epsilon if g.epsilon_high is None else g.epsilon_high):
         raise ValueError(f"grpo.delta ({g.delta}) must exceed 1 + epsilon_high")
     if cfg.data.max_seq_len <= g.max_completion_length:

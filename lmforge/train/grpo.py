@@ -35,6 +35,9 @@ import torch
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 Correction = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"]
 STD_EPS = 1e-4  # TRL's: a group whose rewards are all equal gets advantage 0, not a division by zero
+# Log-probs under the processed (top-k / top-p / min-p) distribution are floored at -1e4 for a token outside it
+# (train/preference.py LOGP_FLOOR): below DROPPED a token was dropped by that policy's cut-offs.
+DROPPED = -1e3
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,15 @@ def grpo_loss(settings: GRPOSettings, logps: torch.Tensor, seq_index: torch.Tens
     completion tokens; advantages [S]. old_logps [N]: the log-probs when the batch was sampled (None: on-policy,
     logps detached); ref_logps [N]: the reference's (required when beta > 0); correction [N]: sampler_correction."""
     old = logps.detach() if old_logps is None else old_logps.detach()
+    # A token outside the current, old or reference policy's kept set weighs nothing (PPO's clip would give it no
+    # gradient either); its log-probs are replaced by finite stand-ins first, so that no inf reaches backward.
+    kept = (logps.detach() > DROPPED) & (old > DROPPED)
+    if ref_logps is not None:
+        kept &= ref_logps > DROPPED
+    if not kept.all():
+        logps = torch.where(kept, logps, logps.detach().clamp(min=DROPPED))
+        old = torch.where(kept, old, logps.detach())
+        ref_logps = None if ref_logps is None else torch.where(kept, ref_logps, logps.detach())
     ratio = (logps - old).exp()
     clipped = ratio.clamp(1 - settings.epsilon, 1 + settings.high)
     capped = ratio if settings.delta is None else ratio.clamp(max=settings.delta)
@@ -159,7 +171,7 @@ def grpo_loss(settings: GRPOSettings, logps: torch.Tensor, seq_index: torch.Tens
     token_losses = -torch.minimum(capped * adv, clipped * adv)
     if correction is not None:
         token_losses = token_losses * correction
-    sums = {"tokens": logps.new_tensor(float(len(logps)))}
+    sums = {"tokens": logps.new_tensor(float(len(logps))), "dropped": (~kept).sum().float()}
     if settings.beta:
         if ref_logps is None:
             raise ValueError("beta > 0 needs the reference policy's log-probs")
@@ -168,13 +180,13 @@ def grpo_loss(settings: GRPOSettings, logps: torch.Tensor, seq_index: torch.Tens
         if settings.kl_bias_correction:
             kl = kl * ratio
         token_losses = token_losses + settings.beta * kl
-        sums["kl"] = kl.detach().sum()
+        sums["kl"] = (kl.detach() * kept).sum()
     if settings.loss_type == "grpo":  # each sequence's token mean
         token_losses = token_losses / seq_tokens.to(logps.dtype).clamp(min=1).index_select(0, seq_index)
-    loss = token_losses.sum() / denominators.of(settings)
+    loss = (token_losses * kept).sum() / denominators.of(settings)
     with torch.no_grad():
-        low = (ratio < 1 - settings.epsilon) & (adv < 0)
-        high = (ratio > 1 + settings.high) & (adv > 0)
+        low = (ratio < 1 - settings.epsilon) & (adv < 0) & kept
+        high = (ratio > 1 + settings.high) & (adv > 0) & kept
         sums.update(clipped_low=low.sum().float(), clipped_high=high.sum().float(),
                     clipped_region=(low | high).sum().float())
     return GRPOOutput(loss, sums)

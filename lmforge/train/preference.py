@@ -28,10 +28,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.data.dataset import IGNORE_INDEX
+from lmforge.engine.sampling_params import SamplingParams
+from lmforge.engine.truncation import processed_log_probs
 from lmforge.train.loss import CHUNK_ROWS, linear_log_probs
 
 PairedLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 REFERENCE_FREE = ("simpo", "orpo")  # they need no reference log-probs and use length-averaged log-probs
+LOGP_FLOOR = -1e4  # a sampled token the trainer's cut-offs drop (logits a hair apart): ratio exp(floor - old) = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,29 +95,37 @@ def sequence_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
 
 
 def token_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                temperature: float = 1.0) -> torch.Tensor:
-    """log p(label) at each row whose label is not -100, in row order, under softmax(logits / temperature): fused
-    with the head where it is a plain linear layer and temperature is 1, else chunk by chunk (checkpointed)."""
+                sampling: SamplingParams | None = None) -> torch.Tensor:
+    """log p(label) at each row whose label is not -100, in row order: under the model's distribution, or under the
+    one an engine samples from with `sampling`'s temperature, top-k, top-p and min-p (engine/truncation.py
+    processed_log_probs; a token outside the kept set gets LOGP_FLOOR instead of -inf, so it weighs nothing and
+    keeps the loss finite). Fused with the head where it is a plain linear layer and the distribution is the
+    model's, else chunk by chunk (checkpointed)."""
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
-    logps = linear_log_probs(hidden, model.lm_head, labels) if temperature == 1 else None
+    plain = sampling is None or (sampling.temperature == 1 and sampling.top_k in (0, -1) and sampling.top_p == 1
+                                 and not sampling.min_p)
+    logps = linear_log_probs(hidden, model.lm_head, labels) if plain else None
     if logps is None:
-        chunks = [_chunk_logps(model, h, y, temperature) for h, y in zip(hidden.split(CHUNK_ROWS),
-                                                                         labels.split(CHUNK_ROWS), strict=True)]
+        chunks = [_chunk_logps(model, h, y, None if plain else sampling)
+                  for h, y in zip(hidden.split(CHUNK_ROWS), labels.split(CHUNK_ROWS), strict=True)]
         logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
     return logps
 
 
-def _chunk_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                 sampling: SamplingParams | None) -> torch.Tensor:
     if not torch.is_grad_enabled():
-        return _label_logps(model, hidden, labels, temperature)
-    return checkpoint(_label_logps, model, hidden, labels, temperature, use_reentrant=False)
+        return _label_logps(model, hidden, labels, sampling)
+    return checkpoint(_label_logps, model, hidden, labels, sampling, use_reentrant=False)
 
 
-def _label_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def _label_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                 sampling: SamplingParams | None) -> torch.Tensor:
     logits = model.logits(hidden)  # float32
-    if temperature != 1:
-        logits = logits / temperature
+    if sampling is not None:
+        return processed_log_probs(logits, labels, sampling.temperature, sampling.top_k, sampling.top_p,
+                                   sampling.min_p).clamp(min=LOGP_FLOOR)
     return logits.gather(1, labels[:, None]).squeeze(1) - logits.logsumexp(dim=1)
 
 

@@ -151,14 +151,26 @@ def build_rewards(specs: list[RewardFunction]) -> list[Reward]:
             rewards.append(Reward("reward_model", spec.weight, fn))
             continue
         fn = BUILT_IN.get(spec.name) or _import(spec.name, where)
-        try:
-            inspect.signature(fn).bind_partial(**spec.args)
-        except TypeError as e:
-            raise LmforgeError(f"{where}: {spec.name} does not take args {sorted(spec.args)}: {e}") from None
-        except ValueError:  # a builtin without a signature: its call will say
-            pass
+        _check_args(fn, spec, where, built_in=spec.name in BUILT_IN)
         rewards.append(Reward(spec.name, spec.weight, functools.partial(fn, **spec.args) if spec.args else fn))
     return rewards
+
+
+def _check_args(fn: Callable, spec: RewardFunction, where: str, built_in: bool) -> None:
+    """Arguments the function cannot take fail at load; a built-in's **_ swallows the row's columns, not args."""
+    try:
+        signature = inspect.signature(fn)
+    except ValueError:  # a C function without a signature: its call will say
+        return
+    named = {n for n, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    unknown = sorted(set(spec.args) - named) if built_in else []
+    try:
+        signature.bind_partial(**spec.args)
+    except TypeError:
+        unknown = unknown or sorted(spec.args)
+    if unknown:
+        takes = sorted(named - {"prompts", "completions", "completion_ids"})
+        raise LmforgeError(f"{where}: {spec.name} does not take args {unknown} (it takes {takes})")
 
 
 def _import(name: str, where: str) -> Callable:

@@ -7,12 +7,23 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lmforge.cli import main as cli_main
 from lmforge.config import load_config
+from lmforge.data.prompts import load_prompts
 from lmforge.data.tasks import arithmetic
-from tests.train_refs import metrics
+from lmforge.errors import LmforgeError
+from lmforge.layers.attention import AttnMeta
+from lmforge.train.model import build_trainable
+from lmforge.train.preference import token_logps
+from lmforge.train.recipes import grpo, sft
+from tests.train_refs import metrics, train_until_killed
+from tests.unit.test_train_distributed import train_procs
+from tests.unit.test_train_step import KeepGrads
+
+SAMPLING = {"grpo__temperature": 0.8, "grpo__top_p": 0.95, "grpo__top_k": 40}  # the processed distribution
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -33,7 +44,8 @@ def make_config(tmp_path, tiny_chat_model):
                "grpo": {"num_generations": 4, "max_completion_length": 12, "kv_cache_memory": 0.05,
                         "rewards": [{"name": "exact_answer"},
                                     {"name": "length_penalty", "weight": 0.5, "args": {"max_length": 12,
-                                                                                       "buffer": 8}}]},
+                                                                                       "buffer": 8}},
+                                    {"name": "tests.unit.test_grpo_recipe:small_ids", "weight": 0.3}]},
                "micro_batch_size": 4, "batch_size": 8, "max_steps": 4, "threads": 2, "optimizer": {"lr": 1e-2},
                "precision": "fp32", "output_dir": str(tmp_path / name), "eval": {"every_steps": 2}}
         for key, value in overrides.items():
@@ -49,8 +61,25 @@ def make_config(tmp_path, tiny_chat_model):
     return make
 
 
+def build(config: Path):
+    cfg = load_config(config)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, _ = build_trainable(cfg, torch.device("cpu"))
+    prompts = load_prompts(cfg.data.train, "data.train", cfg.data, tokenizer, 64)
+    return cfg, model, grpo.Rollouts(cfg, model, tokenizer, prompts, sft_world(), torch.device("cpu"), None)
+
+
+def sft_world():
+    from lmforge.train import dist
+
+    return dist.SINGLE
+
+
 def test_a_run_logs_rewards_losses_and_completions(make_config, tmp_path):
-    config = make_config("run", grpo__beta=0.04)
+    """Every step's metrics (TRL's names), the held-out reward before training and at each evaluation, the rollouts'
+    completions, the adapter; after every weight sync the engine's log-probs of its sampled tokens (under
+    temperature, top-p and top-k) are the training forward's."""
+    config = make_config("run", grpo__beta=0.04, grpo__rollout_batch_size=16, **SAMPLING)
     assert cli_main(["train", str(config)]) == 0
     records = metrics(tmp_path / "run")
     steps = [r for r in records if "loss" in r]
@@ -60,18 +89,127 @@ def test_a_run_logs_rewards_losses_and_completions(make_config, tmp_path):
                 "clip_ratio/region_mean", "sampling/logp_diff_mean", "completions/mean_length",
                 "rollout/tokens_per_s", "update/tokens_per_s"):
         assert key in first, key
-    assert first["sampling/logp_diff_mean"] < 1e-4  # the engine's log-probs are the trainer's
+    assert "reward" in steps[2] and "reward" not in steps[1]  # two steps per rollout
+    for r in steps:
+        assert r["sampling/logp_diff_mean"] < 1e-4, r  # the engine's log-probs are the trainer's, every step
     evals = [r for r in records if "val_reward" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
     lines = (tmp_path / "run" / "completions.jsonl").read_text().splitlines()
-    assert len(lines) == 8 and set(json.loads(lines[0])) >= {"prompt", "completion", "rewards", "advantage"}
+    assert len(lines) == 16 and set(json.loads(lines[0])) >= {"prompt", "completion", "rewards", "advantage"}
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
 
 
 def test_schema_refuses_configs_it_cannot_run(make_config):
     with pytest.raises(Exception, match="multiple of grpo.num_generations"):
-        load_config(make_config("a", grpo__rollout_batch_size=10))
+        load_config(make_config("a", grpo__rollout_batch_size=12))
     with pytest.raises(Exception, match="format: prompt"):
         load_config(make_config("b", recipe="sft"))
     with pytest.raises(Exception, match="must exceed grpo.max_completion_length"):
         load_config(make_config("c", data__max_seq_len=12))
+
+
+def test_a_rollout_after_a_weight_change_samples_from_the_new_weights(make_config):
+    """The engine serves the live parameters: after one layer changes in place, the same seeded requests sample
+    other completions, and their log-probs are the changed model's training forward's (processed distribution)."""
+    cfg, model, rollouts = build(make_config("live", **SAMPLING))
+    rows = rollouts.prompts[:3]
+    before = rollouts.sample(rows, [1, 2, 3], 2)
+    assert [s.completion_ids for s in rollouts.sample(rows, [1, 2, 3], 2)] == [s.completion_ids for s in before]
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.base_layer.weight.mul_(3.0)
+    after = rollouts.sample(rows, [1, 2, 3], 2)
+    assert [s.completion_ids for s in after] != [s.completion_ids for s in before]
+    micro = grpo.micro_batch(after, torch.device("cpu"))
+    b = micro.batch
+    with torch.no_grad():
+        hidden = model(b.input_ids, b.positions, AttnMeta.for_training(b.cu_seqlens))
+        trainer = token_logps(model, hidden, b.labels, rollouts.sampling)
+    torch.testing.assert_close(trainer, micro.sampled, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"grpo__loss": "grpo", "grpo__beta": 0.1, "method": "full"},
+                                       {"grpo__loss": "dr_grpo", "grpo__num_iterations": 2},
+                                       {"grpo__loss": "bnpo", "grpo__advantage": "rloo"}])
+def test_a_step_split_into_micro_batches_equals_one_batch(make_config, overrides):
+    cfg, model, rollouts = build(make_config("split", micro_batch_size=2, **overrides))
+    steps, _, _ = rollouts.collect(0)
+    window = steps[0]
+    assert len(window) == 4
+    objective = grpo.GRPOObjective(cfg, model)
+    with torch.no_grad():  # move off the sampling weights so that ratios, clipping and the KL are not trivial
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    opt = KeepGrads([p for p in model.parameters() if p.requires_grad])
+    small, _ = sft.train_step(model, window, cfg, opt, None, objective=objective)
+    small_grads = opt.seen
+    joined = grpo.micro_batch([s for m in window for s in m.sequences], torch.device("cpu"))
+    joined.old = None if window[0].old is None else torch.cat([m.old for m in window])
+    joined.ref = None if window[0].ref is None else torch.cat([m.ref for m in window])
+    big, _ = sft.train_step(model, [joined], cfg, opt, None, objective=objective)
+    assert small.keys() == big.keys()
+    for name in small:
+        assert small[name] == pytest.approx(big[name], rel=1e-6, abs=1e-6), name
+    for a, b in zip(small_grads, opt.seen, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert max(g.abs().max() for g in small_grads) > 0
+
+
+def test_a_killed_run_resumes_with_the_same_rewards_and_losses(make_config, tmp_path):
+    settings = {"max_steps": 8, "eval__every_steps": 0, "checkpoint__every_steps": 2, "lora__dropout": 0.1,
+                **SAMPLING}
+    grpo.main(load_config(make_config("baseline", **settings)))
+    killed = make_config("killed", **settings)
+    done = train_until_killed(killed, tmp_path / "killed", 5)
+    assert 5 <= done < 8
+    grpo.main(load_config(killed))
+    want, got = metrics(tmp_path / "baseline"), metrics(tmp_path / "killed")
+    assert [r["step"] for r in got if "loss" in r] == list(range(1, 9))
+    for a, b in zip([r for r in want if "loss" in r], [r for r in got if "loss" in r], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["reward"] == a["reward"], a["step"]
+
+
+def test_two_processes_reach_the_single_process_losses(make_config):
+    settings = {"micro_batch_size": 2, "threads": 1, "grpo__beta": 0.05, "grpo__rollout_batch_size": 16,
+                "eval__every_steps": 4, **SAMPLING}
+    single = load_config(make_config("single", **settings))
+    grpo.main(single)
+    run = train_procs(make_config("ddp", distributed__strategy="ddp", **settings))
+    want, got = metrics(Path(single.output_dir)), metrics(run)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(want, got, strict=True):
+        for name, value in a.items():
+            if name.startswith(("loss", "reward", "kl", "clip_ratio", "val_", "completions/")):
+                assert b[name] == pytest.approx(value, abs=1e-5, rel=1e-5), (a["step"], name)
+
+
+def small_ids(completion_ids, **_):
+    """A reward a random tiny model's completions differ in (exact answers are all 0 for it): the share of token ids
+    below 25,000."""
+    return [sum(t < 25_000 for t in ids) / len(ids) for ids in completion_ids]
+
+
+def boom(prompts, completions, answer, **_):
+    return [1.0 if a != "7" else 1 / 0 for a in answer]
+
+
+def short(completions, **_):
+    return [1.0] * (len(completions) - 1)
+
+
+def test_bad_reward_functions_and_rows_stop_the_run_with_their_place(make_config, tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "answer": "7"})
+                                          + "\n" + (tmp_path / "train.jsonl").read_text())
+    config = make_config("bad", grpo__rewards=[{"name": "tests.unit.test_grpo_recipe:boom"}])
+    with pytest.raises(LmforgeError, match=r"reward function tests.unit.test_grpo_recipe:boom raised "
+                                           r"ZeroDivisionError.*train.jsonl:1\)"):
+        grpo.main(load_config(config))
+    with pytest.raises(LmforgeError, match=r"short returned \d+ values for \d+ completions \(rows .*val.jsonl:1 to"):
+        grpo.main(load_config(make_config("short", grpo__rewards=[{"name": "tests.unit.test_grpo_recipe:short"}])))
+    with pytest.raises(LmforgeError, match="grpo.rewards.0: cannot import nowhere:thing"):
+        grpo.main(load_config(make_config("missing", grpo__rewards=[{"name": "nowhere:thing"}])))
+    with pytest.raises(LmforgeError, match="regex_format does not take args"):
+        grpo.main(load_config(make_config("args", grpo__rewards=[{"name": "regex_format", "args": {"x": 1}}])))
+    (tmp_path / "train.jsonl").write_text("{\"prompt\": 3}\n" + (tmp_path / "train.jsonl").read_text())
+    with pytest.raises(LmforgeError, match=r"train.jsonl:1: .*prompt"):
+        grpo.main(load_config(make_config("strict", data__strict=True)))

@@ -17,6 +17,7 @@ in full runs). Their gap, trainer vs sampler, is logged every step (sampling/log
 (grpo.importance_sampling_mode).
 """
 
+import dataclasses
 import json
 import logging
 import time
@@ -35,7 +36,7 @@ from lmforge.layers.lora import lora_disabled
 from lmforge.models import build_model
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import dist
-from lmforge.train.grpo import Denominators, GRPOSettings, group_advantages, grpo_loss, sampler_correction
+from lmforge.train.grpo import DROPPED, Denominators, GRPOSettings, group_advantages, grpo_loss, sampler_correction
 from lmforge.train.log import MetricsLog, NoMetrics, require_backends
 from lmforge.train.model import build_trainable, gathered_weights, save_trainable
 from lmforge.train.optim import build_optimizer, build_scheduler
@@ -68,6 +69,14 @@ def settings_of(cfg: TrainConfig) -> GRPOSettings:
                         g.max_completion_length)
 
 
+def sampling_of(cfg: TrainConfig) -> SamplingParams:
+    """The rollouts' sampling: the engine returns each token's log-prob under this processed distribution, and
+    the trainer computes its own under the same one."""
+    g = cfg.grpo
+    return SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
+                          max_tokens=g.max_completion_length, logprobs=0)
+
+
 @dataclass
 class Sequence:
     """One sampled completion with what the loss needs of it."""
@@ -86,6 +95,7 @@ class MicroBatch:
     """A flat packed batch of whole sequences (prompt + completion) and per-token tensors over their completion
     tokens, in the order token_logps returns them."""
 
+    sequences: list[Sequence]
     batch: Batch
     seq_tokens: torch.Tensor  # [S] completion tokens per sequence
     seq_index: torch.Tensor  # [N] each completion token's sequence
@@ -114,7 +124,7 @@ def micro_batch(sequences: list[Sequence], device: torch.device) -> MicroBatch:
     tensor = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
     batch = Batch(tensor(ids), tensor(positions), cu.to(device), tensor(labels), sum(completion))
     seq_tokens = tensor(completion)
-    return MicroBatch(batch, seq_tokens, torch.repeat_interleave(torch.arange(len(sequences), device=device),
+    return MicroBatch(sequences, batch, seq_tokens, torch.repeat_interleave(torch.arange(len(sequences), device=device),
                                                                  seq_tokens),
                       tensor([s.advantage for s in sequences], torch.float32),
                       tensor([lp for s in sequences for lp in s.sampled_logps], torch.float32))
@@ -126,7 +136,7 @@ class GRPOObjective:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module):
         self.settings = settings_of(cfg)
         self.model = model
-        self.temperature = cfg.grpo.temperature
+        self.sampling = sampling_of(cfg)
         self.rollout_tokens_per_step = 1.0  # set per rollout (dapo's denominator)
 
     def totals(self, window: list[MicroBatch]) -> list[float]:
@@ -135,7 +145,7 @@ class GRPOObjective:
     def loss(self, runner, micro: MicroBatch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = micro.batch
         hidden = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
-        logps = token_logps(self.model, hidden, batch.labels, self.temperature)
+        logps = token_logps(self.model, hidden, batch.labels, self.sampling)
         old = micro.old if micro.old is not None else logps.detach()
         correction = sampler_correction(self.settings, old, micro.sampled, micro.seq_index, len(micro.seq_tokens))
         step = Denominators(int(totals[0]), int(totals[1]), self.rollout_tokens_per_step)
@@ -143,12 +153,14 @@ class GRPOObjective:
                         old_logps=micro.old, ref_logps=micro.ref, correction=correction)
         stats = {name: float(value) for name, value in out.sums.items()}
         stats["loss"] = out.loss.item()
-        stats["logp_diff"] = float((old - micro.sampled).abs().sum())
+        both = (old > DROPPED) & (micro.sampled > DROPPED)  # the trainer and the sampler both kept the token
+        stats["logp_diff"] = float(((old - micro.sampled).abs() * both).sum())
         return out.loss, stats
 
     def summary(self, sums: dict[str, float], totals: list[float]) -> dict[str, float]:
         tokens = max(sums.get("tokens", 0.0), 1.0)
-        out = {"loss": sums["loss"], "tokens": int(totals[1]), "sampling/logp_diff_mean": sums["logp_diff"] / tokens}
+        out = {"loss": sums["loss"], "tokens": int(totals[1]), "sampling/logp_diff_mean": sums["logp_diff"] / tokens,
+               "sampling/dropped_ratio": sums["dropped"] / tokens}
         for name in ("low", "high", "region"):
             out[f"clip_ratio/{name}_mean"] = sums[f"clipped_{name}"] / tokens
         if "kl" in sums:
@@ -167,32 +179,33 @@ class Rollouts:
         self.group = g.num_generations
         self.rollout = g.rollout_batch_size or cfg.batch_size
         self.prompts_per_rollout = self.rollout // self.group
-        if self.prompts_per_rollout % world.size:
-            raise ValueError(f"grpo.rollout_batch_size / num_generations = {self.prompts_per_rollout} prompts per "
-                             f"rollout do not split over {world.size} processes")
+        self.prompts_per_step = cfg.batch_size // self.group
+        if self.prompts_per_step % world.size:
+            raise ValueError(f"batch_size / grpo.num_generations = {self.prompts_per_step} prompts per optimizer step "
+                             f"do not split over {world.size} processes (each rank trains whole groups)")
         if self.prompts_per_rollout > len(prompts):
             raise ValueError(f"a rollout takes {self.prompts_per_rollout} prompts; data.train has {len(prompts)}")
         self.steps = self.rollout // cfg.batch_size  # optimizer steps per pass over a rollout
+        self.sampling = sampling_of(cfg)
         self.rewards = build_rewards(g.rewards)
         self.llm = LLM(model=model, tokenizer=tokenizer, kv_cache_memory=g.kv_cache_memory,
-                       max_model_len=cfg.data.max_seq_len, seed=cfg.seed, device=device.type)
+                       max_model_len=cfg.data.max_seq_len, seed=cfg.seed, device=device.type,
+                       logprobs_mode="processed_logprobs")
         self.llm.engine.sleep()
         self.per_epoch = len(prompts) // self.prompts_per_rollout
 
-    def prompt_indices(self, number: int) -> list[int]:
-        """Rollout `number`'s prompts on this rank: epoch e's seeded order, cut into rollouts (a short tail is
-        dropped), split over ranks."""
+    def prompt_indices(self, number: int) -> list[list[int]]:
+        """Rollout `number`'s prompts on this rank, per optimizer step: epoch e's seeded order cut into rollouts (a
+        short tail is dropped), each rollout into steps of batch_size / num_generations prompts, each step's prompts
+        split over the ranks. The steps see the same groups in one process or several."""
         epoch, index = divmod(number, self.per_epoch)
         order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
         chosen = order[index * self.prompts_per_rollout:(index + 1) * self.prompts_per_rollout].tolist()
-        return chosen[self.world.rank::self.world.size]
+        per_step, rank, size = self.prompts_per_step, self.world.rank, self.world.size
+        return [chosen[start:start + per_step][rank::size] for start in range(0, len(chosen), per_step)]
 
-    def sample(self, rows: list[PromptRow], seeds: list[int], n: int, temperature: float | None = None
-               ) -> list[Sequence]:
-        g = self.cfg.grpo
-        params = [SamplingParams(n=n, temperature=g.temperature if temperature is None else temperature,
-                                 top_p=g.top_p, top_k=g.top_k, min_p=g.min_p, max_tokens=g.max_completion_length,
-                                 logprobs=0, seed=seed) for seed in seeds]
+    def sample(self, rows: list[PromptRow], seeds: list[int], n: int) -> list[Sequence]:
+        params = [dataclasses.replace(self.sampling, n=n, seed=seed) for seed in seeds]
         engine = self.llm.engine
         engine.wake()
         try:
@@ -221,7 +234,8 @@ class Rollouts:
         """Rollout `number`: this rank's micro-batches of each optimizer step, the rollout's metrics (over all
         ranks) and its sequences."""
         started = time.perf_counter()
-        indices = self.prompt_indices(number)
+        per_step = self.prompt_indices(number)
+        indices = [i for step in per_step for i in step]
         seeds = [self.cfg.seed + number * SEED_STRIDE + i * self.group for i in indices]
         sequences = self.sample([self.prompts[i] for i in indices], seeds, self.group)
         sampled_at = time.perf_counter()
@@ -233,12 +247,9 @@ class Rollouts:
         for s, a in zip(sequences, advantages.tolist(), strict=True):
             s.advantage = a
         metrics = self._metrics(sequences, table, totals, sampled_at - started)
-        order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(self.cfg.seed + number))
-        shuffled = [sequences[i] for i in order.tolist()]
-        per_step = len(shuffled) // self.steps
-        micro = self.cfg.micro_batch_size
-        steps = [[micro_batch(shuffled[s + m:s + min(m + micro, per_step)], self.device)
-                  for m in range(0, per_step, micro)] for s in range(0, len(shuffled), per_step)]
+        size, micro = len(per_step[0]) * self.group, self.cfg.micro_batch_size  # this rank's sequences per step
+        steps = [[micro_batch(sequences[start + m:start + m + micro], self.device) for m in range(0, size, micro)]
+                 for start in range(0, len(sequences), size)]
         self._prepare(steps)
         metrics["rollout/seconds"] = time.perf_counter() - started
         return steps, metrics, sequences
@@ -258,15 +269,15 @@ class Rollouts:
             meta = AttnMeta.for_training(b.cu_seqlens)
             if several:
                 micro.old = token_logps(self.model, self.model(b.input_ids, b.positions, meta), b.labels,
-                                        self.cfg.grpo.temperature)
+                                        self.sampling)
             if self.cfg.grpo.beta:
                 if self.reference is not None:
                     hidden = self.reference(b.input_ids, b.positions, meta)
-                    micro.ref = token_logps(self.reference, hidden, b.labels, self.cfg.grpo.temperature)
+                    micro.ref = token_logps(self.reference, hidden, b.labels, self.sampling)
                 else:
                     with lora_disabled(self.model):
                         hidden = self.model(b.input_ids, b.positions, meta)
-                        micro.ref = token_logps(self.model, hidden, b.labels, self.cfg.grpo.temperature)
+                        micro.ref = token_logps(self.model, hidden, b.labels, self.sampling)
 
     def _metrics(self, sequences: list[Sequence], table: torch.Tensor, totals: torch.Tensor,
                  seconds: float) -> dict[str, float]:
