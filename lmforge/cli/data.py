@@ -25,6 +25,39 @@ def add_parser(sub) -> None:
     preview.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                          help="ANSI colours for trained/untrained text (default: when stdout is a terminal)")
     preview.set_defaults(run=run)
+    task = commands.add_parser(
+        "task", help="write a built-in prompt task with checkable answers (format: prompt rows for recipe grpo)",
+        description="Write problems of a built-in task as format: prompt rows ({\"prompt\": [...], \"answer\": "
+                    "...}), drawn from a seeded generator, every problem distinct; --held-out K more go to a second "
+                    "file, none of them in the first.")
+    task.add_argument("name", choices=["arithmetic"], help="arithmetic: 'What is a + b?' over + - x")
+    task.add_argument("out", type=Path, help="JSONL file to write")
+    task.add_argument("--count", type=int, default=400, help="problems in OUT (default 400)")
+    task.add_argument("--held-out", type=int, default=0, metavar="K", help="problems written to --held-out-file")
+    task.add_argument("--held-out-file", type=Path, help="where the K held-out problems go")
+    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("--max-operand", type=int, default=20, help="operands are drawn from 0..M (default 20)")
+    task.add_argument("--operations", default="+-x", help="any of + - x (default +-x)")
+    task.set_defaults(run=write_task)
+
+
+def write_task(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.data.tasks import TASKS
+
+    if args.count < 1 or args.held_out < 0 or (args.held_out > 0) != (args.held_out_file is not None):
+        raise LmforgeError("--count must be positive, and --held-out K > 0 goes with --held-out-file (both or "
+                           "neither)")
+    try:
+        rows = TASKS[args.name](args.count + args.held_out, args.seed, args.max_operand, args.operations)
+    except ValueError as e:
+        raise LmforgeError(f"lmforge data task {args.name}: {e}") from None
+    for path, part in ((args.out, rows[:args.count]), (args.held_out_file, rows[args.count:])):
+        if path is not None:
+            path.write_text("".join(json.dumps(r) + "\n" for r in part))
+            print(f"{path}: {len(part)} {args.name} problems")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise LmforgeError(f"-n must be 0 or more, got {args.n}")
     cfg = load_config(args.config, args.overrides)
     tokenizer = Tokenizer.from_dir(tokenizer_dir(cfg.model.path))
+    if cfg.recipe == "grpo":
+        return _prompts(cfg, tokenizer, args.n)
     datasets = build_datasets(cfg.data, tokenizer, cfg.seed)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
     train = datasets.train
@@ -54,6 +89,20 @@ def run(args: argparse.Namespace) -> int:
             print(marked(tokenizer, s.tokens[i], s.trained[i], color))
     print()
     print(datasets.report)
+    return 0
+
+
+def _prompts(cfg, tokenizer, n: int) -> int:
+    """A grpo config's prompt rows as the engine receives them, with the columns the rewards read."""
+    from lmforge.data.prompts import load_prompts
+
+    rows = load_prompts(cfg.data.train, "data.train", cfg.data, tokenizer,
+                        cfg.data.max_seq_len - cfg.grpo.max_completion_length, cfg.data.max_samples)
+    for row in rows[:n]:
+        print(f"\n── prompt ({row.origin}) · {len(row.token_ids)} tokens · columns {row.columns} ──")
+        print(tokenizer.decode(row.token_ids, skip_special_tokens=False))
+    lengths = sorted(len(r.token_ids) for r in rows)
+    print(f"\n{len(rows)} prompts; tokens min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
     return 0
 
 

@@ -46,9 +46,10 @@ def normalised_number(text: str) -> str | None:
     return str(int(value)) if value == int(value) else repr(value)
 
 
-def final_answer(text: str) -> str | None:
+def final_answer(text: str) -> str:
     """The completion's final answer: the content of its last \\boxed{...}, else what follows its last '####', else
-    its last number; normalised when it is a number."""
+    its last number, else the whole text; a number normalised, text lower-cased with spaces collapsed and a final
+    full stop dropped."""
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
     if boxed:
         found = boxed[-1]
@@ -56,11 +57,13 @@ def final_answer(text: str) -> str | None:
         found = text.rsplit("####", 1)[1].strip().split("\n")[0]
     else:
         numbers = NUMBER.findall(text)
-        if not numbers:
-            return None
-        found = numbers[-1]
+        found = numbers[-1] if numbers else text
     number = normalised_number(found)
-    return number if number is not None else " ".join(found.split()).lower()
+    return number if number is not None else _text(found)
+
+
+def _text(text: str) -> str:
+    return " ".join(text.split()).lower().removesuffix(".")
 
 
 def exact_answer(completions: list, answer: list, **_) -> list[float]:
@@ -69,7 +72,7 @@ def exact_answer(completions: list, answer: list, **_) -> list[float]:
     out = []
     for completion, expected in zip(completions, answer, strict=True):
         want = normalised_number(str(expected))
-        want = want if want is not None else " ".join(str(expected).split()).lower()
+        want = want if want is not None else _text(str(expected))
         out.append(float(final_answer(completion_text(completion)) == want))
     return out
 
