@@ -16,7 +16,7 @@ from lmforge import kernels
 from lmforge.kernels import usable
 from lmforge.layers.kv_quant import dequantize_int8, quantize_int8
 from lmforge.layers.train_kernels import causal_attention
-from lmforge.layers.varlen import grouped_attention
+from lmforge.layers.varlen import grouped_attention, prefix_sources
 
 if TYPE_CHECKING:
     from lmforge.layers.multi_lora import LoraBatch
@@ -62,22 +62,26 @@ class AttnMeta:
     decode: DecodeBatch | None = None  # single-token sequences batched together (paged, pure-torch path)
     kernel: KernelRows | None = None  # short-query sequences for the CPU kernel (paged, kernels available)
     lora: "LoraBatch | None" = None  # the step's LoraBatch (multi-LoRA serving); None: no token uses an adapter
-    # packed documents without a cache: how many first tokens of the previous document each attends to before its
-    # own (a preference pair's shared prompt); None: none
+    # packed documents without a cache: how many first tokens of the last document before it without a prefix each
+    # attends to before its own (a shared prompt: a preference pair's, a GRPO group's); None: none
     prefixes: tuple[int, ...] | None = None
 
     @classmethod
     def for_training(cls, cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> "AttnMeta":
         """Packed documents without a cache: each attends causally within itself only, after the first
-        prefix_lens[i] tokens of the previous document where given (data/loader.py Batch.prefix_lens)."""
+        prefix_lens[i] tokens of the last document before it whose prefix is 0, where given (data/loader.py
+        Batch.prefix_lens): a preference pair's rejected answer reads the chosen document's prompt, each completion
+        of a GRPO group the group's first document's."""
         lens = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
         if prefix_lens is None:
             return cls(cu_seqlens.to(torch.int32), lens, lens)
         prefixes = tuple(prefix_lens.tolist())
-        if len(prefixes) != len(lens) or (prefixes and prefixes[0]) or any(
-                not 0 <= p <= n for p, n in zip(prefixes[1:], lens, strict=False)):
+        sources = prefix_sources(prefixes)
+        if len(prefixes) != len(lens) or any(
+                p and not (s is not None and 0 < p <= lens[s]) for p, s in zip(prefixes, sources, strict=True)):
             raise ValueError(f"prefix_lens {prefixes} do not fit documents of {lens} tokens: document i may attend "
-                             "to at most the length of document i - 1, and the first has none before it")
+                             "to at most the length of the last document before it without a prefix, and the first "
+                             "has none before it")
         return cls(cu_seqlens.to(torch.int32), lens, tuple(p + n for p, n in zip(prefixes, lens, strict=True)),
                    prefixes=prefixes)
 

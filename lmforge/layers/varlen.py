@@ -21,17 +21,29 @@ def length_class(n: int) -> int:
     return -(-n // step) * step
 
 
+def prefix_sources(prefixes: tuple[int, ...]) -> list[int | None]:
+    """Per document, the document whose first tokens its prefix is: the last one before it with prefix 0."""
+    sources, last = [], None
+    for i, p in enumerate(prefixes):
+        sources.append(last)
+        if not p:
+            last = i
+    return sources
+
+
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: tuple[int, ...],
                       sdpa: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                       prefixes: tuple[int, ...] | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] of documents `lens` laid end to end -> [T, H, D]; sdpa(q, k, v) attends a
-    batch [B, L, heads, D] causally. Document i first attends to the first prefixes[i] tokens of document i - 1
-    (a shared prompt): they are gathered in front of its own tokens, and their outputs there are dropped, so
-    their queries get no gradient from it while their keys and values get it from both documents."""
+    batch [B, L, heads, D] causally. Document i first attends to the first prefixes[i] tokens of the last document
+    before it with prefix 0 (a shared prompt: attention.prefix_sources): they are gathered in front of its own
+    tokens, and their outputs there are dropped, so their queries get no gradient from it while their keys and
+    values get it from every document that reads them."""
     starts = [0]
     for n in lens:
         starts.append(starts[-1] + n)
     prefixes = prefixes or (0,) * len(lens)
+    owners = prefix_sources(prefixes)
     classes: dict[int, list[int]] = {}
     for i, n in enumerate(lens):
         classes.setdefault(length_class(prefixes[i] + n), []).append(i)
@@ -49,7 +61,8 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: t
             sources, slots = [], []
             for j, i in enumerate(docs):
                 p, s, n = prefixes[i], starts[i], lens[i]
-                sources += [torch.arange(starts[i - 1], starts[i - 1] + p), torch.arange(s, s + n)]
+                o = starts[owners[i]] if p else 0
+                sources += [torch.arange(o, o + p), torch.arange(s, s + n)]
                 slots.append(torch.arange(j * length, j * length + p + n))
                 owned.append(torch.arange(done + j * length + p, done + j * length + p + n))
                 tokens.append(torch.arange(s, s + n))

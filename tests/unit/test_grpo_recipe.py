@@ -3,6 +3,7 @@ and completions, the rollouts come from the live weights, a step split over micr
 killed run resumes with the same rewards and losses, and bad configs, rows and reward functions are refused in one
 sentence."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def test_a_rollout_after_a_weight_change_samples_from_the_new_weights(make_confi
     micro = grpo.micro_batch(after, torch.device("cpu"))
     b = micro.batch
     with torch.no_grad():
-        hidden = model(b.input_ids, b.positions, AttnMeta.for_training(b.cu_seqlens))
+        hidden = model(b.input_ids, b.positions, AttnMeta.for_training(b.cu_seqlens, b.prefix_lens))
         trainer = token_logps(model, hidden, b.labels, rollouts.sampling)
     torch.testing.assert_close(trainer, micro.sampled, atol=1e-4, rtol=0)
 
@@ -213,3 +214,28 @@ def test_bad_reward_functions_and_rows_stop_the_run_with_their_place(make_config
     (tmp_path / "train.jsonl").write_text("{\"prompt\": 3}\n" + (tmp_path / "train.jsonl").read_text())
     with pytest.raises(LmforgeError, match=r"train.jsonl:1: .*prompt"):
         grpo.main(load_config(make_config("strict", data__strict=True)))
+
+
+def test_a_groups_shared_prompt_runs_once_and_changes_nothing(make_config):
+    """Completions of one prompt laid out with the prompt once (the rest attend to it) give the log-probs and
+    gradients of whole prompt + completion documents."""
+    cfg, model, rollouts = build(make_config("shared"))
+    sequences = rollouts.sample(rollouts.prompts[:2], [5, 6], 3)
+    shared = grpo.micro_batch(sequences, torch.device("cpu"))
+    whole = grpo.micro_batch([dataclasses.replace(s, row=dataclasses.replace(s.row)) for s in sequences],
+                             torch.device("cpu"))
+    assert whole.batch.prefix_lens is None and shared.batch.prefix_lens.tolist().count(0) == 2
+    assert shared.batch.num_tokens < whole.batch.num_tokens - 3 * len(sequences[0].row.token_ids)
+
+    def logps_and_grads(micro):
+        b = micro.batch
+        hidden = model(b.input_ids, b.positions, AttnMeta.for_training(b.cu_seqlens, b.prefix_lens))
+        logps = token_logps(model, hidden, b.labels, rollouts.sampling)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return logps.detach(), torch.autograd.grad((logps * torch.linspace(-1, 1, len(logps))).sum(), params)
+
+    a, grads_a = logps_and_grads(shared)
+    b, grads_b = logps_and_grads(whole)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for x, y in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)

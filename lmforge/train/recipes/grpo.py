@@ -110,22 +110,31 @@ class MicroBatch:
 
 
 def micro_batch(sequences: list[Sequence], device: torch.device) -> MicroBatch:
-    ids, labels, positions, lens, completion = [], [], [], [], []
+    """Consecutive completions of one prompt share it: the first holds prompt + completion, each next one only the
+    prompt's last token and its completion, attending to the first one's prompt (Batch.prefix_lens), so a group's
+    prompt runs through the model once (the same losses and gradients as whole documents)."""
+    ids, labels, positions, lens, prefixes, completion = [], [], [], [], [], []
+    owner = None
     for s in sequences:
         prompt, done = s.row.token_ids, s.completion_ids
-        tokens = prompt + done
+        shared = owner is s.row
+        owner = s.row
+        start = len(prompt) - 1 if shared else 0
+        tokens = prompt[start:] + done
         ids += tokens
-        labels += [IGNORE_INDEX] * (len(prompt) - 1) + done + [IGNORE_INDEX]  # position t predicts token t + 1
-        positions += range(len(tokens))
+        labels += [IGNORE_INDEX] * (len(prompt) - 1 - start) + done + [IGNORE_INDEX]  # position t predicts t + 1
+        positions += range(start, start + len(tokens))
         lens.append(len(tokens))
+        prefixes.append(start)
         completion.append(len(done))
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     tensor = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
-    batch = Batch(tensor(ids), tensor(positions), cu.to(device), tensor(labels), sum(completion))
+    prefix_lens = tensor(prefixes, torch.int32) if any(prefixes) else None
+    batch = Batch(tensor(ids), tensor(positions), cu.to(device), tensor(labels), sum(completion), prefix_lens)
     seq_tokens = tensor(completion)
-    return MicroBatch(sequences, batch, seq_tokens, torch.repeat_interleave(torch.arange(len(sequences), device=device),
-                                                                 seq_tokens),
+    return MicroBatch(sequences, batch, seq_tokens,
+                      torch.repeat_interleave(torch.arange(len(sequences), device=device), seq_tokens),
                       tensor([s.advantage for s in sequences], torch.float32),
                       tensor([lp for s in sequences for lp in s.sampled_logps], torch.float32))
 
@@ -144,7 +153,7 @@ class GRPOObjective:
 
     def loss(self, runner, micro: MicroBatch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = micro.batch
-        hidden = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens))
+        hidden = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens))
         logps = token_logps(self.model, hidden, batch.labels, self.sampling)
         old = micro.old if micro.old is not None else logps.detach()
         correction = sampler_correction(self.settings, old, micro.sampled, micro.seq_index, len(micro.seq_tokens))
@@ -266,7 +275,7 @@ class Rollouts:
         several = self.steps * self.cfg.grpo.num_iterations > 1
         for micro in (m for step in steps for m in step):
             b = micro.batch
-            meta = AttnMeta.for_training(b.cu_seqlens)
+            meta = AttnMeta.for_training(b.cu_seqlens, b.prefix_lens)
             if several:
                 micro.old = token_logps(self.model, self.model(b.input_ids, b.positions, meta), b.labels,
                                         self.sampling)
