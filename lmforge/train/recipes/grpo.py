@@ -407,8 +407,8 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
             metrics.progress(step, loss, lr, tokens / seconds)
             if held_out is not None and (_due(step, cfg.eval.every_steps) or step == total_steps):
                 _evaluate(rollouts, held_out, step, metrics)
-            boundary = step % updates == 0
-            if boundary and _due(step, cfg.checkpoint.every_steps) and step < total_steps:
+            every = cfg.checkpoint.every_steps  # a checkpoint falling due within a rollout waits for its end
+            if every and step % updates == 0 and step // every > (step - updates) // every and step < total_steps:
                 ckpt.save_checkpoint(run_dir, step, save_model, model, optimizer, trainer_state(),
                                      cfg.checkpoint.keep_last, world.is_main, lambda: dist.barrier(world))
     finally:
