@@ -30,7 +30,7 @@ demo: setup
 	$(VENV)/bin/lmforge generate --model $(DEMO_RUN)-merged --chat --max-tokens 48 $(QUESTION)
 
 test: setup
-	$(PY) -m pytest -q -ra --durations=30 -n 2 --dist load; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q -ra --durations=30 -n 2 --dist worksteal; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e"

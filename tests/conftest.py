@@ -23,9 +23,20 @@ def pytest_sessionstart(session):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked `longest` (minutes on one core) first: `make test`'s xdist workers (--dist load) take the first
-    tests one each, so these start at once on different workers instead of last, alone."""
-    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: the rest keep their order
+    """Tests marked `longest` (minutes on one core) at the head of each xdist worker's share: `make test`'s
+    workers (--dist worksteal) each take a contiguous share of the collection and run it in order, stealing from
+    the tail of another's queue once theirs is empty. So these start at once, on different workers, and never wait
+    at the end alone (under --dist load one worker idled for minutes at the end while the other's queue ran)."""
+    longest = [item for item in items if item.get_closest_marker("longest")]
+    rest = [item for item in items if not item.get_closest_marker("longest")]
+    starts, left = [], len(items)
+    for remaining in range(_WORKERS, 0, -1):  # worksteal's first split: len // remaining to each idle worker
+        starts.append(len(items) - left)
+        left -= left // remaining
+    for position, item in sorted(zip(starts, longest, strict=False), key=lambda pair: -pair[0]):
+        rest.insert(min(position, len(rest)), item)
+    rest[:0] = longest[len(starts):]  # more of them than workers: the rest first
+    items[:] = rest
 
 
 @pytest.fixture(autouse=True)

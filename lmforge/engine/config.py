@@ -28,6 +28,9 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     seed: int = 0
     enforce_eager: bool = False  # True: no optional fast paths (CPU kernels, step graphs), plain PyTorch only
+    # False: decode steps run the CPU kernels eagerly, never recorded: recording one batch size costs about a
+    # second, which a workload whose batch shrinks step by step (RL rollouts) never earns back
+    step_graphs: bool = True
     enable_lora: bool = False  # serve LoRA adapters (add_lora / lora_request); False: no per-step LoRA work at all
     max_loras: int = 4  # adapters loaded at once: their slots are allocated up front
     max_lora_rank: int = 16  # adapters of lower rank are zero-padded to it

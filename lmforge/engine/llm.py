@@ -22,10 +22,11 @@ class LLM:
 
     Keyword arguments are EngineConfig's fields: dtype, device, max_model_len, kv_cache_memory (GiB), kv_cache_dtype,
     block_size, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, scheduling_policy, seed,
-    enforce_eager, enable_lora, max_loras, max_lora_rank, quantization ("int8", "int4", "gguf"; a .gguf path means
-    "gguf"), speculative_config (vLLM's dict: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
-    "prompt_lookup_min": 1}), logprobs_mode ("raw_logprobs", the default, or "processed_logprobs": each sampled
-    token's log-prob under the distribution it was drawn from; "raw_logits", "processed_logits").
+    enforce_eager, step_graphs, enable_lora, max_loras, max_lora_rank, quantization ("int8", "int4", "gguf"; a .gguf
+    path means "gguf"), speculative_config (vLLM's dict: {"method": "ngram", "num_speculative_tokens": k,
+    "prompt_lookup_max": 4, "prompt_lookup_min": 1}), logprobs_mode ("raw_logprobs", the default, or
+    "processed_logprobs": each sampled token's log-prob under the distribution it was drawn from; "raw_logits",
+    "processed_logits").
     max_num_batched_tokens defaults to 4096 here, twice the server's 2048, as in vLLM on CPU: offline work is all
     throughput, a server also keeps its streams moving.
 

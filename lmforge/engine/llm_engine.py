@@ -83,7 +83,7 @@ class LLMEngine:
                                      self.max_model_len, model_dtype=p.dtype)
         t1 = time.perf_counter()
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, self.max_model_len,
-                                  kv_dtype, owned=owns_model)
+                                  kv_dtype, owned=owns_model, step_graphs=config.step_graphs)
         t2 = time.perf_counter()
         log.info("KV cache allocated in %.1fs", t2 - t1)
         self.runner.warm_up()

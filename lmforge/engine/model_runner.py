@@ -73,8 +73,10 @@ class ModelRunner:
     live model, e.g. the one a trainer optimises): they are copies that `refresh()` brings up to date."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False,
-                 max_model_len: int | None = None, kv_dtype: torch.dtype | None = None, owned: bool = True):
+                 max_model_len: int | None = None, kv_dtype: torch.dtype | None = None, owned: bool = True,
+                 step_graphs: bool = True):
         self.model, self.owned = model, owned
+        self.step_graphs = step_graphs
         self.block_size = block_size
         self.enforce_eager = enforce_eager
         p = next(model.parameters())
@@ -97,7 +99,7 @@ class ModelRunner:
             self.derived = derive_weights(self.model, share=self.owned)
         else:  # kept through sleep (an owned model's joints are its own storage): bring the rest up to date
             self.derived.refresh()
-        if self.decoder is not None and self.device.type == "cpu" and not self.enforce_eager:
+        if self.decoder is not None and self.device.type == "cpu" and not self.enforce_eager and self.step_graphs:
             # decode steps replayed from C++ without the Python between the kernels (engine/cpu_graph.py)
             self.graphs = StepGraphs(self.decoder, self.kv, self.max_blocks, self.derived)
 

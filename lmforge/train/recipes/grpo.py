@@ -199,7 +199,7 @@ class Rollouts:
         self.rewards = build_rewards(g.rewards)
         self.llm = LLM(model=model, tokenizer=tokenizer, kv_cache_memory=g.kv_cache_memory,
                        max_model_len=cfg.data.max_seq_len, seed=cfg.seed, device=device.type,
-                       logprobs_mode="processed_logprobs")
+                       logprobs_mode="processed_logprobs", step_graphs=False)  # batches shrink step by step
         self.llm.engine.sleep()
         self.per_epoch = len(prompts) // self.prompts_per_rollout
 
