@@ -27,10 +27,13 @@ class MemoryPlan:
     tokens_per_micro_batch: int
     reference_bytes: float = 0.0  # recipe dpo in a full run: the frozen copy of the starting weights
     teacher_bytes: float = 0.0  # recipe distill: the frozen teacher
+    kv_cache_bytes: float = 0.0  # recipe grpo: the rollout engine's KV pool (freed while training: it sleeps)
 
     @property
     def total_bytes(self) -> float:
-        return (self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+        # the rollout engine's pool and the training step's activations never live at once (the engine sleeps)
+        return (self.weight_bytes + self.grad_bytes + self.optimizer_bytes + max(self.activation_bytes,
+                                                                                self.kv_cache_bytes)
                 + self.reference_bytes + self.teacher_bytes)
 
     def lines(self) -> list[str]:
@@ -41,8 +44,10 @@ class MemoryPlan:
             f"weights: {self.weight_bytes / gib:.2f} GiB",
             f"gradients: {self.grad_bytes / gib:.2f} GiB (fp32, trainable parameters only)",
             f"optimizer state: {self.optimizer_bytes / gib:.2f} GiB (AdamW: two fp32 moments)",
-            *([f"reference model: {self.reference_bytes / gib:.2f} GiB (dpo: a frozen copy of the starting weights)"]
+            *([f"reference model: {self.reference_bytes / gib:.2f} GiB (a frozen copy of the starting weights)"]
               if self.reference_bytes else []),
+            *([f"rollout KV cache: {self.kv_cache_bytes / gib:.2f} GiB (grpo: allocated while sampling, freed while "
+               "training)"] if self.kv_cache_bytes else []),
             *([f"teacher model: {self.teacher_bytes / gib:.2f} GiB (distill: frozen, whole on every process)"]
               if self.teacher_bytes else []),
             f"activations: {self.activation_bytes / gib:.2f} GiB at {self.tokens_per_micro_batch:,} tokens per "
@@ -72,7 +77,8 @@ def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1,
     pairs = cfg.recipe in ("dpo", "reward")  # a row holds whole pairs: up to two documents of max_seq_len
     tokens = cfg.micro_batch_size * cfg.data.max_seq_len * (2 if pairs else 1)
     reference = 0.0
-    if cfg.recipe == "dpo" and cfg.method == "full" and cfg.preference.loss not in REFERENCE_FREE:
+    if cfg.method == "full" and ((cfg.recipe == "dpo" and cfg.preference.loss not in REFERENCE_FREE)
+                                 or (cfg.recipe == "grpo" and cfg.grpo.beta)):
         reference = total * (2.0 if cfg.precision == "bf16-mixed" else 4.0)
     compute = 4 if cfg.precision == "fp32" else 2
     h, kv = args.hidden_size, args.num_key_value_heads * args.head_dim
@@ -87,8 +93,9 @@ def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1,
     activations = tokens * (per_token_layer * kept_layers + recomputed * h * compute)
     activations += CHUNK_ROWS * args.vocab_size * 4 * 2 + tokens * h * 4  # one chunk of logits, hidden grads
     split = processes if processes > 1 and cfg.distributed.strategy == "fsdp" else 1
+    kv_cache = cfg.grpo.kv_cache_memory * 2**30 if cfg.recipe == "grpo" else 0.0
     return MemoryPlan(total, trainable, weight_bytes / split, trainable * 4.0 / split, trainable * 8.0 / split,
-                      activations, tokens, reference, teacher)
+                      activations, tokens, reference, teacher, kv_cache)
 
 
 def _meta_model(hf_config: dict) -> torch.nn.Module:

@@ -239,3 +239,20 @@ def test_a_groups_shared_prompt_runs_once_and_changes_nothing(make_config):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     for x, y in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_config_check_plans_the_rollout_kv_pool_and_the_full_reference(make_config, capsys, method):
+    from lmforge.models.config import read_config
+    from lmforge.train.plan import memory_plan
+
+    path = make_config("plan", method=method, grpo__beta=0.1, grpo__kv_cache_memory=0.25)
+    assert cli_main(["config", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(path)
+    plan = memory_plan(cfg, read_config(cfg.model.path))
+    assert plan.kv_cache_bytes == 0.25 * 2**30 and "rollout KV cache: 0.25 GiB" in out
+    assert plan.reference_bytes == (plan.parameters * 4.0 if method == "full" else 0)
+    # the pool and the step's activations take turns
+    assert plan.total_bytes == pytest.approx(plan.weight_bytes + plan.grad_bytes + plan.optimizer_bytes
+                                             + plan.reference_bytes + max(plan.activation_bytes, plan.kv_cache_bytes))
