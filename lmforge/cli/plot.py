@@ -1,4 +1,5 @@
-"""lmforge plot RUN_DIR: the loss and learning-rate curves of a run, from its metrics.jsonl, as a PNG."""
+"""lmforge plot RUN_DIR: the loss, reward (grpo) and learning-rate curves of a run, from its metrics.jsonl, as a
+PNG."""
 
 import argparse
 import json
@@ -8,9 +9,10 @@ from lmforge.errors import LmforgeError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plot", help="draw a run's loss / lr curves as a PNG",
+    p = sub.add_parser("plot", help="draw a run's loss / reward / lr curves as a PNG",
                        description="Read RUN_DIR/metrics.jsonl and write a PNG with the training loss (and "
-                                   "validation loss when evaluated) and the learning rate against the step.")
+                                   "validation loss when evaluated), the rollout and held-out rewards of a grpo "
+                                   "run, and the learning rate against the step.")
     p.add_argument("run_dir", type=Path, help="a run directory written by `lmforge train`")
     p.add_argument("--output", "-o", type=Path, help="PNG path (default RUN_DIR/curves.png)")
     p.set_defaults(run=run)
@@ -43,7 +45,22 @@ def run(args: argparse.Namespace) -> int:
     val = [r for r in records if "val_loss" in r]
     if not train:
         raise LmforgeError(f"{args.run_dir / 'metrics.jsonl'} holds no training steps yet")
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    rollouts = [r for r in records if "reward" in r]
+    held_out = [r for r in records if "val_reward" in r]
+    rewards = bool(rollouts or held_out)  # recipe grpo: a reward panel between loss and learning rate
+    fig, axes = plt.subplots(3 if rewards else 2, 1, figsize=(8, 8 if rewards else 6), sharex=True,
+                             height_ratios=(3, 2, 1) if rewards else (3, 1))
+    top, bottom = axes[0], axes[-1]
+    if rewards:
+        middle = axes[1]
+        if rollouts:
+            middle.plot([r["step"] for r in rollouts], [r["reward"] for r in rollouts], label="rollout reward")
+        if held_out:
+            middle.plot([r["step"] for r in held_out], [r["val_reward"] for r in held_out], "o-",
+                        label="held-out reward")
+        middle.set_ylabel("reward")
+        middle.legend()
+        middle.grid(alpha=0.3)
     top.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if val:
         top.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")

@@ -98,6 +98,8 @@ def test_a_run_logs_rewards_losses_and_completions(make_config, tmp_path):
     lines = (tmp_path / "run" / "completions.jsonl").read_text().splitlines()
     assert len(lines) == 16 and set(json.loads(lines[0])) >= {"prompt", "completion", "rewards", "advantage"}
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+    assert cli_main(["plot", str(tmp_path / "run")]) == 0  # with its reward panel
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
 
 
 def test_schema_refuses_configs_it_cannot_run(make_config):
