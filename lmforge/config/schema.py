@@ -357,6 +357,9 @@ def _check_grpo(cfg: TrainConfig) -> None:
     if cfg.data.max_seq_len <= g.max_completion_length:
         raise ValueError(f"data.max_seq_len ({cfg.data.max_seq_len}) holds prompt and completion: it must exceed "
                          f"grpo.max_completion_length ({g.max_completion_length})")
+    if cfg.distributed.strategy == "fsdp":
+        raise ValueError("recipe grpo trains in one process or several under distributed.strategy ddp (each rank's "
+                         "rollout engine needs whole weights); set distributed.strategy: ddp")
     if cfg.data.val_fraction:
         raise ValueError("recipe grpo scores held-out prompts from data.validation files (greedy completions, "
                          "val_reward); data.val_fraction is not supported for it")

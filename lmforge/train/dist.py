@@ -135,8 +135,8 @@ def choose_strategy(cfg: TrainConfig, world: World, model: nn.Module, device: to
     asked = cfg.distributed.strategy
     if asked != "auto":
         return asked
-    if cfg.recipe == "reward":  # its model directories are saved whole, from rank 0 (no FSDP gathering yet)
-        log.info("distributed.strategy auto chose ddp: recipe reward trains under DDP only")
+    if cfg.recipe in ("reward", "grpo"):  # reward: saved whole from rank 0; grpo: every rank's engine needs it whole
+        log.info("distributed.strategy auto chose ddp: recipe %s trains under DDP only", cfg.recipe)
         return "ddp"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

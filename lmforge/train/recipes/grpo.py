@@ -31,6 +31,7 @@ from lmforge.data import IGNORE_INDEX, Batch
 from lmforge.data.prompts import PromptRow, load_prompts
 from lmforge.engine.llm import LLM
 from lmforge.engine.sampling_params import SamplingParams
+from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.lora import lora_disabled
 from lmforge.models import build_model
@@ -190,10 +191,10 @@ class Rollouts:
         self.prompts_per_rollout = self.rollout // self.group
         self.prompts_per_step = cfg.batch_size // self.group
         if self.prompts_per_step % world.size:
-            raise ValueError(f"batch_size / grpo.num_generations = {self.prompts_per_step} prompts per optimizer step "
-                             f"do not split over {world.size} processes (each rank trains whole groups)")
+            raise LmforgeError(f"batch_size / grpo.num_generations = {self.prompts_per_step} prompts per optimizer "
+                               f"step do not split over {world.size} processes (each rank trains whole groups)")
         if self.prompts_per_rollout > len(prompts):
-            raise ValueError(f"a rollout takes {self.prompts_per_rollout} prompts; data.train has {len(prompts)}")
+            raise LmforgeError(f"a rollout takes {self.prompts_per_rollout} prompts; data.train has {len(prompts)}")
         self.steps = self.rollout // cfg.batch_size  # optimizer steps per pass over a rollout
         self.sampling = sampling_of(cfg)
         self.rewards = build_rewards(g.rewards)
@@ -266,7 +267,7 @@ class Rollouts:
     def _scale(self, totals: torch.Tensor) -> str:
         scale = self.cfg.grpo.scale_rewards
         if scale == "batch" and self.world.size > 1:
-            raise ValueError("grpo.scale_rewards: batch is not supported over several processes yet; use group")
+            raise LmforgeError("grpo.scale_rewards: batch is not supported over several processes yet; use group")
         return scale
 
     @torch.no_grad()
@@ -346,9 +347,6 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     runner, strategy = dist.wrap(model, cfg, world, device)
-    if strategy == "fsdp":
-        raise ValueError("recipe grpo runs under ddp (the rollout engine needs whole weights); set "
-                         "distributed.strategy: ddp")
     updates = rollouts.steps * g.num_iterations  # optimizer steps per rollout
     total_steps = cfg.max_steps or cfg.epochs * rollouts.per_epoch * updates
     log.info("grpo: %d prompts x %d completions per rollout, %d optimizer step%s of %d completions per rollout "
