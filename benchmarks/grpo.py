@@ -30,7 +30,9 @@ no evaluation, no checkpoints, seed 42.
            its in-process engine over the live LoRA model (kv_cache_memory 0.5 GiB, the default, freed while
            training). Its importance-sampling correction stays on as by default (token_truncate at 3: each token's
            loss times the truncated ratio of trainer to engine probability, no extra forward pass); TRL computes none
-           with transformers generation (its sampler is the training model itself).
+           with transformers generation (its sampler is the training model itself). Where its C++ kernels are not
+           compiled yet (first use of their source) the run compiles them before its first step and the harness
+           says so: the compiler's memory may then count in its peak RSS, so measure memory on a second run.
   trl      trl.GRPOTrainer + peft LoraConfig (benchmarks/_grpo_peers.py in the peers' venv): float32 weights,
            use_vllm=False (transformers `generate`, left-padded batch of all 64 completions), per_device_train_batch
            16, gradient_accumulation_steps 4, steps_per_generation 4: TRL's generation_batch_size is then
@@ -86,6 +88,7 @@ G, PROMPTS_PER_STEP, MICRO_BATCH, ACCUMULATION = 8, 8, 16, 4  # completions; 8 x
 MAX_COMPLETION, MAX_SEQ_LEN, TEMPERATURE, EPSILON, LR, MAX_GRAD_NORM = 32, 128, 1.0, 0.2, 2e-4, 1.0
 LORA = {"rank": 16, "alpha": 32,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+COMPILING = "compiling lmforge CPU kernels"  # lmforge's log line when kernels/ is built at first use
 SYSTEMS = {"lmforge": "lmforge", "trl": "TRL GRPOTrainer", "trl-vllm": "TRL + vLLM rollouts"}
 
 
@@ -243,7 +246,11 @@ def print_results(runs: list[Run], expected: list[list[int]], dirs: dict[str, Pa
         got = trained_rows(r, dirs[r.system])
         want = [sorted(i + 1 for i in step) for step in expected[:len(got)]]
         if got != want:
-            print(f"  {SYSTEMS[r.system]}: the prompts trained per step {got} differ from lmforge's order {want}")
+            print(f"  {SYSTEMS[r.system]}: the prompts trained per step {got} differ from the expected {want} "
+                  "(lmforge's seeded order, computed by the harness)")
+        if r.system == "lmforge" and COMPILING in (dirs[r.system] / "log.txt").read_text(errors="replace"):
+            print("  lmforge: compiled its C++ kernels during this run (first use of this source): not in its step "
+                  "times, but its peak RSS may hold the compiler's; run again for the memory number")
         if r.others > common.DISTURBED:
             print(f"  {SYSTEMS[r.system]}: disturbed (other processes used {r.others:.0%} of the CPUs)")
     ours = summary.get("lmforge", {})
