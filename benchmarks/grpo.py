@@ -2,16 +2,17 @@
 
 Usage: python benchmarks/grpo.py [--steps 10] [--systems lmforge,trl,trl-vllm] [--threads 2] [--precision auto]
        [--out results.json] [--keep]
-A smoke run is --steps 3 --threads 1 with one system at a time (a few minutes each on one core).
+A smoke run is --steps 3 --threads 1 (on one shared AVX2 core: lmforge about 4 minutes, TRL about 9).
+The tests import this file (tests/unit/test_grpo_bench_order.py: its prompt order equals the recipe's).
 
 Setup. SmolLM2-135M-Instruct as a Hugging Face directory (`resolve_model("smollm2-135m")`, float32 safetensors);
 both systems load it. The CPU, the threads and every system's version are printed with the results.
 Task: configs/data/arithmetic_train.jsonl (105 prompt rows: a user turn "What is 12 - 6? Give only the final
-number." and its "answer"), rendered with the model's chat template and its generation prompt (both systems make the
-same 45-ish prompt tokens: SmolLM2's template adds its default system turn). Reward: lmforge's built-in
-`exact_answer` (the completion's last number, normalised, equals the row's answer: 1, else 0); TRL calls the very
-same function, imported from lmforge/train/rewards.py in TRL's process (that import adds about 7 MiB to TRL's RSS:
-pydantic and lmforge's config schema).
+number." and its "answer"), rendered with the model's chat template and its generation prompt (lmforge's token ids
+equal transformers' apply_chat_template for all 105 rows, about 45 tokens each with SmolLM2's default system turn).
+Reward: lmforge's built-in `exact_answer` (the completion's last number, normalised, equals the row's answer: 1,
+else 0); TRL calls the very same function, imported from lmforge/train/rewards.py in TRL's process (that import
+adds about 7 MiB to TRL's RSS: pydantic and lmforge's config schema).
 Prompt order: lmforge always shuffles the prompts per epoch from `seed` (epoch e: torch.randperm(105) seeded with
 seed + e, cut into rollouts of 8 prompts, a short tail dropped). The harness computes that order (a child process,
 the same torch call) and gives TRL exactly those rows in that order with `shuffle_dataset=False`, so step k of both
