@@ -41,6 +41,25 @@ def peer_python(variable: str) -> Path:
     return path
 
 
+def versions(peer_packages: list[str]) -> dict[str, str]:
+    """lmforge's and its torch's versions, and those of `peer_packages` in the peers' venv (TRAIN_PEERS) when set."""
+    from importlib.metadata import version
+
+    found = {"lmforge": version("lmforge"), "lmforge's torch": version("torch")}
+    try:
+        python = peer_python(TRAIN_PEERS)
+    except PeerMissing:
+        return found
+    code = ("import json, importlib.metadata as m\nout = {}\n"
+            f"for p in {peer_packages!r}:\n"
+            "    try: out[p] = m.version(p)\n    except m.PackageNotFoundError: out[p] = 'absent'\n"
+            "print(json.dumps(out))")
+    probe = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    if probe.returncode == 0:
+        found |= {f"peers' {k}" if k == "torch" else k: v for k, v in json.loads(probe.stdout).items()}
+    return found
+
+
 def require_peer(variable: str, instead: str = "") -> Path:
     """peer_python for a peer the run cannot do without: exits with the reason when it is missing (`instead`: the
     option that runs without the peer)."""

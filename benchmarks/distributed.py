@@ -69,7 +69,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-dist-"))
     rows = args.steps * shared.MICRO_BATCH * shared.ACCUMULATION
     args.texts, _, data_info = shared.build_data(Tokenizer.from_dir(args.model_dir), rows, work)
-    print(f"CPU: {common.cpu_name()}; versions: " + ", ".join(f"{k} {v}" for k, v in shared.versions().items()
+    versions = common.versions(shared.PEER_PACKAGES)
+    print(f"CPU: {common.cpu_name()}; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()
                                                                if k in ("lmforge", "torch")))
     print(f"data: {data_info}; 8 rows of 512 tokens per step, {args.steps} steps, bf16-mixed; tokens/s over steps "
           f"{shared.WARMUP_STEPS + 1}-{args.steps}", flush=True)

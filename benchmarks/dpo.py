@@ -205,23 +205,6 @@ def unavailable(system: str, method: str, d: Path, a) -> str | None:
     return f"not installed in {python} ({module})" if probe.returncode else None
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    found = {"lmforge": version("lmforge"), "lmforge's torch": version("torch")}
-    try:
-        python = common.peer_python(common.TRAIN_PEERS)
-    except common.PeerMissing:
-        return found
-    code = ("import json, importlib.metadata as m\nout = {}\nfor p in ['torch', 'transformers', 'trl', 'peft', "
-            "'torchtune']:\n    try: out[p] = m.version(p)\n    except m.PackageNotFoundError: out[p] = 'absent'\n"
-            "print(json.dumps(out))")
-    probe = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    if probe.returncode == 0:
-        found |= {f"peers' {k}" if k == "torch" else k: v for k, v in json.loads(probe.stdout).items()}
-    return found
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -308,7 +291,7 @@ def main() -> None:
             sys.exit(f"error: tokenising the pairs in the peers' venv failed: {done.stderr.strip()[-500:]}")
         expected = expected_tokens(json.loads(args.ids.read_text()))
 
-    found = versions()
+    found = common.versions(['torch', 'transformers', 'trl', 'peft', 'torchtune'])
     print(f"CPU: {common.cpu_name()}; {args.threads} threads (OMP_NUM_THREADS)")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     print(f"model: SmolLM2-135M-Instruct, {args.model_dir}")

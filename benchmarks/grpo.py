@@ -169,24 +169,6 @@ def unavailable(system: str) -> str | None:
         else f"not installed in {python} ({last})"
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    found = {"lmforge": version("lmforge"), "lmforge's torch": version("torch")}
-    try:
-        python = common.peer_python(common.TRAIN_PEERS)
-    except common.PeerMissing:
-        return found
-    code = ("import json, importlib.metadata as m\nout = {}\n"
-            "for p in ['torch', 'transformers', 'trl', 'peft', 'vllm']:\n"
-            "    try: out[p] = m.version(p)\n    except m.PackageNotFoundError: out[p] = 'absent'\n"
-            "print(json.dumps(out))")
-    probe = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    if probe.returncode == 0:
-        found |= {f"peers' {k}" if k == "torch" else k: v for k, v in json.loads(probe.stdout).items()}
-    return found
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -293,7 +275,7 @@ def main() -> None:
     expected = lmforge_order(args.steps, rows)
     args.prompts = build_prompts(expected, work)
 
-    found = versions()
+    found = common.versions(['torch', 'transformers', 'trl', 'peft', 'vllm'])
     print(f"CPU: {common.cpu_name()}; {args.threads} threads (OMP_NUM_THREADS)")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     print(f"model: SmolLM2-135M-Instruct, {args.model_dir}")

@@ -64,7 +64,6 @@ and is marked disturbed above 5%.
 
 import argparse
 import ast
-import contextlib
 import json
 import os
 import platform
@@ -82,6 +81,7 @@ import common
 import yaml
 
 HERE = Path(__file__).resolve().parent
+PEER_PACKAGES = ["torch", "transformers", "peft", "accelerate", "torchtune", "torchao"]  # versions printed
 LMFORGE_BIN = Path(sys.executable).with_name("lmforge")
 SEQ_LEN, MICRO_BATCH, ACCUMULATION, WARMUP_STEPS = 512, 4, 2, 2
 LORA = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -328,21 +328,6 @@ def run_child(run: Run, cmd: list[str], d: Path, threads: int, timeout: float) -
         run.note = f"no per-step metrics in {metrics} (log {log_path})"
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    found = {"lmforge": version("lmforge"), "lmforge's torch": version("torch")}
-    with contextlib.suppress(common.PeerMissing):
-        python = common.peer_python(common.TRAIN_PEERS)
-        code = ("import json, importlib.metadata as m\nout = {}\nfor p in ['torch', 'transformers', 'peft', "
-                "'accelerate', 'torchtune', 'torchao']:\n    try: out[p] = m.version(p)\n"
-                "    except m.PackageNotFoundError: out[p] = 'not installed'\nprint(json.dumps(out))")
-        probe = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-        if probe.returncode == 0:
-            found |= {f"peers' {k}" if k == "torch" else k: v for k, v in json.loads(probe.stdout).items()}
-    return found
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -424,7 +409,7 @@ def main() -> None:
     args.texts, args.ids, data_info = build_data(tokenizer, args.steps * MICRO_BATCH * ACCUMULATION, work)
     expected = MICRO_BATCH * ACCUMULATION * (SEQ_LEN - 1)
 
-    found = versions()
+    found = common.versions(PEER_PACKAGES)
     print(f"CPU: {common.cpu_name()}; {args.threads} threads (OMP_NUM_THREADS)")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     print(f"model: SmolLM2-135M-Instruct, {args.model_dir}")

@@ -42,25 +42,16 @@ from lmforge.train.log import MetricsLog, NoMetrics, require_backends
 from lmforge.train.model import build_trainable, gathered_weights, save_trainable
 from lmforge.train.optim import build_optimizer, build_scheduler
 from lmforge.train.preference import token_logps
-from lmforge.train.recipes.sft import _due, _resume_from, train_step
+from lmforge.train.recipes.sft import _due, _resume_from, _save_model_dir, in_world, train_step
 from lmforge.train.rewards import build_rewards, score
-from lmforge.weights.atomic import atomic_dir
 
 log = logging.getLogger("lmforge")
 SEED_STRIDE = 1_000_003  # rollout r, prompt i: seed + r * SEED_STRIDE + i * num_generations (+ the sample's index)
 
 
 def main(cfg: TrainConfig) -> Path:
-    world = dist.world_from_env()
-    device = dist.device_for(cfg, world)
-    cfg = cfg.on_device(device)
-    dist.join(world, device)
-    if not world.is_main:
-        log.setLevel(logging.WARNING)
-    try:
-        return _train(cfg, world, device)
-    finally:
-        dist.leave()
+    """Trains as configured; returns the directory of the final adapter or model."""
+    return in_world(cfg, _train)
 
 
 def settings_of(cfg: TrainConfig) -> GRPOSettings:
@@ -411,13 +402,7 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
                                      cfg.checkpoint.keep_last, world.is_main, lambda: dist.barrier(world))
     finally:
         metrics.close()
-    final = run_dir / "final"
-    if world.is_main:
-        with atomic_dir(final, durable=True) as tmp:
-            save_model(tmp)
-    else:
-        save_model(final)
-    dist.barrier(world)
+    final = _save_model_dir(run_dir / "final", save_model, world)
     log.info("run directory: %s; final %s: %s", run_dir, "model" if cfg.method == "full" else "adapter", final)
     return final
 

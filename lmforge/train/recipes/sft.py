@@ -42,6 +42,12 @@ log = logging.getLogger("lmforge")
 
 def main(cfg: TrainConfig) -> Path:
     """Trains as configured; returns the directory of the final model (HF directory or PEFT adapter)."""
+    return in_world(cfg, _train)
+
+
+def in_world(cfg: TrainConfig, train) -> Path:
+    """`train(cfg, world, device)` (a recipe's body) inside this process's world: torchrun's, SLURM's or one of
+    one; precision auto resolved for the device; other ranks than 0 log warnings only."""
     world = dist.world_from_env()
     device = dist.device_for(cfg, world)
     cfg = cfg.on_device(device)
