@@ -244,7 +244,7 @@ class Rollouts:
         weights = torch.tensor([r.weight for r in self.rewards])
         unscorable = table.isnan().all(1)
         totals = (table.nan_to_num(0.0) * weights).sum(1).masked_fill(unscorable, float("nan"))
-        advantages = group_advantages(totals, self.group, self.cfg.grpo.advantage, self._scale(totals))
+        advantages = group_advantages(totals, self.group, self.cfg.grpo.advantage, self._scale())
         for s, a in zip(sequences, advantages.tolist(), strict=True):
             s.advantage = a
         metrics = self._metrics(sequences, table, totals, sampled_at - started)
@@ -255,7 +255,7 @@ class Rollouts:
         metrics["rollout/seconds"] = time.perf_counter() - started
         return steps, metrics, sequences
 
-    def _scale(self, totals: torch.Tensor) -> str:
+    def _scale(self) -> str:
         scale = self.cfg.grpo.scale_rewards
         if scale == "batch" and self.world.size > 1:
             raise LmforgeError("grpo.scale_rewards: batch is not supported over several processes yet; use group")
