@@ -48,7 +48,7 @@ BAD = [
     ({**MINIMAL, "optimizer": {"lrr": 1}}, (), "unknown key optimizer.lrr; did you mean optimizer.lr?"),
     ({**MINIMAL, "lora": {"rnak": 8}}, (), "did you mean lora.rank?"),
     ({**MINIMAL, "epoch": 3}, (), "did you mean epochs?"),
-    ({**MINIMAL, "zzz": 3}, (), "unknown key zzz; valid keys here: recipe, preference, reward, distill, model"),
+    ({**MINIMAL, "zzz": 3}, (), "unknown key zzz; valid keys here: recipe, preference, reward, distill, grpo, model"),
     ({"data": {"train": [{"path": "x", "format": "alpaca", "formt": 1}]}}, (), "data.train.0.formt; did you mean"),
     ({}, (), "data is required"),
     ({"data": {"train": []}}, (), "data.train: List should have at least 1 item"),

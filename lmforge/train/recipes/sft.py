@@ -55,7 +55,7 @@ def in_world(cfg: TrainConfig, train) -> Path:
     if not world.is_main:
         log.setLevel(logging.WARNING)
     try:
-        return _train(cfg, world, device)
+        return train(cfg, world, device)
     finally:
         dist.leave()
 
