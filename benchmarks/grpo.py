@@ -1,7 +1,7 @@
 """GRPO step time and memory: lmforge's `recipe: grpo` vs TRL's GRPOTrainer, LoRA, side by side (issue 20).
 
-Usage: python benchmarks/grpo.py [--steps 10] [--systems lmforge,trl,trl-vllm] [--threads 2] [--precision auto]
-       [--out results.json] [--keep]
+Usage: python benchmarks/grpo.py [--steps 10] [--systems lmforge,lmforge-bitwise,trl,trl-vllm] [--threads 2]
+       [--precision auto] [--out results.json] [--keep]
 A smoke run is --steps 3 --threads 1 (on one shared AVX2 core: lmforge about 4 minutes, TRL about 9).
 The tests import this file (tests/unit/test_grpo_bench_order.py: its prompt order equals the recipe's).
 
@@ -44,6 +44,9 @@ no evaluation, no checkpoints, seed 42.
            so the row says skipped and why.
   Peers venv: as benchmarks/train.py's docstring (TRL 1.16, PEFT 0.21, transformers 5.25, torch 2.13 CPU), pointed
   at by LMFORGE_PEERS_PYTHON; without it TRL's row says so.
+  lmforge-bitwise  lmforge with grpo.bitwise_logprobs: true (its engine and its training forward on the same
+           kernels, float32 whatever --precision says): what bitwise-identical log-probs cost is its time next to
+           lmforge's in a --precision fp32 run.
 Precision (`--precision`, default auto): bf16 where the CPU computes bfloat16 natively (avx512_bf16 or amx_bf16), else
 fp32 -- emulated bfloat16 is far slower. fp32: float32 weights and math in both. bf16: lmforge `precision:
 bf16-mixed`, TRL bf16=True (bfloat16 autocast over float32 weights).
@@ -64,9 +67,10 @@ Means are over the steps after the first 2 (warm-up; with 2 steps or fewer, all 
 process's ru_maxrss (os.wait4), start-up included. Reward: the mean of the per-step mean reward (every step's 64
 completions) over all steps; completion length: the mean completion length (EOS counted) over all steps; both only
 show the two systems train the same task at the same level (the runs are short; no quality comparison). tokens/step:
-completion tokens trained per step. Target of issue 20: lmforge >= 3x TRL's steps/s at <= 0.7x its peak RSS. The
-machine may be shared: each run prints the share of CPU time other processes used meanwhile and is marked disturbed
-above 5%.
+completion tokens trained per step. logp gap: lmforge's sampling/logp_diff_mean (the mean |engine - trainer|
+log-prob of the sampled tokens) over all steps. Target of issue 20: lmforge >= 3x TRL's steps/s at <= 0.7x its peak
+RSS. The machine may be shared: each run prints the share of CPU time other processes used meanwhile and is marked
+disturbed above 5%.
 """
 
 import argparse
@@ -74,6 +78,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import common
@@ -90,7 +95,8 @@ MAX_COMPLETION, MAX_SEQ_LEN, TEMPERATURE, EPSILON, LR, MAX_GRAD_NORM = 32, 128, 
 LORA = {"rank": 16, "alpha": 32,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 COMPILING = "compiling lmforge CPU kernels"  # lmforge's log line when kernels/ is built at first use
-SYSTEMS = {"lmforge": "lmforge", "trl": "TRL GRPOTrainer", "trl-vllm": "TRL + vLLM rollouts"}
+SYSTEMS = {"lmforge": "lmforge", "lmforge-bitwise": "lmforge, bitwise", "trl": "TRL GRPOTrainer",
+           "trl-vllm": "TRL + vLLM rollouts"}
 
 
 def lmforge_order(steps: int, rows: int) -> list[list[int]]:
@@ -116,17 +122,18 @@ def build_prompts(order: list[list[int]], work: Path) -> Path:
 # ---------------------------------------------------------------- systems
 
 
-def lmforge_command(a, d: Path) -> list[str]:
+def lmforge_command(a, d: Path, bitwise: bool = False) -> list[str]:
+    fp32 = a.precision == "fp32" or bitwise  # bitwise log-probs are float32 only
     config = {
         "recipe": "grpo",
-        "model": {"path": str(a.model_dir), "dtype": "float32" if a.precision == "fp32" else "auto"},
+        "model": {"path": str(a.model_dir), "dtype": "float32" if fp32 else "auto"},
         "method": "lora",
         "lora": {**LORA, "dropout": 0.0},
         "data": {"train": [{"path": str(PROMPTS), "format": "prompt"}], "max_seq_len": MAX_SEQ_LEN,
                  "cache_dir": str(d / "data-cache")},
         "grpo": {"num_generations": G, "max_completion_length": MAX_COMPLETION, "temperature": TEMPERATURE,
                  "top_p": 1.0, "top_k": 0, "loss": "dapo", "beta": 0.0, "epsilon": EPSILON, "num_iterations": 1,
-                 "rewards": [{"name": "exact_answer"}], "log_completions_every": 1},
+                 "rewards": [{"name": "exact_answer"}], "log_completions_every": 1, "bitwise_logprobs": bitwise},
         "optimizer": {"lr": LR, "weight_decay": 0.0},
         "scheduler": {"name": "constant", "warmup_steps": 0},
         "checkpoint": {"every_steps": 0, "resume": "never"},
@@ -134,7 +141,7 @@ def lmforge_command(a, d: Path) -> list[str]:
         "logging": {"every_steps": 1},
         "output_dir": str(d / "out"), "seed": SEED, "micro_batch_size": MICRO_BATCH,
         "batch_size": MICRO_BATCH * ACCUMULATION, "max_steps": a.steps, "max_grad_norm": MAX_GRAD_NORM,
-        "precision": "fp32" if a.precision == "fp32" else "bf16-mixed", "device": "cpu", "threads": a.threads,
+        "precision": "fp32" if fp32 else "bf16-mixed", "device": "cpu", "threads": a.threads,
     }
     (d / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return [str(LMFORGE_BIN), "train", str(d / "config.yaml")]
@@ -153,7 +160,7 @@ def trl_command(a, d: Path) -> list[str]:
 
 def unavailable(system: str) -> str | None:
     """Why `system` cannot run here, or None."""
-    if system == "lmforge":
+    if system.startswith("lmforge"):
         return None if LMFORGE_BIN.exists() else f"not installed ({LMFORGE_BIN} is missing)"
     try:
         python = common.peer_python(common.TRAIN_PEERS)
@@ -184,7 +191,7 @@ def split(run: Run) -> tuple[float, float]:
 
 def trained_rows(run: Run, d: Path) -> list[list[int]]:
     """The 1-based prompt rows each step trained: TRL's recorded "rows", lmforge's completions.jsonl."""
-    if run.system != "lmforge":
+    if not run.system.startswith("lmforge"):
         return [sorted(s.get("rows", [])) for s in run.steps]
     path = d / "out" / "completions.jsonl"
     rows: dict[int, set[int]] = {}
@@ -197,7 +204,7 @@ def trained_rows(run: Run, d: Path) -> list[list[int]]:
 def print_results(runs: list[Run], expected: list[list[int]], dirs: dict[str, Path], threads: int) -> dict:
     print("\nGRPO, LoRA: 8 prompts x 8 completions per step, 32 tokens at most")
     header = ["system", "rollout s", "update s", "total s/step", "steps/s vs TRL", "peak RSS GiB", "RSS vs TRL",
-              "reward", "length", "tokens/step", "threads", "CPU others"]
+              "reward", "length", "tokens/step", "logp gap", "threads", "CPU others"]
     by = {r.system: r for r in runs if r.ok}
     trl = by.get("trl")
     rows, summary = [], {}
@@ -212,13 +219,14 @@ def print_results(runs: list[Run], expected: list[list[int]], dirs: dict[str, Pa
         rss = r.peak_rss / trl.peak_rss if trl else None
         reward = mean([s["reward"] for s in r.steps if "reward" in s])
         length = mean([s["completions/mean_length"] for s in r.steps if "completions/mean_length" in s])
+        gaps = [s["sampling/logp_diff_mean"] for s in r.steps if "sampling/logp_diff_mean" in s]
         summary[r.system] = {"rollout_seconds": rollout, "update_seconds": update, "seconds_per_step": total,
                              "steps_per_second_vs_trl": speed, "peak_rss_vs_trl": rss, "mean_reward": reward,
-                             "mean_completion_length": length}
+                             "mean_completion_length": length, "mean_logp_gap": mean(gaps) if gaps else None}
         rows.append([SYSTEMS[r.system], f"{rollout:.2f}", f"{update:.2f}", f"{total:.2f}",
                      "-" if speed is None else f"{speed:.2f}x", f"{r.peak_rss / 2**30:.2f}",
                      "-" if rss is None else f"{rss:.2f}x", f"{reward:.3f}", f"{length:.1f}",
-                     f"{mean([s['tokens'] for s in r.steps]):.0f}",
+                     f"{mean([s['tokens'] for s in r.steps]):.0f}", f"{mean(gaps):.1e}" if gaps else "-",
                      str(r.threads) if r.threads else f"{threads} (cfg)",
                      f"{r.others:.0%}" + (" !" if r.others > common.DISTURBED else "")])
     common.print_table(header, rows)
@@ -231,7 +239,7 @@ def print_results(runs: list[Run], expected: list[list[int]], dirs: dict[str, Pa
         if got != want:
             print(f"  {SYSTEMS[r.system]}: the prompts trained per step {got} differ from the expected {want} "
                   "(lmforge's seeded order, computed by the harness)")
-        if r.system == "lmforge" and COMPILING in (dirs[r.system] / "log.txt").read_text(errors="replace"):
+        if r.system.startswith("lmforge") and COMPILING in (dirs[r.system] / "log.txt").read_text(errors="replace"):
             print("  lmforge: compiled its C++ kernels during this run (first use of this source): not in its step "
                   "times, but its peak RSS may hold the compiler's; run again for the memory number")
         if r.others > common.DISTURBED:
@@ -290,7 +298,8 @@ def main() -> None:
     print(f"seconds per step over {window}; peak RSS = ru_maxrss of each run's process; work directory {work}",
           flush=True)
 
-    commands = {"lmforge": lmforge_command, "trl": trl_command}
+    commands = {"lmforge": lmforge_command, "lmforge-bitwise": partial(lmforge_command, bitwise=True),
+                "trl": trl_command}
     runs, dirs = [], {}
     for system in systems:
         run = Run(system, "lora")

@@ -223,6 +223,11 @@ class GRPOConfig(Section):
                                                           "training: the engine sleeps)")
     log_completions_every: int = Field(10, ge=0, description="write the rollout's prompts, completions and rewards to "
                                                              "completions.jsonl every N rollouts (0: never)")
+    bitwise_logprobs: bool = Field(
+        False, description="the rollout engine and the training forward run the same kernels in the same summation "
+                           "order, so the sampler's log-probs of its tokens equal the trainer's bit for bit (the "
+                           "importance ratio is then exactly the policy's); float32 on CPU with lmforge's kernels, "
+                           "LoRA dropout 0; slower (docs/training.md)")
 
 
 class TrainConfig(Section):
@@ -334,7 +339,8 @@ class TrainConfig(Section):
             if self.precision == "bf16-mixed":
                 warn_if_emulated(torch.bfloat16, device.type)
             return self
-        return self.model_copy(update={"precision": auto_precision(device)})
+        bitwise = self.recipe == "grpo" and self.grpo.bitwise_logprobs  # float32 on the shared kernels
+        return self.model_copy(update={"precision": "fp32" if bitwise else auto_precision(device)})
 
     def grad_accumulation(self, world_size: int = 1) -> int:
         """Micro-batches per process and optimizer step, so that every step sees batch_size rows in all."""
@@ -360,6 +366,14 @@ def _check_grpo(cfg: TrainConfig) -> None:
     if cfg.distributed.strategy == "fsdp":
         raise ValueError("recipe grpo trains in one process or several under distributed.strategy ddp (each rank's "
                          "rollout engine needs whole weights); set distributed.strategy: ddp")
+    if g.bitwise_logprobs:
+        if cfg.precision not in ("auto", "fp32") or cfg.model.dtype not in ("auto", "float32") or \
+                cfg.device == "cuda" or cfg.method == "qlora":
+            raise ValueError("grpo.bitwise_logprobs runs float32 on lmforge's CPU kernels: it needs precision fp32 "
+                             "(or auto), model.dtype float32 (or auto), device cpu (or auto) and method lora or full")
+        if cfg.method == "lora" and cfg.lora.dropout:
+            raise ValueError("grpo.bitwise_logprobs needs lora.dropout 0: dropout makes the training forward differ "
+                             "from the policy the engine samples")
     if cfg.data.val_fraction:
         raise ValueError("recipe grpo scores held-out prompts from data.validation files (greedy completions, "
                          "val_reward); data.val_fraction is not supported for it")

@@ -55,6 +55,11 @@ _builds: dict[tuple[str, str], object] = {}  # (extension, level) -> compiled mo
 # Kernels switched off for the current context only (an enforce_eager engine's steps, a test's reference run): a
 # context variable, so one engine's switch never reaches another engine or a training loop in another thread.
 _off: contextvars.ContextVar[bool] = contextvars.ContextVar("lmforge_kernels_off", default=False)
+# Bitwise mode (recipe grpo's bitwise_logprobs): a serving engine's forward and a training forward run the same
+# kernels with the same summation order per row (lmforge/layers: the float32 linear kernel, the training kernels'
+# norm, rotary and SwiGLU, the paged-attention kernel for attention), so a token's log-prob is the same number in
+# both. A context variable, like `_off`, so that it reaches only the run that asked for it.
+_bitwise: contextvars.ContextVar[bool] = contextvars.ContextVar("lmforge_kernels_bitwise", default=False)
 _DTYPES = (torch.float32, torch.bfloat16)
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Compiler flags per level. -mprefer-vector-width=512: gcc otherwise keeps auto-vectorised loops at 256 bits.
@@ -198,6 +203,21 @@ def disabled():
         yield
     finally:
         _off.reset(token)
+
+
+@contextlib.contextmanager
+def bitwise():
+    """Inside (this thread or task only), inference and training forwards share their kernels (see `_bitwise`)."""
+    token = _bitwise.set(True)
+    try:
+        yield
+    finally:
+        _bitwise.reset(token)
+
+
+def in_bitwise() -> bool:
+    """Whether `bitwise()` is in effect here."""
+    return _bitwise.get()
 
 
 def switched_off() -> bool:

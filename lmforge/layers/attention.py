@@ -7,6 +7,7 @@ untouched, so the serving engine's paged path needs no change to any model file.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from lmforge import kernels
 from lmforge.kernels import usable
 from lmforge.layers.kv_quant import dequantize_int8, quantize_int8
-from lmforge.layers.train_kernels import causal_attention
+from lmforge.layers.train_kernels import causal_attention, kernel_attention
 from lmforge.layers.varlen import grouped_attention, prefix_sources
 
 if TYPE_CHECKING:
@@ -101,9 +102,9 @@ class AttnMeta:
         cu = torch.zeros(len(seqlens_q) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seqlens_q, dtype=torch.int32).cumsum(0)
         decode = kernel = None
-        if kernels.available(device) is not None:
+        if kernels.available(device) is not None:  # in bitwise mode every sequence (as training's attention)
             rows = tuple(i for i, (n, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True))
-                         if n <= KERNEL_MAX_QUERIES or n * lk <= KERNEL_MAX_WORK)
+                         if n <= KERNEL_MAX_QUERIES or n * lk <= KERNEL_MAX_WORK or kernels.in_bitwise())
             if rows:
                 kernel = KernelRows(rows, torch.tensor(rows), cu.long(), torch.tensor(seqlens_k))
         elif block_size is not None:
@@ -153,12 +154,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
     if kv is not None:
         return _paged_attention(q, k, v, meta, kv, scale, window)
     lens = meta.seqlens_q
-    if len(set(lens)) == 1 and meta.prefixes is None:  # equal lengths: one batched call
+    if kernels.in_bitwise():  # the engine's kernel, in the engine's order (torch's path gives its gradient)
+        reference = partial(_varlen, lens=lens, prefixes=meta.prefixes, scale=scale, window=window)
+        if (out := kernel_attention(q, k, v, lens, meta.prefixes, scale, window, reference)) is not None:
+            return out
+    return _varlen(q, k, v, lens, meta.prefixes, scale, window)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: tuple[int, ...], prefixes: tuple[int, ...] | None,
+            scale: float, window: int | None) -> torch.Tensor:
+    if len(set(lens)) == 1 and prefixes is None:  # equal lengths: one batched call
         b = len(lens)
         out = _sdpa(q.view(b, lens[0], *q.shape[1:]), k.view(b, lens[0], *k.shape[1:]),
                     v.view(b, lens[0], *v.shape[1:]), scale, window)
         return out.reshape(q.shape)
-    return grouped_attention(q, k, v, lens, lambda qb, kb, vb: _sdpa(qb, kb, vb, scale, window), meta.prefixes)
+    return grouped_attention(q, k, v, lens, lambda qb, kb, vb: _sdpa(qb, kb, vb, scale, window), prefixes)
 
 
 def _write_cache(kv: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import kernels
 from lmforge.kernels import usable
 from lmforge.layers import quant_linear, train_kernels
 
@@ -154,8 +155,8 @@ def derive_weights(model: nn.Module, share: bool = True) -> DerivedWeights:
     joints, adapters = {}, {}
     dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "lora_A") and not module.dora:  # a training LoRALinear
+        for module in model.modules():  # in bitwise mode LoRA layers run their own (training) code instead
+            if hasattr(module, "lora_A") and not module.dora and not kernels.in_bitwise():  # a training LoRALinear
                 adapters[module] = (module.lora_A.weight.to(dtype, copy=True),
                                     (module.lora_B.weight.float() * module.scaling).to(dtype))
     for module in model.modules():
@@ -194,6 +195,11 @@ def project(x: torch.Tensor, weight: torch.Tensor, owner) -> torch.Tensor:
     its packed copy among the active engine's derived weights."""
     derived = _derived.get()
     return _linear(x, weight, None, derived.pack(owner) if derived is not None else None)
+
+
+def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T on Linear's paths, without a packed copy (LoRA's factors in bitwise mode: kernels.bitwise)."""
+    return _linear(x, weight, None, None)
 
 
 def _multi_lora_base(layer: nn.Module | None) -> nn.Module | None:

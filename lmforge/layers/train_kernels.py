@@ -6,18 +6,22 @@ Each returns None where it does not apply (autograd not recording, another devic
 then runs its eager code, which stays the reference the tests compare against (tests/unit/test_kernels.py).
 """
 
+from collections.abc import Callable
+
 import torch
 
 from lmforge import kernels
 from lmforge.hardware import cpu_flags
+from lmforge.layers.varlen import prefix_sources
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _ops(*tensors: torch.Tensor):
-    """The kernels when autograd records an op on these tensors (CPU, float32/bfloat16), else None."""
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+    """The kernels when autograd records an op on these tensors (CPU, float32/bfloat16), else None. In bitwise mode
+    (kernels.bitwise) also when it does not: an engine's forward then runs the training forward's kernels."""
+    if not kernels.in_bitwise() and (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)):
         return None
     if any(t.dtype not in _KERNEL_DTYPES for t in tensors):
         return None
@@ -62,6 +66,54 @@ class _CausalAttention(torch.autograd.Function):
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
         dq, dk, dv = kernels.cpu_ops().attention_backward(q, k, v, out, grad, lse, ctx.scale)
         return dq, dk, dv, None
+
+
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: tuple[int, ...],
+                     prefixes: tuple[int, ...] | None, scale: float, window: int | None,
+                     reference: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                     ) -> torch.Tensor | None:
+    """Bitwise mode (kernels.bitwise), float32: packed documents (q [T, H, D], k/v [T, KVH, D], `lens` end to end,
+    each after the first prefixes[i] tokens of its prefix source, varlen.prefix_sources) attended by the paged-
+    attention kernel a serving engine runs, so that every query sums its keys in the engine's order. The flat keys
+    and values are read as a cache of one-token blocks, each document's block table listing its prefix's rows, then
+    its own. Backward differentiates `reference(q, k, v)` (the same attention on torch's path), recomputed."""
+    if not kernels.in_bitwise() or q.dtype != torch.float32 or kernels.available(q.device) is None:
+        return None
+    prefixes = prefixes or (0,) * len(lens)
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    rows = []
+    for i, (n, p, owner) in enumerate(zip(lens, prefixes, prefix_sources(prefixes), strict=True)):
+        own = list(range(starts[i], starts[i] + n))
+        rows.append(list(range(starts[owner], starts[owner] + p)) + own if p else own)
+    tables = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tables[i, :len(r)] = torch.tensor(r)
+    cu = torch.tensor(starts, dtype=torch.long)
+    lens_k = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    return _KernelAttention.apply(q, k, v, (cu, lens_k, tables), scale, window, reference)
+
+
+class _KernelAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, window, reference):
+        cu, lens_k, tables = layout
+        out = torch.empty(q.shape, dtype=q.dtype)
+        cache = [x.contiguous().view(x.shape[0], 1, *x.shape[1:]) for x in (k, v)]  # one token per block
+        kernels.cpu_ops().paged_attention(q.contiguous(), *cache, cu, lens_k, tables, torch.arange(len(lens_k)),
+                                          scale, window or 0, out)
+        ctx.save_for_backward(q, k, v)
+        ctx.reference = reference
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        inputs = [x.detach().requires_grad_() for x in ctx.saved_tensors]
+        with torch.enable_grad(), kernels.disabled():
+            grads = torch.autograd.grad(ctx.reference(*inputs), inputs, grad)
+        return *grads, None, None, None, None
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -175,8 +227,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def _f32_kernel(x: torch.Tensor, weight: torch.Tensor):
-    """The kernels when `linear_f32` takes x @ weight^T: float32 on a CPU without AVX512, a contiguous weight."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not weight.is_contiguous() or _avx512():
+    """The kernels when `linear_f32` takes x @ weight^T: float32 on a CPU without AVX512 (on any in bitwise mode,
+    where an engine's float32 products run it too), a contiguous weight."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not weight.is_contiguous():
+        return None
+    if _avx512() and not kernels.in_bitwise():
         return None
     ops = kernels.available(x.device)
     return ops if ops is not None and ops.linear_f32_available() else None

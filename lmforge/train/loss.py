@@ -86,8 +86,8 @@ class _LinearLogProbs(torch.autograd.Function):
     there backward recomputes each chunk's logits (as activation checkpointing would)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype,
+                entropies: torch.Tensor | None) -> torch.Tensor:
         want_h, want_w = ctx.needs_input_grad[:2]
         ahead = want_h and not want_w  # the hidden states' gradient, computed now
         with torch.autocast(hidden.device.type, enabled=False):
@@ -96,7 +96,10 @@ class _LinearLogProbs(torch.autograd.Function):
             logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             ops = _ops(dtype, hidden)
             for start, h, y in _chunks(hidden, labels, dtype):
-                losses, g = _rows_cross_entropy(f32_product(h, w), y, ops)
+                logits = f32_product(h, w)
+                if entropies is not None:
+                    entropies[start:start + len(y)] = row_entropy(logits)
+                losses, g = _rows_cross_entropy(logits, y, ops)
                 logps[start:start + len(y)] = -losses
                 if ahead:
                     grad_h[start:start + len(y)] = (g @ w).neg_().to(hidden.dtype)
@@ -112,7 +115,7 @@ class _LinearLogProbs(torch.autograd.Function):
         ctx.used = True
         if len(ctx.saved_tensors) == 1:
             (grad_h,) = ctx.saved_tensors
-            return grad_h.mul_(grad_out.to(grad_h.dtype)[:, None]), None, None, None
+            return grad_h.mul_(grad_out.to(grad_h.dtype)[:, None]), None, None, None, None
         hidden, weight, labels = ctx.saved_tensors
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(ctx.dtype)
@@ -125,15 +128,26 @@ class _LinearLogProbs(torch.autograd.Function):
                 if ctx.want_h:
                     grad_h[start:start + len(y)] = (g @ w).to(hidden.dtype)
                 grad_w.add_(g.t() @ h)
-        return grad_h, grad_w.to(weight.dtype), None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None
 
 
-def linear_log_probs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor | None:
+def linear_log_probs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                     entropies: torch.Tensor | None = None) -> torch.Tensor | None:
     """log p(label | row) per row of hidden [R, H], fused (_LinearLogProbs), or None where the head is not a plain
-    linear layer (adapted by LoRA, or with a bias): the caller then runs the head itself."""
+    linear layer (adapted by LoRA, or with a bias): the caller then runs the head itself. `entropies` [R], when
+    given, receives each row's entropy (row_entropy) from the same logits."""
     if type(head) is not Linear or head.bias is not None:
         return None
-    return _LinearLogProbs.apply(hidden, head.weight, labels, _compute_dtype(hidden))
+    return _LinearLogProbs.apply(hidden, head.weight, labels, _compute_dtype(hidden), entropies)
+
+
+@torch.no_grad()
+def row_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The entropy of softmax(logits / temperature) per row, in float32, without gradient (TRL's `entropy`)."""
+    x = logits.detach().float()
+    x = x / temperature if temperature != 1 else x
+    lse = x.logsumexp(-1)
+    return lse - (x - lse[:, None]).exp_().mul_(x).sum(-1)
 
 
 def _chunks(hidden: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype):

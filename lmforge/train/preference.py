@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge import kernels
 from lmforge.data.dataset import IGNORE_INDEX
 from lmforge.engine.sampling_params import SamplingParams
 from lmforge.engine.truncation import processed_log_probs
-from lmforge.train.loss import CHUNK_ROWS, linear_log_probs
+from lmforge.train.loss import CHUNK_ROWS, linear_log_probs, row_entropy
 
 PairedLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 REFERENCE_FREE = ("simpo", "orpo")  # they need no reference log-probs and use length-averaged log-probs
@@ -95,34 +96,48 @@ def sequence_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
 
 
 def token_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                sampling: SamplingParams | None = None) -> torch.Tensor:
+                sampling: SamplingParams | None = None, entropies: torch.Tensor | None = None) -> torch.Tensor:
     """log p(label) at each row whose label is not -100, in row order: under the model's distribution, or under the
     one an engine samples from with `sampling`'s temperature, top-k, top-p and min-p (engine/truncation.py
     processed_log_probs; a token outside the kept set gets LOGP_FLOOR instead of -inf, so it weighs nothing and
     keeps the loss finite). Fused with the head where it is a plain linear layer and the distribution is the
-    model's, else chunk by chunk (checkpointed)."""
+    model's, else chunk by chunk (checkpointed). In bitwise mode (kernels.bitwise) always as an engine computes
+    them: the head's logits, then the sampled distribution's log_softmax. `entropies` (float32, one per returned
+    row), when given, receives each row's entropy of the tempered distribution (loss.row_entropy, TRL's metric)
+    from the same logits."""
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     plain = sampling is None or (sampling.temperature == 1 and sampling.top_k in (0, -1) and sampling.top_p == 1
                                  and not sampling.min_p)
-    logps = linear_log_probs(hidden, model.lm_head, labels) if plain else None
+    if plain and sampling is not None and kernels.in_bitwise():
+        plain = False
+    logps = linear_log_probs(hidden, model.lm_head, labels, entropies) if plain else None
     if logps is None:
-        chunks = [_chunk_logps(model, h, y, None if plain else sampling)
-                  for h, y in zip(hidden.split(CHUNK_ROWS), labels.split(CHUNK_ROWS), strict=True)]
+        chunks = [_chunk_logps(model, hidden[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS],
+                               None if plain else sampling,
+                               None if entropies is None else entropies[start:start + CHUNK_ROWS])
+                  for start in range(0, len(labels), CHUNK_ROWS)]
         logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
     return logps
 
 
-def _chunk_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                 sampling: SamplingParams | None) -> torch.Tensor:
+def _chunk_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, sampling: SamplingParams | None,
+                 entropies: torch.Tensor | None) -> torch.Tensor:
+    box = [] if entropies is not None else None  # not a tensor: checkpoint would refuse one changed in place
     if not torch.is_grad_enabled():
-        return _label_logps(model, hidden, labels, sampling)
-    return checkpoint(_label_logps, model, hidden, labels, sampling, use_reentrant=False)
+        logps = _label_logps(model, hidden, labels, sampling, box)
+    else:
+        logps = checkpoint(_label_logps, model, hidden, labels, sampling, box, use_reentrant=False)
+    if entropies is not None:
+        entropies.copy_(box[0])
+    return logps
 
 
-def _label_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                 sampling: SamplingParams | None) -> torch.Tensor:
+def _label_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, sampling: SamplingParams | None,
+                 box: list | None) -> torch.Tensor:
     logits = model.logits(hidden)  # float32
+    if box is not None and not box:  # (not again when backward recomputes this chunk)
+        box.append(row_entropy(logits, sampling.temperature if sampling is not None else 1.0))
     if sampling is not None:
         return processed_log_probs(logits, labels, sampling.temperature, sampling.top_k, sampling.top_p,
                                    sampling.min_p).clamp(min=LOGP_FLOOR)

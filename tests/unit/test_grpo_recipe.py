@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from lmforge import kernels
 from lmforge.cli import main as cli_main
 from lmforge.config import load_config
 from lmforge.data.prompts import load_prompts
@@ -86,7 +87,7 @@ def test_a_run_logs_rewards_losses_and_completions(make_config, tmp_path):
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     first = steps[0]
-    for key in ("reward", "reward_std", "rewards/exact_answer/mean", "rewards/length_penalty/mean", "kl",
+    for key in ("reward", "reward_std", "rewards/exact_answer/mean", "rewards/length_penalty/mean", "kl", "entropy",
                 "clip_ratio/region_mean", "sampling/logp_diff_mean", "completions/mean_length",
                 "rollout/tokens_per_s", "update/tokens_per_s"):
         assert key in first, key
@@ -109,6 +110,12 @@ def test_schema_refuses_configs_it_cannot_run(make_config):
         load_config(make_config("b", recipe="sft"))
     with pytest.raises(Exception, match="must exceed grpo.max_completion_length"):
         load_config(make_config("c", data__max_seq_len=12))
+    with pytest.raises(Exception, match="bitwise_logprobs runs float32"):
+        load_config(make_config("d", grpo__bitwise_logprobs=True, precision="bf16-mixed"))
+    with pytest.raises(Exception, match="bitwise_logprobs needs lora.dropout 0"):
+        load_config(make_config("e", grpo__bitwise_logprobs=True, lora__dropout=0.1))
+    assert load_config(make_config("f", grpo__bitwise_logprobs=True, precision="auto")).on_device(
+        torch.device("cpu")).precision == "fp32"
 
 
 def test_a_rollout_after_a_weight_change_samples_from_the_new_weights(make_config):
@@ -128,6 +135,50 @@ def test_a_rollout_after_a_weight_change_samples_from_the_new_weights(make_confi
         hidden = model(b.input_ids, b.positions, AttnMeta.for_training(b.cu_seqlens, b.prefix_lens))
         trainer = token_logps(model, hidden, b.labels, rollouts.sampling)
     torch.testing.assert_close(trainer, micro.sampled, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampling", [{}, SAMPLING])
+def test_entropy_is_the_tempered_policys(make_config, sampling):
+    """The logged entropy per completion token is that of softmax(logits / temperature) (TRL's), from the fused
+    head (temperature 1) and from the chunked processed path alike."""
+    cfg, model, rollouts = build(make_config("entropy", **sampling))
+    micro = grpo.micro_batch(rollouts.sample(rollouts.prompts[:3], [1, 2, 3], 2), torch.device("cpu"))
+    b = micro.batch
+    hidden = model(b.input_ids, b.positions, AttnMeta.for_training(b.cu_seqlens, b.prefix_lens))
+    entropies = torch.full((len(micro.sampled),), float("nan"))
+    token_logps(model, hidden, b.labels, rollouts.sampling, entropies)
+    logits = model.logits(hidden[b.labels != -100]).detach() / cfg.grpo.temperature
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(entropies, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_bitwise_mode_gives_the_engine_log_probs_bit_for_bit(make_config, method):
+    """grpo.bitwise_logprobs at 2 threads: the engine's log-probs of its sampled tokens (temperature, top-p, top-k)
+    equal the training forward's exactly, with autograd recording as in a step, before and after the weights
+    change; the gradient through the kernel attention is torch's (1e-5)."""
+    torch.set_num_threads(2)
+    with kernels.bitwise():
+        cfg, model, rollouts = build(make_config("bitwise", method=method, grpo__bitwise_logprobs=True, **SAMPLING))
+        rows = rollouts.prompts[:4]
+        for _ in range(2):  # before and after a change of the weights
+            micro = grpo.micro_batch(rollouts.sample(rows, [1, 2, 3, 4], 3), torch.device("cpu"))
+            b = micro.batch
+            meta = AttnMeta.for_training(b.cu_seqlens, b.prefix_lens)
+            trainer = token_logps(model, model(b.input_ids, b.positions, meta), b.labels, rollouts.sampling)
+            assert trainer.requires_grad and len(trainer) > 40
+            assert torch.equal(trainer, micro.sampled), (trainer - micro.sampled).abs().max()
+            params = [p for p in model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(trainer.sum(), params)
+            with kernels.disabled():  # torch's attention and products
+                eager = token_logps(model, model(b.input_ids, b.positions, meta), b.labels, rollouts.sampling)
+                expected = torch.autograd.grad(eager.sum(), params)
+            torch.testing.assert_close(trainer, eager, atol=1e-4, rtol=0)
+            for got, want in zip(grads, expected, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            with torch.no_grad():  # a step's worth of change to every trained weight
+                for p in params:
+                    p.add_(torch.randn_like(p) * 0.02)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"grpo__loss": "grpo", "grpo__beta": 0.1, "method": "full"},

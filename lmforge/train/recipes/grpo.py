@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge import kernels
 from lmforge.config import TrainConfig, dump_config
 from lmforge.data import IGNORE_INDEX, Batch
 from lmforge.data.prompts import PromptRow, load_prompts
@@ -51,7 +52,17 @@ SEED_STRIDE = 1_000_003  # rollout r, prompt i: seed + r * SEED_STRIDE + i * num
 
 def main(cfg: TrainConfig) -> Path:
     """Trains as configured; returns the directory of the final adapter or model."""
-    return in_world(cfg, _train)
+    return in_world(cfg, _train_bitwise if cfg.grpo.bitwise_logprobs else _train)
+
+
+def _train_bitwise(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
+    """_train with the engine's and the trainer's forwards on the same kernels (kernels.bitwise): the sampler's
+    log-probs of its tokens are the trainer's, bit for bit."""
+    if kernels.available(device) is None:
+        raise LmforgeError("grpo.bitwise_logprobs runs lmforge's CPU kernels in the engine and in training: it needs "
+                           "device cpu with the kernels on (LMFORGE_KERNELS unset, a C++ compiler)")
+    with kernels.bitwise():
+        return _train(cfg, world, device)
 
 
 def settings_of(cfg: TrainConfig) -> GRPOSettings:
@@ -146,7 +157,8 @@ class GRPOObjective:
     def loss(self, runner, micro: MicroBatch, totals: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = micro.batch
         hidden = runner(batch.input_ids, batch.positions, AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens))
-        logps = token_logps(self.model, hidden, batch.labels, self.sampling)
+        entropies = torch.empty(len(micro.sampled))
+        logps = token_logps(self.model, hidden, batch.labels, self.sampling, entropies)
         old = micro.old if micro.old is not None else logps.detach()
         correction = sampler_correction(self.settings, old, micro.sampled, micro.seq_index, len(micro.seq_tokens))
         step = Denominators(int(totals[0]), int(totals[1]), self.rollout_tokens_per_step)
@@ -156,12 +168,13 @@ class GRPOObjective:
         stats["loss"] = out.loss.item()
         both = (old > DROPPED) & (micro.sampled > DROPPED)  # the trainer and the sampler both kept the token
         stats["logp_diff"] = float(((old - micro.sampled).abs() * both).sum())
+        stats["entropy"] = float(entropies.sum())
         return out.loss, stats
 
     def summary(self, sums: dict[str, float], totals: list[float]) -> dict[str, float]:
         tokens = max(sums.get("tokens", 0.0), 1.0)
         out = {"loss": sums["loss"], "tokens": int(totals[1]), "sampling/logp_diff_mean": sums["logp_diff"] / tokens,
-               "sampling/dropped_ratio": sums["dropped"] / tokens}
+               "sampling/dropped_ratio": sums["dropped"] / tokens, "entropy": sums["entropy"] / tokens}
         for name in ("low", "high", "region"):
             out[f"clip_ratio/{name}_mean"] = sums[f"clipped_{name}"] / tokens
         if "kl" in sums:
