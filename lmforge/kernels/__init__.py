@@ -60,6 +60,10 @@ _off: contextvars.ContextVar[bool] = contextvars.ContextVar("lmforge_kernels_off
 # norm, rotary and SwiGLU, the paged-attention kernel for attention), so a token's log-prob is the same number in
 # both. A context variable, like `_off`, so that it reaches only the run that asked for it.
 _bitwise: contextvars.ContextVar[bool] = contextvars.ContextVar("lmforge_kernels_bitwise", default=False)
+# A training recipe's no-grad passes (reference and old-policy log-probs) run the training step's own kernels, not
+# the inference ones (`training_forward`): the reference then rounds exactly as the policy does, so a LoRA policy
+# whose update is still zero equals its reference in bf16 too.
+_training: contextvars.ContextVar[bool] = contextvars.ContextVar("lmforge_kernels_training", default=False)
 _DTYPES = (torch.float32, torch.bfloat16)
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Compiler flags per level. -mprefer-vector-width=512: gcc otherwise keeps auto-vectorised loops at 256 bits.
@@ -220,6 +224,22 @@ def in_bitwise() -> bool:
     return _bitwise.get()
 
 
+@contextlib.contextmanager
+def training_forward():
+    """Inside (this thread or task only), forwards take the kernels a training step's forward takes, with or
+    without autograd recording (see `_training`)."""
+    token = _training.set(True)
+    try:
+        yield
+    finally:
+        _training.reset(token)
+
+
+def in_training_forward() -> bool:
+    """Whether training's kernels serve no-grad calls here: `training_forward()` or `bitwise()`."""
+    return _training.get() or _bitwise.get()
+
+
 def switched_off() -> bool:
     """Whether kernels are off here: `disabled()` is in effect in this context."""
     return _off.get()
@@ -235,7 +255,7 @@ def available(device: torch.device):
 def usable(x: torch.Tensor, *params: torch.Tensor):
     """The kernels when they apply to x (CPU, float32/bfloat16) and autograd is not watching x or params.
     Called for every op of a decode step: written to cost well under a microsecond (x.is_cpu, not x.device)."""
-    if not x.is_cpu or x.dtype not in _DTYPES or _off.get():
+    if not x.is_cpu or x.dtype not in _DTYPES or _off.get() or _training.get():
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return None

@@ -58,10 +58,10 @@ class DerivedWeights:
         self.packs.clear()
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor held here (recorded step graphs may read them)."""
+        """Every tensor held here that recorded step graphs may read (oneDNN's opaque packs they never read)."""
         out = [t for joint in self.joints.values() for t in joint.tensors()]
         out += [t for pair in self.adapters.values() for t in pair]
-        return out + [p._packed[2] for p in self.packs.values() if p._packed is not None]
+        return out + [p._packed[2] for p in self.packs.values() if p._packed is not None and not p._packed[2].is_mkldnn]
 
 
 class _Pack:

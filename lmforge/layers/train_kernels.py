@@ -19,9 +19,10 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _ops(*tensors: torch.Tensor):
-    """The kernels when autograd records an op on these tensors (CPU, float32/bfloat16), else None. In bitwise mode
-    (kernels.bitwise) also when it does not: an engine's forward then runs the training forward's kernels."""
-    if not kernels.in_bitwise() and (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)):
+    """The kernels when autograd records an op on these tensors (CPU, float32/bfloat16), else None. Under
+    kernels.training_forward or kernels.bitwise also when it does not: a reference pass, or an engine's forward,
+    then runs the training forward's kernels."""
+    if not kernels.in_training_forward() and (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)):
         return None
     if any(t.dtype not in _KERNEL_DTYPES for t in tensors):
         return None

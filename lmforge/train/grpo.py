@@ -183,7 +183,9 @@ def grpo_loss(settings: GRPOSettings, logps: torch.Tensor, seq_index: torch.Tens
         sums["kl"] = (kl.detach() * kept).sum()
     if settings.loss_type == "grpo":  # each sequence's token mean
         token_losses = token_losses / seq_tokens.to(logps.dtype).clamp(min=1).index_select(0, seq_index)
-    loss = (token_losses * kept).sum() / denominators.of(settings)
+    # summed in float64: the terms (+-advantage x ratio) cancel, and a float32 sum's rounding would depend on how a
+    # step is cut into micro-batches
+    loss = ((token_losses * kept).sum(dtype=torch.float64) / denominators.of(settings)).float()
     with torch.no_grad():
         low = (ratio < 1 - settings.epsilon) & (adv < 0) & kept
         high = (ratio > 1 + settings.high) & (adv > 0) & kept

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[2]
@@ -32,4 +33,7 @@ def test_grpo_raises_the_held_out_reward_of_smollm2(smollm2_dir, tmp_path):
     print(f"held-out reward {before:.3f} -> {after:.3f}; rollout rewards {[round(r, 3) for r in rollouts]}")
     assert before <= 0.3  # the base model at temperature 1 rarely gives the bare right number
     assert after >= before + 0.25 and sum(rollouts[-3:]) > sum(rollouts[:3])
-    assert max(r["sampling/logp_diff_mean"] for r in records if "loss" in r) < 1e-3
+    # engine vs trainer: float32 kernels differ in the last bits; bfloat16 ones (CPUs with native bf16) by its rounding
+    bf16 = "bf16" in yaml.safe_load((run / "config.yaml").read_text())["precision"]
+    assert max(r["sampling/logp_diff_mean"] for r in records if "loss" in r) < (0.1 if bf16 else 1e-3)
+    assert all(0 < r["entropy"] < 11 for r in records if "loss" in r)  # nats; log(49152) = 10.8

@@ -275,6 +275,7 @@ class Rollouts:
         return scale
 
     @torch.no_grad()
+    @kernels.training_forward()  # the policy's step kernels: the same weights give the same log-probs
     def _prepare(self, steps: list[list[MicroBatch]]) -> None:
         """The old policy's log-probs (when a rollout feeds several updates) and the reference's (beta > 0)."""
         several = self.steps * self.cfg.grpo.num_iterations > 1

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmforge import kernels
 from lmforge.config import TrainConfig
 from lmforge.data import Batch
 from lmforge.layers.attention import AttnMeta
@@ -65,7 +66,7 @@ class KTOObjective:
             undesirable += int((valid & ~labels).sum())
             tokens += pair_tokens(batch, valid)
             kl = _documents(batch, odd=True)
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.autocast(), kernels.training_forward():  # the policy's step kernels
                 policy = self._logps(self.model, kl)
                 reference = self._reference_logps(kl)
             gap += float((policy - reference)[valid].sum())
@@ -78,7 +79,7 @@ class KTOObjective:
         valid = _valid_rows(batch)
         desirable = batch.desirable.to(valid.device)[valid]
         trained = _documents(batch, odd=False)
-        with torch.no_grad():
+        with torch.no_grad(), kernels.training_forward():  # rounds as the policy's forward below does
             reference = self._reference_logps(trained)[valid]
         logps = self._logps(runner, trained, self.model)[valid]
         # kto_loss takes the KL documents' log-probs and averages their gap: the window's mean gap stands in as one
