@@ -312,14 +312,14 @@ def run_child(run: Run, cmd: list[str], d: Path, threads: int, timeout: float) -
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     run.wall, run.others = watch.wall, watch.others
     run.peak_rss = usage.ru_maxrss * 1024
-    metrics = d / ("out/metrics.jsonl" if run.system == "lmforge" else "metrics.jsonl")
+    metrics = d / ("out/metrics.jsonl" if run.system.startswith("lmforge") else "metrics.jsonl")
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     run.threads = next((r["threads"] for r in records if "threads" in r), None)
     run.steps = [r for r in records if {"step", "loss", "tokens", "seconds"} <= r.keys()]
     if proc.returncode != 0:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
         missing = [line for line in lines if line.startswith(("ImportError:", "ModuleNotFoundError:"))]
-        if run.system == "lmforge" and missing and "lmforge" in missing[-1]:  # the trainer is still being built
+        if run.system.startswith("lmforge") and missing and "lmforge" in missing[-1]:  # the trainer is still being built
             run.note = f"skipped, `lmforge train` is not complete yet ({missing[-1]}; log {log_path})"
         else:
             why = f"killed after --timeout {timeout:.0f} s" if timed_out else f"exit {proc.returncode}"
