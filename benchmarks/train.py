@@ -319,7 +319,7 @@ def run_child(run: Run, cmd: list[str], d: Path, threads: int, timeout: float) -
     if proc.returncode != 0:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
         missing = [line for line in lines if line.startswith(("ImportError:", "ModuleNotFoundError:"))]
-        if run.system.startswith("lmforge") and missing and "lmforge" in missing[-1]:  # the trainer is still being built
+        if run.system.startswith("lmforge") and missing and "lmforge" in missing[-1]:  # its trainer is not built yet
             run.note = f"skipped, `lmforge train` is not complete yet ({missing[-1]}; log {log_path})"
         else:
             why = f"killed after --timeout {timeout:.0f} s" if timed_out else f"exit {proc.returncode}"
