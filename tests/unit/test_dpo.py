@@ -54,18 +54,6 @@ def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
     joined, _, _ = assert_window_equals_one_batch(model, cfg, objective, data.train, {"loss", "tokens", *METRICS})
 
 
-def test_a_bf16_policy_starts_as_its_reference(make_config):
-    """bf16-mixed LoRA: the no-grad reference pass (adapters off) runs the training step's kernels, not the
-    inference ones, so before any update the policy's log-probs are the reference's and the loss is log 2."""
-    cfg, model, model_dir, data = build_run(make_config("b", precision="bf16-mixed"))
-    objective = PreferenceObjective(cfg, model, model_dir, torch.device("cpu"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    result, _ = sft.train_step(model, [next(iter(Loader(data.train, 2, shuffle=False)))], cfg, optimizer, None,
-                               objective=objective)
-    assert result["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert result["rewards/margins"] == 0
-
-
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_the_reference_is_the_starting_model(make_config, method):
     """Before any update DPO's loss is log 2 with zero rewards; the reference log-probs are the base model's own,

@@ -111,6 +111,19 @@ def test_a_window_of_micro_batches_equals_one_big_batch(make_config, overrides):
     assert max(abs(kl - summary["kl"]) for kl in per_batch[:4]) > 1e-3  # each micro-batch alone has another z0
 
 
+def test_a_bf16_policy_starts_as_its_reference(make_config):
+    """bf16-mixed LoRA: the no-grad reference passes (adapters off) run the training step's kernels, not the
+    inference ones (kernels.training_forward), so before any update the policy's log-probs are the reference's:
+    z0 is 0 and the loss is KTO's 0.5 (on the inference kernels it was 0.4965 on SmolLM2)."""
+    cfg, model, model_dir, data = build_run(make_config("b", precision="bf16-mixed", data__shuffle=False))
+    objective = KTOObjective(cfg, model, model_dir, torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    window = list(Loader(data.train, 2, shuffle=False))[:2]
+    result, _ = sft.train_step(model, window, cfg, optimizer, None, objective=objective)
+    assert result["kl"] == 0
+    assert result["loss"] == pytest.approx(0.5, abs=1e-6)
+
+
 def test_the_loss_is_trls_on_separately_built_documents(make_config, tiny_chat_model):
     """The objective's loss and metrics on one batch equal kto_loss (parity-tested against TRL's KTOTrainer) on
     log-probs of each row's document and KL document run one at a time, policy and reference (the base model)."""

@@ -20,7 +20,6 @@ import contextlib
 import torch
 from torch import nn
 
-from lmforge import kernels
 from lmforge.config import TrainConfig
 from lmforge.data import IGNORE_INDEX, Batch, join_batches
 from lmforge.layers.attention import AttnMeta
@@ -95,7 +94,6 @@ class PreferenceObjective:
         return {"loss": sums["loss"], "tokens": int(totals[2]), **{name: sums[name] / pairs for name in METRICS}}
 
     @torch.no_grad()
-    @kernels.training_forward()  # the policy's kernels: a zero LoRA update gives the reference's log-probs exactly
     def _reference_logps(self, batch: Batch) -> torch.Tensor:
         model = self.reference if self.reference is not None else self.model
         meta = AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens)
