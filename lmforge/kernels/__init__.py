@@ -199,24 +199,23 @@ def level(name: str):
 
 
 @contextlib.contextmanager
+def _switched_on(flag: contextvars.ContextVar[bool]):
+    token = flag.set(True)
+    try:
+        yield
+    finally:
+        flag.reset(token)
+
+
 def disabled():
     """Inside (this thread or task only), every caller takes its pure-torch path (tests compare the two;
     enforce_eager)."""
-    token = _off.set(True)
-    try:
-        yield
-    finally:
-        _off.reset(token)
+    return _switched_on(_off)
 
 
-@contextlib.contextmanager
 def bitwise():
     """Inside (this thread or task only), inference and training forwards share their kernels (see `_bitwise`)."""
-    token = _bitwise.set(True)
-    try:
-        yield
-    finally:
-        _bitwise.reset(token)
+    return _switched_on(_bitwise)
 
 
 def in_bitwise() -> bool:
@@ -224,15 +223,10 @@ def in_bitwise() -> bool:
     return _bitwise.get()
 
 
-@contextlib.contextmanager
 def training_forward():
     """Inside (this thread or task only), forwards take the kernels a training step's forward takes, with or
-    without autograd recording (see `_training`)."""
-    token = _training.set(True)
-    try:
-        yield
-    finally:
-        _training.reset(token)
+    without autograd recording (see `_training`); also a decorator."""
+    return _switched_on(_training)
 
 
 def in_training_forward() -> bool:
