@@ -227,7 +227,7 @@ class GRPOConfig(Section):
         False, description="the rollout engine and the training forward run the same kernels in the same summation "
                            "order, so the sampler's log-probs of its tokens equal the trainer's bit for bit (the "
                            "importance ratio is then exactly the policy's); float32 on CPU with lmforge's kernels, "
-                           "LoRA dropout 0; slower (docs/training.md)")
+                           "plain LoRA without dropout; slower (docs/training.md)")
 
 
 class TrainConfig(Section):
@@ -371,9 +371,10 @@ def _check_grpo(cfg: TrainConfig) -> None:
                 cfg.device == "cuda" or cfg.method == "qlora":
             raise ValueError("grpo.bitwise_logprobs runs float32 on lmforge's CPU kernels: it needs precision fp32 "
                              "(or auto), model.dtype float32 (or auto), device cpu (or auto) and method lora or full")
-        if cfg.method == "lora" and cfg.lora.dropout:
-            raise ValueError("grpo.bitwise_logprobs needs lora.dropout 0: dropout makes the training forward differ "
-                             "from the policy the engine samples")
+        if cfg.method == "lora" and (cfg.lora.dropout or cfg.lora.dora):
+            raise ValueError("grpo.bitwise_logprobs needs lora.dropout 0 (dropout makes the training forward differ "
+                             "from the policy the engine samples) and plain LoRA (DoRA's row norms are not on the "
+                             "shared kernels)")
     if cfg.data.val_fraction:
         raise ValueError("recipe grpo scores held-out prompts from data.validation files (greedy completions, "
                          "val_reward); data.val_fraction is not supported for it")

@@ -79,7 +79,7 @@ class LoRALinear(nn.Module):
             return out + project(project(x, factors[0], (self, 0)), factors[1], (self, 1))
         dtype = x.dtype  # under autocast, F.linear casts again to the autocast dtype
         h = self.lora_dropout(x)
-        if kernels.in_bitwise():  # an engine's step and a training step then run the same products
+        if kernels.in_bitwise() and not self.dora:  # an engine's step and a training step: the same products
             return out + product(product(h, self.lora_A.weight) * self.scaling, self.lora_B.weight)
         if not self.dora:  # the scaling on the rank-r activations: r numbers per token instead of out_features
             down = F.linear(h, self.lora_A.weight.to(dtype)) * self.scaling

@@ -112,8 +112,9 @@ def test_schema_refuses_configs_it_cannot_run(make_config):
         load_config(make_config("c", data__max_seq_len=12))
     with pytest.raises(Exception, match="bitwise_logprobs runs float32"):
         load_config(make_config("d", grpo__bitwise_logprobs=True, precision="bf16-mixed"))
-    with pytest.raises(Exception, match="bitwise_logprobs needs lora.dropout 0"):
-        load_config(make_config("e", grpo__bitwise_logprobs=True, lora__dropout=0.1))
+    for name, bad in (("e", {"lora__dropout": 0.1}), ("g", {"lora__dora": True})):
+        with pytest.raises(Exception, match="bitwise_logprobs needs lora.dropout 0"):
+            load_config(make_config(name, grpo__bitwise_logprobs=True, **bad))
     assert load_config(make_config("f", grpo__bitwise_logprobs=True, precision="auto")).on_device(
         torch.device("cpu")).precision == "fp32"
 
