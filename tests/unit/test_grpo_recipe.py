@@ -138,6 +138,14 @@ def test_a_rollout_after_a_weight_change_samples_from_the_new_weights(make_confi
     torch.testing.assert_close(trainer, micro.sampled, atol=1e-4, rtol=0)
 
 
+def test_bitwise_mode_refuses_kernels_without_the_invariant_product(make_config, tmp_path, capsys):
+    """The portable build (ARM and other CPUs) has no batch-invariant float32 product: one sentence, exit 2."""
+    with kernels.level("portable"):
+        assert cli_main(["train", str(make_config("portable", grpo__bitwise_logprobs=True))]) == 2
+    assert "batch-invariant float32 product" in capsys.readouterr().err
+    assert not (tmp_path / "portable" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("sampling", [{}, SAMPLING])
 def test_entropy_is_the_tempered_policys(make_config, sampling):
     """The logged entropy per completion token is that of softmax(logits / temperature) (TRL's), from the fused
@@ -153,13 +161,18 @@ def test_entropy_is_the_tempered_policys(make_config, sampling):
     torch.testing.assert_close(entropies, expected, atol=1e-5, rtol=1e-5)
 
 
+BITWISE_LEVELS = [level for level in kernels.levels() if level != "portable"]  # those with linear_f32
+
+
+@pytest.mark.parametrize("level", BITWISE_LEVELS)
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_bitwise_mode_gives_the_engine_log_probs_bit_for_bit(make_config, method):
-    """grpo.bitwise_logprobs at 2 threads: the engine's log-probs of its sampled tokens (temperature, top-p, top-k)
+def test_bitwise_mode_gives_the_engine_log_probs_bit_for_bit(make_config, method, level):
+    """grpo.bitwise_logprobs at 2 threads, on every kernel level that has the batch-invariant float32 product (an
+    AVX512 host runs the AVX2 path too): the engine's log-probs of its sampled tokens (temperature, top-p, top-k)
     equal the training forward's exactly, with autograd recording as in a step, before and after the weights
     change; the gradient through the kernel attention is torch's (1e-5)."""
     torch.set_num_threads(2)
-    with kernels.bitwise():
+    with kernels.level(level), kernels.bitwise():
         cfg, model, rollouts = build(make_config("bitwise", method=method, grpo__bitwise_logprobs=True, **SAMPLING))
         rows = rollouts.prompts[:4]
         for _ in range(2):  # before and after a change of the weights

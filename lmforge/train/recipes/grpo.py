@@ -58,9 +58,11 @@ def main(cfg: TrainConfig) -> Path:
 def _train_bitwise(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
     """_train with the engine's and the trainer's forwards on the same kernels (kernels.bitwise): the sampler's
     log-probs of its tokens are the trainer's, bit for bit."""
-    if kernels.available(device) is None:
+    ops = kernels.available(device)
+    if ops is None or not ops.linear_f32_available():
         raise LmforgeError("grpo.bitwise_logprobs runs lmforge's CPU kernels in the engine and in training: it needs "
-                           "device cpu with the kernels on (LMFORGE_KERNELS unset, a C++ compiler)")
+                           "device cpu with the kernels on (LMFORGE_KERNELS unset, a C++ compiler) and their "
+                           "batch-invariant float32 product (an x86-64 CPU with AVX2 and FMA)")
     with kernels.bitwise():
         return _train(cfg, world, device)
 
