@@ -100,6 +100,26 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options this benchmark and benchmarks/grpo.py share."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 where the CPU has native bfloat16, else fp32")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
+    parser.add_argument("--out", type=Path, help="write the results (with every step's metrics) to this JSON file")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (data, configs, logs)")
+
+
+def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses a step or thread count below 1; resolves --precision auto for this CPU."""
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.precision == "auto":
+        args.precision = "bf16" if native_bf16() else "fp32"
+
+
 def build_pairs(steps: int, work: Path) -> Path:
     """The first steps x 4 pairs of the demo set (repeated from the start if needed), in order."""
     rows = [line for line in PAIRS.read_text().splitlines() if line.strip()]
@@ -258,21 +278,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (4 pairs each)")
     parser.add_argument("--methods", default="lora,full", help="comma-separated: lora, full")
     parser.add_argument("--systems", default="lmforge,trl,torchtune", help="comma-separated: " + ",".join(SYSTEMS))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="auto: bf16 where the CPU has native bfloat16, else fp32")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
-    parser.add_argument("--out", type=Path, help="write the results (with every step's metrics) to this JSON file")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (data, configs, logs)")
+    add_run_options(parser)
     args = parser.parse_args()
     methods, systems = args.methods.split(","), args.systems.split(",")
     bad = [m for m in methods if m not in METHODS] + [s for s in systems if s not in SYSTEMS]
     if bad:
         parser.error(f"unknown method or system: {', '.join(bad)}")
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    if args.precision == "auto":
-        args.precision = "bf16" if native_bf16() else "fp32"
+    check_run_options(parser, args)
 
     resolve_model(args)
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-dpo-"))

@@ -90,7 +90,7 @@ from pathlib import Path
 
 import common
 import yaml
-from dpo import native_bf16
+from dpo import add_run_options, check_run_options, native_bf16
 from train import SEED, WARMUP_STEPS, Run, clean_up, resolve_model, run_child, run_record
 
 HERE = Path(__file__).resolve().parent
@@ -264,23 +264,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps (= rollouts) per run")
     parser.add_argument("--systems", default="lmforge,trl,trl-vllm", help="comma-separated: " + ",".join(SYSTEMS))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="auto: bf16 where the CPU has native bfloat16, else fp32")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
-    parser.add_argument("--out", type=Path, help="write the results (with every step's metrics) to this JSON file")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (data, configs, logs)")
+    add_run_options(parser)
     args = parser.parse_args()
     systems = args.systems.split(",")
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
         parser.error(f"unknown system: {', '.join(bad)} (choose from {', '.join(SYSTEMS)})")
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
-    if args.precision == "auto":
-        args.precision = "bf16" if native_bf16() else "fp32"
+    check_run_options(parser, args)
 
     resolve_model(args)
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-grpo-"))
