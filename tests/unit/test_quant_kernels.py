@@ -225,3 +225,19 @@ def test_kernel_on_gguf_blocks_equals_the_reference(qtype):
     ref = _exact_reference(x, q, s, m, None)
     y = kernels.quant_ops().quant_linear(x, q, s, m, torch.empty(0))
     assert (y.double() - ref).abs().max().item() <= 2e-6 * (ref.abs().max().item() + 1)
+
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_native_build_equals_the_avx2_build_bit_for_bit(layout, level):
+    """AVX512-VNNI's one-instruction dot products (the native build on such CPUs) and AVX2's three give equal integer
+    sums, and the float work around them is the same code: a quantised model decodes the same tokens on both."""
+    if level != "native" or "avx2" not in kernels.levels():
+        pytest.skip("compares the native build with the avx2 one on a CPU that runs both")
+    q, s, m = _weights(layout, 45, 608, seed=3)
+    bias = torch.randn(q.shape[0])
+    x = torch.randn(5, 608)
+    y = kernels.quant_ops().quant_linear(x, q, s, m, bias)
+    with kernels.level("avx2"):
+        assert torch.equal(kernels.quant_ops().quant_linear(x, q, s, m, bias), y)
