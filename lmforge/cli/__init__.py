@@ -7,10 +7,10 @@ import sys
 import traceback
 
 from lmforge import __version__
-from lmforge.cli import chat, config, convert, data, env, eval, generate, info, merge, plot, serve, train
+from lmforge.cli import chat, config, convert, dashboard, data, env, eval, generate, info, merge, plot, serve, train
 from lmforge.errors import LmforgeError
 
-COMMANDS = (convert, info, env, generate, chat, serve, train, config, plot, merge, data, eval)
+COMMANDS = (convert, info, env, generate, chat, serve, train, config, plot, dashboard, merge, data, eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

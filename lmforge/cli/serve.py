@@ -49,6 +49,7 @@ def add_parser(sub) -> None:
     g.add_argument("--cors", nargs="?", const="*", default=None, metavar="ORIGINS",
                    help="allow cross-origin requests from these comma-separated origins (bare --cors: any origin)")
     g.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
+    g.add_argument("--no-ui", action="store_true", help="do not serve the chat playground page at /")
     g = p.add_argument_group("LoRA adapters")
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="serve the PEFT adapter directory PATH as model NAME, in the same batches as the base model "
@@ -188,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
                          cors_origins=args.cors.split(",") if args.cors else None,
                          allow_runtime_lora_updating=runtime_lora, allowed_lora_paths=args.allowed_lora_paths,
                          enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
-                         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
+                         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+                         ui=not args.no_ui)
         sock = _listen(args.host, args.port)
         host, port = sock.getsockname()[:2]
         server = uvicorn_server(app, header_timeout=args.header_timeout, shutdown_timeout=args.shutdown_timeout,
@@ -197,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         adapters = f", LoRA adapters: {', '.join(r.lora_name for r in loras)}" if loras else ""
         log.info("serving %s as %s on http://%s:%d/v1 (max_model_len %d%s%s)", args.model, ", ".join(names), shown,
                  port, engine.engine.max_model_len, ", API key required" if api_key else "", adapters)
+        if not args.no_ui:
+            log.info("chat playground on http://%s:%d/", shown, port)
         # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal under the handlers it
         # found; ignoring them here makes that re-raise a no-op, so a stopped server exits 0.
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -50,6 +50,7 @@ from lmforge.serve.responses import (
 )
 from lmforge.serve.state import ServerState
 from lmforge.serve.tools import get_tool_parser
+from lmforge.web.assets import add_asset_routes
 
 log = logging.getLogger("lmforge")
 
@@ -74,10 +75,11 @@ def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None,
                body_timeout: float = DEFAULT_BODY_TIMEOUT,
                allow_runtime_lora_updating: bool = False, allowed_lora_paths: list[str] | None = None,
                enable_tokenizer_info_endpoint: bool = False, enable_auto_tool_choice: bool = False,
-               tool_call_parser: str | None = None) -> FastAPI:
+               tool_call_parser: str | None = None, ui: bool = True) -> FastAPI:
     """`allow_runtime_lora_updating` serves /v1/load_lora_adapter and /v1/unload_lora_adapter, reading adapters
-    from under `allowed_lora_paths` only when given; `enable_tokenizer_info_endpoint` serves /tokenizer_info. The
-    reasoning parser is the engine's (EngineConfig.reasoning_parser), which starts grammars after the thinking."""
+    from under `allowed_lora_paths` only when given; `enable_tokenizer_info_endpoint` serves /tokenizer_info; `ui`
+    serves the chat playground (lmforge/web/) at /. The reasoning parser is the engine's
+    (EngineConfig.reasoning_parser), which starts grammars after the thinking."""
     names = served_model_names or [model_root or "default"]
     models = ServedModels(names, model_root, engine.engine.max_model_len)
     for adapter in engine.engine.list_loras():  # loaded before the app (lmforge serve --lora): routes from the start
@@ -93,6 +95,8 @@ def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None,
     app.state.lmforge = state
     _add_error_handlers(app)
     _add_routes(app, state, enable_tokenizer_info_endpoint)
+    if ui:
+        add_asset_routes(app, "playground.html")
     app.openapi = lambda: build_openapi(app, api_key is not None, is_protected, state.vocab_size)
     app.add_middleware(Gatekeeper, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     if cors_origins:  # outermost, so browsers' preflight requests are answered before the key check

@@ -1,0 +1,58 @@
+"""The run dashboard (`lmforge dashboard RUNS_DIR`): a page over a small JSON API that reads the run directories on
+every request, so runs that start, log or finish while it is open show up at the page's next poll.
+
+    GET /                           the dashboard page
+    GET /api/runs                   {"root", "runs": [summary, ...]}
+    GET /api/run?name=N             {"summary", "config" (config.yaml's text), "checkpoints"}
+    GET /api/metrics?name=N&offset=B  {"records", "offset", "reset"}: metrics.jsonl from byte B on (live tailing)
+"""
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from lmforge import __version__
+from lmforge.serve.errors import APIError
+from lmforge.web.assets import SECURITY_HEADERS, add_asset_routes
+from lmforge.web.runs import checkpoints, find_runs, read_config, read_metrics, summarize
+
+
+def create_dashboard_app(root: Path) -> FastAPI:
+    root = Path(root).resolve()
+    app = FastAPI(title="lmforge dashboard", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    def run_dir(name: str) -> Path:
+        runs = find_runs(root)
+        if name not in runs:
+            raise APIError(404, f"No run named {name!r} under {root}. Runs: {', '.join(runs) or 'none'}.",
+                           param="name", code="not_found")
+        return runs[name]
+
+    @app.get("/api/runs")
+    async def list_runs() -> JSONResponse:
+        runs = [summarize(name, path).to_json() for name, path in find_runs(root).items()]
+        return JSONResponse({"root": str(root), "runs": runs}, headers=SECURITY_HEADERS)
+
+    @app.get("/api/run")
+    async def run(name: str) -> JSONResponse:
+        path = run_dir(name)
+        config, _ = read_config(path)
+        return JSONResponse({"summary": summarize(name, path).to_json(), "config": config,
+                             "checkpoints": checkpoints(path)}, headers=SECURITY_HEADERS)
+
+    @app.get("/api/metrics")
+    async def metrics(name: str, offset: int = 0) -> JSONResponse:
+        if offset < 0:
+            raise APIError(400, f"offset must be >= 0, got {offset}.", param="offset")
+        chunk = read_metrics(run_dir(name) / "metrics.jsonl", offset)
+        return JSONResponse({"records": chunk.records, "offset": chunk.offset, "reset": chunk.reset},
+                            headers=SECURITY_HEADERS)
+
+    add_asset_routes(app, "dashboard.html")
+    return app

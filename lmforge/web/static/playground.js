@@ -1,0 +1,207 @@
+// The chat playground: a conversation streamed from /v1/chat/completions with the settings on the left.
+import { ServerError, listModels, setApiKey, streamChat } from "./api.js";
+
+const $ = (id) => document.getElementById(id);
+const turns = []; // the conversation sent with each request: {role, content}
+let controller = null; // aborts the reply being streamed
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function handleFailure(error) {
+  showError(error.message);
+  if (error.status === 401) {
+    $("key-form").hidden = false;
+    $("api-key").focus();
+  }
+}
+
+async function loadModels() {
+  try {
+    const models = await listModels();
+    const select = $("model");
+    const chosen = select.value;
+    select.replaceChildren(...models.map((m) => {
+      const label = m.parent ? `${m.id} (LoRA adapter on ${m.parent})` : m.id;
+      return new Option(label, m.id, false, m.id === chosen);
+    }));
+    $("key-form").hidden = true;
+    showError("");
+  } catch (e) {
+    handleFailure(e);
+  }
+}
+
+function addMessage(role, text, model) {
+  $("empty").hidden = true;
+  const item = document.createElement("li");
+  item.className = `message ${role}`;
+  const who = document.createElement("div");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : model;
+  const content = document.createElement("div");
+  content.className = "content";
+  content.textContent = text;
+  item.append(who, content);
+  $("messages").append(item);
+  item.scrollIntoView({ block: "end" });
+  return item;
+}
+
+function numberField(id, integer) {
+  const raw = $(id).value.trim();
+  if (raw === "") return undefined;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || (integer && !Number.isInteger(value))) {
+    throw new ServerError(400, `${$(id).parentElement.firstChild.textContent.trim()} must be a number, got "${raw}".`);
+  }
+  return value;
+}
+
+function responseFormat() {
+  const kind = $("format").value;
+  if (kind === "text") return undefined;
+  if (kind === "json_object") return { type: "json_object" };
+  let schema;
+  try {
+    schema = JSON.parse($("schema").value);
+  } catch (e) {
+    throw new ServerError(400, `The JSON schema is not valid JSON: ${e.message}`);
+  }
+  return { type: "json_schema", json_schema: { name: "playground", schema } };
+}
+
+function requestBody() {
+  const system = $("system").value.trim();
+  const stop = $("stop").value.split("\n").filter((s) => s !== "");
+  const body = {
+    model: $("model").value || undefined,
+    messages: [...(system ? [{ role: "system", content: system }] : []), ...turns],
+    temperature: numberField("temperature"),
+    top_p: numberField("top-p"),
+    max_tokens: numberField("max-tokens", true),
+    seed: numberField("seed", true),
+    stop: stop.length ? stop : undefined,
+    response_format: responseFormat(),
+    stream_options: { include_usage: true },
+  };
+  return JSON.parse(JSON.stringify(body)); // drops the fields left undefined: the server's defaults apply
+}
+
+function statsText(usage, started, first, ended, finish) {
+  const parts = [];
+  if (usage) parts.push(`${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens`);
+  if (first !== null) parts.push(`first token ${((first - started) / 1000).toFixed(2)} s`);
+  if (usage && first !== null && usage.completion_tokens > 1 && ended > first) {
+    parts.push(`${((usage.completion_tokens - 1) / ((ended - first) / 1000)).toFixed(1)} tokens/s`);
+  }
+  if (finish) parts.push(`finish: ${finish}`);
+  return parts.join(" · ");
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop-button").disabled = !busy;
+  $("regenerate").disabled = busy || !turns.some((t) => t.role === "assistant");
+}
+
+async function generate() {
+  let body;
+  try {
+    body = requestBody();
+  } catch (e) {
+    showError(e.message);
+    return;
+  }
+  showError("");
+  const item = addMessage("assistant", "", body.model || $("model").value);
+  const content = item.querySelector(".content");
+  const stats = document.createElement("div");
+  stats.className = "stats";
+  item.append(stats);
+  item.dataset.state = "streaming";
+  controller = new AbortController();
+  setBusy(true);
+  const started = performance.now();
+  let first = null;
+  let usage = null;
+  let finish = null;
+  try {
+    await streamChat(body, controller.signal, (chunk) => {
+      if (chunk.usage) usage = chunk.usage;
+      const choice = chunk.choices?.[0];
+      if (!choice) return;
+      if (choice.delta?.content) {
+        if (first === null) first = performance.now();
+        content.textContent += choice.delta.content;
+      }
+      if (choice.finish_reason) finish = choice.finish_reason;
+    });
+    item.dataset.state = "done";
+  } catch (e) {
+    if (e.name === "AbortError") {
+      item.dataset.state = "stopped";
+      finish = "stopped";
+    } else {
+      item.dataset.state = "error";
+      content.textContent = e.message;
+      handleFailure(e);
+    }
+  }
+  stats.textContent = statsText(usage, started, first, performance.now(), finish);
+  if (item.dataset.state !== "error" && content.textContent) {
+    turns.push({ role: "assistant", content: content.textContent });
+  }
+  controller = null;
+  setBusy(false);
+}
+
+function send(event) {
+  event.preventDefault();
+  const text = $("prompt").value;
+  if (!text.trim() || controller) return;
+  turns.push({ role: "user", content: text });
+  addMessage("user", text);
+  $("prompt").value = "";
+  generate();
+}
+
+function regenerate() {
+  if (controller || turns.at(-1)?.role !== "assistant") return;
+  turns.pop();
+  const replies = $("messages").querySelectorAll(".message.assistant");
+  replies[replies.length - 1]?.remove();
+  generate();
+}
+
+function clear() {
+  controller?.abort();
+  turns.length = 0;
+  $("messages").replaceChildren();
+  $("empty").hidden = false;
+  setBusy(false);
+}
+
+$("composer").addEventListener("submit", send);
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) send(e);
+});
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && controller) controller.abort();
+});
+$("stop-button").addEventListener("click", () => controller?.abort());
+$("regenerate").addEventListener("click", regenerate);
+$("clear").addEventListener("click", clear);
+$("format").addEventListener("change", () => {
+  $("schema-label").hidden = $("format").value !== "json_schema";
+});
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  setApiKey($("api-key").value.trim());
+  $("api-key").value = "";
+  loadModels();
+});
+if (matchMedia("(max-width: 720px)").matches) $("settings").open = false; // the chat first on a phone
+loadModels();
