@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("runs_dir", nargs="?", type=Path, default=Path("runs"), help="the runs directory (default runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8100, help="port to listen on; 0 picks a free one (default 8100)")
+    p.add_argument("--refresh", type=float, default=2.0, metavar="SECONDS",
+                   help="how often the page reads the runs again (default 2)")
     p.set_defaults(run=run)
 
 
@@ -33,9 +35,11 @@ def run(args: argparse.Namespace) -> int:
         raise LmforgeError(f"{args.runs_dir} is not a directory; pass the folder your runs' output_dir are in")
     if args.port < 0:
         raise LmforgeError(f"--port must be >= 0, got {args.port}")
+    if not args.refresh > 0:
+        raise LmforgeError(f"--refresh must be > 0 seconds, got {args.refresh}")
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    server = uvicorn_server(create_dashboard_app(args.runs_dir), access_log=False,
+    server = uvicorn_server(create_dashboard_app(args.runs_dir, args.refresh), access_log=False,
                             log_level=logging.getLogger().level)
     shown = f"[{host}]" if ":" in host else host
     log.info("dashboard of %s on http://%s:%d/", args.runs_dir.resolve(), shown, port)

@@ -2,7 +2,7 @@
 every request, so runs that start, log or finish while it is open show up at the page's next poll.
 
     GET /                           the dashboard page
-    GET /api/runs                   {"root", "runs": [summary, ...]}
+    GET /api/runs                   {"root", "refresh_s" (the page's poll interval), "runs": [summary, ...]}
     GET /api/run?name=N             {"summary", "config" (config.yaml's text), "checkpoints"}
     GET /api/metrics?name=N&offset=B  {"records", "offset", "reset"}: metrics.jsonl from byte B on (live tailing)
 """
@@ -10,6 +10,7 @@ every request, so runs that start, log or finish while it is open show up at the
 from pathlib import Path
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -19,13 +20,18 @@ from lmforge.web.assets import SECURITY_HEADERS, add_asset_routes
 from lmforge.web.runs import checkpoints, find_runs, read_config, read_metrics, summarize
 
 
-def create_dashboard_app(root: Path) -> FastAPI:
+def create_dashboard_app(root: Path, refresh_s: float = 2.0) -> FastAPI:
     root = Path(root).resolve()
     app = FastAPI(title="lmforge dashboard", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown routes, 405s
+        message = f"Unknown route: {request.method} {request.url.path}." if e.status_code == 404 else str(e.detail)
+        return APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None).response()
 
     def run_dir(name: str) -> Path:
         runs = find_runs(root)
@@ -37,7 +43,7 @@ def create_dashboard_app(root: Path) -> FastAPI:
     @app.get("/api/runs")
     async def list_runs() -> JSONResponse:
         runs = [summarize(name, path).to_json() for name, path in find_runs(root).items()]
-        return JSONResponse({"root": str(root), "runs": runs}, headers=SECURITY_HEADERS)
+        return JSONResponse({"root": str(root), "refresh_s": refresh_s, "runs": runs}, headers=SECURITY_HEADERS)
 
     @app.get("/api/run")
     async def run(name: str) -> JSONResponse:

@@ -1,12 +1,11 @@
-// The run dashboard: polls the JSON API every POLL_MS, appends the new metrics.jsonl records of the runs compared
-// and redraws their curves.
+// The run dashboard: polls the JSON API (every `refresh_s` seconds: `lmforge dashboard --refresh`), appends the
+// new metrics.jsonl records of the runs compared and redraws their curves.
 import { request } from "./api.js";
 import { drawChart } from "./chart.js";
 
-const POLL_MS = 2000;
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 const $ = (id) => document.getElementById(id);
-const state = { runs: [], compared: [], focused: null, metrics: new Map(), started: false };
+const state = { runs: [], compared: [], focused: null, metrics: new Map(), started: false, refreshMs: 2000 };
 
 async function json(path) {
   return (await request(path)).json();
@@ -80,7 +79,14 @@ function renderTable() {
     });
     return tr;
   });
+  // The rows are rebuilt at each poll: keyboard focus moves to the same control of the new row.
+  const active = document.activeElement;
+  const focusedRun = active?.closest?.("tr")?.dataset.run;
+  const focusedKind = active?.tagName;
   $("runs").replaceChildren(...rows);
+  if (focusedRun !== undefined) {
+    $("runs").querySelector(`tr[data-run="${CSS.escape(focusedRun)}"] ${focusedKind}`)?.focus();
+  }
   $("no-runs").hidden = state.runs.length > 0;
 }
 
@@ -140,6 +146,7 @@ async function refreshNow() {
   try {
     const listing = await json("/api/runs");
     state.runs = listing.runs;
+    state.refreshMs = listing.refresh_s * 1000;
     $("root").textContent = listing.root;
     const names = new Set(state.runs.map((r) => r.name));
     if (!state.started && state.compared.length === 0 && state.runs.length) {
@@ -180,7 +187,7 @@ function focus(name) {
 
 async function loop() {
   await refresh();
-  setTimeout(loop, POLL_MS);
+  setTimeout(loop, state.refreshMs);
 }
 
 readHash();

@@ -1,0 +1,110 @@
+"""`lmforge dashboard` in headless Chromium while real `lmforge train` runs (the tiny chat model, seconds each) write
+their run directories: the live run's loss curve grows while it trains, a finished run shows metrics.jsonl's last
+loss as its final loss, runs overlay, and the page works by keyboard, at phone width, without console errors."""
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.browser import LAPTOP, PHONE, Console, launch_chromium, overflowing, screenshot
+from tests.train_refs import ROOT, config_maker, metrics
+
+
+class Dashboard:
+    """`python -m lmforge dashboard RUNS --port 0` in a subprocess."""
+
+    def __init__(self, runs: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "dashboard", str(runs), "--port", "0",
+                                      "--refresh", "0.25"],
+                                     cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        self.log = []
+        deadline = time.monotonic() + 60
+        while not (m := re.search(r"on (http://127\.0\.0\.1:\d+)/", self.log[-1] if self.log else "")):
+            line = self.proc.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("the dashboard did not start:\n" + "".join(self.log))
+            self.log.append(line)
+        self.url = m.group(1)
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(30)
+
+
+def train(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "lmforge", "-q", "train", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def loss_points(page, run: str) -> int:
+    count = page.evaluate("name => document.querySelector(`#chart-loss path[data-series=\"${name} loss\"]`)"
+                          "?.dataset.points ?? '0'", run)
+    return int(count)
+
+
+def test_dashboard_follows_a_live_run_and_shows_the_final_loss(tiny_chat_model, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    make = config_maker(runs, tiny_chat_model, slice(0, 16), slice(16, 20))
+    baseline = make("baseline", max_steps=8)
+    live = make("live", max_steps=100, batch_size=8, micro_batch_size=2, eval__every_steps=20,
+                checkpoint__every_steps=20)
+    done = train(baseline)
+    assert done.wait(120) == 0, done.stderr.read()
+    dashboard = Dashboard(runs)
+    playwright, browser = launch_chromium()
+    from playwright.sync_api import expect
+    try:
+        page = browser.new_page(viewport=LAPTOP)
+        console = Console(page)
+        page.goto(dashboard.url + "/")
+        page.wait_for_selector('#chart-loss path[data-series="baseline loss"]')
+        run = train(live)
+        page.wait_for_selector("tr[data-run=live]", timeout=60_000)
+        page.check("input[aria-label='Compare live']")
+        page.focus("tr[data-run=live] button")
+        page.keyboard.press("Enter")  # the run's details, by keyboard
+        expect(page.locator("#detail-title")).to_have_text("live")
+        seen, statuses = [], set()
+        while run.poll() is None:
+            finished = (runs / "live" / "final").exists()
+            points = loss_points(page, "live")
+            statuses.add(page.inner_text("tr[data-run=live] td:nth-child(5)"))
+            if not finished and run.poll() is None and points and (not seen or points != seen[-1]):
+                seen.append(points)
+            time.sleep(0.2)
+        assert run.wait() == 0, run.stderr.read()
+        assert len(seen) >= 2 and seen == sorted(seen), f"the curve did not grow while training: {seen}"
+        assert "running" in statuses
+
+        records = metrics(runs / "live")
+        train_losses = [r["loss"] for r in records if "loss" in r]
+        expect(page.locator("#detail-status")).to_have_text("finished")
+        expect(page.locator('#chart-loss path[data-series="live loss"]')).to_have_attribute(
+            "data-points", str(len(train_losses)))
+        assert page.inner_text("#detail-loss-label") == "Final loss"
+        assert page.get_attribute("#detail-loss", "data-value") == repr(train_losses[-1])
+        assert page.inner_text("#detail-loss") == f"{train_losses[-1]:.4f}"
+        assert loss_points(page, "baseline") == len([r for r in metrics(runs / "baseline") if "loss" in r])
+        assert page.eval_on_selector_all("#chart-loss path.val", "paths => paths.length") == 2  # validation, overlaid
+        assert page.text_content("#config") == (runs / "live" / "config.yaml").read_text()
+        shown = page.eval_on_selector_all("#checkpoints li", "items => items.map(i => i.textContent.split(' ')[0])")
+        on_disk = sorted(p.name for p in (runs / "live" / "checkpoints").iterdir())
+        assert shown == [*on_disk, "best", "final"]
+        assert "#compare=baseline%2Clive&run=live" in page.url  # the selection survives a reload
+        screenshot(page, "dashboard", tmp_path)
+        page.set_viewport_size(PHONE)
+        assert not overflowing(page)
+        screenshot(page, "dashboard-phone", tmp_path)
+        console.assert_clean()
+    finally:
+        browser.close()
+        playwright.stop()
+        assert dashboard.stop() == 0, "".join(dashboard.log)
