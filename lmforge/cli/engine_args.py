@@ -38,6 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="what returned logprobs are: raw_logprobs (the model's distribution, the default), "
                    "processed_logprobs (the distribution each token was sampled from: penalties, temperature, "
                    "top-k/top-p/min-p applied), or the logits themselves (raw_logits, processed_logits)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes on this machine (gloo), each running as many threads as "
+                   "this one (default 1; not yet with LoRA, quantization, speculation or prompt logprobs)")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 4, '
                    '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (n-gram prompt lookup; default off)')
@@ -73,7 +76,8 @@ def engine_config(args: argparse.Namespace):
                         max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-                        speculative_config=spec, quantization=args.quantization, logprobs_mode=args.logprobs_mode)
+                        speculative_config=spec, quantization=args.quantization, logprobs_mode=args.logprobs_mode,
+                        tensor_parallel_size=args.tensor_parallel_size)
 
 
 def build_llm(args: argparse.Namespace):

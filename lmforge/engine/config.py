@@ -42,11 +42,14 @@ class EngineConfig:
     structured_outputs_timeout: float = 10.0  # s a grammar may take to compile before its request is refused
     reasoning_parser: str | None = None  # e.g. "qwen3": structured output starts after the thinking (serve/reasoning)
     logprobs_mode: str = "raw_logprobs"  # one of LOGPROBS_MODES; prompt_logprobs are always raw log-probs
+    # processes the model is split over (engine/tensor_parallel.py); each runs torch's thread count of this one
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -57,6 +60,14 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size > 1:
+            refused = [name for name, on in (("enable_lora", self.enable_lora),
+                                              ("speculative_config", self.speculative_config is not None),
+                                              ("quantization", self.quantization is not None)) if on]
+            if self.device != "cpu":
+                refused.append(f"device {self.device!r}")
+            if refused:
+                raise ValueError(f"tensor_parallel_size > 1 does not support {', '.join(refused)} yet")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
 

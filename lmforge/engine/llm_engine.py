@@ -3,12 +3,14 @@
 import copy
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lmforge.engine import tensor_parallel
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.config import EngineConfig, kv_budget_bytes
 from lmforge.engine.draft import SelfDraftProposer
@@ -60,15 +62,20 @@ class LLMEngine:
     hand the KV pool's memory back and forth."""
 
     def __init__(self, model: nn.Module, tokenizer, config: EngineConfig | None = None, *, owns_model: bool = False,
-                 quantization: str | None = None):
+                 quantization: str | None = None, tp_workers: tensor_parallel.Workers | None = None):
         """owns_model: the engine built the model for itself (from_config), so it may lay fused weights out in place
-        and add multi-LoRA slots; quantization: the linears' quantisation, for the log and metrics."""
+        and add multi-LoRA slots; quantization: the linears' quantisation, for the log and metrics; tp_workers: ranks
+        1.. when `model` is rank 0's share (from_config with tensor_parallel_size > 1)."""
         from lmforge.weights.quantized import weight_bytes
 
         config = config or EngineConfig()
-        if not owns_model and (config.quantization is not None or config.enable_lora):
-            raise ValueError("quantization and enable_lora apply to a model the engine loads itself "
-                             "(LLMEngine.from_config / LLM(path)); a live model is served as it is")
+        if not owns_model and (config.quantization is not None or config.enable_lora or
+                               config.tensor_parallel_size > 1):
+            raise ValueError("quantization, enable_lora and tensor_parallel_size apply to a model the engine loads "
+                             "itself (LLMEngine.from_config / LLM(path)); a live model is served as it is")
+        self.tp_workers = tp_workers
+        if tp_workers is not None:  # stopped with the engine, or at exit
+            self._finalizer = weakref.finalize(self, tp_workers.stop)
         self.config, self.owns_model = config, owns_model
         self.model, self.tokenizer, self.quantization = model, tokenizer, quantization
         self.weight_bytes = weight_bytes(model)
@@ -82,8 +89,12 @@ class LLMEngine:
         num_blocks = plan_num_blocks(model, config.block_size, kv_dtype, kv_budget_bytes(config, p.device),
                                      self.max_model_len, model_dtype=p.dtype)
         t1 = time.perf_counter()
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.enforce_eager, self.max_model_len,
-                                  kv_dtype, owned=owns_model, step_graphs=config.step_graphs)
+        runner_args = dict(num_blocks=num_blocks, block_size=config.block_size, enforce_eager=config.enforce_eager,
+                           max_model_len=self.max_model_len, kv_dtype=kv_dtype, owned=owns_model,
+                           step_graphs=config.step_graphs and tp_workers is None)  # graphs hold no collectives
+        if tp_workers is not None:  # every rank's pool has rank 0's number of blocks (its KV heads are the most)
+            tp_workers.broadcast("runner", runner_args)
+        self.runner = ModelRunner(model, **runner_args, workers=tp_workers)
         t2 = time.perf_counter()
         log.info("KV cache allocated in %.1fs", t2 - t1)
         self.runner.warm_up()
@@ -120,13 +131,22 @@ class LLMEngine:
 
         t0 = time.perf_counter()
         model_dir = resolve_model(config.model)
-        model, quantization = load_for_serving(config.model, model_dir, config.quantization,
-                                               compute_dtype(config.dtype, config.device), config.device)
-        tokenizer = Tokenizer.from_dir(Path(model_dir))
-        log.info("weights: %.2f GiB (%s%s) loaded in %.1fs", weight_bytes(model) / 2**30,
-                 next(model.parameters()).dtype, f", {quantization} linears" if quantization else "",
-                 time.perf_counter() - t0)
-        return cls(model, tokenizer, config, owns_model=True, quantization=quantization)
+        world = config.tensor_parallel_size
+        workers = tensor_parallel.Workers.start(config, world) if world > 1 else None
+        try:
+            model, quantization = load_for_serving(config.model, model_dir, config.quantization,
+                                                   compute_dtype(config.dtype, config.device), config.device)
+            if workers:
+                tensor_parallel.shard_model(model, 0, world)
+            tokenizer = Tokenizer.from_dir(Path(model_dir))
+            log.info("weights: %.2f GiB (%s%s%s) loaded in %.1fs", weight_bytes(model) / 2**30,
+                     next(model.parameters()).dtype, f", {quantization} linears" if quantization else "",
+                     f", rank 0's share of {world}" if workers else "", time.perf_counter() - t0)
+            return cls(model, tokenizer, config, owns_model=True, quantization=quantization, tp_workers=workers)
+        except BaseException:
+            if workers is not None:
+                workers.stop()
+            raise
 
     # ---- the live model ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -136,6 +156,7 @@ class LLMEngine:
         layers). Refreshes what the engine derived from the weights, records step graphs anew, empties the prefix
         cache (its blocks hold keys and values of the old weights) and returns the new weight version. Refused while
         requests are in flight: their caches were computed with the old weights."""
+        self._refuse_under_tp("update_weights")
         if self.has_unfinished_requests():
             raise RuntimeError(f"update_weights: {len(self.requests)} requests are in flight; finish or abort them "
                                "first")
@@ -157,9 +178,20 @@ class LLMEngine:
         self.weight_version += 1
         return self.weight_version
 
+    def _refuse_under_tp(self, what: str) -> None:
+        if self.tp_workers is not None:
+            raise RuntimeError(f"{what} is not supported with tensor_parallel_size > 1 yet (it would change rank 0's "
+                               "share only)")
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel worker processes (nothing to do without them); the engine cannot step after."""
+        if self.tp_workers is not None:
+            self._finalizer()
+
     def sleep(self) -> None:
         """Frees the KV pool, the step graphs and the derived weight copies (vLLM's sleep mode), so that training can
         use the memory; `wake()` brings them back. Refused while requests are in flight."""
+        self._refuse_under_tp("sleep")
         if self.has_unfinished_requests():
             raise RuntimeError(f"sleep: {len(self.requests)} requests are in flight; finish or abort them first")
         if not self.asleep:
@@ -228,6 +260,8 @@ class LLMEngine:
         if self.asleep:
             raise RuntimeError("the engine is asleep; wake() it before adding requests")
         adapter_id = self._adapter_id(lora_request)
+        if self.tp_workers is not None and params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs are not supported with tensor_parallel_size > 1 yet")
         text, ids = self._tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room to generate within "

@@ -11,6 +11,7 @@ from lmforge import kernels
 from lmforge.engine.cpu_graph import StepGraphs
 from lmforge.engine.prompt_logprobs import PromptScores, score_prompt_tokens
 from lmforge.engine.scheduler import ScheduledBatch
+from lmforge.engine.tensor_parallel import StepPlan, Workers
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.decoder import Decoder
@@ -74,8 +75,9 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False,
                  max_model_len: int | None = None, kv_dtype: torch.dtype | None = None, owned: bool = True,
-                 step_graphs: bool = True):
+                 step_graphs: bool = True, workers: "Workers | None" = None):
         self.model, self.owned = model, owned
+        self.workers = workers  # rank 0 of tensor parallelism: each step's plan goes to the other ranks first
         self.step_graphs = step_graphs
         self.block_size = block_size
         self.enforce_eager = enforce_eager
@@ -141,9 +143,10 @@ class ModelRunner:
         out = self.graphs(x, rope, meta, self.kv)
         return d.norm(out if out is not None else d.run_layers(x, rope, meta, self.kv))
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
-        """Flat ids, positions and metadata for the step; the rows (sequence indices) that get logits. A row
-        with k draft tokens gets k + 1 logits: at its last token and at each draft token."""
+    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[int]]:
+        """The step as plain lists (what tensor-parallel ranks receive; `inputs` makes the flat ids, positions and
+        metadata of them) and the rows (sequence indices) that get logits. A row with k draft tokens gets k + 1
+        logits: at its last token and at each draft token."""
         bs = self.block_size
         ids, positions, slots, seqlens_k, logits_idx, sample_rows = [], [], [], [], [], []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
@@ -159,11 +162,22 @@ class ModelRunner:
                 sample_rows.append(row)
         width = max(len(seq.block_table) for seq in batch.seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        return StepPlan(ids, positions, slots, list(batch.num_new_tokens), seqlens_k, tables, logits_idx), sample_rows
+
+    def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttnMeta]:
         device = self.device
-        meta = AttnMeta.for_paged(batch.num_new_tokens, seqlens_k, torch.tensor(slots, device=device),
-                                  torch.tensor(tables, device=device), torch.tensor(logits_idx, device=device),
-                                  block_size=bs)
-        return torch.tensor(ids, device=device), torch.tensor(positions, device=device), meta, sample_rows
+        meta = AttnMeta.for_paged(plan.seqlens_q, plan.seqlens_k, torch.tensor(plan.slots, device=device),
+                                  torch.tensor(plan.tables, device=device),
+                                  torch.tensor(plan.logits_idx, device=device), block_size=self.block_size)
+        return torch.tensor(plan.ids, device=device), torch.tensor(plan.positions, device=device), meta
+
+    @torch.inference_mode()
+    def run_plan(self, plan: StepPlan) -> torch.Tensor | None:
+        """A tensor-parallel worker's step: the same forward (and LM head) as rank 0's, whose collectives it joins."""
+        ids, positions, meta = self.inputs(plan)
+        with self.context():
+            hidden = self.forward(ids, positions, meta)
+            return self.model.logits(hidden[meta.logits_indices], float32=False) if plan.logits_idx else None
 
     @property
     def fast_paths(self) -> str:
@@ -180,6 +194,8 @@ class ModelRunner:
         """One throw-away step over four short sequences: builds the CPU kernels (once per machine), packs the
         weights (the LM head too: four rows reach it), touches every code path of a step. Runs before any request
         exists and writes into block 0 only, which it zeroes again."""
+        if self.workers is not None:
+            self.workers.broadcast("warm_up")
         seqs, n = 4, min(self.block_size, 4)
         ids = torch.zeros(seqs * n, dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device).repeat(seqs)
@@ -199,10 +215,13 @@ class ModelRunner:
         sampler widens them to fp32 when it needs more than an argmax), the rows they belong to, and the prompt
         log-probs of the sequences that want them (prompt_logprobs.py; [] for all others). `lora`: which tokens use
         which adapter (multi-LoRA serving), None when no sequence of the step uses one."""
-        ids, positions, meta, rows = self.prepare(batch)
+        plan, rows = self.plan(batch)
+        if self.workers is not None:
+            self.workers.broadcast("step", plan)
+        ids, positions, meta = self.inputs(plan)
         if lora is not None:
             meta = dataclasses.replace(meta, lora=lora)
-        with self.context():
+        with self.context(), self.workers.watch() if self.workers is not None else contextlib.nullcontext():
             hidden = self.forward(ids, positions, meta)
             scores = score_prompt_tokens(self.model, hidden, batch.seqs, batch.num_new_tokens) \
                 if any(seq.needs_prompt_logprobs for seq in batch.seqs) else []
