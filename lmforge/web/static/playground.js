@@ -130,6 +130,7 @@ async function generate() {
   let finish = null;
   try {
     await streamChat(body, controller.signal, (chunk) => {
+      item.querySelector(".who").textContent = chunk.model; // the model that answered, as the server names it
       if (chunk.usage) usage = chunk.usage;
       const choice = chunk.choices?.[0];
       if (!choice) return;
