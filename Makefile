@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmforge-installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup browser demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -29,10 +29,19 @@ demo: setup
 	rm -rf $(DEMO_RUN)-merged && $(VENV)/bin/lmforge merge smollm2-135m $(DEMO_RUN)/final $(DEMO_RUN)-merged
 	$(VENV)/bin/lmforge generate --model $(DEMO_RUN)-merged --chat --max-tokens 48 $(QUESTION)
 
-test: setup
+# The web page tests drive the system's Chromium through Playwright (tests/browser.py): installed here when missing
+# and we may (root, apt); otherwise they skip, and pytest's summary (-ra) says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "make: Chromium is not installed and could not be (apt-get install chromium); the browser tests will skip" >&2
+
+test: setup browser
 	$(PY) -m pytest -q -ra --durations=30 -n 2 --dist worksteal; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-test-fast: setup
+test-fast: setup browser
 	$(PY) -m pytest -q -m "not e2e"
 
 lint: setup

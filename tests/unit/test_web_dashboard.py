@@ -50,6 +50,9 @@ def loss_points(page, run: str) -> int:
 
 
 def test_dashboard_follows_a_live_run_and_shows_the_final_loss(tiny_chat_model, tmp_path):
+    playwright, browser = launch_chromium()  # first: without a browser the test skips before any training
+    from playwright.sync_api import expect
+
     runs = tmp_path / "runs"
     runs.mkdir()
     make = config_maker(runs, tiny_chat_model, slice(0, 16), slice(16, 20))
@@ -58,10 +61,9 @@ def test_dashboard_follows_a_live_run_and_shows_the_final_loss(tiny_chat_model, 
                 checkpoint__every_steps=20)
     done = train(baseline)
     assert done.wait(120) == 0, done.stderr.read()
-    dashboard = Dashboard(runs)
-    playwright, browser = launch_chromium()
-    from playwright.sync_api import expect
+    dashboard = None
     try:
+        dashboard = Dashboard(runs)
         page = browser.new_page(viewport=LAPTOP)
         console = Console(page)
         page.goto(dashboard.url + "/")
@@ -107,4 +109,5 @@ def test_dashboard_follows_a_live_run_and_shows_the_final_loss(tiny_chat_model, 
     finally:
         browser.close()
         playwright.stop()
-        assert dashboard.stop() == 0, "".join(dashboard.log)
+        stopped = dashboard.stop() if dashboard else None
+    assert stopped == 0, "".join(dashboard.log)
