@@ -177,3 +177,34 @@ def test_stop_ends_the_request_on_the_server(page, server):
     assert last_reply(page).locator(".stats").text_content().endswith("finish: stopped")
     assert page.is_enabled("#send") and page.is_disabled("#stop-button")
     page.console.assert_clean()
+
+
+def test_system_prompt_sampling_settings_and_stop_are_sent(page, server):
+    page.fill("#system", "You are a pirate. Answer like one.")
+    page.fill("#top-p", "0.9")
+    page.fill("#seed", "7")
+    page.fill("#stop", "!\nmatey")
+    ask(page, QUESTION, 40)
+    page.fill("#temperature", "0.9")  # after ask(), which sets 0: sampled, reproducible by the seed
+    page.click("#regenerate")
+    text = wait_done(page)
+    expected = api_reply(server, NAME, 40, temperature=0.9, top_p=0.9, seed=7, stop=["!", "matey"],
+                         messages=[{"role": "system", "content": "You are a pirate. Answer like one."},
+                                   {"role": "user", "content": QUESTION}])
+    assert text == expected["choices"][0]["message"]["content"]
+    page.console.assert_clean()
+
+
+def test_a_refused_request_shows_the_servers_message(page, server):
+    ask(page, QUESTION, 100_000)
+    page.wait_for_selector(".message.assistant[data-state=error]")
+    response = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": NAME, "messages": [{"role": "user", "content": QUESTION}],
+                                "max_tokens": 100_000}, timeout=30)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert page.text_content("#error") == message
+    assert last_reply(page).locator(".content").text_content() == message
+    assert page.is_enabled("#send")
+    page.console.assert_clean(expected=r"Failed to load resource: the server responded with a status of 400 "
+                                       r"\(Bad Request\)")
