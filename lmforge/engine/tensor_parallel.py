@@ -33,6 +33,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.engine import shm_comm
+from lmforge.engine.shm_comm import ShmComm
 from lmforge.errors import LmforgeError
 from lmforge.layers.linear import Linear
 
@@ -47,6 +49,18 @@ def share(n: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
+# The group's shared-memory collectives (engine/shm_comm.py) where this machine has them; else gloo's.
+_comm: ShmComm | None = None
+
+
+def all_reduce(x: torch.Tensor) -> None:
+    _comm.all_reduce(x) if _comm is not None else dist.all_reduce(x)
+
+
+def all_gather(parts: list[torch.Tensor], x: torch.Tensor) -> None:
+    _comm.all_gather(parts, x) if _comm is not None else dist.all_gather(parts, x)
+
+
 class RowParallel(nn.Module):
     """A product whose input features are split over the ranks: each computes a partial sum, the all-reduce adds
     them. Only rank 0's inner layer keeps the bias."""
@@ -57,7 +71,7 @@ class RowParallel(nn.Module):
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         y = self.inner(x, lora)
-        dist.all_reduce(y)
+        all_reduce(y)
         return y
 
 
@@ -73,7 +87,7 @@ class VocabParallelEmbedding(nn.Module):
         inside = (ids >= self.lo) & (ids < self.hi)
         x = F.embedding((ids - self.lo).clamp(0, self.weight.shape[0] - 1), self.weight)
         x = x * inside.unsqueeze(-1).to(x.dtype)
-        dist.all_reduce(x)
+        all_reduce(x)
         return x
 
 
@@ -87,7 +101,7 @@ class GatheredHead(nn.Module):
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         local = self.inner(x).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local)
+        all_gather(parts, local)
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]
 
 
@@ -204,9 +218,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_group(rank: int, world: int, port: int) -> None:
+def init_group(rank: int, world: int, port: int, shm: str | None, alive) -> None:
+    """Joins the gloo group and, with a shared-memory segment's name, its shared-memory collectives."""
+    global _comm
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
+    _comm = ShmComm(shm, rank, world, alive) if shm is not None else None
+
+
+def leave_group() -> None:
+    global _comm
+    if _comm is not None:
+        _comm.close()
+        _comm = None
+    dist.destroy_process_group()
 
 
 class WorkerDied(RuntimeError):
@@ -217,8 +242,8 @@ class Workers:
     """Ranks 1..world-1, started by `Workers.start` (each loads the model and waits for commands); this process
     joins the group as rank 0 and sends each command with `broadcast`."""
 
-    def __init__(self, procs: list):
-        self.procs = procs
+    def __init__(self, procs: list, shm):
+        self.procs, self.shm = procs, shm
 
     @classmethod
     def start(cls, config, world: int) -> "Workers":
@@ -228,13 +253,15 @@ class Workers:
         port = free_port()
         ctx = mp.get_context("spawn")
         threads = torch.get_num_threads()
-        procs = [ctx.Process(target=_worker, args=(config, rank, world, port, threads), daemon=True,
+        shm = shm_comm.create(world) if shm_comm.usable() else None
+        name = shm.name if shm is not None else None
+        procs = [ctx.Process(target=_worker, args=(config, rank, world, port, name, threads), daemon=True,
                              name=f"lmforge-tp-rank{rank}") for rank in range(1, world)]
         for p in procs:
             p.start()
-        workers = cls(procs)
+        workers = cls(procs, shm)
         with workers.watch():
-            init_group(0, world, port)
+            init_group(0, world, port, name, lambda: not workers.dead())
         return workers
 
     def dead(self) -> list[str]:
@@ -266,11 +293,15 @@ class Workers:
             except Exception as e:  # a worker gone meanwhile: nothing left to tell
                 log.warning("tensor parallel shutdown: %s", e)
             finally:
-                dist.destroy_process_group()
+                leave_group()
         for p in self.procs:
             p.join(timeout)
             if p.is_alive():
                 p.kill()
+        if self.shm is not None:
+            self.shm.close()
+            self.shm.unlink()
+            self.shm = None
 
 
 def load_shard(config, rank: int, world: int) -> nn.Module:
@@ -284,12 +315,13 @@ def load_shard(config, rank: int, world: int) -> nn.Module:
     return model
 
 
-def _worker(config, rank: int, world: int, port: int, threads: int) -> None:
+def _worker(config, rank: int, world: int, port: int, shm: str | None, threads: int) -> None:
     """Rank > 0: loads its share, builds its runner when rank 0 says how, then runs every step rank 0 broadcasts
     until told to stop (or until rank 0 is gone: the collective fails and the process exits non-zero)."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=os.environ.get("LMFORGE_LOG_LEVEL", "WARNING"))
-    init_group(rank, world, port)
+    parent = os.getppid()
+    init_group(rank, world, port, shm, lambda: os.getppid() == parent)
     model = load_shard(config, rank, world)
     runner = None
     with torch.inference_mode():
@@ -307,4 +339,4 @@ def _worker(config, rank: int, world: int, port: int, threads: int) -> None:
                 runner.run_plan(payload)
             elif kind == "stop":
                 break
-    dist.destroy_process_group()
+    leave_group()

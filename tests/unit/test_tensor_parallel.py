@@ -1,11 +1,13 @@
-"""Tensor parallelism (lmforge/engine/tensor_parallel.py): 2 gloo processes of 1 thread give the greedy tokens of one
-process, for each dense model family (tiny random models, fp32), hold half the weights and KV bytes, refuse what they
-do not support with a message, and fail fast, naming the rank, when a worker dies."""
+"""Tensor parallelism (lmforge/engine/tensor_parallel.py): 2 processes of 1 thread give the greedy tokens of one
+process, for each dense model family (tiny random models, fp32), over shared memory and over gloo, hold half the
+weights and KV bytes, refuse what they do not support with a message, and fail fast, naming the rank, when a worker
+dies."""
 
 import pytest
 import torch
 
 from lmforge import LLM, SamplingParams
+from lmforge.engine import shm_comm, tensor_parallel
 from lmforge.engine.model_runner import kv_bytes_per_block
 from lmforge.engine.tensor_parallel import WorkerDied, share
 from lmforge.errors import LmforgeError
@@ -51,13 +53,18 @@ def test_shares_split_as_evenly_as_they_go():
     assert [share(5, r, 3) for r in range(3)] == [(0, 2), (2, 4), (4, 5)]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_two_ranks_give_one_process_greedy_tokens(tmp_path, family):
+@pytest.mark.parametrize("family", [*FAMILIES, "llama-over-gloo"])
+def test_two_ranks_give_one_process_greedy_tokens(tmp_path, family, monkeypatch):
+    """Collectives through shared memory where the machine has them, gloo's own for "-over-gloo"."""
+    if family.endswith("-over-gloo"):
+        monkeypatch.setattr(shm_comm, "usable", lambda: False)
+        family = family.removesuffix("-over-gloo")
     path = model_dir(tmp_path, FAMILIES[family])
     one = LLM(path, **ENGINE)
     expected = greedy(one)
     two = LLM(path, **ENGINE, tensor_parallel_size=2)
     try:
+        assert (tensor_parallel._comm is not None) == shm_comm.usable()
         assert greedy(two) == expected
         if family == "llama":  # even shares: rank 0 holds half the weight and KV bytes (norms are replicated)
             assert 0.49 < two.engine.weight_bytes / one.engine.weight_bytes < 0.51
