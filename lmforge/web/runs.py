@@ -7,6 +7,7 @@ metrics.jsonl or config.yaml. Its name is its path relative to the root ("." for
 """
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -48,8 +49,16 @@ def read_metrics(path: Path, offset: int = 0) -> MetricsChunk:
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
+            records.append({k: _finite(v) for k, v in record.items()})
     return MetricsChunk(records, end, reset)
+
+
+def _finite(value):
+    """NaN and infinities (a diverged run writes them; JSON has no such numbers) as the strings "NaN", "Infinity",
+    "-Infinity", which the page shows as they are and leaves out of its curves."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def find_runs(root: Path) -> dict[str, Path]:

@@ -96,6 +96,9 @@ def test_dashboard_follows_a_live_run_and_shows_the_final_loss(tiny_chat_model, 
         assert page.inner_text("#detail-loss") == f"{train_losses[-1]:.4f}"
         assert loss_points(page, "baseline") == len([r for r in metrics(runs / "baseline") if "loss" in r])
         assert page.eval_on_selector_all("#chart-loss path.val", "paths => paths.length") == 2  # validation, overlaid
+        page.select_option("#metric", "val_ppl")  # any numeric field of the records
+        val_ppl = [r["val_ppl"] for r in records if "val_ppl" in r]
+        assert page.get_attribute('#chart-metric path[data-series="live val_ppl"]', "data-points") == str(len(val_ppl))
         assert page.text_content("#config") == (runs / "live" / "config.yaml").read_text()
         shown = page.eval_on_selector_all("#checkpoints li", "items => items.map(i => i.textContent.split(' ')[0])")
         on_disk = sorted(p.name for p in (runs / "live" / "checkpoints").iterdir())

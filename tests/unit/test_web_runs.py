@@ -36,6 +36,15 @@ def test_metrics_are_read_by_whole_lines_from_an_offset(tmp_path):
     assert read_metrics(tmp_path / "missing.jsonl", 10).reset
 
 
+def test_a_diverged_run_reads_as_json(dashboard, tmp_path):
+    diverged = line(2, loss=float("nan"), grad_norm=float("inf"))  # json.dumps writes NaN, Infinity
+    (tmp_path / "one" / "metrics.jsonl").write_text(line(1, loss=2.0) + diverged)
+    chunk = run(request(dashboard, "GET", "/api/metrics?name=one&offset=0"))
+    assert chunk.status_code == 200
+    assert chunk.json()["records"][1] == {"step": 2, "loss": "NaN", "grad_norm": "Infinity"}
+    assert run(request(dashboard, "GET", "/api/runs")).json()["runs"][0]["loss"] == "NaN"
+
+
 def test_runs_are_found_up_to_two_levels_down_and_summarised(tmp_path):
     done = tmp_path / "sweep" / "lr-3e-4"
     (done / "final").mkdir(parents=True)

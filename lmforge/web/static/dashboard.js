@@ -17,6 +17,7 @@ function showError(message) {
 }
 
 function fmt(value, digits) {
+  if (typeof value === "string") return value; // "NaN", "Infinity": a diverged run
   return typeof value === "number" ? value.toFixed(digits) : "–";
 }
 
@@ -98,10 +99,29 @@ function series(key, dashed) {
   });
 }
 
+// Every numeric field of the compared runs' records (grad_norm, val_ppl, a grpo run's rewards, DPO's margins...).
+function renderMetricChoice() {
+  const keys = new Set();
+  for (const name of state.compared) {
+    for (const r of state.metrics.get(name)?.records || []) {
+      for (const [k, v] of Object.entries(r)) if (k !== "step" && typeof v === "number") keys.add(k);
+    }
+  }
+  const select = $("metric");
+  const names = [...keys].sort();
+  if (names.join() !== [...select.options].map((o) => o.value).join()) {
+    const chosen = select.value || (keys.has("grad_norm") ? "grad_norm" : names[0]);
+    select.replaceChildren(...names.map((k) => new Option(k, k, false, k === chosen)));
+  }
+  return select.value;
+}
+
 function renderCharts() {
   drawChart($("chart-loss"), [...series("loss", false), ...series("val_loss", true)], "step");
   drawChart($("chart-lr"), series("lr", false), "step");
   drawChart($("chart-speed"), series("tokens_per_s", false), "step");
+  const metric = renderMetricChoice();
+  drawChart($("chart-metric"), metric ? series(metric, false) : [], "step");
   $("legend-loss").replaceChildren(...state.compared.map((name) => {
     const item = document.createElement("span");
     const swatch = document.createElement("span");
@@ -190,5 +210,6 @@ async function loop() {
   setTimeout(loop, state.refreshMs);
 }
 
+$("metric").addEventListener("change", renderCharts);
 readHash();
 loop();
