@@ -211,5 +211,8 @@ def run(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler)
     finally:
         engine.shutdown()
+    if engine.fatal is not None:
+        log.error("server stopped: %s", engine.fatal)
+        return 1
     log.info("server stopped")
     return 0

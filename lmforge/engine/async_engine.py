@@ -19,6 +19,7 @@ from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.lora_manager import LoadedAdapter, LoRARequest
 from lmforge.engine.outputs import RequestOutput
 from lmforge.engine.sampling_params import SamplingParams
+from lmforge.engine.tensor_parallel import WorkerDied
 
 log = logging.getLogger("lmforge")
 
@@ -30,6 +31,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopping = False
+        self.fatal: Exception | None = None  # what stopped the engine for good (a tensor-parallel worker died)
         built: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, args=(config, torch.get_num_threads(), built),
                                         name="lmforge-engine", daemon=True)
@@ -49,7 +51,10 @@ class AsyncEngine:
             return
         built.set_result(engine)
         self.engine = engine
-        self._loop()
+        try:
+            self._loop()
+        finally:
+            engine.shutdown()  # tensor-parallel workers stop with the thread that steps them
 
     @property
     def tokenizer(self):
@@ -69,6 +74,11 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except WorkerDied as e:  # the model is gone with the process: nothing more can be served
+                log.error("%s", e)
+                self.fatal = e
+                self._fail_in_flight(e)
+                return
             except Exception as e:  # fail the requests in flight, keep the engine serving new ones
                 log.exception("engine step failed; aborting the requests in flight")
                 self._fail_in_flight(e)

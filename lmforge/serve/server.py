@@ -78,6 +78,8 @@ async def serve(server: uvicorn.Server, sock: socket.socket, shutdown_timeout: f
     running = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.should_exit and not running.done():  # uvicorn's own main loop polls the flag just as often
         await asyncio.wait({running}, timeout=0.1)
+        if state.engine.fatal is not None:  # the engine cannot serve any more: stop (the command exits non-zero)
+            server.should_exit = True
     if not running.done():
         try:
             await asyncio.wait_for(asyncio.shield(running), shutdown_timeout)
