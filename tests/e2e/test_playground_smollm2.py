@@ -206,5 +206,9 @@ def test_a_refused_request_shows_the_servers_message(page, server):
     assert page.text_content("#error") == message
     assert last_reply(page).locator(".content").text_content() == message
     assert page.is_enabled("#send")
+    page.fill("#max-tokens", "8")
+    page.click("#regenerate")  # a retry replaces the failed reply
+    assert wait_done(page) == api_reply(server, NAME, 8)["choices"][0]["message"]["content"]
+    assert page.locator(".message.assistant").count() == 1 and page.is_hidden("#error")
     page.console.assert_clean(expected=r"Failed to load resource: the server responded with a status of 400 "
                                        r"\(Bad Request\)")

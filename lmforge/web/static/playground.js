@@ -101,10 +101,14 @@ function statsText(usage, started, first, ended, finish) {
   return parts.join(" · ");
 }
 
+function lastIsReply() {
+  return $("messages").lastElementChild?.classList.contains("assistant") ?? false;
+}
+
 function setBusy(busy) {
   $("send").disabled = busy;
   $("stop-button").disabled = !busy;
-  $("regenerate").disabled = busy || !turns.some((t) => t.role === "assistant");
+  $("regenerate").disabled = busy || !lastIsReply();
 }
 
 async function generate() {
@@ -152,7 +156,8 @@ async function generate() {
     }
   }
   stats.textContent = statsText(usage, started, first, performance.now(), finish);
-  if (item.dataset.state !== "error" && content.textContent) {
+  // A reply cleared away while it streamed, an error or an empty stop is not part of the conversation.
+  if (item.isConnected && item.dataset.state !== "error" && content.textContent) {
     turns.push({ role: "assistant", content: content.textContent });
   }
   controller = null;
@@ -169,11 +174,11 @@ function send(event) {
   generate();
 }
 
+// The last reply again (after a stop or an error too): it is dropped from the conversation and asked for anew.
 function regenerate() {
-  if (controller || turns.at(-1)?.role !== "assistant") return;
-  turns.pop();
-  const replies = $("messages").querySelectorAll(".message.assistant");
-  replies[replies.length - 1]?.remove();
+  if (controller || !lastIsReply()) return;
+  if (turns.at(-1)?.role === "assistant") turns.pop();
+  $("messages").lastElementChild.remove();
   generate();
 }
 
