@@ -2,10 +2,11 @@
 Megatron-style, over torch.distributed (gloo on CPU).
 
 Each rank holds a share of every layer: its attention heads, grouped by KV head (q/k/v rows, o columns, its part of
-the KV cache), its share of the MLP's intermediate features (gate/up rows, down columns) and a slice of the
-vocabulary (embedding rows; the LM head's rows, whose logits are gathered). Two all-reduces per layer — after the
-attention's output product and after the MLP's down product — and one after the embedding lookup make every rank's
-hidden state the full one; the bias of a row-parallel product is added by rank 0 only.
+the KV cache), its share of the MLP's intermediate features (gate/up rows, down columns) or of a mixture's experts
+(whole experts; the router on every rank; a shared expert split like an MLP), and a slice of the vocabulary
+(embedding rows; the LM head's rows, whose logits are gathered). Two all-reduces per layer — after the attention's
+output product and after the MLP or experts — and one after the embedding lookup make every rank's hidden state the
+full one; the bias of a row-parallel product is added by rank 0 only.
 
 Rank 0 is the process that built the engine: its scheduler plans each step and broadcasts the plan (token ids,
 positions, cache slots and block tables: `StepPlan`), then every rank runs the same forward. Ranks 1..N-1 are
@@ -14,8 +15,8 @@ checkpoint is read and then sliced: shard-by-shard reading is not built). KV hea
 split as evenly as they go (SmolLM2's 3 over 2 ranks: 2 and 1).
 
 Not built: step graphs under TP (steps run the kernels eagerly), LoRA, speculative decoding, prompt log-probs,
-quantised weights, MoE experts, the live-model path, joining a torchrun launch across machines, data-parallel
-replicas. The engine refuses each with a message.
+quantised weights, the live-model path, joining a torchrun launch across machines, data-parallel replicas. The engine
+refuses each with a message.
 """
 
 import contextlib
@@ -70,9 +71,16 @@ class RowParallel(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
-        y = self.inner(x, lora)
+        y = self.inner(x) if lora is None else self.inner(x, lora)  # Mixtral's experts block takes no lora
         all_reduce(y)
         return y
+
+
+class Elsewhere(nn.Module):
+    """An expert another rank holds: it adds nothing here (its share comes in through the all-reduce)."""
+
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        return torch.zeros_like(x)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -150,7 +158,26 @@ def _shard_attention(attn: nn.Module, rank: int, world: int, name: str) -> None:
     attn.heads, attn.kv_heads = q_hi - q_lo, kv_hi - kv_lo
 
 
-def _shard_mlp(mlp: nn.Module, rank: int, world: int, name: str) -> None:
+def _shard_mlp(mlp: nn.Module, rank: int, world: int, name: str) -> nn.Module:
+    """A dense MLP's share, behind its all-reduce."""
+    _split_mlp(mlp, rank, world, name)
+    mlp.down_proj = RowParallel(mlp.down_proj)
+    return mlp
+
+
+def _shard_experts(moe: nn.Module, rank: int, world: int, name: str) -> nn.Module:
+    """A mixture of experts split by expert (each rank keeps its share of the experts, the router is everyone's) and
+    its shared expert, if any, by intermediate features; one all-reduce after the whole block."""
+    lo, hi = share(len(moe.experts), rank, world)
+    for i in range(len(moe.experts)):
+        if not lo <= i < hi:
+            moe.experts[i] = Elsewhere()
+    if getattr(moe, "has_shared", False):  # Qwen2-MoE: sigmoid(gate(x)) * shared(x) is linear in shared's partials
+        _split_mlp(moe.shared_expert, rank, world, f"{name}.shared_expert")
+    return RowParallel(moe)
+
+
+def _split_mlp(mlp: nn.Module, rank: int, world: int, name: str) -> None:
     down = _plain(mlp.down_proj, f"{name}.down_proj")
     lo, hi = share(down.in_features, rank, world)
     if hasattr(mlp, "gate_up_proj"):  # Phi-3: gate rows, then up rows
@@ -161,7 +188,6 @@ def _shard_mlp(mlp: nn.Module, rank: int, world: int, name: str) -> None:
         for proj in ("gate_proj", "up_proj"):
             _rows(_plain(getattr(mlp, proj), f"{name}.{proj}"), torch.arange(lo, hi))
     _columns(down, lo, hi, keep_bias=rank == 0)
-    mlp.down_proj = RowParallel(down)
 
 
 def shard_model(model: nn.Module, rank: int, world: int) -> None:
@@ -169,12 +195,15 @@ def shard_model(model: nn.Module, rank: int, world: int) -> None:
     describes this rank's attention (its heads and KV heads: what its KV cache holds)."""
     decoder = model.model
     for i, layer in enumerate(decoder.layers):
-        attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
-        if mlp is None or not hasattr(mlp, "down_proj"):
-            raise LmforgeError(f"tensor parallelism: layer {i} has no dense MLP (mixture-of-experts layers are not "
-                               "split yet)")
-        _shard_attention(attn, rank, world, f"model.layers.{i}.self_attn")
-        _shard_mlp(mlp, rank, world, f"model.layers.{i}.mlp")
+        _shard_attention(layer.self_attn, rank, world, f"model.layers.{i}.self_attn")
+        attr = "block_sparse_moe" if hasattr(layer, "block_sparse_moe") else "mlp"  # Mixtral's name, everyone else's
+        mlp, name = getattr(layer, attr), f"model.layers.{i}.{attr}"
+        if hasattr(mlp, "experts"):
+            setattr(layer, attr, _shard_experts(mlp, rank, world, name))
+        elif hasattr(mlp, "down_proj"):
+            _shard_mlp(mlp, rank, world, name)
+        else:
+            raise LmforgeError(f"tensor parallelism: {name} is a {type(mlp).__name__}, which is not split yet")
     vocab = model.args.vocab_size
     chunk = -(-vocab // world)
     lo, hi = rank * chunk, min(vocab, (rank + 1) * chunk)

@@ -1,7 +1,7 @@
 """Tensor parallelism (lmforge/engine/tensor_parallel.py): 2 processes of 1 thread give the greedy tokens of one
-process, for each dense model family (tiny random models, fp32), over shared memory and over gloo, hold half the
-weights and KV bytes, refuse what they do not support with a message, and fail fast, naming the rank, when a worker
-dies."""
+process, for each model family (tiny random models, fp32; mixtures of experts too), over shared memory and over gloo,
+hold half the weights and KV bytes, refuse what they do not support with a message, and fail fast, naming the rank,
+when a worker dies."""
 
 import pytest
 import torch
@@ -24,6 +24,13 @@ FAMILIES = {
     "qwen2": {**BASE, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},  # q/k/v biases
     "qwen3": {**BASE, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
     "phi3": {**BASE, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},  # fused qkv and gate/up
+    # experts split by expert (3 over 2 ranks), the router on both
+    "mixtral": {**BASE, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 3,
+                "num_experts_per_tok": 2},
+    # and a shared expert split by features, a dense MLP layer beside the MoE one
+    "qwen2moe": {**BASE, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "num_experts": 4,
+                 "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+                 "mlp_only_layers": [1]},
 }
 PROMPTS = [[1 + (7 * i + 3 * j) % 500 for j in range(3 + 4 * i)] for i in range(6)]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -84,10 +91,6 @@ def test_what_is_not_supported_is_refused_with_a_message(tmp_path):
             LLM(path, **ENGINE, tensor_parallel_size=2, **extra)
     with pytest.raises(LmforgeError, match="exceeds the model's 2 KV heads"):
         LLM(path, **ENGINE, tensor_parallel_size=3)
-    moe = model_dir(tmp_path / "moe", {**BASE, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-                                       "num_local_experts": 4, "num_experts_per_tok": 2})
-    with pytest.raises(LmforgeError, match="mixture-of-experts layers are not split"):
-        LLM(moe, **ENGINE, tensor_parallel_size=2)
     llm = LLM(path, **ENGINE, tensor_parallel_size=2)
     try:
         with pytest.raises(ValueError, match="prompt_logprobs"):
