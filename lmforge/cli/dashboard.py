@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 from pathlib import Path
@@ -42,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     server = uvicorn_server(create_dashboard_app(args.runs_dir, args.refresh), access_log=False,
                             log_level=logging.getLogger().level)
     shown = f"[{host}]" if ":" in host else host
+    if not ipaddress.ip_address(host).is_loopback:
+        log.warning("the dashboard has no access control: anyone who can reach %s:%d can read these runs' configs "
+                    "and metrics", shown, port)
     log.info("dashboard of %s on http://%s:%d/", args.runs_dir.resolve(), shown, port)
     # as lmforge serve: uvicorn re-raises SIGINT/SIGTERM under the handlers it found; ignored, the exit is clean
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}

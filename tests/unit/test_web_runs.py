@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from lmforge.cli import main
 from lmforge.serve.openai_api import create_app
 from lmforge.web.assets import CSP
 from lmforge.web.dashboard import create_dashboard_app
@@ -133,3 +134,13 @@ def test_static_files_hold_no_remote_references():
         text = path.read_text()
         assert "//cdn" not in text and "https://" not in text, path.name
         assert os.path.getsize(path) < 20_000, f"{path.name}: keep the page files small"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["/nonexistent-runs"], "/nonexistent-runs is not a directory; pass the folder your runs' output_dir are in"),
+    ([".", "--refresh", "0"], "--refresh must be > 0 seconds, got 0.0"),
+    ([".", "--port", "-1"], "--port must be >= 0, got -1"),
+])
+def test_dashboard_cli_errors_are_one_line(args, words, capsys):
+    assert main(["dashboard", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"lmforge dashboard: error: {words}"

@@ -99,12 +99,14 @@ function series(key, dashed) {
   });
 }
 
-// Every numeric field of the compared runs' records (grad_norm, val_ppl, a grpo run's rewards, DPO's margins...).
+const CHARTED = new Set(["step", "loss", "val_loss", "lr", "tokens_per_s"]); // the fixed charts' fields
+
+// Every other numeric field of the compared runs' records (grad_norm, val_ppl, a grpo run's rewards, DPO's margins).
 function renderMetricChoice() {
   const keys = new Set();
   for (const name of state.compared) {
     for (const r of state.metrics.get(name)?.records || []) {
-      for (const [k, v] of Object.entries(r)) if (k !== "step" && typeof v === "number") keys.add(k);
+      for (const [k, v] of Object.entries(r)) if (!CHARTED.has(k) && typeof v === "number") keys.add(k);
     }
   }
   const select = $("metric");
