@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
                         "overrides the model's default")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $LMFORGE_API_KEY, else none)")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+                   help="N engine replicas in this process, each a whole model with its own KV cache and as many "
+                   "threads as this process (OMP_NUM_THREADS); requests balanced by load with prefix-cache affinity "
+                   "(default 1)")
     g.add_argument("--max-queue", type=int, default=None, metavar="N",
                    help="answer 503 + Retry-After when N sequences already wait for a slot (default: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -50,6 +54,8 @@ def add_parser(sub) -> None:
                    help="allow cross-origin requests from these comma-separated origins (bare --cors: any origin)")
     g.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
     g.add_argument("--no-ui", action="store_true", help="do not serve the chat playground page at /")
+    g.add_argument("--runs", metavar="DIR", help="also serve the run dashboard of the training runs under DIR at /runs "
+                   "(as `lmforge dashboard DIR`; its data needs the --api-key when there is one)")
     g = p.add_argument_group("LoRA adapters")
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="serve the PEFT adapter directory PATH as model NAME, in the same batches as the base model "
@@ -158,6 +164,7 @@ def _runtime_lora(args: argparse.Namespace, api_key: str | None) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from lmforge.engine.async_engine import AsyncEngine
+    from lmforge.engine.data_parallel import DataParallelEngine
     from lmforge.serve.openai_api import create_app
     from lmforge.serve.server import serve, uvicorn_server
 
@@ -166,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-queue", args.max_queue), ("--port", args.port)):
         if value is not None and value < 0:
             raise LmforgeError(f"{flag} must be >= 0, got {value}")
+    if args.data_parallel_size < 1:
+        raise LmforgeError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
     if args.shutdown_timeout < 0:
         raise LmforgeError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
@@ -177,10 +186,13 @@ def run(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise LmforgeError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json or mistral)")
     runtime_lora = _runtime_lora(args, api_key)
+    if args.runs is not None and not Path(args.runs).is_dir():
+        raise LmforgeError(f"--runs {args.runs}: not a directory; pass the folder your runs' output_dir are in")
     config = dataclasses.replace(engine_config(args), enable_lora=bool(loras) or args.enable_lora or runtime_lora,
                                  max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                                  reasoning_parser=args.reasoning_parser)
-    engine = AsyncEngine(config)
+    engine = DataParallelEngine(config, args.data_parallel_size) if args.data_parallel_size > 1 else \
+        AsyncEngine(config)
     try:
         asyncio.run(_load_adapters(engine, loras))  # an adapter that does not fit the model stops the start (exit 2)
         template = _chat_template(args.chat_template, engine.tokenizer)
@@ -190,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
                          allow_runtime_lora_updating=runtime_lora, allowed_lora_paths=args.allowed_lora_paths,
                          enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
                          enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
-                         ui=not args.no_ui)
+                         ui=not args.no_ui, runs_dir=args.runs)
         sock = _listen(args.host, args.port)
         host, port = sock.getsockname()[:2]
         server = uvicorn_server(app, header_timeout=args.header_timeout, shutdown_timeout=args.shutdown_timeout,
@@ -201,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
                  port, engine.engine.max_model_len, ", API key required" if api_key else "", adapters)
         if not args.no_ui:
             log.info("chat playground on http://%s:%d/", shown, port)
+        if args.runs:
+            log.info("run dashboard of %s on http://%s:%d/runs", Path(args.runs).resolve(), shown, port)
         # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal under the handlers it
         # found; ignoring them here makes that re-raise a no-op, so a stopped server exits 0.
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -17,7 +17,7 @@ import torch
 from lmforge.engine.config import EngineConfig
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.lora_manager import LoadedAdapter, LoRARequest
-from lmforge.engine.outputs import RequestOutput
+from lmforge.engine.outputs import EngineStats, RequestOutput
 from lmforge.engine.sampling_params import SamplingParams
 from lmforge.engine.tensor_parallel import WorkerDied
 
@@ -170,6 +170,10 @@ class AsyncEngine:
     async def remove_lora(self, name: str) -> LoadedAdapter:
         """Unloads an adapter between two steps; AdapterInUseError while requests that use it are in flight."""
         return await self.run(lambda: self.engine.remove_lora(name))
+
+    async def stats(self) -> list[EngineStats]:
+        """The engine's stats, one per replica (one here; DataParallelEngine's has one each)."""
+        return [await self.run(self.engine.stats)]
 
     async def run(self, fn: Callable):
         """Runs fn() on the engine thread between steps (for stats, cache resets, adapter changes)."""

@@ -16,6 +16,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace lmforge;
+  // The inference kernels run without the GIL: engine threads (data-parallel replicas) compute at the same time.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   // module_local: each level's module registers its own StepGraph (one C++ name), and tests load several at once
   py::class_<StepGraph>(m, "StepGraph", py::module_local())
       .def(py::init<>())
@@ -39,24 +41,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("size", &StepGraph::size)
       .def("run", &StepGraph::run, py::call_guard<py::gil_scoped_release>(),
            "copies the inputs in and replays the recorded kernels; false (nothing run) when a guard or input fails");
-  m.def("linear_small", &linear_small, "x [<=8, in] @ w[out, in].T (+ b), streaming w once");
-  m.def("linear", &linear, "F.linear of a 2-d x through ATen, callable from step graphs");
+  m.def("linear_small", &linear_small, nogil, "x [<=8, in] @ w[out, in].T (+ b), streaming w once");
+  m.def("linear", &linear, nogil, "F.linear of a 2-d x through ATen, callable from step graphs");
   m.def("linear_f32_available", &linear_f32_available, "whether the AVX2 float32 linear is built");
-  m.def("linear_f32", &linear_f32, "float32 x [m, in] @ w[out, in].T (+ b) on AVX2 FMAs, batch-invariant");
+  m.def("linear_f32", &linear_f32, nogil, "float32 x [m, in] @ w[out, in].T (+ b) on AVX2 FMAs, batch-invariant");
   m.def("vnni_available", &vnni_available, "whether the AVX512-BF16 GEMM (vnni_pack / vnni_linear) is built");
   m.def("vnni_pack", &vnni_pack, "bf16 weight [N, K] -> 48-output panels of k pairs");
-  m.def("vnni_linear", &vnni_linear, "x [M, K] @ w.T on AVX512-BF16 dot products, w packed by vnni_pack");
+  m.def("vnni_linear", &vnni_linear, nogil, "x [M, K] @ w.T on AVX512-BF16 dot products, w packed by vnni_pack");
   m.def("amx_available", &amx_available, "whether AMX tiles can be used here");
   m.def("amx_pack", &amx_pack, "bf16 weight [N, K] -> AMX tile layout");
-  m.def("amx_linear", &amx_linear, "x [M, K] @ w.T on AMX tiles, w packed by amx_pack");
-  m.def("rms_norm", &rms_norm, "RMSNorm as Hugging Face computes it");
-  m.def("rope_", &rope_, "rotary embedding in place (half-split layout)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
-  m.def("argmax_rows", &argmax_rows, "row-wise argmax, first of equal maxima");
-  m.def("write_kv", &write_kv, "new keys/values into paged-cache slots (int8 ones quantised, with scales)",
+  m.def("amx_linear", &amx_linear, nogil, "x [M, K] @ w.T on AMX tiles, w packed by amx_pack");
+  m.def("rms_norm", &rms_norm, nogil, "RMSNorm as Hugging Face computes it");
+  m.def("rope_", &rope_, nogil, "rotary embedding in place (half-split layout)");
+  m.def("silu_mul", &silu_mul, nogil, "silu(gate) * up");
+  m.def("argmax_rows", &argmax_rows, nogil, "row-wise argmax, first of equal maxima");
+  m.def("write_kv", &write_kv, nogil, "new keys/values into paged-cache slots (int8 ones quantised, with scales)",
         py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
         py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
-  m.def("paged_attention", &paged_attention, "attention of few-token queries over a paged KV cache (or an int8 one)",
+  m.def("paged_attention", &paged_attention, nogil,
+        "attention of few-token queries over a paged KV cache (or an int8 one)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_q"), py::arg("seqlens_k"),
         py::arg("block_tables"), py::arg("seqs"), py::arg("scale"), py::arg("window"), py::arg("out"),
         py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());

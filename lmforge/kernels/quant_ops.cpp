@@ -564,8 +564,9 @@ bool vnni() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_linear", &quant_linear, "x [M, K] @ W^T, W in q8 or q4 blocks (bias, min: empty when none)");
-  m.def("quant_linear_into", &quant_linear_into, "quant_linear into a preallocated out [M, N]");
+  const auto nogil = py::call_guard<py::gil_scoped_release>();  // engine threads compute at the same time
+  m.def("quant_linear", &quant_linear, nogil, "x [M, K] @ W^T, W in q8 or q4 blocks (bias, min: empty when none)");
+  m.def("quant_linear_into", &quant_linear_into, nogil, "quant_linear into a preallocated out [M, N]");
   m.def("quantize_activations", &quantize_activations, "per-32-block int8 activations (q, scale, scale * sum q)");
   m.def("quant_linear_step_address", &quant_linear_step_address, "address of the StepGraph step for quant_linear_into");
   m.def("avx2", &avx2, "whether the AVX2 path was built");

@@ -23,20 +23,36 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 
 
 class _EngineCollector:
-    """Exposes the latest EngineStats; counters that the engine keeps itself are exported as counters."""
+    """Exposes the latest EngineStats; counters that the engine keeps itself are exported as counters. Several
+    data-parallel replicas: a series per replica (label `engine`) and their sum (engine="sum")."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
-        self.snapshot: EngineStats | None = None
+        self.snapshots: list[EngineStats] = []
 
     def describe(self):
         return []
 
     def collect(self):
-        s = self.snapshot
-        if s is None:
+        if not self.snapshots:
             return
-        labels, value = ["model_name"], [self.model_name]
+        if len(self.snapshots) == 1:
+            series = [([self.model_name], self.snapshots[0])]
+            labels = ["model_name"]
+        else:
+            series = [([self.model_name, str(i)], s) for i, s in enumerate(self.snapshots)]
+            series.append(([self.model_name, "sum"], _summed(self.snapshots)))
+            labels = ["model_name", "engine"]
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for value, s in series:
+            for family in self._families(s, labels, value):
+                if family.name in families:
+                    families[family.name].samples.extend(family.samples)
+                else:
+                    families[family.name] = family
+        yield from families.values()
+
+    def _families(self, s: EngineStats, labels: list[str], value: list[str]):
         gauges = [("lmforge:num_requests_running", "Sequences in the running batch.", s.running),
                   ("lmforge:num_requests_waiting", "Sequences waiting for a slot (new or preempted).", s.waiting),
                   ("lmforge:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", s.kv_usage),
@@ -58,6 +74,15 @@ class _EngineCollector:
             yield c
         if s.spec is not None:
             yield from _spec_counters(s.spec, labels, value)
+
+
+def _summed(stats: list[EngineStats]) -> EngineStats:
+    """The replicas' stats added up (KV usage: of all their blocks together; speculation counters: not summed)."""
+    blocks = sum(s.kv_blocks for s in stats)
+    return EngineStats(sum(s.running for s in stats), sum(s.waiting for s in stats),
+                       sum(s.kv_usage * s.kv_blocks for s in stats) / blocks if blocks else 0.0, blocks,
+                       sum(s.prefix_queries for s in stats), sum(s.prefix_hits for s in stats),
+                       sum(s.preemptions for s in stats), sum(s.steps for s in stats))
 
 
 def _spec_counters(spec: SpecDecodeStats, labels: list[str], value: list[str]):
@@ -116,7 +141,7 @@ class ServerMetrics:
 
     async def render(self, engine: AsyncEngine) -> bytes:
         if engine.is_alive:
-            self.engine_state.snapshot = await engine.run(engine.engine.stats)
+            self.engine_state.snapshots = await engine.stats()
         return generate_latest(self.registry)
 
 
