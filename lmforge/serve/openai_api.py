@@ -51,6 +51,7 @@ from lmforge.serve.responses import (
 from lmforge.serve.state import ServerState
 from lmforge.serve.tools import get_tool_parser
 from lmforge.web.assets import add_asset_routes
+from lmforge.web.dashboard import add_runs_api
 
 log = logging.getLogger("lmforge")
 
@@ -59,14 +60,15 @@ DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context 
 # (slow-loris after the headers, which --header-timeout does not cover) is answered 408 and disconnected then
 DEFAULT_BODY_TIMEOUT = 60.0
 # --api-key guards the OpenAI routes (as vLLM) and the tokenizer's, which would otherwise run anyone's text through
-# the server; health, metrics, version and the API's schema stay open.
-PROTECTED_PREFIX = "/v1/"
+# the server, and the run dashboard's data (--runs); health, metrics, version, the API's schema and the web pages'
+# files stay open.
+PROTECTED_PREFIXES = ("/v1/", "/api/")
 PROTECTED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def is_protected(path: str) -> bool:
     """Whether --api-key guards the route at `path`."""
-    return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
+    return path.startswith(PROTECTED_PREFIXES) or path in PROTECTED_PATHS
 
 
 def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None, *, model_root: str = "",
@@ -75,11 +77,11 @@ def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None,
                body_timeout: float = DEFAULT_BODY_TIMEOUT,
                allow_runtime_lora_updating: bool = False, allowed_lora_paths: list[str] | None = None,
                enable_tokenizer_info_endpoint: bool = False, enable_auto_tool_choice: bool = False,
-               tool_call_parser: str | None = None, ui: bool = True) -> FastAPI:
+               tool_call_parser: str | None = None, ui: bool = True, runs_dir: str | None = None) -> FastAPI:
     """`allow_runtime_lora_updating` serves /v1/load_lora_adapter and /v1/unload_lora_adapter, reading adapters
     from under `allowed_lora_paths` only when given; `enable_tokenizer_info_endpoint` serves /tokenizer_info; `ui`
-    serves the chat playground (lmforge/web/) at /. The reasoning parser is the engine's
-    (EngineConfig.reasoning_parser), which starts grammars after the thinking."""
+    serves the chat playground (lmforge/web/) at /, `runs_dir` the run dashboard at /runs. The reasoning parser is
+    the engine's (EngineConfig.reasoning_parser), which starts grammars after the thinking."""
     names = served_model_names or [model_root or "default"]
     models = ServedModels(names, model_root, engine.engine.max_model_len)
     for adapter in engine.engine.list_loras():  # loaded before the app (lmforge serve --lora): routes from the start
@@ -95,8 +97,10 @@ def create_app(engine: AsyncEngine, served_model_names: list[str] | None = None,
     app.state.lmforge = state
     _add_error_handlers(app)
     _add_routes(app, state, enable_tokenizer_info_endpoint)
-    if ui:
-        add_asset_routes(app, "playground.html")
+    if runs_dir is not None:
+        add_runs_api(app, runs_dir, refresh_s=2.0)
+    if ui or runs_dir is not None:
+        add_asset_routes(app, "playground.html" if ui else None, {"/runs": "dashboard.html"} if runs_dir else None)
     app.openapi = lambda: build_openapi(app, api_key is not None, is_protected, state.vocab_size)
     app.add_middleware(Gatekeeper, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     if cors_origins:  # outermost, so browsers' preflight requests are answered before the key check

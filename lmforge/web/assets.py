@@ -30,14 +30,16 @@ def page(name: str) -> Response:
     return Response(path.read_bytes(), media_type=MEDIA_TYPES[path.suffix], headers=SECURITY_HEADERS)
 
 
-def add_asset_routes(app: FastAPI, root_page: str) -> None:
-    """GET / answers `root_page`; GET /ui/NAME answers the shipped file NAME. Neither needs the API key: they hold
-    no data, and the page asks for the key itself."""
+def add_asset_routes(app: FastAPI, root_page: str | None, pages: dict[str, str] | None = None) -> None:
+    """GET / answers `root_page` (if any), GET PATH each other page of `pages` (path -> file); GET /ui/NAME answers the
+    shipped file NAME. None needs the API key: they hold no data, and the pages ask for the key themselves."""
     names = asset_names()
 
-    @app.get("/", include_in_schema=False)
-    async def root() -> Response:
-        return page(root_page)
+    def add_page(path: str, name: str) -> None:
+        app.add_api_route(path, lambda: page(name), methods=["GET"], include_in_schema=False)
+
+    for path, name in {**({"/": root_page} if root_page else {}), **(pages or {})}.items():
+        add_page(path, name)
 
     @app.get(ASSET_PREFIX + "{name}", include_in_schema=False)
     async def asset(name: str) -> Response:

@@ -14,20 +14,19 @@ from tests.browser import LAPTOP, PHONE, Console, launch_chromium, overflowing, 
 from tests.train_refs import ROOT, config_maker, metrics
 
 
-class Dashboard:
-    """`python -m lmforge dashboard RUNS --port 0` in a subprocess."""
+class Child:
+    """`python -m lmforge ARGS` in a subprocess; `url` is the first group of `ready`, matched in its log."""
 
-    def __init__(self, runs: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "dashboard", str(runs), "--port", "0",
-                                      "--refresh", "0.25"],
-                                     cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    def __init__(self, args: list[str], ready: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=ROOT, stderr=subprocess.PIPE,
+                                     text=True)
         self.log = []
-        deadline = time.monotonic() + 60
-        while not (m := re.search(r"on (http://127\.0\.0\.1:\d+)/", self.log[-1] if self.log else "")):
+        deadline = time.monotonic() + 120
+        while not (m := re.search(ready, self.log[-1] if self.log else "")):
             line = self.proc.stderr.readline()
             if not line or time.monotonic() > deadline:
                 self.proc.kill()
-                raise RuntimeError("the dashboard did not start:\n" + "".join(self.log))
+                raise RuntimeError(f"lmforge {args[0]} did not start:\n" + "".join(self.log))
             self.log.append(line)
         self.url = m.group(1)
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
@@ -35,6 +34,10 @@ class Dashboard:
     def stop(self) -> int:
         self.proc.terminate()
         return self.proc.wait(30)
+
+
+def dashboard(runs: Path) -> Child:
+    return Child(["dashboard", str(runs), "--port", "0", "--refresh", "0.25"], r"on (http://127\.0\.0\.1:\d+)/")
 
 
 def train(config: Path) -> subprocess.Popen:
@@ -61,12 +64,12 @@ def test_dashboard_follows_a_live_run_and_shows_the_final_loss(tiny_chat_model, 
                 checkpoint__every_steps=20)
     done = train(baseline)
     assert done.wait(120) == 0, done.stderr.read()
-    dashboard = None
+    board = None
     try:
-        dashboard = Dashboard(runs)
+        board = dashboard(runs)
         page = browser.new_page(viewport=LAPTOP)
         console = Console(page)
-        page.goto(dashboard.url + "/")
+        page.goto(board.url + "/")
         page.wait_for_selector('#chart-loss path[data-series="baseline loss"]')
         run = train(live)
         page.wait_for_selector("tr[data-run=live]", timeout=60_000)
@@ -112,5 +115,42 @@ def test_dashboard_follows_a_live_run_and_shows_the_final_loss(tiny_chat_model, 
     finally:
         browser.close()
         playwright.stop()
-        stopped = dashboard.stop() if dashboard else None
-    assert stopped == 0, "".join(dashboard.log)
+        stopped = board.stop() if board else None
+    assert stopped == 0, "".join(board.log)
+
+
+def test_serve_runs_shows_the_dashboard_behind_the_api_key(tiny_chat_model, tmp_path):
+    playwright, browser = launch_chromium()
+    from playwright.sync_api import expect
+
+    (tmp_path / "runs").mkdir()
+    done = train(config_maker(tmp_path / "runs", tiny_chat_model, slice(0, 8), slice(8, 10))("baseline", max_steps=4))
+    assert done.wait(120) == 0, done.stderr.read()
+    last_loss = [r["loss"] for r in metrics(tmp_path / "runs" / "baseline") if "loss" in r][-1]
+    server = None
+    try:
+        server = Child(["serve", str(tiny_chat_model), "--runs", str(tmp_path / "runs"), "--api-key", "sk-runs",
+                        "--port", "0", "--dtype", "float32", "--max-model-len", "128", "--kv-cache-memory", "0.01",
+                        "--no-access-log"], r"run dashboard of .* on (http://127\.0\.0\.1:\d+)/runs")
+        page = browser.new_page(viewport=LAPTOP)
+        console = Console(page)
+        page.goto(server.url + "/runs")
+        expect(page.locator("#error")).to_have_text("No API key provided; send 'Authorization: Bearer <key>'.")
+        time.sleep(2.5)  # longer than the poll interval: no poll while the key is missing
+        assert len(console.errors) == 1
+        page.fill("#api-key", "sk-runs")
+        page.press("#api-key", "Enter")
+        expect(page.locator("tr[data-run=baseline] td:nth-child(7)")).to_have_text(f"{last_loss:.4f}")
+        expect(page.locator("#key-form")).to_be_hidden()
+        expect(page.locator("#error")).to_be_hidden()
+        page.goto(server.url + "/")  # the playground in the same tab has the key already
+        page.wait_for_selector("#model option", state="attached")
+        assert page.is_hidden("#key-form")
+        console.assert_clean(expected=r"Failed to load resource: the server responded with a status of 401 "
+                                      r"\(Unauthorized\)")
+        assert len(console.errors) == 1
+    finally:
+        browser.close()
+        playwright.stop()
+        stopped = server.stop() if server else None
+    assert stopped == 0, "".join(server.log)

@@ -123,6 +123,27 @@ def test_the_playground_is_served_unless_turned_off(tmp_path):
         without = run(request(create_app(engine, ["tiny"], ui=False), "GET", "/"))
         assert without.status_code == 404
         assert run(request(create_app(engine, ["tiny"], ui=False), "GET", "/ui/playground.js")).status_code == 404
+        assert run(request(create_app(engine, ["tiny"]), "GET", "/runs")).status_code == 404  # no --runs
+        assert run(request(create_app(engine, ["tiny"]), "GET", "/api/runs")).status_code == 404
+    finally:
+        engine.shutdown()
+
+
+def test_serve_runs_adds_the_dashboard_behind_the_key(tmp_path):
+    (tmp_path / "runs" / "one").mkdir(parents=True)
+    (tmp_path / "runs" / "one" / "metrics.jsonl").write_text(line(1, loss=2.0))
+    engine = tiny_engine(tmp_path / "model")
+    try:
+        app = create_app(engine, ["tiny"], api_key="sk-key", runs_dir=str(tmp_path / "runs"), ui=False)
+        page = run(request(app, "GET", "/runs"))
+        assert page.status_code == 200 and "lmforge dashboard" in page.text
+        assert page.headers["content-security-policy"] == CSP
+        assert run(request(app, "GET", "/")).status_code == 404  # --no-ui: no playground
+        refused = run(request(app, "GET", "/api/runs"))
+        assert refused.status_code == 401 and "No API key provided" in refused.json()["error"]["message"]
+        listing = run(request(app, "GET", "/api/runs", headers={"Authorization": "Bearer sk-key"})).json()
+        assert [(r["name"], r["loss"]) for r in listing["runs"]] == [("one", 2.0)]
+        assert "/api/runs" not in run(request(app, "GET", "/openapi.json")).json()["paths"]
     finally:
         engine.shutdown()
 

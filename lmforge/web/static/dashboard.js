@@ -1,11 +1,12 @@
 // The run dashboard: polls the JSON API (every `refresh_s` seconds: `lmforge dashboard --refresh`), appends the
 // new metrics.jsonl records of the runs compared and redraws their curves.
-import { request } from "./api.js";
+import { request, setApiKey } from "./api.js";
 import { drawChart } from "./chart.js";
 
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 const $ = (id) => document.getElementById(id);
-const state = { runs: [], compared: [], focused: null, metrics: new Map(), started: false, refreshMs: 2000 };
+const state = { runs: [], compared: [], focused: null, metrics: new Map(), started: false, refreshMs: 2000,
+  needsKey: false };
 
 async function json(path) {
   return (await request(path)).json();
@@ -167,6 +168,7 @@ function refresh() {
 async function refreshNow() {
   try {
     const listing = await json("/api/runs");
+    $("key-form").hidden = true;
     state.runs = listing.runs;
     state.refreshMs = listing.refresh_s * 1000;
     $("root").textContent = listing.root;
@@ -188,6 +190,14 @@ async function refreshNow() {
     showError("");
   } catch (e) {
     showError(e.message);
+    if (e.status === 401) {
+      // under `lmforge serve --runs --api-key`: the playground's key (same tab, same storage); polls wait for it
+      state.needsKey = true;
+      if ($("key-form").hidden) {
+        $("key-form").hidden = false;
+        $("api-key").focus();
+      }
+    }
   }
 }
 
@@ -209,9 +219,16 @@ function focus(name) {
 
 async function loop() {
   await refresh();
-  setTimeout(loop, state.refreshMs);
+  if (!state.needsKey) setTimeout(loop, state.refreshMs);
 }
 
 $("metric").addEventListener("change", renderCharts);
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  setApiKey($("api-key").value.trim());
+  $("api-key").value = "";
+  state.needsKey = false;
+  loop();
+});
 readHash();
 loop();
