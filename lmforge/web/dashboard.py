@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 from lmforge import __version__
 from lmforge.serve.errors import APIError
 from lmforge.web.assets import SECURITY_HEADERS, add_asset_routes
-from lmforge.web.runs import checkpoints, find_runs, read_config, read_metrics, summarize
+from lmforge.web.runs import RecordCache, checkpoints, find_runs, read_config, read_metrics, summarize
 
 
 def create_dashboard_app(root: Path, refresh_s: float = 2.0) -> FastAPI:
@@ -49,6 +49,7 @@ def create_dashboard_app(root: Path, refresh_s: float = 2.0) -> FastAPI:
 def add_runs_api(app: FastAPI, root: Path, refresh_s: float) -> None:
     """The dashboard's JSON routes over the runs under `root` (`lmforge dashboard`, `lmforge serve --runs`)."""
     root = Path(root).resolve()
+    cache = RecordCache()
 
     def run_dir(name: str) -> Path:
         runs = find_runs(root)
@@ -59,14 +60,14 @@ def add_runs_api(app: FastAPI, root: Path, refresh_s: float) -> None:
 
     @app.get("/api/runs", include_in_schema=False)
     async def list_runs() -> JSONResponse:
-        runs = [summarize(name, path).to_json() for name, path in find_runs(root).items()]
+        runs = [summarize(name, path, cache=cache).to_json() for name, path in find_runs(root).items()]
         return JSONResponse({"root": str(root), "refresh_s": refresh_s, "runs": runs}, headers=SECURITY_HEADERS)
 
     @app.get("/api/run", include_in_schema=False)
     async def run(name: str) -> JSONResponse:
         path = run_dir(name)
         config, _ = read_config(path)
-        return JSONResponse({"summary": summarize(name, path).to_json(), "config": config,
+        return JSONResponse({"summary": summarize(name, path, cache=cache).to_json(), "config": config,
                              "checkpoints": checkpoints(path)}, headers=SECURITY_HEADERS)
 
     @app.get("/api/metrics", include_in_schema=False)

@@ -131,9 +131,29 @@ class RunSummary:
         return asdict(self)
 
 
-def summarize(name: str, run: Path, now: float | None = None) -> RunSummary:
+class RecordCache:
+    """metrics.jsonl's records per file, parsed again only when the file changed (size or modification time): every
+    open dashboard page asks for every run's summary at each poll."""
+
+    def __init__(self):
+        self.entries: dict[Path, tuple[tuple[int, int], list[dict]]] = {}
+
+    def records(self, path: Path) -> list[dict]:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return []
+        key = (stat.st_mtime_ns, stat.st_size)
+        cached = self.entries.get(path)
+        if cached is None or cached[0] != key:
+            cached = self.entries[path] = (key, read_metrics(path).records)
+        return cached[1]
+
+
+def summarize(name: str, run: Path, now: float | None = None, cache: RecordCache | None = None) -> RunSummary:
     _, config = read_config(run)
-    records = read_metrics(run / "metrics.jsonl").records
+    path = run / "metrics.jsonl"
+    records = cache.records(path) if cache is not None else read_metrics(path).records
     train = [r for r in records if "loss" in r]
     val = [r["val_loss"] for r in records if isinstance(r.get("val_loss"), int | float)]
     model = config.get("model", {}).get("path") if isinstance(config.get("model"), dict) else None

@@ -154,3 +154,30 @@ def test_serve_runs_shows_the_dashboard_behind_the_api_key(tiny_chat_model, tmp_
         playwright.stop()
         stopped = server.stop() if server else None
     assert stopped == 0, "".join(server.log)
+
+
+def test_a_long_run_is_drawn_thinned_to_its_shape(tmp_path):
+    """A 6,000-step metrics.jsonl (written here: the drawing is under test, not the training) is drawn with about
+    1,500 points per line, its last point kept, and the page says how many records it holds."""
+    playwright, browser = launch_chromium()
+    run = tmp_path / "long"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": {10 / s}, "lr": 0.001}}\n'
+                                               for s in range(1, 6001)))
+    board = None
+    try:
+        board = dashboard(tmp_path)
+        page = browser.new_page(viewport=LAPTOP)
+        console = Console(page)
+        page.goto(board.url + "/")
+        path = page.wait_for_selector('#chart-loss path[data-series="long loss"]')
+        assert path.get_attribute("data-points") == "6000"
+        d = path.get_attribute("d")
+        assert 1400 <= d.count("L") + 1 <= 1501
+        assert d.split("L")[-1].startswith("548.0,")  # the last step, at the plot's right edge (560 - 12)
+        console.assert_clean()
+    finally:
+        browser.close()
+        playwright.stop()
+        stopped = board.stop() if board else None
+    assert stopped == 0, "".join(board.log)

@@ -12,7 +12,7 @@ from lmforge.cli import main
 from lmforge.serve.openai_api import create_app
 from lmforge.web.assets import CSP
 from lmforge.web.dashboard import create_dashboard_app
-from lmforge.web.runs import find_runs, read_metrics, summarize
+from lmforge.web.runs import RecordCache, find_runs, read_metrics, summarize
 from tests.unit.tiny_server import request, run, tiny_engine
 
 
@@ -66,6 +66,18 @@ def test_runs_are_found_up_to_two_levels_down_and_summarised(tmp_path):
     assert summarize("live", live).status == "running"
     assert summarize("live", live, now=time.time() + 3600).status == "stopped"  # nothing written for an hour
     assert find_runs(live) == {".": live}  # pointed at one run directory
+
+
+def test_records_are_parsed_again_only_when_the_file_changed(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(line(1, loss=2.0))
+    cache = RecordCache()
+    first = cache.records(path)
+    assert cache.records(path) is first  # unchanged: the parsed list again
+    with path.open("a") as f:
+        f.write(line(2, loss=1.0))
+    assert [r["loss"] for r in cache.records(path)] == [2.0, 1.0]
+    assert cache.records(tmp_path / "missing.jsonl") == []
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 560;
 const HEIGHT = 250;
 const PAD = { left: 58, right: 12, top: 10, bottom: 30 };
+const MAX_DRAWN = 1500; // points per line: a long run's curve is thinned to about this many (its last one kept)
 
 function el(name, attrs, text) {
   const node = document.createElementNS(SVG, name);
@@ -26,6 +27,14 @@ function label(v) {
   const a = Math.abs(v);
   if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(1);
   return String(Number(v.toPrecision(4)));
+}
+
+function thin(points) {
+  if (points.length <= MAX_DRAWN) return points;
+  const stride = Math.ceil(points.length / MAX_DRAWN);
+  const kept = points.filter((_, i) => i % stride === 0);
+  if (kept.at(-1) !== points.at(-1)) kept.push(points.at(-1));
+  return kept;
 }
 
 // series: [{name, color, points: [[x, y], ...], dashed}]; draws into `svg` (replacing what was there).
@@ -57,7 +66,7 @@ export function drawChart(svg, series, xLabel) {
   svg.append(el("text", { x: PAD.left + w / 2, y: HEIGHT - 2, "text-anchor": "middle", class: "tick" }, xLabel));
   for (const s of series) {
     if (s.points.length === 0) continue;
-    const d = s.points.map(([x, y], i) => `${i ? "L" : "M"}${px(x).toFixed(1)},${py(y).toFixed(1)}`).join("");
+    const d = thin(s.points).map(([x, y], i) => `${i ? "L" : "M"}${px(x).toFixed(1)},${py(y).toFixed(1)}`).join("");
     const path = el("path", { d, stroke: s.color, class: `series${s.dashed ? " val" : ""}`,
       "data-series": s.name, "data-points": s.points.length });
     path.append(el("title", {}, s.name));

@@ -126,6 +126,7 @@ async function generate() {
   stats.className = "stats";
   item.append(stats);
   item.dataset.state = "streaming";
+  item.setAttribute("aria-busy", "true"); // screen readers read the reply once it is complete, not token by token
   controller = new AbortController();
   setBusy(true);
   const started = performance.now();
@@ -155,6 +156,7 @@ async function generate() {
       handleFailure(e);
     }
   }
+  item.removeAttribute("aria-busy");
   stats.textContent = statsText(usage, started, first, performance.now(), finish);
   // A reply cleared away while it streamed, an error or an empty stop is not part of the conversation.
   if (item.isConnected && item.dataset.state !== "error" && content.textContent) {
