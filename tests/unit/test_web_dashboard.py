@@ -106,7 +106,13 @@ def test_dashboard_follows_a_live_run_and_shows_the_final_loss(tiny_chat_model, 
         shown = page.eval_on_selector_all("#checkpoints li", "items => items.map(i => i.textContent.split(' ')[0])")
         on_disk = sorted(p.name for p in (runs / "live" / "checkpoints").iterdir())
         assert shown == [*on_disk, "best", "final"]
-        assert "#compare=baseline%2Clive&run=live" in page.url  # the selection survives a reload
+        assert page.url.endswith("#compare=baseline&compare=live&run=live")  # the selection survives a reload
+        page.reload()
+        expect(page.locator("input[aria-label='Compare live']")).to_be_checked()
+        expect(page.locator("input[aria-label='Compare baseline']")).to_be_checked()
+        expect(page.locator("#detail-title")).to_have_text("live")
+        expect(page.locator('#chart-loss path[data-series="live loss"]')).to_have_attribute(
+            "data-points", str(len(train_losses)))
         screenshot(page, "dashboard", tmp_path)
         page.set_viewport_size(PHONE)
         assert not overflowing(page)

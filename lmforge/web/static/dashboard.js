@@ -26,17 +26,15 @@ function colorOf(name) {
   return COLORS[state.compared.indexOf(name) % COLORS.length];
 }
 
-// The selection lives in the URL (#compare=a,b&run=a), so a reload or a shared link shows the same runs.
+// The selection lives in the URL (#compare=a&compare=b&run=a), so a reload or a shared link shows the same runs.
 function readHash() {
   const params = new URLSearchParams(location.hash.slice(1));
-  const compared = params.get("compare");
-  if (compared !== null) state.compared = compared.split(",").filter(Boolean);
+  state.compared = params.getAll("compare").filter(Boolean);
   state.focused = params.get("run") || state.compared[0] || null;
 }
 
 function writeHash() {
-  const params = new URLSearchParams();
-  params.set("compare", state.compared.join(","));
+  const params = new URLSearchParams(state.compared.map((name) => ["compare", name]));
   if (state.focused) params.set("run", state.focused);
   history.replaceState(null, "", `#${params}`);
 }
@@ -44,8 +42,10 @@ function writeHash() {
 async function pollMetrics(name) {
   const seen = state.metrics.get(name) || { offset: 0, records: [] };
   const chunk = await json(`/api/metrics?name=${encodeURIComponent(name)}&offset=${seen.offset}`);
-  const records = chunk.reset ? chunk.records : seen.records.concat(chunk.records);
-  state.metrics.set(name, { offset: chunk.offset, records });
+  if (chunk.reset) seen.records = [];
+  for (const record of chunk.records) seen.records.push(record); // in place: a long run's list is not copied
+  seen.offset = chunk.offset;
+  state.metrics.set(name, seen);
   return chunk.reset || chunk.records.length > 0;
 }
 
