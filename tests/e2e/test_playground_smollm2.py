@@ -4,6 +4,7 @@ the API's text for the same temperature-0 request (base model, the adapter, a JS
 the request on the server; keyboard only; phone width; no console errors. Screenshots land in $LMFORGE_SCREENSHOTS
 (docs/img for the README) or the test's temporary directory."""
 
+import json
 import time
 
 import httpx
@@ -153,8 +154,16 @@ def test_a_lora_adapter_and_a_json_schema_are_sent_as_chosen(page, server):
     page.select_option("#model", NAME)
     page.select_option("#format", "json_schema")
     assert page.is_visible("#schema")
+    schema_text = page.input_value("#schema")
+    assert json.loads(schema_text) == SCHEMA
+    page.fill("#schema", "{oops")
     ask(page, QUESTION, 32)
+    page.wait_for_selector(".message.assistant[data-state=error]")
+    assert page.text_content("#error").startswith("The JSON schema is not valid JSON: ")
+    page.fill("#schema", schema_text)
+    page.click("#regenerate")  # the failed reply, asked for again with the schema fixed
     text = wait_done(page)
+    assert page.locator(".message.assistant").count() == 1
     fmt = {"type": "json_schema", "json_schema": {"name": "playground", "schema": SCHEMA}}
     assert text == api_reply(server, NAME, 32, response_format=fmt)["choices"][0]["message"]["content"]
     assert text.lstrip().startswith("{")

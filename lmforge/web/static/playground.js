@@ -112,15 +112,8 @@ function setBusy(busy) {
 }
 
 async function generate() {
-  let body;
-  try {
-    body = requestBody();
-  } catch (e) {
-    showError(e.message);
-    return;
-  }
   showError("");
-  const item = addMessage("assistant", "", body.model || $("model").value);
+  const item = addMessage("assistant", "", $("model").value);
   const content = item.querySelector(".content");
   const stats = document.createElement("div");
   stats.className = "stats";
@@ -134,6 +127,7 @@ async function generate() {
   let usage = null;
   let finish = null;
   try {
+    const body = requestBody(); // a setting the page cannot send fails here, as the server's refusals do below
     await streamChat(body, controller.signal, (chunk) => {
       item.querySelector(".who").textContent = chunk.model; // the model that answered, as the server names it
       if (chunk.usage) usage = chunk.usage;
