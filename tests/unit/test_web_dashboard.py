@@ -181,6 +181,11 @@ def test_a_long_run_is_drawn_thinned_to_its_shape(tmp_path):
         d = path.get_attribute("d")
         assert 1400 <= d.count("L") + 1 <= 1501
         assert d.split("L")[-1].startswith("548.0,")  # the last step, at the plot's right edge (560 - 12)
+        # the CSP reaches the browser: an inline script added to the page does not run
+        assert page.evaluate("""() => { const s = document.createElement('script'); s.textContent = 'window.x = 1';
+                                        document.body.append(s); return window.x === undefined; }""")
+        assert len(console.errors) == 1 and "Content Security Policy" in console.errors[0], console.errors
+        console.errors.clear()
         console.assert_clean()
     finally:
         browser.close()
