@@ -5,10 +5,15 @@ why; every page also records its console errors and uncaught exceptions, which t
 import os
 import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).parents[1]
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 PHONE = {"width": 390, "height": 844}
 LAPTOP = {"width": 1280, "height": 820}
@@ -77,3 +82,25 @@ OVERFLOWING = """() => {
 def overflowing(page) -> list[str]:
     """The elements that stick out of the page's width (none: no sideways scrolling on a phone)."""
     return page.evaluate(OVERFLOWING)
+
+
+class LmforgeChild:
+    """`python -m lmforge ARGS` in a subprocess; `url` is the first group of `ready`, matched in its log."""
+
+    def __init__(self, args: list[str], ready: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=ROOT, stderr=subprocess.PIPE,
+                                     text=True)
+        self.log = []
+        deadline = time.monotonic() + 120
+        while not (m := re.search(ready, self.log[-1] if self.log else "")):
+            line = self.proc.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"lmforge {args[0]} did not start:\n" + "".join(self.log))
+            self.log.append(line)
+        self.url = m.group(1)
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(30)

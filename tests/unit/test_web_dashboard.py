@@ -3,41 +3,17 @@ their run directories: the live run's loss curve grows while it trains, a finish
 loss as its final loss, runs overlay, and the page works by keyboard, at phone width, without console errors."""
 
 import os
-import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from tests.browser import LAPTOP, PHONE, Console, launch_chromium, overflowing, screenshot
+from tests.browser import LAPTOP, PHONE, Console, LmforgeChild, launch_chromium, overflowing, screenshot
 from tests.train_refs import ROOT, config_maker, metrics
 
 
-class Child:
-    """`python -m lmforge ARGS` in a subprocess; `url` is the first group of `ready`, matched in its log."""
-
-    def __init__(self, args: list[str], ready: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=ROOT, stderr=subprocess.PIPE,
-                                     text=True)
-        self.log = []
-        deadline = time.monotonic() + 120
-        while not (m := re.search(ready, self.log[-1] if self.log else "")):
-            line = self.proc.stderr.readline()
-            if not line or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"lmforge {args[0]} did not start:\n" + "".join(self.log))
-            self.log.append(line)
-        self.url = m.group(1)
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(30)
-
-
-def dashboard(runs: Path) -> Child:
-    return Child(["dashboard", str(runs), "--port", "0", "--refresh", "0.25"], r"on (http://127\.0\.0\.1:\d+)/")
+def dashboard(runs: Path) -> LmforgeChild:
+    return LmforgeChild(["dashboard", str(runs), "--port", "0", "--refresh", "0.25"], r"on (http://127\.0\.0\.1:\d+)/")
 
 
 def train(config: Path) -> subprocess.Popen:
@@ -135,7 +111,7 @@ def test_serve_runs_shows_the_dashboard_behind_the_api_key(tiny_chat_model, tmp_
     last_loss = [r["loss"] for r in metrics(tmp_path / "runs" / "baseline") if "loss" in r][-1]
     server = None
     try:
-        server = Child(["serve", str(tiny_chat_model), "--runs", str(tmp_path / "runs"), "--api-key", "sk-runs",
+        server = LmforgeChild(["serve", str(tiny_chat_model), "--runs", str(tmp_path / "runs"), "--api-key", "sk-runs",
                         "--port", "0", "--dtype", "float32", "--max-model-len", "128", "--kv-cache-memory", "0.01",
                         "--no-access-log"], r"run dashboard of .* on (http://127\.0\.0\.1:\d+)/runs")
         page = browser.new_page(viewport=LAPTOP)

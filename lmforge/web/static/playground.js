@@ -50,6 +50,23 @@ function addMessage(role, text, model) {
   return item;
 }
 
+// The model's thinking (a server run with --reasoning-parser sends it as reasoning_content), folded above the reply.
+function thinking(item) {
+  let box = item.querySelector(".reasoning");
+  if (!box) {
+    const details = document.createElement("details");
+    details.className = "thinking";
+    details.open = true;
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking";
+    box = document.createElement("div");
+    box.className = "reasoning";
+    details.append(summary, box);
+    item.querySelector(".content").before(details);
+  }
+  return box;
+}
+
 function numberField(id, integer) {
   const raw = $(id).value.trim();
   if (raw === "") return undefined;
@@ -133,6 +150,10 @@ async function generate() {
       if (chunk.usage) usage = chunk.usage;
       const choice = chunk.choices?.[0];
       if (!choice) return;
+      if (choice.delta?.reasoning_content) {
+        if (first === null) first = performance.now();
+        thinking(item).textContent += choice.delta.reasoning_content;
+      }
       if (choice.delta?.content) {
         if (first === null) first = performance.now();
         content.textContent += choice.delta.content;
@@ -153,6 +174,7 @@ async function generate() {
   item.removeAttribute("aria-busy");
   stats.textContent = statsText(usage, started, first, performance.now(), finish);
   // A reply cleared away while it streamed, an error or an empty stop is not part of the conversation.
+  // The thinking is not sent back: chat templates of reasoning models drop it from earlier turns anyway.
   if (item.isConnected && item.dataset.state !== "error" && content.textContent) {
     turns.push({ role: "assistant", content: content.textContent });
   }
