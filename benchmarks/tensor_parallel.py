@@ -9,8 +9,9 @@ intermediate 5632, 16 heads / 8 KV heads, 8 layers, SmolLM2's vocabulary and tok
 ~/.cache/lmforge/bench). Each system runs in a process of its own (greedy, EOS ignored, best of --repeats after a
 warm-up call): offline throughput (--num-prompts prompts x --max-tokens tokens, output tok/s) and single-stream decode
 (--single-tokens tokens, tok/s). For TP=2 the collectives (all-reduce, all-gather) are timed on rank 0 during the
-single stream: "comm ms/step" is their time per decode step, waiting for the other rank included. Data-parallel
-replicas (--data-parallel-size) are not built, so there is no DP row.
+single stream: "comm ms/step" is their time per decode step, waiting for the other rank included. DP=2: two engine
+replicas (DataParallelEngine: threads of one process, as `lmforge serve --data-parallel-size 2` runs them) with every
+request in flight at once; a single stream runs on one replica.
 """
 
 import argparse
@@ -57,24 +58,55 @@ def model_path(name: str) -> str:
     return str(out)
 
 
+def replicas(model: str, dtype: str, size: int):
+    """`generate(prompts, params)` over a DataParallelEngine of `size` replicas (threads of this process), all
+    requests in flight at once as a server would have them."""
+    import asyncio
+    import itertools
+
+    from lmforge.engine.config import EngineConfig
+    from lmforge.engine.data_parallel import DataParallelEngine
+
+    engine = DataParallelEngine(EngineConfig(model=model, dtype=dtype, kv_cache_memory=2, max_model_len=1024,
+                                             enable_prefix_caching=False), size)
+    ids = itertools.count()
+
+    async def run(prompts, params):
+        streams = [await engine.add_request(p, params, f"r{next(ids)}") for p in prompts]
+        for stream in streams:
+            async for _ in stream:
+                pass
+
+    return engine, lambda prompts, params: asyncio.run(run(prompts, params))
+
+
 def run_system(job: dict) -> dict:
-    """In its own process: one LLM (TP=job['tp'] with job['threads'] threads per process), both workloads."""
+    """In its own process: one LLM (TP=job['tp'] with job['threads'] threads per process) or job['dp'] replicas,
+    both workloads."""
     import torch
 
     torch.set_num_threads(job["threads"])
     from lmforge import LLM, SamplingParams
     from lmforge.engine import tensor_parallel
 
-    llm = LLM(job["model"], dtype=job["dtype"], kv_cache_memory=2, max_model_len=1024,
-              tensor_parallel_size=job["tp"], enable_prefix_caching=False)
+    if job["dp"] > 1:
+        dp, generate = replicas(job["model"], job["dtype"], job["dp"])
+    else:
+        llm = LLM(job["model"], dtype=job["dtype"], kv_cache_memory=2, max_model_len=1024,
+                  tensor_parallel_size=job["tp"], enable_prefix_caching=False)
+        generate = lambda prompts, params: llm.generate(prompts, params, use_tqdm=False)  # noqa: E731
     prompts = [[1 + (17 * i + 5 * j) % 4000 for j in range(32 + i % 16)] for i in range(job["num_prompts"])]
     out = {}
     many = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True)
-    seconds = common.best_of(lambda: llm.generate(prompts, many, use_tqdm=False), job["repeats"])
+    seconds = common.best_of(lambda: generate(prompts, many), job["repeats"])
     out["throughput"] = job["num_prompts"] * job["max_tokens"] / seconds
     one = SamplingParams(temperature=0, max_tokens=job["single_tokens"], ignore_eos=True)
-    seconds = common.best_of(lambda: llm.generate([prompts[0]], one, use_tqdm=False), job["repeats"])
+    seconds = common.best_of(lambda: generate([prompts[0]], one), job["repeats"])
     out["decode"] = job["single_tokens"] / seconds
+    if job["dp"] > 1:
+        out["weight_mib"] = dp.engine.weight_bytes / 2**20
+        dp.shutdown()
+        return out
     if job["tp"] > 1:  # the collectives' share of a single-stream step, timed on rank 0
         spent = [0.0]
 
@@ -121,21 +153,21 @@ def main() -> None:
     for name in args.models.split(","):
         path = model_path(name)
         results = {}
-        for tp, threads in ((1, 2), (2, 1)):
-            job = dict(model=path, tp=tp, threads=threads, dtype=args.dtype, num_prompts=args.num_prompts,
+        systems = {"1 proc x 2 threads": (1, 1, 2), "TP=2 x 1 thread": (2, 1, 1), "DP=2 x 1 thread": (1, 2, 1)}
+        for label, (tp, dp, threads) in systems.items():
+            job = dict(model=path, tp=tp, dp=dp, threads=threads, dtype=args.dtype, num_prompts=args.num_prompts,
                        max_tokens=args.max_tokens, single_tokens=args.single_tokens, repeats=args.repeats)
             with common.Stopwatch() as watch:
-                results[tp] = common.run_worker([sys.executable, __file__, "--run", json.dumps(job)], {}, MARKER)
-            print(f"  {name} TP={tp} x {threads} thread(s): {json.dumps(results[tp])}; {watch.note()}", flush=True)
-        one, two = results[1], results[2]
-        rows.append([f"{name} 1 proc x 2 threads", f"{one['throughput']:.1f}", f"{one['decode']:.1f}", "-", "-",
-                     f"{one['weight_mib']:.0f}"])
-        speedup = two["throughput"] / one["throughput"]
-        rows.append([f"{name} TP=2 x 1 thread", f"{two['throughput']:.1f} ({speedup:.2f}x)",
-                     f"{two['decode']:.1f} ({two['decode'] / one['decode']:.2f}x)", f"{two['comm_ms']:.2f}",
-                     f"{two['comm_ms'] / two['step_ms']:.0%}", f"{two['weight_mib']:.0f}"])
+                results[label] = common.run_worker([sys.executable, __file__, "--run", json.dumps(job)], {}, MARKER)
+            print(f"  {name} {label}: {json.dumps(results[label])}; {watch.note()}", flush=True)
+        base = results["1 proc x 2 threads"]
+        for label, r in results.items():
+            cells = [f"{r[k]:.1f}" + ("" if r is base else f" ({r[k] / base[k]:.2f}x)")
+                     for k in ("throughput", "decode")]
+            comm = (f"{r['comm_ms']:.2f}", f"{r['comm_ms'] / r['step_ms']:.0%}") if "comm_ms" in r else ("-", "-")
+            rows.append([f"{name} {label}", *cells, *comm, f"{r['weight_mib']:.0f}"])
     common.print_table(["system", "throughput tok/s", "decode tok/s", "comm ms/step", "comm share",
-                        "rank 0 weights MiB"], rows)
+                        "weights MiB per rank/replica"], rows)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ into an asyncio.Queue on the caller's loop.
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import queue
 import threading
@@ -49,12 +50,17 @@ class AsyncEngine:
         except BaseException as e:
             built.set_exception(e)
             return
+        # What exists now (torch, the model, the tokenizer) lives as long as the server: out of the cyclic
+        # collector's reach, so that its full passes stop rescanning it while requests allocate (vLLM does the same)
+        gc.collect()
+        gc.freeze()
         built.set_result(engine)
         self.engine = engine
         try:
             self._loop()
         finally:
             engine.shutdown()  # tensor-parallel workers stop with the thread that steps them
+            gc.unfreeze()  # collectable again at exit (extensions such as xgrammar's check for leaks then)
 
     @property
     def tokenizer(self):
