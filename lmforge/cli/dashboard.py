@@ -17,8 +17,8 @@ def add_parser(sub) -> None:
                        description="Serve a web page listing the runs under RUNS_DIR (directories written by "
                                    "`lmforge train`, up to two levels down) with their method, model, status, last "
                                    "loss and speed, and for the runs picked: loss / validation loss / learning rate "
-                                   "/ tokens-per-second curves overlaid, updated while they train, their resolved "
-                                   "config and checkpoints. Read-only; needs no network.")
+                                   "/ tokens-per-second curves and any other logged number, overlaid, updated while "
+                                   "they train, their resolved config and checkpoints. Read-only; needs no network.")
     p.add_argument("runs_dir", nargs="?", type=Path, default=Path("runs"), help="the runs directory (default runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8100, help="port to listen on; 0 picks a free one (default 8100)")

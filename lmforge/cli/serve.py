@@ -20,8 +20,9 @@ def add_parser(sub) -> None:
                        description="Serve MODEL over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, "
                                    "/v1/models) with streaming, plus /health, /version, /metrics (Prometheus), "
                                    "/tokenize and /detokenize, and PEFT LoRA adapters as models of their own "
-                                   "(--lora). SIGTERM or Ctrl-C stops accepting requests and lets "
-                                   "those in flight finish (up to --shutdown-timeout).")
+                                   "(--lora), and a chat playground page at / (--no-ui: none). SIGTERM or Ctrl-C "
+                                   "stops accepting requests and lets those in flight finish (up to "
+                                   "--shutdown-timeout).")
     p.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model (same as --model)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
