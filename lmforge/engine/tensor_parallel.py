@@ -1,5 +1,6 @@
 """Tensor parallelism for serving (vLLM's `tensor_parallel_size`): one model split over N processes on this machine,
-Megatron-style, over torch.distributed (gloo on CPU).
+Megatron-style, over torch.distributed (a gloo group; the collectives of a step through shared memory on x86:
+engine/shm_comm.py).
 
 Each rank holds a share of every layer: its attention heads, grouped by KV head (q/k/v rows, o columns, its part of
 the KV cache), its share of the MLP's intermediate features (gate/up rows, down columns) or of a mixture's experts
@@ -10,13 +11,13 @@ full one; the bias of a row-parallel product is added by rank 0 only.
 
 Rank 0 is the process that built the engine: its scheduler plans each step and broadcasts the plan (token ids,
 positions, cache slots and block tables: `StepPlan`), then every rank runs the same forward. Ranks 1..N-1 are
-processes lmforge starts itself (`start_workers`), each loading the model and keeping only its share (the whole
+processes lmforge starts itself (`Workers.start`), each loading the model and keeping only its share (the whole
 checkpoint is read and then sliced: shard-by-shard reading is not built). KV heads that do not divide evenly are
 split as evenly as they go (SmolLM2's 3 over 2 ranks: 2 and 1).
 
 Not built: step graphs under TP (steps run the kernels eagerly), LoRA, speculative decoding, prompt log-probs,
-quantised weights, the live-model path, joining a torchrun launch across machines, data-parallel replicas. The engine
-refuses each with a message.
+quantised weights, the live-model path, joining a torchrun launch across machines. The engine refuses each with a
+message. (Data-parallel replicas: engine/data_parallel.py.)
 """
 
 import contextlib

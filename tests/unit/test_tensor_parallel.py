@@ -11,26 +11,17 @@ from lmforge.engine import shm_comm, tensor_parallel
 from lmforge.engine.model_runner import kv_bytes_per_block
 from lmforge.engine.tensor_parallel import WorkerDied, share
 from lmforge.errors import LmforgeError
-from tests.tiny import TINY_LLAMA, write_tiny
+from tests.tiny import write_tiny
 from tests.tokenizer_refs import llama_style_dir
+from tests.unit.test_live_engine import BASE, VOCAB
+from tests.unit.test_live_engine import FAMILIES as LIVE_FAMILIES
 
-VOCAB = 550  # the Llama-style test tokenizer's
-BASE = {**TINY_LLAMA, "vocab_size": VOCAB}
-FAMILIES = {
-    "llama": BASE,
+FAMILIES = {  # q/k/v biases (qwen2), per-head norms (qwen3), fused qkv and gate/up (phi3), a shared expert (qwen2moe)
+    **{name: LIVE_FAMILIES[name] for name in ("llama", "qwen2", "qwen3", "phi3", "qwen2moe")},
     # 3 KV heads over 2 ranks (2 and 1), a tied vocabulary of odd size (padded to equal slices)
     "llama-uneven": {**BASE, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3,
                      "vocab_size": VOCAB + 1, "tie_word_embeddings": True},
-    "qwen2": {**BASE, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},  # q/k/v biases
-    "qwen3": {**BASE, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
-    "phi3": {**BASE, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},  # fused qkv and gate/up
-    # experts split by expert (3 over 2 ranks), the router on both
-    "mixtral": {**BASE, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 3,
-                "num_experts_per_tok": 2},
-    # and a shared expert split by features, a dense MLP layer beside the MoE one
-    "qwen2moe": {**BASE, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "num_experts": 4,
-                 "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
-                 "mlp_only_layers": [1]},
+    "mixtral": {**LIVE_FAMILIES["mixtral"], "num_local_experts": 3},  # experts split 2 / 1, the router on both
 }
 PROMPTS = [[1 + (7 * i + 3 * j) % 500 for j in range(3 + 4 * i)] for i in range(6)]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
