@@ -95,6 +95,11 @@ class LLMEngine:
         if tp_workers is not None:  # every rank's pool has rank 0's number of blocks (its KV heads are the most)
             tp_workers.broadcast("runner", runner_args)
         self.runner = ModelRunner(model, **runner_args, workers=tp_workers)
+        if tp_workers is not None:
+            held = tp_workers.holdings(model, self.runner)
+            log.info("tensor parallel ranks hold weights %s MiB, KV pools %s MiB",
+                     " / ".join(f"{h['weights'] / 2**20:.0f}" for h in held),
+                     " / ".join(f"{h['kv'] / 2**20:.0f}" for h in held))
         t2 = time.perf_counter()
         log.info("KV cache allocated in %.1fs", t2 - t1)
         self.runner.warm_up()

@@ -264,6 +264,14 @@ def leave_group() -> None:
     dist.destroy_process_group()
 
 
+def holdings(model: nn.Module, runner) -> dict[str, int]:
+    """What this rank holds: its weights' bytes and its KV pool's."""
+    from lmforge.weights.quantized import weight_bytes
+
+    return {"weights": weight_bytes(model),
+            "kv": sum(t.numel() * t.element_size() for layer in runner.kv for t in layer)}
+
+
 class WorkerDied(RuntimeError):
     """A tensor-parallel rank's process is gone: the engine cannot step any more."""
 
@@ -313,6 +321,14 @@ class Workers:
     def broadcast(self, kind: str, payload=None) -> None:
         with self.watch():
             dist.broadcast_object_list([(kind, payload)], src=0)
+
+    def holdings(self, model: nn.Module, runner) -> list[dict[str, int]]:
+        """Every rank's weight and KV-pool bytes (rank 0's from `model` and `runner`), in rank order."""
+        self.broadcast("report")
+        out = [None] * (len(self.procs) + 1)
+        with self.watch():
+            dist.gather_object(holdings(model, runner), out, dst=0)
+        return out
 
     def stop(self, timeout: float = 10.0) -> None:
         """Tells the workers to stop and waits for them; kills those still running after `timeout` seconds."""
@@ -367,6 +383,8 @@ def _worker(config, rank: int, world: int, port: int, shm: str | None, threads: 
                 runner.warm_up()
             elif kind == "step":
                 runner.run_plan(payload)
+            elif kind == "report":
+                dist.gather_object(holdings(model, runner), None, dst=0)
             elif kind == "stop":
                 break
     leave_group()

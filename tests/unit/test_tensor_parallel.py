@@ -64,11 +64,15 @@ def test_two_ranks_give_one_process_greedy_tokens(tmp_path, family, monkeypatch)
     try:
         assert (tensor_parallel._comm is not None) == shm_comm.usable()
         assert greedy(two) == expected
-        if family == "llama":  # even shares: rank 0 holds half the weight and KV bytes (norms are replicated)
-            assert 0.49 < two.engine.weight_bytes / one.engine.weight_bytes < 0.51
+        if family == "llama":  # even shares: each rank holds half the weight and KV bytes (norms are replicated)
+            held = two.engine.tp_workers.holdings(two.engine.model, two.engine.runner)
+            blocks = two.engine.runner.kv[0][0].shape[0] / one.engine.runner.kv[0][0].shape[0]
+            for rank in held:
+                assert 0.49 < rank["weights"] / one.engine.weight_bytes < 0.51
+                assert rank["kv"] == held[0]["kv"] and rank["kv"] / blocks * 2 == sum(
+                    t.numel() * t.element_size() for layer in one.engine.runner.kv for t in layer)
             half = kv_bytes_per_block(two.engine.model, 4, torch.float32)
             assert half * 2 == kv_bytes_per_block(one.engine.model, 4, torch.float32)
-            assert two.engine.runner.kv[0][0].shape[2] == one.engine.runner.kv[0][0].shape[2] // 2
     finally:
         two.engine.shutdown()
     assert all(not p.is_alive() for p in two.engine.tp_workers.procs)
