@@ -88,7 +88,7 @@ def read_config(run: Path) -> tuple[str, dict]:
     """config.yaml's text (the resolved config the run trains with) and its parsed form ({} if unreadable)."""
     try:
         text = (run / "config.yaml").read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):  # absent, unreadable, or not text
         return "", {}
     try:
         parsed = yaml.safe_load(text)
@@ -99,16 +99,16 @@ def read_config(run: Path) -> tuple[str, dict]:
 
 def checkpoints(run: Path) -> list[dict]:
     """Periodic checkpoints (checkpoints/step-N) then best/ and final/, each with its path and time written."""
-    out = []
     folder = run / "checkpoints"
-    steps = sorted((int(m.group(1)), p) for p in _subdirs(folder) if (m := STEP_DIR.fullmatch(p.name))) \
-        if folder.is_dir() else []
-    for step, path in steps:
-        out.append({"name": path.name, "step": step, "path": str(path), "written": path.stat().st_mtime})
-    for name in ("best", "final"):
-        path = run / name
-        if path.is_dir():
-            out.append({"name": name, "step": None, "path": str(path), "written": path.stat().st_mtime})
+    steps = sorted((int(m.group(1)), p) for p in _subdirs(folder) if (m := STEP_DIR.fullmatch(p.name)))
+    found = [*steps, *((None, run / name) for name in ("best", "final"))]
+    out = []
+    for step, path in found:
+        try:
+            written = path.stat().st_mtime
+        except FileNotFoundError:  # not written, or rotated away (keep_last) or replaced since the listing
+            continue
+        out.append({"name": path.name, "step": step, "path": str(path), "written": written})
     return out
 
 
@@ -167,7 +167,12 @@ def summarize(name: str, run: Path, now: float | None = None, cache: RecordCache
 
 
 def _last_written(run: Path) -> float | None:
-    times = [(run / m).stat().st_mtime for m in MARKERS if (run / m).is_file()]
+    times = []
+    for marker in MARKERS:
+        try:
+            times.append((run / marker).stat().st_mtime)
+        except FileNotFoundError:
+            pass
     return max(times, default=None)
 
 

@@ -12,7 +12,7 @@ from lmforge.cli import main
 from lmforge.serve.openai_api import create_app
 from lmforge.web.assets import CSP
 from lmforge.web.dashboard import create_dashboard_app
-from lmforge.web.runs import RecordCache, find_runs, read_metrics, summarize
+from lmforge.web.runs import RecordCache, checkpoints, find_runs, read_metrics, summarize
 from tests.unit.tiny_server import request, run, tiny_engine
 
 
@@ -63,6 +63,8 @@ def test_runs_are_found_up_to_two_levels_down_and_summarised(tmp_path):
     s = summarize("sweep/lr-3e-4", runs["sweep/lr-3e-4"])
     assert (s.recipe, s.method, s.model, s.status) == ("sft", "lora", "smollm2-135m", "finished")
     assert (s.step, s.loss, s.val_loss, s.best_val_loss, s.tokens_per_s) == (20, 1.25, 1.6, 1.6, 950.0)
+    assert [(c["name"], c["step"]) for c in checkpoints(done)] == [("step-000010", 10), ("final", None)]
+    assert checkpoints(live) == []
     assert summarize("live", live).status == "running"
     assert summarize("live", live, now=time.time() + 3600).status == "stopped"  # nothing written for an hour
     assert find_runs(live) == {".": live}  # pointed at one run directory
