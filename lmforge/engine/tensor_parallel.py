@@ -365,7 +365,7 @@ def _worker(config, rank: int, world: int, port: int, shm: str | None, threads: 
     """Rank > 0: loads its share, builds its runner when rank 0 says how, then runs every step rank 0 broadcasts
     until told to stop (or until rank 0 is gone: the collective fails and the process exits non-zero)."""
     torch.set_num_threads(threads)
-    logging.basicConfig(level=os.environ.get("LMFORGE_LOG_LEVEL", "WARNING"))
+    logging.basicConfig(level=logging.WARNING, format=f"lmforge rank {rank}: %(message)s")  # rank 0 logs the rest
     parent = os.getppid()
     init_group(rank, world, port, shm, lambda: os.getppid() == parent)
     model = load_shard(config, rank, world)
