@@ -75,7 +75,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False,
                  max_model_len: int | None = None, kv_dtype: torch.dtype | None = None, owned: bool = True,
-                 step_graphs: bool = True, workers: "Workers | None" = None):
+                 step_graphs: bool = True, workers: Workers | None = None):
         self.model, self.owned = model, owned
         self.workers = workers  # rank 0 of tensor parallelism: each step's plan goes to the other ranks first
         self.step_graphs = step_graphs
