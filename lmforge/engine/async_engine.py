@@ -20,7 +20,7 @@ from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.lora_manager import LoadedAdapter, LoRARequest
 from lmforge.engine.outputs import EngineStats, RequestOutput
 from lmforge.engine.sampling_params import SamplingParams
-from lmforge.engine.tensor_parallel import WorkerDied
+from lmforge.engine.tp_workers import WorkerDied
 
 log = logging.getLogger("lmforge")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.engine import tensor_parallel
+from lmforge.engine import tp_workers as tp
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.config import EngineConfig, kv_budget_bytes
 from lmforge.engine.draft import SelfDraftProposer
@@ -59,20 +59,23 @@ class LLMEngine:
     trainer's live model, with or without LoRA), or `LLMEngine.from_config(config)` from a path, GGUF file or alias.
     The model is left as the engine found it (parameters, modules, training mode): what the engine derives from it
     lives in its runner; `update_weights()` brings that up to date after the weights change; `sleep()` / `wake()`
-    hand the KV pool's memory back and forth."""
+    hand the KV pool's memory back and forth. With tensor_parallel_size > 1 a live model is served from copies of
+    its weights split over the ranks (engine/tp_workers.py), which `update_weights()` and `wake()` refresh."""
 
     def __init__(self, model: nn.Module, tokenizer, config: EngineConfig | None = None, *, owns_model: bool = False,
-                 quantization: str | None = None, tp_workers: tensor_parallel.Workers | None = None):
+                 quantization: str | None = None, tp_workers: tp.Workers | None = None):
         """owns_model: the engine built the model for itself (from_config), so it may lay fused weights out in place
         and add multi-LoRA slots; quantization: the linears' quantisation, for the log and metrics; tp_workers: ranks
         1.. when `model` is rank 0's share (from_config with tensor_parallel_size > 1)."""
         from lmforge.weights.quantized import weight_bytes
 
         config = config or EngineConfig()
-        if not owns_model and (config.quantization is not None or config.enable_lora or
-                               config.tensor_parallel_size > 1):
-            raise ValueError("quantization, enable_lora and tensor_parallel_size apply to a model the engine loads "
-                             "itself (LLMEngine.from_config / LLM(path)); a live model is served as it is")
+        if not owns_model and (config.quantization is not None or config.enable_lora):
+            raise ValueError("quantization and enable_lora apply to a model the engine loads itself "
+                             "(LLMEngine.from_config / LLM(path)); a live model is served as it is")
+        self.live = None  # a live model served from its shares over tensor-parallel ranks (the engine owns those)
+        if not owns_model and config.tensor_parallel_size > 1:
+            self.live, (model, tp_workers), owns_model = model, tp.split_live(model, config.tensor_parallel_size), True
         self.tp_workers = tp_workers
         if tp_workers is not None:  # stopped with the engine, or at exit
             self._finalizer = weakref.finalize(self, tp_workers.stop)
@@ -97,9 +100,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, **runner_args, workers=tp_workers)
         if tp_workers is not None:
             held = tp_workers.holdings(model, self.runner)
-            log.info("tensor parallel ranks hold weights %s MiB, KV pools %s MiB",
-                     " / ".join(f"{h['weights'] / 2**20:.0f}" for h in held),
-                     " / ".join(f"{h['kv'] / 2**20:.0f}" for h in held))
+            log.info("tensor parallel ranks hold weights %s MiB (read from the checkpoint: %s MiB), KV pools %s MiB",
+                     *(" / ".join(f"{h[k] / 2**20:.0f}" for h in held) for k in ("weights", "read", "kv")))
         t2 = time.perf_counter()
         log.info("KV cache allocated in %.1fs", t2 - t1)
         self.runner.warm_up()
@@ -136,13 +138,16 @@ class LLMEngine:
 
         t0 = time.perf_counter()
         model_dir = resolve_model(config.model)
-        world = config.tensor_parallel_size
-        workers = tensor_parallel.Workers.start(config, world) if world > 1 else None
+        world, workers = config.tensor_parallel_size, None
         try:
-            model, quantization = load_for_serving(config.model, model_dir, config.quantization,
-                                                   compute_dtype(config.dtype, config.device), config.device)
-            if workers:
-                tensor_parallel.shard_model(model, 0, world)
+            if world > 1:  # ranks > 0 of a torchrun launch serve rank 0 inside join() and exit there
+                tp.check_splittable(config.model, model_dir)
+                launch = tp.launched()
+                workers = tp.Workers.join(config, launch) if launch else tp.Workers.start(config, world)
+                (model, _), quantization = tp.load_shard(config, 0, world), None
+            else:
+                model, quantization = load_for_serving(config.model, model_dir, config.quantization,
+                                                       compute_dtype(config.dtype, config.device), config.device)
             tokenizer = Tokenizer.from_dir(Path(model_dir))
             log.info("weights: %.2f GiB (%s%s%s) loaded in %.1fs", weight_bytes(model) / 2**30,
                      next(model.parameters()).dtype, f", {quantization} linears" if quantization else "",
@@ -160,12 +165,19 @@ class LLMEngine:
         model's own names, copied in place, any subset) or a PEFT adapter directory (into the live model's LoRA
         layers). Refreshes what the engine derived from the weights, records step graphs anew, empties the prefix
         cache (its blocks hold keys and values of the old weights) and returns the new weight version. Refused while
-        requests are in flight: their caches were computed with the old weights."""
-        self._refuse_under_tp("update_weights")
+        requests are in flight: their caches were computed with the old weights. Under tensor parallelism each rank
+        gets its slices (all of a live model's weights when `weights` is None)."""
         if self.has_unfinished_requests():
             raise RuntimeError(f"update_weights: {len(self.requests)} requests are in flight; finish or abort them "
                                "first")
-        if isinstance(weights, (str, Path)):
+        if self.tp_workers is not None:
+            if isinstance(weights, (str, Path)):
+                raise RuntimeError("update_weights from a PEFT adapter directory is not supported with "
+                                   "tensor_parallel_size > 1 (LoRA is not split over ranks yet)")
+            if weights is None and self.live is not None:
+                weights = dict(self.live.named_parameters())
+            self.tp_workers.set_weights(self.model, weights or {})
+        elif isinstance(weights, (str, Path)):
             from lmforge.weights.peft import load_adapter_weights
 
             load_adapter_weights(self.model, weights)
@@ -178,15 +190,12 @@ class LLMEngine:
             for name, value in weights.items():
                 params[name].copy_(value)
         if not self.asleep:
+            if self.tp_workers is not None:
+                self.tp_workers.broadcast("refresh")
             self.runner.refresh()
         self.block_manager.reset_prefix_cache()
         self.weight_version += 1
         return self.weight_version
-
-    def _refuse_under_tp(self, what: str) -> None:
-        if self.tp_workers is not None:
-            raise RuntimeError(f"{what} is not supported with tensor_parallel_size > 1 yet (it would change rank 0's "
-                               "share only)")
 
     def shutdown(self) -> None:
         """Stops the tensor-parallel worker processes (nothing to do without them); the engine cannot step after."""
@@ -196,17 +205,22 @@ class LLMEngine:
     def sleep(self) -> None:
         """Frees the KV pool, the step graphs and the derived weight copies (vLLM's sleep mode), so that training can
         use the memory; `wake()` brings them back. Refused while requests are in flight."""
-        self._refuse_under_tp("sleep")
         if self.has_unfinished_requests():
             raise RuntimeError(f"sleep: {len(self.requests)} requests are in flight; finish or abort them first")
         if not self.asleep:
             self.block_manager.reset_prefix_cache()
+            if self.tp_workers is not None:
+                self.tp_workers.broadcast("sleep")
             self.runner.release()
             self.asleep = True
 
     def wake(self) -> None:
         """Allocates the KV pool again and derives from the model's current weights (no update_weights needed)."""
         if self.asleep:
+            if self.live is not None:  # the shares take the live model's current weights
+                self.tp_workers.set_weights(self.model, dict(self.live.named_parameters()))
+            if self.tp_workers is not None:
+                self.tp_workers.broadcast("wake")
             self.runner.allocate()
             self.asleep = False
 

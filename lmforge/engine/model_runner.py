@@ -11,7 +11,7 @@ from lmforge import kernels
 from lmforge.engine.cpu_graph import StepGraphs
 from lmforge.engine.prompt_logprobs import PromptScores, score_prompt_tokens
 from lmforge.engine.scheduler import ScheduledBatch
-from lmforge.engine.tensor_parallel import StepPlan, Workers
+from lmforge.engine.tp_workers import StepPlan, Workers
 from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.decoder import Decoder

@@ -37,8 +37,9 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) one at a time, so a load never holds more than one checkpoint tensor extra."""
+def iter_tensors(model_dir: Path) -> Iterator[tuple[str, object]]:
+    """Yields (name, tensor or safetensors slice) one at a time, to be indexed (`x[...]`: all of it, `x[lo:hi]`:
+    only those rows are read from the file) before the next; a load never holds more than one tensor extra."""
     for file in weight_files(model_dir):
         if file.suffix == ".safetensors":
             try:
@@ -46,7 +47,7 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     names = list(f.keys())
                 for name in names:  # a handle per tensor: a handle keeps every page it has read mapped (RSS)
                     with safe_open(file, framework="pt") as f:
-                        yield name, f.get_tensor(name)
+                        yield name, f.get_slice(name)
             except SafetensorError as e:
                 raise LmforgeError(f"{file} is not a readable safetensors file ({e}); "
                                    "re-download or re-convert it") from None
@@ -58,32 +59,44 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield from state.items()
 
 
-def load_weights(model: nn.Module, model_dir: Path, progress: bool = True) -> None:
-    """Copies every checkpoint tensor into the model's parameters (casting to their dtype); all must match."""
+def load_weights(model: nn.Module, model_dir: Path, progress: bool = True, shares: dict | None = None) -> int:
+    """Copies every checkpoint tensor into the model's parameters (casting to their dtype); all must match.
+    shares (a tensor-parallel rank's model: engine/tensor_parallel.py `Shares`): the part of each checkpoint tensor
+    the model holds, and under which name; only those parts are read from safetensors files. Returns the bytes
+    read."""
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(targets)  # tied weights
-    seen = set()
+    if shares is None:
+        aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(targets)  # tied weights
+        shares = {n: (n, None) for n in targets} | dict.fromkeys(aliases)
+    seen, read = set(), 0
     # disable=None: tqdm draws no bar when stderr is not a terminal
     bar = tqdm(desc=f"loading {model_dir.name}", unit=" tensors", total=len(targets),
                disable=None if progress else True)
     for name, tensor in iter_tensors(model_dir):
-        if name in aliases or name.endswith("rotary_emb.inv_freq"):
+        if name.endswith("rotary_emb.inv_freq"):
             continue
-        if name not in targets:
+        if name not in shares:
             raise LmforgeError(f"{model_dir}: checkpoint tensor {name!r} has no place in the model; "
                                "is config.json from the same model?")
-        if tuple(tensor.shape) != tuple(targets[name].shape):
-            raise LmforgeError(f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                               f"config.json implies {tuple(targets[name].shape)}")
+        if shares[name] is None or shares[name][0] in seen:  # a tied name, or a tensor this rank holds none of
+            continue
+        held, part = shares[name]
+        shape = tuple(tensor.get_shape() if hasattr(tensor, "get_shape") else tensor.shape)
+        want = part.full if part is not None else tuple(targets[held].shape)
+        if shape != want:
+            raise LmforgeError(f"{model_dir}: tensor {name!r} has shape {shape}, config.json implies {want}")
+        value = part.take(tensor) if part is not None else tensor[...]
         with torch.no_grad():
-            targets[name].copy_(tensor)
-        seen.add(name)
+            targets[held].copy_(value)
+        read += value.numel() * value.element_size()
+        seen.add(held)
         bar.update()
     bar.close()
     missing = sorted(set(targets) - seen)
     if missing:
         raise LmforgeError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}")
+    return read
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

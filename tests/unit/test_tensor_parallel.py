@@ -1,20 +1,31 @@
-"""Tensor parallelism (lmforge/engine/tensor_parallel.py): 2 processes of 1 thread give the greedy tokens of one
-process, for each model family (tiny random models, fp32; mixtures of experts too), over shared memory and over gloo,
-hold half the weights and KV bytes, refuse what they do not support with a message, and fail fast, naming the rank,
-when a worker dies."""
+"""Tensor parallelism (lmforge/engine/tensor_parallel.py, tp_workers.py): 2 processes of 1 thread give the greedy
+tokens of one process, for each model family (tiny random models, fp32; mixtures of experts too), over shared memory
+and over gloo, hold half the weights and KV bytes and read only their slices of the checkpoint, take new weights
+(update_weights, sleep / wake; a live model too), join a torchrun launch (one machine, or two "machines" over gloo),
+refuse what they do not support with a message, and fail fast, naming the rank, when a worker dies."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from lmforge import LLM, SamplingParams
-from lmforge.engine import shm_comm, tensor_parallel
+from lmforge.engine import shm_comm, tensor_parallel, tp_workers
 from lmforge.engine.model_runner import kv_bytes_per_block
-from lmforge.engine.tensor_parallel import WorkerDied, share
+from lmforge.engine.tensor_parallel import share
+from lmforge.engine.tp_workers import WorkerDied
 from lmforge.errors import LmforgeError
-from tests.tiny import write_tiny
+from lmforge.tokenizer import Tokenizer
+from tests.tiny import tiny_model, write_tiny
 from tests.tokenizer_refs import llama_style_dir
-from tests.unit.test_live_engine import BASE, VOCAB
+from tests.unit.test_live_engine import BASE, VOCAB, assert_same, snapshot
 from tests.unit.test_live_engine import FAMILIES as LIVE_FAMILIES
+from tests.unit.test_live_engine import engine as live_engine
+from tests.unit.test_live_engine import generate as live_generate
 
 FAMILIES = {  # q/k/v biases (qwen2), per-head norms (qwen3), fused qkv and gate/up (phi3), a shared expert (qwen2moe)
     **{name: LIVE_FAMILIES[name] for name in ("llama", "qwen2", "qwen3", "phi3", "qwen2moe")},
@@ -64,10 +75,14 @@ def test_two_ranks_give_one_process_greedy_tokens(tmp_path, family, monkeypatch)
     try:
         assert (tensor_parallel._comm is not None) == shm_comm.usable()
         assert greedy(two) == expected
+        held = two.engine.tp_workers.holdings(two.engine.model, two.engine.runner)
+        # each rank read only what it keeps (less where the vocabulary's slice is padded): about half the checkpoint
+        assert all(0 < rank["read"] <= rank["weights"] for rank in held)
+        assert sum(rank["read"] for rank in held) < 1.3 * one.engine.weight_bytes
         if family == "llama":  # even shares: each rank holds half the weight and KV bytes (norms are replicated)
-            held = two.engine.tp_workers.holdings(two.engine.model, two.engine.runner)
             blocks = two.engine.runner.kv[0][0].shape[0] / one.engine.runner.kv[0][0].shape[0]
             for rank in held:
+                assert rank["read"] == rank["weights"]
                 assert 0.49 < rank["weights"] / one.engine.weight_bytes < 0.51
                 assert rank["kv"] == held[0]["kv"] and rank["kv"] / blocks * 2 == sum(
                     t.numel() * t.element_size() for layer in one.engine.runner.kv for t in layer)
@@ -90,9 +105,12 @@ def test_what_is_not_supported_is_refused_with_a_message(tmp_path):
     try:
         with pytest.raises(ValueError, match="prompt_logprobs"):
             llm.generate([[1, 2, 3]], SamplingParams(prompt_logprobs=1), use_tqdm=False)
-        for call in (llm.engine.sleep, llm.engine.update_weights):
-            with pytest.raises(RuntimeError, match="not supported with tensor_parallel_size"):
-                call()
+        with pytest.raises(RuntimeError, match="PEFT adapter directory is not supported with tensor_parallel_size"):
+            llm.engine.update_weights(str(tmp_path))
+        with pytest.raises(KeyError, match="no tensor 'model.nothing'"):
+            llm.engine.update_weights({"model.nothing": torch.zeros(1)})
+        with pytest.raises(ValueError, match="'model.norm.weight' has shape \\(3,\\)"):
+            llm.engine.update_weights({"model.norm.weight": torch.zeros(3)})
         assert greedy(llm)  # still serving after the refusals
     finally:
         llm.engine.shutdown()
@@ -106,3 +124,103 @@ def test_a_dead_worker_fails_the_next_step_naming_its_rank(tmp_path):
     with pytest.raises(WorkerDied, match=r"rank 1 \(exit code -9\) died"):
         llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     llm.engine.shutdown()  # returns at once: nobody left to tell
+
+
+def other_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """A full state dict of new values (what a trainer's optimizer steps would produce)."""
+    torch.manual_seed(seed)
+    return {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in tiny_model(config).named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama-uneven", "mixtral"])
+def test_new_weights_reach_every_rank_through_update_weights_and_sleep(tmp_path, family):
+    """update_weights(state dict) cuts each rank its slices: TP=2 then gives TP=1's greedy tokens for the same new
+    weights, also after sleep() / wake()."""
+    config = FAMILIES[family]
+    path = model_dir(tmp_path, config)
+    weights = other_weights(config, seed=5)
+    one = LLM(path, **ENGINE)
+    one.engine.update_weights(weights)
+    expected = greedy(one)
+    two = LLM(path, **ENGINE, tensor_parallel_size=2)
+    try:
+        before = greedy(two)
+        assert two.engine.update_weights(weights) == 1
+        assert greedy(two) == expected != before
+        two.engine.sleep()
+        two.engine.wake()
+        assert greedy(two) == expected
+    finally:
+        two.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return Tokenizer.from_dir(llama_style_dir(tmp_path_factory.mktemp("tokenizer")))
+
+
+def test_a_live_model_split_over_two_ranks_follows_its_weights(tokenizer):
+    """LLMEngine(live model, tensor_parallel_size=2) serves copies of its weights split over the ranks: the live
+    model stays as it was, the outputs equal the live engine's (TP=1) before and after optimizer-like changes, which
+    reach the ranks through update_weights() and through wake()."""
+    config = FAMILIES["qwen2"]
+    model = tiny_model(config)
+    model.config = config
+    before = snapshot(model)
+    two = live_engine(model, tokenizer, tensor_parallel_size=2)
+    try:
+        assert_same(before, snapshot(model))
+        one = live_engine(model, tokenizer)
+        assert live_generate(two) == live_generate(one)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        one.update_weights()
+        two.update_weights()
+        expected = live_generate(one, prefix="b")
+        assert live_generate(two, prefix="b") == expected
+        two.sleep()
+        with torch.no_grad():
+            down = model.model.layers[1].mlp.down_proj.weight
+            down.add_(0.3 * torch.randn_like(down))
+        two.wake()
+        one.update_weights()
+        assert live_generate(two, prefix="c") == live_generate(one, prefix="c") != expected
+    finally:
+        two.shutdown()
+
+
+def torchrun(path: str, prompts: Path, out: Path, nodes: int, node: int, endpoint: str, env: dict) -> subprocess.Popen:
+    """`lmforge generate` under torchrun: 2 ranks on one node, or 1 rank on each of 2 "nodes" (two launches)."""
+    rdzv = ["--standalone"] if nodes == 1 else ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id",
+                                                  "tp-test", "--node-rank", str(node)]
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+                             "--nproc-per-node", str(2 // nodes), *rdzv, "-m", "lmforge", "generate", "--model", path,
+                             "--prompts", str(prompts), "-o", str(out), "--max-tokens", "12",
+                             "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--kv-cache-memory", "0.004",
+                             "--max-model-len", "64", "--tensor-parallel-size", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_ranks_started_by_torchrun_give_one_process_greedy_tokens(tmp_path, nodes):
+    """One torchrun on one machine (shared-memory collectives), or two torchruns standing for two machines (one rank
+    each, gloo between them): rank 0 writes the results, equal to a single process's; every process exits 0."""
+    path = model_dir(tmp_path, FAMILIES["llama"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{w} of the {v}\n" for w, v in zip("one two three four five".split(),
+                                                                      "day night river hill sea".split(), strict=True)))
+    single = tmp_path / "single.jsonl"
+    subprocess.run([sys.executable, "-m", "lmforge", "generate", "--model", path, "--prompts", str(prompts),
+                    "-o", str(single), "--max-tokens", "12", "--temperature", "0", "--ignore-eos", "--dtype",
+                    "float32", "--kv-cache-memory", "0.004", "--max-model-len", "64"], env=env, check=True,
+                   capture_output=True)
+    out = tmp_path / "tp.jsonl"
+    endpoint = f"127.0.0.1:{tp_workers.free_port()}"
+    procs = [torchrun(path, prompts, out, nodes, node, endpoint, env) for node in range(nodes)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * nodes, logs
+    assert ("on several machines" in logs[0]) == (nodes == 2), logs[0]
+    texts = [[json.loads(line)["text"] for line in f.read_text().splitlines()] for f in (single, out)]
+    assert len(texts[0]) == 5 and texts[1] == texts[0]
