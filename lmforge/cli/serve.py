@@ -164,6 +164,7 @@ def _runtime_lora(args: argparse.Namespace, api_key: str | None) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmforge.engine import tp_workers
     from lmforge.engine.async_engine import AsyncEngine
     from lmforge.engine.data_parallel import DataParallelEngine
     from lmforge.serve.openai_api import create_app
@@ -192,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
     config = dataclasses.replace(engine_config(args), enable_lora=bool(loras) or args.enable_lora or runtime_lora,
                                  max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                                  reasoning_parser=args.reasoning_parser)
+    if args.data_parallel_size > 1 and tp_workers.launched():
+        raise LmforgeError("--data-parallel-size starts its replicas in this process; under torchrun / srun launch "
+                           "one process per tensor-parallel rank without it")
+    tp_workers.serve_if_launched_worker(config)  # ranks > 0 of a launch: serve rank 0's engine, exit when it stops
     engine = DataParallelEngine(config, args.data_parallel_size) if args.data_parallel_size > 1 else \
         AsyncEngine(config)
     try:

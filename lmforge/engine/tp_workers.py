@@ -148,6 +148,14 @@ def launched() -> World | None:
     return world if world.distributed else None
 
 
+def serve_if_launched_worker(config) -> None:
+    """In a torchrun / SLURM launch with tensor_parallel_size > 1, ranks > 0 serve rank 0 here and exit the process
+    when it stops (whatever command the launch runs); rank 0, and a process outside a launch, return at once."""
+    launch = launched()
+    if config.tensor_parallel_size > 1 and launch is not None and launch.rank > 0:
+        Workers.join(config, launch)
+
+
 class Workers:
     """Ranks 1..world-1 as rank 0 sees them: `start` starts them (processes of this machine), `join` joins those of a
     launch; `broadcast` sends each command, `set_weights` new weights."""

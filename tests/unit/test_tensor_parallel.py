@@ -6,10 +6,14 @@ refuse what they do not support with a message, and fail fast, naming the rank, 
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -224,3 +228,47 @@ def test_ranks_started_by_torchrun_give_one_process_greedy_tokens(tmp_path, node
     assert ("on several machines" in logs[0]) == (nodes == 2), logs[0]
     texts = [[json.loads(line)["text"] for line in f.read_text().splitlines()] for f in (single, out)]
     assert len(texts[0]) == 5 and texts[1] == texts[0]
+
+
+def descendants(pid: int) -> list[int]:
+    kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir() for k in (task / "children").read_text().split()]
+    return kids + [d for k in kids for d in descendants(k)]
+
+
+@pytest.mark.parametrize("launcher", ["lmforge", "torchrun"])
+def test_a_server_split_over_two_ranks_answers_and_sigterm_stops_every_rank(tmp_path, launcher):
+    """`lmforge serve -tp 2` (workers of its own) or torchrun's two ranks each running `lmforge serve -tp 2`: the
+    completions equal one process's greedy tokens; SIGTERM to the command stops every rank's process."""
+    path = model_dir(tmp_path, FAMILIES["llama"])
+    one = LLM(path, dtype="float32", kv_cache_memory=0.004, max_model_len=64)  # the server's defaults
+    expected = [o.outputs[0].text for o in one.generate(PROMPTS[:3], GREEDY, use_tqdm=False)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] \
+        if launcher == "torchrun" else [sys.executable]
+    proc = subprocess.Popen([*launch, "-m", "lmforge", "serve", path, "--port", "0", "--dtype", "float32",
+                             "--kv-cache-memory", "0.004", "--max-model-len", "64", "--tensor-parallel-size", "2",
+                             "--no-access-log"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        log = []
+        while not (port := re.search(r"on http://127\.0\.0\.1:(\d+)/v1", log[-1] if log else "")):
+            line = proc.stdout.readline()
+            assert line, "".join(log)
+            log.append(line)
+        url = f"http://127.0.0.1:{port.group(1)}/v1/completions"
+        got = [httpx.post(url, json={"model": path, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                                     "ignore_eos": True}, timeout=60).json() for prompt in PROMPTS[:3]]
+        assert [g["choices"][0]["text"] for g in got] == expected, got
+        ranks = descendants(proc.pid)
+        assert ranks  # the worker (lmforge's own), or both ranks (torchrun's)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        if launcher == "lmforge":
+            assert proc.returncode == 0, proc.stdout.read()
+        deadline = time.monotonic() + 10
+        while (alive := [pid for pid in ranks if tp_workers.pid_alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
