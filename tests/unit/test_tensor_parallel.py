@@ -194,38 +194,42 @@ def test_a_live_model_split_over_two_ranks_follows_its_weights(tokenizer):
         two.shutdown()
 
 
-def torchrun(path: str, prompts: Path, out: Path, nodes: int, node: int, endpoint: str, env: dict) -> subprocess.Popen:
-    """`lmforge generate` under torchrun: 2 ranks on one node, or 1 rank on each of 2 "nodes" (two launches)."""
-    rdzv = ["--standalone"] if nodes == 1 else ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id",
-                                                  "tp-test", "--node-rank", str(node)]
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
-                             "--nproc-per-node", str(2 // nodes), *rdzv, "-m", "lmforge", "generate", "--model", path,
-                             "--prompts", str(prompts), "-o", str(out), "--max-tokens", "12",
-                             "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--kv-cache-memory", "0.004",
-                             "--max-model-len", "64", "--tensor-parallel-size", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def launch(how: str, command: list[str], env: dict, port: int) -> list[subprocess.Popen]:
+    """`command` (an lmforge one) started as 2 ranks: one torchrun on this machine, two torchruns standing for two
+    machines (one rank each), or two processes with the environment srun gives tasks on two machines."""
+    def start(prefix: list[str], extra: dict | None = None) -> subprocess.Popen:
+        return subprocess.Popen([*prefix, "-m", "lmforge", *command], env={**env, **(extra or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    if how == "torchrun":
+        return [start([*run, "--standalone", "--nproc-per-node", "2"])]
+    if how == "torchrun-2-machines":
+        return [start([*run, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                       f"127.0.0.1:{port}", "--rdzv-id", "tp-test"]) for _ in range(2)]
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_LOCALID": "0", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port)}
+    return [start([sys.executable], {**slurm, "SLURM_PROCID": str(rank)}) for rank in range(2)]
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
-def test_ranks_started_by_torchrun_give_one_process_greedy_tokens(tmp_path, nodes):
-    """One torchrun on one machine (shared-memory collectives), or two torchruns standing for two machines (one rank
-    each, gloo between them): rank 0 writes the results, equal to a single process's; every process exits 0."""
+@pytest.mark.parametrize("how", ["torchrun", "torchrun-2-machines", "srun-2-machines"])
+def test_ranks_of_a_launch_give_one_process_greedy_tokens(tmp_path, how):
+    """Every process runs the same `lmforge generate -tp 2`: rank 0 writes the results, equal to a single process's,
+    the others serve it and every process exits 0. On one machine the collectives go through shared memory; across
+    "machines" (LOCAL_WORLD_SIZE 1) through gloo."""
     path = model_dir(tmp_path, FAMILIES["llama"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"{w} of the {v}\n" for w, v in zip("one two three four five".split(),
                                                                       "day night river hill sea".split(), strict=True)))
-    single = tmp_path / "single.jsonl"
-    subprocess.run([sys.executable, "-m", "lmforge", "generate", "--model", path, "--prompts", str(prompts),
-                    "-o", str(single), "--max-tokens", "12", "--temperature", "0", "--ignore-eos", "--dtype",
-                    "float32", "--kv-cache-memory", "0.004", "--max-model-len", "64"], env=env, check=True,
-                   capture_output=True)
-    out = tmp_path / "tp.jsonl"
-    endpoint = f"127.0.0.1:{tp_workers.free_port()}"
-    procs = [torchrun(path, prompts, out, nodes, node, endpoint, env) for node in range(nodes)]
+    common = ["generate", "--model", path, "--prompts", str(prompts), "--max-tokens", "12", "--temperature", "0",
+              "--ignore-eos", "--dtype", "float32", "--kv-cache-memory", "0.004", "--max-model-len", "64", "-o"]
+    single, out = tmp_path / "single.jsonl", tmp_path / "tp.jsonl"
+    subprocess.run([sys.executable, "-m", "lmforge", *common, str(single)], env=env, check=True, capture_output=True)
+    procs = launch(how, [*common, str(out), "--tensor-parallel-size", "2"], env, tp_workers.free_port())
     logs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * nodes, logs
-    assert ("on several machines" in logs[0]) == (nodes == 2), logs[0]
+    assert [p.returncode for p in procs] == [0] * len(procs), logs
+    assert any("on several machines" in log for log in logs) == how.endswith("machines"), logs
     texts = [[json.loads(line)["text"] for line in f.read_text().splitlines()] for f in (single, out)]
     assert len(texts[0]) == 5 and texts[1] == texts[0]
 
