@@ -1,5 +1,6 @@
 """Tensor parallelism on the real SmolLM2-135M-Instruct (fp32): 2 processes of 1 thread give, token for token, the
-greedy output of one process for 32 chat prompts x 64 tokens (SmolLM2's 3 KV heads split unevenly: 2 and 1); a
+greedy output of one process for 32 chat prompts x 64 tokens (SmolLM2's 3 KV heads split unevenly: 2 and 1), each
+rank reading only its slices of the checkpoint; a
 worker killed while `lmforge serve` streams stops the server with an error naming it."""
 
 import os
@@ -30,10 +31,14 @@ def test_two_ranks_give_one_process_greedy_tokens(smollm2_dir):
         two = LLM(str(smollm2_dir), dtype="float32", max_model_len=1024, kv_cache_memory=0.5, tensor_parallel_size=2)
         try:
             got = [o.outputs[0].token_ids for o in two.generate(prompts, params, use_tqdm=False)]
+            read = [rank["read"] for rank in two.engine.tp_workers.holdings(two.engine.model, two.engine.runner)]
         finally:
             two.engine.shutdown()
     finally:
         torch.set_num_threads(threads)
+    # each rank read only its slices of the checkpoint: about half each (3 KV heads split 2 / 1), once in all
+    checkpoint = sum(f.stat().st_size for f in Path(smollm2_dir).glob("*.safetensors"))
+    assert max(read) < 0.56 * checkpoint and sum(read) < 1.01 * checkpoint, (read, checkpoint)
     differ = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
     assert not differ, f"{len(differ)} prompts differ, e.g. prompt {differ[0] if differ else None}"
 
