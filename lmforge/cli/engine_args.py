@@ -19,7 +19,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's context length)")
     g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
-                   help="memory for the paged KV cache in GiB (default 2 on CPU, 90%% of free memory on CUDA)")
+                   help="memory for the paged KV cache in GiB (default 2 on CPU; on CUDA what "
+                   "--gpu-memory-utilization leaves)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                   help="CUDA: the share of the GPU's memory the engine may fill; the KV cache gets what the weights, "
+                   "other processes and a step's activations leave of it (default 0.9)")
     g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="what the KV cache stores: auto (the model's dtype) or int8 (a float32 scale per token and "
                    "kv head: about 2x the tokens of a bfloat16 cache, 3.8x of a float32 one, in the same memory)")
@@ -73,6 +77,7 @@ def engine_config(args: argparse.Namespace):
             raise LmforgeError(f"--speculative-config is not valid JSON ({e.msg} at character {e.pos})") from None
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
                         max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,

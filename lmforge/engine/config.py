@@ -19,7 +19,10 @@ class EngineConfig:
     dtype: str = "auto"  # bfloat16 where the device computes it natively, else float32 (lmforge/hardware.py)
     device: str = "cpu"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    kv_cache_memory: float | None = None  # GiB for the KV pool; None: 2 GiB on CPU, 90 % of free memory on CUDA
+    kv_cache_memory: float | None = None  # GiB for the KV pool; None: 2 GiB on CPU, on CUDA as below
+    # CUDA: the share of the GPU's memory this engine may fill (vLLM's name): the KV pool gets what is left of it
+    # after the memory in use (weights, other processes) and one step's activations
+    gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": int8 rows + float32 scales (layers/kv_quant.py)
     block_size: int = 16
     max_num_seqs: int = 256
@@ -56,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.quantization not in (None, "int8", "int4", "gguf"):
             raise ValueError(f"quantization must be int8, int4, gguf or None, got {self.quantization!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -72,11 +77,29 @@ class EngineConfig:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
 
 
-def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
-    """Bytes for the KV pool: kv_cache_memory GiB, else 90 % of free CUDA memory or 2 GiB on CPU."""
+def kv_budget_bytes(config: EngineConfig, device: torch.device, step_bytes: int = 0) -> int:
+    """Bytes for the KV pool: kv_cache_memory GiB; else on CUDA gpu_memory_utilization of the device's memory less
+    what is in use now (this process's weights, other processes) and `step_bytes` (a step's activations); else 2 GiB
+    (CPU)."""
+    from lmforge.errors import LmforgeError
+
     if config.kv_cache_memory is not None:
         return int(config.kv_cache_memory * 2**30)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.9)
-    return 2 * 2**30
+    if device.type != "cuda":
+        return 2 * 2**30
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(total * config.gpu_memory_utilization) - (total - free) - step_bytes
+    if budget <= 0:
+        raise LmforgeError(f"no GPU memory is left for the KV cache: {config.gpu_memory_utilization:.0%} of "
+                           f"{total / 2**30:.1f} GiB is {total * config.gpu_memory_utilization / 2**30:.1f} GiB, "
+                           f"{(total - free) / 2**30:.1f} GiB are in use and a step needs {step_bytes / 2**30:.2f} "
+                           "GiB; raise gpu_memory_utilization, lower max_num_batched_tokens or set kv_cache_memory")
+    return budget
+
+
+def step_activation_bytes(args, config: EngineConfig, dtype: torch.dtype) -> int:
+    """A generous bound on one step's activations (what the KV pool must leave free on a GPU): the widest hidden
+    states of max_num_batched_tokens tokens a few times over, and float32 logits for max_num_seqs rows."""
+    size = torch.finfo(dtype).bits // 8
+    widest = max(args.hidden_size * 4, getattr(args, "intermediate_size", 0) * 3)
+    return config.max_num_batched_tokens * widest * size * 2 + config.max_num_seqs * args.vocab_size * 4 * 2

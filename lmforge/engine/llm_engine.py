@@ -12,7 +12,7 @@ from torch import nn
 
 from lmforge.engine import tp_workers as tp
 from lmforge.engine.block_manager import BlockManager
-from lmforge.engine.config import EngineConfig, kv_budget_bytes
+from lmforge.engine.config import EngineConfig, kv_budget_bytes, step_activation_bytes
 from lmforge.engine.draft import SelfDraftProposer
 from lmforge.engine.logits_processors import resolve_constraints
 from lmforge.engine.lora_manager import AdapterInUseError, AdapterNotFoundError, LoadedAdapter, LoRAManager, LoRARequest
@@ -89,12 +89,14 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or limit
         self.loras = self._lora_slots() if config.enable_lora else None
         kv_dtype = kv_storage_dtype(config.kv_cache_dtype, p.dtype)
-        num_blocks = plan_num_blocks(model, config.block_size, kv_dtype, kv_budget_bytes(config, p.device),
+        budget = kv_budget_bytes(config, p.device, step_activation_bytes(model.args, config, p.dtype))
+        num_blocks = plan_num_blocks(model, config.block_size, kv_dtype, budget,
                                      self.max_model_len, model_dtype=p.dtype)
         t1 = time.perf_counter()
         runner_args = dict(num_blocks=num_blocks, block_size=config.block_size, enforce_eager=config.enforce_eager,
                            max_model_len=self.max_model_len, kv_dtype=kv_dtype, owned=owns_model,
-                           step_graphs=config.step_graphs and tp_workers is None)  # graphs hold no collectives
+                           step_graphs=config.step_graphs and tp_workers is None,  # graphs hold no collectives
+                           max_num_seqs=config.max_num_seqs)
         if tp_workers is not None:  # every rank's pool has rank 0's number of blocks (its KV heads are the most)
             tp_workers.broadcast("runner", runner_args)
         self.runner = ModelRunner(model, **runner_args, workers=tp_workers)

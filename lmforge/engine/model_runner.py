@@ -9,6 +9,7 @@ from torch import nn
 
 from lmforge import kernels
 from lmforge.engine.cpu_graph import StepGraphs
+from lmforge.engine.cuda_graph import DecodeGraphs
 from lmforge.engine.prompt_logprobs import PromptScores, score_prompt_tokens
 from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.engine.tp_workers import StepPlan, Workers
@@ -75,7 +76,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, enforce_eager: bool = False,
                  max_model_len: int | None = None, kv_dtype: torch.dtype | None = None, owned: bool = True,
-                 step_graphs: bool = True, workers: Workers | None = None):
+                 step_graphs: bool = True, workers: Workers | None = None, max_num_seqs: int = 256):
         self.model, self.owned = model, owned
         self.workers = workers  # rank 0 of tensor parallelism: each step's plan goes to the other ranks first
         self.step_graphs = step_graphs
@@ -84,7 +85,8 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         a = model.args
-        self.kv_shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
+        self.scratch_slot = num_blocks * block_size  # CUDA graphs' padding rows write here: one block more
+        self.kv_shape = (num_blocks + (self.device.type == "cuda"), block_size, a.num_key_value_heads, a.head_dim)
         self.kv_dtype = kv_dtype or self.dtype
         self.max_blocks = -(-(max_model_len or 0) // block_size)
         decoder = getattr(model, "model", None)
@@ -92,6 +94,8 @@ class ModelRunner:
         self.kv: list[KVCache] = []
         self.derived: DerivedWeights | None = None
         self.graphs: StepGraphs | None = None
+        self.cuda_graphs: DecodeGraphs | None = None
+        self.max_num_seqs = max_num_seqs
         self.allocate()
 
     def allocate(self) -> None:
@@ -104,10 +108,13 @@ class ModelRunner:
         if self.decoder is not None and self.device.type == "cpu" and not self.enforce_eager and self.step_graphs:
             # decode steps replayed from C++ without the Python between the kernels (engine/cpu_graph.py)
             self.graphs = StepGraphs(self.decoder, self.kv, self.max_blocks, self.derived)
+        if self.device.type == "cuda" and not self.enforce_eager and self.step_graphs:
+            self.cuda_graphs = DecodeGraphs(self.model, self.kv, self.max_num_seqs, self.max_blocks,
+                                            self.scratch_slot)
 
     def release(self) -> None:
         """Frees the KV pool, the step graphs and the derived copies (allocate() makes them again)."""
-        self.kv, self.graphs = [], None
+        self.kv, self.graphs, self.cuda_graphs = [], None, None
         if self.owned:
             self.derived.packs.clear()  # the joints are the model's own storage: nothing to free
         else:
@@ -116,8 +123,9 @@ class ModelRunner:
     def refresh(self) -> None:
         """After the model's weights changed: derived copies take the new values, step graphs are recorded again."""
         self.derived.refresh()
-        if self.graphs is not None:
-            self.graphs.clear()
+        for graphs in (self.graphs, self.cuda_graphs):
+            if graphs is not None:
+                graphs.clear()
 
     @contextlib.contextmanager
     def context(self):
@@ -137,6 +145,8 @@ class ModelRunner:
         """The model's final hidden states for a step over the KV pool, the layers replayed from a step graph where
         one is recorded for the step's shape. Call inside `context()`."""
         d = self.decoder
+        if self.cuda_graphs is not None and (out := self.cuda_graphs(ids, positions, meta)) is not None:
+            return out
         if self.graphs is None:
             return self.model(ids, positions, meta, self.kv)
         x, rope = d.embed(ids, positions)
@@ -187,7 +197,7 @@ class ModelRunner:
             if kernels.cpu_ops() is None:
                 return "eager: CPU kernels unavailable"
             return "CPU kernels, step graphs" if self.graphs is not None else "CPU kernels"
-        return "eager"
+        return "CUDA graphs for decode steps" if self.cuda_graphs is not None else "eager"
 
     @torch.inference_mode()
     def warm_up(self) -> None:

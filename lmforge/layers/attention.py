@@ -53,6 +53,16 @@ class DecodeBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class StaticDecode:
+    """A decode step of fixed shapes, as a CUDA graph replays it (engine/cuda_graph.py): every sequence has one new
+    token, block tables are padded to the most blocks a sequence may have, and the key masks are built on the device
+    from the lengths, so nothing in the step waits for the host."""
+
+    block_tables: torch.Tensor  # [B, max_blocks]
+    seqlens_k: torch.Tensor  # [B] on the device: keys of each sequence, its new token's included
+
+
+@dataclass(frozen=True, slots=True)
 class AttnMeta:
     cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32 offsets of each sequence's new tokens in the flat batch
     seqlens_q: tuple[int, ...]  # new tokens per sequence (host copy: no device sync in the loop)
@@ -66,6 +76,7 @@ class AttnMeta:
     # packed documents without a cache: how many first tokens of the last document before it without a prefix each
     # attends to before its own (a shared prompt: a preference pair's, a GRPO group's); None: none
     prefixes: tuple[int, ...] | None = None
+    static: StaticDecode | None = None  # a fixed-shape decode step (CUDA graphs)
 
     @classmethod
     def for_training(cls, cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> "AttnMeta":
@@ -188,6 +199,9 @@ def _read_cache(kv: KVCache, i: int, blocks: torch.Tensor, dtype: torch.dtype) -
 
 def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, kv: KVCache,
                      scale: float, window: int | None) -> torch.Tensor:
+    if meta.static is not None:
+        _write_cache(kv, k, v, meta.slot_mapping)
+        return _static_decode(q, kv, meta.static, scale, window)
     k_cache, v_cache, *scales = kv  # scales: an int8 cache's (key scales, value scales)
     block_size = k_cache.shape[1]
     ops = usable(q) if meta.kernel is not None and (k_cache.dtype == q.dtype or scales) else None
@@ -230,3 +244,21 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
             vi = _read_cache(kv, 1, blocks, q.dtype).flatten(0, 1)[:lk]
         out[s: s + lq] = _sdpa(q[s: s + lq][None], ki[None].to(q.dtype), vi[None].to(q.dtype), scale, window)[0]
     return out
+
+
+def _static_decode(q: torch.Tensor, kv: KVCache, step: StaticDecode, scale: float, window: int | None) -> torch.Tensor:
+    """q [B, H, D] (one new token per sequence, its key already written) -> [B, H, D], over every block of the
+    padded tables with the keys past each length (or before its window) masked: fixed shapes, no host reads."""
+    keys = _read_cache(kv, 0, step.block_tables, q.dtype).flatten(1, 2)  # [B, max_blocks * block_size, kvh, dim]
+    values = _read_cache(kv, 1, step.block_tables, q.dtype).flatten(1, 2)
+    at = torch.arange(keys.shape[1], device=q.device)[None, :]
+    lens = step.seqlens_k[:, None]
+    allowed = at < lens
+    if window is not None:
+        allowed &= at >= lens - window
+    stale = ~allowed[:, :, None, None]  # a masked slot may hold a former owner's NaN: weighted 0, it is still NaN
+    keys, values = keys.masked_fill(stale, 0), values.masked_fill(stale, 0)
+    out = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=allowed[:, None, None, :], scale=scale,
+                                         enable_gqa=q.shape[1] != keys.shape[2])
+    return out[:, :, 0]

@@ -1,0 +1,89 @@
+"""The CUDA paths' logic on the CPU (issue 23; tests/gpu/ proves them on a GPU): the fixed-shape decode attention
+that CUDA graphs replay gives the engine's greedy tokens, with its static buffers, padding rows, scratch slot and
+table widths exercised through the same `DecodeGraphs` whose capture is swapped for an eager run; and the KV budget
+planned from the GPU's memory (gpu_memory_utilization), with its error when nothing is left."""
+
+import pytest
+import torch
+
+from lmforge import LLM, SamplingParams
+from lmforge.engine import config as engine_config
+from lmforge.engine.config import EngineConfig, kv_budget_bytes, step_activation_bytes
+from lmforge.engine.cuda_graph import DecodeGraphs, graph_sizes
+from lmforge.errors import LmforgeError
+from tests.tiny import write_tiny
+from tests.tokenizer_refs import llama_style_dir
+from tests.unit.test_live_engine import BASE
+from tests.unit.test_live_engine import FAMILIES as LIVE_FAMILIES
+
+FAMILIES = {
+    "llama": BASE,
+    "llama-window": {**BASE, "sliding_window": 6},  # every layer attends to its last 6 keys only
+    "qwen3": LIVE_FAMILIES["qwen3"],
+    "phi3": LIVE_FAMILIES["phi3"],
+}
+ENGINE = dict(dtype="float32", kv_cache_memory=0.004, block_size=4, max_model_len=64, max_num_seqs=8)
+
+
+class EagerGraphs(DecodeGraphs):
+    """DecodeGraphs whose "capture" runs the forward over the static buffers eagerly at each replay: everything
+    but the CUDA graph itself (buffers, padding, widths, the static attention) runs as on a GPU."""
+
+    def capture(self, b: int, width: int):
+        self.captured.append((b, width))
+        return lambda: self.forward(b, width)
+
+
+def test_graph_sizes_are_vllms():
+    assert graph_sizes(1) == [1]
+    assert graph_sizes(8) == [1, 2, 4, 8]
+    assert graph_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert graph_sizes(256)[:6] == [1, 2, 4, 8, 16, 24] and graph_sizes(256)[-1] == 256
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fixed_shape_decode_steps_give_the_engines_greedy_tokens(tmp_path, family):
+    llama_style_dir(tmp_path)
+    path = str(write_tiny(tmp_path, FAMILIES[family]))
+    prompts = [[1 + (7 * i + 3 * j) % 500 for j in range(3 + 5 * i)] for i in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=6 + 5 * i, ignore_eos=True) for i in range(6)]
+    expected = [o.outputs[0].token_ids for o in LLM(path, **ENGINE).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(path, **ENGINE)
+    runner = llm.engine.runner
+    runner.kv_shape = (runner.kv_shape[0] + 1, *runner.kv_shape[1:])  # the scratch block a CUDA pool has
+    runner.step_graphs = False
+    runner.release()
+    runner.allocate()
+    graphs = runner.cuda_graphs = EagerGraphs(runner.model, runner.kv, 8, runner.max_blocks, runner.scratch_slot)
+    graphs.captured = []
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+    # the batch shrank from 6 to 1 sequence (padded to 8, 4, 2, 1) while the longest context grew past 8 blocks
+    assert {b for b, _ in graphs.captured} == {8, 4, 2, 1}
+    assert len({w for _, w in graphs.captured}) >= 2 and all(w & (w - 1) == 0 for _, w in graphs.captured)
+
+
+def test_the_kv_budget_is_what_gpu_memory_utilization_leaves(monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(engine_config.torch.cuda, "mem_get_info", lambda device: (70 * gib, 80 * gib))
+    cuda = torch.device("cuda", 0)
+    # 90 % of 80 GiB = 72, less the 10 in use and a step's 1
+    assert kv_budget_bytes(EngineConfig(), cuda, step_bytes=gib) == 61 * gib
+    assert kv_budget_bytes(EngineConfig(gpu_memory_utilization=0.5), cuda) == 30 * gib
+    assert kv_budget_bytes(EngineConfig(kv_cache_memory=3), cuda) == 3 * gib  # stated memory wins
+    assert kv_budget_bytes(EngineConfig(), torch.device("cpu")) == 2 * gib
+    with pytest.raises(LmforgeError, match="no GPU memory is left for the KV cache: 12% of 80.0 GiB"):
+        kv_budget_bytes(EngineConfig(gpu_memory_utilization=0.12), cuda)
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        EngineConfig(gpu_memory_utilization=1.5)
+
+
+def test_a_steps_activation_bound_grows_with_its_tokens_and_sequences():
+    from lmforge.models import build_args
+
+    _, args = build_args(BASE)
+    small = step_activation_bytes(args, EngineConfig(max_num_batched_tokens=512, max_num_seqs=8), torch.bfloat16)
+    large = step_activation_bytes(args, EngineConfig(max_num_batched_tokens=4096, max_num_seqs=8), torch.bfloat16)
+    assert 0 < small < large
+    assert step_activation_bytes(args, EngineConfig(max_num_seqs=256), torch.float32) > \
+        step_activation_bytes(args, EngineConfig(max_num_seqs=8), torch.float32)
