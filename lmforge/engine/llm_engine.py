@@ -281,8 +281,6 @@ class LLMEngine:
         if self.asleep:
             raise RuntimeError("the engine is asleep; wake() it before adding requests")
         adapter_id = self._adapter_id(lora_request)
-        if self.tp_workers is not None and params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs are not supported with tensor_parallel_size > 1 yet")
         text, ids = self._tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, which leaves no room to generate within "

@@ -10,7 +10,7 @@ from torch import nn
 from lmforge import kernels
 from lmforge.engine.cpu_graph import StepGraphs
 from lmforge.engine.cuda_graph import DecodeGraphs
-from lmforge.engine.prompt_logprobs import PromptScores, score_prompt_tokens
+from lmforge.engine.prompt_logprobs import PromptScores, prompt_logits, prompt_rows, score_prompt_tokens
 from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.engine.tp_workers import StepPlan, Workers
 from lmforge.errors import LmforgeError
@@ -172,7 +172,10 @@ class ModelRunner:
                 sample_rows.append(row)
         width = max(len(seq.block_table) for seq in batch.seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
-        return StepPlan(ids, positions, slots, list(batch.num_new_tokens), seqlens_k, tables, logits_idx), sample_rows
+        scored = prompt_rows(batch.seqs, batch.num_new_tokens)[0] \
+            if self.workers is not None and any(seq.needs_prompt_logprobs for seq in batch.seqs) else []
+        return StepPlan(ids, positions, slots, list(batch.num_new_tokens), seqlens_k, tables, logits_idx,
+                        scored), sample_rows
 
     def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttnMeta]:
         device = self.device
@@ -187,6 +190,8 @@ class ModelRunner:
         ids, positions, meta = self.inputs(plan)
         with self.context():
             hidden = self.forward(ids, positions, meta)
+            for _ in prompt_logits(self.model, hidden, plan.prompt_rows):  # rank 0's prompt log-prob chunks
+                pass
             return self.model.logits(hidden[meta.logits_indices], float32=False) if plan.logits_idx else None
 
     @property

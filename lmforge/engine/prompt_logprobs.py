@@ -30,10 +30,9 @@ class PromptScores:
     top: list[list[tuple[int, float]]]  # the k most likely (id, log-prob), best first
 
 
-def score_prompt_tokens(model: nn.Module, hidden: torch.Tensor, seqs: list[Sequence],
-                        num_new_tokens: list[int]) -> list[PromptScores]:
-    """hidden: the step's [num_tokens, hidden] states, sequences laid end to end as scheduled. Scores the prompt
-    tokens that this step's positions predict, for the sequences that want them."""
+def prompt_rows(seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[list[int], list[int], list[int], list]:
+    """The hidden-state rows of a step (sequences laid end to end as scheduled) that score prompt tokens of the
+    sequences that want them: (rows, the tokens they score, each one's top k, (seq, first, count) per sequence)."""
     rows, targets, ks, spans = [], [], [], []
     offset = 0
     for seq, n in zip(seqs, num_new_tokens, strict=True):
@@ -45,13 +44,26 @@ def score_prompt_tokens(model: nn.Module, hidden: torch.Tensor, seqs: list[Seque
             ks.extend([seq.params.prompt_logprobs] * (end - start))
             spans.append((seq, start + 1, end - start))
         offset += n
+    return rows, targets, ks, spans
+
+
+def prompt_logits(model: nn.Module, hidden: torch.Tensor, rows: list[int]):
+    """Float32 logits of `rows` of the hidden states, ROWS_PER_CHUNK at a time (yielded per chunk). Tensor-parallel
+    workers make the same calls, whose head gathers the vocabulary slices."""
+    for i in range(0, len(rows), ROWS_PER_CHUNK):
+        yield i, model.logits(hidden[torch.tensor(rows[i: i + ROWS_PER_CHUNK], device=hidden.device)], float32=True)
+
+
+def score_prompt_tokens(model: nn.Module, hidden: torch.Tensor, seqs: list[Sequence],
+                        num_new_tokens: list[int]) -> list[PromptScores]:
+    """hidden: the step's [num_tokens, hidden] states, sequences laid end to end as scheduled. Scores the prompt
+    tokens that this step's positions predict, for the sequences that want them."""
+    rows, targets, ks, spans = prompt_rows(seqs, num_new_tokens)
     if not rows:
         return []
     lps, ranks, top = [], [], []
-    for i in range(0, len(rows), ROWS_PER_CHUNK):
+    for i, logits in prompt_logits(model, hidden, rows):
         chunk = slice(i, i + ROWS_PER_CHUNK)
-        index = torch.tensor(rows[chunk], device=hidden.device)
-        logits = model.logits(hidden[index], float32=True)
         lp, rank, best = _reduce(torch.log_softmax(logits, -1), torch.tensor(targets[chunk], device=hidden.device),
                                  ks[chunk])
         lps += lp

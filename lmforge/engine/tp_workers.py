@@ -46,6 +46,7 @@ class StepPlan:
     seqlens_k: list[int]
     tables: list[list[int]]
     logits_idx: list[int]
+    prompt_rows: list[int]  # rows whose logits score prompt tokens (prompt_logprobs), before logits_idx's
 
 
 @dataclass(frozen=True)

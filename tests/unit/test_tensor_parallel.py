@@ -97,18 +97,41 @@ def test_two_ranks_give_one_process_greedy_tokens(tmp_path, family, monkeypatch)
     assert all(not p.is_alive() for p in two.engine.tp_workers.procs)
 
 
+def test_ngram_speculation_and_prompt_logprobs_split_over_two_ranks_equal_one_process(tmp_path):
+    """N-gram speculation (verification steps of 1 + k tokens, logits at each) and prompt log-probs (logits at every
+    prompt position, in chunks, which the workers' head joins) under TP=2 give one process's tokens and log-probs."""
+    path = model_dir(tmp_path, FAMILIES["llama-uneven"])
+    spec = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}}
+    repeats = [[5, 6, 7, 8] * (2 + i) for i in range(4)]  # prompts an n-gram lookup finds drafts in
+    scored = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=3, logprobs=2)
+    one = LLM(path, **ENGINE)
+    want_tokens = [o.outputs[0].token_ids for o in one.generate(repeats, GREEDY, use_tqdm=False)]
+    want_scores = one.generate(PROMPTS, scored, use_tqdm=False)
+    two = LLM(path, **ENGINE, tensor_parallel_size=2, **spec)
+    try:
+        assert [o.outputs[0].token_ids for o in two.generate(repeats, GREEDY, use_tqdm=False)] == want_tokens
+        assert two.engine.spec_stats.num_accepted_tokens > 0
+        got_scores = two.generate(PROMPTS, scored, use_tqdm=False)
+    finally:
+        two.engine.shutdown()
+    for got, want in zip(got_scores, want_scores, strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == len(want.prompt_token_ids)
+        for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
+            assert g.keys() == w.keys()
+            assert all(abs(g[t].logprob - w[t].logprob) < 1e-5 and g[t].rank == w[t].rank for t in w)
+
+
 def test_what_is_not_supported_is_refused_with_a_message(tmp_path):
     path = model_dir(tmp_path, BASE)
     for extra in ({"enable_lora": True}, {"quantization": "int8"},
-                  {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}):
+                  {"speculative_config": {"model": "self", "num_speculative_tokens": 2}}):
         with pytest.raises(ValueError, match="tensor_parallel_size > 1 does not support"):
             LLM(path, **ENGINE, tensor_parallel_size=2, **extra)
     with pytest.raises(LmforgeError, match="exceeds the model's 2 KV heads"):
         LLM(path, **ENGINE, tensor_parallel_size=3)
     llm = LLM(path, **ENGINE, tensor_parallel_size=2)
     try:
-        with pytest.raises(ValueError, match="prompt_logprobs"):
-            llm.generate([[1, 2, 3]], SamplingParams(prompt_logprobs=1), use_tqdm=False)
         with pytest.raises(RuntimeError, match="PEFT adapter directory is not supported with tensor_parallel_size"):
             llm.engine.update_weights(str(tmp_path))
         with pytest.raises(KeyError, match="no tensor 'model.nothing'"):
