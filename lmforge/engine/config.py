@@ -67,8 +67,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.tensor_parallel_size > 1:
             spec = self.speculative_config
-            refused = [name for name, on in (("enable_lora", self.enable_lora),
-                                              ("a draft model (speculative_config)", spec and spec.method != "ngram"),
+            refused = [name for name, on in (("a draft model (speculative_config)", spec and spec.method != "ngram"),
                                               ("quantization", self.quantization is not None)) if on]
             if self.device != "cpu":
                 refused.append(f"device {self.device!r}")

@@ -32,6 +32,7 @@ from lmforge.engine.structured import (
     failed_grammars,
     grammar_start,
 )
+from lmforge.errors import LmforgeError
 from lmforge.layers.kv_quant import kv_storage_dtype
 
 log = logging.getLogger("lmforge")
@@ -98,7 +99,8 @@ class LLMEngine:
                            step_graphs=config.step_graphs and tp_workers is None,  # graphs hold no collectives
                            max_num_seqs=config.max_num_seqs)
         if tp_workers is not None:  # every rank's pool has rank 0's number of blocks (its KV heads are the most)
-            tp_workers.broadcast("runner", runner_args)
+            lora = (config.max_loras, config.max_lora_rank) if config.enable_lora else None
+            tp_workers.broadcast("runner", {**runner_args, "lora": lora})
         self.runner = ModelRunner(model, **runner_args, workers=tp_workers)
         if tp_workers is not None:
             held = tp_workers.holdings(model, self.runner)
@@ -230,16 +232,29 @@ class LLMEngine:
         from lmforge.layers.multi_lora import add_multi_lora
 
         c = self.config
-        layers = add_multi_lora(self.model, c.max_loras, c.max_lora_rank)
-        size = sum((m.lora_a.numel() + m.lora_b.numel()) * m.lora_a.element_size() for m in layers.values())
+        if self.tp_workers is not None:  # each rank keeps its parts of the adapters
+            manager = tp.lora_manager(self.model, c.max_loras, c.max_lora_rank)
+        else:
+            manager = LoRAManager(self.model, add_multi_lora(self.model, c.max_loras, c.max_lora_rank), c.max_loras,
+                                  c.max_lora_rank)
+        layers = manager.layers.values()
+        size = sum((m.lora_a.numel() + m.lora_b.numel()) * m.lora_a.element_size() for m in layers)
         log.info("LoRA: %d adapter slots of rank <= %d over %d layers, %.1f MiB", c.max_loras, c.max_lora_rank,
                  len(layers), size / 2**20)
-        return LoRAManager(self.model, layers, c.max_loras, c.max_lora_rank)
+        return manager
 
     # ---- adapters ----------------------------------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> LoadedAdapter:
         """Loads a PEFT adapter directory into a free slot, checked against the model (LmforgeError if unfit)."""
-        return self._require_loras().add(lora_request)
+        adapter = self._require_loras().add(lora_request)
+        if self.tp_workers is not None:
+            try:
+                self.tp_workers.add_lora(lora_request, adapter.slot)
+            except LmforgeError:
+                self.loras.remove(lora_request.lora_name)
+                self.tp_workers.broadcast("remove_lora", lora_request.lora_name)
+                raise
+        return adapter
 
     def remove_lora(self, name: str) -> LoadedAdapter:
         """Unloads an adapter; refused (AdapterInUseError) while requests that use it are queued or running."""
@@ -249,7 +264,10 @@ class LLMEngine:
         if busy:
             raise AdapterInUseError(f"LoRA adapter {name!r} has {len(busy)} requests in flight (e.g. {busy[0]}); "
                                     "unload it when they have finished")
-        return loras.remove(name)
+        removed = loras.remove(name)
+        if self.tp_workers is not None:
+            self.tp_workers.broadcast("remove_lora", name)
+        return removed
 
     def list_loras(self) -> list[LoadedAdapter]:
         return self.loras.loaded() if self.loras is not None else []

@@ -15,7 +15,7 @@ from torch import nn
 from lmforge.engine.sequence import Sequence
 from lmforge.errors import LmforgeError
 from lmforge.layers.lora import OUTPUT_LAYER, linear_layers, lora_scaling
-from lmforge.layers.multi_lora import NO_ADAPTER, LoraBatch, MultiLoRALinear
+from lmforge.layers.multi_lora import NO_ADAPTER, LoraBatch, MultiLoRALinear, peft_path
 from lmforge.weights.peft import CONFIG_FILE, read_adapter, read_adapter_config
 
 log = logging.getLogger("lmforge")
@@ -67,8 +67,11 @@ class AdapterInUseError(LmforgeError):
 class LoRAManager:
     """The loaded adapters of one engine and the slots they occupy. Call from the engine's own thread."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, MultiLoRALinear], max_loras: int, max_rank: int):
-        self.layers = layers
+    def __init__(self, model: nn.Module, layers: dict[str, MultiLoRALinear], max_loras: int, max_rank: int,
+                 cuts: dict | None = None):
+        """cuts (a tensor-parallel rank's, engine/tp_workers.py `lora_cuts`): per layer path, the full layer's
+        (out, in) features, which adapters are checked against, and the parts of A and B this rank keeps."""
+        self.layers, self.cuts = layers, cuts
         self.max_loras, self.max_rank = max_loras, max_rank
         if not layers:
             raise LmforgeError("the model has no projection multi-LoRA serving can adapt")
@@ -76,7 +79,8 @@ class LoRAManager:
         self._device = first.device
         # Linear layers adapters may not touch (lm_head, MoE routers and experts): checked like the others, so an
         # adapter of one is refused for what it is rather than as a mismatch, and never adapted.
-        self.unservable = {path: m for path, m in linear_layers(model).items() if not path.endswith(".base_layer")}
+        self.unservable = {peft_path(path): m for path, m in linear_layers(model).items()
+                           if not path.endswith(".base_layer")}
         self.adapters: dict[str, LoadedAdapter] = {}
         self._by_uid: dict[int, LoadedAdapter] = {}
         self._uids = itertools.count(1)
@@ -94,9 +98,9 @@ class LoRAManager:
         slots = [self._by_uid[seq.adapter_id].slot if seq.adapter_id else NO_ADAPTER for seq in seqs]
         return LoraBatch.build(slots, num_new_tokens, self._device)
 
-    def add(self, request: LoRARequest) -> LoadedAdapter:
-        """Checks the adapter against the served model and loads it into a free slot; raises LmforgeError with
-        one sentence (nothing is loaded) when it does not fit."""
+    def add(self, request: LoRARequest, slot: int | None = None) -> LoadedAdapter:
+        """Checks the adapter against the served model and loads it into a free slot (`slot`: that one); raises
+        LmforgeError with one sentence (nothing is loaded) when it does not fit."""
         name, where = request.lora_name, request.lora_path
         if name in self.adapters:
             raise LmforgeError(f"a LoRA adapter named {name!r} is already loaded (from "
@@ -118,7 +122,8 @@ class LoRAManager:
         if cfg.rank > self.max_rank:
             raise LmforgeError(f"{file}: r = {cfg.rank} exceeds the engine's max_lora_rank={self.max_rank}; raise "
                                "--max-lora-rank")
-        files = read_adapter(where, {**self.unservable, **self.layers})
+        shapes = self.layers if self.cuts is None else {p: cut.full for p, cut in self.cuts.items()}
+        files = read_adapter(where, {**self.unservable, **shapes})
         if not files.modules:
             raise LmforgeError(f"{files.file} holds no LoRA tensors; nothing would change the base model's outputs")
         if outside := sorted(set(files.modules) - set(self.layers)):
@@ -130,11 +135,14 @@ class LoRAManager:
             key = next(iter(files.full.values()))[0]
             raise LmforgeError(f"{files.file}: {key!r} is a whole-module tensor (modules_to_save), which multi-LoRA "
                                "serving cannot swap per request")
-        slot = min(set(range(self.max_loras)) - used)
+        slot = min(set(range(self.max_loras)) - used) if slot is None else slot
         scaling = lora_scaling(cfg.alpha, cfg.rank, cfg.rslora)
         try:
             for path, parts in files.modules.items():
-                self.layers[path].set_slot(slot, parts["A"][1], parts["B"][1], scaling)
+                a, b = parts["A"][1], parts["B"][1]
+                if self.cuts is not None:
+                    a, b = self.cuts[path].a(a), self.cuts[path].b(b)
+                self.layers[path].set_slot(slot, a, b, scaling)
         except ValueError as e:  # values that overflow the served dtype
             self._clear(slot)
             raise LmforgeError(f"{files.file}: {path}: {e}") from None

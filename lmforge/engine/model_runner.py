@@ -188,6 +188,8 @@ class ModelRunner:
     def run_plan(self, plan: StepPlan) -> torch.Tensor | None:
         """A tensor-parallel worker's step: the same forward (and LM head) as rank 0's, whose collectives it joins."""
         ids, positions, meta = self.inputs(plan)
+        if plan.lora_slots:
+            meta = dataclasses.replace(meta, lora=LoraBatch.build(list(plan.lora_slots), plan.seqlens_q, self.device))
         with self.context():
             hidden = self.forward(ids, positions, meta)
             for _ in prompt_logits(self.model, hidden, plan.prompt_rows):  # rank 0's prompt log-prob chunks
@@ -232,7 +234,7 @@ class ModelRunner:
         which adapter (multi-LoRA serving), None when no sequence of the step uses one."""
         plan, rows = self.plan(batch)
         if self.workers is not None:
-            self.workers.broadcast("step", plan)
+            self.workers.broadcast("step", dataclasses.replace(plan, lora_slots=lora.per_seq) if lora else plan)
         ids, positions, meta = self.inputs(plan)
         if lora is not None:
             meta = dataclasses.replace(meta, lora=lora)

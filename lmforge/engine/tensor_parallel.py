@@ -17,6 +17,7 @@ same way for each rank.
 
 import dataclasses
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -76,9 +77,10 @@ class RowParallel(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        self.takes_lora = not hasattr(inner, "experts")  # a mixture's block takes none (its experts get no LoRA)
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
-        y = self.inner(x) if lora is None else self.inner(x, lora)  # Mixtral's experts block takes no lora
+        y = self.inner(x, lora) if self.takes_lora else self.inner(x)
         all_reduce(y)
         return y
 
@@ -252,3 +254,29 @@ def shard_model(model: nn.Module, rank: int, world: int) -> Shares:
         cut = c.cuts.get(by_id[id(p)], (p, Share(tuple(p.shape))))
         shares[name] = (held[id(cut[0])], cut[1]) if cut is not None and id(cut[0]) in held else None
     return shares
+
+
+@dataclass(frozen=True)
+class LoraCut:
+    """What a rank keeps of a served LoRA adapter's A [r, in] and B [out, r] for a layer whose weight it holds
+    `weight` of: a row-parallel layer's A columns (its partial products are summed by the layer's all-reduce), a
+    column-parallel layer's B rows; `full` is the whole layer's shape, which adapters are checked against."""
+
+    weight: Share
+
+    @property
+    def full(self) -> SimpleNamespace:
+        return SimpleNamespace(out_features=self.weight.full[0], in_features=self.weight.full[1])
+
+    def a(self, a: torch.Tensor) -> torch.Tensor:
+        split = self.weight.dim == 1 and self.weight.spans is not None
+        return Share(tuple(a.shape), 1, self.weight.spans).take(a) if split else a
+
+    def b(self, b: torch.Tensor) -> torch.Tensor:
+        split = self.weight.dim == 0 and self.weight.spans is not None
+        return Share(tuple(b.shape), 0, self.weight.spans, self.weight.rows).take(b) if split else b
+
+
+def lora_cuts(shares: Shares, paths) -> dict[str, LoraCut]:
+    """The LoraCut of each servable layer (by the module path PEFT's keys name) from the rank's shares."""
+    return {path: LoraCut(shares[f"{path}.weight"][1]) for path in paths}

@@ -47,6 +47,7 @@ class StepPlan:
     tables: list[list[int]]
     logits_idx: list[int]
     prompt_rows: list[int]  # rows whose logits score prompt tokens (prompt_logprobs), before logits_idx's
+    lora_slots: tuple[int, ...] = ()  # each sequence's LoRA slot (multi-LoRA serving); () when none uses one
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def empty_shard(cfg: dict, where: str, dtype: torch.dtype, rank: int, world: int
     model = model.to_empty(device="cpu")
     if args.tie_word_embeddings:  # to_empty allocates shared parameters separately
         model.lm_head.inner.weight = model.model.embed_tokens.weight
-    model.config = cfg
+    model.config, model.tp_shares = cfg, shares
     return model.eval(), shares
 
 
@@ -261,6 +262,18 @@ class Workers:
                     if (held := self.shares[rank][name]) is not None:
                         dist.send(held[1].take(value.detach()).to(dtype).contiguous(), dst=rank)
 
+    def add_lora(self, request, slot: int) -> None:
+        """Every other rank loads the adapter into `slot` (rank 0 has); LmforgeError naming the first rank that
+        could not (e.g. the directory is not on its machine)."""
+        self.broadcast("add_lora", (request, slot))
+        errors = [None] * self.world
+        with self.watch():
+            dist.gather_object(None, errors, dst=0)
+        failed = [(rank, error) for rank, error in enumerate(errors) if error]
+        if failed:
+            raise LmforgeError(f"LoRA adapter {request.lora_name!r}: tensor parallel rank {failed[0][0]} could not "
+                               f"load it ({failed[0][1]})")
+
     def holdings(self, model: nn.Module, runner) -> list[dict[str, int]]:
         """Every rank's weight, KV-pool and checkpoint-read bytes (rank 0's from `model` and `runner`), in rank
         order."""
@@ -333,9 +346,20 @@ def _worker(source, rank: int, world: int, init_method: str, shm: str | None, th
         _serve(*load_shard(source, rank, world))
 
 
+def lora_manager(model: nn.Module, max_loras: int, max_rank: int):
+    """Multi-LoRA slots over a rank's share of the model: adapters are checked against the whole layers and each
+    rank keeps its parts of them (tensor_parallel.LoraCut)."""
+    from lmforge.engine.lora_manager import LoRAManager
+    from lmforge.engine.tensor_parallel import lora_cuts
+    from lmforge.layers.multi_lora import add_multi_lora
+
+    layers = add_multi_lora(model, max_loras, max_rank)
+    return LoRAManager(model, layers, max_loras, max_rank, lora_cuts(model.tp_shares, layers))
+
+
 def _serve(model: nn.Module, shares: Shares) -> None:
     """Runs rank 0's commands until "stop", then leaves the group."""
-    runner = None
+    runner = loras = None
     with torch.inference_mode():
         while True:
             command = [None]
@@ -344,7 +368,18 @@ def _serve(model: nn.Module, shares: Shares) -> None:
             if kind == "runner":
                 from lmforge.engine.model_runner import ModelRunner
 
+                lora = payload.pop("lora")
+                loras = lora_manager(model, *lora) if lora else None
                 runner = ModelRunner(model, **payload)
+            elif kind == "add_lora":
+                error = None
+                try:
+                    loras.add(*payload)
+                except Exception as e:  # reported to rank 0, which unloads the adapter everywhere
+                    error = f"{type(e).__name__}: {e}"
+                dist.gather_object(error, None, dst=0)
+            elif kind == "remove_lora" and loras.get(payload) is not None:  # absent where its loading failed
+                loras.remove(payload)
             elif kind == "warm_up":
                 runner.warm_up()
             elif kind == "step":

@@ -25,6 +25,7 @@ class LoraBatch:
     slice when they lie end to end, else an index tensor); tokens in no group are served by the base model."""
 
     rows: dict[int, slice | torch.Tensor]
+    per_seq: tuple[int, ...] = ()  # the slot of each sequence of the step (NO_ADAPTER: none), as built from
 
     @property
     def slots(self) -> frozenset[int]:
@@ -47,7 +48,7 @@ class LoraBatch:
             return None
         rows = {slot: slice(*runs[0]) if len(runs) == 1 else
                 torch.cat([torch.arange(a, b) for a, b in runs]).to(device) for slot, runs in spans.items()}
-        return cls(rows)
+        return cls(rows, tuple(slots))
 
 
 class MultiLoRALinear(nn.Module):
@@ -121,13 +122,19 @@ def servable(path: str) -> bool:
     return path.rpartition(".")[2] in SERVABLE and ".experts." not in path
 
 
+def peft_path(path: str) -> str:
+    """The module path PEFT's keys name for a layer at `path`: a tensor-parallel rank's row-parallel products
+    (engine/tensor_parallel.py RowParallel) hold theirs one level down, as `.inner`."""
+    return path.removesuffix(".inner")
+
+
 def add_multi_lora(model: nn.Module, max_loras: int, max_rank: int) -> dict[str, MultiLoRALinear]:
     """Wraps every servable plain Linear or QuantLinear of the model in a MultiLoRALinear (empty slots: the base
-    model's outputs); returns them by module path, which is the path PEFT's keys name."""
+    model's outputs); returns them by the module path PEFT's keys name."""
     layers = {}
     for path, module in list(model.named_modules()):
-        if type(module) in (Linear, QuantLinear) and servable(path):
+        if type(module) in (Linear, QuantLinear) and servable(peft_path(path)):
             parent, _, name = path.rpartition(".")
-            layers[path] = MultiLoRALinear(module, max_loras, max_rank)
-            setattr(model.get_submodule(parent), name, layers[path])
+            layers[peft_path(path)] = MultiLoRALinear(module, max_loras, max_rank)
+            setattr(model.get_submodule(parent), name, layers[peft_path(path)])
     return layers

@@ -19,11 +19,13 @@ import torch
 
 from lmforge import LLM, SamplingParams
 from lmforge.engine import shm_comm, tensor_parallel, tp_workers
+from lmforge.engine.lora_manager import LoRARequest
 from lmforge.engine.model_runner import kv_bytes_per_block
 from lmforge.engine.tensor_parallel import share
 from lmforge.engine.tp_workers import WorkerDied
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
+from tests.adapters import save_peft_adapter
 from tests.tiny import tiny_model, write_tiny
 from tests.tokenizer_refs import llama_style_dir
 from tests.unit.test_live_engine import BASE, VOCAB, assert_same, snapshot
@@ -122,9 +124,49 @@ def test_ngram_speculation_and_prompt_logprobs_split_over_two_ranks_equal_one_pr
             assert all(abs(g[t].logprob - w[t].logprob) < 1e-5 and g[t].rank == w[t].rank for t in w)
 
 
+@pytest.mark.parametrize("family", ["llama-uneven", "phi3"])
+def test_lora_adapters_split_over_two_ranks_give_one_process_tokens(tmp_path, family):
+    """Two PEFT adapters (rank 4 on q/v or Phi-3's fused q/k/v; rank 8 rsLoRA on every linear) served to a mixed
+    batch: each rank keeps its rows of B (column-parallel products) or columns of A (row-parallel ones, summed by
+    their all-reduce), and TP=2 gives one process's greedy tokens, also after an adapter is unloaded and loaded
+    again. An adapter that does not fit is refused on every rank and the engine serves on."""
+    pytest.importorskip("peft")
+    path = model_dir(tmp_path, {**FAMILIES[family], "pad_token_id": 0})  # transformers' Phi-3 default is 32000
+    cls, few = ("Phi3ForCausalLM", ["qkv_proj"]) if family == "phi3" else ("LlamaForCausalLM", ["q_proj", "v_proj"])
+    save_peft_adapter(path, tmp_path / "a", cls, r=4, lora_alpha=8, target_modules=few)
+    save_peft_adapter(path, tmp_path / "b", cls, seed=2, r=8, lora_alpha=4, target_modules="all-linear",
+                      use_rslora=True)
+    a, b = LoRARequest("a", 1, str(tmp_path / "a")), LoRARequest("b", 2, str(tmp_path / "b"))
+    which = [None, a, b, a, None, b]
+    engine = dict(ENGINE, enable_lora=True, max_loras=2, max_lora_rank=8)
+    one = LLM(path, **engine)
+    expected = [o.outputs[0].token_ids for o in one.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=which)]
+    assert expected[1] != greedy(one)[1]  # the adapters change the outputs
+    two = LLM(path, **engine, tensor_parallel_size=2)
+    try:
+        got = two.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=which)
+        assert [o.outputs[0].token_ids for o in got] == expected
+        two.remove_lora("a")
+        two.add_lora(a)
+        got = two.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=which)
+        assert [o.outputs[0].token_ids for o in got] == expected
+        save_peft_adapter(path, tmp_path / "wide", cls, r=16, lora_alpha=16, target_modules=few)
+        wide = LoRARequest("wide", 3, str(tmp_path / "wide"))
+        with pytest.raises(LmforgeError, match="max_loras=2 adapters are already loaded"):
+            two.add_lora(wide)
+        two.remove_lora("b")
+        with pytest.raises(LmforgeError, match="exceeds the engine's max_lora_rank=8"):
+            two.add_lora(wide)
+        two.add_lora(b)
+        assert [o.outputs[0].token_ids for o in two.generate(PROMPTS, GREEDY, use_tqdm=False,
+                                                              lora_request=which)] == expected
+    finally:
+        two.engine.shutdown()
+
+
 def test_what_is_not_supported_is_refused_with_a_message(tmp_path):
     path = model_dir(tmp_path, BASE)
-    for extra in ({"enable_lora": True}, {"quantization": "int8"},
+    for extra in ({"quantization": "int8"},
                   {"speculative_config": {"model": "self", "num_speculative_tokens": 2}}):
         with pytest.raises(ValueError, match="tensor_parallel_size > 1 does not support"):
             LLM(path, **ENGINE, tensor_parallel_size=2, **extra)
