@@ -68,7 +68,7 @@ class EngineConfig:
         if self.tensor_parallel_size > 1:
             spec = self.speculative_config
             refused = [name for name, on in (("a draft model (speculative_config)", spec and spec.method != "ngram"),
-                                              ("quantization", self.quantization is not None)) if on]
+                                              ("quantization='gguf'", self.quantization == "gguf")) if on]
             if self.device != "cpu":
                 refused.append(f"device {self.device!r}")
             if refused:

@@ -145,10 +145,10 @@ class LLMEngine:
         world, workers = config.tensor_parallel_size, None
         try:
             if world > 1:  # ranks > 0 of a torchrun launch serve rank 0 inside join() and exit there
-                tp.check_splittable(config.model, model_dir)
+                tp.check_splittable(config.model, model_dir, config.quantization)
                 launch = tp.launched()
                 workers = tp.Workers.join(config, launch) if launch else tp.Workers.start(config, world)
-                (model, _), quantization = tp.load_shard(config, 0, world), None
+                (model, _), quantization = tp.load_shard(config, 0, world), config.quantization
             else:
                 model, quantization = load_for_serving(config.model, model_dir, config.quantization,
                                                        compute_dtype(config.dtype, config.device), config.device)

@@ -158,9 +158,8 @@ class _Cutter:
 
 def _plain(layer: nn.Module, where: str) -> Linear:
     if type(layer) is not Linear:
-        raise LmforgeError(f"tensor parallelism: {where} is a {type(layer).__name__}; only plain (float) linear "
-                           "layers are split (quantised weights and LoRA are not supported with "
-                           "tensor_parallel_size > 1)")
+        raise LmforgeError(f"tensor parallelism: {where} is a {type(layer).__name__}; only float linear layers are "
+                           "split (quantization int8 / int4 quantises each rank's share after the split)")
     return layer
 
 

@@ -76,14 +76,16 @@ def empty_shard(cfg: dict, where: str, dtype: torch.dtype, rank: int, world: int
     return model.eval(), shares
 
 
-def check_splittable(spec, model_dir: Path) -> dict:
-    """The config.json of a checkpoint tensor parallelism can split (float weights), else a clear error."""
+def check_splittable(spec, model_dir: Path, quantization: str | None = None) -> dict:
+    """The config.json of a checkpoint tensor parallelism can split (float weights, quantised after the split or
+    not), else a clear error."""
     from lmforge.models.config import read_config
     from lmforge.weights.quantized import CONFIG_KEY
 
-    if str(spec).endswith(".gguf"):
-        raise LmforgeError(f"tensor parallelism splits float weights; {spec} is served by the GGUF kernels in one "
-                           "process (convert it to a model directory first: lmforge convert)")
+    if str(spec).endswith(".gguf") or quantization == "gguf":
+        raise LmforgeError(f"tensor parallelism splits float weights; {spec} as GGUF blocks is served by the GGUF "
+                           "kernels in one process (convert it to a model directory first: lmforge convert, then "
+                           "quantization int8 or int4 quantises each rank's share)")
     cfg = read_config(model_dir)
     if CONFIG_KEY in cfg:
         raise LmforgeError(f"{model_dir} holds quantised weights; tensor parallelism splits float weights only")
@@ -98,12 +100,16 @@ def load_shard(config, rank: int, world: int) -> tuple[nn.Module, Shares]:
     from lmforge.weights.resolve import resolve_model
 
     model_dir = Path(resolve_model(config.model))
-    cfg = check_splittable(config.model, model_dir)
+    cfg = check_splittable(config.model, model_dir, config.quantization)
     dtype = resolve_dtype(compute_dtype(config.dtype, config.device), cfg, "cpu")
     model, shares = empty_shard(cfg, str(model_dir / "config.json"), dtype, rank, world)
     t0 = time.perf_counter()
     read = load_weights(model, model_dir, progress=rank == 0, shares=shares)
     log.info("rank %d read its %.0f MiB of the checkpoint in %.1fs", rank, read / 2**20, time.perf_counter() - t0)
+    if config.quantization is not None:  # each rank quantises its own share (blocks along its input features)
+        from lmforge.weights.quantized import quantize_model
+
+        quantize_model(model, config.quantization)
     model.bytes_read = read
     return model, shares
 

@@ -56,7 +56,8 @@ def quantize_model(model: nn.Module, method: str) -> None:
     if method not in ("int8", "int4"):
         raise LmforgeError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
     for path, layer in quantizable(model).items():
-        _replace(model, path, QuantLinear.quantize(layer, "int8" if path == "lm_head" else method))
+        head = path.removesuffix(".inner") == "lm_head"  # a tensor-parallel rank's head holds its slice as .inner
+        _replace(model, path, QuantLinear.quantize(layer, "int8" if head else method))
     _skipped(model)
 
 

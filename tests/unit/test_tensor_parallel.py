@@ -164,10 +164,27 @@ def test_lora_adapters_split_over_two_ranks_give_one_process_tokens(tmp_path, fa
         two.engine.shutdown()
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantised_shares_give_one_process_quantised_tokens(tmp_path, method):
+    """quantization int8 / int4 quantises each rank's float share after the split: with shares whose input spans
+    fall on the 32-value quantisation blocks (o: 2 heads x 16, down: 64 features) every block is the one-process
+    model's, and TP=2 gives its greedy tokens; each rank holds half the quantised bytes."""
+    config = {**BASE, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+    path = model_dir(tmp_path, config)
+    one = LLM(path, **ENGINE, quantization=method)
+    two = LLM(path, **ENGINE, quantization=method, tensor_parallel_size=2)
+    try:
+        assert two.engine.quantization == method
+        assert greedy(two) == greedy(one)
+        held = two.engine.tp_workers.holdings(two.engine.model, two.engine.runner)
+        assert all(0.45 < rank["weights"] / one.engine.weight_bytes < 0.56 for rank in held), held
+    finally:
+        two.engine.shutdown()
+
+
 def test_what_is_not_supported_is_refused_with_a_message(tmp_path):
     path = model_dir(tmp_path, BASE)
-    for extra in ({"quantization": "int8"},
-                  {"speculative_config": {"model": "self", "num_speculative_tokens": 2}}):
+    for extra in ({"quantization": "gguf"}, {"speculative_config": {"model": "self", "num_speculative_tokens": 2}}):
         with pytest.raises(ValueError, match="tensor_parallel_size > 1 does not support"):
             LLM(path, **ENGINE, tensor_parallel_size=2, **extra)
     with pytest.raises(LmforgeError, match="exceeds the model's 2 KV heads"):
