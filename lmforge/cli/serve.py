@@ -193,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
     config = dataclasses.replace(engine_config(args), enable_lora=bool(loras) or args.enable_lora or runtime_lora,
                                  max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                                  reasoning_parser=args.reasoning_parser)
+    if args.data_parallel_size > 1 and args.tensor_parallel_size > 1:
+        raise LmforgeError("--data-parallel-size with --tensor-parallel-size > 1 is not supported yet: the replicas "
+                           "share one process, which holds one torch.distributed group; start a server per "
+                           "tensor-parallel replica instead")
     if args.data_parallel_size > 1 and tp_workers.launched():
         raise LmforgeError("--data-parallel-size starts its replicas in this process; under torchrun / srun launch "
                            "one process per tensor-parallel rank without it")

@@ -92,3 +92,8 @@ def test_tool_and_reasoning_flags_are_checked(capsys, model_dir):
     # the tiny model's tokenizer has no <think> / </think> tokens: a reasoning parser does not fit it
     err = one_line_error(capsys, ["serve", str(model_dir), "--dtype", "float32", "--reasoning-parser", "qwen3"])
     assert "--reasoning-parser qwen3: this model's tokenizer has no <think> / </think> tokens" in err
+
+
+def test_replicas_of_a_split_model_are_refused_before_the_model_loads(capsys):
+    assert "--data-parallel-size with --tensor-parallel-size > 1 is not supported yet" in \
+        one_line_error(capsys, ["serve", "--data-parallel-size", "2", "--tensor-parallel-size", "2"])
