@@ -177,7 +177,8 @@ class LLMEngine:
         if self.tp_workers is not None:
             if isinstance(weights, (str, Path)):
                 raise RuntimeError("update_weights from a PEFT adapter directory is not supported with "
-                                   "tensor_parallel_size > 1 (LoRA is not split over ranks yet)")
+                                   "tensor_parallel_size > 1 (a live model's LoRA layers are not split); serve "
+                                   "adapters with enable_lora and add_lora")
             if weights is None and self.live is not None:
                 weights = dict(self.live.named_parameters())
             self.tp_workers.set_weights(self.model, weights or {})
