@@ -181,7 +181,8 @@ class ModelRunner:
         device = self.device
         meta = AttnMeta.for_paged(plan.seqlens_q, plan.seqlens_k, torch.tensor(plan.slots, device=device),
                                   torch.tensor(plan.tables, device=device),
-                                  torch.tensor(plan.logits_idx, device=device), block_size=self.block_size)
+                                  torch.tensor(plan.logits_idx, device=device), block_size=self.block_size,
+                                  num_blocks=self.kv_shape[0])
         return torch.tensor(plan.ids, device=device), torch.tensor(plan.positions, device=device), meta
 
     @torch.inference_mode()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.kernels import usable
+from lmforge.layers import flex_paged
 from lmforge.layers.kv_quant import dequantize_int8, quantize_int8
 from lmforge.layers.train_kernels import causal_attention, kernel_attention
 from lmforge.layers.varlen import grouped_attention, prefix_sources
@@ -77,6 +78,7 @@ class AttnMeta:
     # attends to before its own (a shared prompt: a preference pair's, a GRPO group's); None: none
     prefixes: tuple[int, ...] | None = None
     static: StaticDecode | None = None  # a fixed-shape decode step (CUDA graphs)
+    flex: "flex_paged.FlexStep | None" = None  # the whole step through FlexAttention (CUDA)
 
     @classmethod
     def for_training(cls, cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> "AttnMeta":
@@ -106,12 +108,17 @@ class AttnMeta:
     @classmethod
     def for_paged(cls, seqlens_q: list[int], seqlens_k: list[int], slot_mapping: torch.Tensor,
                   block_tables: torch.Tensor, logits_indices: torch.Tensor | None = None,
-                  block_size: int | None = None) -> "AttnMeta":
+                  block_size: int | None = None, num_blocks: int | None = None) -> "AttnMeta":
         """New tokens of several sequences whose keys and values go into (and come from) a paged cache.
-        With block_size given, sequences with one new token are attended in one batched call."""
+        With block_size given, sequences with one new token are attended in one batched call; with num_blocks (the
+        pool's) too, on a device FlexAttention serves, the whole step in one call (layers/flex_paged.py)."""
         device = slot_mapping.device
         cu = torch.zeros(len(seqlens_q) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seqlens_q, dtype=torch.int32).cumsum(0)
+        if block_size is not None and num_blocks is not None and flex_paged.enabled(device):
+            flex = flex_paged.FlexStep.build(seqlens_q, seqlens_k, block_tables, num_blocks, block_size)
+            return cls(cu.to(device), tuple(seqlens_q), tuple(seqlens_k), slot_mapping, block_tables, logits_indices,
+                       flex=flex)
         decode = kernel = None
         if kernels.available(device) is not None:  # in bitwise mode every sequence (as training's attention)
             rows = tuple(i for i, (n, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True))
@@ -202,6 +209,9 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     if meta.static is not None:
         _write_cache(kv, k, v, meta.slot_mapping)
         return _static_decode(q, kv, meta.static, scale, window)
+    if meta.flex is not None and len(kv) == 2:  # an int8 cache takes the gathering path (it dequantises)
+        _write_cache(kv, k, v, meta.slot_mapping)
+        return flex_paged.flex_paged_attention(q, kv[0], kv[1], meta.flex, scale, window)
     k_cache, v_cache, *scales = kv  # scales: an int8 cache's (key scales, value scales)
     block_size = k_cache.shape[1]
     ops = usable(q) if meta.kernel is not None and (k_cache.dtype == q.dtype or scales) else None

@@ -1,16 +1,20 @@
 """The CUDA paths' logic on the CPU (issue 23; tests/gpu/ proves them on a GPU): the fixed-shape decode attention
 that CUDA graphs replay gives the engine's greedy tokens, with its static buffers, padding rows, scratch slot and
-table widths exercised through the same `DecodeGraphs` whose capture is swapped for an eager run; and the KV budget
-planned from the GPU's memory (gpu_memory_utilization), with its error when nothing is left."""
+table widths exercised through the same `DecodeGraphs` whose capture is swapped for an eager run; a whole step's
+paged attention through FlexAttention's mask over the pool (its unfused reference here) equals per-sequence SDPA and
+gives the engine's tokens, shared prefix blocks and sliding windows included; and the KV budget planned from the
+GPU's memory (gpu_memory_utilization), with its error when nothing is left."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge import LLM, SamplingParams
 from lmforge.engine import config as engine_config
 from lmforge.engine.config import EngineConfig, kv_budget_bytes, step_activation_bytes
 from lmforge.engine.cuda_graph import DecodeGraphs, graph_sizes
 from lmforge.errors import LmforgeError
+from lmforge.layers import flex_paged
 from tests.tiny import write_tiny
 from tests.tokenizer_refs import llama_style_dir
 from tests.unit.test_live_engine import BASE
@@ -87,3 +91,52 @@ def test_a_steps_activation_bound_grows_with_its_tokens_and_sequences():
     assert 0 < small < large
     assert step_activation_bytes(args, EngineConfig(max_num_seqs=256), torch.float32) > \
         step_activation_bytes(args, EngineConfig(max_num_seqs=8), torch.float32)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_a_steps_flex_attention_over_the_pool_equals_each_sequence_alone(window):
+    """Three sequences in one step: a 7-token prompt chunk after 5 cached tokens, a decode after 9, a fresh
+    6-token prompt; the first two share their first block (a prefix-cache hit); 6 query / 2 KV heads."""
+    torch.manual_seed(0)
+    bs, blocks, kvh, heads, dim = 4, 12, 2, 6, 8
+    k_cache, v_cache = torch.randn(blocks, bs, kvh, dim), torch.randn(blocks, bs, kvh, dim)
+    tables = torch.tensor([[3, 5, 7, 0], [3, 9, 2, 0], [6, 4, 0, 0]])
+    seqlens_q, seqlens_k = [7, 1, 6], [12, 10, 6]
+    q = torch.randn(sum(seqlens_q), heads, dim)
+    step = flex_paged.FlexStep.build(seqlens_q, seqlens_k, tables, blocks, bs)
+    got = flex_paged.flex_paged_attention(q, k_cache, v_cache, step, 0.3, window)
+    start = 0
+    for i, (lq, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True)):
+        keys = k_cache[tables[i]].flatten(0, 1)[:lk].repeat_interleave(heads // kvh, 1)
+        values = v_cache[tables[i]].flatten(0, 1)[:lk].repeat_interleave(heads // kvh, 1)
+        pos_q, pos_k = torch.arange(lk - lq, lk)[:, None], torch.arange(lk)[None, :]
+        allowed = (pos_k <= pos_q) & ((pos_q - pos_k < window) if window else True)
+        want = F.scaled_dot_product_attention(q[start:start + lq].transpose(0, 1), keys.transpose(0, 1),
+                                              values.transpose(0, 1), attn_mask=allowed, scale=0.3).transpose(0, 1)
+        torch.testing.assert_close(got[start:start + lq], want, rtol=1e-5, atol=1e-5)
+        start += lq
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-window", "qwen3"])
+def test_engine_steps_through_flex_attention_give_the_engines_greedy_tokens(tmp_path, family, monkeypatch):
+    """The engine with FlexAttention serving its paged steps (as on CUDA; kernels off): chunked prefill, decode and
+    prompts sharing a cached prefix give the default engine's greedy tokens."""
+    llama_style_dir(tmp_path)
+    path = str(write_tiny(tmp_path, FAMILIES[family]))
+    shared = [9, 8, 7, 6, 5, 4, 3, 2]
+    prompts = [shared + [1 + (7 * i + 3 * j) % 500 for j in range(2 + 4 * i)] for i in range(5)]
+    engine = dict(ENGINE, kv_cache_memory=0.001, max_num_batched_tokens=16)  # long prompts prefill in chunks
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    def run(llm: LLM) -> list[list[int]]:  # the first prompt alone, then all: the others find its prefix cached
+        first = llm.generate(prompts[:1], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in first + llm.generate(prompts[1:], params, use_tqdm=False)]
+
+    expected = run(LLM(path, **engine))
+    monkeypatch.setattr(flex_paged, "DEVICES", ("cpu", "cuda"))
+    llm = LLM(path, **engine, enforce_eager=True)
+    calls = []
+    original = flex_paged.flex_paged_attention
+    monkeypatch.setattr(flex_paged, "flex_paged_attention", lambda *a: calls.append(1) or original(*a))
+    assert run(llm) == expected
+    assert calls and llm.engine.block_manager.prefix_hits > 0
