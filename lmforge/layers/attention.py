@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.kernels import usable
-from lmforge.layers import flex_paged
+from lmforge.layers import flex
 from lmforge.layers.kv_quant import dequantize_int8, quantize_int8
 from lmforge.layers.train_kernels import causal_attention, kernel_attention
 from lmforge.layers.varlen import grouped_attention, prefix_sources
@@ -78,7 +78,7 @@ class AttnMeta:
     # attends to before its own (a shared prompt: a preference pair's, a GRPO group's); None: none
     prefixes: tuple[int, ...] | None = None
     static: StaticDecode | None = None  # a fixed-shape decode step (CUDA graphs)
-    flex: "flex_paged.FlexStep | None" = None  # the whole step through FlexAttention (CUDA)
+    flex: "flex.FlexStep | flex.FlexDocs | None" = None  # the whole step through FlexAttention (CUDA)
 
     @classmethod
     def for_training(cls, cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> "AttnMeta":
@@ -87,8 +87,9 @@ class AttnMeta:
         Batch.prefix_lens): a preference pair's rejected answer reads the chosen document's prompt, each completion
         of a GRPO group the group's first document's."""
         lens = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+        docs = flex.FlexDocs.build(lens, None, cu_seqlens.device) if flex.enabled(cu_seqlens.device) else None
         if prefix_lens is None:
-            return cls(cu_seqlens.to(torch.int32), lens, lens)
+            return cls(cu_seqlens.to(torch.int32), lens, lens, flex=docs)
         prefixes = tuple(prefix_lens.tolist())
         sources = prefix_sources(prefixes)
         if len(prefixes) != len(lens) or any(
@@ -96,8 +97,10 @@ class AttnMeta:
             raise ValueError(f"prefix_lens {prefixes} do not fit documents of {lens} tokens: document i may attend "
                              "to at most the length of the last document before it without a prefix, and the first "
                              "has none before it")
+        if docs is not None:
+            docs = flex.FlexDocs.build(lens, prefixes, cu_seqlens.device)
         return cls(cu_seqlens.to(torch.int32), lens, tuple(p + n for p, n in zip(prefixes, lens, strict=True)),
-                   prefixes=prefixes)
+                   prefixes=prefixes, flex=docs)
 
     @classmethod
     def for_sequences(cls, seqlens: list[int], device: torch.device | str = "cpu") -> "AttnMeta":
@@ -111,14 +114,14 @@ class AttnMeta:
                   block_size: int | None = None, num_blocks: int | None = None) -> "AttnMeta":
         """New tokens of several sequences whose keys and values go into (and come from) a paged cache.
         With block_size given, sequences with one new token are attended in one batched call; with num_blocks (the
-        pool's) too, on a device FlexAttention serves, the whole step in one call (layers/flex_paged.py)."""
+        pool's) too, on a device FlexAttention serves, the whole step in one call (layers/flex.py)."""
         device = slot_mapping.device
         cu = torch.zeros(len(seqlens_q) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seqlens_q, dtype=torch.int32).cumsum(0)
-        if block_size is not None and num_blocks is not None and flex_paged.enabled(device):
-            flex = flex_paged.FlexStep.build(seqlens_q, seqlens_k, block_tables, num_blocks, block_size)
+        if block_size is not None and num_blocks is not None and flex.enabled(device):
+            step = flex.FlexStep.build(seqlens_q, seqlens_k, block_tables, num_blocks, block_size)
             return cls(cu.to(device), tuple(seqlens_q), tuple(seqlens_k), slot_mapping, block_tables, logits_indices,
-                       flex=flex)
+                       flex=step)
         decode = kernel = None
         if kernels.available(device) is not None:  # in bitwise mode every sequence (as training's attention)
             rows = tuple(i for i, (n, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True))
@@ -171,6 +174,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
     """q [T, H, D], k/v [T, KVH, D] for the new tokens -> [T, H, D]."""
     if kv is not None:
         return _paged_attention(q, k, v, meta, kv, scale, window)
+    if meta.flex is not None:  # packed documents on the GPU (for_training)
+        return flex.packed_attention(q, k, v, meta.flex, scale, window)
     lens = meta.seqlens_q
     if kernels.in_bitwise():  # the engine's kernel, in the engine's order (torch's path gives its gradient)
         reference = partial(_varlen, lens=lens, prefixes=meta.prefixes, scale=scale, window=window)
@@ -211,7 +216,7 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
         return _static_decode(q, kv, meta.static, scale, window)
     if meta.flex is not None and len(kv) == 2:  # an int8 cache takes the gathering path (it dequantises)
         _write_cache(kv, k, v, meta.slot_mapping)
-        return flex_paged.flex_paged_attention(q, kv[0], kv[1], meta.flex, scale, window)
+        return flex.flex_paged_attention(q, kv[0], kv[1], meta.flex, scale, window)
     k_cache, v_cache, *scales = kv  # scales: an int8 cache's (key scales, value scales)
     block_size = k_cache.shape[1]
     ops = usable(q) if meta.kernel is not None and (k_cache.dtype == q.dtype or scales) else None

@@ -2,7 +2,8 @@
 that CUDA graphs replay gives the engine's greedy tokens, with its static buffers, padding rows, scratch slot and
 table widths exercised through the same `DecodeGraphs` whose capture is swapped for an eager run; a whole step's
 paged attention through FlexAttention's mask over the pool (its unfused reference here) equals per-sequence SDPA and
-gives the engine's tokens, shared prefix blocks and sliding windows included; and the KV budget planned from the
+gives the engine's tokens, shared prefix blocks and sliding windows included, and packed training documents through
+it (shared prompts too) give the SDPA path's outputs; and the KV budget planned from the
 GPU's memory (gpu_memory_utilization), with its error when nothing is left."""
 
 import pytest
@@ -14,7 +15,8 @@ from lmforge.engine import config as engine_config
 from lmforge.engine.config import EngineConfig, kv_budget_bytes, step_activation_bytes
 from lmforge.engine.cuda_graph import DecodeGraphs, graph_sizes
 from lmforge.errors import LmforgeError
-from lmforge.layers import flex_paged
+from lmforge.layers import flex
+from lmforge.layers.attention import AttnMeta, attention
 from tests.tiny import write_tiny
 from tests.tokenizer_refs import llama_style_dir
 from tests.unit.test_live_engine import BASE
@@ -103,8 +105,8 @@ def test_a_steps_flex_attention_over_the_pool_equals_each_sequence_alone(window)
     tables = torch.tensor([[3, 5, 7, 0], [3, 9, 2, 0], [6, 4, 0, 0]])
     seqlens_q, seqlens_k = [7, 1, 6], [12, 10, 6]
     q = torch.randn(sum(seqlens_q), heads, dim)
-    step = flex_paged.FlexStep.build(seqlens_q, seqlens_k, tables, blocks, bs)
-    got = flex_paged.flex_paged_attention(q, k_cache, v_cache, step, 0.3, window)
+    step = flex.FlexStep.build(seqlens_q, seqlens_k, tables, blocks, bs)
+    got = flex.flex_paged_attention(q, k_cache, v_cache, step, 0.3, window)
     start = 0
     for i, (lq, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True)):
         keys = k_cache[tables[i]].flatten(0, 1)[:lk].repeat_interleave(heads // kvh, 1)
@@ -133,10 +135,27 @@ def test_engine_steps_through_flex_attention_give_the_engines_greedy_tokens(tmp_
         return [o.outputs[0].token_ids for o in first + llm.generate(prompts[1:], params, use_tqdm=False)]
 
     expected = run(LLM(path, **engine))
-    monkeypatch.setattr(flex_paged, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(flex, "DEVICES", ("cpu", "cuda"))
     llm = LLM(path, **engine, enforce_eager=True)
     calls = []
-    original = flex_paged.flex_paged_attention
-    monkeypatch.setattr(flex_paged, "flex_paged_attention", lambda *a: calls.append(1) or original(*a))
+    original = flex.flex_paged_attention
+    monkeypatch.setattr(flex, "flex_paged_attention", lambda *a: calls.append(1) or original(*a))
     assert run(llm) == expected
     assert calls and llm.engine.block_manager.prefix_hits > 0
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_packed_documents_through_flex_attention_equal_sdpa(monkeypatch, window, prefixed):
+    """Four packed documents (with prefixes: the second and third read the first's first 3 and 5 tokens, a GRPO
+    group's shared prompt; the fourth stands alone) give the SDPA path's outputs. (FlexAttention has no backward on
+    the CPU: tests/gpu/ compares the gradients.)"""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 6, 10, 13, 18])
+    prefixes = torch.tensor([0, 3, 5, 0]) if prefixed else None
+    q, k, v = torch.randn(18, 6, 8), torch.randn(18, 2, 8), torch.randn(18, 2, 8)
+    want = attention(q, k, v, AttnMeta.for_training(cu, prefixes), None, 0.3, window)
+    monkeypatch.setattr(flex, "DEVICES", ("cpu", "cuda"))
+    meta = AttnMeta.for_training(cu, prefixes)
+    assert isinstance(meta.flex, flex.FlexDocs)
+    torch.testing.assert_close(attention(q, k, v, meta, None, 0.3, window), want, rtol=1e-5, atol=1e-5)
