@@ -37,9 +37,15 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(model_dir: Path) -> Iterator[tuple[str, object]]:
+def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, tensor) one at a time, so a load never holds more than one checkpoint tensor extra."""
+    for name, entry in iter_entries(model_dir):
+        yield name, entry[...]
+
+
+def iter_entries(model_dir: Path) -> Iterator[tuple[str, object]]:
     """Yields (name, tensor or safetensors slice) one at a time, to be indexed (`x[...]`: all of it, `x[lo:hi]`:
-    only those rows are read from the file) before the next; a load never holds more than one tensor extra."""
+    only those rows are read from the file) before the next."""
     for file in weight_files(model_dir):
         if file.suffix == ".safetensors":
             try:
@@ -73,7 +79,7 @@ def load_weights(model: nn.Module, model_dir: Path, progress: bool = True, share
     # disable=None: tqdm draws no bar when stderr is not a terminal
     bar = tqdm(desc=f"loading {model_dir.name}", unit=" tensors", total=len(targets),
                disable=None if progress else True)
-    for name, tensor in iter_tensors(model_dir):
+    for name, tensor in iter_entries(model_dir):
         if name.endswith("rotary_emb.inv_freq"):
             continue
         if name not in shares:
