@@ -24,7 +24,8 @@ class DerivedWeights:
     """What a serving engine derives from a model's weights for its own steps, kept apart from the model: the joint
     weights of fused q/k/v and gate/up products, and packed copies for the CPU kernels. Layers find it only while
     the engine runs its forward (`with derived.active():`, a context variable), so the same model run by a training
-    loop, or by another engine, never sees it."""
+    loop, or by another engine, never sees it. A training recipe may keep one too, with packed copies only
+    (`frozen_packs`): the frozen base weights of a LoRA run then take the packed kernels under autograd as well."""
 
     def __init__(self, joints: dict | None = None, adapters: dict | None = None):
         self.joints: dict[nn.Module, object] = joints or {}  # first layer of a fused group -> the group's joint
@@ -222,9 +223,41 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) 
         elif w.is_contiguous():  # float32: AVX2 FMAs, the same sums whatever the batch (ATen's product elsewhere)
             return ops.linear_f32(x.contiguous(), w, bias)
         return ops.linear(x, w, bias)  # F.linear's own product, called from C++ so that step graphs record it
+    if cache is not None and (out := _frozen_linear(x, w, bias, cache)) is not None:
+        return out
     if (out := train_kernels.linear(x, w, bias)) is not None:
         return out
     return F.linear(x, w, bias)
+
+
+def frozen_packs(model: nn.Module) -> DerivedWeights | None:
+    """Where a training run keeps packed copies of its frozen bf16 weights (a LoRA base; `with packs.active():`
+    around its forwards), or None where they would not be used: no frozen bf16 weight, no AVX512-BF16 kernel (its
+    GEMM is the one measured against oneDNN for training's row counts: 432 vs 412 GFLOP/s alone, 368 vs 291 in a
+    LoRA DPO step, docs/benchmarks.md), or an AMX CPU (amx_linear serves up to 128 rows only). Each copy costs its
+    weight's bytes again: 212 MB for SmolLM2-135M's decoder."""
+    ops = kernels.available(next(model.parameters()).device)
+    if ops is None or not ops.vnni_available() or ops.amx_available():
+        return None
+    frozen = any(type(m) is Linear and m.weight.dtype == torch.bfloat16 and not m.weight.requires_grad
+                 for m in model.modules())
+    return DerivedWeights() if frozen else None
+
+
+def _frozen_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache: "_Pack"):
+    """Under autograd, a frozen bf16 weight (and bias) with a packed copy in `cache`: the forward product on the
+    AVX512-BF16 kernel (x cast to bf16 as autocast would), the input's gradient torch's grad @ w
+    (train_kernels.packed_linear); None elsewhere."""
+    if w.dtype != torch.bfloat16 or w.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    n, k = w.shape
+    if dtype != torch.bfloat16 or x.dim() != 2 or n % 16 or k % 2 or (ops := kernels.available(x.device)) is None:
+        return None
+    if not ops.vnni_available() or ops.amx_available():
+        return None
+    kind, packed = _packed(cache, w, ops)
+    return train_kernels.packed_linear(x.to(dtype), w, bias, packed) if kind == "vnni" else None
 
 
 def _packed(cache: _Pack | None, w: torch.Tensor, ops) -> tuple[str | None, torch.Tensor | None]:

@@ -1,7 +1,8 @@
 """Autograd Functions whose forward and backward run lmforge's CPU kernels (lmforge/kernels/training.cpp,
-attention_backward.cpp, linear.cpp): causal attention, RMSNorm, rotary embedding and SwiGLU, the ops of a training
-step that eager autograd runs as chains of small element-wise passes (or, for attention, through torch's non-AMX
-backward), and the forward product of float32 linears on CPUs without AVX512.
+attention_backward.cpp, linear.cpp, linear_bf16.cpp): causal attention, RMSNorm, rotary embedding and SwiGLU, the ops
+of a training step that eager autograd runs as chains of small element-wise passes (or, for attention, through
+torch's slow bf16 backward), the forward product of float32 linears on CPUs without AVX512, and that of frozen bf16
+linears on the packed AVX512-BF16 GEMM.
 Each returns None where it does not apply (autograd not recording, another device or dtype, kernels off): the layer
 then runs its eager code, which stays the reference the tests compare against (tests/unit/test_kernels.py).
 """
@@ -15,6 +16,7 @@ from lmforge.hardware import cpu_flags
 from lmforge.layers.varlen import prefix_sources
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -37,16 +39,20 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """q [B, L, H, D], k/v [B, L, KVH, D] -> [B, L, H, D] attended causally: torch's flash-attention forward and the
-    AMX kernel `attention_backward` (torch's own CPU backward takes about six times its forward: its block products
-    do not use the tiles). None without AMX or for head sizes that are not multiples of 32."""
-    if (ops := _ops(q, k, v)) is None or not ops.amx_available() or q.shape[-1] % 32 or q.shape[1] < 2:
+    """q [B, L, H, D], k/v [B, L, KVH, D] -> [B, L, H, D] attended causally in bf16: torch's flash-attention forward
+    and, with AMX, the kernel `attention_backward` for head sizes that are multiples of 32 (torch's own CPU backward
+    takes about six times its forward: its block products do not use the tiles); without AMX torch's flash backward
+    run in float32 on upcast copies, 1.2-2.7x faster than its bf16 one on a training step's shapes and closer to
+    float64 (AMD EPYC with AVX512-BF16, 2 threads: docs/benchmarks.md). None when SDPA computes in float32."""
+    if (ops := _ops(q, k, v)) is None or q.shape[1] < 2:
         return None
-    if q.shape[0] * k.shape[2] * 4 < torch.get_num_threads():  # one task per (sequence, kv head): on many cores
-        return None  # with few tasks, torch's backward (parallel over query blocks too) finishes first
     dtype = _autocast_dtype(q.device) or q.dtype  # what SDPA would compute in
     if dtype != torch.bfloat16:
         return None
+    if not ops.amx_available():
+        return _Float32Backward.apply(q.to(dtype), k.to(dtype), v.to(dtype), scale)
+    if q.shape[-1] % 32 or q.shape[0] * k.shape[2] * 4 < torch.get_num_threads():  # one task per (sequence, kv
+        return None  # head): on many cores with few tasks, torch's backward (parallel over query blocks too) wins
     return _CausalAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), scale)
 
 
@@ -67,6 +73,26 @@ class _CausalAttention(torch.autograd.Function):
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
         dq, dk, dv = kernels.cpu_ops().attention_backward(q, k, v, out, grad, lse, ctx.scale)
         return dq, dk, dv, None
+
+
+class _Float32Backward(torch.autograd.Function):
+    """Torch's flash attention: the forward in bf16, the backward in float32 (inputs, output and gradient upcast;
+    the gradients rounded back to bf16 once)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out, lse = _flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, True, attn_mask=None,
+                          scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        heads_first = [x.transpose(1, 2).float() for x in (grad, q, k, v)]
+        grads = _flash_backward(*heads_first, out.float(), lse, 0.0, True, attn_mask=None, scale=ctx.scale)
+        return *(g.transpose(1, 2).to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True)), None
 
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: tuple[int, ...],
@@ -259,3 +285,31 @@ class _Linear(torch.autograd.Function):
         dw = grad.t().mm(rows) if ctx.needs_input_grad[1] else None
         db = grad.sum(0) if ctx.biased and ctx.needs_input_grad[2] else None
         return dx, dw, db
+
+
+# ---------------------------------------------------------------- frozen bf16 linear
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  packed: torch.Tensor) -> torch.Tensor:
+    """F.linear for bf16 x [M, K] and a frozen bf16 weight [N, K] (and bias) whose `vnni_pack` copy is `packed`
+    (layers/linear.py keeps it): the forward product on the AVX512-BF16 GEMM `vnni_linear`, which sums each output
+    in the same order whatever the rows (the reference pass, run on it too, gets the policy's products); backward
+    gives the input's gradient only, grad @ weight on torch's product (a packed transposed copy would cost the
+    weight's bytes again for a 0.4 % faster step: docs/benchmarks.md)."""
+    return _PackedLinear.apply(x, weight, bias, packed)
+
+
+class _PackedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                packed: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return kernels.cpu_ops().vnni_linear(x.contiguous(), packed, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        dx = grad.to(weight.dtype).mm(weight) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None

@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge import kernels
 from lmforge.cli import main as cli_main
 from lmforge.config import load_config
 from lmforge.data import Loader, build_datasets
 from lmforge.data.dataset import Document, PreferenceDataset
 from lmforge.data.loader import make_batch
 from lmforge.errors import LmforgeError
+from lmforge.layers import train_kernels
 from lmforge.layers.attention import AttnMeta
+from lmforge.layers.linear import Linear
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.preference import sequence_logps
@@ -76,6 +79,38 @@ def test_the_reference_is_the_starting_model(make_config, method):
     sft.train_step(model, [batch], cfg, optimizer, None, objective=objective)
     assert torch.equal(objective._reference_logps(batch), base)
     assert objective.loss(model, batch, totals)[0].item() != pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_lora_bf16_packs_the_frozen_base_and_keeps_the_loss(make_config, monkeypatch):
+    """bf16 LoRA DPO on an AVX512-BF16 CPU without AMX runs its frozen base on packed copies (layers/linear.py
+    frozen_packs) in the policy's forward and the reference pass; loss, metrics and adapter gradients equal those
+    of the unpacked path within bf16 rounding. Elsewhere nothing is packed."""
+    cfg, model, model_dir, data = build_run(make_config("b", precision="bf16-mixed", data__shuffle=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    objective = PreferenceObjective(cfg, model, model_dir, torch.device("cpu"))
+    ops = kernels.cpu_ops()
+    if ops is None or not ops.vnni_available() or ops.amx_available():
+        assert objective.packs is None
+        return
+    batch = next(iter(Loader(data.train, 2, shuffle=False)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    packs, results, products = objective.packs, [], []
+    packed_linear = train_kernels.packed_linear
+    monkeypatch.setattr(train_kernels, "packed_linear", lambda *args: products.append(1) or packed_linear(*args))
+    for objective.packs in (packs, None):
+        with sft.autocast(cfg, torch.device("cpu")):
+            loss, stats = objective.loss(model, batch, objective.totals([batch]))
+        results.append((stats, torch.autograd.grad(loss, params)))
+    (packed, grads), (plain, plain_grads) = results
+    frozen = [m for m in model.modules() if type(m) is Linear and not m.weight.requires_grad and m is not model.lm_head]
+    assert frozen and all(packs.packs[m]._packed[1] == "vnni" for m in frozen)
+    assert products  # under autograd too, not only in the reference pass
+    assert packed["loss"] == pytest.approx(plain["loss"], abs=2e-2)
+    for a, b in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.layers.attention import AttnMeta, attention
-from lmforge.layers.linear import DerivedWeights, Linear, _onednn_packing
+from lmforge.layers.linear import DerivedWeights, Linear, _onednn_packing, frozen_packs
 from lmforge.layers.mlp import swiglu
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import apply_rope
@@ -114,6 +114,50 @@ def test_linear_under_autograd_takes_f_linear():
     with derived.active():
         layer(x).float().sum().backward()
     assert layer.weight.grad is not None and derived.packs[layer]._packed is None
+
+
+@pytest.mark.parametrize("rows", [1, 9, 130])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])  # float32: under bf16 autocast
+def test_frozen_bf16_linear_runs_the_packed_gemm_under_autograd(rows, bias, x_dtype):
+    """A frozen bf16 weight (LoRA's base) with a training run's packs (frozen_packs): the forward product on the
+    AVX512-BF16 GEMM and the input's gradient equal float32 math on the same bf16 inputs within bf16 rounding,
+    on the packed path where this level's build has that GEMM and no AMX (checked: never silently skipped), on
+    F.linear elsewhere (the lower levels this host also runs)."""
+    torch.manual_seed(rows)
+    layer = Linear(96, 80, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(rows, 96, dtype=x_dtype, requires_grad=True)
+    grad = torch.randn(rows, 80, dtype=torch.bfloat16)
+    ops = kernels.cpu_ops()
+    packs = frozen_packs(layer)
+    assert (packs is not None) == (ops.vnni_available() and not ops.amx_available())
+    with (packs.active() if packs is not None else contextlib.nullcontext()), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=x_dtype != torch.bfloat16):
+        out = layer(x)
+    out.backward(grad)
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == x_dtype
+    w = layer.weight.float()
+    xb = x.detach().to(torch.bfloat16).float()
+    close(out, F.linear(xb, w, layer.bias.float() if bias else None), torch.bfloat16)
+    close(x.grad.to(torch.bfloat16), grad.float() @ w, torch.bfloat16)
+    packed = packs is not None and "_PackedLinear" in type(out.grad_fn).__name__
+    assert packed == (packs is not None)
+    if packs is not None:
+        assert packs.packs[layer]._packed[1] == "vnni"
+        with torch.no_grad(), packs.active():  # a reference pass: the same kernel, the same bits
+            assert torch.equal(layer(x.detach().to(torch.bfloat16)), out.detach())
+    assert not hasattr(layer, "_packed")
+
+
+def test_frozen_packs_only_for_frozen_bf16_weights():
+    ops = kernels.cpu_ops()
+    if not ops.vnni_available() or ops.amx_available():
+        assert frozen_packs(Linear(32, 16).to(torch.bfloat16).requires_grad_(False)) is None
+        return
+    assert frozen_packs(Linear(32, 16).to(torch.bfloat16)) is None  # trained: its gradient needs the input
+    assert frozen_packs(Linear(32, 16).requires_grad_(False)) is None  # float32
+    with kernels.disabled():
+        assert frozen_packs(Linear(32, 16).to(torch.bfloat16).requires_grad_(False)) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -259,9 +303,8 @@ def test_cross_entropy_kernel_matches_eager(dtype):
 @pytest.mark.parametrize("shape", [(2, 40, 3, 1, 64), (3, 96, 8, 2, 64), (1, 100, 4, 4, 32), (2, 33, 4, 2, 128)])
 def test_attention_backward_kernel_is_as_accurate_as_torch(shape):
     """bf16 gradients of causal attention (GQA, lengths that are not multiples of the kernel's 32-row blocks): the
-    kernel's error against float64 stays within torch's own bf16 backward's, plus a rounding step."""
-    if kernels.cpu_ops() is None or not kernels.cpu_ops().amx_available():  # this level's build
-        pytest.skip("needs AMX tiles in the kernels' build")
+    AMX kernel's error (torch's float32 backward on builds without AMX) against float64 stays within torch's own
+    bf16 backward's, plus a rounding step."""
     from lmforge.layers.train_kernels import causal_attention as trained_causal_attention
 
     b, length, heads, kv_heads, dim = shape
@@ -282,6 +325,8 @@ def test_attention_backward_kernel_is_as_accurate_as_torch(shape):
         out.backward(grad_out.to(dtype))
         results[name] = [t.double() for t in (out, q.grad, k.grad, v.grad)]
     assert isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)  # the kernel's, not SDPA's
+    amx = kernels.cpu_ops().amx_available()
+    assert type(out.grad_fn).__name__ == ("_CausalAttentionBackward" if amx else "_Float32BackwardBackward")
     for got, own, ref in zip(results["kernel"], results["torch"], results["ref"], strict=True):
         err, own_err = (got - ref).abs().max(), (own - ref).abs().max()
         assert err <= 1.75 * own_err + BF16_ULP * ref.abs().max() * 0.1, (err, own_err)

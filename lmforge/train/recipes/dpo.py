@@ -23,6 +23,7 @@ from torch import nn
 from lmforge.config import TrainConfig
 from lmforge.data import IGNORE_INDEX, Batch, join_batches
 from lmforge.layers.attention import AttnMeta
+from lmforge.layers.linear import frozen_packs
 from lmforge.layers.lora import lora_disabled
 from lmforge.models import build_model
 from lmforge.train.preference import REFERENCE_FREE, PreferenceSettings, preference_loss, sequence_logps
@@ -46,6 +47,8 @@ class PreferenceObjective:
             dtype = torch.bfloat16 if cfg.precision == "bf16-mixed" else torch.float32
             self.reference = build_model(model_dir, dtype, device).eval().requires_grad_(False)
         self.autocast = lambda: autocast(cfg, device)  # totals() runs outside the loop's autocast
+        # LoRA's frozen bf16 base on the packed CPU GEMM, in the policy's forward and the reference pass alike
+        self.packs = None if cfg.method == "full" else frozen_packs(model)
         self._references: dict[int, torch.Tensor] = {}  # id(batch) -> its reference log-probs, from totals()
 
     def totals(self, window: list[Batch]) -> list[float]:
@@ -76,7 +79,8 @@ class PreferenceObjective:
         if self.settings.loss_type not in REFERENCE_FREE:  # from totals(), or run now for a batch it did not see
             reference = self._references.pop(id(batch), None)
             reference = self._reference_logps(batch) if reference is None else reference
-        hidden = runner(batch.input_ids, batch.positions, meta)
+        with self._packed():
+            hidden = runner(batch.input_ids, batch.positions, meta)
         logps, counts = sequence_logps(self.model, hidden, batch.labels, batch.cu_seqlens)
         valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # a validation filler pair trains nothing: it weighs nothing
         chosen, rejected = logps[0::2][valid], logps[1::2][valid]
@@ -97,9 +101,14 @@ class PreferenceObjective:
     def _reference_logps(self, batch: Batch) -> torch.Tensor:
         model = self.reference if self.reference is not None else self.model
         meta = AttnMeta.for_training(batch.cu_seqlens, batch.prefix_lens)
-        with lora_disabled(self.model) if self.reference is None else contextlib.nullcontext():
+        with lora_disabled(self.model) if self.reference is None else contextlib.nullcontext(), self._packed():
             hidden = model(batch.input_ids, batch.positions, meta)
             return sequence_logps(model, hidden, batch.labels, batch.cu_seqlens)[0]
+
+    def _packed(self):
+        if self.packs is not None and any(hasattr(p, "full_tensor") for p in self.model.parameters()):
+            self.packs = None  # sharded by FSDP2 after this was built: each rank would pack every gathered weight
+        return self.packs.active() if self.packs is not None else contextlib.nullcontext()
 
 
 def pair_tokens(batch: Batch, valid: torch.Tensor) -> int:
