@@ -211,11 +211,14 @@ def _read_cache(kv: KVCache, i: int, blocks: torch.Tensor, dtype: torch.dtype) -
 
 def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, kv: KVCache,
                      scale: float, window: int | None) -> torch.Tensor:
+    # The GPU paths write finite values only: FlexAttention does not zero a masked slot of a tile it reads, so one
+    # request's NaN in the pool would reach every query that reads a tile holding it (the gathering paths zero
+    # masked slots instead).
     if meta.static is not None:
-        _write_cache(kv, k, v, meta.slot_mapping)
+        _write_cache(kv, k.nan_to_num(), v.nan_to_num(), meta.slot_mapping)
         return _static_decode(q, kv, meta.static, scale, window)
     if meta.flex is not None and len(kv) == 2:  # an int8 cache takes the gathering path (it dequantises)
-        _write_cache(kv, k, v, meta.slot_mapping)
+        _write_cache(kv, k.nan_to_num(), v.nan_to_num(), meta.slot_mapping)
         return flex.flex_paged_attention(q, kv[0], kv[1], meta.flex, scale, window)
     k_cache, v_cache, *scales = kv  # scales: an int8 cache's (key scales, value scales)
     block_size = k_cache.shape[1]

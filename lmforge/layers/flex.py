@@ -11,8 +11,8 @@ tiles the mask leaves empty, so a query tile reads only the blocks of its own se
 On CUDA the call is compiled (torch.compile, shapes dynamic; the first step of a new kind pays for it); elsewhere
 FlexAttention runs its unfused reference, which materialises the scores: the CPU tests use it to check the masks,
 the engine's CPU steps never do (they have their own kernels). Unlike the gathering paths, a masked slot inside a
-tile that is read is not zeroed first: a pool slot holding a NaN (a former owner's) would reach the output; the
-pool starts zeroed and finite models write finite keys and values.
+tile that is read is not zeroed first (its weight is 0, and 0 x NaN is NaN), so the engine writes keys and values
+with non-finite values replaced (attention.py): no request's NaN can reach another's output.
 """
 
 from dataclasses import dataclass, field

@@ -159,3 +159,23 @@ def test_packed_documents_through_flex_attention_equal_sdpa(monkeypatch, window,
     meta = AttnMeta.for_training(cu, prefixes)
     assert isinstance(meta.flex, flex.FlexDocs)
     torch.testing.assert_close(attention(q, k, v, meta, None, 0.3, window), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_nan_left_in_the_pool_reaches_no_other_sequence_through_flex_attention(monkeypatch):
+    """A former owner's NaN in a slot that shares a 128-slot tile with a sequence's blocks: the engine's flex path
+    writes only finite keys and values, so the step's outputs stay finite; without that, the NaN would spread."""
+    monkeypatch.setattr(flex, "DEVICES", ("cpu", "cuda"))
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.zeros(8, 4, 2, 8), torch.zeros(8, 4, 2, 8)
+    v_cache[5, 3] = float("nan")  # a freed block's slot, never in this step's tables
+    tables = torch.tensor([[1, 2]])
+    meta = AttnMeta.for_paged([6], [6], torch.arange(4, 10), tables, block_size=4, num_blocks=8)
+    q, k, v = torch.randn(6, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    assert isinstance(meta.flex, flex.FlexStep)
+    raw = flex.flex_paged_attention(q, k_cache, v_cache, meta.flex, 0.3, None)
+    assert raw.isnan().any()  # FlexAttention itself lets the stale NaN through the tile
+    v_cache[5, 3] = 0.0
+    nan_k = k.clone()
+    nan_k[2, 0, 0] = float("nan")  # this step writes a NaN key: stored as a finite number
+    out = attention(q, nan_k, v, meta, (k_cache, v_cache), 0.3)
+    assert k_cache.isfinite().all() and out.isfinite().all()
