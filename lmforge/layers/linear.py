@@ -244,6 +244,18 @@ def frozen_packs(model: nn.Module) -> DerivedWeights | None:
     return DerivedWeights() if frozen else None
 
 
+def frozen_pack(layer: Linear) -> torch.Tensor | None:
+    """The `vnni_pack` copy of a frozen bf16 layer's weight among the active training packs (`frozen_packs`), made
+    when first asked for; None without one (no packs active, a trained or float32 weight, another CPU)."""
+    derived, w = _derived.get(), layer.weight
+    if derived is None or w.dtype != torch.bfloat16 or w.requires_grad or w.shape[0] % 16 or w.shape[1] % 2:
+        return None
+    if (ops := kernels.available(w.device)) is None or not ops.vnni_available() or ops.amx_available():
+        return None
+    kind, packed = _packed(derived.pack(layer), w, ops)
+    return packed if kind == "vnni" else None
+
+
 def _frozen_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache: "_Pack"):
     """Under autograd, a frozen bf16 weight (and bias) with a packed copy in `cache`: the forward product on the
     AVX512-BF16 kernel (x cast to bf16 as autocast would), the input's gradient torch's grad @ w

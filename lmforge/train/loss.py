@@ -10,7 +10,7 @@ from torch import nn
 
 from lmforge import kernels
 from lmforge.data.dataset import IGNORE_INDEX
-from lmforge.layers.linear import Linear
+from lmforge.layers.linear import Linear, frozen_pack
 from lmforge.layers.train_kernels import f32_product
 
 CHUNK_ROWS = 512  # a chunk's fp32 logits: 512 x 49152 x 4 bytes = 100 MB for SmolLM2
@@ -87,7 +87,7 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype,
-                entropies: torch.Tensor | None) -> torch.Tensor:
+                entropies: torch.Tensor | None, packed: torch.Tensor | None = None) -> torch.Tensor:
         want_h, want_w = ctx.needs_input_grad[:2]
         ahead = want_h and not want_w  # the hidden states' gradient, computed now
         with torch.autocast(hidden.device.type, enabled=False):
@@ -96,7 +96,7 @@ class _LinearLogProbs(torch.autograd.Function):
             logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             ops = _ops(dtype, hidden)
             for start, h, y in _chunks(hidden, labels, dtype):
-                logits = f32_product(h, w)
+                logits = f32_product(h, w) if packed is None else ops.vnni_linear(h.contiguous(), packed, None)
                 if entropies is not None:
                     entropies[start:start + len(y)] = row_entropy(logits)
                 losses, g = _rows_cross_entropy(logits, y, ops)
@@ -115,7 +115,7 @@ class _LinearLogProbs(torch.autograd.Function):
         ctx.used = True
         if len(ctx.saved_tensors) == 1:
             (grad_h,) = ctx.saved_tensors
-            return grad_h.mul_(grad_out.to(grad_h.dtype)[:, None]), None, None, None, None
+            return grad_h.mul_(grad_out.to(grad_h.dtype)[:, None]), None, None, None, None, None
         hidden, weight, labels = ctx.saved_tensors
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(ctx.dtype)
@@ -128,7 +128,7 @@ class _LinearLogProbs(torch.autograd.Function):
                 if ctx.want_h:
                     grad_h[start:start + len(y)] = (g @ w).to(hidden.dtype)
                 grad_w.add_(g.t() @ h)
-        return grad_h, grad_w.to(weight.dtype), None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 
 def linear_log_probs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
@@ -138,7 +138,9 @@ def linear_log_probs(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor
     given, receives each row's entropy (row_entropy) from the same logits."""
     if type(head) is not Linear or head.bias is not None:
         return None
-    return _LinearLogProbs.apply(hidden, head.weight, labels, _compute_dtype(hidden), entropies)
+    dtype = _compute_dtype(hidden)
+    packed = frozen_pack(head) if dtype == head.weight.dtype else None  # a training run's packed copy, if any
+    return _LinearLogProbs.apply(hidden, head.weight, labels, dtype, entropies, packed)
 
 
 @torch.no_grad()

@@ -82,9 +82,9 @@ def test_the_reference_is_the_starting_model(make_config, method):
 
 
 def test_lora_bf16_packs_the_frozen_base_and_keeps_the_loss(make_config, monkeypatch):
-    """bf16 LoRA DPO on an AVX512-BF16 CPU without AMX runs its frozen base on packed copies (layers/linear.py
-    frozen_packs) in the policy's forward and the reference pass; loss, metrics and adapter gradients equal those
-    of the unpacked path within bf16 rounding. Elsewhere nothing is packed."""
+    """bf16 LoRA DPO on an AVX512-BF16 CPU without AMX runs its frozen base and head on packed copies
+    (layers/linear.py frozen_packs) in the policy's forward and the reference pass; loss, metrics and adapter
+    gradients equal those of the unpacked path within bf16 rounding. Elsewhere nothing is packed."""
     cfg, model, model_dir, data = build_run(make_config("b", precision="bf16-mixed", data__shuffle=False))
     with torch.no_grad():
         for p in model.parameters():
@@ -105,8 +105,8 @@ def test_lora_bf16_packs_the_frozen_base_and_keeps_the_loss(make_config, monkeyp
             loss, stats = objective.loss(model, batch, objective.totals([batch]))
         results.append((stats, torch.autograd.grad(loss, params)))
     (packed, grads), (plain, plain_grads) = results
-    frozen = [m for m in model.modules() if type(m) is Linear and not m.weight.requires_grad and m is not model.lm_head]
-    assert frozen and all(packs.packs[m]._packed[1] == "vnni" for m in frozen)
+    frozen = [m for m in model.modules() if type(m) is Linear and not m.weight.requires_grad]
+    assert model.lm_head in frozen and all(packs.packs[m]._packed[1] == "vnni" for m in frozen)  # the head too
     assert products  # under autograd too, not only in the reference pass
     assert packed["loss"] == pytest.approx(plain["loss"], abs=2e-2)
     for a, b in zip(grads, plain_grads, strict=True):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.layers.attention import AttnMeta, attention
-from lmforge.layers.linear import DerivedWeights, Linear, _onednn_packing, frozen_packs
+from lmforge.layers.linear import DerivedWeights, Linear, _onednn_packing, frozen_pack, frozen_packs
 from lmforge.layers.mlp import swiglu
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import apply_rope
@@ -155,6 +155,13 @@ def test_frozen_packs_only_for_frozen_bf16_weights():
         assert frozen_packs(Linear(32, 16).to(torch.bfloat16).requires_grad_(False)) is None
         return
     assert frozen_packs(Linear(32, 16).to(torch.bfloat16)) is None  # trained: its gradient needs the input
+    head = Linear(32, 16, bias=False).to(torch.bfloat16).requires_grad_(False)
+    packs = frozen_packs(head)
+    assert frozen_pack(head) is None  # none active
+    with packs.active():
+        packed = frozen_pack(head)
+        assert packed is not None and frozen_pack(head) is packed  # made once, then kept
+    torch.testing.assert_close(ops.vnni_linear(torch.eye(32, dtype=torch.bfloat16), packed, None), head.weight.T)
     assert frozen_packs(Linear(32, 16).requires_grad_(False)) is None  # float32
     with kernels.disabled():
         assert frozen_packs(Linear(32, 16).to(torch.bfloat16).requires_grad_(False)) is None

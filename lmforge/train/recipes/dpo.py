@@ -47,7 +47,7 @@ class PreferenceObjective:
             dtype = torch.bfloat16 if cfg.precision == "bf16-mixed" else torch.float32
             self.reference = build_model(model_dir, dtype, device).eval().requires_grad_(False)
         self.autocast = lambda: autocast(cfg, device)  # totals() runs outside the loop's autocast
-        # LoRA's frozen bf16 base on the packed CPU GEMM, in the policy's forward and the reference pass alike
+        # LoRA's frozen bf16 base and head on the packed CPU GEMM, in the policy's forward and the reference pass
         self.packs = None if cfg.method == "full" else frozen_packs(model)
         self._references: dict[int, torch.Tensor] = {}  # id(batch) -> its reference log-probs, from totals()
 
@@ -81,7 +81,7 @@ class PreferenceObjective:
             reference = self._reference_logps(batch) if reference is None else reference
         with self._packed():
             hidden = runner(batch.input_ids, batch.positions, meta)
-        logps, counts = sequence_logps(self.model, hidden, batch.labels, batch.cu_seqlens)
+            logps, counts = sequence_logps(self.model, hidden, batch.labels, batch.cu_seqlens)
         valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # a validation filler pair trains nothing: it weighs nothing
         chosen, rejected = logps[0::2][valid], logps[1::2][valid]
         ref = (None, None) if reference is None else (reference[0::2][valid], reference[1::2][valid])
