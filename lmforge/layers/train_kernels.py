@@ -296,7 +296,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     (layers/linear.py keeps it): the forward product on the AVX512-BF16 GEMM `vnni_linear`, which sums each output
     in the same order whatever the rows (the reference pass, run on it too, gets the policy's products); backward
     gives the input's gradient only, grad @ weight on torch's product (a packed transposed copy would cost the
-    weight's bytes again for a 0.4 % faster step: docs/benchmarks.md)."""
+    weight's bytes again for a 0.4-1.8 % faster step: docs/benchmarks.md)."""
     return _PackedLinear.apply(x, weight, bias, packed)
 
 
