@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge import kernels
+from lmforge.engine import tensor_parallel
 from lmforge.layers.attention import AttnMeta
 
 log = logging.getLogger("lmforge")
@@ -146,6 +147,7 @@ class StepGraphs:
         """Why the recording is not closed (a tensor read that the replay would not refresh), or None."""
         known = set(recorder.produced) | {_storage(t) for t in inputs}
         known |= {_storage(t) for layer in kv for t in layer}
+        known |= {_storage(t) for t in tensor_parallel.comm_tensors()}  # a tensor-parallel rank's all-reduces
         known |= {_storage(t) for t in self.decoder.parameters()} | {_storage(t) for t in self.decoder.buffers()}
         if self.derived is not None:
             known |= {_storage(t) for t in self.derived.tensors()}

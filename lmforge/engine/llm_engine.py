@@ -96,7 +96,8 @@ class LLMEngine:
         t1 = time.perf_counter()
         runner_args = dict(num_blocks=num_blocks, block_size=config.block_size, enforce_eager=config.enforce_eager,
                            max_model_len=self.max_model_len, kv_dtype=kv_dtype, owned=owns_model,
-                           step_graphs=config.step_graphs and tp_workers is None,  # graphs hold no collectives
+                           # a step graph holds collectives only as the shared-memory kernel (shm_collective.cpp)
+                           step_graphs=config.step_graphs and (tp_workers is None or tp_workers.graphable),
                            max_num_seqs=config.max_num_seqs)
         if tp_workers is not None:  # every rank's pool has rank 0's number of blocks (its KV heads are the most)
             lora = (config.max_loras, config.max_lora_rank) if config.enable_lora else None

@@ -8,6 +8,9 @@ so every rank gets the same bits. Two buffer sets alternate between calls: a ran
 the slowest (it waits for everyone's number at the end of each call), so the set it writes is never one still read.
 x86 orders stores with stores and loads with loads (TSO), which is what publishing after copying needs; other CPUs use
 gloo. A tensor larger than a slot goes through gloo (every rank decides alike: the shapes are the same everywhere).
+Where lmforge's CPU kernels are built, the all-reduce is their `shm_all_reduce` (kernels/shm_collective.cpp: the
+same protocol, the sum in float32 in rank order, the wait with the GIL released), which a step graph can record and
+replay; the sequence number lives in a tensor both paths share.
 """
 
 import os
@@ -18,6 +21,8 @@ from multiprocessing import shared_memory
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from lmforge import kernels
 
 SLOT_BYTES = 32 * 2**20  # per rank and buffer set: 8M float32 values (a 2048-token step of a 4096-wide model)
 HEADER = 64  # bytes per rank for its sequence number, a cache line each
@@ -36,14 +41,21 @@ def create(world: int) -> shared_memory.SharedMemory:
 
 
 class ShmComm:
-    def __init__(self, name: str, rank: int, world: int, alive):
-        """alive(): False once a process of the group is gone (the wait then fails instead of spinning forever)."""
+    def __init__(self, name: str, rank: int, world: int, alive, watch: list[int]):
+        """alive(): False once a process of the group is gone (the wait then fails instead of spinning forever);
+        watch: the same for the kernel, as process ids that must exist (-pid: must be this process's parent)."""
         self.shm = shared_memory.SharedMemory(name=name)
         self.rank, self.world, self.alive = rank, world, alive
-        self.seqs = np.frombuffer(self.shm.buf, dtype=np.int64, count=world * HEADER // 8)[:: HEADER // 8]
+        self.header = torch.frombuffer(self.shm.buf, dtype=torch.int64, count=world * HEADER // 8)
+        self.seqs = self.header.numpy()[:: HEADER // 8]
         self.data = torch.frombuffer(self.shm.buf, dtype=torch.uint8, offset=world * HEADER,
                                      count=2 * world * SLOT_BYTES).view(2, world, SLOT_BYTES)
-        self.seq = 0
+        self.state = torch.tensor([0, rank], dtype=torch.int64)  # the last sequence number used, this rank
+        self.watch = torch.tensor(watch, dtype=torch.int64)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the kernel reads besides its input (a step graph's recording must know them)."""
+        return [self.data, self.header, self.state, self.watch]
 
     def _exchange(self, x: torch.Tensor) -> torch.Tensor | None:
         """Every rank's x as [world, *x.shape] (a view of the shared buffer, valid until the next call but one);
@@ -51,12 +63,13 @@ class ShmComm:
         nbytes = x.numel() * x.element_size()
         if nbytes > SLOT_BYTES:
             return None
-        self.seq += 1
-        slots = self.data[self.seq % 2, :, :nbytes].view(x.dtype).view(self.world, *x.shape)
+        self.state[0] += 1
+        seq = int(self.state[0])
+        slots = self.data[seq % 2, :, :nbytes].view(x.dtype).view(self.world, *x.shape)
         slots[self.rank].copy_(x)
-        self.seqs[self.rank] = self.seq  # published after the copy (x86 keeps stores in order)
+        self.seqs[self.rank] = seq  # published after the copy (x86 keeps stores in order)
         last = time.monotonic()
-        while self.seqs.min() < self.seq:
+        while self.seqs.min() < seq:
             os.sched_yield()
             if time.monotonic() - last > CHECK_EVERY:
                 if not self.alive():
@@ -65,6 +78,10 @@ class ShmComm:
         return slots
 
     def all_reduce(self, x: torch.Tensor) -> None:
+        ops = kernels.usable(x)
+        if ops is not None and x.is_contiguous() and x.numel() * x.element_size() <= SLOT_BYTES:
+            ops.shm_all_reduce(x, self.data, self.header, self.state, self.watch)
+            return
         slots = self._exchange(x.contiguous())
         if slots is None:
             dist.all_reduce(x)
@@ -80,5 +97,5 @@ class ShmComm:
                 part.copy_(slot)
 
     def close(self) -> None:
-        self.data = self.seqs = None
+        self.data = self.seqs = self.header = None
         self.shm.close()

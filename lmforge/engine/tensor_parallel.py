@@ -48,6 +48,11 @@ def all_gather(parts: list[torch.Tensor], x: torch.Tensor) -> None:
     _comm.all_gather(parts, x) if _comm is not None else dist.all_gather(parts, x)
 
 
+def comm_tensors() -> list[torch.Tensor]:
+    """The shared-memory collectives' own tensors (a step graph recording their kernel reads them), or none."""
+    return _comm.tensors() if _comm is not None else []
+
+
 @dataclass(frozen=True)
 class Share:
     """The part of a full tensor (of shape `full`) one rank holds: `spans` [lo, hi) along `dim`, concatenated (None:

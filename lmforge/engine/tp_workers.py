@@ -129,10 +129,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_group(rank: int, world: int, init_method: str, shm: str | None, alive) -> None:
-    """Joins the gloo group and, with a shared-memory segment's name, its shared-memory collectives."""
+def init_group(rank: int, world: int, init_method: str, shm: str | None, alive, watch: list[int]) -> None:
+    """Joins the gloo group and, with a shared-memory segment's name, its shared-memory collectives (alive / watch:
+    how a wait there notices a gone process, ShmComm)."""
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world, timeout=TIMEOUT)
-    tensor_parallel._comm = ShmComm(shm, rank, world, alive) if shm is not None else None
+    tensor_parallel._comm = ShmComm(shm, rank, world, alive, watch) if shm is not None else None
 
 
 def leave_group() -> None:
@@ -190,7 +191,7 @@ class Workers:
             p.start()
         workers = cls(world, procs=procs, shm=shm)
         with workers.watch():
-            init_group(0, world, f"tcp://127.0.0.1:{port}", name, lambda: not workers.dead())
+            init_group(0, world, f"tcp://127.0.0.1:{port}", name, lambda: not workers.dead(), [p.pid for p in procs])
         return workers
 
     @classmethod
@@ -212,13 +213,21 @@ class Workers:
         dist.broadcast_object_list(name, src=0)
         workers = cls(launch.size, pids=pids[1:] if one_machine else None, shm=shm)
         alive = (lambda: not workers.dead()) if launch.rank == 0 else (lambda: pid_alive(pids[0]))
-        tensor_parallel._comm = ShmComm(name[0], launch.rank, launch.size, alive) if name[0] else None
+        watch = pids[1:] if launch.rank == 0 else pids[:1]
+        tensor_parallel._comm = ShmComm(name[0], launch.rank, launch.size, alive, watch) if name[0] else None
         if launch.rank == 0:
             log.info("joined a launch of %d ranks%s", launch.size, "" if one_machine else " on several machines")
             return workers
         logging.basicConfig(level=logging.WARNING, format=f"lmforge rank {launch.rank}: %(message)s", force=True)
         _serve(*load_shard(config, launch.rank, launch.size))
         raise SystemExit(0)
+
+    @property
+    def graphable(self) -> bool:
+        """Whether step graphs can hold this group's collectives: shared memory, through the CPU kernels."""
+        from lmforge import kernels
+
+        return self.shm is not None and kernels.cpu_ops() is not None
 
     def dead(self) -> list[str]:
         gone = [f"rank {rank} (exit code {p.exitcode})" for rank, p in enumerate(self.procs, 1) if not p.is_alive()]
@@ -345,7 +354,7 @@ def _worker(source, rank: int, world: int, init_method: str, shm: str | None, th
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format=f"lmforge rank {rank}: %(message)s")  # rank 0 logs the rest
     parent = os.getppid()
-    init_group(rank, world, init_method, shm, lambda: os.getppid() == parent)
+    init_group(rank, world, init_method, shm, lambda: os.getppid() == parent, [-parent])
     if isinstance(source, LiveSource):
         _serve(*empty_shard(source.cfg, "a live model's config", source.dtype, rank, world))
     else:

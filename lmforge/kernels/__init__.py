@@ -40,14 +40,15 @@ _DIR = Path(__file__).parent
 # Each extension's sources, compiled into one module; headers (*.h here) are hashed into every build's key.
 EXTENSIONS = {
     "cpu_ops": ("cpu_ops.cpp", "linear.cpp", "linear_bf16.cpp", "elementwise.cpp", "paged_attention.cpp",
-                "training.cpp", "attention_backward.cpp"),
+                "training.cpp", "attention_backward.cpp", "shm_collective.cpp"),
     "quant_ops": ("quant_ops.cpp",),  # weight-only quantised linears (layers/quant_linear.py)
 }
 # The kernels a step graph (lmforge/engine/cpu_graph.py) records, named once. Each name in GRAPH_RETURNING and
 # GRAPH_IN_PLACE is a cpu_ops kernel and a StepGraph method (step_graph.h) taking the kernel's arguments, followed by
 # its output for the returning ones.
 GRAPH_RETURNING = ("linear_small", "linear", "linear_f32", "vnni_linear", "amx_linear", "rms_norm", "silu_mul")
-GRAPH_IN_PLACE = ("rope_", "write_kv", "paged_attention")  # write into their arguments: recorded as they are
+# write into their arguments: recorded as they are
+GRAPH_IN_PLACE = ("rope_", "write_kv", "paged_attention", "shm_all_reduce")
 GRAPH_QUERIES = ("amx_available", "vnni_available", "linear_f32_available", "amx_pack", "vnni_pack")  # no step work
 GRAPH_QUANT_RETURNING = ("quant_linear",)  # quant_ops' kernels, recorded as StepGraph.external steps of (*args, out)
 _state: dict[str, object] = {}  # "ops", "quant": the current level's modules; "level": one `level()` chose

@@ -34,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("paged_attention", &StepGraph::paged_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
            py::arg("cu_q"), py::arg("seqlens_k"), py::arg("block_tables"), py::arg("seqs"), py::arg("scale"),
            py::arg("window"), py::arg("out"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none())
+      .def("shm_all_reduce", &StepGraph::shm_all_reduce)
       .def("add_tensors", &StepGraph::add_tensors)
       .def("external", &StepGraph::external)
       .def("set_inputs", &StepGraph::set_inputs)
@@ -53,6 +54,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_linear", &amx_linear, nogil, "x [M, K] @ w.T on AMX tiles, w packed by amx_pack");
   m.def("rms_norm", &rms_norm, nogil, "RMSNorm as Hugging Face computes it");
   m.def("rope_", &rope_, nogil, "rotary embedding in place (half-split layout)");
+  m.def("shm_all_reduce", &shm_all_reduce, nogil, "tensor parallelism's shared-memory all-reduce, in place");
   m.def("silu_mul", &silu_mul, nogil, "silu(gate) * up");
   m.def("argmax_rows", &argmax_rows, nogil, "row-wise argmax, first of equal maxima");
   m.def("write_kv", &write_kv, nogil, "new keys/values into paged-cache slots (int8 ones quantised, with scales)",

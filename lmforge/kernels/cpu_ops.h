@@ -151,6 +151,7 @@ at::Tensor amx_linear(at::Tensor x, at::Tensor packed, OptTensor bias);
 // elementwise.cpp: a decode step's element-wise ops and greedy sampling's argmax.
 void rms_norm_into(at::Tensor x, at::Tensor weight, double eps, at::Tensor y);
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+at::Tensor shm_all_reduce(at::Tensor x, at::Tensor data, at::Tensor seqs, at::Tensor state, at::Tensor watch);
 at::Tensor rope_(at::Tensor x, at::Tensor cos, at::Tensor sin);
 void silu_mul_into(at::Tensor gate, at::Tensor up, at::Tensor y);
 at::Tensor silu_mul(at::Tensor gate, at::Tensor up);

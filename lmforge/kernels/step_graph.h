@@ -37,6 +37,9 @@ class StepGraph {
                        B vs) {
     add([=] { lmforge::paged_attention(q, kc, vc, cu_q, lk, tables, seqs, scale, window, out, ks, vs); });
   }
+  void shm_all_reduce(T x, T data, T seqs, T state, T watch) {
+    add([=] { lmforge::shm_all_reduce(x, data, seqs, state, watch); });
+  }
   void add_tensors(T a, T b, T out) { add([=]() mutable { at::add_out(out, a, b); }); }
   // A kernel of another lmforge extension (quant_ops.cpp), given as the address of a function of the step's tensors.
   void external(int64_t fn, std::vector<T> tensors) {

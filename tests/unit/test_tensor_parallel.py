@@ -81,6 +81,11 @@ def test_two_ranks_give_one_process_greedy_tokens(tmp_path, family, monkeypatch)
     try:
         assert (tensor_parallel._comm is not None) == shm_comm.usable()
         assert greedy(two) == expected
+        # decode steps replay step graphs that hold the all-reduces (the shared-memory kernel), not over gloo
+        graphs = two.engine.runner.graphs
+        assert (graphs is not None) == two.engine.tp_workers.graphable
+        if family == "llama" and graphs is not None:
+            assert graphs.replays > 0 and (one.engine.runner.graphs.eager, graphs.eager) == (set(), set())
         held = two.engine.tp_workers.holdings(two.engine.model, two.engine.runner)
         # each rank read only what it keeps (less where the vocabulary's slice is padded): about half the checkpoint
         assert all(0 < rank["read"] <= rank["weights"] for rank in held)
