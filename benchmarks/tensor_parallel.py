@@ -8,8 +8,10 @@ Models: `smollm2` (SmolLM2-135M-Instruct, hidden 576) and `wide` (random weights
 intermediate 5632, 16 heads / 8 KV heads, 8 layers, SmolLM2's vocabulary and tokenizer; written once under
 ~/.cache/lmforge/bench). Each system runs in a process of its own (greedy, EOS ignored, best of --repeats after a
 warm-up call): offline throughput (--num-prompts prompts x --max-tokens tokens, output tok/s) and single-stream decode
-(--single-tokens tokens, tok/s). For TP=2 the collectives (all-reduce, all-gather) are timed on rank 0 during the
-single stream: "comm ms/step" is their time per decode step, waiting for the other rank included. DP=2: two engine
+(--single-tokens tokens, tok/s). For TP=2 the collectives (all-reduce, all-gather) are timed on rank 0 during a
+single stream of an engine whose steps run eagerly (step_graphs=False: a replayed step graph holds the layers'
+all-reduces in C++, out of Python's sight): "comm ms/step" is their time per decode step, waiting for the other rank
+included, and "comm share" its share of that eager step. DP=2: two engine
 replicas (DataParallelEngine: threads of one process, as `lmforge serve --data-parallel-size 2` runs them) with every
 request in flight at once; a single stream runs on one replica.
 """
@@ -107,7 +109,11 @@ def run_system(job: dict) -> dict:
         out["weight_mib"] = dp.engine.weight_bytes / 2**20
         dp.shutdown()
         return out
-    if job["tp"] > 1:  # the collectives' share of a single-stream step, timed on rank 0
+    if job["tp"] > 1:  # the collectives' share of an eager single-stream step, timed on rank 0
+        llm.engine.shutdown()
+        llm = LLM(job["model"], dtype=job["dtype"], kv_cache_memory=2, max_model_len=1024,
+                  tensor_parallel_size=job["tp"], enable_prefix_caching=False, step_graphs=False)
+        llm.generate([prompts[0]], one, use_tqdm=False)  # warm-up
         spent = [0.0]
 
         def timed(fn):
