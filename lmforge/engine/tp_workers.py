@@ -185,11 +185,20 @@ class Workers:
         threads = torch.get_num_threads()
         shm = shm_comm.create(world) if shm_comm.usable() else None
         name = shm.name if shm is not None else None
-        procs = [ctx.Process(target=_worker, args=(source, rank, world, f"tcp://127.0.0.1:{port}", name, threads),
+        ready = [ctx.Event() for _ in range(1, world)]
+        procs = [ctx.Process(target=_worker, args=(source, rank, world, f"tcp://127.0.0.1:{port}", name, threads,
+                                                   ready[rank - 1]),
                              daemon=True, name=f"lmforge-tp-rank{rank}") for rank in range(1, world)]
         for p in procs:
             p.start()
         workers = cls(world, procs=procs, shm=shm)
+        # A worker that dies before it joins (an import error, no memory) would leave gloo waiting out its 120 s:
+        # each says it is about to join, and this process watches them until all have.
+        while not all(event.wait(0.05) for event in ready):
+            if dead := workers.dead():
+                workers.stop()
+                raise WorkerDied(f"tensor parallel worker {', '.join(dead)} died while starting; see its message "
+                                 "above")
         with workers.watch():
             init_group(0, world, f"tcp://127.0.0.1:{port}", name, lambda: not workers.dead(), [p.pid for p in procs])
         return workers
@@ -348,9 +357,10 @@ def receive(model: nn.Module, shares: Shares, names: list[str]) -> None:
                 target.copy_(buf)
 
 
-def _worker(source, rank: int, world: int, init_method: str, shm: str | None, threads: int) -> None:
+def _worker(source, rank: int, world: int, init_method: str, shm: str | None, threads: int, ready) -> None:
     """A rank lmforge started: loads (or builds, for a live model) its share, then serves rank 0 until told to stop
     (or until rank 0 is gone: the collective fails and the process exits non-zero)."""
+    ready.set()  # about to join the group (Workers.start watches for a death before this)
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format=f"lmforge rank {rank}: %(message)s")  # rank 0 logs the rest
     parent = os.getppid()

@@ -207,6 +207,20 @@ def test_what_is_not_supported_is_refused_with_a_message(tmp_path):
         llm.engine.shutdown()
 
 
+class DiesOnArrival:
+    """Unpickled in a worker process (its start arguments), it ends that process at once with exit code 3."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_worker_that_dies_while_starting_fails_the_start_at_once():
+    start = time.monotonic()
+    with pytest.raises(WorkerDied, match=r"rank 1 \(exit code 3\) died while starting"):
+        tp_workers.Workers.start(DiesOnArrival(), 2)
+    assert time.monotonic() - start < 20  # not gloo's 120 s timeout
+
+
 def test_a_dead_worker_fails_the_next_step_naming_its_rank(tmp_path):
     llm = LLM(model_dir(tmp_path, BASE), **ENGINE, tensor_parallel_size=2)
     worker = llm.engine.tp_workers.procs[0]
