@@ -12,6 +12,8 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <cstring>
 #include <stdexcept>
 
 #include "cpu_ops.h"
@@ -22,12 +24,27 @@ namespace {
 
 constexpr int64_t kHeaderWords = 8;  // 64 bytes per rank: each sequence number on its own cache line
 
+// Whether process `pid` still runs: it exists and, where /proc says, is not a zombie (a child that exited stays in
+// the process table until its parent reaps it, and kill(pid, 0) still succeeds on it).
+bool running(pid_t pid) {
+  if (kill(pid, 0) != 0 && errno == ESRCH) return false;
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return true;  // no /proc here: existing is all we can tell
+  char text[512] = {};
+  const size_t n = std::fread(text, 1, sizeof text - 1, f);
+  std::fclose(f);
+  const char* end = std::strrchr(text, ')');  // "pid (name) S ...": the state follows the name's last ')'
+  return !(n > 0 && end != nullptr && end[1] == ' ' && (end[2] == 'Z' || end[2] == 'X'));
+}
+
 bool alive(const at::Tensor& watch) {
-  // watch: process ids that must exist; a negative one, -pid, must be this process's parent
+  // watch: process ids that must run; a negative one, -pid, must be this process's parent
   const int64_t* ids = ptr<int64_t>(watch);
   for (int64_t i = 0; i < watch.numel(); ++i) {
     const int64_t id = ids[i];
-    if (id < 0 ? getppid() != -id : (kill(static_cast<pid_t>(id), 0) != 0 && errno == ESRCH)) return false;
+    if (id < 0 ? getppid() != -id : !running(static_cast<pid_t>(id))) return false;
   }
   return true;
 }
