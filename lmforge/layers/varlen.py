@@ -5,6 +5,8 @@ backward). Right padding keeps plain causal attention exact for the real tokens:
 keys 0..i, all real; the padded rows' outputs are dropped, so they receive no gradient."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -39,6 +41,33 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: t
     before it with prefix 0 (a shared prompt: attention.prefix_sources): they are gathered in front of its own
     tokens, and their outputs there are dropped, so their queries get no gradient from it while their keys and
     values get it from every document that reads them."""
+    layout = _layout(tuple(lens), tuple(prefixes) if prefixes else None, q.device)
+    shapes = [(docs, (b - a) // docs) for a, b, docs in layout.batches]
+    if layout.src is None:  # no padding and no prefix: the batches are views of q, k and v
+        batches = zip(*(x.split([b - a for a, b, _ in layout.batches]) for x in (q, k, v)), strict=True)
+        out = [sdpa(*(x.view(*shape, *x.shape[1:]) for x in qkv)).flatten(0, 1)
+               for qkv, shape in zip(batches, shapes, strict=True)]
+        return torch.cat(out) if len(out) > 1 else out[0]
+    batches = zip(*(_Gather.apply(x, layout) for x in (q, k, v)), strict=True)
+    return _Scatter.apply(layout, *(sdpa(*qkv) for qkv in batches))
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where each document's rows sit in the padded batches, the same for every layer and pass of one batch."""
+
+    batches: tuple[tuple[int, int, int], ...]  # (first slot, end slot, documents) of each padded batch
+    src: torch.Tensor | None  # [slots] the row of q/k/v each slot holds; None: slot i holds row i, no padding
+    own: torch.Tensor  # [T] the slot of each token's own output
+    shared_src: torch.Tensor  # rows read again as another document's prefix ...
+    shared_slots: torch.Tensor  # ... and the slots that hold them there
+    slots: int
+
+
+@lru_cache(maxsize=16)
+def _layout(lens: tuple[int, ...], prefixes: tuple[int, ...] | None, device: torch.device) -> _Layout:
+    """Padding slots repeat their document's last row (finite values: causal attention reads no later key, and
+    their outputs are dropped); rows are listed once per slot, so each layer gathers q, k and v in one copy each."""
     starts = [0]
     for n in lens:
         starts.append(starts[-1] + n)
@@ -47,49 +76,65 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: t
     classes: dict[int, list[int]] = {}
     for i, n in enumerate(lens):
         classes.setdefault(length_class(prefixes[i] + n), []).append(i)
-    blocks, owned, tokens = [], [], []  # each class's attended rows, which of them are real tokens, and whose
-    done = 0
+    batches, src, own, shared_src, shared_slots = [], [], [0] * starts[-1], [], []
     for length, docs in classes.items():
-        if len(docs) == 1 and not prefixes[docs[0]]:  # alone in its class: no padding needed
-            s, n = starts[docs[0]], lens[docs[0]]
-            blocks.append(sdpa(q[None, s:s + n], k[None, s:s + n], v[None, s:s + n])[0])
-            owned.append(torch.arange(done, done + n))
-            tokens.append(torch.arange(s, s + n))
-        else:
-            if len(docs) == 1:  # no padding either
-                length = prefixes[docs[0]] + lens[docs[0]]
-            sources, slots = [], []
-            for j, i in enumerate(docs):
-                p, s, n = prefixes[i], starts[i], lens[i]
-                o = starts[owners[i]] if p else 0
-                sources += [torch.arange(o, o + p), torch.arange(s, s + n)]
-                slots.append(torch.arange(j * length, j * length + p + n))
-                owned.append(torch.arange(done + j * length + p, done + j * length + p + n))
-                tokens.append(torch.arange(s, s + n))
-            sources, slots = torch.cat(sources).to(q.device), torch.cat(slots).to(q.device)
-            batch = [_Rows.apply(x, sources, slots, len(docs) * length).view(len(docs), length, *x.shape[1:])
-                     for x in (q, k, v)]
-            blocks.append(sdpa(*batch).flatten(0, 1))
-        done += len(blocks[-1])
-    owned, tokens = torch.cat(owned).to(q.device), torch.cat(tokens).to(q.device)
-    return _Rows.apply(torch.cat(blocks) if len(blocks) > 1 else blocks[0], owned, tokens, len(q))
+        if len(docs) == 1:  # alone in its class: no padding
+            length = prefixes[docs[0]] + lens[docs[0]]
+        first = len(src)
+        for i in docs:
+            p, s, n = prefixes[i], starts[i], lens[i]
+            o = starts[owners[i]] if p else 0
+            slot = len(src)
+            src += [*range(o, o + p), *range(s, s + n)] + [max(s + n - 1, 0)] * (length - p - n)
+            own[s:s + n] = range(slot + p, slot + p + n)
+            shared_src += range(o, o + p)
+            shared_slots += range(slot, slot + p)
+        batches.append((first, len(src), len(docs)))
+    identity = src == list(range(starts[-1]))
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return _Layout(tuple(batches), None if identity else tensor(src), tensor(own), tensor(shared_src),
+                   tensor(shared_slots), len(src))
 
 
-class _Rows(torch.autograd.Function):
-    """out[dst] = x[src] in a zero tensor of `rows` rows. Unlike index_select + index_copy, which keep their
-    copies of x for backward, it keeps only the indices: attention's padded batches are built and read back with
-    it, and the tensors attention itself saves are the only ones left."""
+class _Gather(torch.autograd.Function):
+    """The padded batches of x [T, ...] (x[layout.src], split and shaped per batch). Backward: each row's gradient
+    from its own slot plus those of the slots that read it as a prefix; padding slots give none. Only the indices
+    are kept for backward, not x."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, rows: int) -> torch.Tensor:
-        out = x.new_zeros(rows, *x.shape[1:])
-        out[dst] = x[src]
-        ctx.save_for_backward(src, dst)
-        ctx.rows_in = len(x)
-        return out
+    def forward(ctx, x: torch.Tensor, layout: _Layout) -> tuple[torch.Tensor, ...]:
+        ctx.layout = layout
+        rows = x.index_select(0, layout.src)
+        return tuple(rows[a:b].view(docs, (b - a) // docs, *x.shape[1:]) for a, b, docs in layout.batches)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        layout = ctx.layout
+        grad = torch.cat([g.flatten(0, 1) for g in grads]) if len(grads) > 1 else grads[0].flatten(0, 1)
+        out = grad.index_select(0, layout.own)
+        if len(layout.shared_src):
+            out.index_add_(0, layout.shared_src, grad.index_select(0, layout.shared_slots))
+        return out, None
+
+
+class _Scatter(torch.autograd.Function):
+    """Each token's output [T, ...] read back from its own slot of the padded batches' outputs [docs, L, ...];
+    backward: zero at the other slots."""
+
+    @staticmethod
+    def forward(ctx, layout: _Layout, *batches: torch.Tensor) -> torch.Tensor:
+        ctx.layout, ctx.shapes = layout, [b.shape for b in batches]
+        rows = torch.cat([b.flatten(0, 1) for b in batches]) if len(batches) > 1 else batches[0].flatten(0, 1)
+        return rows.index_select(0, layout.own)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        src, dst = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows_in, *grad.shape[1:]).index_add_(0, src, grad[dst]), None, None, None
+        layout = ctx.layout
+        rows = grad.new_zeros(layout.slots, *grad.shape[1:]).index_copy_(0, layout.own, grad)
+        parts = rows.split([shape[0] * shape[1] for shape in ctx.shapes])
+        return None, *(part.view(shape) for part, shape in zip(parts, ctx.shapes, strict=True))
