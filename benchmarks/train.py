@@ -67,6 +67,7 @@ import ast
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -104,6 +105,9 @@ class Run:
     wall: float = 0.0
     others: float = 0.0  # share of the machine's CPU time used by other processes meanwhile
     threads: int | None = None
+    # seconds spent before step 1 on work the steps then skip (lmforge's precomputed DPO reference log-probs, for
+    # every pair of the run): the measured steps are charged their share of it
+    upfront: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -112,13 +116,15 @@ class Run:
     def measured(self) -> list[dict]:
         return self.steps[WARMUP_STEPS:] if len(self.steps) > WARMUP_STEPS else self.steps
 
-    def tokens_per_second(self) -> float:
+    def measured_seconds(self) -> float:
         m = self.measured()
-        return sum(s["tokens"] for s in m) / sum(s["seconds"] for s in m)
+        return sum(s["seconds"] for s in m) + self.upfront * len(m) / len(self.steps)
+
+    def tokens_per_second(self) -> float:
+        return sum(s["tokens"] for s in self.measured()) / self.measured_seconds()
 
     def seconds_per_step(self) -> float:
-        m = self.measured()
-        return sum(s["seconds"] for s in m) / len(m)
+        return self.measured_seconds() / len(self.measured())
 
     def losses(self) -> list[float]:
         return [s["loss"] for s in self.steps]
@@ -316,6 +322,9 @@ def run_child(run: Run, cmd: list[str], d: Path, threads: int, timeout: float) -
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     run.threads = next((r["threads"] for r in records if "threads" in r), None)
     run.steps = [r for r in records if {"step", "loss", "tokens", "seconds"} <= r.keys()]
+    ahead = re.search(r"reference log-probs of \d+ pairs precomputed in ([0-9.]+) s",
+                      log_path.read_text(errors="replace"))
+    run.upfront = float(ahead.group(1)) if ahead and run.system.startswith("lmforge") else 0.0
     if proc.returncode != 0:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
         missing = [line for line in lines if line.startswith(("ImportError:", "ModuleNotFoundError:"))]
@@ -491,7 +500,7 @@ def run_reported(run: Run, name: str, cmd: list[str], d: Path, threads: int, tim
 def run_record(r: Run, **extra) -> dict:
     """One run as the --out JSON holds it."""
     return {"system": r.system, "method": r.method, "note": r.note, "peak_rss_bytes": r.peak_rss,
-            "wall_seconds": r.wall, "others_cpu_share": r.others, "threads": r.threads,
+            "wall_seconds": r.wall, "others_cpu_share": r.others, "threads": r.threads, "upfront_seconds": r.upfront,
             "tokens_per_second": r.tokens_per_second() if r.ok else None,
             "seconds_per_step": r.seconds_per_step() if r.ok else None, **extra, "steps": r.steps}
 

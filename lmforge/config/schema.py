@@ -136,6 +136,12 @@ class PreferenceConfig(Section):
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (label true) rows' losses")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable (label false) rows' "
                                                              "losses")
+    precompute_ref_log_probs: bool | None = Field(
+        None, description="compute the reference model's log-probs of every training and validation pair once, "
+                          "before the first step, and free the reference model (TRL's name); null: on for full "
+                          "fine-tuning, whose reference is a frozen copy of the model (half its float32 bytes under "
+                          "bf16-mixed), off for LoRA / QLoRA, whose reference (the base with adapters off) costs no "
+                          "memory. Not with kto or the reference-free losses")
 
     @model_validator(mode="after")
     def _kto_weights(self) -> "PreferenceConfig":
@@ -143,6 +149,8 @@ class PreferenceConfig(Section):
             raise ValueError(f"preference.desirable_weight and undesirable_weight apply to loss: kto, not {self.loss}")
         if self.loss == "kto" and self.rpo_alpha:
             raise ValueError("preference.rpo_alpha does not apply to loss: kto")
+        if self.precompute_ref_log_probs and self.loss in ("kto", "simpo", "orpo"):
+            raise ValueError(f"preference.precompute_ref_log_probs does not apply to loss: {self.loss}")
         return self
 
 

@@ -227,6 +227,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cache) 
         return out
     if (out := train_kernels.linear(x, w, bias)) is not None:
         return out
+    if (out := train_kernels.mixed_linear(x, w, bias)) is not None:
+        return out
     return F.linear(x, w, bias)
 
 

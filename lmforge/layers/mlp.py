@@ -21,7 +21,11 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         """`lora`: a serving step's LoraBatch (lmforge/layers/multi_lora.py), handed to each projection."""
         gate, up = linears(x, self.gate_proj, self.up_proj, lora=lora)
-        return self.down_proj(swiglu(gate, up) if self.act is F.silu else self.act(gate) * up, lora)
+        down = self.down_proj
+        if self.act is F.silu and type(down) is Linear and \
+                (out := train_kernels.silu_mul_linear(gate, up, down.weight, down.bias)) is not None:
+            return out  # full fine-tuning in bf16-mixed: the product is recomputed in backward, not kept
+        return down(swiglu(gate, up) if self.act is F.silu else self.act(gate) * up, lora)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

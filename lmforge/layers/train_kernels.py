@@ -10,6 +10,7 @@ then runs its eager code, which stays the reference the tests compare against (t
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.hardware import cpu_flags
@@ -209,11 +210,14 @@ class _Rope(torch.autograd.Function):
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for [T, n] halves of one dtype; keeps gate and up for backward (eager also keeps silu(gate))."""
+    return _SiluMul.apply(gate, up) if silu_mul_usable(gate, up) is not None else None
+
+
+def silu_mul_usable(gate: torch.Tensor, up: torch.Tensor):
+    """The kernels where silu_mul takes these halves, else None."""
     if gate.dim() != 2 or gate.dtype != up.dtype or gate.stride(-1) != 1 or up.stride(-1) != 1:
         return None
-    if _ops(gate, up) is None:
-        return None
-    return _SiluMul.apply(gate, up)
+    return _ops(gate, up)
 
 
 class _SiluMul(torch.autograd.Function):
@@ -251,6 +255,79 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return None
     out = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias)  # views made out here: callers may add in place
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+
+
+def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """F.linear under CPU bf16 autocast for a float32 weight that is trained (full fine-tuning in bf16-mixed), the
+    same products as autocast's, without keeping the weight's bf16 copy from forward to backward: autocast caches
+    every such cast until its context ends and saves it for backward, a second copy of the decoder (half its float32
+    bytes) alive through the step's peak; here backward casts the weight again (a few ms per step). None elsewhere."""
+    return _MixedLinear.apply(x, weight, bias) if _mixed(x, weight, bias) else None
+
+
+def _mixed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if _autocast_dtype(x.device) != torch.bfloat16 or x.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    if not weight.requires_grad or not torch.is_grad_enabled():
+        return False
+    return bias is None or bias.dtype == torch.float32
+
+
+def silu_mul_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor | None:
+    """down(silu(gate) * up) in mixed_linear's case (a trained float32 down weight under CPU bf16 autocast) for bf16
+    halves: the same kernels and products as silu_mul then mixed_linear, but silu(gate) * up is recomputed in
+    backward rather than kept, one [tokens, intermediate] activation per layer less (55 MB for 600 tokens of
+    SmolLM2) for one more element-wise pass. None elsewhere."""
+    if gate.dtype != torch.bfloat16 or silu_mul_usable(gate, up) is None or not _mixed(gate, weight, bias):
+        return None
+    return _SiluMulLinear.apply(gate, up, weight, bias)
+
+
+class _SiluMulLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, weight)
+        ctx.biased = bias is not None
+        x = kernels.cpu_ops().silu_mul(gate, up)
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        gate, up, weight = ctx.saved_tensors
+        grad = grad.to(torch.bfloat16).contiguous()
+        ops = kernels.cpu_ops()
+        with torch.autocast("cpu", enabled=False):
+            dh = grad.mm(weight.to(torch.bfloat16))
+            dw = grad.t().mm(ops.silu_mul(gate, up)).float() if ctx.needs_input_grad[2] else None
+            db = grad.sum(0).float() if ctx.biased and ctx.needs_input_grad[3] else None
+        dgate, dup = ops.silu_mul_backward(gate, up, dh)
+        return dgate, dup, dw, db
+
+
+class _MixedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
+        ctx.save_for_backward(x, weight)
+        ctx.biased = bias is not None
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(torch.bfloat16)
+        rows, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        with torch.autocast("cpu", enabled=False):
+            dx = grad.matmul(weight.to(torch.bfloat16)) if ctx.needs_input_grad[0] else None
+            dw = grads.t().mm(rows).float() if ctx.needs_input_grad[1] else None
+            db = grads.sum(0).float() if ctx.biased and ctx.needs_input_grad[2] else None
+        return dx, dw, db
 
 
 def _f32_kernel(x: torch.Tensor, weight: torch.Tensor):

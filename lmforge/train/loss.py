@@ -14,6 +14,7 @@ from lmforge.layers.linear import Linear, frozen_pack
 from lmforge.layers.train_kernels import f32_product
 
 CHUNK_ROWS = 512  # a chunk's fp32 logits: 512 x 49152 x 4 bytes = 100 MB for SmolLM2
+VOCAB_SLICE = 4096  # rows of a trained head's gradient summed at a time: a [4096, hidden] product, not [vocab, hidden]
 
 
 def token_loss_sum(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -122,12 +123,22 @@ class _LinearLogProbs(torch.autograd.Function):
             grad_h = torch.empty_like(hidden) if ctx.want_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             ops = _ops(ctx.dtype, hidden)
+            product = None  # one slice's g^T h, reused: this backward runs while the step's activations peak
             for start, h, y in _chunks(hidden, labels, ctx.dtype):
                 _, g = _rows_cross_entropy(f32_product(h, w), y, ops)
                 g.mul_(grad_out[start:start + len(y), None].neg().to(g.dtype))  # d(sum out * grad_out) / d logits
                 if ctx.want_h:
                     grad_h[start:start + len(y)] = (g @ w).to(hidden.dtype)
-                grad_w.add_(g.t() @ h)
+                for v in range(0, weight.shape[0], VOCAB_SLICE):
+                    rows = g.t()[v:v + VOCAB_SLICE]
+                    if product is None or product.shape[0] != rows.shape[0]:
+                        product = torch.empty(rows.shape[0], h.shape[1], dtype=g.dtype, device=g.device)
+                    torch.mm(rows, h, out=product)
+                    part = grad_w[v:v + VOCAB_SLICE]
+                    if ops is not None and product.dtype != part.dtype:  # torch's mixed add_ copies to float32 first
+                        ops.accumulate_(part, product)
+                    else:
+                        part.add_(product)
         return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 

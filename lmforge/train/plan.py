@@ -12,6 +12,7 @@ from lmforge.train.loss import CHUNK_ROWS
 from lmforge.train.model import weights_dtype
 from lmforge.train.preference import REFERENCE_FREE
 from lmforge.train.recipes.distill import teacher_dtype
+from lmforge.train.recipes.dpo import precomputes_reference
 
 NF4_BYTES = 0.5 + 4 / 64 / 4 + 4 / 256 / 64  # 4-bit codes, 8-bit scales per 64, fp32 scale per 256 scales
 
@@ -77,7 +78,8 @@ def memory_plan(cfg: TrainConfig, hf_config: dict, processes: int = 1,
     pairs = cfg.recipe in ("dpo", "reward")  # a row holds whole pairs: up to two documents of max_seq_len
     tokens = cfg.micro_batch_size * cfg.data.max_seq_len * (2 if pairs else 1)
     reference = 0.0
-    if cfg.method == "full" and ((cfg.recipe == "dpo" and cfg.preference.loss not in REFERENCE_FREE)
+    kept = cfg.preference.loss == "kto" or not precomputes_reference(cfg)  # else freed before training starts
+    if cfg.method == "full" and ((cfg.recipe == "dpo" and cfg.preference.loss not in REFERENCE_FREE and kept)
                                  or (cfg.recipe == "grpo" and cfg.grpo.beta)):
         reference = total * (2.0 if cfg.precision == "bf16-mixed" else 4.0)
     compute = 4 if cfg.precision == "fp32" else 2

@@ -2,6 +2,7 @@
 gradients equal one big batch's, the reference is the starting model, runs write TRL's metrics, bad configs are
 refused in one sentence."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,6 +23,7 @@ from lmforge.layers.attention import AttnMeta
 from lmforge.layers.linear import Linear
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import dist
 from lmforge.train.preference import sequence_logps
 from lmforge.train.recipes import sft
 from lmforge.train.recipes.dpo import METRICS, PreferenceObjective
@@ -79,6 +81,36 @@ def test_the_reference_is_the_starting_model(make_config, method):
     sft.train_step(model, [batch], cfg, optimizer, None, objective=objective)
     assert torch.equal(objective._reference_logps(batch), base)
     assert objective.loss(model, batch, totals)[0].item() != pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_full_runs_precompute_the_reference_and_free_it(make_config):
+    """Full fine-tuning looks the reference log-probs up from a table computed before training (every training and
+    validation pair, TRL's precompute_ref_log_probs) and frees the frozen copy: the values are the base model's, a
+    pair that is not in the table is an error, and a run gives the losses and metrics of one that keeps the copy."""
+    cfg, model, model_dir, data = build_run(make_config("p", method="full"))
+    objective = PreferenceObjective(cfg, model, model_dir, torch.device("cpu"))
+    assert objective.precompute and objective.reference is not None
+    objective.prepare(data, dist.SINGLE, torch.device("cpu"))
+    assert objective.reference is None
+    assert len(objective.table) == len(data.train) + len(data.validation)  # pairs, not packed rows
+    for dataset in (data.train, data.validation):
+        for batch in Loader(dataset, 2, shuffle=False):
+            torch.testing.assert_close(objective._look_up(batch), _base_logps(model_dir, batch), rtol=1e-5,
+                                       atol=1e-4)
+    totals = objective.totals([batch])
+    assert objective.loss(model, batch, totals)[0].item() == pytest.approx(math.log(2), abs=1e-6)
+    changed = dataclasses.replace(batch, input_ids=batch.input_ids.flip(0))
+    with pytest.raises(RuntimeError, match="missing from the precomputed reference"):
+        objective._look_up(changed)
+
+    runs = {}
+    for precompute in (True, False):
+        cfg = load_config(make_config(f"run-{precompute}", method="full",
+                                      preference__precompute_ref_log_probs=precompute))
+        runs[precompute] = metrics(sft.main(cfg).parent)
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for name in [n for n in a if n.removeprefix("val_") in ("loss", *METRICS)]:
+            assert a[name] == pytest.approx(b[name], abs=1e-5), (a["step"], name)
 
 
 def test_lora_bf16_packs_the_frozen_base_and_keeps_the_loss(make_config, monkeypatch):
@@ -177,6 +209,8 @@ def test_a_dpo_run_learns_the_pairs_and_writes_trl_metrics(tmp_path, tiny_chat_m
      "recipe dpo trains on preference pairs: every data source needs format: preference"),
     ({"preference__loss": "kto"}, "preference.loss"),
     ({"preference__beta": 0}, "preference.beta"),
+    ({"preference__loss": "simpo", "preference__precompute_ref_log_probs": True},
+     "precompute_ref_log_probs does not apply to loss: simpo"),
 ])
 def test_bad_configs_are_one_sentence(make_config, overrides, match):
     with pytest.raises(LmforgeError, match=match):

@@ -442,6 +442,56 @@ def test_float32_linear_autograd_kernel_matches_f_linear(train_weight, bias, mon
         close(a, b, torch.float32)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_mixed_precision_linear_equals_autocast(bias):
+    """A trained float32 weight under bf16 autocast (full fine-tuning in bf16-mixed): the training Linear, which casts
+    the weight again in backward instead of keeping autocast's copy, gives autocast's outputs and gradients exactly."""
+    from lmforge.layers import train_kernels
+
+    torch.manual_seed(0)
+    layer = Linear(40, 24, bias=bias)
+    x = torch.randn(13, 40, requires_grad=True)
+    grad_out = torch.randn(13, 24, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert train_kernels.mixed_linear(x, layer.weight, layer.bias) is not None
+        ours = _grads(layer, [x], grad_out) + [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        eager = _grads(lambda t: F.linear(t, layer.weight, layer.bias), [x], grad_out)
+    eager += [p.grad for p in layer.parameters()]
+    for a, b in zip(ours, eager, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # not recording, or not trained: autocast's
+        assert train_kernels.mixed_linear(x, layer.weight, layer.bias) is None
+    assert train_kernels.mixed_linear(x, layer.weight, layer.bias) is None  # no autocast
+
+
+def test_mixed_precision_mlp_recomputes_its_product_and_equals_autocast():
+    """GatedMLP with trained float32 weights under bf16 autocast runs down(silu(gate) * up) as one Function that keeps
+    gate and up only (not their product); its outputs and gradients equal the unfused layers' exactly."""
+    from lmforge.layers import train_kernels
+    from lmforge.layers.mlp import GatedMLP
+
+    torch.manual_seed(0)
+    mlp = GatedMLP(32, 80, "silu")
+    x = torch.randn(11, 32, requires_grad=True)
+    grad_out = torch.randn(11, 32, dtype=torch.bfloat16)
+    fused = []
+    real = train_kernels._SiluMulLinear.apply
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_kernels._SiluMulLinear, "apply", lambda *a: fused.append(1) or real(*a))
+            ours = _grads(mlp, [x], grad_out) + [p.grad.clone() for p in mlp.parameters()]
+        mlp.zero_grad()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_kernels, "silu_mul_linear", lambda *a: None)
+            unfused = _grads(mlp, [x], grad_out)
+    unfused += [p.grad for p in mlp.parameters()]
+    assert fused == [1]
+    for a, b in zip(ours, unfused, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_each_build_key_covers_every_file_of_its_extension(level, tmp_path, monkeypatch):
     """Editing any source or header of an extension gives its build a new cache directory: no stale module loads.
     Every source here belongs to one extension, and every file a source includes with quotes is hashed."""

@@ -221,8 +221,8 @@ def test_config_check_plans_per_process(make_config, capsys, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_dpo_in_two_processes_reaches_the_single_process_losses(tmp_path, tiny_chat_model, strategy):
-    """Full-parameter DPO (its frozen reference copy on every rank): per-pair terms and metrics summed over both
-    ranks' pairs give the single process's losses and validation metrics."""
+    """Full-parameter DPO (reference log-probs precomputed, each rank computing a share): per-pair terms and metrics
+    summed over both ranks' pairs give the single process's losses and validation metrics."""
     make = config_maker(tmp_path, tiny_chat_model, slice(0, 32), slice(32, 37), pairs=True, method="full",
                         data__packing=False, micro_batch_size=1, batch_size=4, max_steps=4, threads=1,
                         eval__every_steps=4, optimizer__lr=1e-3, preference__rpo_alpha=0.5)

@@ -24,7 +24,7 @@ from lmforge.data import build_datasets
 from lmforge.layers.attention import AttnMeta
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import dist
-from lmforge.train.allocator import release_free_memory
+from lmforge.train.allocator import release_free_memory, skip_unusable_triton, trim_before_embedding_backward
 from lmforge.train.evaluate import evaluate, evaluate_objective
 from lmforge.train.log import MetricsLog, NoMetrics, require_backends
 from lmforge.train.loss import token_loss_sum
@@ -48,6 +48,7 @@ def main(cfg: TrainConfig) -> Path:
 def in_world(cfg: TrainConfig, train) -> Path:
     """`train(cfg, world, device)` (a recipe's body) inside this process's world: torchrun's, SLURM's or one of
     one; precision auto resolved for the device; other ranks than 0 log warnings only."""
+    skip_unusable_triton()
     world = dist.world_from_env()
     device = dist.device_for(cfg, world)
     cfg = cfg.on_device(device)
@@ -69,8 +70,11 @@ def _train(cfg: TrainConfig, world: dist.World, device: torch.device) -> Path:
 
     require_backends(cfg.logging.backends if world.is_main else [])
     model, tokenizer, model_dir = build_trainable(cfg, device)
+    trim_before_embedding_backward(model)
     objective = _objective(cfg, model, tokenizer, model_dir, device)  # a bad teacher fails before the run dir exists
     data = _datasets(cfg, tokenizer, world)  # and so does bad data (a malformed row under data.strict)
+    if hasattr(objective, "prepare"):  # DPO's precomputed reference log-probs, before the optimizer state exists
+        objective.prepare(data, world, device)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
