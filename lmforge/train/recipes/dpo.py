@@ -75,11 +75,11 @@ class PreferenceObjective:
         packs = frozen_packs(self.reference) if self.reference is not None else None
         with packs.active() if packs is not None else contextlib.nullcontext():
             self._fill_table(datasets, world, device)
+        freed = "; the reference model is freed" if self.reference is not None else ""
         self.reference = packs = None  # the frozen copy is no longer needed: its memory goes back before training
         release_free_memory()
         self.seconds = time.perf_counter() - started
-        log.info("reference log-probs of %d pairs precomputed in %.1f s; the reference model is freed",
-                 len(self.table), self.seconds)
+        log.info("reference log-probs of %d pairs precomputed in %.1f s%s", len(self.table), self.seconds, freed)
 
     def _fill_table(self, datasets, world: dist.World, device: torch.device) -> None:
         for dataset in (datasets.train, datasets.validation):
