@@ -290,20 +290,15 @@ class _SiluMulLinear(torch.autograd.Function):
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(gate, up, weight)
         ctx.biased = bias is not None
-        x = kernels.cpu_ops().silu_mul(gate, up)
-        with torch.autocast("cpu", enabled=False):
-            return F.linear(x, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+        return _cast_linear(kernels.cpu_ops().silu_mul(gate, up), weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         gate, up, weight = ctx.saved_tensors
-        grad = grad.to(torch.bfloat16).contiguous()
         ops = kernels.cpu_ops()
-        with torch.autocast("cpu", enabled=False):
-            dh = grad.mm(weight.to(torch.bfloat16))
-            dw = grad.t().mm(ops.silu_mul(gate, up)).float() if ctx.needs_input_grad[2] else None
-            db = grad.sum(0).float() if ctx.biased and ctx.needs_input_grad[3] else None
+        dh, dw, db = _cast_linear_grads(grad, ops.silu_mul(gate, up), weight, (True, *ctx.needs_input_grad[2:]),
+                                        ctx.biased)
         dgate, dup = ops.silu_mul_backward(gate, up, dh)
         return dgate, dup, dw, db
 
@@ -314,20 +309,31 @@ class _MixedLinear(torch.autograd.Function):
         x = x.to(torch.bfloat16)
         ctx.save_for_backward(x, weight)
         ctx.biased = bias is not None
-        with torch.autocast("cpu", enabled=False):
-            return F.linear(x, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+        return _cast_linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad = grad.to(torch.bfloat16)
-        rows, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        with torch.autocast("cpu", enabled=False):
-            dx = grad.matmul(weight.to(torch.bfloat16)) if ctx.needs_input_grad[0] else None
-            dw = grads.t().mm(rows).float() if ctx.needs_input_grad[1] else None
-            db = grads.sum(0).float() if ctx.biased and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return _cast_linear_grads(grad, x, weight, ctx.needs_input_grad, ctx.biased)
+
+
+def _cast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear of bf16 x on the float32 weight (and bias) cast to bf16 for this call only."""
+    with torch.autocast("cpu", enabled=False):
+        return F.linear(x, weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+
+
+def _cast_linear_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, wanted, biased: bool):
+    """_cast_linear's gradients (input, weight, bias) as autocast's products give them, the weight cast again;
+    `wanted` as ctx.needs_input_grad."""
+    grad = grad.to(torch.bfloat16)
+    rows, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    with torch.autocast("cpu", enabled=False):
+        dx = grad.matmul(weight.to(torch.bfloat16)) if wanted[0] else None
+        dw = grads.t().mm(rows).float() if wanted[1] else None
+        db = grads.sum(0).float() if biased and wanted[2] else None
+    return dx, dw, db
 
 
 def _f32_kernel(x: torch.Tensor, weight: torch.Tensor):

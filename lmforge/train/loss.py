@@ -59,10 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_h[start:start + CHUNK_ROWS] = (g @ w).to(hidden.dtype)
                 if want_w:
                     torch.mm(g.t(), h, out=product)
-                    if ops is not None:  # torch's mixed-dtype add_ would first copy the product to float32
-                        ops.accumulate_(grad_w, product)
-                    else:
-                        grad_w.add_(product)
+                    _accumulate(grad_w, product, ops)
         ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
         ctx.want_w, ctx.weight_dtype, ctx.used = want_w, weight.dtype, False
         return total
@@ -134,11 +131,7 @@ class _LinearLogProbs(torch.autograd.Function):
                     if product is None or product.shape[0] != rows.shape[0]:
                         product = torch.empty(rows.shape[0], h.shape[1], dtype=g.dtype, device=g.device)
                     torch.mm(rows, h, out=product)
-                    part = grad_w[v:v + VOCAB_SLICE]
-                    if ops is not None and product.dtype != part.dtype:  # torch's mixed add_ copies to float32 first
-                        ops.accumulate_(part, product)
-                    else:
-                        part.add_(product)
+                    _accumulate(grad_w[v:v + VOCAB_SLICE], product, ops)
         return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 
@@ -166,6 +159,15 @@ def row_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 def _chunks(hidden: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype):
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
         yield start, hidden[start:start + CHUNK_ROWS].to(dtype), labels[start:start + CHUNK_ROWS]
+
+
+def _accumulate(dst: torch.Tensor, src: torch.Tensor, ops) -> None:
+    """float32 dst += src in place: the kernel where there is one (torch's mixed-dtype add_ first copies a bf16 src to
+    float32), else add_."""
+    if ops is not None:
+        ops.accumulate_(dst, src)
+    else:
+        dst.add_(src)
 
 
 def _ops(dtype: torch.dtype, x: torch.Tensor):
