@@ -9,7 +9,7 @@
 //   q4: uint8 w [N, K/2], per 32-block 16 bytes: byte i holds element i (low nibble) and element i + 16 (high);
 //       scale and min [N, K/32]; value = scale * q + min (Q4_1; Q4_0 has min = -8 scale; Q4_K's sub-blocks).
 // Block scales and mins are float16 (GGUF's own, and the int8/int4 quantisers') or float32 (Q4_K's products).
-// Either layout with block scales may come in groups of 8 rows ("x8", below), which 3-d scales [N/8, K/32, 8] say.
+// Either layout with block scales may come in groups of 16 rows ("x16", below), which 3-d scales [N/16, K/32, 16] say.
 // A q4 dot product is sum_b scale_b dx_b isum_b + sum_b min_b dx_b sum(qx_b): the second sum uses the activation
 // blocks' sums, computed with the quantisation. Built per instruction-set level (lmforge/kernels/__init__.py): the
 // AVX2 path where the CPU has it, a plain C++ path elsewhere (same results up to float summation order). Every output
@@ -29,6 +29,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -39,13 +41,15 @@ constexpr int64_t ROW_TILE = 4;  // activation rows sharing each unpacked weight
 inline float to_f(float x) { return x; }
 inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
 
-// Activations of one call, quantised: q [M, K] int8, d (block scale) and s (d * sum of the block's q) [M, K/32].
+// Activations of one call, quantised: q [M, K] int8, d (block scale) and s (d * sum of the block's q) [M, K/32];
+// c = -128 * sum of the block's q (the offset correction of 16-row-group int8 weights, below).
 // q4 weights (AVX2) read the activations in pair order instead: per two blocks b, b + 1, 64 bytes holding b's
 // elements 0-15, b + 1's 0-15, b's 16-31, b + 1's 16-31 (zeros for a missing b + 1), so that one 32-byte load of
 // two weight blocks' nibbles meets its activations without shuffling the weights: `qp`, rows of pair_bytes(K).
 struct QuantRows {
   std::vector<int8_t> q, qp;
   std::vector<float> d, s;
+  std::vector<int32_t> c;
 };
 
 inline int64_t pair_bytes(int64_t K) { return (K / QK + 1) / 2 * 2 * QK; }
@@ -67,7 +71,7 @@ void to_pair_order(const int8_t* q, int64_t nb, int8_t* qp) {
 }
 
 template <typename scalar_t>
-void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s) {
+void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s, int32_t* c) {
   float amax = 0.f;
   for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(to_f(x[i])));
   const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
@@ -79,16 +83,25 @@ void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s) {
   }
   *d = scale;
   *s = scale * static_cast<float>(sum);
+  *c = -128 * sum;
 }
 
 #if defined(__AVX2__)
-// The same quantisation for float32 rows, eight lanes at a time (bit-identical to quantize_block).
-inline void quantize_block(const float* x, int8_t* q, float* d, float* s) {
+inline __m256 load_floats(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load_floats(const c10::BFloat16* x) {  // exact: a bfloat16 is a float32's upper half
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// The same quantisation for float32 and bfloat16 rows, eight lanes at a time (bit-identical to the loop above).
+template <typename scalar_t>
+inline void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s, int32_t* c)
+  requires(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
   __m256 v[4];
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 m = _mm256_setzero_ps();
   for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_loadu_ps(x + 8 * j);
+    v[j] = load_floats(x + 8 * j);
     m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
   }
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
@@ -110,24 +123,41 @@ inline void quantize_block(const float* x, int8_t* q, float* d, float* s) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed8);
   *d = scale;
   *s = scale * static_cast<float>(_mm_cvtsi128_si32(s4));
+  *c = -128 * _mm_cvtsi128_si32(s4);
 }
 #endif
 
+enum class Order { rows, pairs, tiles };
+
+// Order::tiles is x16's (below): the rows in tiles of `tile` (the last one shorter); in a tile of R rows, per block b
+// and 4-byte run j, the R rows' 4 bytes side by side (q[((b * 8 + j) * R + r) * 4 + e] = element 4j + e of row r's
+// block b), and d, s, c per block for the R rows (d[b * R + r]): one pointer and constant offsets per tile.
 template <typename scalar_t>
-QuantRows quantize_rows(const at::Tensor& x, bool pairs = false) {
+QuantRows quantize_rows(const at::Tensor& x, Order order = Order::rows, int64_t tile = 1) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK, ld = x.stride(0);
   QuantRows r;
   r.q.resize(M * K);
   r.d.resize(M * nb);
   r.s.resize(M * nb);
+  r.c.resize(M * nb);
   const scalar_t* px = x.data_ptr<scalar_t>();
+  const bool tiles = order == Order::tiles && M > 1;  // one row: the tile order is the row order
   at::parallel_for(0, M * nb, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t m = i / nb, b = i % nb;
-      quantize_block(px + m * ld + b * QK, r.q.data() + m * K + b * QK, r.d.data() + i, r.s.data() + i);
+      if (!tiles) {
+        quantize_block(px + m * ld + b * QK, r.q.data() + m * K + b * QK, r.d.data() + i, r.s.data() + i,
+                       r.c.data() + i);
+        continue;
+      }
+      const int64_t m0 = m / tile * tile, R = std::min(tile, M - m0), at = m0 * nb + b * R + (m - m0);
+      int8_t q[QK];
+      quantize_block(px + m * ld + b * QK, q, r.d.data() + at, r.s.data() + at, r.c.data() + at);
+      int8_t* dst = r.q.data() + m0 * K + b * 8 * R * 4 + (m - m0) * 4;
+      for (int64_t j = 0; j < QK / 4; ++j) std::memcpy(dst + j * R * 4, q + 4 * j, 4);
     }
   });
-  if (pairs) {
+  if (order == Order::pairs) {
     r.qp.resize(M * pair_bytes(K));
     for (int64_t m = 0; m < M; ++m) to_pair_order(r.q.data() + m * K, nb, r.qp.data() + m * pair_bytes(K));
   }
@@ -176,6 +206,12 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
 #endif
 
 // sum_b a[b] * b[b] over n blocks: the q4 min term (min_b * scale_b * sum(qx_b)), eight blocks at a time.
@@ -343,116 +379,174 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, 
   else tiles.template operator()<OUT_TILE>();
 }
 
-// ---- weights in groups of 8 output rows ("x8": lmforge/layers/quant_linear.py's group_rows) ---------------------------
-// Per group of 8 rows and per 32-block, the rows' block bytes are laid out as runs of 32: run j holds bytes 4j..4j+3
-// of each of the 8 rows (row r in bytes 4r..4r+3). q8: 8 runs (a row's 32 bytes), elements 4j..4j+3; q4: 4 runs (a
-// row's 16 nibble bytes), low nibbles elements 4j..4j+3 and high nibbles 16+4j..16+4j+3. Scales (and mins) are
-// [N/8, K/32, 8]. One 32-byte load meets 4 activation bytes broadcast to every lane, so each lane is one output row:
-// a block's 8 integer sums come out as one vector and take one FMA with the 8 rows' scales (and one with their mins),
-// with no scalar scale work per row and no horizontal sum (docs/benchmarks.md). Every output is
-// acc = fma(scale_w * scale_x, isum, acc) (+ fma(min, scale_x * sum(q_x), acc) for q4) over the blocks in order,
-// whatever the number of rows: batch-invariant like the per-row kernels.
+// ---- weights in groups of 16 output rows ("x16": lmforge/layers/quant_linear.py's group_rows) -------------------------
+// Per group of 16 rows and per 32-block, the rows' block bytes are laid out as runs of 64: run j holds bytes 4j..4j+3
+// of each of the 16 rows (row r in bytes 4r..4r+3). q8: 8 runs (a row's 32 bytes), elements 4j..4j+3, each byte
+// stored + 128 (w ^ 0x80: unsigned); q4: 4 runs (a row's 16 nibble bytes), low nibbles elements 4j..4j+3 and high
+// nibbles 16+4j..16+4j+3. Scales (and mins) are [N/16, K/32, 16]. One weight vector meets 4 activation bytes broadcast
+// to every lane, so each lane is one output row: a block's integer sums come out as one vector and take one FMA with
+// the rows' scales (and one with their mins), with no scalar scale work per row and no horizontal sum. With
+// AVX512-VNNI, vpdpbusd (u8 x s8) takes a 64-byte weight vector as it is (unsigned bytes and nibbles) and the
+// activation's 4 bytes by embedded broadcast: 64 multiply-adds per instruction, twice the bf16 dot product's rate; the
+// + 128 of q8 bytes adds 128 * sum(q_x) to each sum, which the accumulator's start value (c = -128 sum(q_x), made with
+// the quantisation) takes away. AVX2 undoes the offset (xor), moves the sign onto x and runs 8 lanes at a time. Every
+// output is acc = fma(scale_w * scale_x, isum, acc) (+ fma(min, scale_x * sum(q_x), acc) for q4) over the blocks in
+// order with exact integer sums, whatever the number of rows and the level: batch-invariant like the per-row kernels.
+constexpr int64_t GROUP = 16;
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+constexpr int64_t X16_ROWS = 8;  // activation rows per tile: 16 accumulators, the weight vector loaded once for 8
+#else
+constexpr int64_t X16_ROWS = ROW_TILE;
+#endif
+
+// qt, ct, dt, st: the tile's activations in Order::tiles (quantize_rows).
 template <int R, bool Q4, typename S>
-inline void x8_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* const* qx, const float* const* dx,
-                    const float* const* sx, int64_t nb, float (*out)[8]) {
-  constexpr int64_t block_bytes = Q4 ? 8 * QK / 2 : 8 * QK;  // the group's bytes per 32-block
-#if defined(__AVX2__)
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+inline void x16_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* qt, const int32_t* ct,
+                     const float* dt, const float* st, int64_t nb, float (*out)[GROUP]) {
+  constexpr int64_t block_bytes = GROUP * (Q4 ? QK / 2 : QK), runs = Q4 ? 4 : 8;
+  auto four = [&](int64_t b, int64_t j, int r) {  // activation bytes 4j..4j+3 of row r's block b
+    int32_t v;
+    std::memcpy(&v, qt + ((b * 8 + j) * R + r) * 4, 4);
+    return v;
+  };
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i isum[R];
-    for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+    __m512i isum[R];
+    for (int r = 0; r < R; ++r) isum[r] = Q4 ? _mm512_setzero_si512() : _mm512_set1_epi32(ct[b * R + r]);
     const uint8_t* wb = wg + b * block_bytes;
-    for (int j = 0; j < (Q4 ? 4 : 8); ++j) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * j));
+    for (int j = 0; j < runs; ++j) {
+      const __m512i wv = _mm512_loadu_si512(wb + 64 * j);
       if constexpr (Q4) {
-        const __m256i lo = _mm256_and_si256(wv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
-        for (int r = 0; r < R; ++r) {
-          int32_t xlo, xhi;
-          std::memcpy(&xlo, qx[r] + b * QK + 4 * j, 4);
-          std::memcpy(&xhi, qx[r] + b * QK + QK / 2 + 4 * j, 4);
-          isum[r] = dot_acc(dot_acc(isum[r], lo, _mm256_set1_epi32(xlo)), hi, _mm256_set1_epi32(xhi));
-        }
+        const __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+        for (int r = 0; r < R; ++r)
+          isum[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(isum[r], lo, _mm512_set1_epi32(four(b, j, r))), hi,
+                                        _mm512_set1_epi32(four(b, 4 + j, r)));
       } else {
-        const __m256i wabs = _mm256_sign_epi8(wv, wv);  // |w| as u8; the sign moves onto x
-        for (int r = 0; r < R; ++r) {
-          int32_t four;
-          std::memcpy(&four, qx[r] + b * QK + 4 * j, 4);
-          const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(four), wv);
-          isum[r] = dot_acc(isum[r], wabs, xs);
-        }
+        for (int r = 0; r < R; ++r) isum[r] = _mm512_dpbusd_epi32(isum[r], wv, _mm512_set1_epi32(four(b, j, r)));
       }
     }
-    const __m256 ws = load8(sg + b * 8);
+    const __m512 ws = load16(sg + b * GROUP);
     for (int r = 0; r < R; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(ws, _mm256_set1_ps(dx[r][b])), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(ws, _mm512_set1_ps(dt[b * R + r])), _mm512_cvtepi32_ps(isum[r]), acc[r]);
     if constexpr (Q4) {
-      const __m256 wm = load8(mg + b * 8);
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(sx[r][b]), acc[r]);
+      const __m512 wm = load16(mg + b * GROUP);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wm, _mm512_set1_ps(st[b * R + r]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], acc[r]);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], acc[r]);
+#elif defined(__AVX2__)
+  (void)ct;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), offset = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 acc[2][R];
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < R; ++r) acc[h][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b)
+    for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7
+      __m256i isum[R];
+      for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+      const uint8_t* wb = wg + b * block_bytes + 32 * h;
+      for (int j = 0; j < runs; ++j) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j));
+        if constexpr (Q4) {
+          const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+          for (int r = 0; r < R; ++r)
+            isum[r] = dot_acc(dot_acc(isum[r], lo, _mm256_set1_epi32(four(b, j, r))), hi,
+                              _mm256_set1_epi32(four(b, 4 + j, r)));
+        } else {
+          const __m256i wv = _mm256_xor_si256(raw, offset);
+          const __m256i wabs = _mm256_sign_epi8(wv, wv);  // |w| as u8; the sign moves onto x
+          for (int r = 0; r < R; ++r)
+            isum[r] = dot_acc(isum[r], wabs, _mm256_sign_epi8(_mm256_set1_epi32(four(b, j, r)), wv));
+        }
+      }
+      const __m256 ws = load8(sg + b * GROUP + 8 * h);
+      for (int r = 0; r < R; ++r)
+        acc[h][r] = _mm256_fmadd_ps(_mm256_mul_ps(ws, _mm256_set1_ps(dt[b * R + r])), _mm256_cvtepi32_ps(isum[r]),
+                                    acc[h][r]);
+      if constexpr (Q4) {
+        const __m256 wm = load8(mg + b * GROUP + 8 * h);
+        for (int r = 0; r < R; ++r) acc[h][r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(st[b * R + r]), acc[h][r]);
+      }
+    }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(out[r], acc[0][r]);
+    _mm256_storeu_ps(out[r] + 8, acc[1][r]);
+  }
 #else
+  (void)ct;
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 8; ++c) {
+    for (int c = 0; c < GROUP; ++c) {
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* wb = wg + b * block_bytes;
         int isum = 0;
-        for (int j = 0; j < (Q4 ? 4 : 8); ++j)
+        for (int j = 0; j < runs; ++j)
           for (int e = 0; e < 4; ++e) {
-            const uint8_t byte = wb[32 * j + 4 * c + e];
-            if constexpr (Q4)
-              isum += (byte & 0x0F) * qx[r][b * QK + 4 * j + e] + (byte >> 4) * qx[r][b * QK + QK / 2 + 4 * j + e];
-            else
-              isum += static_cast<int8_t>(byte) * qx[r][b * QK + 4 * j + e];
+            const uint8_t byte = wb[64 * j + 4 * c + e];
+            const int8_t* x = qt + ((b * 8 + j) * R + r) * 4 + e;
+            if constexpr (Q4) isum += (byte & 0x0F) * x[0] + (byte >> 4) * x[4 * R * 4];
+            else isum += static_cast<int8_t>(byte ^ 0x80) * x[0];
           }
-        acc += to_f(sg[b * 8 + c]) * dx[r][b] * static_cast<float>(isum);
-        if constexpr (Q4) acc += to_f(mg[b * 8 + c]) * sx[r][b];
+        acc += to_f(sg[b * GROUP + c]) * dt[b * R + r] * static_cast<float>(isum);
+        if constexpr (Q4) acc += to_f(mg[b * GROUP + c]) * st[b * R + r];
       }
       out[r][c] = acc;
     }
 #endif
 }
 
+// y[0:16] = out + bias (none: nullptr), vectorised where the build has AVX512 (rounded to bfloat16 as static_cast does).
+template <typename scalar_t>
+inline void store16(scalar_t* y, const float* out, const float* bias) {
+#if defined(__AVX512F__)
+  __m512 v = _mm512_loadu_ps(out);
+  if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm512_storeu_ps(y, v);
+    return;
+  }
+#if defined(__AVX512BF16__)
+  else {
+    const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), h);
+    return;
+  }
+#endif
+#endif
+  for (int c = 0; c < 16; ++c) y[c] = static_cast<scalar_t>(out[c] + (bias ? bias[c] : 0.f));
+}
+
 template <bool Q4, typename S, typename scalar_t>
-void linear_x8(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& scale,
-               const at::Tensor& wmin, const float* bias, at::Tensor& y) {
-  const int64_t groups = w.size(0) / 8, nb = K / QK, group_bytes = 8 * (Q4 ? K / 2 : K);
+void linear_x16(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& scale,
+                const at::Tensor& wmin, const float* bias, at::Tensor& y) {
+  const int64_t groups = w.size(0) / GROUP, nb = K / QK, group_bytes = GROUP * (Q4 ? K / 2 : K);
   const uint8_t* pw = static_cast<const uint8_t*>(w.data_ptr());
   const S* ps = static_cast<const S*>(scale.data_ptr());
   const S* pm = Q4 ? static_cast<const S*>(wmin.data_ptr()) : nullptr;
   scalar_t* py = y.data_ptr<scalar_t>();
   const int64_t yld = y.stride(0);
   // a group's weight stays in L1 while every tile of activation rows meets it; one row (decoding): the weight, read
-  // once, prefetched two groups ahead
-  at::parallel_for(0, groups, 2, [&](int64_t lo, int64_t hi) {
-    const int8_t* qx[ROW_TILE];
-    const float *dx[ROW_TILE], *sx[ROW_TILE];
-    float out[ROW_TILE][8];
+  // once, prefetched a group ahead
+  at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
+    float out[X16_ROWS][GROUP];
     for (int64_t g = lo; g < hi; ++g) {
       const uint8_t* wg = pw + g * group_bytes;
-      if (M == 1 && g + 2 < groups)
-        for (int64_t off = 0; off < group_bytes; off += 64) __builtin_prefetch(wg + 2 * group_bytes + off);
-      const S* sg = ps + g * nb * 8;
-      const S* mg = Q4 ? pm + g * nb * 8 : nullptr;
-      for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
-        const int64_t rows = std::min(ROW_TILE, M - m0);
-        for (int64_t r = 0; r < rows; ++r) {
-          qx[r] = a.q.data() + (m0 + r) * K;
-          dx[r] = a.d.data() + (m0 + r) * nb;
-          sx[r] = a.s.data() + (m0 + r) * nb;
-        }
-        switch (rows) {
-          case 4: x8_tile<4, Q4, S>(wg, sg, mg, qx, dx, sx, nb, out); break;
-          case 3: x8_tile<3, Q4, S>(wg, sg, mg, qx, dx, sx, nb, out); break;
-          case 2: x8_tile<2, Q4, S>(wg, sg, mg, qx, dx, sx, nb, out); break;
-          default: x8_tile<1, Q4, S>(wg, sg, mg, qx, dx, sx, nb, out); break;
-        }
+      if (M == 1 && g + 1 < groups)
+        for (int64_t off = 0; off < group_bytes; off += 64) __builtin_prefetch(wg + group_bytes + off);
+      const S* sg = ps + g * nb * GROUP;
+      const S* mg = Q4 ? pm + g * nb * GROUP : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += X16_ROWS) {
+        const int64_t rows = std::min(X16_ROWS, M - m0);
+        const int64_t t = m0 * nb;  // the tile's first block entry
+        [&]<int64_t... Rs>(std::integer_sequence<int64_t, Rs...>) {  // x16_tile<rows>
+          ((rows == Rs + 1 ? x16_tile<Rs + 1, Q4, S>(wg, sg, mg, a.q.data() + m0 * K, a.c.data() + t, a.d.data() + t,
+                                                     a.s.data() + t, nb, out) : void()), ...);
+        }(std::make_integer_sequence<int64_t, X16_ROWS>{});
         for (int64_t r = 0; r < rows; ++r)
-          for (int c = 0; c < 8; ++c)
-            py[(m0 + r) * yld + g * 8 + c] = static_cast<scalar_t>(out[r][c] + (bias ? bias[g * 8 + c] : 0.f));
+          store16(py + (m0 + r) * yld + g * GROUP, out[r], bias ? bias + g * GROUP : nullptr);
       }
     }
   });
@@ -472,9 +566,9 @@ void check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
               w.sizes(), " does not fit in_features ", K);
   if (scale.dim() == 3) {
     TORCH_CHECK((scale.scalar_type() == at::kHalf || (q4 && scale.scalar_type() == at::kFloat)) &&
-                scale.is_contiguous() && N % 8 == 0 && scale.size(0) * 8 == N && scale.size(1) == K / QK &&
-                scale.size(2) == 8, "quant_linear: a weight in 8-row groups needs scales [N/8, K/32, 8] (float16; "
-                "float32 for 4-bit), N a multiple of 8");
+                scale.is_contiguous() && N % GROUP == 0 && scale.size(0) * GROUP == N && scale.size(1) == K / QK &&
+                scale.size(2) == GROUP, "quant_linear: a weight in 16-row groups needs scales [N/16, K/32, 16] "
+                "(float16; float32 for 4-bit), N a multiple of 16");
   } else {
     TORCH_CHECK((scale.scalar_type() == at::kFloat || (scale.scalar_type() == at::kHalf && scale.dim() == 2)) &&
                 scale.is_contiguous() && scale.size(0) == N &&
@@ -504,13 +598,14 @@ void quant_linear_into(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor 
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
 #if defined(__AVX2__)
-    const QuantRows a = quantize_rows<scalar_t>(x, q4 && scale.dim() != 3);  // pair order: the per-row q4 tiles'
+    const Order order = scale.dim() == 3 ? Order::tiles : (q4 ? Order::pairs : Order::rows);
 #else
-    const QuantRows a = quantize_rows<scalar_t>(x);
+    const Order order = scale.dim() == 3 ? Order::tiles : Order::rows;
 #endif
-    if (scale.dim() == 3 && q4 && half) linear_x8<true, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
-    else if (scale.dim() == 3 && q4) linear_x8<true, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
-    else if (scale.dim() == 3) linear_x8<false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    const QuantRows a = quantize_rows<scalar_t>(x, order, X16_ROWS);
+    if (scale.dim() == 3 && q4 && half) linear_x16<true, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    else if (scale.dim() == 3 && q4) linear_x16<true, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
+    else if (scale.dim() == 3) linear_x16<false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (q4 && half) linear_impl<true, false, uint16_t, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (q4) linear_impl<true, false, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);
     else if (row) linear_impl<false, true, float, scalar_t>(a, M, K, w, scale, wmin, pb, y);

@@ -8,9 +8,9 @@ A `QuantLinear` holds its weight packed in one of two layouts (the kernels' layo
         sub-block scales are products); value = scale * q + min. GGUF Q4_0
         (min = -8 scale), Q4_1, Q4_K (its 32-element sub-blocks' scale and min, multiplied out exactly in float32)
         and `quantization="int4"` (per-32 asymmetric groups, the Q4_1 idea) all take this layout.
-With block scales (float16 for q8) and `out` a multiple of 8, both are held in memory in groups of 8 output rows
-(`interleave_rows`: the kernels' fastest layout, scales and mins [out/8, in/32, 8]); state_dict and checkpoints keep
-the rows.
+With block scales (float16 for q8) and `out` a multiple of 16, both are held in memory in groups of 16 output rows
+(`interleave_rows`: the kernels' fastest layout, scales and mins [out/16, in/32, 16]; q8 bytes stored + 128);
+state_dict and checkpoints keep the rows.
 On CPU the kernels quantise activations per 32-block to int8 and compute integer dot products; elsewhere (or with
 kernels off) `forward` dequantises the weight and calls F.linear: the pure-torch reference the kernels are tested
 against. Buffers, not parameters: nothing here trains.
@@ -24,6 +24,7 @@ from lmforge import kernels
 from lmforge.errors import LmforgeError
 
 BLOCK = 32
+GROUP = 16  # output rows per group of the kernels' layout (a 512-bit vector of int32 sums)
 _EMPTY = torch.empty(0)
 
 
@@ -56,9 +57,9 @@ class QuantLinear(nn.Module):
         return ("qweight", "scales", "mins") if self.layout == "q4" else ("qweight", "scales")
 
     def group_rows(self) -> None:
-        """Holds the weight in the kernels' groups of 8 rows (`interleave_rows`) where it can: block scales (float16
-        for int8), a multiple of 8 outputs."""
-        if self.scales.dim() == 2 and self.out_features % 8 == 0 and \
+        """Holds the weight in the kernels' row groups (`interleave_rows`) where it can: block scales (float16 for
+        int8), a multiple of GROUP outputs."""
+        if self.scales.dim() == 2 and self.out_features % GROUP == 0 and \
                 (self.layout == "q4" or self.scales.dtype == torch.float16):
             grouped = interleave_rows(*(getattr(self, name) for name in self._grouped_names))
             for name, t in zip(self._grouped_names, grouped, strict=True):
@@ -116,7 +117,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         per = "channel" if self.scales.dim() == 1 else "32-block"
-        groups = ", 8-row groups" if self.scales.dim() == 3 else ""
+        groups = f", {GROUP}-row groups" if self.scales.dim() == 3 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout} " \
                f"(per-{per} scales{groups}), bias={bool(self.bias.numel())}"
 
@@ -142,10 +143,10 @@ class QuantJoint:
         self.mins = torch.cat([layer.mins for layer in layers]) if first.layout == "q4" else first.mins
         biased = bool(first.bias.numel())
         self.bias = torch.cat([layer.bias for layer in layers]) if biased else first.bias
-        offset, grouped = 0, first.scales.dim() == 3  # 8-row groups: a layer's scales are its groups'
+        offset, group = 0, GROUP if first.scales.dim() == 3 else 1  # a grouped layer's scales: its groups'
         for layer in layers:
             rows = slice(offset, offset + layer.out_features)
-            blocks = slice(offset // 8, (offset + layer.out_features) // 8) if grouped else rows
+            blocks = slice(offset // group, (offset + layer.out_features) // group)
             layer.qweight, layer.scales = self.qweight[rows], self.scales[blocks]
             if first.layout == "q4":
                 layer.mins = self.mins[blocks]
@@ -194,20 +195,25 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 def interleave_rows(q: torch.Tensor, *blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """q [N, bytes per row] (int8 [N, K] or 4-bit [N, K/2]) and per-block tensors [N, K/32] (scales, mins) -> the
-    kernels' 8-row groups: per group and 32-block, runs of 32 bytes, run j holding bytes 4j..4j+3 of each of the 8
-    rows' block; per-block tensors [N/8, K/32, 8]."""
+    kernels' 16-row groups: per group and 32-block, runs of 64 bytes, run j holding bytes 4j..4j+3 of each of the 16
+    rows' block; per-block tensors [N/16, K/32, 16]. int8 bytes are stored + 128 (w ^ 0x80: AVX512-VNNI's unsigned
+    operand, quant_ops.cpp)."""
     n, width = q.shape
     nb = blocks[0].shape[1]
-    grouped = q.reshape(n // 8, 8, nb, width // nb // 4, 4).permute(0, 2, 3, 1, 4).reshape(n, width)
-    return grouped, *(t.reshape(n // 8, 8, nb).transpose(1, 2).contiguous() for t in blocks)
+    grouped = q.reshape(n // GROUP, GROUP, nb, width // nb // 4, 4).permute(0, 2, 3, 1, 4).reshape(n, width)
+    if q.dtype == torch.int8:
+        grouped = grouped ^ -128
+    return grouped, *(t.reshape(n // GROUP, GROUP, nb).transpose(1, 2).contiguous() for t in blocks)
 
 
 def deinterleave_rows(q: torch.Tensor, *blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The inverse of interleave_rows: q [N, bytes per row] and per-block tensors [N, K/32]."""
     n, width = q.shape
     nb = blocks[0].shape[1]
-    rows = q.reshape(n // 8, nb, width // nb // 4, 8, 4).permute(0, 3, 1, 2, 4).reshape(n, width)
-    return rows, *(t.transpose(1, 2).reshape(n, nb) for t in blocks)
+    if q.dtype == torch.int8:
+        q = q ^ -128
+    q = q.reshape(n // GROUP, nb, width // nb // 4, GROUP, 4).permute(0, 3, 1, 2, 4).reshape(n, width)
+    return q, *(t.transpose(1, 2).reshape(n, nb) for t in blocks)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -30,13 +30,13 @@ def level(request):
         yield request.param
 
 
-LAYOUTS = ["q8_0", "q8_0-f16", "q8_0-f16-x8", "int8", "int4", "int4-x8", "int4-f32", "int4-f32-x8"]
+LAYOUTS = ["q8_0", "q8_0-f16", "q8_0-f16-grouped", "int8", "int4", "int4-grouped", "int4-f32", "int4-f32-grouped"]
 
 
 def _weights(layout: str, n: int, k: int, seed: int = 0):
-    """(q, scale, min) of a layout; "-x8": in 8-row groups (the kernels' layout; n rounded up to 8k)."""
-    if layout.endswith("-x8"):
-        q, s, m = _weights(layout.removesuffix("-x8"), -(-n // 8) * 8, k, seed)
+    """(q, scale, min) of a layout; "-grouped": in the kernels' 16-row groups (n rounded up to a multiple)."""
+    if layout.endswith("-grouped"):
+        q, s, m = _weights(layout.removesuffix("-grouped"), -(-n // 16) * 16, k, seed)
         return interleave_rows(q, s, m) if m.numel() else (*interleave_rows(q, s), m)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
@@ -115,7 +115,7 @@ def test_a_rows_output_does_not_depend_on_the_batch(layout):
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["q8_0", "q8_0-f16-x8", "int8", "int4", "int4-x8"])
+@pytest.mark.parametrize("layout", ["q8_0", "q8_0-f16-grouped", "int8", "int4", "int4-grouped"])
 def test_kernel_against_float_activations_within_the_stated_bound(layout):
     """int8 activations (per-32 absmax) cost a relative error of about 0.5 %: bound 2 % of the output norm."""
     q, s, m = _weights(layout, 77, 576, seed=3)
@@ -166,8 +166,8 @@ def test_quant_linear_layer_kernel_and_reference_paths(method):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_layers_hold_8_row_groups_and_save_rows(method):
-    """A layer of 8k outputs keeps its weight in the kernels' 8-row groups; state_dict (checkpoints) holds the rows
+def test_layers_hold_row_groups_and_save_rows(method):
+    """A layer of 16k outputs keeps its weight in the kernels' 16-row groups; state_dict (checkpoints) holds the rows
     the quantiser made, a row state_dict loads back into groups, and fused q/k/v-style joints slice groups."""
     from lmforge.layers.quant_linear import QuantJoint, quantize_q8
 
@@ -175,7 +175,7 @@ def test_layers_hold_8_row_groups_and_save_rows(method):
     layers = [QuantLinear.quantize(lin, method) for lin in lins]
     w = lins[0].weight.detach().float()
     made = quantize_q8(w) if method == "int8" else quantize_int4(w)
-    assert layers[0].scales.shape == (6, 3, 8) and "8-row groups" in repr(layers[0])
+    assert layers[0].scales.shape == (3, 3, 16) and "16-row groups" in repr(layers[0])
     state = layers[0].state_dict()
     assert all(torch.equal(state[name], t) for name, t in zip(("qweight", "scales", "mins")[:len(made)], made,
                                                               strict=True))
