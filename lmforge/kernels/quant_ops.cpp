@@ -387,7 +387,7 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, 
 // to every lane, so each lane is one output row: a block's integer sums come out as one vector and take one FMA with
 // the rows' scales (and one with their mins), with no scalar scale work per row and no horizontal sum. With
 // AVX512-VNNI, vpdpbusd (u8 x s8) takes a 64-byte weight vector as it is (unsigned bytes and nibbles) and the
-// activation's 4 bytes by embedded broadcast: 64 multiply-adds per instruction, twice the bf16 dot product's rate; the
+// activation's 4 bytes broadcast: 64 multiply-adds per instruction, twice the bf16 dot product's rate; the
 // + 128 of q8 bytes adds 128 * sum(q_x) to each sum, which the accumulator's start value (c = -128 sum(q_x), made with
 // the quantisation) takes away. AVX2 undoes the offset (xor), moves the sign onto x and runs 8 lanes at a time. Every
 // output is acc = fma(scale_w * scale_x, isum, acc) (+ fma(min, scale_x * sum(q_x), acc) for q4) over the blocks in
