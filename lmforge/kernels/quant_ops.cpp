@@ -438,13 +438,14 @@ inline void x16_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* 
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], acc[r]);
 #elif defined(__AVX2__)
+  // rows 8h..8h+7 in two passes over the group (it stays in L1/L2 between them): AVX2's 16 registers hold one half's
+  // accumulators
   (void)ct;
   const __m256i m4 = _mm256_set1_epi8(0x0F), offset = _mm256_set1_epi8(static_cast<char>(0x80));
-  __m256 acc[2][R];
-  for (int h = 0; h < 2; ++h)
-    for (int r = 0; r < R; ++r) acc[h][r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b)
-    for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
       __m256i isum[R];
       for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
       const uint8_t* wb = wg + b * block_bytes + 32 * h;
@@ -464,16 +465,13 @@ inline void x16_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* 
       }
       const __m256 ws = load8(sg + b * GROUP + 8 * h);
       for (int r = 0; r < R; ++r)
-        acc[h][r] = _mm256_fmadd_ps(_mm256_mul_ps(ws, _mm256_set1_ps(dt[b * R + r])), _mm256_cvtepi32_ps(isum[r]),
-                                    acc[h][r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(ws, _mm256_set1_ps(dt[b * R + r])), _mm256_cvtepi32_ps(isum[r]), acc[r]);
       if constexpr (Q4) {
         const __m256 wm = load8(mg + b * GROUP + 8 * h);
-        for (int r = 0; r < R; ++r) acc[h][r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(st[b * R + r]), acc[h][r]);
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(st[b * R + r]), acc[r]);
       }
     }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(out[r], acc[0][r]);
-    _mm256_storeu_ps(out[r] + 8, acc[1][r]);
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
   }
 #else
   (void)ct;
