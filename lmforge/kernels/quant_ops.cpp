@@ -571,8 +571,8 @@ void check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
     TORCH_CHECK((scale.scalar_type() == at::kFloat || (scale.scalar_type() == at::kHalf && scale.dim() == 2)) &&
                 scale.is_contiguous() && scale.size(0) == N &&
                 (scale.dim() == 1 ? !q4 : scale.dim() == 2 && scale.size(1) == K / QK), "quant_linear: scale must "
-                "be float32 or float16 [N, K/32] (or float32 [N] for per-channel int8, float16 [N/8, K/32, 8] for "
-                "8-row groups)");
+                "be float32 or float16 [N, K/32] (or float32 [N] for per-channel int8, [N/16, K/32, 16] for "
+                "16-row groups)");
   }
   if (q4)
     TORCH_CHECK(wmin.scalar_type() == scale.scalar_type() && wmin.is_contiguous() && wmin.sizes() == scale.sizes(),

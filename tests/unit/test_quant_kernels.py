@@ -237,7 +237,7 @@ def test_the_native_build_equals_the_avx2_build_bit_for_bit(layout, level):
         pytest.skip("compares the native build with the avx2 one on a CPU that runs both")
     q, s, m = _weights(layout, 45, 608, seed=3)
     bias = torch.randn(q.shape[0])
-    x = torch.randn(5, 608)
-    y = kernels.quant_ops().quant_linear(x, q, s, m, bias)
-    with kernels.level("avx2"):
-        assert torch.equal(kernels.quant_ops().quant_linear(x, q, s, m, bias), y)
+    for x in (torch.randn(5, 608), torch.randn(11, 608).bfloat16()):  # bfloat16 outputs: a vector and a scalar rounding
+        y = kernels.quant_ops().quant_linear(x, q, s, m, bias)
+        with kernels.level("avx2"):
+            assert torch.equal(kernels.quant_ops().quant_linear(x, q, s, m, bias), y)
