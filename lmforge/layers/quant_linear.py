@@ -130,6 +130,37 @@ def _kernels(x: torch.Tensor, in_features: int):
     return kernels.quant_ops()
 
 
+class QuantEmbedding(nn.Module):
+    """The token embedding of a tied model read from its int8 lm_head (llama.cpp serves token_embd quantised too):
+    each token's row dequantised on lookup, so no float copy of the [vocab, hidden] table stays in memory. The head's
+    values are the table's up to int8 rounding, and exactly the table where it came from a GGUF Q8_0 tensor."""
+
+    def __init__(self, head: QuantLinear, dtype: torch.dtype):
+        super().__init__()
+        self._head = (head,)  # a tuple: not a submodule, so state_dict and modules() hold the head once
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    @staticmethod
+    def serves(head: nn.Module) -> bool:
+        return type(head) is QuantLinear and head.layout == "q8" and head.scales.dim() >= 2
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self._head[0]
+        q, scales, nb = head.qweight, head.scales, self.embedding_dim // BLOCK
+        if scales.dim() == 3:  # 16-row groups: row t is lane t % 16 of group t // 16, its bytes + 128
+            group, lane = ids // GROUP, ids % GROUP
+            rows = q.view(-1, nb, BLOCK // 4, GROUP, 4)[group, :, :, lane] ^ -128
+            scale = scales[group, :, lane]
+        else:
+            rows, scale = q[ids], scales[ids]
+        values = rows.float().view(*ids.shape, nb, BLOCK) * scale.float().unsqueeze(-1)  # exact in float32
+        return values.flatten(-2).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, read from the int8 lm_head"
+
+
 class QuantJoint:
     """QuantLinears that read the same input (q/k/v, gate/up) laid end to end: one kernel call (one activation
     quantisation) for all, each layer's buffers then views of the joint rows."""

@@ -11,12 +11,12 @@ from lmforge import LLM, SamplingParams, kernels
 from lmforge.data import IGNORE_INDEX, Loader
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.linear import Linear
-from lmforge.layers.quant_linear import QuantLinear
+from lmforge.layers.quant_linear import QuantEmbedding, QuantLinear
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.eval_data import encode_rows, read_rows
 from lmforge.train.evaluate import evaluate
-from lmforge.weights.quantized import load_for_serving
+from lmforge.weights.quantized import load_for_serving, weight_bytes
 from tests.e2e.conftest import smollm2_gguf
 
 pytestmark = pytest.mark.e2e
@@ -90,6 +90,20 @@ def test_weight_memory(models):
     assert linear_bytes(models["int8"]) / bf16 == pytest.approx(0.53125, abs=1e-3)
     assert linear_bytes(models["int4"]) / bf16 == pytest.approx(0.3125, abs=1e-3)
     assert linear_bytes(models["gguf"]) / bf16 == pytest.approx(0.3125, abs=1e-3)
+
+
+def test_the_tied_embedding_is_read_from_the_int8_head(models):
+    """SmolLM2 ties its embedding to lm_head: quantised, the table is read from the int8 head (QuantEmbedding) and
+    no float copy stays; the rows are the float model's (its table is the GGUF's Q8_0 token_embd, which int8
+    quantisation re-finds). All weights: int8 0.53 of bf16, int4 and Q4_1 0.36 (their head is int8)."""
+    ids = torch.tensor([[0, 1, 15, 16, 17, 49151], [2, 3, 5, 8, 13, 21]])
+    want = models["float"].model.embed_tokens(ids)
+    bf16 = sum(p.numel() for p in models["float"].parameters()) * 2
+    for name, share in (("int8", 0.53), ("int4", 0.36), ("gguf", 0.36)):
+        model = models[name]
+        assert type(model.model.embed_tokens) is QuantEmbedding
+        assert torch.equal(model.model.embed_tokens(ids), want)
+        assert weight_bytes(model) / bf16 == pytest.approx(share, abs=0.01), name
 
 
 def test_engine_serves_the_gguf_file_directly(models, smollm2_dir):

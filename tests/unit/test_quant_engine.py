@@ -10,7 +10,7 @@ from lmforge import LLM, SamplingParams, kernels
 from lmforge.cli import main as cli_main
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.linear import Linear
-from lmforge.layers.quant_linear import QuantLinear
+from lmforge.layers.quant_linear import QuantEmbedding, QuantLinear
 from lmforge.models import build_model
 from lmforge.weights.gguf_import import convert_gguf
 from lmforge.weights.quantized import load_for_serving, weight_bytes
@@ -69,6 +69,11 @@ def tiny_dir(tmp_path_factory):
     return tiny_chat_model(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    return tiny_chat_model(tmp_path_factory.mktemp("tied"), tied=True)
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_at_load_close_to_float_and_smaller(tiny_dir, method):
     float_model = build_model(tiny_dir)
@@ -91,10 +96,13 @@ def _tokens_and_logprobs(outs):
 
 
 @needs_kernels
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_step_graphs_replay_quantized_linears_bit_for_bit(tiny_dir, batch):
-    llm = LLM(str(tiny_dir), quantization="int4", dtype="float32", kv_cache_memory=0.002, block_size=4,
-              max_model_len=64, enable_prefix_caching=False)
+def test_step_graphs_replay_quantized_linears_bit_for_bit(tiny_dir, tied_dir, batch, tied):
+    """Tied: the embedding is read from the int8 head (QuantEmbedding, its rows' layout: 550 outputs)."""
+    llm = LLM(str(tied_dir if tied else tiny_dir), quantization="int4", dtype="float32", kv_cache_memory=0.002,
+              block_size=4, max_model_len=64, enable_prefix_caching=False)
+    assert (type(llm.engine.model.model.embed_tokens) is QuantEmbedding) is tied
     prompts = [[1 + (i * 7 + j) % 90 for j in range(3 + 5 * i)] for i in range(batch)]
     runner, graphs = llm.engine.runner, llm.engine.runner.graphs
     runner.graphs = None

@@ -190,6 +190,19 @@ def test_layers_hold_row_groups_and_save_rows(method):
     assert all(torch.equal(a, layer(x)) for a, layer in zip(alone, layers, strict=True))  # views of the joint
 
 
+def test_quant_embedding_reads_the_heads_rows():
+    """A tied model's embedding served from its int8 head: each looked-up row is the head's dequantised row, in
+    16-row groups or rows; 4-bit heads are not read this way."""
+    from lmforge.layers.quant_linear import QuantEmbedding
+
+    for n in (48, 40):
+        head = QuantLinear.quantize(torch.nn.Linear(64, n, bias=False), "int8")
+        assert head.scales.dim() == (3 if n % 16 == 0 else 2) and QuantEmbedding.serves(head)
+        ids = torch.tensor([[0, 17, n - 1], [5, 16, 3]])
+        assert torch.equal(QuantEmbedding(head, torch.bfloat16)(ids), head.dequantize()[ids].bfloat16())
+    assert not QuantEmbedding.serves(QuantLinear.quantize(torch.nn.Linear(64, 48), "int4"))
+
+
 def _random_blocks(qtype: Q, rows: int, blocks: int, seed: int) -> np.ndarray:
     """Random GGUF blocks: every byte random except the fp16 scales, which are random finite halves."""
     size = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144}[qtype]

@@ -22,9 +22,10 @@ VOCAB = 550  # the Llama-style test tokenizer's size, added tokens included
 MAX_MODEL_LEN = 128
 
 
-def tiny_chat_model(path: Path) -> Path:
+def tiny_chat_model(path: Path, tied: bool = False) -> Path:
     llama_style_dir(path)
-    write_tiny(path, {**TINY_LLAMA, "vocab_size": VOCAB, "max_position_embeddings": MAX_MODEL_LEN})
+    write_tiny(path, {**TINY_LLAMA, "vocab_size": VOCAB, "max_position_embeddings": MAX_MODEL_LEN,
+                      "tie_word_embeddings": tied})
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return path
 
