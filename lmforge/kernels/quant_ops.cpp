@@ -506,25 +506,20 @@ inline void x16_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* 
 #endif
 }
 
-// y[0:16] = out + bias (none: nullptr), vectorised where the build has AVX512 (rounded to bfloat16 as static_cast does).
+// y[0:16] = out + bias (none: nullptr), vectorised where the build has AVX512 (bfloat16: round to nearest even as
+// static_cast does, except that vcvtneps2bf16 flushes denormal outputs to zero).
 template <typename scalar_t>
 inline void store16(scalar_t* y, const float* out, const float* bias) {
 #if defined(__AVX512F__)
   __m512 v = _mm512_loadu_ps(out);
   if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    _mm512_storeu_ps(y, v);
-    return;
-  }
+  if constexpr (std::is_same_v<scalar_t, float>) return _mm512_storeu_ps(y, v);
 #if defined(__AVX512BF16__)
-  else {
-    const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), h);
-    return;
-  }
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+    return _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 #endif
 #endif
-  for (int c = 0; c < 16; ++c) y[c] = static_cast<scalar_t>(out[c] + (bias ? bias[c] : 0.f));
+  for (int c = 0; c < GROUP; ++c) y[c] = static_cast<scalar_t>(out[c] + (bias ? bias[c] : 0.f));
 }
 
 template <bool Q4, typename S, typename scalar_t>
