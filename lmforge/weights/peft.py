@@ -21,9 +21,11 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"  # what PEFT wrote before safetensors became its default
 # PEFT features lmforge does not implement: a set value would silently change what the adapter computes.
-UNSUPPORTED = {"fan_in_fan_out": "transposed (Conv1D) weights", "lora_bias": "LoRA biases",
+# target_parameters first: PEFT >= 0.22 adds a rank_pattern to it for fused MoE experts, and it is the cause.
+UNSUPPORTED = {"target_parameters": "LoRA on bare parameters (e.g. routed MoE experts' fused weights)",
+               "fan_in_fan_out": "transposed (Conv1D) weights", "lora_bias": "LoRA biases",
                "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
-               "layer_replication": "layer replication", "target_parameters": "LoRA on bare parameters",
+               "layer_replication": "layer replication",
                "trainable_token_indices": "trainable tokens", "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA",
                "alora_invocation_tokens": "activated LoRA"}
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",

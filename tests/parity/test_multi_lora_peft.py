@@ -29,8 +29,12 @@ CASES = {  # config class, model class, overrides, target modules of the two ada
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}, ["qkv_proj", "o_proj", "gate_up_proj",
                                                                      "down_proj"]),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "intermediate_size": 48}, ATTENTION),
-    # sparse layer 0 (shared expert adapted), dense layer 1 (its MLP adapted)
-    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**QWEN_MOE, "mlp_only_layers": [1]}, DENSE),
+    # sparse layer 0 (shared expert adapted), dense layer 1 (its MLP adapted), named by path: since PEFT 0.22 a bare
+    # gate_proj / up_proj / down_proj also adapts the routed experts' fused parameters (target_parameters, with a
+    # rank_pattern), which lmforge refuses
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**QWEN_MOE, "mlp_only_layers": [1]},
+                 ATTENTION + [f"{where}.{proj}" for where in ("shared_expert", "layers.1.mlp")
+                              for proj in ("gate_proj", "up_proj", "down_proj")]),
 }
 SEQS = [(7, "a"), (5, None), (9, "b"), (1, "a"), (4, "b")]
 

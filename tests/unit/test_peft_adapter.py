@@ -163,6 +163,9 @@ BAD = {
                      r"adapts model.layers.7.self_attn.q_proj, which is not a linear layer of the model"),
     "not lora": (lambda a: edit_config(a, peft_type="IA3"), "peft_type 'IA3' is not supported"),
     "rank pattern": (lambda a: edit_config(a, rank_pattern={"q_proj": 4}), "per-module ranks"),
+    "fused moe experts": (lambda a: edit_config(a, target_parameters=["down_proj", "gate_up_proj"],
+                                                rank_pattern={r".*\.gate_up_proj": 16}),  # as PEFT 0.22 writes
+                          "target_parameters = .* routed MoE experts"),
     "dora without magnitude": (lambda a: edit_config(a, use_dora=True), "lacks .*lora_magnitude_vector"),
     "no prefix": (lambda a: rename_keys(a, "base_model.model.", ""), "lacks PEFT's 'base_model.model.' prefix"),
 }

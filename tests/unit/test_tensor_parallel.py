@@ -329,8 +329,10 @@ def test_ranks_of_a_launch_give_one_process_greedy_tokens(tmp_path, how):
     subprocess.run([sys.executable, "-m", "lmforge", *common, str(single)], env=env, check=True, capture_output=True)
     procs = launch(how, [*common, str(out), "--tensor-parallel-size", "2"], env, tp_workers.free_port())
     logs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * len(procs), logs
-    assert any("on several machines" in log for log in logs) == how.endswith("machines"), logs
+    tails = "\n\n".join(f"--- process {i} (exit {p.returncode}):\n{log[-4000:]}"
+                        for i, (p, log) in enumerate(zip(procs, logs, strict=True)))
+    assert [p.returncode for p in procs] == [0] * len(procs), tails  # a message string: pytest shows it whole
+    assert any("on several machines" in log for log in logs) == how.endswith("machines"), tails
     texts = [[json.loads(line)["text"] for line in f.read_text().splitlines()] for f in (single, out)]
     assert len(texts[0]) == 5 and texts[1] == texts[0]
 
