@@ -80,33 +80,19 @@ void to_pair_order(const int8_t* q, int64_t nb, int8_t* qp) {
   }
 }
 
-template <typename scalar_t>
-void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s, int32_t* c) {
-  float amax = 0.f;
-  for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(to_f(x[i])));
-  const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
-  int sum = 0;
-  for (int i = 0; i < QK; ++i) {
-    const int v = static_cast<int>(std::nearbyint(to_f(x[i]) * inv));  // nearest even, as torch.round
-    q[i] = static_cast<int8_t>(v);
-    sum += v;
-  }
-  *d = scale;
-  *s = scale * static_cast<float>(sum);
-  *c = -128 * sum;
-}
-
 #if defined(__AVX2__)
 inline __m256 load_floats(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load_floats(const c10::BFloat16* x) {  // exact: a bfloat16 is a float32's upper half
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+#endif
 
-// The same quantisation for float32 and bfloat16 rows, eight lanes at a time (bit-identical to the loop above).
+// One 32-block of a row: q = round_half_even(x / scale), scale = absmax / 127 (AVX2: eight lanes at a time, the same
+// results bit for bit).
 template <typename scalar_t>
-inline void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s, int32_t* c)
-  requires(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s, int32_t* c) {
+#if defined(__AVX2__)
   __m256 v[4];
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 m = _mm256_setzero_ps();
@@ -134,8 +120,21 @@ inline void quantize_block(const scalar_t* x, int8_t* q, float* d, float* s, int
   *d = scale;
   *s = scale * static_cast<float>(_mm_cvtsi128_si32(s4));
   *c = -128 * _mm_cvtsi128_si32(s4);
-}
+#else
+  float amax = 0.f;
+  for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(to_f(x[i])));
+  const float scale = amax / 127.f, inv = scale != 0.f ? 1.f / scale : 0.f;
+  int sum = 0;
+  for (int i = 0; i < QK; ++i) {
+    const int v = static_cast<int>(std::nearbyint(to_f(x[i]) * inv));  // nearest even, as torch.round
+    q[i] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  *d = scale;
+  *s = scale * static_cast<float>(sum);
+  *c = -128 * sum;
 #endif
+}
 
 enum class Order { rows, pairs, tiles };
 
