@@ -7,6 +7,7 @@ AVX2-only CPU PyTorch emulates bf16 matrix products, far slower than float32 (fo
 
 import functools
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -17,16 +18,31 @@ log = logging.getLogger("lmforge")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names of the instructions that compute bf16 natively
 
 
+# LMFORGE_MAX_CPU_ISA=avx2 hides what an AVX2-only x86 CPU lacks (as ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY do for
+# oneDNN and ATen): `auto` precision, kernel levels and fast paths then behave as on such a CPU.
+ISA_CAPS = {"avx2": ("avx512", "amx", "avx_vnni", "avx_ifma", "avx_ne_convert")}
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (x86 `flags`, ARM `Features` in /proc/cpuinfo); empty where there is no such file."""
+    """The CPU's feature flags (x86 `flags`, ARM `Features` in /proc/cpuinfo; empty where there is no such file),
+    less those LMFORGE_MAX_CPU_ISA hides."""
+    flags: frozenset[str] = frozenset()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
+                flags = frozenset(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
-    return frozenset()
+    cap = os.environ.get("LMFORGE_MAX_CPU_ISA", "").strip().lower()
+    if not cap:
+        return flags
+    if cap not in ISA_CAPS:
+        from lmforge.errors import LmforgeError
+
+        raise LmforgeError(f"LMFORGE_MAX_CPU_ISA={cap!r}: known caps are {', '.join(ISA_CAPS)}")
+    return frozenset(f for f in flags if not f.startswith(ISA_CAPS[cap]))
 
 
 def bf16_support(device: torch.device | str = "cpu") -> tuple[bool, str]:

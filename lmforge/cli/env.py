@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         "cpu": platform.processor() or platform.machine(),
         "cpu cores": os.cpu_count(),
         "torch threads": torch.get_num_threads(),
-        "cpu features": ", ".join(features) or "none of avx2/avx512/amx/neon dot products",
+        "cpu features": (", ".join(features) or "none of avx2/avx512/amx/neon dot products")
+        + (f" (capped: LMFORGE_MAX_CPU_ISA={cap})" if (cap := os.environ.get("LMFORGE_MAX_CPU_ISA")) else ""),
         "dtype auto (cpu)": describe_auto("cpu"),
         **({"dtype auto (cuda)": describe_auto("cuda")} if torch.cuda.is_available() else {}),
         "attention backend": attention_backend(),

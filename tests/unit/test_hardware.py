@@ -68,3 +68,26 @@ def test_engine_serves_a_bf16_checkpoint_in_the_cpus_auto_dtype(cpu, tmp_path, f
     cpu(flags)
     llm = LLM(str(path), kv_cache_memory=0.002, block_size=4, max_model_len=64, enforce_eager=True)
     assert {p.dtype for p in llm.engine.model.parameters()} == {dtype}
+
+
+def test_max_cpu_isa_hides_what_an_avx2_cpu_lacks(monkeypatch):
+    from lmforge import kernels
+    from lmforge.errors import LmforgeError
+
+    real = hardware.cpu_flags()
+    try:
+        monkeypatch.setenv("LMFORGE_MAX_CPU_ISA", "avx2")
+        hardware.cpu_flags.cache_clear()
+        capped = hardware.cpu_flags()
+        assert capped <= real and not any(f.startswith(("avx512", "amx", "avx_vnni")) for f in capped)
+        assert {"avx2", "fma"} & real <= capped
+        assert hardware.auto_dtype("cpu") == torch.float32
+        if {"avx2", "fma"} <= real:
+            assert kernels.levels() == ["avx2", "portable"]
+        monkeypatch.setenv("LMFORGE_MAX_CPU_ISA", "sse")
+        hardware.cpu_flags.cache_clear()
+        with pytest.raises(LmforgeError, match="LMFORGE_MAX_CPU_ISA='sse'"):
+            hardware.cpu_flags()
+    finally:
+        monkeypatch.delenv("LMFORGE_MAX_CPU_ISA")
+        hardware.cpu_flags.cache_clear()
