@@ -68,17 +68,21 @@ _training: contextvars.ContextVar[bool] = contextvars.ContextVar("lmforge_kernel
 _DTYPES = (torch.float32, torch.bfloat16)
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Compiler flags per level. -mprefer-vector-width=512: gcc otherwise keeps auto-vectorised loops at 256 bits.
-LEVEL_FLAGS = {"native": ["-march=native", "-mprefer-vector-width=512"], "avx2": ["-march=x86-64-v3"], "portable": []}
+LEVEL_FLAGS = {"native": ["-march=native", "-mprefer-vector-width=512"], "avx2": ["-march=x86-64-v3"], "portable": [],
+               # tests only (quant_ops): the AVX2 loops with 256-bit vpdpbusd, as the native build of an AVX-VNNI CPU
+               # runs them, in AVX512-VNNI's encoding of the same instruction so that an AVX512 host runs it
+               "vnni256": ["-march=x86-64-v3", "-mavx512vnni", "-mavx512vl", "-DLMFORGE_NO_512"]}
+CPU_KEYED = ("native", "vnni256")  # builds that run only on CPUs with the flags they were made on
 # Hidden symbols: the kernels of one level's module never resolve to another's, loaded in the same process.
 CFLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]
 
 
 def levels() -> list[str]:
-    """The distinct builds this CPU runs, best first: `native` only where it adds to AVX2 (AVX512), `avx2` where the
-    CPU has AVX2 and FMA, `portable` everywhere."""
+    """The distinct builds this CPU runs, best first: `native` only where it adds to AVX2 (AVX512, or AVX-VNNI's
+    integer dot products), `avx2` where the CPU has AVX2 and FMA, `portable` everywhere."""
     flags = cpu_flags()
     avx2 = _X86 and {"avx2", "fma"} <= flags
-    found = ["native"] if not avx2 or "avx512f" in flags else []
+    found = ["native"] if not avx2 or {"avx512f", "avx_vnni"} & flags else []
     return found + (["avx2"] if avx2 else []) + ["portable"]
 
 
@@ -88,7 +92,7 @@ def sources(extension: str) -> list[Path]:
 
 
 def _build_dir(extension: str, level: str) -> tuple[str, Path]:
-    machine = " ".join(sorted(cpu_flags())) if level == "native" else platform.machine()
+    machine = " ".join(sorted(cpu_flags())) if level in CPU_KEYED else platform.machine()
     digest = hashlib.sha256()
     for path in sources(extension):  # a file's name and length before its text: no two file sets hash alike
         text = path.read_bytes()

@@ -14,8 +14,9 @@
 // blocks' sums, computed with the quantisation. Built per instruction-set level (lmforge/kernels/__init__.py): the
 // AVX2 path where the CPU has it, a plain C++ path elsewhere (same results up to float summation order). Every output
 // is computed by the same operations whatever the number of rows (batch invariance: a sequence decodes alone as in a
-// batch). Where the build has AVX512-VNNI (the native level on such CPUs) one vpdpbusd replaces AVX2's three
-// instructions per integer dot product, with equal sums. AMX-INT8 tiles are not written.
+// batch). Where the build has VNNI (the native level on CPUs with AVX512-VNNI, or with AVX-VNNI: AVX2 machines such as
+// Intel's Alder Lake and later client parts) one vpdpbusd replaces AVX2's three instructions per integer dot product,
+// with equal sums. AMX-INT8 tiles are not written.
 // Not <torch/extension.h>: parsing it is most of a build's time; these are what the kernels use.
 #include <ATen/core/Tensor.h>
 #include <ATen/Functions.h>
@@ -24,6 +25,15 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+// LMFORGE_512: the build's 512-bit loops. LMFORGE_NO_512 keeps them out of a build whose flags allow them: the test
+// build `vnni256` (lmforge/kernels/__init__.py) runs the AVX2 loops with 256-bit VNNI on an AVX512 CPU.
+#if defined(__AVX512F__) && !defined(LMFORGE_NO_512)
+#define LMFORGE_512 1
+#endif
+// LMFORGE_VNNI256: vpdpbusd on 256-bit vectors, as AVX512-VNNI's EVEX form (with VL) or AVX-VNNI's VEX form.
+#if defined(__AVX2__) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#define LMFORGE_VNNI256 1
 #endif
 
 #include <cmath>
@@ -181,12 +191,14 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-// acc + eight s32 sums of four u8 w x s8 x products each. AVX512-VNNI does it in one instruction; AVX2 in three
+// acc + eight s32 sums of four u8 w x s8 x products each. VNNI does it in one instruction; AVX2 in three
 // (maddubs to s16 pairs, madd to s32, add). The same integers either way: maddubs saturates at 2^15, and no pair here
 // reaches it (|w| <= 128 after the sign trick, |x| <= 127: 32512; 4-bit w <= 15), so every level gives equal sums.
 inline __m256i dot_acc(__m256i acc, __m256i w, __m256i x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(acc, w, x);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, w, x);
 #else
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 #endif
@@ -215,7 +227,7 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-#if defined(__AVX512F__)
+#if defined(LMFORGE_512)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -402,7 +414,7 @@ void linear_impl(const QuantRows& a, int64_t M, int64_t K, const at::Tensor& w, 
 // output is acc = fma(scale_w * scale_x, isum, acc) (+ fma(min, scale_x * sum(q_x), acc) for q4) over the blocks in
 // order with exact integer sums, whatever the number of rows and the level: batch-invariant like the per-row kernels.
 constexpr int64_t GROUP = 16;
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#if defined(__AVX512VNNI__) && defined(LMFORGE_512)
 constexpr int64_t X16_ROWS = 8;  // activation rows per tile: 16 accumulators, the weight vector loaded once for 8
 #else
 constexpr int64_t X16_ROWS = ROW_TILE;
@@ -418,7 +430,7 @@ inline void x16_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* 
     std::memcpy(&v, qt + ((b * 8 + j) * R + r) * 4, 4);
     return v;
   };
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#if defined(__AVX512VNNI__) && defined(LMFORGE_512)
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -448,15 +460,23 @@ inline void x16_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* 
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], acc[r]);
 #elif defined(__AVX2__)
   // rows 8h..8h+7 in two passes over the group (it stays in L1/L2 between them): AVX2's 16 registers hold one half's
-  // accumulators
+  // accumulators. With 256-bit VNNI the q8 bytes go in unsigned, as in the 512-bit loop; without, the xor undoes
+  // the + 128 and the sign trick makes them unsigned.
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+#if !defined(LMFORGE_VNNI256)
   (void)ct;
-  const __m256i m4 = _mm256_set1_epi8(0x0F), offset = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+#endif
   for (int h = 0; h < 2; ++h) {
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       __m256i isum[R];
+#if defined(LMFORGE_VNNI256)
+      for (int r = 0; r < R; ++r) isum[r] = Q4 ? _mm256_setzero_si256() : _mm256_set1_epi32(ct[b * R + r]);
+#else
       for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+#endif
       const uint8_t* wb = wg + b * block_bytes + 32 * h;
       for (int j = 0; j < runs; ++j) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j));
@@ -466,10 +486,14 @@ inline void x16_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* 
             isum[r] = dot_acc(dot_acc(isum[r], lo, _mm256_set1_epi32(four(b, j, r))), hi,
                               _mm256_set1_epi32(four(b, 4 + j, r)));
         } else {
+#if defined(LMFORGE_VNNI256)
+          for (int r = 0; r < R; ++r) isum[r] = dot_acc(isum[r], raw, _mm256_set1_epi32(four(b, j, r)));
+#else
           const __m256i wv = _mm256_xor_si256(raw, offset);
           const __m256i wabs = _mm256_sign_epi8(wv, wv);  // |w| as u8; the sign moves onto x
           for (int r = 0; r < R; ++r)
             isum[r] = dot_acc(isum[r], wabs, _mm256_sign_epi8(_mm256_set1_epi32(four(b, j, r)), wv));
+#endif
         }
       }
       const __m256 ws = load8(sg + b * GROUP + 8 * h);
@@ -509,7 +533,7 @@ inline void x16_tile(const uint8_t* wg, const S* sg, const S* mg, const int8_t* 
 // static_cast does, except that vcvtneps2bf16 flushes denormal outputs to zero).
 template <typename scalar_t>
 inline void store16(scalar_t* y, const float* out, const float* bias) {
-#if defined(__AVX512F__)
+#if defined(LMFORGE_512)
   __m512 v = _mm512_loadu_ps(out);
   if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
   if constexpr (std::is_same_v<scalar_t, float>) return _mm512_storeu_ps(y, v);
@@ -651,7 +675,7 @@ bool avx2() {
 }
 
 bool vnni() {
-#if defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(LMFORGE_VNNI256)
   return true;
 #else
   return false;
@@ -667,5 +691,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "per-32-block int8 activations (q, scale, scale * sum q)");
   m.def("quant_linear_step_address", &quant_linear_step_address, "address of the StepGraph step for quant_linear_into");
   m.def("avx2", &avx2, "whether the AVX2 path was built");
-  m.def("vnni", &vnni, "whether its integer dot products use AVX512-VNNI");
+  m.def("vnni", &vnni, "whether its integer dot products use VNNI (vpdpbusd)");
 }

@@ -254,3 +254,21 @@ def test_the_native_build_equals_the_avx2_build_bit_for_bit(layout, level):
         y = kernels.quant_ops().quant_linear(x, q, s, m, bias)
         with kernels.level("avx2"):
             assert torch.equal(kernels.quant_ops().quant_linear(x, q, s, m, bias), y)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_256_bit_vnni_equals_the_avx2_build_bit_for_bit(layout, level):
+    """The AVX2 loops with one vpdpbusd per 256-bit integer dot product (int8 weights taken unsigned, as the 512-bit
+    loop takes them) — what the native build of an AVX-VNNI CPU without AVX512 runs (Intel's Alder Lake and later
+    client parts), tested here in AVX512-VNNI's encoding of the same instruction — equal the avx2 build bit for bit."""
+    from lmforge.hardware import cpu_flags
+
+    if level != "avx2" or not {"avx512_vnni", "avx512vl"} <= cpu_flags():
+        pytest.skip("needs AVX512-VNNI with VL to run the 256-bit VNNI build")
+    vnni = kernels.build("vnni256", "quant_ops")
+    assert vnni is not None and vnni.avx2() and vnni.vnni() and not kernels.quant_ops().vnni()
+    q, s, m = _weights(layout, 45, 608, seed=3)
+    bias = torch.randn(q.shape[0])
+    for x in (torch.randn(1, 608), torch.randn(5, 608), torch.randn(11, 608).bfloat16()):
+        assert torch.equal(vnni.quant_linear(x, q, s, m, bias), kernels.quant_ops().quant_linear(x, q, s, m, bias))
