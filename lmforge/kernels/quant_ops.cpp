@@ -417,7 +417,8 @@ constexpr int64_t GROUP = 16;
 #if defined(__AVX512VNNI__) && defined(LMFORGE_512)
 constexpr int64_t X16_ROWS = 8;  // activation rows per tile: 16 accumulators, the weight vector loaded once for 8
 #else
-constexpr int64_t X16_ROWS = ROW_TILE;
+// AVX2 (and plain C++): 12 of the 16 ymm registers hold a tile's sums (4-bit 64-row products ~20 % faster than with 4)
+constexpr int64_t X16_ROWS = 6;
 #endif
 
 // qt, ct, dt, st: the tile's activations in Order::tiles (quantize_rows).
