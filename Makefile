@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmforge-installed
 
-.PHONY: setup browser demo test test-fast lint clean
+.PHONY: setup browser demo test test-avx2 test-fast lint clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ browser:
 
 test: setup browser
 	$(PY) -m pytest -q -ra --durations=30 -n 2 --dist worksteal; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The whole suite as an AVX2-only CPU runs it (no AVX512 / AMX / AVX-VNNI: float32 `auto`, the avx2 kernels, emulated
+# bf16 products), on any x86 machine: lmforge's, ATen's, oneDNN's and MKL's instruction-set caps.
+test-avx2:
+	LMFORGE_MAX_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(MAKE) test
 
 test-fast: setup browser
 	$(PY) -m pytest -q -m "not e2e"
