@@ -23,6 +23,11 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names of the instructi
 ISA_CAPS = {"avx2": ("avx512", "amx", "avx_vnni", "avx_ifma", "avx_ne_convert")}
 
 
+def isa_cap() -> str:
+    """LMFORGE_MAX_CPU_ISA as given ("" when unset)."""
+    return os.environ.get("LMFORGE_MAX_CPU_ISA", "").strip().lower()
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 `flags`, ARM `Features` in /proc/cpuinfo; empty where there is no such file),
@@ -35,7 +40,7 @@ def cpu_flags() -> frozenset[str]:
                 break
     except OSError:
         pass
-    cap = os.environ.get("LMFORGE_MAX_CPU_ISA", "").strip().lower()
+    cap = isa_cap()
     if not cap:
         return flags
     if cap not in ISA_CAPS:

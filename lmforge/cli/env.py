@@ -11,7 +11,9 @@ import torch
 
 def add_parser(sub) -> None:
     p = sub.add_parser("env", help="show versions, device, CPU features and the attention backend",
-                       description="Print what lmforge will run on; paste it into bug reports.")
+                       description="Print what lmforge will run on; paste it into bug reports. "
+                                   "LMFORGE_MAX_CPU_ISA=avx2 in the environment makes lmforge treat the CPU as an "
+                                   "AVX2-only one (no AVX512, AMX or AVX-VNNI); this shows the cap.")
     p.set_defaults(run=run)
 
 
@@ -30,7 +32,7 @@ def attention_backend() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from lmforge import __version__
-    from lmforge.hardware import cpu_flags, describe_auto
+    from lmforge.hardware import cpu_flags, describe_auto, isa_cap
 
     flags = cpu_flags()
     features = [f for f in ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         "cpu cores": os.cpu_count(),
         "torch threads": torch.get_num_threads(),
         "cpu features": (", ".join(features) or "none of avx2/avx512/amx/neon dot products")
-        + (f" (capped: LMFORGE_MAX_CPU_ISA={cap})" if (cap := os.environ.get("LMFORGE_MAX_CPU_ISA")) else ""),
+        + (f" (capped: LMFORGE_MAX_CPU_ISA={cap})" if (cap := isa_cap()) else ""),
         "dtype auto (cpu)": describe_auto("cpu"),
         **({"dtype auto (cuda)": describe_auto("cuda")} if torch.cuda.is_available() else {}),
         "attention backend": attention_backend(),
