@@ -180,6 +180,12 @@ class _Recorder(TorchDispatchMode):
         self.produced: dict[int, int] = {}  # storages written by recorded steps or allocated while recording: bytes
         self.reads: list[tuple[str, list[torch.Tensor]]] = []
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch otherwise wraps __torch_dispatch__ in a dynamo guard whose first call imports torch._dynamo (~1.5 s
+        # of a process's first step); nothing here is ever compiled
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self.in_kernel or func in _VIEWS:

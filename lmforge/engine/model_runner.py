@@ -61,9 +61,13 @@ def kv_pool(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device:
     """layer_kv_cache for every layer, as views of one allocation (one for int8 scales): freeing it hands the whole
     pool back to the operating system at once (`LLMEngine.sleep`), where many smaller blocks could stay in the
     allocator's heap."""
-    data = torch.zeros((num_layers, 2, *shape), dtype=dtype, device=device)
-    scales = torch.zeros((num_layers, 2, *shape[:-1]), dtype=torch.float32, device=device) \
-        if dtype == torch.int8 else None
+    # On CPU left unwritten: the operating system hands pages over as the cache fills (a zeroed 2 GiB pool cost
+    # ~0.9 s of every start, all resident at once), and no CPU path reads a slot it has not written (the kernels stop
+    # at each sequence's length, the gathering paths zero masked slots). GPU pools start zeroed: FlexAttention reads
+    # masked slots of the tiles it loads (lmforge/layers/attention.py).
+    alloc = torch.empty if torch.device(device).type == "cpu" else torch.zeros
+    data = alloc((num_layers, 2, *shape), dtype=dtype, device=device)
+    scales = alloc((num_layers, 2, *shape[:-1]), dtype=torch.float32, device=device) if dtype == torch.int8 else None
     return [(data[i, 0], data[i, 1]) + ((scales[i, 0], scales[i, 1]) if scales is not None else ())
             for i in range(num_layers)]
 

@@ -20,7 +20,12 @@ class Decoder(nn.Module):
 
     def __init__(self, args, block: Callable[[object, int], nn.Module]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # nn.Embedding's init, skipped on the meta device (build_on_meta): normal_ there imports torch._dynamo, 1.5 s
+        # of every serving process's start, for values the checkpoint overwrites
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size))
+        if not self.embed_tokens.weight.is_meta:
+            nn.init.normal_(self.embed_tokens.weight)
         self.layers = nn.ModuleList(block(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary = Rotary(args.rope)
