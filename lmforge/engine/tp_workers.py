@@ -28,7 +28,7 @@ from lmforge.engine import shm_comm, tensor_parallel
 from lmforge.engine.shm_comm import ShmComm
 from lmforge.engine.tensor_parallel import Shares, shard_model
 from lmforge.errors import LmforgeError
-from lmforge.models import build_on_meta
+from lmforge.models import allocate, build_on_meta
 from lmforge.world import World, world_from_env
 
 log = logging.getLogger("lmforge")
@@ -69,8 +69,8 @@ def empty_shard(cfg: dict, where: str, dtype: torch.dtype, rank: int, world: int
     tensor."""
     model, args = build_on_meta(cfg, where, dtype)
     shares = shard_model(model, rank, world)
-    model = model.to_empty(device="cpu")
-    if args.tie_word_embeddings:  # to_empty allocates shared parameters separately
+    model = allocate(model, "cpu")
+    if args.tie_word_embeddings:  # allocate() gives shared parameters separate storage
         model.lm_head.inner.weight = model.model.embed_tokens.weight
     model.config, model.tp_shares = cfg, shares
     return model.eval(), shares

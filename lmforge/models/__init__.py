@@ -65,14 +65,20 @@ def build_on_meta(cfg: dict, where: str, torch_dtype: torch.dtype):
         torch.set_default_dtype(default)
 
 
+def allocate(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """model.to_empty(device=device) without torch's reference implementation of empty_like, whose first call imports
+    sympy (0.4 s of a process's start). Like to_empty, it allocates tied parameters separately."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+
+
 def build_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                 progress: bool = True) -> nn.Module:
     """Builds the module on the meta device, allocates it once in the target dtype, streams weights in."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     model, args = build_on_meta(cfg, str(model_dir / "config.json"), resolve_dtype(dtype, cfg, device))
-    model = model.to_empty(device=device)
-    if args.tie_word_embeddings:  # to_empty allocates shared parameters separately
+    model = allocate(model, device)
+    if args.tie_word_embeddings:  # allocate() gives shared parameters separate storage
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, model_dir, progress)
     model.config = cfg

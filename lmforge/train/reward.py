@@ -24,7 +24,7 @@ from lmforge.errors import LmforgeError
 from lmforge.layers.attention import AttnMeta
 from lmforge.layers.lora import lora_layers
 from lmforge.layers.nf4 import NF4Linear
-from lmforge.models import ARCHITECTURES, build_on_meta, resolve_dtype
+from lmforge.models import ARCHITECTURES, allocate, build_on_meta, resolve_dtype
 from lmforge.models.config import read_config
 from lmforge.weights.hf_dir import load_weights, save_state_dict, write_side_files
 
@@ -197,6 +197,6 @@ def load_reward_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     base, _ = build_on_meta({**config, "architectures": causal[:1]}, where, resolve_dtype(dtype, config, device))
     with torch.device("meta"):
         model = RewardModel(base.model, config)
-    model = model.to_empty(device=device)
+    model = allocate(model, device)
     load_weights(model, model_dir, progress=False)
     return model.eval()

@@ -118,7 +118,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 def build_quantized_model(model_dir: Path, cfg: dict, dtype: str | torch.dtype, device: str) -> nn.Module:
     """A model from a quantised checkpoint (see the module docstring): QuantLinears where config.json lists them."""
-    from lmforge.models import build_on_meta, resolve_dtype
+    from lmforge.models import allocate, build_on_meta, resolve_dtype
     from lmforge.weights.hf_dir import load_weights
 
     spec = cfg[CONFIG_KEY]
@@ -131,8 +131,8 @@ def build_quantized_model(model_dir: Path, cfg: dict, dtype: str | torch.dtype, 
         layer = model.get_submodule(path)
         method = "int8" if path == "lm_head" else spec["method"]
         _replace(model, path, _empty_quant(layer, method, torch_dtype))
-    model = model.to_empty(device=device)
-    if args.tie_word_embeddings and type(model.lm_head) is Linear:  # to_empty allocates shared parameters apart
+    model = allocate(model, device)
+    if args.tie_word_embeddings and type(model.lm_head) is Linear:  # allocate() gives shared parameters apart
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, model_dir)
     for module in model.modules():
