@@ -1,5 +1,6 @@
 """int8 KV cache (kv_cache_dtype="int8"): the quantisation, the CPU kernels that write and read it against the torch
-path, the engine on a tiny model against a float32 cache, step graphs over it, and the memory plan."""
+path, the engine on a tiny model against a float32 cache, step graphs over it, and the memory plan. And the CPU pool
+left unwritten at start, float or int8: no path reads a slot before writing it."""
 
 import logging
 from types import SimpleNamespace
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from lmforge import LLM, SamplingParams, kernels
+from lmforge.engine import model_runner
 from lmforge.engine.config import EngineConfig
 from lmforge.engine.model_runner import kv_bytes_per_block, plan_num_blocks
 from lmforge.layers.attention import AttnMeta, attention
@@ -195,6 +197,37 @@ def test_int8_cache_survives_preemption_and_prefix_caching(tiny_dir):
     assert same >= 0.9, same
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["kernels", "eager"])
+def test_no_cpu_path_reads_a_pool_slot_before_writing_it(tiny_dir, monkeypatch, kv_dtype, enforce_eager):
+    """The CPU pool starts unwritten (model_runner.kv_pool). Filled with NaN instead (int8 codes 127, NaN scales),
+    chunked prefills, prefix-cache hits and decodes give the tokens and log-probs of a zeroed pool."""
+    real = model_runner.kv_pool
+
+    def filled(value):
+        def pool(*args):
+            layers = real(*args)
+            for layer in layers:
+                for t in layer:
+                    t.fill_(127 if t.dtype == torch.int8 else value)
+            return layers
+        return pool
+
+    shared = [5 + j % 80 for j in range(20)]
+    prompts = [shared + [1 + i] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0)
+    results = []
+    for value in (0.0, float("nan")):
+        monkeypatch.setattr(model_runner, "kv_pool", filled(value))
+        llm, out = run(tiny_dir, prompts[:1], params, kv_cache_dtype=kv_dtype, enforce_eager=enforce_eager,
+                       max_num_batched_tokens=16)
+        outs = llm.generate(prompts[1:], params, use_tqdm=False)  # their shared prefix is cached now
+        assert sum(o.num_cached_tokens for o in outs) > 0
+        results.append(out + [(list(o.outputs[0].token_ids), [d[t].logprob for d, t in zip(
+            o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]) for o in outs])
+    assert results[1] == results[0]
 
 
 @needs_kernels
