@@ -158,6 +158,7 @@ def test_an_exception_in_one_rank_stops_the_job_with_its_message(make_config, tm
     done = run_procs(path, env={"PYTHONPATH": [str(tmp_path)]}, timeout=120)
     assert done.returncode != 0
     assert "injected failure in rank 1 at step 3" in done.stdout + done.stderr
+    assert "rank 1 failed first (exit code 1)" in done.stderr
     assert time.monotonic() - started < 60
     run = Path(load_config(path).output_dir)
     assert [p.name for p in ckpt.checkpoints(run)] == ["step-000002"]  # the last complete checkpoint stays valid
