@@ -146,12 +146,15 @@ PROMPTS = [[1 + (i * 7 + j) % 90 for j in range(3 + 5 * i)] for i in range(6)]  
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
 
 
+def tokens_and_logprobs(outs) -> list[tuple[list[int], list[float]]]:
+    return [(list(o.outputs[0].token_ids), [d[t].logprob for d, t in zip(o.outputs[0].logprobs,
+                                                                          o.outputs[0].token_ids, strict=True)])
+            for o in outs]
+
+
 def run(path, prompts=PROMPTS, params=GREEDY, **engine_args):
     llm = LLM(str(path), dtype="float32", kv_cache_memory=0.004, block_size=4, max_model_len=64, **engine_args)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    return llm, [(list(o.outputs[0].token_ids), [d[t].logprob for d, t in zip(o.outputs[0].logprobs,
-                                                                                o.outputs[0].token_ids, strict=True)])
-                 for o in outs]
+    return llm, tokens_and_logprobs(llm.generate(prompts, params, use_tqdm=False))
 
 
 def agreement(a, b):
@@ -225,8 +228,7 @@ def test_no_cpu_path_reads_a_pool_slot_before_writing_it(tiny_dir, monkeypatch, 
                        max_num_batched_tokens=16)
         outs = llm.generate(prompts[1:], params, use_tqdm=False)  # their shared prefix is cached now
         assert sum(o.num_cached_tokens for o in outs) > 0
-        results.append(out + [(list(o.outputs[0].token_ids), [d[t].logprob for d, t in zip(
-            o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]) for o in outs])
+        results.append(out + tokens_and_logprobs(outs))
     assert results[1] == results[0]
 
 
