@@ -14,7 +14,6 @@ from lmforge.engine.prompt_logprobs import PromptScores, prompt_logits, prompt_r
 from lmforge.engine.scheduler import ScheduledBatch
 from lmforge.engine.tp_workers import StepPlan, Workers
 from lmforge.errors import LmforgeError
-from lmforge.layers import flex
 from lmforge.layers.attention import AttnMeta, KVCache
 from lmforge.layers.decoder import Decoder
 from lmforge.layers.kv_quant import kv_row_bytes
@@ -62,13 +61,9 @@ def kv_pool(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device:
     """layer_kv_cache for every layer, as views of one allocation (one for int8 scales): freeing it hands the whole
     pool back to the operating system at once (`LLMEngine.sleep`), where many smaller blocks could stay in the
     allocator's heap."""
-    # Zeroed only where FlexAttention serves the device (CUDA): it reads the masked slots of the tiles it loads
-    # (lmforge/layers/attention.py). Elsewhere no path reads a slot before it is written (the CPU kernels stop at each
-    # sequence's length, the gathering paths zero masked slots), so the pool is left unwritten and the operating system
-    # hands pages over as the cache fills: a zeroed 2 GiB pool cost ~0.9 s of every start, all of it resident at once.
-    alloc = torch.zeros if torch.device(device).type in flex.DEVICES else torch.empty
-    data = alloc((num_layers, 2, *shape), dtype=dtype, device=device)
-    scales = alloc((num_layers, 2, *shape[:-1]), dtype=torch.float32, device=device) if dtype == torch.int8 else None
+    data = torch.zeros((num_layers, 2, *shape), dtype=dtype, device=device)
+    scales = torch.zeros((num_layers, 2, *shape[:-1]), dtype=torch.float32, device=device) \
+        if dtype == torch.int8 else None
     return [(data[i, 0], data[i, 1]) + ((scales[i, 0], scales[i, 1]) if scales is not None else ())
             for i in range(num_layers)]
 

@@ -1,6 +1,6 @@
 """int8 KV cache (kv_cache_dtype="int8"): the quantisation, the CPU kernels that write and read it against the torch
-path, the engine on a tiny model against a float32 cache, step graphs over it, and the memory plan. And the CPU pool
-left unwritten at start, float or int8: no path reads a slot before writing it."""
+path, the engine on a tiny model against a float32 cache, step graphs over it, and the memory plan. And, float or
+int8: no CPU path reads a pool slot before writing it."""
 
 import logging
 from types import SimpleNamespace
@@ -205,8 +205,8 @@ def test_int8_cache_survives_preemption_and_prefix_caching(tiny_dir):
 @pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["kernels", "eager"])
 def test_no_cpu_path_reads_a_pool_slot_before_writing_it(tiny_dir, monkeypatch, kv_dtype, enforce_eager):
-    """The CPU pool starts unwritten (model_runner.kv_pool). Filled with NaN instead (int8 codes 127, NaN scales),
-    chunked prefills, prefix-cache hits and decodes give the tokens and log-probs of a zeroed pool."""
+    """A reused block's slots hold a former owner's keys and values, NaN included. A pool filled with NaN (int8 codes
+    127, NaN scales): chunked prefills, prefix-cache hits and decodes give the tokens and log-probs of a zeroed one."""
     real = model_runner.kv_pool
 
     def filled(value):
