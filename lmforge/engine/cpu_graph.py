@@ -43,6 +43,11 @@ aten = torch.ops.aten
 # sequence for SmolLM2-135M, some 2.5 MB for an 8B Llama).
 MAX_GRAPHS = 8
 MAX_GRAPH_BYTES = 1 << 30
+# A multi-token step is recorded only if its intermediates fit a quarter of that: a batch's whole prefill (a benchmark
+# repeating its prompts: 2,910 tokens of 64 sequences, ~1.6 GB for SmolLM2) would otherwise evict the decode steps'
+# graphs each time it recurs and be evicted by them, costing a recording of both per round; speculative verification
+# (1 + k tokens per sequence) fits.
+MAX_MULTI_TOKEN_GRAPH_BYTES = MAX_GRAPH_BYTES // 4
 RECORD_AFTER = 2  # a multi-token step shape is recorded the second time it is seen
 # The kernels recorded (returning a new tensor: with it as their output; in place: with their arguments as they are),
 # passed through (no step work) and quant_ops' recorded as StepGraph.external steps, named once in lmforge/kernels.
@@ -69,6 +74,7 @@ class StepGraphs:
         self.seen: set[int | tuple[int, int]] = set()  # keys recorded at least once (the first recording is logged)
         self.sightings: dict[tuple[int, int], int] = {}  # multi-token keys not recorded yet: steps seen
         self.replays = self.recordings = 0
+        self.bytes_per_token = 0.0  # the largest recorded so far: predicts a multi-token recording's size
 
     def __call__(self, x: torch.Tensor, rope, meta: AttnMeta, kv) -> torch.Tensor | None:
         kr = meta.kernel
@@ -92,7 +98,7 @@ class StepGraphs:
             # multi-token shapes vary from step to step: record one only when it recurs, so that a mix of shapes
             # seen once each costs no recordings (nor evicts the decode steps' graphs)
             self.sightings[key] = self.sightings.get(key, 0) + 1
-            if self.sightings[key] < RECORD_AFTER:
+            if self.sightings[key] < RECORD_AFTER or tokens * self.bytes_per_token > MAX_MULTI_TOKEN_GRAPH_BYTES:
                 return None
             if len(self.sightings) > 4096:
                 self.sightings.clear()
@@ -122,6 +128,9 @@ class StepGraphs:
         graph.set_inputs(inputs)
         graph.guard([p for p in self.decoder.parameters() if not p.is_inference()])
         size = sum(recorder.produced.values())
+        self.bytes_per_token = max(self.bytes_per_token, size / x.shape[0])
+        if isinstance(key, tuple) and size > MAX_MULTI_TOKEN_GRAPH_BYTES:
+            return out  # not kept (above); its size now keeps steps as large from being recorded
         self.graphs[key] = (graph, out, size)
         while len(self.graphs) > 1 and (len(self.graphs) > MAX_GRAPHS or self.nbytes > MAX_GRAPH_BYTES):
             self.graphs.popitem(last=False)

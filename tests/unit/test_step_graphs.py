@@ -108,6 +108,32 @@ def test_graphs_beyond_the_memory_cap_are_dropped_oldest_first(tiny_dir, monkeyp
     assert list(graphs.graphs) == [2]
 
 
+def test_a_recurring_prefill_too_large_to_keep_stays_eager_and_spares_the_decode_graphs(tiny_dir, monkeypatch):
+    """A whole batch's prefill recurs when a benchmark repeats its prompts: kept, its intermediates (1.6 GB for
+    SmolLM2's 64-prompt batch) would evict the decode steps' graphs each round and be evicted by them. Above the
+    multi-token budget it is recorded at most once, not kept, and the decode steps' graph stays."""
+    from lmforge.engine import cpu_graph
+
+    monkeypatch.setattr(cpu_graph, "MAX_MULTI_TOKEN_GRAPH_BYTES", 1)
+    llm = engine(tiny_dir)
+    graphs = llm.engine.runner.graphs
+    recorded = []
+    record = graphs._record
+    monkeypatch.setattr(graphs, "_record", lambda key, *args: recorded.append(key) or record(key, *args))
+    first = SamplingParams(temperature=0, max_tokens=1, logprobs=2)  # prefill steps only
+    eager = llm.generate(PROMPTS, first, use_tqdm=False)
+    for _ in range(3):  # seen once, recorded (size unknown yet) and dropped, then predicted too large
+        outs = llm.generate(PROMPTS, first, use_tqdm=False)
+        assert [o.outputs[0].logprobs for o in outs] == [o.outputs[0].logprobs for o in eager]
+    assert len(recorded) == 1 and isinstance(recorded[0], tuple) and not graphs.graphs and graphs.bytes_per_token > 0
+
+    generate(llm, PROMPTS, graphs_on=True)
+    decode_graph = graphs.graphs[len(PROMPTS)][0]
+    replayed = generate(llm, PROMPTS, graphs_on=True)
+    assert list(graphs.graphs) == [len(PROMPTS)] and graphs.graphs[len(PROMPTS)][0] is decode_graph
+    assert replayed == generate(llm, PROMPTS, graphs_on=False)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_speculative_steps_replay_graphs_of_their_shape(tiny_dir, batch):
     """Verification steps score 1 + k tokens per sequence: recorded per (tokens, sequences) once a shape recurs and
