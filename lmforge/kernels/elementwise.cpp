@@ -83,6 +83,15 @@ void silu_mul_rows(const T* g, const T* u, T* y, int64_t rows, int64_t n, int64_
         }
       }
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+      if constexpr (std::is_same_v<T, float>) {  // AVX2 machines' float32 models: no libm call per element
+        for (; i + 8 <= n; i += 8) {
+          const __m256 a = _mm256_loadu_ps(gr + i);
+          const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), exp_f32x8(_mm256_sub_ps(_mm256_setzero_ps(), a)));
+          _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_div_ps(a, d), _mm256_loadu_ps(ur + i)));
+        }
+      }
+#endif
       for (; i < n; ++i) {
         const float a = to_f(gr[i]);
         yr[i] = from_f<T>(round_to<T>(a / (1.f + std::exp(-a))) * to_f(ur[i]));

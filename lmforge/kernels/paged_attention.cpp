@@ -99,15 +99,20 @@ struct BlockStream {
   }
 };
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX2__) && defined(__FMA__)
 // Asks for the cache lines of a key or value row ahead of use: blocks of a paged cache are scattered, which the
 // hardware prefetcher does not follow. The task of a sequence's first kv head fetches the rows of all its kv heads
-// (`span` = kv_heads * dim, one contiguous run): the tasks of the other heads, which the same thread runs next,
-// then read them from its L2 instead of DRAM (span 0: no prefetch).
-inline void prefetch_row(const bf16* p, int64_t dim) {
-  for (int64_t i = 0; i < dim; i += 32) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+// (`span` = kv_heads * dim elements, one contiguous run): the tasks of the other heads, which the same thread runs
+// next, then read them from its L2 instead of DRAM (span 0: no prefetch).
+template <typename C>
+inline void prefetch_row(const C* p, int64_t span) {
+  const auto* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < span * static_cast<int64_t>(sizeof(C)); i += 64) _mm_prefetch(bytes + i, _MM_HINT_T0);
 }
 constexpr int64_t PREFETCH_KEYS = 24;
+#endif
+
+#if defined(__AVX512BF16__)
 
 // The four horizontal sums of a, b, c, d.
 inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -280,6 +285,163 @@ void attend_bf16(const bf16* q, int64_t group, int64_t dim, const bf16* kc, cons
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The same walk for every other cache (float32, int8 with a scale per row, bf16 on CPUs without its dot product)
+// in 8 float32 lanes: AVX2 machines run their float32 models here, AVX512 ones their float32 and int8 caches.
+inline __m256 load_f32x8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_f32x8(const bf16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline __m256 load_f32x8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+// The four horizontal sums of a, b, c, d (one of them alone: the same additions, so a key's score does not depend
+// on whether it fell in a group of four).
+inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+inline __m256i first_lanes(int64_t n) {  // a maskload / maskstore mask of lanes 0..n-1
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// scores[h][j] = q[h] . key[first + j] (q scaled) for J <= 4 keys and G <= 3 query heads sharing one kv head,
+// dim = 8 C: each key row loaded once for all of them, the J keys sharing one horizontal reduction.
+template <int G, int C, int J, typename K>
+inline void score_keys(const float* q, const K* kc, const int64_t* offs, float* scores, int64_t stride) {
+  __m256 a[G][4];
+  for (int h = 0; h < G; ++h)
+    for (int j = 0; j < 4; ++j) a[h][j] = _mm256_setzero_ps();
+  for (int j = 0; j < J; ++j) {
+    const K* kp = kc + offs[j];
+    for (int c = 0; c < C; ++c) {
+      const __m256 k = load_f32x8(kp + 8 * c);
+      for (int h = 0; h < G; ++h) a[h][j] = _mm256_fmadd_ps(k, _mm256_loadu_ps(q + h * 8 * C + 8 * c), a[h][j]);
+    }
+  }
+  const __m128i part = _mm256_castsi256_si128(first_lanes(J));
+  for (int h = 0; h < G; ++h) _mm_maskstore_ps(scores + h * stride, part, sum4(a[h][0], a[h][1], a[h][2], a[h][3]));
+}
+
+template <int G, int C, typename K>
+void scores_f32(const float* q, const K* kc, const int64_t* offs, int64_t first, int64_t n, int64_t span,
+                float* scores, int64_t stride, BlockStream& ahead) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    if (span)
+      for (int64_t j = i + PREFETCH_KEYS; j < std::min(i + PREFETCH_KEYS + 4, n); ++j)
+        prefetch_row(kc + offs[first + j], span);
+    for (int h = 0; h < G; ++h) ahead.step();  // the rate the stream was planned for: one step per head, 4 keys
+    score_keys<G, C, 4>(q, kc, offs + first + i, scores + i, stride);
+  }
+  switch (n - i) {
+    case 3: score_keys<G, C, 3>(q, kc, offs + first + i, scores + i, stride); break;
+    case 2: score_keys<G, C, 2>(q, kc, offs + first + i, scores + i, stride); break;
+    case 1: score_keys<G, C, 1>(q, kc, offs + first + i, scores + i, stride); break;
+  }
+}
+
+// acc[h] = sum over keys p of weights[h][p - first] * value[p], G <= 3 heads, 4 x 8 columns at a time in registers.
+template <int G, int C, typename V>
+void weigh_f32(const float* weights, int64_t stride, const V* vc, const int64_t* offs, int64_t first, int64_t pos,
+               int64_t span, float* acc, BlockStream& ahead) {
+  static_assert(C % 4 == 0);
+  for (int c0 = 0; c0 < C; c0 += 4) {
+    __m256 a[G][4];
+    for (int h = 0; h < G; ++h)
+      for (int c = 0; c < 4; ++c) a[h][c] = _mm256_setzero_ps();
+    for (int64_t p = first; p <= pos; ++p) {
+      if (c0 == 0) {  // the first pass streams the rows; the later ones find them in L1 / L2
+        if (span && p + PREFETCH_KEYS <= pos) prefetch_row(vc + offs[p + PREFETCH_KEYS], span);
+        ahead.step();
+      }
+      const V* vp = vc + offs[p] + 8 * c0;
+      __m256 w[G];
+      for (int h = 0; h < G; ++h) w[h] = _mm256_broadcast_ss(weights + h * stride + p - first);
+      for (int c = 0; c < 4; ++c) {
+        const __m256 v = load_f32x8(vp + 8 * c);
+        for (int h = 0; h < G; ++h) a[h][c] = _mm256_fmadd_ps(w[h], v, a[h][c]);
+      }
+    }
+    for (int h = 0; h < G; ++h)
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc + h * 8 * C + 8 * (c0 + c), a[h][c]);
+  }
+}
+
+// One query token (q: the group's heads, scaled, float32) against keys first..pos of one kv head: acc [group, dim].
+// False for head sizes other than 64 and 128 (the caller's plain loops take them).
+template <typename K>
+bool attend_f32(const float* q, int64_t group, int64_t dim, const K* kc, const K* vc, const float* ksc,
+                const float* vsc, const int64_t* offs, int64_t first, int64_t pos, int64_t span, float* scores,
+                int64_t stride, float* acc, BlockStream& ahead) {
+  if (dim != 64 && dim != 128) return false;
+  const int64_t n = pos - first + 1;
+  if (span)  // the first keys at once: they are needed before the running prefetch gets ahead
+    for (int64_t j = 0; j < std::min(PREFETCH_KEYS, n); ++j) prefetch_row(kc + offs[first + j], span);
+  for (int64_t h0 = 0; h0 < group; h0 += 3) {  // up to 3 heads per walk: their accumulators fill the 16 registers
+    const int64_t heads = std::min<int64_t>(3, group - h0), sp = h0 ? 0 : span;
+    float* sh = scores + h0 * stride;
+    switch (heads * 1000 + dim) {
+      case 1064: scores_f32<1, 8>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
+      case 2064: scores_f32<2, 8>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
+      case 3064: scores_f32<3, 8>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
+      case 1128: scores_f32<1, 16>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
+      case 2128: scores_f32<2, 16>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
+      default: scores_f32<3, 16>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead);
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {  // softmax in place, 8 scores at a time; an int8 cache's row scales folded in
+    float* sh = scores + h * stride;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256i m = first_lanes(n - i);
+      __m256 x = _mm256_maskload_ps(sh + i, m);
+      if (ksc != nullptr) {  // an int8 cache: the key row's scale
+        x = _mm256_mul_ps(x, _mm256_maskload_ps(ksc + first + i, m));
+        _mm256_maskstore_ps(sh + i, m, x);
+      }
+      mx = _mm256_max_ps(mx, _mm256_blendv_ps(mx, x, _mm256_castsi256_ps(m)));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const __m256 top = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256i m = first_lanes(n - i);
+      const __m256 e = _mm256_and_ps(exp_f32x8(_mm256_sub_ps(_mm256_maskload_ps(sh + i, m), top)),
+                                     _mm256_castsi256_ps(m));
+      _mm256_maskstore_ps(sh + i, m, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 z = _mm256_setzero_ps();
+    const __m256 inv = _mm256_set1_ps(1.f / _mm_cvtss_f32(sum4(sum, z, z, z)));
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256i m = first_lanes(n - i);
+      __m256 w = _mm256_mul_ps(_mm256_maskload_ps(sh + i, m), inv);
+      if (vsc != nullptr) w = _mm256_mul_ps(w, _mm256_maskload_ps(vsc + first + i, m));
+      _mm256_maskstore_ps(sh + i, m, w);
+    }
+  }
+  for (int64_t h0 = 0; h0 < group; h0 += 3) {
+    const int64_t heads = std::min<int64_t>(3, group - h0), sp = h0 ? 0 : span;
+    const float* wh = scores + h0 * stride;
+    float* ah = acc + h0 * dim;
+    switch (heads * 1000 + dim) {
+      case 1064: weigh_f32<1, 8>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
+      case 2064: weigh_f32<2, 8>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
+      case 3064: weigh_f32<3, 8>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
+      case 1128: weigh_f32<1, 16>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
+      case 2128: weigh_f32<2, 16>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
+      default: weigh_f32<3, 16>(wh, stride, vc, offs, first, pos, sp, ah, ahead);
+    }
+  }
+  return true;
+}
+#endif
+
 // C, the cache's type: T, or int8_t with a float32 scale per row (ksc/vsc, [blocks, block_size, KVH]) that each
 // score and each probability is multiplied by: rows are dequantised in registers, the cache is never copied.
 template <typename T, typename C>
@@ -297,7 +459,7 @@ void paged_attention_impl(const T* q, const C* kc, const C* vc, const float* ksc
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t r = seqs[task / kv_heads], g = task % kv_heads;
       const int64_t q0 = cu_q[r], lq = cu_q[r + 1] - q0, lk = lens_k[r];
-#if defined(__AVX512BF16__)
+#if defined(__AVX2__) && defined(__FMA__)
       if (g == 0) {  // the next sequence's blocks, spread over this sequence's tasks (their key steps)
         ahead.blocks.clear();
         ahead.next = ahead.offset = 0;
@@ -348,6 +510,16 @@ void paged_attention_impl(const T* q, const C* kc, const C* vc, const float* ksc
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = to_f(qp[d]) * scale;
         }
+        T* op = out + ((q0 + i) * heads + g * group) * dim;
+#if defined(__AVX2__) && defined(__FMA__)
+        if (attend_f32(qf.data(), group, dim, kc, vc, int8 ? k_scales.data() : nullptr,
+                       int8 ? v_scales.data() : nullptr, offs.data(), first, pos, g == 0 ? kv_heads * dim : 0,
+                       scores.data(), lk, acc.data(), ahead)) {
+#pragma omp simd
+          for (int64_t d = 0; d < group * dim; ++d) op[d] = from_f<T>(acc[d]);
+          continue;
+        }
+#endif
         for (int64_t p = first; p <= pos; ++p) {
           const C* kp = kc + offs[p];
           for (int64_t h = 0; h < group; ++h) {
@@ -380,11 +552,8 @@ void paged_attention_impl(const T* q, const C* kc, const C* vc, const float* ksc
             for (int64_t d = 0; d < dim; ++d) ah[d] += w * to_f(vp[d]);
           }
         }
-        for (int64_t h = 0; h < group; ++h) {
-          T* op = out + ((q0 + i) * heads + g * group + h) * dim;
 #pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) op[d] = from_f<T>(acc[h * dim + d]);
-        }
+        for (int64_t d = 0; d < group * dim; ++d) op[d] = from_f<T>(acc[d]);
       }
     }
   });
