@@ -15,9 +15,9 @@ in bfloat16:
                     the pure-torch path (gather the blocks, one batched SDPA call with a key mask)
   rms_norm / rope / silu_mul   64 rows, vs the eager ops of lmforge/layers (kernels.disabled())
 These are the measurements behind the thresholds in lmforge/layers (SMALL_ROWS, AMX_MAX_ROWS, KERNEL_MAX_*).
-Quantised rows (first; the only ones on CPUs without native bf16): the same 30 layers' linears as QuantLinear
-int8 / int4 on 1, 4 and 64 float32 rows vs float32 F.linear, with the GB/s of quantised weight bytes and the
-GFLOP/s they reach.
+Quantised and float32 rows (first; the only ones on CPUs without native bf16): the same 30 layers' linears as
+QuantLinear int8 / int4 on 1, 4 and 64 float32 rows vs float32 F.linear, with the GB/s of quantised weight bytes and
+the GFLOP/s they reach; paged attention as above with float32 queries over a float32 and an int8 pool.
 Training rows (forward + backward under autograd, bf16, one micro-batch of 4 x 512 tokens, the shapes of
 benchmarks/train.py): causal attention (torch's flash forward + the AMX backward vs SDPA's own backward), RMSNorm,
 rope and SwiGLU (the autograd Functions of lmforge/layers/train_kernels.py vs the layers' eager code), and the
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from lmforge import kernels
 from lmforge.hardware import bf16_support
 from lmforge.layers.attention import AttnMeta, attention
+from lmforge.layers.kv_quant import quantize_int8
 from lmforge.layers.norm import RMSNorm
 from lmforge.layers.rope import apply_rope
 
@@ -100,16 +101,24 @@ def quant_linear_rows(rows: int, method: str):
     return fast, peer, sum(layer.nbytes for layer in layers), sum(w.numel() * 4 for w in floats)
 
 
-def paged(rows: int = 64, context: int = 90, pools: int = LAYERS, block_size: int = 16):
+def paged(rows: int = 64, context: int = 90, pools: int = LAYERS, block_size: int = 16,
+          dtype: torch.dtype = torch.bfloat16, int8_pool: bool = False):
     blocks = 1024  # 30 layers x 2 x 6 MiB: beyond the caches, and the blocks of a step scattered, as in the engine
-    caches = [(torch.randn(blocks, block_size, KV_HEADS, DIM, dtype=torch.bfloat16),
-               torch.randn(blocks, block_size, KV_HEADS, DIM, dtype=torch.bfloat16)) for _ in range(pools)]
+
+    def pool() -> tuple[torch.Tensor, ...]:
+        x = torch.randn(blocks, block_size, KV_HEADS, DIM)
+        return quantize_int8(x) if int8_pool else (x.to(dtype),)
+
+    caches = []
+    for _ in range(pools):
+        (k_cache, *k_scale), (v_cache, *v_scale) = pool(), pool()
+        caches.append((k_cache, v_cache, *k_scale, *v_scale))
     width = -(-context // block_size)
     tables = torch.randperm(blocks)[:rows * width].view(rows, width)
     lens = [context] * rows
     slots = tables[:, (context - 1) // block_size] * block_size + (context - 1) % block_size
-    q = torch.randn(rows, HEADS, DIM, dtype=torch.bfloat16)
-    k = torch.randn(rows, KV_HEADS, DIM, dtype=torch.bfloat16)
+    q = torch.randn(rows, HEADS, DIM, dtype=dtype)
+    k = torch.randn(rows, KV_HEADS, DIM, dtype=dtype)
 
     def run(meta):
         with torch.inference_mode():
@@ -210,6 +219,7 @@ def main() -> None:
     torch.manual_seed(0)
     if kernels.quant_ops() is not None:
         quant_rows(args)
+    float32_attention_rows(args)
     native, why = bf16_support("cpu")
     if not native:  # the bf16 rows would time torch's emulation, and oneDNN's bf16 packing refuses to run
         print(f"bfloat16 rows left out: {why}")
@@ -247,6 +257,18 @@ def quant_rows(args) -> None:
             table.append([f"{method}, {rows} rows", f"{t_fast:.3f}", f"{nbytes / t_fast / 1e6:.1f}",
                           f"{rows * flops / t_fast / 1e6:.1f}", f"{t_peer:.3f}", f"{t_peer / t_fast:.2f}"])
     common.print_table(["what", "lmforge ms", "GB/s", "GFLOP/s", "fp32 F.linear ms", "ratio"], table)
+    print()
+
+
+def float32_attention_rows(args) -> None:
+    """Paged attention with float32 queries (the models of CPUs without native bf16) over float32 and int8 pools."""
+    print(f"paged attention, 64 sequences x 90 keys, 30 layers, float32 queries; best of {args.repeats}")
+    table = []
+    for name, int8_pool in (("float32", False), ("int8", True)):
+        fast, peer = paged(dtype=torch.float32, int8_pool=int8_pool)
+        t_fast, t_peer = best_ms(fast, args.repeats), best_ms(peer, args.repeats)
+        table.append([f"{name} pool", f"{t_fast:.3f}", f"{t_peer:.3f}", f"{t_peer / t_fast:.2f}"])
+    common.print_table(["what", "lmforge ms", "gather + SDPA ms", "ratio"], table)
     print()
 
 
