@@ -371,6 +371,27 @@ void weigh_f32(const float* weights, int64_t stride, const V* vc, const int64_t*
   }
 }
 
+// fn(h0, G, C) for the group's query heads h0..h0+G-1, up to 3 per walk (their accumulators fill the 16 registers),
+// G and C (dim = 8 C, 64 or 128) as std::integral_constant.
+template <typename Fn>
+void head_chunks(int64_t group, int64_t dim, Fn&& fn) {
+  for (int64_t h0 = 0; h0 < group; h0 += 3) {
+    auto with_dim = [&](auto g) {
+      if (dim == 64)
+        fn(h0, g, std::integral_constant<int, 8>{});
+      else
+        fn(h0, g, std::integral_constant<int, 16>{});
+    };
+    const int64_t heads = std::min<int64_t>(3, group - h0);
+    if (heads == 1)
+      with_dim(std::integral_constant<int, 1>{});
+    else if (heads == 2)
+      with_dim(std::integral_constant<int, 2>{});
+    else
+      with_dim(std::integral_constant<int, 3>{});
+  }
+}
+
 // One query token (q: the group's heads, scaled, float32) against keys first..pos of one kv head: acc [group, dim].
 // False for head sizes other than 64 and 128 (the caller's plain loops take them).
 template <typename K>
@@ -381,18 +402,10 @@ bool attend_f32(const float* q, int64_t group, int64_t dim, const K* kc, const K
   const int64_t n = pos - first + 1;
   if (span)  // the first keys at once: they are needed before the running prefetch gets ahead
     for (int64_t j = 0; j < std::min(PREFETCH_KEYS, n); ++j) prefetch_row(kc + offs[first + j], span);
-  for (int64_t h0 = 0; h0 < group; h0 += 3) {  // up to 3 heads per walk: their accumulators fill the 16 registers
-    const int64_t heads = std::min<int64_t>(3, group - h0), sp = h0 ? 0 : span;
-    float* sh = scores + h0 * stride;
-    switch (heads * 1000 + dim) {
-      case 1064: scores_f32<1, 8>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
-      case 2064: scores_f32<2, 8>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
-      case 3064: scores_f32<3, 8>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
-      case 1128: scores_f32<1, 16>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
-      case 2128: scores_f32<2, 16>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead); break;
-      default: scores_f32<3, 16>(q + h0 * dim, kc, offs, first, n, sp, sh, stride, ahead);
-    }
-  }
+  head_chunks(group, dim, [&](int64_t h0, auto G, auto C) {
+    scores_f32<decltype(G)::value, decltype(C)::value>(q + h0 * dim, kc, offs, first, n, h0 ? 0 : span,
+                                                        scores + h0 * stride, stride, ahead);
+  });
   for (int64_t h = 0; h < group; ++h) {  // softmax in place, 8 scores at a time; an int8 cache's row scales folded in
     float* sh = scores + h * stride;
     __m256 mx = _mm256_set1_ps(-INFINITY);
@@ -425,19 +438,10 @@ bool attend_f32(const float* q, int64_t group, int64_t dim, const K* kc, const K
       _mm256_maskstore_ps(sh + i, m, w);
     }
   }
-  for (int64_t h0 = 0; h0 < group; h0 += 3) {
-    const int64_t heads = std::min<int64_t>(3, group - h0), sp = h0 ? 0 : span;
-    const float* wh = scores + h0 * stride;
-    float* ah = acc + h0 * dim;
-    switch (heads * 1000 + dim) {
-      case 1064: weigh_f32<1, 8>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
-      case 2064: weigh_f32<2, 8>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
-      case 3064: weigh_f32<3, 8>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
-      case 1128: weigh_f32<1, 16>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
-      case 2128: weigh_f32<2, 16>(wh, stride, vc, offs, first, pos, sp, ah, ahead); break;
-      default: weigh_f32<3, 16>(wh, stride, vc, offs, first, pos, sp, ah, ahead);
-    }
-  }
+  head_chunks(group, dim, [&](int64_t h0, auto G, auto C) {
+    weigh_f32<decltype(G)::value, decltype(C)::value>(scores + h0 * stride, stride, vc, offs, first, pos,
+                                                       h0 ? 0 : span, acc + h0 * dim, ahead);
+  });
   return true;
 }
 #endif
